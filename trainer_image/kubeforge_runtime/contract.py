@@ -1,0 +1,74 @@
+"""The contract between the operator and the workload pods, in one dependency-free module.
+
+The operator (``kubeforge``) renders pods; the runtime (``kubeforge_runtime``) runs in them.
+They share nothing but what is written here and in ``trainer_image/CONTRACT.md``: where the
+config file is mounted, which environment variables are set, which exit codes mean what,
+how the trainer reports progress and how the quantizer reports its result. This module
+imports nothing beyond the standard library, so the control plane may import it without
+pulling in torch (a test enforces that), and both sides are tested against it.
+"""
+
+from __future__ import annotations
+
+# --- files -----------------------------------------------------------------------------
+CONFIG_DIR = "/etc/kubeforge"
+"""Where the operator mounts the ConfigMap holding the rendered config."""
+CONFIG_FILE = "config.json"
+"""The config file's name inside CONFIG_DIR; passed to every entry point as --config."""
+TERMINATION_LOG = "/dev/termination-log"
+"""The quantizer writes its JSON report here; Kubernetes copies it into the pod status."""
+WORKSPACE_DIR = "/workspace"
+"""An emptyDir for scratch space and caches (the root filesystem is read-only)."""
+
+# --- environment -----------------------------------------------------------------------
+ENV_METRICS_PORT = "KUBEFORGE_METRICS_PORT"
+"""Port of the trainer's Prometheus endpoint (served by global rank 0)."""
+DEFAULT_METRICS_PORT = 9090
+ENV_REPORT_PATH = "KUBEFORGE_REPORT_PATH"
+"""Override of TERMINATION_LOG for the quantizer's report (local runs, tests)."""
+ENV_PVC_ROOT = "KUBEFORGE_PVC_ROOT"
+"""Where pvc://claim/path URIs are mounted (a claim at $KUBEFORGE_PVC_ROOT/<claim>)."""
+DEFAULT_PVC_ROOT = "/mnt/pvc"
+ENV_API_KEY = "KUBEFORGE_API_KEY"
+"""The serving API key, injected from the InferenceService's apiKeySecretRef."""
+ENV_JOB_NAME = "KUBEFORGE_JOB_NAME"
+ENV_NAMESPACE = "KUBEFORGE_NAMESPACE"
+
+# torchrun's own environment (PET_* are torchrun's defaults for its flags), set on workers.
+TORCHRUN_ENV = (
+    "PET_NNODES",
+    "PET_NPROC_PER_NODE",
+    "PET_NODE_RANK",
+    "PET_RDZV_BACKEND",
+    "PET_RDZV_ENDPOINT",
+    "PET_RDZV_ID",
+    "PET_MAX_RESTARTS",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+RENDEZVOUS_PORT = 29400
+SERVE_HTTP_PORT = 8000
+SERVE_GRPC_PORT = 8001
+
+# --- exit codes --------------------------------------------------------------------------
+EXIT_OK = 0
+EXIT_CONFIG_ERROR = 78
+"""A configuration error (sysexits EX_CONFIG): retrying cannot help, the Job fails at once."""
+EXIT_QUALITY_GATE_FAILED = 79
+"""The quantized model missed the QuantizeJob's quality gate; its output is kept, rejected."""
+
+# --- progress: Prometheus gauges exported by the trainer's rank 0 ---------------------------
+METRIC_STEP = "kubeforge_train_step"
+METRIC_TOTAL_STEPS = "kubeforge_train_total_steps"
+METRIC_EPOCH = "kubeforge_train_epoch"
+METRIC_LOSS = "kubeforge_train_loss"
+METRIC_TOKENS_PER_SECOND = "kubeforge_train_tokens_per_second"
+METRIC_LEARNING_RATE = "kubeforge_train_learning_rate"
+METRIC_MFU = "kubeforge_train_mfu"
+METRIC_LAST_CHECKPOINT_STEP = "kubeforge_train_last_checkpoint_step"
+
+# --- progress: structured log lines -----------------------------------------------------
+LOG_EVENT_PREFIX = "KUBEFORGE_EVENT "
+"""Rank 0 prints one line per event: this prefix, then a JSON object with an "event" key
+("start", "step", "eval", "checkpoint", "done"); "step" carries step, totalSteps, epoch,
+loss, tokensPerSecond, learningRate. `kubeforge run` draws its progress bar from these."""
