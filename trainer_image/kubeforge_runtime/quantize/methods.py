@@ -1,0 +1,292 @@
+"""Quantization methods: a small protocol and a name -> implementation registry.
+
+Called by :mod:`kubeforge_runtime.quantize.runner`. Each method knows three things:
+
+* whether this machine can run it (``check_supported``), decided in well under a second by
+  quantizing and running one small ``nn.Linear`` before any model is loaded, so a method
+  the hardware cannot run fails at once with a message naming an alternative;
+* how to load a model quantized (``load_quantized``): through
+  ``AutoModelForCausalLM.from_pretrained(..., quantization_config=TorchAoConfig(...))``,
+  transformers' own torchao integration, which applies torchao's ``quantize_`` to every
+  ``nn.Linear`` except the output embedding (``lm_head`` stays in full precision, as
+  transformers does by default: it is the layer most sensitive to quantization);
+* how to save it so that ``kubeforge_runtime.models.load_causal_lm`` loads it back
+  (``save``).
+
+All methods are built on torchao's ``quantize_`` configs, never on the deprecated
+``torch.ao.quantization.quantize_dynamic``. None of them uses calibration data: int8/int4
+weight-only and fp16/bf16 need only the weights, and int8-dynamic computes activation scales
+per token at run time. torchao and transformers are imported lazily inside the methods, so
+importing the registry (e.g. to list names) costs nothing.
+
+int4 on CPU: torchao 0.18's ``Int4WeightOnlyConfig`` packing formats need CUDA or the
+``mslk`` GPU kernels; the one CPU path is the prototype ``PrototypeInt4WeightOnlyConfig``
+(``Int4OpaqueTensor``, two weights per byte, run by ATen's
+``_weight_int4pack_mm_for_cpu``). That tensor class is not in torchao's safetensors
+allow-list, so the int4 CPU output is saved as ``pytorch_model.bin`` (pickled tensor
+subclass, loadable with ``weights_only=True`` once ``torchao.prototype.quantization.int4``
+is imported - it registers the class as a safe global). The lineage file names that module
+under ``quantization.loadRequires``; ``load_requirements()`` imports it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+log = logging.getLogger(__name__)
+
+
+class UnsupportedMethodError(RuntimeError):
+    """The method cannot run on this hardware/software; the message names an alternative."""
+
+
+class QuantMethod(Protocol):
+    """What the runner needs from a quantization method."""
+
+    name: str
+    alternative: str
+    """The method to suggest when this one cannot run here."""
+
+    def check_supported(self, device: str, group_size: int) -> None:
+        """Raise UnsupportedMethodError (naming ``alternative``) if ``device`` cannot run it."""
+
+    def load_quantized(self, model_dir: Path, device: str, group_size: int) -> Any:
+        """Load the full-precision model at ``model_dir`` and return it quantized."""
+
+    def save(self, model: Any, out_dir: Path) -> dict[str, Any]:
+        """Save ``model`` to ``out_dir``; return facts for the lineage record."""
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def _probe(name: str, alternative: str, device: str, build: Callable[[], Any], in_features: int, dtype: Any) -> None:
+    """Quantize and run one small linear layer; raise UnsupportedMethodError on failure.
+
+    Trying the real kernel is the only reliable capability check: torchao's support varies
+    by CPU instruction set, CUDA capability and which optional kernel packages are present.
+    """
+    import torch
+
+    try:
+        layer = torch.nn.Linear(in_features, 64, bias=False, dtype=dtype, device=device)
+        quantize = build()
+        if quantize is not None:
+            from torchao.quantization import quantize_
+
+            quantize_(layer, quantize)
+        with torch.no_grad():
+            out = layer(torch.randn(2, in_features, dtype=dtype, device=device))
+        if not torch.isfinite(out.float()).all():
+            raise RuntimeError("the probe layer produced non-finite outputs")
+    except UnsupportedMethodError:
+        raise
+    except Exception as exc:  # any failure here means "cannot run", whatever its type
+        raise UnsupportedMethodError(
+            f"method {name!r} cannot run on this machine ({device}): {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}; use method {alternative!r} instead"
+        ) from exc
+
+
+def _load(model_dir: Path, device: str, *, dtype: Any = "auto", quant_type: Any = None) -> Any:
+    from transformers import AutoModelForCausalLM, TorchAoConfig
+
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if quant_type is not None:
+        kwargs["quantization_config"] = TorchAoConfig(quant_type=quant_type)
+    if device != "cpu":
+        kwargs["device_map"] = device
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    return model.eval()
+
+
+def _save_pretrained(model: Any, out_dir: Path) -> dict[str, Any]:
+    # transformers flattens torchao tensor subclasses into plain tensors plus JSON metadata
+    # in the safetensors header; from_pretrained reassembles them (pre-quantized path).
+    model.save_pretrained(str(out_dir))
+    return {"format": "safetensors", "loadRequires": []}
+
+
+def _config_name(quant_type: Any) -> str:
+    cls = type(quant_type)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+# --- torchao methods -----------------------------------------------------------------------
+
+
+@dataclass
+class TorchAoMethod:
+    """A method that is one torchao config applied by transformers and saved as safetensors."""
+
+    name: str
+    alternative: str
+    make_config: Callable[[int], Any]
+    """group_size -> torchao AOBaseConfig (imports torchao when called)."""
+
+    def check_supported(self, device: str, group_size: int) -> None:
+        import torch
+
+        _probe(self.name, self.alternative, device, lambda: self.make_config(group_size), 256, torch.float32)
+
+    def load_quantized(self, model_dir: Path, device: str, group_size: int) -> Any:
+        return _load(model_dir, device, quant_type=self.make_config(group_size))
+
+    def save(self, model: Any, out_dir: Path) -> dict[str, Any]:
+        facts = _save_pretrained(model, out_dir)
+        facts["torchaoConfig"] = _config_name(model.config.quantization_config.quant_type)
+        return facts
+
+
+def _int8_dynamic(_group_size: int) -> Any:
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+
+    return Int8DynamicActivationInt8WeightConfig()
+
+
+def _int8_weight_only(_group_size: int) -> Any:
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    return Int8WeightOnlyConfig()
+
+
+INT4_CPU_MODULE = "torchao.prototype.quantization.int4"
+"""Importing this registers Int4OpaqueTensor for weights_only loading (see module docstring)."""
+
+
+@dataclass
+class Int4WeightOnlyMethod:
+    """int4 weights in groups of ``groupSize`` with one scale and zero point per group.
+
+    CPU: torchao's prototype ``PrototypeInt4WeightOnlyConfig`` (the only int4 path torchao
+    0.18 runs on CPU), saved as ``pytorch_model.bin``. CUDA: ``Int4WeightOnlyConfig`` with
+    the ``tile_packed_to_4d`` (tinygemm) packing on bfloat16, saved as safetensors.
+    """
+
+    name: str = "int4-weight-only"
+    alternative: str = "int8-weight-only"
+
+    def _config(self, device: str, group_size: int) -> Any:
+        if device == "cpu":
+            from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
+
+            return PrototypeInt4WeightOnlyConfig(group_size=group_size)
+        from torchao.quantization import Int4WeightOnlyConfig
+
+        return Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d")
+
+    def _dtype(self, device: str) -> Any:
+        import torch
+
+        # The CUDA tinygemm kernel takes bfloat16 activations only; the CPU one takes float32.
+        return torch.float32 if device == "cpu" else torch.bfloat16
+
+    def check_supported(self, device: str, group_size: int) -> None:
+        _probe(
+            self.name,
+            self.alternative,
+            device,
+            lambda: self._config(device, group_size),
+            2 * group_size,
+            self._dtype(device),
+        )
+
+    def load_quantized(self, model_dir: Path, device: str, group_size: int) -> Any:
+        return _load(model_dir, device, dtype=self._dtype(device), quant_type=self._config(device, group_size))
+
+    def save(self, model: Any, out_dir: Path) -> dict[str, Any]:
+        quant_type = model.config.quantization_config.quant_type
+        config_name = _config_name(quant_type)
+        if type(quant_type).__name__ != "PrototypeInt4WeightOnlyConfig":
+            facts = _save_pretrained(model, out_dir)
+            facts["torchaoConfig"] = config_name
+            return facts
+        import torch
+        from torchao.quantization import Int4WeightOnlyConfig
+        from transformers import TorchAoConfig
+
+        # transformers resolves config.json's quant_type only among torchao's public modules,
+        # where the prototype config is not exported. Int4WeightOnlyConfig with the same
+        # group size and the same (tinygemm) scale/zero-point algorithm describes the same
+        # numbers; the packed layout travels with the pickled weight tensors themselves, and
+        # the lineage record names the exact config. Loading never re-quantizes: a
+        # pre-quantized checkpoint's weights are taken as they are.
+        group_size = quant_type.group_size
+        model.config.quantization_config = TorchAoConfig(quant_type=Int4WeightOnlyConfig(group_size=group_size))
+        try:
+            model.config.save_pretrained(str(out_dir))
+        finally:
+            model.config.quantization_config = TorchAoConfig(quant_type=quant_type)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(str(out_dir))
+        torch.save(model.state_dict(), out_dir / "pytorch_model.bin")
+        return {"format": "pytorch", "loadRequires": [INT4_CPU_MODULE], "torchaoConfig": config_name}
+
+
+# --- dtype casts -----------------------------------------------------------------------
+
+
+@dataclass
+class CastMethod:
+    """Cast every floating-point weight to a 16-bit float type (no torchao config needed)."""
+
+    name: str
+    alternative: str
+    dtype_name: str
+
+    def check_supported(self, device: str, group_size: int) -> None:
+        import torch
+
+        _probe(self.name, self.alternative, device, lambda: None, 256, getattr(torch, self.dtype_name))
+
+    def load_quantized(self, model_dir: Path, device: str, group_size: int) -> Any:
+        import torch
+
+        return _load(model_dir, device, dtype=getattr(torch, self.dtype_name))
+
+    def save(self, model: Any, out_dir: Path) -> dict[str, Any]:
+        model.save_pretrained(str(out_dir))
+        return {"format": "safetensors", "loadRequires": [], "dtype": self.dtype_name}
+
+
+# --- registry ------------------------------------------------------------------------------
+
+REGISTRY: dict[str, Callable[[], QuantMethod]] = {
+    "int8-dynamic": lambda: TorchAoMethod("int8-dynamic", "int8-weight-only", _int8_dynamic),
+    "int8-weight-only": lambda: TorchAoMethod("int8-weight-only", "bf16", _int8_weight_only),
+    "int4-weight-only": lambda: Int4WeightOnlyMethod(),
+    # fp16 matmuls are slow or missing on many CPUs; bf16 has the same size and fp32's range.
+    "fp16": lambda: CastMethod("fp16", "bf16", "float16"),
+    "bf16": lambda: CastMethod("bf16", "int8-weight-only", "bfloat16"),
+}
+"""Method name -> factory. Factories are cheap; heavy imports happen inside the methods."""
+
+
+def get_method(name: str) -> QuantMethod:
+    """Return the implementation of ``name``; KeyError lists the known names."""
+    try:
+        return REGISTRY[name]()
+    except KeyError:
+        raise KeyError(f"unknown quantization method {name!r}; known: {', '.join(REGISTRY)}") from None
+
+
+def load_requirements(model_dir: str | Path) -> None:
+    """Import the modules a quantized output needs before ``from_pretrained`` can load it.
+
+    Reads ``quantization.loadRequires`` from the output's ``kubeforge.json``; only torchao
+    modules are honoured, so a lineage file cannot make a loader import arbitrary code.
+    """
+    lineage = Path(model_dir) / "kubeforge.json"
+    if not lineage.exists():
+        return
+    record = json.loads(lineage.read_text())
+    for module in (record.get("quantization") or {}).get("loadRequires", []):
+        if isinstance(module, str) and module.startswith("torchao."):
+            importlib.import_module(module)
+        else:
+            log.warning("ignoring loadRequires entry %r: only torchao modules are imported", module)

@@ -1,0 +1,174 @@
+"""Size, perplexity and per-token latency of a causal LM: what a QuantizeJob reports.
+
+Called by the runner (before and after quantization, on the same data) and by
+``benchmarks/bench_quantize.py``. Definitions, so the numbers mean one thing everywhere:
+
+* **bytes** - the payload of the model's state dict: for a plain tensor ``numel *
+  element_size``; for a torchao tensor subclass the sum over the plain tensors it is made of
+  (packed data, scales, zero points). Shared storages (tied weights) count once. This is
+  what a checkpoint holds, without file-format overhead.
+* **perplexity** - ``exp(total next-token negative log-likelihood / predicted tokens)`` over
+  all evaluation windows; each window predicts its tokens 2..L from their prefixes within
+  the window. Computed from the logits with an explicit log-softmax in float32, not through
+  the model's own loss, so the test can check it against ``model(labels=...)``.
+* **latency** - greedy decoding of a fixed number of new tokens from the same prompts;
+  milliseconds per generated token of one full pass over the prompts; warm-up passes are
+  run first and excluded; the median over repeated passes is reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+log = logging.getLogger(__name__)
+
+
+def tensor_bytes(tensor: Any) -> int:
+    """Bytes a tensor's data occupies, looking through torchao tensor subclasses."""
+    import torch
+
+    if type(tensor) is not torch.Tensor and type(tensor) is not torch.nn.Parameter and hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, n)) for n in names)
+    return tensor.numel() * tensor.element_size()
+
+
+def _storage_key(tensor: Any) -> Any:
+    import torch
+
+    if type(tensor) in (torch.Tensor, torch.nn.Parameter):
+        return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+    return id(tensor)
+
+
+def state_dict_bytes(model: Any) -> int:
+    """Payload bytes of ``model.state_dict()``, shared tensors counted once."""
+    seen: set[Any] = set()
+    total = 0
+    for tensor in model.state_dict().values():
+        key = _storage_key(tensor)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += tensor_bytes(tensor)
+    return total
+
+
+def linear_weight_bytes(model: Any, *, include_output_embeddings: bool = False) -> int:
+    """Bytes of the weights of every ``nn.Linear`` (the layers quantization targets).
+
+    The output embedding (``lm_head``) is left out by default because transformers keeps
+    it in full precision under every torchao config.
+    """
+    import torch
+
+    skip = None if include_output_embeddings else model.get_output_embeddings()
+    return sum(
+        tensor_bytes(module.weight)
+        for module in model.modules()
+        if isinstance(module, torch.nn.Linear) and module is not skip
+    )
+
+
+@dataclass
+class PerplexityResult:
+    perplexity: float
+    nll: float
+    """Total negative log-likelihood in nats."""
+    tokens: int
+    """Number of predicted tokens."""
+
+
+def perplexity(model: Any, windows: Sequence[Any], *, batch_size: int = 8) -> PerplexityResult:
+    """Perplexity of ``model`` over token windows (1-D LongTensors of length >= 2)."""
+    import torch
+
+    device = next(model.parameters()).device
+    total_nll = 0.0
+    total_tokens = 0
+    with torch.inference_mode():
+        for batch in _batches_of_equal_length(windows, batch_size):
+            ids = torch.stack(list(batch)).to(device)
+            logits = model(input_ids=ids).logits[:, :-1, :].float()
+            targets = ids[:, 1:]
+            log_probs = torch.log_softmax(logits, dim=-1)
+            nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            total_nll += float(nll.sum(dtype=torch.float64))
+            total_tokens += targets.numel()
+    if total_tokens == 0:
+        raise ValueError("perplexity needs at least one window of two or more tokens")
+    mean = total_nll / total_tokens
+    return PerplexityResult(perplexity=math.exp(mean) if mean < 700 else math.inf, nll=total_nll, tokens=total_tokens)
+
+
+def _batches_of_equal_length(windows: Iterable[Any], batch_size: int) -> Iterable[list[Any]]:
+    # Windows are equal-length except possibly the last; batching only equal lengths
+    # avoids padding, so no attention mask can change the numbers.
+    batch: list[Any] = []
+    for window in windows:
+        if batch and (len(batch) == batch_size or len(batch[0]) != len(window)):
+            yield batch
+            batch = []
+        batch.append(window)
+    if batch:
+        yield batch
+
+
+@dataclass
+class LatencyResult:
+    ms_per_token: float
+    """Median over passes of (pass wall time / generated tokens), in milliseconds."""
+    runs_ms_per_token: list[float] = field(default_factory=list)
+    prompts: int = 0
+    new_tokens: int = 0
+    warmup: int = 0
+
+
+def latency(
+    model: Any,
+    prompts: Sequence[Any],
+    *,
+    new_tokens: int = 16,
+    warmup: int = 1,
+    repeats: int = 5,
+    pad_token_id: int | None = None,
+) -> LatencyResult:
+    """Per-token greedy decoding latency of ``model`` over ``prompts`` (1-D LongTensors)."""
+    import torch
+
+    device = next(model.parameters()).device
+
+    def one_pass() -> float:
+        start = time.perf_counter()
+        for prompt in prompts:
+            ids = prompt.unsqueeze(0).to(device)
+            # min_new_tokens: every pass decodes exactly the same number of tokens, even if
+            # a model would emit EOS early - otherwise methods are timed on different work.
+            model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=pad_token_id,
+            )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - start) * 1000.0 / (len(prompts) * new_tokens)
+
+    with torch.inference_mode():
+        for _ in range(warmup):
+            one_pass()
+        runs = [one_pass() for _ in range(repeats)]
+    return LatencyResult(
+        ms_per_token=statistics.median(runs),
+        runs_ms_per_token=runs,
+        prompts=len(prompts),
+        new_tokens=new_tokens,
+        warmup=warmup,
+    )

@@ -1,0 +1,300 @@
+"""The QuantizeJob entry point: quantize a model, measure what it cost, gate and save it.
+
+Run in the QuantizeJob pod as ``python -m kubeforge_runtime.quantize --config PATH``. Steps
+(each logged as one progress line):
+
+1. parse the config (``config.py``); check at once that this machine can run the method
+   (``methods.py``) - before any model is loaded;
+2. load the original model (a LoRA adapter is merged into its base first) and measure its
+   size, per-token latency and perplexity on the evaluation set;
+3. load it again quantized through transformers' torchao integration, measure the same
+   things on the same windows and prompts;
+4. save the quantized model, tokenizer, ``kubeforge.json`` lineage and the full report to the
+   output; if the perplexity rose more than ``maxPerplexityIncreasePercent`` the output is
+   still saved but marked rejected (a ``REJECTED`` file, ``"gatePassed": false``);
+5. write the compact report to the termination-message path and exit.
+
+Exit codes (``contract``): 0 gate passed; 78 (EXIT_CONFIG_ERROR) invalid config, unusable
+model/data, or a method this hardware cannot run - retrying cannot help; 79
+(EXIT_QUALITY_GATE_FAILED) the quality gate failed; 1 anything else (the Job may retry).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .. import contract, models, storage
+from . import data, methods, metrics
+from . import report as reporting
+from .config import ConfigError, QuantizeConfig, load_config
+
+log = logging.getLogger(__name__)
+
+REJECTED_MARKER = "REJECTED"
+LATENCY_PROMPTS = 4
+"""Prompts per latency pass (the first evaluation windows)."""
+LATENCY_PROMPT_TOKENS = 32
+LATENCY_NEW_TOKENS = 16
+LATENCY_WARMUP = 1
+LATENCY_REPEATS = 5
+
+# Files a previous attempt of this Job may have left in the output; removed before saving so
+# a retried pod never leaves, say, an int4 pytorch_model.bin next to a new model.safetensors.
+_STALE_PATTERNS = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", REJECTED_MARKER)
+
+
+class _Failure(Exception):
+    """A failure with a report reason and an exit code."""
+
+    def __init__(self, reason: str, message: str, code: int) -> None:
+        super().__init__(message)
+        self.reason, self.message, self.code = reason, message, code
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _materialize_full_model(uri: str, scratch: Path) -> Path:
+    """A directory holding a full model: the input itself, or an adapter merged into its base."""
+    path = models.resolve_model_dir(uri)
+    if not models.is_adapter_dir(path):
+        return path
+    log.info("model.uri is a LoRA adapter: merging it into its base model before quantizing")
+    merged = models.load_causal_lm(str(path), merge_adapter=True)
+    target = scratch / "merged"
+    merged.save_pretrained(str(target))
+    models.load_tokenizer(str(path)).save_pretrained(str(target))
+    del merged
+    return target
+
+
+def _measure(model: Any, windows: list[Any], prompts: list[Any], pad_token_id: int | None) -> dict[str, Any]:
+    ppl = metrics.perplexity(model, windows)
+    lat = metrics.latency(
+        model,
+        prompts,
+        new_tokens=LATENCY_NEW_TOKENS,
+        warmup=LATENCY_WARMUP,
+        repeats=LATENCY_REPEATS,
+        pad_token_id=pad_token_id,
+    )
+    return {
+        "bytes": metrics.state_dict_bytes(model),
+        "linearWeightBytes": metrics.linear_weight_bytes(model),
+        "perplexity": ppl.perplexity,
+        "evalTokens": ppl.tokens,
+        "latencyMsPerToken": lat.ms_per_token,
+        "latencyRunsMsPerToken": lat.runs_ms_per_token,
+    }
+
+
+def _clear_stale(out_dir: Path) -> None:
+    for pattern in _STALE_PATTERNS:
+        for stale in out_dir.glob(pattern):
+            stale.unlink()
+
+
+def run(cfg: QuantizeConfig) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """Quantize per ``cfg``; return (compact report, full report, exit code)."""
+    import torch
+
+    device = _device()
+    try:
+        method = methods.get_method(cfg.method)
+    except KeyError as exc:
+        raise _Failure(reporting.REASON_CONFIG_ERROR, str(exc), contract.EXIT_CONFIG_ERROR) from None
+    log.info("[1/5] checking that %s can run here (%s)", cfg.method, device)
+    try:
+        method.check_supported(device, cfg.group_size)
+    except methods.UnsupportedMethodError as exc:
+        raise _Failure(reporting.REASON_UNSUPPORTED_METHOD, str(exc), contract.EXIT_CONFIG_ERROR) from None
+    if cfg.calibration.uri is not None:
+        log.info("calibration.uri is set, but %s needs no calibration data: not read", cfg.method)
+
+    try:
+        out_dir = storage.local_path(cfg.output_uri)
+        with tempfile.TemporaryDirectory(prefix="kubeforge-quantize-") as scratch:
+            source = _materialize_full_model(cfg.model_uri, Path(scratch))
+            tokenizer = models.load_tokenizer(str(source))
+            texts = data.load_texts(cfg.evaluation.uri, cfg.evaluation.max_samples)
+            windows = data.make_windows(tokenizer, texts, cfg.evaluation.sequence_length)
+            prompts = data.latency_prompts(windows, LATENCY_PROMPTS, LATENCY_PROMPT_TOKENS)
+            log.info("evaluation: %d texts -> %d windows of <= %d tokens", len(texts), len(windows), cfg.evaluation.sequence_length)
+
+            log.info("[2/5] measuring the original model")
+            original = models.load_causal_lm(str(source), device=device).eval()
+            before = _measure(original, windows, prompts, tokenizer.pad_token_id)
+            original_dtype = str(next(original.parameters()).dtype).replace("torch.", "")
+            del original
+            gc.collect()
+            log.info(
+                "original: %d bytes, perplexity %.4f, %.3f ms/token",
+                before["bytes"], before["perplexity"], before["latencyMsPerToken"],
+            )
+
+            log.info("[3/5] quantizing with %s and measuring", cfg.method)
+            started = time.perf_counter()
+            quantized = method.load_quantized(source, device, cfg.group_size)
+            quantize_seconds = time.perf_counter() - started
+            if cfg.method.startswith("int") and metrics.linear_weight_bytes(quantized) >= before["linearWeightBytes"]:
+                # torchao skips layers whose width the group size does not divide; when it
+                # skips all of them the "quantized" model is the original.
+                raise _Failure(
+                    reporting.REASON_CONFIG_ERROR,
+                    f"{cfg.method} quantized no linear layer (groupSize {cfg.group_size} must divide the "
+                    "layers' input widths); choose a smaller groupSize",
+                    contract.EXIT_CONFIG_ERROR,
+                )
+            after = _measure(quantized, windows, prompts, tokenizer.pad_token_id)
+            log.info(
+                "quantized: %d bytes, perplexity %.4f, %.3f ms/token",
+                after["bytes"], after["perplexity"], after["latencyMsPerToken"],
+            )
+    except (models.ModelLoadError, storage.StorageError, data.EvaluationDataError) as exc:
+        raise _Failure(reporting.REASON_CONFIG_ERROR, str(exc), contract.EXIT_CONFIG_ERROR) from None
+
+    increase = (after["perplexity"] - before["perplexity"]) / before["perplexity"] * 100.0
+    # A NaN/inf perplexity (a broken kernel) must fail the gate, never pass it by comparison.
+    gate_passed = bool(increase == increase and abs(increase) != float("inf")) and increase <= (
+        cfg.evaluation.max_perplexity_increase_percent
+    )
+    numbers = (
+        f"perplexity {before['perplexity']:.4f} -> {after['perplexity']:.4f} "
+        f"({increase:+.3f}%, limit {cfg.evaluation.max_perplexity_increase_percent:g}%), "
+        f"size {before['bytes']} -> {after['bytes']} bytes "
+        f"({before['bytes'] / after['bytes']:.2f}x smaller), latency "
+        f"{before['latencyMsPerToken']:.3f} -> {after['latencyMsPerToken']:.3f} ms/token"
+    )
+    if gate_passed:
+        reason, message, code = reporting.REASON_SUCCEEDED, f"{cfg.method}: {numbers}", contract.EXIT_OK
+    else:
+        reason = reporting.REASON_QUALITY_GATE_FAILED
+        message = f"{cfg.method} failed the quality gate: {numbers}; output kept but rejected"
+        code = contract.EXIT_QUALITY_GATE_FAILED
+
+    log.info("[4/5] saving to %s", out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _clear_stale(out_dir)
+    save_facts = method.save(quantized, out_dir)
+    tokenizer.save_pretrained(str(out_dir))
+
+    compact = {
+        "originalBytes": before["bytes"],
+        "quantizedBytes": after["bytes"],
+        "compressionRatio": before["bytes"] / after["bytes"],
+        "latencyMsPerToken": {"before": before["latencyMsPerToken"], "after": after["latencyMsPerToken"]},
+        "perplexity": {"before": before["perplexity"], "after": after["perplexity"]},
+        "perplexityIncreasePercent": increase,
+        "maxPerplexityIncreasePercent": cfg.evaluation.max_perplexity_increase_percent,
+        "gatePassed": gate_passed,
+        "method": cfg.method,
+        "reason": reason,
+        "message": message,
+        "outputUri": cfg.output_uri,
+    }
+    lineage = {
+        "kind": "QuantizeJob",
+        "name": cfg.name,
+        "namespace": cfg.namespace,
+        "baseModel": {"uri": cfg.model_uri},
+        "quantization": {
+            "method": cfg.method,
+            "groupSize": cfg.group_size if cfg.method == "int4-weight-only" else None,
+            "device": device,
+            "originalDtype": original_dtype,
+            **save_facts,
+        },
+        "gatePassed": gate_passed,
+        "createdAt": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    (out_dir / models.LINEAGE_FILE).write_text(json.dumps(lineage, indent=2) + "\n")
+    full = {
+        **compact,
+        "before": before,
+        "after": after,
+        "latency": {
+            "mode": "eager",
+            "prompts": len(prompts),
+            "promptTokens": LATENCY_PROMPT_TOKENS,
+            "newTokens": LATENCY_NEW_TOKENS,
+            "warmupPasses": LATENCY_WARMUP,
+            "repeats": LATENCY_REPEATS,
+            "statistic": "median",
+        },
+        "evaluation": {
+            "uri": cfg.evaluation.uri,
+            "texts": len(texts),
+            "windows": len(windows),
+            "sequenceLength": cfg.evaluation.sequence_length,
+        },
+        "quantizeSeconds": quantize_seconds,
+        "device": device,
+        "torchThreads": torch.get_num_threads(),
+        "versions": _versions(),
+        "lineage": lineage,
+    }
+    reporting.write_full(full, out_dir)
+    if not gate_passed:
+        (out_dir / REJECTED_MARKER).write_text(json.dumps({"reason": reason, "message": message}) + "\n")
+    log.info("[5/5] %s: %s", reason, message)
+    return compact, full, code
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import torchao
+    import transformers
+
+    return {"torch": torch.__version__, "torchao": torchao.__version__, "transformers": transformers.__version__}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m kubeforge_runtime.quantize",
+        description="Quantize a causal LM, measure size/latency/perplexity before and after, gate, save.",
+    )
+    parser.add_argument(
+        "--config",
+        default=f"{contract.CONFIG_DIR}/{contract.CONFIG_FILE}",
+        help="the rendered QuantizeJob config (JSON)",
+    )
+    args = parser.parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    method_name = "unknown"
+    try:
+        cfg = load_config(args.config)
+        method_name = cfg.method
+        compact, _full, code = run(cfg)
+    except ConfigError as exc:
+        compact, code = _failure_report(method_name, reporting.REASON_CONFIG_ERROR, str(exc)), contract.EXIT_CONFIG_ERROR
+    except _Failure as exc:
+        compact, code = _failure_report(method_name, exc.reason, exc.message), exc.code
+    except Exception as exc:  # report it, then let the Job's backoff decide on a retry
+        log.exception("quantization failed")
+        compact = _failure_report(method_name, reporting.REASON_INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+        code = 1
+    if code not in (contract.EXIT_OK, contract.EXIT_QUALITY_GATE_FAILED):
+        log.error("%s: %s", compact["reason"], compact["message"])
+    path = reporting.write_compact(compact)
+    log.info("report written to %s; exit code %d", path, code)
+    return code
+
+
+def _failure_report(method: str, reason: str, message: str) -> dict[str, Any]:
+    return {"method": method, "reason": reason, "message": message, "gatePassed": False}
+
+
+__all__ = ["main", "run", "REJECTED_MARKER"]
