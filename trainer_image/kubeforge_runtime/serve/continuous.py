@@ -1,0 +1,206 @@
+"""The ``continuous`` engine: transformers' continuous-batching manager with a paged KV cache.
+
+Every forward pass mixes the prefill of newly admitted requests with one decode step of the
+running ones; a request leaves the batch, and gives back its cache blocks, the step it ends
+or is cancelled. The cache is one preallocated tensor cut into blocks of ``kvBlockSize``
+tokens (transformers' ``page_size``), so memory per cached token is the size of one token's
+keys and values plus at most one partly filled block per request, instead of a contiguous
+``max_length`` slab per sequence.
+
+Sampling: the manager samples batch-wide (argmax or multinomial for the whole batch), but
+temperature, top-k and top-p can be per request. We therefore run it in sampling mode with
+per-request processors and express a greedy request as ``top_k=1``: the multinomial then has
+exactly one candidate, which is the argmax, so greedy output equals ``generate(do_sample=False)``
+token for token (a test checks this). A per-request ``seed`` cannot be honoured here.
+
+Sizing on CPU matters: left to itself the manager would size the cache from 90 % of free
+*system* memory. We always pass ``num_blocks`` (enough for ``maxConcurrentRequests``
+sequences of ``maxModelLength`` tokens) and ``max_batch_tokens`` explicitly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from .engine import EngineEvent, EngineRequest, EventSink
+
+if TYPE_CHECKING:
+    from .config import EngineConfig
+
+log = logging.getLogger(__name__)
+
+_BIG_TOP_K = 1 << 30  # "no top-k": larger than any vocabulary; the warper clamps it to the vocab size
+
+
+class ContinuousEngine:
+    """Adapter from the :class:`~.engine.Engine` protocol to ``ContinuousBatchingManager``."""
+
+    name = "continuous"
+
+    def __init__(self, model: Any, tokenizer: Any, config: EngineConfig, max_model_length: int) -> None:
+        from transformers import GenerationConfig
+
+        try:
+            from transformers import ContinuousBatchingConfig
+        except ImportError:  # older 5.x kept it in configuration_utils only
+            from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+        self._model = model
+        self._config = config
+        self.max_model_length = max_model_length
+        # Capacity for every admitted request at full length: admission (not the cache) is then
+        # the only place requests wait, and the manager never has to evict and re-prefill.
+        tokens = config.max_concurrent_requests * max_model_length
+        self.num_blocks = max(4, math.ceil(tokens / config.kv_block_size))
+        self.max_batch_tokens = max(config.max_batch_tokens, 16)
+        eos = tokenizer.eos_token_id
+        # temperature/top_p values here only make transformers create the per-request warpers
+        # (it skips a warper whose default is neutral); every request passes its own values.
+        generation_config = GenerationConfig(
+            do_sample=True,
+            temperature=0.5,
+            top_p=0.5,
+            top_k=_BIG_TOP_K,
+            max_new_tokens=max_model_length,
+            eos_token_id=eos if eos is not None else -1,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
+        )
+        cb_config = ContinuousBatchingConfig(
+            page_size=config.kv_block_size,
+            num_blocks=self.num_blocks,
+            max_batch_tokens=self.max_batch_tokens,
+            max_requests_per_batch=config.max_concurrent_requests,
+            per_request_processors=True,
+            # Prefix sharing reorders nothing for single requests but keeps blocks alive after a
+            # request ends, which would make kv_cache_usage_perc report cached prefixes as load.
+            allow_block_sharing=False,
+            auto_switch_to_flash=True,
+        )
+        self._manager = model.init_continuous_batching(
+            generation_config=generation_config, continuous_batching_config=cb_config
+        )
+        self._sinks: dict[str, EventSink] = {}
+        self._lock = threading.Lock()
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        self._manager.warmup()  # builds the paged cache (and captures CUDA graphs on GPUs)
+        self._manager.start()
+        cache = self._manager.batch_processor.cache
+        log.info(
+            "continuous engine: paged KV cache of %d blocks x %d tokens (%.1f MiB), max %d batch tokens, "
+            "%d requests per batch, attention %s",
+            cache.num_blocks,
+            self._config.kv_block_size,
+            cache.cache_tensor.nbytes / 2**20,
+            cache.max_batch_tokens,
+            self._config.max_concurrent_requests,
+            self._model.config._attn_implementation,
+        )
+
+    def warmup(self) -> None:
+        # Without a registered handler the manager routes outputs to its shared queue.
+        rid = "kubeforge-warmup"
+        self._manager.add_request([1, 2, 3, 4], request_id=rid, max_new_tokens=4, eos_token_id=-1, top_k=1, temperature=1.0, top_p=1.0)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            out = self._manager.get_result(request_id=rid, timeout=1.0)
+            if out is not None and out.is_finished():
+                if out.error:
+                    raise RuntimeError(f"warm-up generation failed: {out.error}")
+                return
+        raise RuntimeError("warm-up generation did not finish within 120 s")
+
+    def stop(self) -> None:
+        self._manager.stop(block=True, timeout=10)
+
+    # -- requests -------------------------------------------------------------------------
+    def submit(self, request: EngineRequest, sink: EventSink) -> None:
+        greedy = request.temperature <= 0
+        with self._lock:
+            self._sinks[request.request_id] = sink
+
+        def deliver(output: Any) -> None:  # runs on the asyncio loop (call_soon_threadsafe)
+            with self._lock:
+                target = self._sinks.get(output.request_id)
+                if output.is_finished():
+                    self._sinks.pop(output.request_id, None)
+            if target is None:  # cancelled: drop whatever was already in flight
+                return
+            target(
+                EngineEvent(
+                    request_id=output.request_id,
+                    token_ids=list(output.generated_tokens),
+                    finished=output.is_finished(),
+                    error=output.error,
+                )
+            )
+
+        # Must be registered before the request is queued, or early tokens go to the shared queue.
+        self._manager.register_result_handler(request.request_id, deliver)
+        rid = self._manager.add_request(
+            request.prompt_ids,
+            request_id=request.request_id,
+            max_new_tokens=request.max_new_tokens,
+            streaming=True,
+            eos_token_id=request.eos_token_ids or -1,
+            temperature=1.0 if greedy else float(request.temperature),
+            top_k=1 if greedy else int(request.top_k or _BIG_TOP_K),
+            top_p=1.0 if greedy else float(request.top_p),
+        )
+        if rid is None:  # the manager refuses new work (stopping or crashed)
+            with self._lock:
+                self._sinks.pop(request.request_id, None)
+            sink(EngineEvent(request.request_id, finished=True, error="generation loop is not accepting requests"))
+
+    def cancel(self, request_id: str) -> None:
+        with self._lock:
+            known = self._sinks.pop(request_id, None) is not None
+        if not known:
+            return
+        self._manager.cancel_request(request_id)
+        router = self._manager.output_router
+        # A cancelled request never finishes, so the manager never drops its handler; drop it
+        # ourselves once in-flight outputs have drained (the deliver() above ignores them).
+        threading.Timer(2.0, self._forget, args=(router, request_id)).start()
+
+    @staticmethod
+    def _forget(router: Any, request_id: str) -> None:
+        with router._lock:
+            router.result_handlers.pop(request_id, None)
+        # Outputs that raced past the handler removal land on the shared queue, which nobody
+        # reads while serving: drain it so it cannot grow.
+        try:
+            while True:
+                router.output_queue.get_nowait()
+        except queue.Empty:
+            pass
+
+    # -- introspection --------------------------------------------------------------------
+    def kv_cache_usage(self) -> float:
+        bp = self._manager.batch_processor
+        if bp is None:
+            return 0.0
+        return max(0.0, min(1.0, 1.0 - float(bp.cache.compute_free_capacity(relative=True))))
+
+    def kv_cache_info(self) -> dict[str, Any]:
+        bp = self._manager.batch_processor
+        if bp is None:
+            return {"kind": "paged"}
+        cache = bp.cache
+        data_bytes = cache.num_sectors * cache.bytes_per_sector
+        capacity_tokens = cache.num_blocks * self._config.kv_block_size
+        return {
+            "kind": "paged",
+            "blockSize": self._config.kv_block_size,
+            "numBlocks": int(cache.num_blocks),
+            "capacityTokens": int(capacity_tokens),
+            "bytes": int(data_bytes),
+            "bytesPerToken": data_bytes / max(1, capacity_tokens),
+            "usage": self.kv_cache_usage(),
+        }

@@ -1,0 +1,415 @@
+"""The serving core shared by the HTTP and gRPC front ends: models, admission, generation.
+
+``ServingRuntime`` loads the base model and each LoRA adapter (one engine per served model
+name), then answers ``generate()`` calls: it tokenizes nothing (front ends do, because chat
+templates are an HTTP concern) but owns everything both front ends must agree on:
+
+* **Admission.** At most ``maxConcurrentRequests`` requests generate at once, across all
+  served models; up to ``maxQueuedRequests`` more wait (FIFO). Past that a request is refused
+  at once with :class:`Overloaded` (HTTP 429 / gRPC RESOURCE_EXHAUSTED) carrying a
+  Retry-After estimate, so a burst can never grow the queue or memory without bound.
+* **Deadline.** ``requestTimeoutSeconds`` covers queueing and generation; past it the request
+  is cancelled in the engine and the caller gets :class:`DeadlineExceeded`.
+* **Cancellation.** When the caller stops iterating (client disconnected, stop sequence hit),
+  the request is cancelled in the engine, which frees its KV-cache blocks and its slot.
+* **Length.** ``max_tokens`` is clamped to ``maxModelLength - prompt length``; a prompt that
+  leaves no room is a :class:`BadRequest`.
+* **Metrics** under vLLM's names (see ``metrics.py``).
+
+Called by ``app.py`` and ``grpc_server.py``; everything here runs on one asyncio loop, the
+engines on their own threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import ServeConfig
+from .engine import Engine, EngineEvent, EngineRequest, create_engine, select_backend
+from .metrics import ServeMetrics
+
+log = logging.getLogger(__name__)
+
+
+class ServeError(Exception):
+    """Base of the errors the front ends map to status codes."""
+
+    http_status = 500
+
+
+class BadRequest(ServeError):
+    http_status = 400
+
+
+class ModelNotFound(ServeError):
+    http_status = 404
+
+
+class Overloaded(ServeError):
+    http_status = 429
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class NotReady(ServeError):
+    http_status = 503
+
+
+class DeadlineExceeded(ServeError):
+    http_status = 504
+
+
+class GenerationFailed(ServeError):
+    http_status = 500
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+@dataclass
+class Delta:
+    """A piece of a generation: new text, and on the last piece the finish reason and counts."""
+
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class ServedModel:
+    name: str
+    engine: Engine
+    parent: str | None = None  # the base model's name, for adapters
+
+
+class Admission:
+    """FIFO slots with a bounded waiting room (see the module docstring)."""
+
+    def __init__(self, max_running: int, max_waiting: int) -> None:
+        self.max_running = max_running
+        self.max_waiting = max_waiting
+        self.running = 0
+        self.waiting: list[asyncio.Future[None]] = []
+        self._avg_seconds = 1.0  # moving average of slot hold time, for Retry-After
+
+    def retry_after(self) -> int:
+        # Time until the queue ahead of a new request drains, roughly; at least one second.
+        rounds = (len(self.waiting) + 1) / max(1, self.max_running)
+        return max(1, math.ceil(rounds * self._avg_seconds))
+
+    async def acquire(self, timeout: float) -> float:
+        """Take a slot; return seconds spent waiting. Raise Overloaded or asyncio.TimeoutError."""
+        if self.running < self.max_running and not self.waiting:
+            self.running += 1
+            return 0.0
+        if len(self.waiting) >= self.max_waiting:
+            raise Overloaded(
+                f"server is at capacity: {self.running} requests running and {len(self.waiting)} waiting "
+                f"(maxQueuedRequests={self.max_waiting}); retry later",
+                self.retry_after(),
+            )
+        start = time.monotonic()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiting.append(fut)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except BaseException:
+            if fut in self.waiting:
+                self.waiting.remove(fut)
+                fut.cancel()
+            elif fut.done() and not fut.cancelled():
+                self.release(0.0)  # the slot was handed to us just as we gave up: pass it on
+            raise
+        return time.monotonic() - start
+
+    def release(self, held_seconds: float) -> None:
+        if held_seconds > 0:
+            self._avg_seconds = 0.9 * self._avg_seconds + 0.1 * held_seconds
+        while self.waiting:
+            fut = self.waiting.pop(0)
+            if not fut.done():
+                fut.set_result(None)  # the slot passes directly to the next waiter
+                return
+        self.running -= 1
+
+
+class ServingRuntime:
+    """Loads the served models and runs generations under the admission rules."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.models: dict[str, ServedModel] = {}
+        self.tokenizer: Any = None
+        self.max_model_length = 0
+        self.backend = "unloaded"
+        self.backend_reason = ""
+        self.ready = threading.Event()
+        self.load_error: str | None = None
+        self.admission = Admission(config.engine.max_concurrent_requests, config.engine.max_queued_requests)
+        self.metrics = ServeMetrics(self._kv_usage)
+        self.started_at = time.time()
+
+    # -- loading ---------------------------------------------------------------------------
+    def load(self) -> None:
+        """Load every model, build and warm its engine; sets ``ready``. Blocking (startup thread)."""
+        import torch
+
+        from .. import models as model_io
+        from .. import storage
+
+        cfg = self.config
+        dtype = None if cfg.engine.dtype == "auto" else cfg.engine.dtype
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        t0 = time.monotonic()
+        log.info("loading %s from %s on %s (dtype %s)", cfg.model_name, cfg.model.uri, device, cfg.engine.dtype)
+        self.tokenizer = model_io.load_tokenizer(cfg.model.uri)
+        base = model_io.load_causal_lm(cfg.model.uri, dtype=dtype, device=device).eval()
+        self.max_model_length = self._max_length(base)
+        self.backend, self.backend_reason = select_backend(cfg.engine.backend, base)
+        log.info("engine: %s (%s); maxModelLength %d", self.backend, self.backend_reason, self.max_model_length)
+        engines: list[tuple[str, Any, str | None]] = [(cfg.model_name, base, None)]
+        for adapter in cfg.adapters:
+            # A fresh copy of the base per adapter: the adapter is merged into its weights so
+            # it runs at base speed in any engine (transformers' batching has no multi-LoRA).
+            path = model_io.resolve_model_dir(adapter.uri) if "://" in adapter.uri else storage.resolve(adapter.uri)
+            copy = model_io.load_causal_lm(cfg.model.uri, dtype=dtype, device=device)
+            engines.append((adapter.name, self._apply_adapter(copy, path, adapter.name), cfg.model_name))
+        for name, model, parent in engines:
+            engine = create_engine(self.backend, model.eval(), self.tokenizer, cfg.engine, self.max_model_length)
+            engine.start()
+            engine.warmup()
+            self.models[name] = ServedModel(name, engine, parent)
+        log.info("ready: %s in %.1f s", ", ".join(self.models), time.monotonic() - t0)
+        self.ready.set()
+
+    @staticmethod
+    def _apply_adapter(model: Any, path: Any, name: str) -> Any:
+        from peft import PeftModel
+
+        peft_model = PeftModel.from_pretrained(model, str(path), adapter_name=name)
+        try:
+            return peft_model.merge_and_unload()
+        except Exception as exc:  # e.g. quantized base weights cannot absorb the delta
+            log.warning("adapter %s cannot be merged (%s); serving it unmerged", name, exc)
+            # peft injected the LoRA layers into the base model's modules, so its forward
+            # already applies the adapter; the engines drive that module directly.
+            return peft_model.get_base_model()
+
+    def _max_length(self, model: Any) -> int:
+        text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        own = getattr(text_config, "max_position_embeddings", None) or 2048
+        wanted = self.config.engine.max_model_length
+        if wanted is not None and wanted > own:
+            log.warning("maxModelLength %d exceeds the model's %d; using %d", wanted, own, own)
+        return int(min(wanted or own, own))
+
+    def stop(self) -> None:
+        for served in self.models.values():
+            try:
+                served.engine.stop()
+            except Exception:  # pragma: no cover - best effort at shutdown
+                log.exception("stopping engine of %s", served.name)
+
+    def _kv_usage(self) -> float:
+        if not self.models:
+            return 0.0
+        return sum(m.engine.kv_cache_usage() for m in self.models.values()) / len(self.models)
+
+    # -- requests --------------------------------------------------------------------------
+    def model(self, name: str) -> ServedModel:
+        if not self.ready.is_set():
+            raise NotReady("the model is still loading" if self.load_error is None else f"model failed to load: {self.load_error}")
+        try:
+            return self.models[name]
+        except KeyError:
+            raise ModelNotFound(f"the model {name!r} does not exist; served models: {', '.join(self.models)}") from None
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise BadRequest("this model has no chat template; use /v1/completions")
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        # The template already wrote any BOS it wants; do not add another.
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def clamp(self, prompt_ids: list[int], max_tokens: int | None) -> int:
+        room = self.max_model_length - len(prompt_ids)
+        if not prompt_ids:
+            raise BadRequest("the prompt is empty")
+        if room < 1:
+            raise BadRequest(
+                f"the prompt is {len(prompt_ids)} tokens; this model's maximum length is {self.max_model_length} "
+                "tokens, so there is no room to generate: shorten the prompt"
+            )
+        vocab = getattr(self.tokenizer, "vocab_size", None)
+        if vocab is not None and any(t < 0 or t >= len(self.tokenizer) for t in prompt_ids):
+            raise BadRequest(f"prompt token ids must be in [0, {len(self.tokenizer)})")
+        return room if max_tokens is None else min(max_tokens, room)
+
+    async def admit(self, model_name: str) -> "Ticket":
+        """Admission check and slot; raises Overloaded at once when the waiting room is full."""
+        served = self.model(model_name)
+        deadline = time.monotonic() + self.config.engine.request_timeout_seconds
+        try:
+            self.metrics.waiting.labels(model_name).inc()
+            try:
+                waited = await self.admission.acquire(self.config.engine.request_timeout_seconds)
+            finally:
+                self.metrics.waiting.labels(model_name).dec()
+        except Overloaded:
+            self.metrics.rejected.labels(model_name).inc()
+            raise
+        except asyncio.TimeoutError:
+            self.metrics.success.labels(model_name, "timeout").inc()
+            raise DeadlineExceeded(
+                f"request waited {self.config.engine.request_timeout_seconds:g} s for a free slot "
+                "(requestTimeoutSeconds) and was dropped"
+            ) from None
+        self.metrics.queue_time.labels(model_name).observe(waited)
+        self.metrics.running.labels(model_name).inc()
+        return Ticket(self, served, deadline, time.monotonic() - waited)
+
+    def release(self, ticket: "Ticket") -> None:
+        """Give the slot back; idempotent, so every cleanup path may call it."""
+        if ticket.released:
+            return
+        ticket.released = True
+        self.metrics.running.labels(ticket.served.name).dec()
+        self.admission.release(time.monotonic() - ticket.admitted_at)
+
+    async def generate(self, ticket: "Ticket", prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+        """Stream a generation under an admitted ticket; always releases the ticket's slot.
+
+        Raises DeadlineExceeded or GenerationFailed; if the caller stops iterating early
+        (disconnect), the request is cancelled in the engine.
+        """
+        name = ticket.served.name
+        engine = ticket.served.engine
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[EngineEvent] = asyncio.Queue()
+        request_id = uuid.uuid4().hex
+        max_new = self.clamp(prompt_ids, params.max_tokens)
+        eos = self.tokenizer.eos_token_id
+        request = EngineRequest(
+            request_id=request_id,
+            prompt_ids=prompt_ids,
+            max_new_tokens=max_new,
+            eos_token_ids=[eos] if eos is not None else [],
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=max(0, params.top_k),
+            seed=params.seed,
+        )
+        start = ticket.admitted_at
+        finished = False
+        reason = "abort"
+        tokens: list[int] = []
+        try:
+            engine.submit(request, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+            self.metrics.prompt_tokens.labels(name).inc(len(prompt_ids))
+            detok = _Detokenizer(self.tokenizer, params.stop)
+            last_token_at: float | None = None
+            while True:
+                remaining = ticket.deadline - time.monotonic()
+                if remaining <= 0:
+                    raise asyncio.TimeoutError
+                ev = await asyncio.wait_for(events.get(), remaining)
+                if ev.error:
+                    reason = "error"
+                    raise GenerationFailed(f"generation failed: {ev.error}")
+                new = ev.token_ids[len(tokens):]
+                if new:
+                    t = time.monotonic()
+                    if last_token_at is None:
+                        self.metrics.ttft.labels(name).observe(t - start)
+                    else:
+                        for _ in new:
+                            self.metrics.itl.labels(name).observe((t - last_token_at) / len(new))
+                    last_token_at = t
+                    tokens.extend(new)
+                    self.metrics.generation_tokens.labels(name).inc(len(new))
+                hit_eos = bool(tokens) and tokens[-1] in request.eos_token_ids
+                text, stopped = detok.update(tokens, final=ev.finished or hit_eos)
+                if stopped or ev.finished or hit_eos or len(tokens) >= max_new:
+                    finished = ev.finished
+                    reason = "stop" if (stopped or hit_eos) else "length"
+                    yield Delta(text, reason, len(prompt_ids), len(tokens))
+                    return
+                if text:
+                    yield Delta(text)
+        except asyncio.TimeoutError:
+            reason = "timeout"
+            raise DeadlineExceeded(
+                f"request exceeded its {self.config.engine.request_timeout_seconds:g} s deadline "
+                "(requestTimeoutSeconds) and was cancelled"
+            ) from None
+        finally:
+            if not finished:
+                engine.cancel(request_id)  # frees the cache blocks; no-op for finished ones
+            # "abort": the caller went away (disconnect) before the generation ended.
+            self.metrics.success.labels(name, reason).inc()
+            if reason in ("stop", "length"):
+                self.metrics.e2e.labels(name).observe(time.monotonic() - start)
+            self.release(ticket)
+
+
+@dataclass
+class Ticket:
+    runtime: ServingRuntime
+    served: ServedModel
+    deadline: float
+    admitted_at: float  # when the request arrived (before queueing), for latency metrics
+    released: bool = False
+
+
+class _Detokenizer:
+    """Incremental text from cumulative token ids, with stop sequences.
+
+    Holds back text that could be the start of a stop sequence, and text ending in an
+    incomplete UTF-8 sequence (decoded as U+FFFD), until it is known to be final.
+    """
+
+    def __init__(self, tokenizer: Any, stops: list[str]) -> None:
+        self._tok = tokenizer
+        self._stops = stops
+        self._hold = max((len(s) for s in stops), default=1) - 1
+        self._emitted = 0
+
+    def update(self, token_ids: list[int], final: bool) -> tuple[str, bool]:
+        text = self._tok.decode(token_ids, skip_special_tokens=True)
+        for stop in self._stops:
+            at = text.find(stop)
+            if at != -1:
+                out = text[self._emitted : at] if at > self._emitted else ""
+                self._emitted = max(self._emitted, at)
+                return out, True
+        end = len(text)
+        if not final:
+            end -= self._hold
+            if text.endswith("\ufffd"):
+                end = min(end, len(text) - 1)
+        if end <= self._emitted:
+            return "", False
+        out = text[self._emitted : end]
+        self._emitted = end
+        return out, False
