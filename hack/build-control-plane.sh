@@ -29,6 +29,11 @@ mkdir -p "$BIN" "$WORK"
 export CGO_ENABLED=0 GOFLAGS="-buildvcs=false -trimpath"
 
 log() { printf '[build-control-plane] %s\n' "$*" >&2; }
+# Time and peak memory of each build step, where GNU time is installed.
+timed() {  # label command...
+  local label=$1; shift
+  if [ -x /usr/bin/time ]; then /usr/bin/time -f "[build-control-plane] $label: %e s, peak RSS %M KiB" "$@"; else "$@"; fi
+}
 have() { [ -x "$BIN/$1-$2" ]; }
 
 build_kubernetes() {
@@ -62,8 +67,7 @@ build_kubernetes() {
   done
   for t in "${targets[@]}"; do
     log "building $t $K8S_VERSION"
-    /usr/bin/time -f "[build-control-plane] $t: %e s, peak RSS %M KiB" \
-      go build -tags selinux,notest -ldflags "-s -w $ld" -o "$BIN/$t-$K8S_VERSION.tmp" "k8s.io/kubernetes/cmd/$t"
+    timed "$t" go build -tags selinux,notest -ldflags "-s -w $ld" -o "$BIN/$t-$K8S_VERSION.tmp" "k8s.io/kubernetes/cmd/$t"
     mv "$BIN/$t-$K8S_VERSION.tmp" "$BIN/$t-$K8S_VERSION"
   done
 }
@@ -75,8 +79,7 @@ build_etcd() {
   go mod init kubeforge.local/etcd-build >/dev/null 2>&1
   go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION" >&2
   log "building etcd $ETCD_VERSION"
-  /usr/bin/time -f "[build-control-plane] etcd: %e s, peak RSS %M KiB" \
-    go build -ldflags "-s -w" -o "$BIN/etcd-$ETCD_VERSION.tmp" go.etcd.io/etcd/server/v3
+  timed "etcd" go build -ldflags "-s -w" -o "$BIN/etcd-$ETCD_VERSION.tmp" go.etcd.io/etcd/server/v3
   mv "$BIN/etcd-$ETCD_VERSION.tmp" "$BIN/etcd-$ETCD_VERSION"
 }
 
@@ -85,8 +88,7 @@ go_install() {  # name version package
   local dir="$WORK/$1-$2"
   rm -rf "$dir"; mkdir -p "$dir"
   log "building $1 $2"
-  GOBIN="$dir" /usr/bin/time -f "[build-control-plane] $1: %e s, peak RSS %M KiB" \
-    go install -ldflags "-s -w" "$3@$2"
+  timed "$1" env GOBIN="$dir" go install -ldflags "-s -w" "$3@$2"
   mv "$dir/$1" "$BIN/$1-$2"
 }
 

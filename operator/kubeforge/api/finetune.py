@@ -1,0 +1,252 @@
+"""FineTuneJob: elastic distributed fine-tuning of a causal language model.
+
+The spec's training-relevant part is rendered, unchanged in shape, into the config file the
+trainer reads (see ``trainer_image/CONTRACT.md``); the rest drives the pods.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import ConfigDict, Field, model_validator
+
+from .base import (
+    Condition, K8sObject, Kind, KFModel, ObjectReference, Phase, PodTemplateOverride,
+    ResourcesSpec, cel,
+)
+
+MODEL_URI_PATTERN = r"^(hf://[^/@\s]+/[^/@\s]+(@[^\s]+)?|pvc://[a-z0-9][-a-z0-9.]*(/\S*)?|s3://[a-z0-9][-a-z0-9.]*(/\S*)?|file:///\S*)$"
+DATA_URI_PATTERN = r"^(pvc://[a-z0-9][-a-z0-9.]*/\S+|s3://[a-z0-9][-a-z0-9.]*/\S+|file:///\S+)$"
+OUTPUT_URI_PATTERN = r"^(pvc://[a-z0-9][-a-z0-9.]*(/\S*)?|s3://[a-z0-9][-a-z0-9.]*(/\S*)?|file:///\S*)$"
+
+
+class ModelSource(KFModel):
+    """Where the base model comes from."""
+
+    uri: str = Field(
+        pattern=MODEL_URI_PATTERN,
+        description="hf://org/name@revision, pvc://claim/path, s3://bucket/path or file:///path.",
+    )
+
+
+class DatasetSpec(KFModel):
+    """Training data: JSON Lines in one of three formats."""
+
+    uri: str = Field(pattern=DATA_URI_PATTERN, description="JSONL file: pvc://claim/path, s3://bucket/key or file:///path.")
+    format: Literal["text", "prompt-completion", "chat"] = Field(
+        default="text",
+        description="text: {\"text\"}; prompt-completion: {\"prompt\",\"completion\"}, loss on the completion only; "
+        "chat: {\"messages\"} rendered with the tokenizer's chat template.",
+    )
+    validation_uri: str | None = Field(default=None, pattern=DATA_URI_PATTERN, description="Separate validation JSONL.")
+    validation_split: float = Field(
+        default=0.05, ge=0, lt=1, description="Fraction held out for validation when validationUri is not given."
+    )
+    sequence_length: int = Field(default=512, ge=8, le=131072, description="Tokens per training sequence.")
+    packing: bool = Field(default=True, description="Pack several short samples into one sequence.")
+
+
+class LoraSpec(KFModel):
+    """LoRA adapter settings (method: lora)."""
+
+    r: int = Field(default=8, ge=1, le=1024, description="Rank of the low-rank update.")
+    alpha: int = Field(default=16, ge=1, le=4096, description="Scaling numerator (scale = alpha / r).")
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        min_length=1,
+        description="Names of the linear modules that get adapters.",
+    )
+
+
+class ParallelismSpec(KFModel):
+    """How the model is split. The data-parallel degree is derived: world / (tensor × pipeline)."""
+
+    tensor: int = Field(default=1, ge=1, le=64, description="Tensor-parallel degree (DTensor).")
+    pipeline: int = Field(default=1, ge=1, le=64, description="Pipeline-parallel degree (torch.distributed.pipelining).")
+    strategy: Literal["fsdp", "ddp", "deepspeed-zero1", "deepspeed-zero2", "deepspeed-zero3"] = Field(
+        default="fsdp", description="Data-parallel strategy."
+    )
+    pipeline_schedule: Literal["1F1B", "GPipe"] = Field(default="1F1B", description="Pipeline schedule.")
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        cel("!self.strategy.startsWith('deepspeed') || (self.tensor == 1 && self.pipeline == 1)",
+            "DeepSpeed ZeRO strategies run data parallel only: set tensor and pipeline to 1, or use strategy fsdp",
+            ".strategy"),
+    ]})
+
+
+class NodesSpec(KFModel):
+    """Elastic node range: training starts with min nodes and grows up to max."""
+
+    min: int = Field(default=1, ge=1, le=1024, description="Fewest nodes (pods) training runs on.")
+    max: int = Field(default=1, ge=1, le=1024, description="Most nodes (pods); also the Job's parallelism.")
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        cel("self.min <= self.max", "nodes.min must be less than or equal to nodes.max", ".min"),
+    ]})
+
+
+class TrainingSpec(KFModel):
+    """Optimisation hyper-parameters."""
+
+    epochs: int = Field(default=1, ge=1, le=1000, description="Passes over the training data.")
+    max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimizer steps (caps epochs).")
+    global_batch_size: int = Field(default=8, ge=1, description="Sequences per optimizer step, over all data-parallel ranks.")
+    micro_batch_size: int = Field(default=1, ge=1, description="Sequences per forward pass on one rank.")
+    learning_rate: float = Field(default=1e-4, gt=0, le=1, description="Peak learning rate (AdamW).")
+    warmup_steps: int = Field(default=0, ge=0, description="Linear warm-up steps, then cosine decay.")
+    weight_decay: float = Field(default=0.0, ge=0, le=1, description="AdamW weight decay.")
+    seed: int = Field(default=42, ge=0, description="Seed for initialisation, data order and dropout.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(default="bf16", description="Training precision.")
+    gradient_checkpointing: bool = Field(default=False, description="Recompute activations to save memory.")
+    eval_interval_steps: int = Field(default=0, ge=0, description="Validate every N steps (0: at the end only).")
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        cel("self.globalBatchSize % self.microBatchSize == 0",
+            "training.globalBatchSize must be a multiple of training.microBatchSize", ".globalBatchSize"),
+    ]})
+
+
+class CheckpointSpec(KFModel):
+    """Distributed checkpoints (torch.distributed.checkpoint)."""
+
+    interval_steps: int = Field(default=100, ge=1, description="Save every N steps (and on SIGTERM).")
+    keep_last: int = Field(default=2, ge=1, le=100, description="Checkpoints kept; older ones are deleted.")
+    uri: str | None = Field(default=None, pattern=OUTPUT_URI_PATTERN, description="Where checkpoints go; default <output.uri>/checkpoints.")
+
+
+class OutputSpec(KFModel):
+    """Where the trained model is written."""
+
+    uri: str = Field(pattern=OUTPUT_URI_PATTERN, description="pvc://claim/path, s3://bucket/path or file:///path.")
+    format: Literal["merged", "adapter"] = Field(
+        default="merged", description="merged: full weights; adapter: the LoRA adapter only (method lora)."
+    )
+
+
+class FineTuneJobSpec(KFModel):
+    """Desired state of a FineTuneJob."""
+
+    model: ModelSource = Field(description="The base model.")
+    dataset: DatasetSpec = Field(description="Training (and validation) data.")
+    method: Literal["full", "lora"] = Field(default="lora", description="full: all weights; lora: adapters only.")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings, used when method is lora.")
+    parallelism: ParallelismSpec = Field(default_factory=ParallelismSpec, description="Model and data parallelism.")
+    nodes: NodesSpec = Field(default_factory=NodesSpec, description="Elastic range of worker nodes (pods).")
+    procs_per_node: int | None = Field(
+        default=None, ge=1, le=64, description="Processes per node; default resources.gpus, or 1 without GPUs."
+    )
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Resources of each worker pod.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimisation hyper-parameters.")
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpointing.")
+    output: OutputSpec = Field(description="Where the result is written.")
+    max_restarts: int = Field(default=3, ge=0, le=100, description="Elastic restarts torchrun attempts inside a pod.")
+    backoff_limit: int = Field(default=3, ge=0, le=100, description="Pod failures (not disruptions) before the job fails.")
+    suspend: bool = Field(default=False, description="Stop the workers, keep the job; resuming continues from the last checkpoint.")
+    active_deadline_seconds: int | None = Field(default=None, ge=1, description="Fail with DeadlineExceeded after this long running.")
+    ttl_seconds_after_finished: int | None = Field(default=None, ge=0, description="Delete the job this long after it finishes.")
+    template: PodTemplateOverride = Field(default_factory=PodTemplateOverride, description="Worker pod overrides.")
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        cel(
+            "(has(self.procsPerNode) ? self.procsPerNode : (self.resources.gpus > 0 ? self.resources.gpus : 1))"
+            " % (self.parallelism.tensor * self.parallelism.pipeline) == 0"
+            " || (self.nodes.min == self.nodes.max &&"
+            " ((has(self.procsPerNode) ? self.procsPerNode : (self.resources.gpus > 0 ? self.resources.gpus : 1))"
+            " * self.nodes.min) % (self.parallelism.tensor * self.parallelism.pipeline) == 0)",
+            "parallelism.tensor × parallelism.pipeline must divide the world size (procsPerNode × nodes) at every "
+            "node count from nodes.min to nodes.max: make procsPerNode a multiple of it, or fix nodes.min == nodes.max",
+            ".parallelism",
+        ),
+        cel("self.output.format != 'adapter' || self.method == 'lora'",
+            "output.format adapter needs method lora; use output.format merged for full fine-tuning", ".output.format"),
+    ]})
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "FineTuneJobSpec":
+        # The same rules as the CEL above, so `kubeforge run` and the SDK reject what the API
+        # server would, before anything starts.
+        if self.nodes.min > self.nodes.max:
+            raise ValueError("nodes.min must be less than or equal to nodes.max")
+        mp = self.parallelism.tensor * self.parallelism.pipeline
+        ppn = self.effective_procs_per_node
+        if ppn % mp and not (self.nodes.min == self.nodes.max and (ppn * self.nodes.min) % mp == 0):
+            raise ValueError(
+                f"parallelism.tensor × parallelism.pipeline ({mp}) must divide the world size (procsPerNode {ppn} × "
+                f"nodes {self.nodes.min}..{self.nodes.max}): make procsPerNode a multiple of {mp}, or fix nodes.min == nodes.max"
+            )
+        if self.output.format == "adapter" and self.method != "lora":
+            raise ValueError("output.format adapter needs method lora; use output.format merged for full fine-tuning")
+        if self.parallelism.strategy.startswith("deepspeed") and mp != 1:
+            raise ValueError("DeepSpeed ZeRO strategies run data parallel only: set tensor and pipeline to 1")
+        if self.training.global_batch_size % self.training.micro_batch_size:
+            raise ValueError("training.globalBatchSize must be a multiple of training.microBatchSize")
+        return self
+
+    @property
+    def effective_procs_per_node(self) -> int:
+        if self.procs_per_node is not None:
+            return self.procs_per_node
+        return self.resources.gpus if self.resources.gpus > 0 else 1
+
+
+class WorkersStatus(KFModel):
+    """Worker pods."""
+
+    ready: int = Field(default=0, description="Worker pods running and ready.")
+    total: int = Field(default=0, description="Worker pods that exist.")
+    min: int = Field(default=0, description="nodes.min of the spec.")
+    max: int = Field(default=0, description="nodes.max of the spec.")
+
+
+class ProgressStatus(KFModel):
+    """Training progress, read from the rank-0 metrics endpoint."""
+
+    step: int | None = Field(default=None, description="Optimizer steps done.")
+    total_steps: int | None = Field(default=None, description="Optimizer steps planned.")
+    epoch: float | None = Field(default=None, description="Current epoch (fractional).")
+    loss: float | None = Field(default=None, description="Latest training loss.")
+    tokens_per_second: float | None = Field(default=None, description="Training throughput over all ranks.")
+    eta_seconds: int | None = Field(default=None, description="Estimated seconds to completion.")
+    percent: str | None = Field(default=None, description="step / totalSteps as a percentage, for printer columns.")
+
+
+class OutputStatus(KFModel):
+    """Where the result is."""
+
+    uri: str | None = Field(default=None, description="URI of the finished output.")
+
+
+class FineTuneJobStatus(KFModel):
+    """Observed state of a FineTuneJob. Written by the operator only."""
+
+    phase: Phase | None = Field(default=None, description="Pending, Running, Restarting, Suspended, Succeeded or Failed.")
+    conditions: list[Condition] = Field(default_factory=list, description="Conditions by the Kubernetes API conventions.")
+    observed_generation: int | None = Field(default=None, description="The spec generation last reconciled.")
+    workers: WorkersStatus | None = Field(default=None, description="Worker pods.")
+    restarts: int | None = Field(default=None, description="Worker restarts so far.")
+    progress: ProgressStatus | None = Field(default=None, description="Training progress.")
+    last_checkpoint: str | None = Field(default=None, description="Step or path of the latest checkpoint.")
+    output: OutputStatus | None = Field(default=None, description="The result, once succeeded.")
+    start_time: str | None = Field(default=None, description="When workers first ran (RFC 3339).")
+    completion_time: str | None = Field(default=None, description="When the job finished (RFC 3339).")
+
+
+class FineTuneJob(Kind):
+    kind = "FineTuneJob"
+    plural = "finetunejobs"
+    short_names = ["ftj", "ft"]
+    spec_model = FineTuneJobSpec
+    status_model = FineTuneJobStatus
+    description = "FineTuneJob fine-tunes a causal language model with elastic torchrun workers."
+    printer_columns: ClassVar[list[dict[str, Any]]] = [
+        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        {"name": "Workers", "type": "integer", "jsonPath": ".status.workers.ready"},
+        {"name": "Progress", "type": "string", "jsonPath": ".status.progress.percent"},
+        {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss", "priority": 1},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ]
+
+
+__all__ = ["FineTuneJob", "FineTuneJobSpec", "FineTuneJobStatus", "ObjectReference", "K8sObject"]

@@ -1,0 +1,120 @@
+"""InferenceService: serve a model over an OpenAI-compatible API, autoscaled."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import ConfigDict, Field, model_validator
+
+from .base import Condition, Kind, KFModel, Name, ObjectReference, Phase, PodTemplateOverride, ResourcesSpec, SecretKeyRef, cel
+from .finetune import MODEL_URI_PATTERN
+
+
+class ServeModelSource(KFModel):
+    """The model to serve: exactly one of uri, fineTuneJobRef, quantizeJobRef."""
+
+    uri: str | None = Field(default=None, pattern=MODEL_URI_PATTERN, description="hf://, pvc://, s3:// or file:/// URI of the model.")
+    fine_tune_job_ref: ObjectReference | None = Field(default=None, description="Serve this FineTuneJob's output.")
+    quantize_job_ref: ObjectReference | None = Field(default=None, description="Serve this QuantizeJob's output.")
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        cel("(has(self.uri) ? 1 : 0) + (has(self.fineTuneJobRef) ? 1 : 0) + (has(self.quantizeJobRef) ? 1 : 0) == 1",
+            "model: give exactly one of uri, fineTuneJobRef or quantizeJobRef", reason="FieldValueInvalid"),
+    ]})
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "ServeModelSource":
+        given = [x for x in (self.uri, self.fine_tune_job_ref, self.quantize_job_ref) if x is not None]
+        if len(given) != 1:
+            raise ValueError("model: give exactly one of uri, fineTuneJobRef or quantizeJobRef")
+        return self
+
+
+class ReplicasSpec(KFModel):
+    """Replica range; the autoscaler moves between them."""
+
+    min: int = Field(default=1, ge=0, le=1000, description="Fewest replicas.")
+    max: int = Field(default=1, ge=1, le=1000, description="Most replicas; an autoscaler is created when max > min.")
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        cel("self.min <= self.max", "replicas.min must be less than or equal to replicas.max", ".min"),
+    ]})
+
+
+class AutoscalingSpec(KFModel):
+    """Per-pod metric the HorizontalPodAutoscaler follows."""
+
+    metric: Literal["concurrency", "queueDepth", "kvCacheUsage"] = Field(
+        default="concurrency",
+        description="concurrency: vllm:num_requests_running; queueDepth: vllm:num_requests_waiting; kvCacheUsage: vllm:kv_cache_usage_perc.",
+    )
+    target: float = Field(default=8, gt=0, description="Target average value per pod (kvCacheUsage: a fraction 0-1).")
+
+
+class EngineSpec(KFModel):
+    """Serving engine settings."""
+
+    backend: Literal["auto", "continuous", "dynamic"] = Field(
+        default="auto", description="continuous: transformers' continuous batching (paged KV cache); dynamic: the fallback; auto: continuous where supported."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(default="auto", description="Weights dtype.")
+    max_batch_tokens: int = Field(default=4096, ge=16, description="Token budget of one batch.")
+    max_concurrent_requests: int = Field(default=16, ge=1, le=4096, description="Requests decoded at once.")
+    max_queued_requests: int = Field(default=64, ge=0, le=100000, description="Waiting requests before 429.")
+    kv_block_size: int = Field(default=16, ge=1, le=1024, description="Tokens per KV-cache block.")
+    max_model_length: int | None = Field(default=None, ge=8, description="Longest prompt+completion; default the model's.")
+    request_timeout_seconds: int = Field(default=120, ge=1, le=86400, description="Per-request deadline.")
+
+
+class AdapterSpec(KFModel):
+    """A LoRA adapter served under its own model name."""
+
+    name: Name = Field(description="Model name clients use for this adapter.")
+    uri: str = Field(pattern=MODEL_URI_PATTERN, description="URI of the adapter directory.")
+
+
+class InferenceServiceSpec(KFModel):
+    """Desired state of an InferenceService."""
+
+    model: ServeModelSource = Field(description="The model to serve.")
+    replicas: ReplicasSpec = Field(default_factory=ReplicasSpec, description="Replica range.")
+    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec, description="Autoscaling metric and target.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Resources of each replica.")
+    engine: EngineSpec = Field(default_factory=EngineSpec, description="Serving engine.")
+    adapters: list[AdapterSpec] = Field(default_factory=list, max_length=64, description="LoRA adapters served by name.")
+    api_key_secret_ref: SecretKeyRef | None = Field(default=None, description="Require this API key (Bearer token).")
+    template: PodTemplateOverride = Field(default_factory=PodTemplateOverride, description="Pod overrides.")
+
+
+class ReplicaStatus(KFModel):
+    """Replica counts."""
+
+    ready: int = Field(default=0, description="Ready replicas.")
+    desired: int = Field(default=0, description="Replicas the Deployment wants.")
+
+
+class InferenceServiceStatus(KFModel):
+    """Observed state of an InferenceService. Written by the operator only."""
+
+    phase: Phase | None = Field(default=None, description="Pending, WaitingForInput, Running or Failed.")
+    conditions: list[Condition] = Field(default_factory=list, description="Accepted, ModelReady, Ready.")
+    observed_generation: int | None = Field(default=None, description="The spec generation last reconciled.")
+    url: str | None = Field(default=None, description="In-cluster URL of the OpenAI-compatible API.")
+    replicas: ReplicaStatus | None = Field(default=None, description="Replica counts.")
+    model_uri: str | None = Field(default=None, description="The model URI being served.")
+    model_revision: str | None = Field(default=None, description="Revision of the served model (changes roll the pods).")
+
+
+class InferenceService(Kind):
+    kind = "InferenceService"
+    plural = "inferenceservices"
+    short_names = ["kfis", "kfsvc"]
+    spec_model = InferenceServiceSpec
+    status_model = InferenceServiceStatus
+    description = "InferenceService serves a model over an OpenAI-compatible API with continuous batching."
+    printer_columns: ClassVar[list[dict[str, Any]]] = [
+        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        {"name": "URL", "type": "string", "jsonPath": ".status.url"},
+        {"name": "Ready", "type": "integer", "jsonPath": ".status.replicas.ready"},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ]

@@ -1,0 +1,129 @@
+"""QuantizeJob: compress a model and measure what it cost (size, latency, quality)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import ConfigDict, Field, model_validator
+
+from .base import Condition, Kind, KFModel, ObjectReference, Phase, PodTemplateOverride, ResourcesSpec, cel
+from .finetune import DATA_URI_PATTERN, MODEL_URI_PATTERN, OUTPUT_URI_PATTERN, OutputStatus
+
+
+class QuantizeModelSource(KFModel):
+    """The model to compress: exactly one of uri or fineTuneJobRef."""
+
+    uri: str | None = Field(default=None, pattern=MODEL_URI_PATTERN, description="hf://, pvc://, s3:// or file:/// URI of the model.")
+    fine_tune_job_ref: ObjectReference | None = Field(
+        default=None, description="Use the output of this FineTuneJob once it has succeeded."
+    )
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        cel("has(self.uri) != has(self.fineTuneJobRef)",
+            "model: give exactly one of uri or fineTuneJobRef", reason="FieldValueInvalid"),
+    ]})
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "QuantizeModelSource":
+        if (self.uri is None) == (self.fine_tune_job_ref is None):
+            raise ValueError("model: give exactly one of uri or fineTuneJobRef")
+        return self
+
+
+class CalibrationSpec(KFModel):
+    """Calibration data, for methods that use it."""
+
+    uri: str | None = Field(default=None, pattern=DATA_URI_PATTERN, description="JSONL calibration data.")
+    samples: int = Field(default=128, ge=1, le=100000, description="Samples used for calibration.")
+
+
+class EvaluationSpec(KFModel):
+    """How quality is measured and the gate it must pass."""
+
+    uri: str | None = Field(default=None, pattern=DATA_URI_PATTERN, description="JSONL evaluation text; a built-in sample when unset.")
+    max_perplexity_increase_percent: float = Field(
+        default=1.0, ge=0, le=1000, description="Quality gate: fail when perplexity rises by more than this percentage."
+    )
+    max_samples: int = Field(default=64, ge=1, le=100000, description="Evaluation samples used.")
+    sequence_length: int = Field(default=256, ge=8, le=131072, description="Tokens per evaluation sequence.")
+
+
+class QuantizeOutputSpec(KFModel):
+    """Where the compressed model is written."""
+
+    uri: str = Field(pattern=OUTPUT_URI_PATTERN, description="pvc://claim/path, s3://bucket/path or file:///path.")
+
+
+class QuantizeJobSpec(KFModel):
+    """Desired state of a QuantizeJob."""
+
+    model: QuantizeModelSource = Field(description="The model to compress.")
+    method: Literal["int8-dynamic", "int8-weight-only", "int4-weight-only", "fp16", "bf16"] = Field(
+        default="int8-dynamic",
+        description="int8-dynamic: int8 weights and dynamically quantized activations; int8/int4-weight-only; fp16; bf16.",
+    )
+    group_size: int = Field(default=128, ge=16, le=1024, description="Group size for int4-weight-only.")
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec, description="Calibration data.")
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Quality measurement and gate.")
+    output: QuantizeOutputSpec = Field(description="Where the result is written.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Resources of the quantizer pod.")
+    backoff_limit: int = Field(default=1, ge=0, le=10, description="Pod failures before the job fails.")
+    active_deadline_seconds: int | None = Field(default=None, ge=1, description="Fail with DeadlineExceeded after this long.")
+    ttl_seconds_after_finished: int | None = Field(default=None, ge=0, description="Delete the job this long after it finishes.")
+    template: PodTemplateOverride = Field(default_factory=PodTemplateOverride, description="Pod overrides.")
+
+
+class LatencyResult(KFModel):
+    """Median milliseconds per generated token."""
+
+    before: float | None = Field(default=None, description="Original model.")
+    after: float | None = Field(default=None, description="Quantized model.")
+
+
+class PerplexityResult(KFModel):
+    """Perplexity on the evaluation set."""
+
+    before: float | None = Field(default=None, description="Original model.")
+    after: float | None = Field(default=None, description="Quantized model.")
+
+
+class QuantizeResult(KFModel):
+    """What compression cost, as measured by the quantizer."""
+
+    method: str | None = Field(default=None, description="Method applied.")
+    original_bytes: int | None = Field(default=None, description="Size of the original weights.")
+    quantized_bytes: int | None = Field(default=None, description="Size of the quantized weights.")
+    compression_ratio: float | None = Field(default=None, description="originalBytes / quantizedBytes.")
+    latency_ms_per_token: LatencyResult | None = Field(default=None, description="Latency per generated token.")
+    perplexity: PerplexityResult | None = Field(default=None, description="Perplexity before and after.")
+    perplexity_increase_percent: float | None = Field(default=None, description="Relative perplexity change in percent.")
+    gate_passed: bool | None = Field(default=None, description="Whether the quality gate passed.")
+
+
+class QuantizeJobStatus(KFModel):
+    """Observed state of a QuantizeJob. Written by the operator only."""
+
+    phase: Phase | None = Field(default=None, description="Pending, WaitingForInput, Running, Succeeded or Failed.")
+    conditions: list[Condition] = Field(default_factory=list, description="Conditions by the Kubernetes API conventions.")
+    observed_generation: int | None = Field(default=None, description="The spec generation last reconciled.")
+    model_uri: str | None = Field(default=None, description="The model URI resolved from the spec or the referenced job.")
+    result: QuantizeResult | None = Field(default=None, description="Measured result.")
+    output: OutputStatus | None = Field(default=None, description="The result, once succeeded.")
+    start_time: str | None = Field(default=None, description="When the quantizer pod started (RFC 3339).")
+    completion_time: str | None = Field(default=None, description="When the job finished (RFC 3339).")
+
+
+class QuantizeJob(Kind):
+    kind = "QuantizeJob"
+    plural = "quantizejobs"
+    short_names = ["qj"]
+    spec_model = QuantizeJobSpec
+    status_model = QuantizeJobStatus
+    description = "QuantizeJob compresses a model and measures its size, latency and quality before and after."
+    printer_columns: ClassVar[list[dict[str, Any]]] = [
+        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        {"name": "Method", "type": "string", "jsonPath": ".spec.method"},
+        {"name": "Ratio", "type": "number", "jsonPath": ".status.result.compressionRatio"},
+        {"name": "Gate", "type": "boolean", "jsonPath": ".status.result.gatePassed"},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ]

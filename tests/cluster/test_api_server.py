@@ -1,0 +1,96 @@
+"""The API server itself enforces the KubeForge API: schema, defaults, CEL rules, explain."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from support.waiting import get_json
+
+pytestmark = pytest.mark.cluster
+
+
+def ftj(name: str = "demo", **spec_overrides) -> dict:
+    spec = {
+        "model": {"uri": "hf://acme/tiny-llama@main"},
+        "dataset": {"uri": "pvc://data/train.jsonl"},
+        "output": {"uri": "pvc://models/demo"},
+        "nodes": {"min": 2, "max": 2},
+        "resources": {"gpus": 8},
+    }
+    spec.update(spec_overrides)
+    return {"apiVersion": "kubeforge.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": spec}
+
+
+def apply(cluster, namespace, obj, *extra):
+    return cluster.kubectl("apply", "-n", namespace, *extra, "-f", "-", input=yaml.safe_dump(obj))
+
+
+def test_crds_established_with_category_and_short_names(cluster, namespace):
+    names = cluster.kubectl("get", "crd", "-l", "app.kubernetes.io/part-of=kubeforge", "-o", "name", check=True).stdout.split()
+    assert sorted(names) == sorted([
+        "customresourcedefinition.apiextensions.k8s.io/finetunejobs.kubeforge.io",
+        "customresourcedefinition.apiextensions.k8s.io/inferenceservices.kubeforge.io",
+        "customresourcedefinition.apiextensions.k8s.io/quantizejobs.kubeforge.io",
+    ])
+    assert apply(cluster, namespace, ftj()).returncode == 0
+    out = cluster.kubectl("get", "kubeforge", "-n", namespace, check=True).stdout
+    assert "finetunejob.kubeforge.io/demo" in out
+    assert cluster.kubectl("get", "ftj", "-n", namespace, "demo").returncode == 0
+
+
+def test_explain_shows_field_descriptions(cluster):
+    out = cluster.kubectl("explain", "finetunejob.spec", check=True).stdout
+    assert "Desired state of a FineTuneJob." in out
+    assert "Elastic range of worker nodes (pods)." in out
+    deep = cluster.kubectl("explain", "finetunejob.spec.parallelism.tensor", check=True).stdout
+    assert "Tensor-parallel degree" in deep
+
+
+def test_defaults_are_applied_by_the_api_server(cluster, namespace):
+    apply(cluster, namespace, ftj("defaults"))
+    spec = get_json(cluster, "-n", namespace, "finetunejob", "defaults")["spec"]
+    assert spec["parallelism"] == {"tensor": 1, "pipeline": 1, "strategy": "fsdp", "pipelineSchedule": "1F1B"}
+    assert spec["training"]["learningRate"] == pytest.approx(1e-4)
+    assert spec["lora"]["targetModules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert spec["method"] == "lora"
+
+
+@pytest.mark.parametrize("obj, field_in_message", [
+    (ftj("unknown", bogusField=1), "bogusField"),
+    (ftj("negative", nodes={"min": -1, "max": 2}), "spec.nodes.min"),
+    (ftj("minmax", nodes={"min": 3, "max": 2}), "nodes.min must be less than or equal to nodes.max"),
+    (ftj("divides", nodes={"min": 1, "max": 2}, resources={"gpus": 8}, procsPerNode=6,
+         parallelism={"tensor": 4, "pipeline": 1}), "parallelism.tensor × parallelism.pipeline must divide"),
+    (ftj("badschedule", parallelism={"pipelineSchedule": "Zigzag"}), "spec.parallelism.pipelineSchedule"),
+    ({"apiVersion": "kubeforge.io/v1alpha1", "kind": "QuantizeJob", "metadata": {"name": "both"},
+      "spec": {"model": {"uri": "pvc://models/base", "fineTuneJobRef": {"name": "demo"}},
+               "output": {"uri": "pvc://models/q"}}},
+     "model: give exactly one of uri or fineTuneJobRef"),
+    ({"apiVersion": "kubeforge.io/v1alpha1", "kind": "InferenceService", "metadata": {"name": "both"},
+      "spec": {"model": {"uri": "pvc://models/base", "quantizeJobRef": {"name": "q"}}}},
+     "model: give exactly one of uri, fineTuneJobRef or quantizeJobRef"),
+    ({"apiVersion": "kubeforge.io/v1alpha1", "kind": "InferenceService", "metadata": {"name": "none"},
+      "spec": {"model": {}}},
+     "model: give exactly one of uri, fineTuneJobRef or quantizeJobRef"),
+])
+def test_api_server_rejects_invalid_specs(cluster, namespace, obj, field_in_message):
+    out = apply(cluster, namespace, obj)
+    assert out.returncode != 0, f"accepted an invalid object:\n{out.stdout}"
+    assert field_in_message in out.stderr, out.stderr
+    # Nothing was stored.
+    assert cluster.kubectl("get", "-n", namespace, obj["kind"].lower(), obj["metadata"]["name"]).returncode != 0
+
+
+def test_status_is_a_subresource(cluster, namespace):
+    apply(cluster, namespace, ftj("sub"))
+    # A status written through the main resource is ignored; through /status it sticks.
+    cluster.kubectl("patch", "-n", namespace, "finetunejob", "sub", "--type=merge", "-p",
+                    json.dumps({"status": {"phase": "Running"}}), check=True)
+    assert "status" not in get_json(cluster, "-n", namespace, "finetunejob", "sub") or \
+        get_json(cluster, "-n", namespace, "finetunejob", "sub")["status"].get("phase") is None
+    cluster.kubectl("patch", "-n", namespace, "finetunejob", "sub", "--subresource=status", "--type=merge", "-p",
+                    json.dumps({"status": {"phase": "Running"}}), check=True)
+    assert get_json(cluster, "-n", namespace, "finetunejob", "sub")["status"]["phase"] == "Running"

@@ -1,0 +1,110 @@
+"""Shared fixtures: the local control plane (session-scoped), namespaces, the operator.
+
+Cluster tests carry the ``cluster`` marker; ``pytest -m "not cluster"`` needs no Go. The
+control plane's logs are printed under a failing cluster test's report.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from support.cluster import REPO, LocalCluster, start_cluster
+
+_CLUSTER: LocalCluster | None = None
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    global _CLUSTER
+    workdir = tmp_path_factory.mktemp("cluster")
+    c = start_cluster(workdir)
+    print(f"\n[cluster] control plane started in {c.startup_seconds:.1f} s (etcd, kube-apiserver, "
+          f"controller-manager, scheduler, kwok with {len(c.kubectl('get', 'nodes', '-o', 'name').stdout.split())} GPU nodes)")
+    _CLUSTER = c
+    try:
+        c.kubectl("apply", "--server-side", "-f", str(REPO / "crds"), check=True)
+        c.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "-l",
+                  "app.kubernetes.io/part-of=kubeforge", check=True)
+        yield c
+    finally:
+        _CLUSTER = None
+        c.stop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and _CLUSTER is not None and "cluster" in item.keywords:
+        report.sections.append(("control plane logs", _CLUSTER.logs()))
+        for extra in getattr(item, "_kubeforge_logs", []):
+            if Path(extra).exists():
+                report.sections.append((f"log {extra}", Path(extra).read_text(errors="replace")[-8000:]))
+
+
+@pytest.fixture
+def namespace(cluster: LocalCluster) -> Iterator[str]:
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    cluster.kubectl("create", "namespace", name, check=True)
+    # Pods need the namespace's default ServiceAccount (created by the controller-manager).
+    deadline = time.monotonic() + 30
+    while cluster.kubectl("get", "-n", name, "serviceaccount", "default").returncode != 0:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no default ServiceAccount in {name}")
+        time.sleep(0.2)
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false")
+
+
+class OperatorProcess:
+    """``python -m kubeforge operator`` as a real process against the test cluster."""
+
+    def __init__(self, cluster: LocalCluster, namespace: str, log_path: Path, extra_env: dict[str, str] | None = None):
+        self.cluster, self.namespace, self.log_path = cluster, namespace, log_path
+        self.extra_env = extra_env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> "OperatorProcess":
+        env = self.cluster.env()
+        env.update({"PYTHONUNBUFFERED": "1", **self.extra_env})
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO / "operator"), str(REPO / "trainer_image"), env.get("PYTHONPATH", "")])
+        fh = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kubeforge", "operator", "--standalone", "-n", self.namespace, "-v"],
+            stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+        )
+        fh.close()
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: the operator dies mid-whatever, as a crashed pod would."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+
+@pytest.fixture
+def operator_process(request: pytest.FixtureRequest, cluster: LocalCluster, namespace: str,
+                     tmp_path: Path) -> Iterator[OperatorProcess]:
+    log_path = tmp_path / "operator.log"
+    request.node._kubeforge_logs = [str(log_path)]
+    op = OperatorProcess(cluster, namespace, log_path).start()
+    yield op
+    op.stop()

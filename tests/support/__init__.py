@@ -1,0 +1,1 @@
+"""Test support: the local Kubernetes control plane and helpers shared by test suites."""

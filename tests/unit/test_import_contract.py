@@ -1,0 +1,49 @@
+"""The control plane never imports torch; the runtime never imports kopf or kubernetes.
+
+Each side's every module is imported in a fresh interpreter, then ``sys.modules`` is checked.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+_PROBE = """
+import importlib, json, pkgutil, sys
+pkg = importlib.import_module(sys.argv[1])
+skip = set(sys.argv[3].split(",")) if len(sys.argv) > 3 and sys.argv[3] else set()
+for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
+    if info.name.endswith("__main__") or any(info.name.startswith(s) for s in skip):
+        continue
+    importlib.import_module(info.name)
+forbidden = [m for m in sys.argv[2].split(",") if m in sys.modules]
+print(json.dumps(forbidden))
+"""
+
+
+def _forbidden_imports(package: str, forbidden: list[str], skip: list[str] | None = None) -> list[str]:
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, package, ",".join(forbidden), ",".join(skip or [])],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_control_plane_never_imports_torch():
+    assert _forbidden_imports("kubeforge", ["torch", "transformers", "torchao", "peft", "deepspeed"]) == []
+
+
+def test_runtime_never_imports_kopf_or_kubernetes():
+    assert _forbidden_imports("kubeforge_runtime", ["kopf", "kubernetes"]) == []
+
+
+def test_stdlib_operator_module_still_works():
+    out = subprocess.run([sys.executable, "-c", "import operator, kubeforge; print(operator.add(2, 3))"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.stdout.strip() == "5", out.stderr
+    assert not (REPO / "operator" / "__init__.py").exists()
