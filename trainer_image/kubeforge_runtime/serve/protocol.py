@@ -37,6 +37,7 @@ class SamplingFields(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     user: str | None = None
+    ignore_eos: bool = False  # vLLM extension: generate max_tokens even past end-of-sequence
 
     @field_validator("stop")
     @classmethod

@@ -81,6 +81,7 @@ class SamplingParams:
     top_k: int = 0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -159,6 +160,7 @@ class ServingRuntime:
         self.models: dict[str, ServedModel] = {}
         self.tokenizer: Any = None
         self.max_model_length = 0
+        self.vocab_size = 0
         self.backend = "unloaded"
         self.backend_reason = ""
         self.ready = threading.Event()
@@ -183,6 +185,8 @@ class ServingRuntime:
         self.tokenizer = model_io.load_tokenizer(cfg.model.uri)
         base = model_io.load_causal_lm(cfg.model.uri, dtype=dtype, device=device).eval()
         self.max_model_length = self._max_length(base)
+        text_config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+        self.vocab_size = int(getattr(text_config, "vocab_size", None) or len(self.tokenizer))
         self.backend, self.backend_reason = select_backend(cfg.engine.backend, base)
         log.info("engine: %s (%s); maxModelLength %d", self.backend, self.backend_reason, self.max_model_length)
         engines: list[tuple[str, Any, str | None]] = [(cfg.model_name, base, None)]
@@ -261,9 +265,8 @@ class ServingRuntime:
                 f"the prompt is {len(prompt_ids)} tokens; this model's maximum length is {self.max_model_length} "
                 "tokens, so there is no room to generate: shorten the prompt"
             )
-        vocab = getattr(self.tokenizer, "vocab_size", None)
-        if vocab is not None and any(t < 0 or t >= len(self.tokenizer) for t in prompt_ids):
-            raise BadRequest(f"prompt token ids must be in [0, {len(self.tokenizer)})")
+        if any(t < 0 or t >= self.vocab_size for t in prompt_ids):
+            raise BadRequest(f"prompt token ids must be in [0, {self.vocab_size}) for this model")
         return room if max_tokens is None else min(max_tokens, room)
 
     async def admit(self, model_name: str) -> "Ticket":
@@ -314,7 +317,7 @@ class ServingRuntime:
             request_id=request_id,
             prompt_ids=prompt_ids,
             max_new_tokens=max_new,
-            eos_token_ids=[eos] if eos is not None else [],
+            eos_token_ids=[eos] if eos is not None and not params.ignore_eos else [],
             temperature=params.temperature,
             top_p=params.top_p,
             top_k=max(0, params.top_k),
