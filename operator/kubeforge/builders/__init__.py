@@ -1,0 +1,1 @@
+"""Pure builders: typed spec -> child manifests. No I/O, no clients; tested without a cluster."""
