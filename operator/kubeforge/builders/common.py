@@ -27,7 +27,7 @@ from kubeforge_runtime import contract
 from ..api.base import API_VERSION, PodTemplateOverride, ResourcesSpec
 
 MANAGED_BY = "kubeforge"
-DEFAULT_IMAGE = "ghcr.io/kubeforge/runtime:0.1.0"
+DEFAULT_IMAGE = "kubeforge/runtime:0.1.0"  # set the real location with KUBEFORGE_RUNTIME_IMAGE / the chart
 IMAGE_ENV = "KUBEFORGE_RUNTIME_IMAGE"
 RUN_AS_USER = 1000
 CONFIG_VOLUME = "kubeforge-config"

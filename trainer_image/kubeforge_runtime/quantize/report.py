@@ -49,13 +49,16 @@ def report_path() -> Path:
 
 
 def _round(value: Any) -> Any:
-    # Four significant digits is what a status column can show; JSON has no inf/nan.
+    # Six significant digits keep a 0.01 % perplexity change visible without printing
+    # float noise; JSON has no inf/nan, so those become null.
     if isinstance(value, float):
         if not math.isfinite(value):
             return None
-        return float(f"{value:.4g}")
+        return float(f"{value:.6g}")
     if isinstance(value, dict):
         return {k: _round(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_round(v) for v in value]
     return value
 
 
