@@ -1,0 +1,101 @@
+"""The trained model on disk: save_pretrained (safetensors), tokenizer and lineage record.
+
+Called by the trainer on global rank 0 after the final checkpoint: the model is rebuilt in
+one process from that checkpoint (so the output is independent of the parallel layout it
+was trained with) and written to ``output.uri`` as
+
+* ``merged``: a full model directory (LoRA, if any, merged into the base weights), or
+* ``adapter``: the peft adapter only (``adapter_config.json`` + ``adapter_model.safetensors``),
+
+plus the tokenizer and ``kubeforge.json`` (``models.LINEAGE_FILE``), the lineage record the
+quantizer and the server read: base model and revision, dataset digest, steps, losses,
+parallel layout, package versions. ``models.load_causal_lm`` loads either kind.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .. import models, storage
+from .config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+PACKAGES = ("torch", "transformers", "peft", "tokenizers", "safetensors", "accelerate", "kubeforge")
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def base_revision(cfg: TrainConfig, base_dir: Path) -> str | None:
+    """The base model's revision: the hub revision in the URI, the commit of a hub snapshot
+    directory, or the revision recorded in the base's own lineage record."""
+    parsed = storage.parse_uri(cfg.model.uri)
+    if parsed.revision:
+        return parsed.revision
+    if "snapshots" in base_dir.parts:
+        return base_dir.name
+    lineage = models.read_lineage(base_dir)
+    rev = lineage.get("baseModel", {}).get("revision") if isinstance(lineage.get("baseModel"), dict) else None
+    return rev
+
+
+def lineage_record(cfg: TrainConfig, base_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "kind": "FineTuneJob",
+        "name": cfg.name,
+        "namespace": cfg.namespace,
+        "createdAt": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "baseModel": {"uri": cfg.model.uri, "revision": base_revision(cfg, base_dir)},
+        "dataset": {
+            "uri": cfg.dataset.uri,
+            "validationUri": cfg.dataset.validationUri,
+            "format": cfg.dataset.format,
+            "digest": summary.get("datasetDigest"),
+            "trainRecords": summary.get("trainRecords"),
+            "validationRecords": summary.get("validationRecords"),
+            "sequenceLength": cfg.dataset.sequenceLength,
+            "packing": cfg.dataset.packing,
+        },
+        "method": cfg.method,
+        "lora": cfg.to_dict()["lora"] if cfg.method == "lora" else None,
+        "format": cfg.output.format,
+        "steps": summary.get("steps"),
+        "finalLoss": summary.get("finalLoss"),
+        "initialValidationLoss": summary.get("initialValidationLoss"),
+        "finalValidationLoss": summary.get("finalValidationLoss"),
+        "parallel": summary.get("parallel"),
+        "training": cfg.to_dict()["training"],
+        "packages": package_versions(),
+    }
+
+
+def save_output(top: nn.Module, tokenizer: Any, cfg: TrainConfig, base_dir: Path, summary: dict[str, Any]) -> Path:
+    """Write the model (merged or adapter), tokenizer and lineage to ``output.uri``."""
+    out = storage.local_path(cfg.output.uri)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.method == "lora" and cfg.output.format == "adapter":
+        top.save_pretrained(str(out), safe_serialization=True)
+    else:
+        model = top.merge_and_unload() if cfg.method == "lora" else top
+        model.config.use_cache = True  # the trainer turned it off; inference wants it
+        model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    record = lineage_record(cfg, base_dir, summary)
+    (out / models.LINEAGE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    log.info("model written to %s (%s)", out, cfg.output.format)
+    return out

@@ -1,0 +1,167 @@
+"""Parallelisation plans: tensor parallel, pipeline stages and data parallel for a causal LM.
+
+Called by the trainer (``trainer.py``) after the model is loaded (and LoRA applied). Kept
+apart from the training loop, torchtitan-style:
+
+* :func:`apply_tensor_parallel` - DTensor tensor parallelism on the decoder layers. The plan
+  is the model's own ``base_model_tp_plan`` from transformers (Llama-family models carry one:
+  q/k/v/gate/up column-wise, o/down row-wise) or the built-in Llama plan when a model has
+  none. peft LoRA layers are split consistently: a column-wise layer shards its base weight
+  and ``lora_B`` by output rows (``lora_A`` replicated); a row-wise layer shards its base
+  weight and ``lora_A`` by input columns (``lora_B`` replicated). Embeddings, norms and
+  ``lm_head`` stay replicated, so the logits (and the loss) are whole on every TP rank.
+* :func:`prune_to_stage` + :class:`CausalLMStage` - a pipeline stage is the model with the
+  other stages' decoder layers removed (the layer list becomes a ModuleDict keyed by the
+  original index), so parameter names are identical in every layout and checkpoints reshard
+  freely between layouts.
+* :func:`apply_data_parallel` - FSDP2 ``fully_shard`` per decoder layer plus the stage root,
+  or DDP, over the mesh's "dp" dimension.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import ConfigError
+
+log = logging.getLogger(__name__)
+
+LLAMA_TP_PLAN: dict[str, str] = {
+    "layers.*.self_attn.q_proj": "colwise",
+    "layers.*.self_attn.k_proj": "colwise",
+    "layers.*.self_attn.v_proj": "colwise",
+    "layers.*.self_attn.o_proj": "rowwise",
+    "layers.*.mlp.gate_proj": "colwise",
+    "layers.*.mlp.up_proj": "colwise",
+    "layers.*.mlp.down_proj": "rowwise",
+}
+
+
+def decoder(lm: nn.Module) -> nn.Module:
+    """The decoder stack (``LlamaModel``) inside a ``*ForCausalLM``."""
+    inner = getattr(lm, "model", None)
+    if inner is None or not hasattr(inner, "layers"):
+        raise ConfigError(f"{type(lm).__name__}: expected a decoder-only model with .model.layers (Llama-family)")
+    return inner
+
+
+def layer_items(lm: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(original index, layer) pairs of the decoder layers this rank holds."""
+    layers = decoder(lm).layers
+    if isinstance(layers, nn.ModuleDict):
+        return list(layers.items())
+    return [(str(i), layer) for i, layer in enumerate(layers)]
+
+
+def tp_plan_for(lm: nn.Module) -> dict[str, str]:
+    """The tensor-parallel plan: the model's own transformers plan, else the Llama plan."""
+    plan = getattr(lm.config, "base_model_tp_plan", None) or LLAMA_TP_PLAN
+    unsupported = {k: v for k, v in plan.items() if v not in ("colwise", "rowwise")}
+    if unsupported:
+        raise ConfigError(
+            f"parallelism.tensor: {type(lm).__name__}'s tensor-parallel plan uses styles this runtime "
+            f"does not apply ({unsupported}); use tensor: 1 for this model"
+        )
+    return dict(plan)
+
+
+def apply_tensor_parallel(lm: nn.Module, tp_mesh: Any) -> None:
+    """Shard the decoder layers' linear layers over ``tp_mesh`` (in place)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    plan = tp_plan_for(lm)
+    for _, layer in layer_items(lm):
+        for pattern, style in plan.items():
+            prefix, _, suffix = pattern.partition("layers.*.")
+            if prefix or not suffix:
+                raise ConfigError(f"unsupported tensor-parallel plan entry {pattern!r}")
+            module = layer.get_submodule(suffix)
+            sub_plan: dict[str, Any]
+            if hasattr(module, "base_layer") and hasattr(module, "lora_A"):
+                # A peft LoRA layer: split the adapter so its output lines up with the base's.
+                if style == "colwise":
+                    sub_plan = {"base_layer": ColwiseParallel()}
+                    sub_plan.update({f"lora_B.{name}": ColwiseParallel() for name in module.lora_B})
+                else:
+                    sub_plan = {"base_layer": RowwiseParallel()}
+                    sub_plan.update({f"lora_A.{name}": RowwiseParallel() for name in module.lora_A})
+                parallelize_module(module, tp_mesh, sub_plan)
+            else:
+                parallelize_module(layer, tp_mesh, {suffix: ColwiseParallel() if style == "colwise" else RowwiseParallel()})
+    log.info("tensor parallel over %d ranks: %d plan entries", tp_mesh.size(), len(plan))
+
+
+def prune_to_stage(lm: nn.Module, layers: range, is_first: bool, is_last: bool) -> None:
+    """Keep only this pipeline stage's parts of ``lm`` (in place), names unchanged."""
+    dec = decoder(lm)
+    kept = nn.ModuleDict({idx: layer for idx, layer in layer_items(lm) if int(idx) in layers})
+    dec.layers = kept
+    if not is_first:
+        dec.embed_tokens = None
+    if not is_last:
+        dec.norm = None
+        lm.lm_head = None
+
+
+class CausalLMStage(nn.Module):
+    """Forward of one pipeline stage of a Hugging Face decoder-only causal LM.
+
+    The first stage takes token ids, the others hidden states; the last stage returns
+    logits. With a single stage this is the whole model (ids -> logits), and every layout
+    uses this same forward, so they compute the same thing. Attention is causal with no
+    padding mask: samples are right-padded and padding is never a target (see data.py).
+    """
+
+    def __init__(self, lm: nn.Module, is_first: bool, is_last: bool) -> None:
+        super().__init__()
+        self.lm = lm
+        self.is_first = is_first
+        self.is_last = is_last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from transformers.masking_utils import create_causal_mask
+
+        dec = decoder(self.lm)
+        h = dec.embed_tokens(x) if self.is_first else x
+        seq = h.shape[1]
+        position_ids = torch.arange(seq, device=h.device).unsqueeze(0)
+        mask = create_causal_mask(
+            config=dec.config, inputs_embeds=h, attention_mask=None, cache=None, position_ids=position_ids
+        )
+        position_embeddings = dec.rotary_emb(h, position_ids=position_ids)
+        for _, layer in layer_items(self.lm):
+            h = layer(h, attention_mask=mask, position_embeddings=position_embeddings, position_ids=position_ids)
+            if isinstance(h, tuple):  # older transformers return (hidden,)
+                h = h[0]
+        if self.is_last:
+            return self.lm.lm_head(dec.norm(h))
+        return h
+
+
+def apply_data_parallel(stage: CausalLMStage, strategy: str, dp_mesh: Any, pp: int, tp: int) -> nn.Module:
+    """Wrap ``stage`` for data parallelism over ``dp_mesh``; returns the module to call."""
+    if dp_mesh.size() == 1:
+        return stage
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        # With pipelining each layer runs once per micro-batch: keep it gathered between
+        # forward and backward instead of re-gathering it per micro-batch.
+        reshard = pp == 1
+        for _, layer in layer_items(stage.lm):
+            fully_shard(layer, mesh=dp_mesh, reshard_after_forward=reshard)
+        fully_shard(stage, mesh=dp_mesh, reshard_after_forward=reshard)
+        return stage
+    if strategy == "ddp":
+        if tp > 1:
+            raise ConfigError("parallelism.strategy ddp cannot be combined with tensor parallelism; use fsdp")
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        if not any(p.requires_grad for p in stage.parameters()):
+            raise ConfigError("nothing to train on this pipeline stage (no trainable parameters); check lora.targetModules")
+        return DDP(stage, process_group=dp_mesh.get_group(), find_unused_parameters=False)
+    raise ConfigError(f"parallelism.strategy {strategy!r} is not supported by this runtime")

@@ -1,0 +1,487 @@
+"""The training loop: one worker of a FineTuneJob, under torchrun (or alone for local runs).
+
+Called by ``python -m kubeforge_runtime.train --config PATH`` (``__main__.py``), which torchrun
+starts once per process. Every rank:
+
+1. joins the process group (gloo on CPU, NCCL on GPU) and builds the ("pp", "dp", "tp") mesh
+   from a validated :class:`ParallelDims`;
+2. tokenizes the data (deterministically, so every rank has the same samples) and loads the
+   model (plus LoRA), then tensor-parallelises it, cuts out its pipeline stage and wraps it
+   for data parallelism (``parallelize.py``);
+3. resumes from the newest complete checkpoint, if any (any layout: DCP reshards);
+4. runs optimizer steps: each data-parallel rank takes its slice of the step's global batch,
+   splits it into micro-batches (gradient accumulation, or pipeline micro-batches) and sums
+   token losses normalised by the number of target tokens in the whole global batch, so the
+   gradient is the same as one process on the whole batch, whatever the layout;
+5. checkpoints every N steps, on SIGTERM (all ranks agree to stop at the same step) and at
+   the end; rank 0 then rebuilds the model in one process from the last checkpoint and
+   writes the output (``output.py``).
+
+Rank 0 reports progress (``metrics.py``). Exit codes: 0 done, 78 configuration error,
+143 stopped by SIGTERM after checkpointing, anything else a crash (torchrun restarts the
+workers when restarts are left; they resume from the last checkpoint).
+
+Verification hooks (used by the tests, harmless in production and documented in
+CONTRACT.md): ``KUBEFORGE_TRAIN_DUMP=FILE`` makes rank 0 write what it computed (losses,
+first-step gradients, final parameters, probe logits) with ``torch.save``;
+``KUBEFORGE_FAULT_KILL_AT_STEP`` / ``KUBEFORGE_FAULT_SIGTERM_AT_STEP`` (with
+``KUBEFORGE_FAULT_RANK``, default the last rank) make one worker SIGKILL itself or receive
+SIGTERM after that step, on the first attempt only (``TORCHELASTIC_RESTART_COUNT`` = 0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import math
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .. import contract, data as data_mod, models, storage
+from . import checkpoint as ckpt
+from . import metrics as metrics_mod
+from . import model as model_mod
+from . import output as output_mod
+from .config import TrainConfig
+from .parallel_dims import ModelShape, ParallelDims
+from .parallelize import CausalLMStage, apply_data_parallel, apply_tensor_parallel, prune_to_stage
+
+log = logging.getLogger(__name__)
+
+EXIT_SIGTERM = 143
+ENV_DUMP = "KUBEFORGE_TRAIN_DUMP"
+ENV_KILL_AT = "KUBEFORGE_FAULT_KILL_AT_STEP"
+ENV_SIGTERM_AT = "KUBEFORGE_FAULT_SIGTERM_AT_STEP"
+ENV_FAULT_RANK = "KUBEFORGE_FAULT_RANK"
+MIN_LR_RATIO = 0.1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Join the process group; without torchrun, become a world of one."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        backend = "cpu:gloo,cuda:nccl"  # gloo for the small CPU-side object collectives
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warmup to ``peak``, then cosine decay to MIN_LR_RATIO * peak at ``total``.
+    A function of the step alone, so resuming needs no scheduler state."""
+    if warmup and step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class TokenLoss:
+    """Cross-entropy summed over target tokens, times ``scale`` (dp / target tokens of the
+    global batch). Records the unscaled sums for reporting. Used as the pipeline loss_fn."""
+
+    def __init__(self) -> None:
+        self.scale = 1.0
+        self.sums: list[torch.Tensor] = []
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=data_mod.IGNORE_INDEX,
+                             reduction="sum")
+        self.sums.append(ce.detach())
+        return ce * self.scale
+
+
+class Trainer:
+    """One rank's share of a training run (see the module docstring)."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.rank, self.world, self.device = init_distributed()
+        t = cfg.training
+        torch.manual_seed(t.seed)
+        self.base_dir = model_mod.model_dir(cfg)
+        self.tokenizer = models.load_tokenizer(str(self.base_dir))
+        from transformers import AutoConfig
+
+        hf_cfg = AutoConfig.from_pretrained(str(self.base_dir))
+        self.dims = ParallelDims(
+            world_size=self.world, tp=cfg.parallelism.tensor, pp=cfg.parallelism.pipeline,
+            global_batch_size=t.globalBatchSize, micro_batch_size=t.microBatchSize,
+            pipeline_schedule=cfg.parallelism.pipelineSchedule, model=ModelShape.from_hf_config(hf_cfg),
+        )
+        self.mesh = self.dims.build_mesh(self.device.type)
+        self.pp_rank = self.mesh["pp"].get_local_rank()
+        self.dp_rank = self.mesh["dp"].get_local_rank()
+        self.tp_rank = self.mesh["tp"].get_local_rank()
+        self.is_first = self.pp_rank == 0
+        self.is_last = self.pp_rank == self.dims.pp - 1
+
+        d = cfg.dataset
+        val_path = storage.resolve(d.validationUri) if d.validationUri else None
+        self.data = data_mod.prepare(
+            self.tokenizer, storage.resolve(d.uri), d.format, d.sequenceLength, d.packing,
+            validation_path=val_path, validation_split=d.validationSplit, seed=t.seed,
+        )
+        self.sampler = data_mod.GlobalBatchSampler(len(self.data.train_inputs), t.globalBatchSize, t.seed)
+        self.total_steps = t.maxSteps or t.epochs * self.sampler.steps_per_epoch
+
+        self._build_model()
+        self.optimizer = self._build_optimizer()
+        out_root = storage.local_path(cfg.output.uri)
+        ck_root = storage.local_path(cfg.checkpoint.uri) if cfg.checkpoint.uri else out_root / "checkpoints"
+        self.checkpoints = ckpt.CheckpointManager(ck_root, cfg.checkpoint.keepLast, self.rank,
+                                                  trainable_only=cfg.method == "lora")
+        self.reporter = metrics_mod.Reporter(enabled=self.rank == 0)
+        self.peak_flops = metrics_mod.peak_flops_per_device(t.precision)
+        self.flops_per_token = metrics_mod.flops_per_token(
+            self.num_params["total"], hf_cfg.num_hidden_layers, hf_cfg.hidden_size, d.sequenceLength)
+        self.stop_requested = False
+        self.stop_agreed = False
+        self.losses: list[float] = []
+        self.val_losses: dict[int, float] = {}
+        self.initial_val_loss: float | None = None
+        self.dump: dict[str, Any] = {}
+        self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
+        if t.precision == "fp16" and self.device.type != "cuda":
+            from .config import ConfigError
+
+            raise ConfigError("training.precision fp16 needs GPUs; use fp32 or bf16 on CPU")
+
+    # --- setup ---------------------------------------------------------------------------
+    def _build_model(self) -> None:
+        cfg, dims = self.cfg, self.dims
+        self.top, self.lm = model_mod.build(cfg, self.base_dir)
+        self.num_params = model_mod.num_parameters(self.top)
+        if dims.tp > 1:
+            apply_tensor_parallel(self.lm, self.mesh["tp"])
+        if dims.pp > 1:
+            prune_to_stage(self.lm, dims.stage_layers(self.pp_rank), self.is_first, self.is_last)
+        self.lm.to(self.device)
+        self.stage = CausalLMStage(self.lm, self.is_first, self.is_last)
+        self.module = apply_data_parallel(self.stage, cfg.parallelism.strategy, self.mesh["dp"], dims.pp, dims.tp)
+        self.loss_fn = TokenLoss()
+        self.schedule = None
+        if dims.pp > 1:
+            from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+            pstage = PipelineStage(self.module, self.pp_rank, dims.pp, self.device, group=self.mesh["pp"].get_group())
+            cls = ScheduleGPipe if cfg.parallelism.pipelineSchedule == "GPipe" else Schedule1F1B
+            # scale_grads=False: TokenLoss already normalises by the global token count.
+            self.schedule = cls(pstage, n_microbatches=dims.grad_accum, loss_fn=self.loss_fn, scale_grads=False)
+        self.module.train()
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        decay, no_decay = [], []
+        for _, p in self.top.named_parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.cfg.training.weightDecay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=self.cfg.training.learningRate)
+
+    # --- helpers -------------------------------------------------------------------------
+    def _autocast(self):
+        p = self.cfg.training.precision
+        if p == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if p == "bf16" else torch.float16)
+
+    def _set_grad_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
+        from torch.distributed.fsdp import FSDPModule
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        if isinstance(self.module, FSDPModule):
+            self.module.set_requires_gradient_sync(enabled)
+        elif isinstance(self.module, DDP) and not enabled:
+            return self.module.no_sync()
+        return contextlib.nullcontext()
+
+    def _reshard(self) -> None:
+        """Put FSDP parameters back into their sharded form (after forward-only passes the
+        root stays gathered, and checkpoints/optimizer state are keyed by the sharded ones)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for m in self.stage.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
+
+    def _world_sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    # --- one step ------------------------------------------------------------------------
+    def _train_step(self, step: int) -> float:
+        t = self.cfg.training
+        global_idx = self.sampler.global_batch(step)
+        n_tokens = int((self.data.train_labels[global_idx] != data_mod.IGNORE_INDEX).sum())
+        self.loss_fn.scale = self.dims.dp / max(1, n_tokens)
+        if self.scaler is not None:
+            self.loss_fn.scale *= float(self.scaler.get_scale())
+        self.loss_fn.sums = []
+        idx = self.sampler.rank_batch(step, self.dp_rank, self.dims.dp)
+        x = self.data.train_inputs[idx].to(self.device)
+        y = self.data.train_labels[idx].to(self.device)
+        if self.schedule is not None:
+            losses: list[torch.Tensor] = []
+            with self._autocast():
+                self.schedule.step(*((x,) if self.is_first else ()), target=y if self.is_last else None,
+                                   losses=losses if self.is_last else None)
+            # The schedule may call loss_fn outside the micro-batches (shape inference on the
+            # first step): report from its per-micro-batch losses instead.
+            self.loss_fn.sums = [loss.detach() / self.loss_fn.scale for loss in losses]
+        else:
+            mbs = t.microBatchSize
+            n = x.shape[0] // mbs
+            for m in range(n):
+                with self._set_grad_sync(m == n - 1):
+                    with self._autocast():
+                        logits = self.module(x[m * mbs:(m + 1) * mbs])
+                    self.loss_fn(logits, y[m * mbs:(m + 1) * mbs]).backward()
+        local = float(sum(s.item() for s in self.loss_fn.sums))
+        stop = 1.0 if self.stop_requested else 0.0
+        total, stops = self._world_sum([local if self.is_last else 0.0, stop])
+        # Decide on the agreed flag only: a signal may land on one rank after this point.
+        self.stop_agreed = stops > 0
+        # The last stage's tp ranks all computed the same (replicated) loss.
+        return total / (self.dims.tp * max(1, n_tokens))
+
+    def _optimizer_step(self, lr: float) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean token loss on the validation set (None without one)."""
+        vx, vy = self.data.val_inputs, self.data.val_labels
+        n = len(vx)
+        if n == 0:
+            return None
+        self.module.eval()
+        gb, local_bs, mbs = self.cfg.training.globalBatchSize, self.dims.local_batch_size, self.cfg.training.microBatchSize
+        ce_sum, count = 0.0, 0.0
+        # Every rank runs the same number of batches (collectives must match): the last
+        # global batch is padded with samples that have no targets.
+        for start in range(0, n, gb):
+            idx = list(range(start, min(n, start + gb)))
+            mine = idx[self.dp_rank * local_bs:(self.dp_rank + 1) * local_bs]
+            x = torch.full((local_bs, vx.shape[1]), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+            y = torch.full((local_bs, vy.shape[1]), data_mod.IGNORE_INDEX, dtype=torch.long)
+            if mine:
+                x[: len(mine)], y[: len(mine)] = vx[mine], vy[mine]
+            x, y = x.to(self.device), y.to(self.device)
+            self.loss_fn.scale, self.loss_fn.sums = 1.0, []
+            with self._autocast():
+                if self.schedule is not None:
+                    losses: list[torch.Tensor] = []
+                    self.schedule.eval(*((x,) if self.is_first else ()), target=y if self.is_last else None,
+                                       losses=losses if self.is_last else None)
+                    self.loss_fn.sums = [loss.detach() for loss in losses]
+                else:
+                    for m in range(0, local_bs, mbs):
+                        self.loss_fn(self.module(x[m:m + mbs]), y[m:m + mbs])
+            if self.is_last:
+                ce_sum += float(sum(s.item() for s in self.loss_fn.sums))
+                count += float((y != data_mod.IGNORE_INDEX).sum())
+        self.module.train()
+        self._reshard()
+        total, tokens = self._world_sum([ce_sum, count])
+        return total / tokens if tokens else None
+
+    # --- checkpoints ---------------------------------------------------------------------
+    def _state(self, step: int) -> dict[str, Any]:
+        return {"losses": self.losses, "validationLosses": {str(k): v for k, v in self.val_losses.items()},
+                "initialValidationLoss": self.initial_val_loss, "parallel": self.dims.describe(),
+                "sampler": {**self.sampler.state_dict(), "step": step}}
+
+    def save_checkpoint(self, step: int) -> None:
+        self._reshard()
+        path = self.checkpoints.save(step, self.top, self.optimizer, self._state(step))
+        self.reporter.update(last_checkpoint=step)
+        if self.rank == 0:
+            metrics_mod.emit_event("checkpoint", step=step, path=str(path))
+
+    def resume(self) -> int:
+        path = ckpt.latest(self.checkpoints.root)
+        if path is None:
+            return 0
+        state = self.checkpoints.load(path, self.top, self.optimizer)
+        self.losses = list(state.get("losses", []))
+        self.val_losses = {int(k): v for k, v in state.get("validationLosses", {}).items()}
+        self.initial_val_loss = state.get("initialValidationLoss")
+        step = int(state["step"])
+        self.sampler.load_state_dict(state.get("sampler", {"step": step}))
+        if self.rank == 0:
+            metrics_mod.emit_event("resume", step=step, path=str(path), fromLayout=state.get("parallel"),
+                                   layout=self.dims.describe())
+        return step
+
+    # --- verification dumps --------------------------------------------------------------
+    def _gather_named(self, named: list[tuple[str, torch.Tensor | None]]) -> dict[str, torch.Tensor] | None:
+        """Full (unsharded) copies of named tensors from all ranks, merged on rank 0."""
+        from torch.distributed.tensor import DTensor
+
+        local = {}
+        for name, tensor in named:
+            if tensor is None:
+                continue
+            full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+            local[name] = full.detach().to("cpu", copy=True)
+        gathered: list[Any] = [None] * self.world if self.rank == 0 else None  # type: ignore[assignment]
+        keep = local if (self.dp_rank == 0 and self.tp_rank == 0) else {}
+        dist.gather_object(keep, gathered, dst=0)
+        if self.rank != 0:
+            return None
+        merged: dict[str, torch.Tensor] = {}
+        for part in gathered:
+            merged.update(part)
+        return merged
+
+    def _dump_grads(self) -> None:
+        self.dump["grads"] = self._gather_named([(n, p.grad) for n, p in self.top.named_parameters() if p.requires_grad])
+
+    def _dump_final(self, path: str) -> None:
+        self._reshard()
+        params = self._gather_named(list(self.top.named_parameters()))
+        probe = None
+        if self.dims.pp == 1:
+            with torch.no_grad():
+                self.module.eval()
+                probe = self.module(self.data.train_inputs[:2].to(self.device)).detach().cpu()
+                self.module.train()
+            self._reshard()
+        if self.rank == 0:
+            self.dump.update(params=params, probe_input=self.data.train_inputs[:2].clone(), probe_logits=probe,
+                             losses=list(self.losses), val_losses=dict(self.val_losses),
+                             initial_val_loss=self.initial_val_loss, layout=self.dims.describe())
+            torch.save(self.dump, path)
+
+    def _maybe_inject_fault(self, step: int) -> None:
+        if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+            return
+        target_rank = int(os.environ.get(ENV_FAULT_RANK, str(self.world - 1)))
+        if self.rank != target_rank:
+            return
+        if os.environ.get(ENV_KILL_AT) == str(step):
+            log.warning("fault injection: SIGKILL after step %d", step)
+            os.kill(os.getpid(), signal.SIGKILL)
+        if os.environ.get(ENV_SIGTERM_AT) == str(step):
+            log.warning("fault injection: SIGTERM after step %d", step)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    # --- the run -------------------------------------------------------------------------
+    def _on_sigterm(self, signum: int, _frame: Any) -> None:
+        # Only note it: the step in flight finishes, then all ranks agree to stop together.
+        log.warning("SIGTERM: checkpointing after the current step, then exiting")
+        self.stop_requested = True
+
+    def run(self) -> int:
+        cfg, t = self.cfg, self.cfg.training
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        dump_path = os.environ.get(ENV_DUMP)
+        start = self.resume()
+        tokens_per_step = t.globalBatchSize * cfg.dataset.sequenceLength
+        if self.rank == 0:
+            metrics_mod.emit_event("start", totalSteps=self.total_steps, startStep=start, layout=self.dims.describe(),
+                                   parameters=self.num_params, trainSamples=len(self.data.train_inputs),
+                                   validationSamples=len(self.data.val_inputs))
+        self.reporter.update(total_steps=self.total_steps, step=start)
+        if start == 0:
+            self.initial_val_loss = self.evaluate()
+            if self.initial_val_loss is not None and self.rank == 0:
+                metrics_mod.emit_event("eval", step=0, validationLoss=self.initial_val_loss)
+        step = start
+        while step < self.total_steps:
+            began = time.perf_counter()
+            lr = lr_at(step, self.total_steps, t.learningRate, t.warmupSteps)
+            torch.manual_seed(t.seed + step)  # dropout masks depend on the step only: exact resume
+            loss = self._train_step(step)
+            if dump_path and step == 0:
+                self._dump_grads()
+            self._optimizer_step(lr)
+            step += 1
+            self.losses.append(loss)
+            elapsed = time.perf_counter() - began
+            tps = tokens_per_step / elapsed if elapsed > 0 else 0.0
+            mfu = (tps * self.flops_per_token / (self.world * self.peak_flops)) if self.peak_flops else None
+            epoch = self.sampler.epoch_of(step - 1)
+            self.reporter.update(step=step, epoch=epoch, loss=loss, tokens_per_second=tps, learning_rate=lr, mfu=mfu)
+            if self.rank == 0:
+                metrics_mod.emit_event("step", step=step, totalSteps=self.total_steps, epoch=epoch, loss=loss,
+                                       tokensPerSecond=round(tps, 2), learningRate=lr,
+                                       **({"mfu": mfu} if mfu is not None else {}))
+            if t.evalIntervalSteps and step % t.evalIntervalSteps == 0 and step < self.total_steps:
+                val = self.evaluate()
+                if val is not None:
+                    self.val_losses[step] = val
+                    if self.rank == 0:
+                        metrics_mod.emit_event("eval", step=step, validationLoss=val)
+            interval = cfg.checkpoint.intervalSteps
+            if self.stop_agreed or (interval and step % interval == 0 and step < self.total_steps):
+                self.save_checkpoint(step)
+            if self.stop_agreed:
+                if self.rank == 0:
+                    metrics_mod.emit_event("stopped", step=step, reason="SIGTERM")
+                return EXIT_SIGTERM
+            self._maybe_inject_fault(step)
+        final_val = self.evaluate()
+        if final_val is not None:
+            self.val_losses[step] = final_val
+            if self.rank == 0:
+                metrics_mod.emit_event("eval", step=step, validationLoss=final_val)
+        if self.checkpoints.last_saved_step != step:
+            self.save_checkpoint(step)
+        if dump_path:
+            self._dump_final(dump_path)
+        summary = {
+            "steps": step, "finalLoss": self.losses[-1] if self.losses else None,
+            "initialValidationLoss": self.initial_val_loss, "finalValidationLoss": final_val,
+            "datasetDigest": self.data.digest, "trainRecords": self.data.num_train_records,
+            "validationRecords": self.data.num_val_records, "parallel": self.dims.describe(),
+        }
+        if self.rank == 0:
+            self._write_output(summary)
+        dist.barrier()
+        if self.rank == 0:
+            metrics_mod.emit_event("done", **summary, output=str(storage.local_path(cfg.output.uri)))
+        return contract.EXIT_OK
+
+    def _write_output(self, summary: dict[str, Any]) -> None:
+        last = ckpt.latest(self.checkpoints.root)
+        assert last is not None
+        model = ckpt.load_single_process(last, self.cfg, self.base_dir)
+        output_mod.save_output(model, self.tokenizer, self.cfg, self.base_dir, summary)
+
+    def close(self) -> None:
+        self.reporter.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
