@@ -1,0 +1,456 @@
+"""``kubeforge run``: execute KubeForge resources on this machine, in order, with no cluster.
+
+For each resource the operator's own builders render the children a cluster would get
+(ConfigMap, Indexed Job, Deployment, ...); this module then runs the workload pods of those
+children as local processes through :func:`kubeforge.local.pods.localize_container`:
+
+* a FineTuneJob's Indexed Job runs ``nodes.max`` "pods" at once, each the exact launch
+  command of the cluster (preflight → torchrun → trainer), rendezvousing on the loopback
+  address; the trainer's structured events drive a progress bar with the live loss;
+* a QuantizeJob's pod runs once; its report (the termination message on a cluster) is read
+  from a file and printed as a table;
+* an InferenceService's Deployment runs one replica; once ``/ready`` answers, a sample
+  request is sent and the answer printed.
+
+``pvc://claim/...`` lives under ``<workdir>/pvc/claim``, seeded from ``examples/volumes``-style
+directories (``--volumes DIR``); a model path that does not exist gets a tiny Llama-style
+model built on the fly (or a copy of ``--model DIR``). A later resource's
+``fineTuneJobRef``/``quantizeJobRef`` resolves to the output of the earlier one in the run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from kubeforge_runtime import contract
+
+from ..manifests import Resource, load_resources, parse_resource
+from .pods import LocalProcessSpec, localize_container
+
+log = logging.getLogger(__name__)
+
+SAMPLE_PROMPT_ANNOTATION = "kubeforge.io/sample-prompt"
+DEFAULT_SAMPLE_PROMPT = "Review: The meal was lovely.\nSentiment:"
+
+
+class LocalRunError(RuntimeError):
+    """A resource failed locally; the message says which and why."""
+
+
+@dataclass
+class LocalResult:
+    kind: str
+    name: str
+    output_uri: str | None = None
+    output_path: Path | None = None
+    report: dict[str, Any] = field(default_factory=dict)
+    logs: list[Path] = field(default_factory=list)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalServer:
+    """A running InferenceService replica; ``complete()``/``chat()`` talk OpenAI over HTTP."""
+
+    def __init__(self, name: str, proc: subprocess.Popen[bytes], port: int, log_path: Path, model: str):
+        self.name, self.proc, self.port, self.log_path, self.model = name, proc, port, log_path, model
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def _post(self, path: str, body: dict[str, Any], timeout: float = 120) -> dict[str, Any]:
+        req = urllib.request.Request(f"{self.url}{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        headers_key = os.environ.get(contract.ENV_API_KEY)
+        if headers_key:
+            req.add_header("Authorization", f"Bearer {headers_key}")
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - loopback only
+            return json.loads(resp.read())
+
+    def complete(self, prompt: str, max_tokens: int = 16, temperature: float = 0.0) -> str:
+        out = self._post("/completions", {"model": self.model, "prompt": prompt,
+                                          "max_tokens": max_tokens, "temperature": temperature})
+        return out["choices"][0]["text"]
+
+    def chat(self, messages: list[dict[str, str]], max_tokens: int = 32, temperature: float = 0.0) -> str:
+        out = self._post("/chat/completions", {"model": self.model, "messages": messages,
+                                               "max_tokens": max_tokens, "temperature": temperature})
+        return out["choices"][0]["message"]["content"]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+    def __enter__(self) -> "LocalServer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class LocalRunner:
+    """Runs resources in a working directory; keeps the outputs for later references."""
+
+    def __init__(self, workdir: Path, *, seed_volumes: Path | None = None, model_dir: Path | None = None,
+                 console: Any = None, progress: bool = True):
+        self.workdir = Path(workdir).resolve()
+        self.pvc_root = self.workdir / "pvc"
+        self.seed_volumes = seed_volumes
+        self.model_dir = model_dir
+        self.progress = progress
+        self.outputs: dict[tuple[str, str], str] = {}
+        if console is None:
+            from rich.console import Console
+
+            console = Console(stderr=True)
+        self.console = console
+
+    # --- inputs ---------------------------------------------------------------------------
+    def _local_path(self, uri: str) -> Path | None:
+        if uri.startswith("file://"):
+            return Path(uri[len("file://"):])
+        if uri.startswith("pvc://"):
+            return self.pvc_root / uri[len("pvc://"):]
+        return None
+
+    def _seed_claims(self, uris: list[str | None]) -> None:
+        for uri in uris:
+            if not uri or not uri.startswith("pvc://"):
+                continue
+            claim = uri[len("pvc://"):].split("/", 1)[0]
+            target = self.pvc_root / claim
+            source = self.seed_volumes / claim if self.seed_volumes else None
+            if source and source.is_dir() and not target.exists():
+                shutil.copytree(source, target)
+                self.console.print(f"[dim]pvc://{claim} seeded from {source}[/]")
+            target.mkdir(parents=True, exist_ok=True)
+
+    def _ensure_model(self, uri: str) -> None:
+        path = self._local_path(uri)
+        if path is None or (path / "config.json").exists() or (path / "adapter_config.json").exists():
+            return
+        if self.model_dir:
+            self.console.print(f"{uri}: copying the model from {self.model_dir}")
+            shutil.copytree(self.model_dir, path, dirs_exist_ok=True)
+            return
+        self.console.print(f"[yellow]{uri} has no model here: building a tiny Llama-style model there "
+                           f"(pass --model DIR to start from yours)[/]")
+        # The control plane never imports torch: the runtime builds the model in its own process.
+        out = subprocess.run([sys.executable, "-m", "kubeforge_runtime.tiny", str(path)],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            raise LocalRunError(f"building the tiny model failed:\n{out.stderr[-3000:]}")
+
+    def _resolve_ref(self, kind: str, name: str, by: str) -> str:
+        uri = self.outputs.get((kind, name))
+        if uri is None:
+            raise LocalRunError(f"{by} refers to {kind}/{name}, which has not run in this file: "
+                                f"put it earlier in the same file")
+        return uri
+
+    # --- children -------------------------------------------------------------------------
+    def _write_config_maps(self, children: list[dict[str, Any]], pod_dir: Path,
+                           transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> dict[str, Path]:
+        dirs: dict[str, Path] = {}
+        for obj in children:
+            if obj["kind"] != "ConfigMap":
+                continue
+            d = pod_dir / "configmaps" / obj["metadata"]["name"]
+            d.mkdir(parents=True, exist_ok=True)
+            for key, value in obj.get("data", {}).items():
+                if key == contract.CONFIG_FILE and transform:
+                    value = json.dumps(transform(json.loads(value)), indent=2)
+                (d / key).write_text(value)
+            dirs[obj["metadata"]["name"]] = d
+        return dirs
+
+    def _volume_dirs(self, pod_spec: dict[str, Any], config_dirs: dict[str, Path], pod_dir: Path) -> dict[str, Path]:
+        out: dict[str, Path] = {}
+        for vol in pod_spec.get("volumes", []):
+            if "configMap" in vol:
+                out[vol["name"]] = config_dirs[vol["configMap"]["name"]]
+            elif "persistentVolumeClaim" in vol:
+                claim = vol["persistentVolumeClaim"]["claimName"]
+                out[vol["name"]] = self.pvc_root / claim
+                out[vol["name"]].mkdir(parents=True, exist_ok=True)
+            elif "emptyDir" in vol:
+                out[vol["name"]] = pod_dir / "emptydir" / vol["name"]
+                out[vol["name"]].mkdir(parents=True, exist_ok=True)
+            else:
+                raise LocalRunError(f"volume {vol['name']!r}: only configMap, persistentVolumeClaim and "
+                                    f"emptyDir volumes run locally")
+        return out
+
+    def _spawn(self, spec: LocalProcessSpec, log_path: Path) -> subprocess.Popen[bytes]:
+        spec.env[contract.ENV_PVC_ROOT] = str(self.pvc_root)
+        spec.env.setdefault("OMP_NUM_THREADS", "1")
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        return subprocess.Popen(spec.argv, env=spec.env, cwd=spec.cwd, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+    # --- kinds ----------------------------------------------------------------------------
+    def run_manifest(self, doc: dict[str, Any]) -> LocalResult | LocalServer:
+        return self.run_resource(parse_resource(doc))
+
+    def run_resource(self, res: Resource) -> LocalResult | LocalServer:
+        if res.kind == "FineTuneJob":
+            return self.run_finetune(res)
+        if res.kind == "QuantizeJob":
+            return self.run_quantize(res)
+        return self.start_server(res.raw)
+
+    def run_finetune(self, res: Resource) -> LocalResult:
+        from ..builders import finetune as b
+
+        spec = res.spec
+        self._seed_claims([spec.model.uri, spec.dataset.uri, spec.dataset.validation_uri, spec.output.uri])
+        self._ensure_model(spec.model.uri)
+        uid = str(uuid.uuid4())
+        children = b.build_children(res.name, res.namespace, uid, spec)
+        job = next(c for c in children if c["kind"] == "Job")
+        pod_dir = self.workdir / "pods" / f"finetunejob-{res.name}"
+        config_dirs = self._write_config_maps(children, pod_dir)
+        pod_spec = job["spec"]["template"]["spec"]
+        volume_dirs = self._volume_dirs(pod_spec, config_dirs, pod_dir)
+        env = {e["name"]: e.get("value", "") for e in pod_spec["containers"][0].get("env", [])}
+        endpoint = env.get("PET_RDZV_ENDPOINT", "")
+        host = endpoint.rsplit(":", 1)[0]
+        host_map = {endpoint: f"127.0.0.1:{free_port()}", host: "127.0.0.1"} if endpoint else {}
+        metrics_port = free_port()
+        pods = spec.nodes.max
+        self.console.print(f"[bold]FineTuneJob/{res.name}[/]: {pods} worker pod(s) × "
+                           f"{spec.effective_procs_per_node} process(es), method {spec.method}, "
+                           f"strategy {spec.parallelism.strategy}, TP {spec.parallelism.tensor} × PP {spec.parallelism.pipeline}")
+        procs = []
+        logs = []
+        for index in range(pods):
+            local = localize_container(pod_spec, volume_dirs=volume_dirs, host_map=host_map, completion_index=index,
+                                       extra_env={contract.ENV_METRICS_PORT: str(metrics_port)})
+            log_path = pod_dir / f"worker-{index}.log"
+            procs.append(self._spawn(local, log_path))
+            logs.append(log_path)
+        final = self._follow_training(res.name, procs, logs)
+        codes = [p.returncode for p in procs]
+        if any(codes):
+            meaning = {contract.EXIT_CONFIG_ERROR: " (configuration error)"}
+            detail = "\n".join(f"--- {lp.name} (exit {c}{meaning.get(c, '')}) ---\n" + _tail(lp)
+                               for lp, c in zip(logs, codes) if c)
+            raise LocalRunError(f"FineTuneJob/{res.name} failed:\n{detail}")
+        self.outputs[("FineTuneJob", res.name)] = spec.output.uri
+        out_path = self._local_path(spec.output.uri)
+        self.console.print(f"[green]FineTuneJob/{res.name} succeeded[/]: loss {final.get('loss', float('nan')):.4f} "
+                           f"after {final.get('step', '?')} steps → {spec.output.uri}")
+        return LocalResult("FineTuneJob", res.name, spec.output.uri, out_path, final, logs)
+
+    def _follow_training(self, name: str, procs: list[subprocess.Popen[bytes]], logs: list[Path]) -> dict[str, Any]:
+        """Pump every worker's output to its log; draw the rank-0 events as a progress bar."""
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        last: dict[str, Any] = {}
+        lock = threading.Lock()
+        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
+                            TimeElapsedColumn(), console=self.console, disable=not self.progress)
+        task = progress.add_task(f"training {name}", total=None, loss="-", tps="-")
+
+        def pump(proc: subprocess.Popen[bytes], log_path: Path) -> None:
+            assert proc.stdout is not None
+            with open(log_path, "wb") as fh:
+                for raw in proc.stdout:
+                    fh.write(raw)
+                    fh.flush()
+                    line = raw.decode(errors="replace")
+                    idx = line.find(contract.LOG_EVENT_PREFIX)
+                    if idx < 0:
+                        continue
+                    try:
+                        event = json.loads(line[idx + len(contract.LOG_EVENT_PREFIX):])
+                    except json.JSONDecodeError:
+                        continue
+                    with lock:
+                        if event.get("event") == "step":
+                            last.update(event)
+                            progress.update(task, completed=event.get("step", 0), total=event.get("totalSteps"),
+                                            loss=f"{event.get('loss', float('nan')):.4f}",
+                                            tps=f"{event.get('tokensPerSecond', 0):.0f}")
+                        elif event.get("event") in ("eval", "done", "checkpoint"):
+                            if not self.progress:
+                                continue
+                            self.console.print(f"  [dim]{event.get('event')}[/] " + ", ".join(
+                                f"{k}={v}" for k, v in event.items() if k != "event"))
+                            if event.get("event") == "done":
+                                last.update({k: v for k, v in event.items() if k != "event"})
+            proc.wait()
+
+        with progress:
+            threads = [threading.Thread(target=pump, args=(p, lp), daemon=True) for p, lp in zip(procs, logs)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        return last
+
+    def run_quantize(self, res: Resource) -> LocalResult:
+        from ..builders import quantize as b
+
+        spec = res.spec
+        if spec.model.fine_tune_job_ref is not None:
+            model_uri = self._resolve_ref("FineTuneJob", spec.model.fine_tune_job_ref.name, f"QuantizeJob/{res.name}")
+        else:
+            model_uri = spec.model.uri
+        self._seed_claims([model_uri, spec.calibration.uri, spec.evaluation.uri, spec.output.uri])
+        self._ensure_model(model_uri)
+        children = b.build_children(res.name, res.namespace, str(uuid.uuid4()), spec, model_uri=model_uri)
+        job = next(c for c in children if c["kind"] == "Job")
+        pod_dir = self.workdir / "pods" / f"quantizejob-{res.name}"
+        config_dirs = self._write_config_maps(children, pod_dir)
+        pod_spec = job["spec"]["template"]["spec"]
+        volume_dirs = self._volume_dirs(pod_spec, config_dirs, pod_dir)
+        report_path = pod_dir / "termination-log"
+        local = localize_container(pod_spec, volume_dirs=volume_dirs,
+                                   extra_env={contract.ENV_REPORT_PATH: str(report_path)})
+        self.console.print(f"[bold]QuantizeJob/{res.name}[/]: {spec.method} of {model_uri}")
+        log_path = pod_dir / "quantizer.log"
+        proc = self._spawn(local, log_path)
+        with self.console.status(f"quantizing and measuring ({spec.method})…"), open(log_path, "wb") as fh:
+            assert proc.stdout is not None
+            for raw in proc.stdout:
+                fh.write(raw)
+            proc.wait()
+        report = json.loads(report_path.read_text()) if report_path.exists() else {}
+        self._print_report(res.name, report)
+        if proc.returncode == contract.EXIT_QUALITY_GATE_FAILED:
+            raise LocalRunError(f"QuantizeJob/{res.name} failed its quality gate: {report.get('message', '')}")
+        if proc.returncode != 0:
+            raise LocalRunError(f"QuantizeJob/{res.name} failed (exit {proc.returncode}):\n{_tail(log_path)}")
+        self.outputs[("QuantizeJob", res.name)] = spec.output.uri
+        return LocalResult("QuantizeJob", res.name, spec.output.uri, self._local_path(spec.output.uri), report, [log_path])
+
+    def _print_report(self, name: str, report: dict[str, Any]) -> None:
+        if not report:
+            return
+        from rich.table import Table
+
+        table = Table(title=f"QuantizeJob/{name}: {report.get('method', '')}")
+        for col in ("", "before", "after"):
+            table.add_column(col)
+        lat = report.get("latencyMsPerToken") or {}
+        ppl = report.get("perplexity") or {}
+        table.add_row("bytes", str(report.get("originalBytes")), str(report.get("quantizedBytes")))
+        table.add_row("ms / token", f"{lat.get('before', float('nan')):.2f}", f"{lat.get('after', float('nan')):.2f}")
+        table.add_row("perplexity", f"{ppl.get('before', float('nan')):.3f}", f"{ppl.get('after', float('nan')):.3f}")
+        self.console.print(table)
+        self.console.print(f"compression ×{report.get('compressionRatio', 0):.2f}, perplexity "
+                           f"{report.get('perplexityIncreasePercent', 0):+.2f} %, gate "
+                           f"{'passed' if report.get('gatePassed') else 'FAILED'}")
+
+    def start_server(self, doc: dict[str, Any], ready_timeout: float = 600) -> LocalServer:
+        from ..builders import inference as b
+
+        res = parse_resource(doc)
+        spec = res.spec
+        if spec.model.fine_tune_job_ref is not None:
+            model_uri = self._resolve_ref("FineTuneJob", spec.model.fine_tune_job_ref.name, f"InferenceService/{res.name}")
+        elif spec.model.quantize_job_ref is not None:
+            model_uri = self._resolve_ref("QuantizeJob", spec.model.quantize_job_ref.name, f"InferenceService/{res.name}")
+        else:
+            model_uri = spec.model.uri
+        self._seed_claims([model_uri, *(a.uri for a in spec.adapters)])
+        self._ensure_model(model_uri)
+        children = b.build_children(res.name, res.namespace, str(uuid.uuid4()), spec, model_uri=model_uri)
+        deployment = next(c for c in children if c["kind"] == "Deployment")
+        pod_dir = self.workdir / "pods" / f"inferenceservice-{res.name}"
+        http_port, grpc_port = free_port(), free_port()
+
+        def local_ports(cfg: dict[str, Any]) -> dict[str, Any]:
+            # Several local servers may share this machine: give this one free ports.
+            return {**cfg, "port": http_port, "grpcPort": grpc_port}
+
+        config_dirs = self._write_config_maps(children, pod_dir, transform=local_ports)
+        pod_spec = deployment["spec"]["template"]["spec"]
+        local = localize_container(pod_spec, volume_dirs=self._volume_dirs(pod_spec, config_dirs, pod_dir))
+        log_path = pod_dir / "server.log"
+        proc = self._spawn(local, log_path)
+        threading.Thread(target=_drain, args=(proc, log_path), daemon=True).start()
+        self.console.print(f"[bold]InferenceService/{res.name}[/]: serving {model_uri} on http://127.0.0.1:{http_port}/v1")
+        deadline = time.monotonic() + ready_timeout
+        with self.console.status("loading and warming up the model…"):
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    raise LocalRunError(f"InferenceService/{res.name} exited ({proc.returncode}):\n{_tail(log_path)}")
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/ready", timeout=2) as r:  # noqa: S310
+                        if r.status == 200:
+                            break
+                except (urllib.error.URLError, OSError):
+                    pass
+                time.sleep(0.5)
+            else:
+                proc.kill()
+                raise LocalRunError(f"InferenceService/{res.name} was not ready within {ready_timeout:.0f}s")
+        return LocalServer(res.name, proc, http_port, log_path, res.name)
+
+    def run_file(self, path: Path, keep_serving: bool = False) -> list[LocalResult | LocalServer]:
+        resources = load_resources(path)
+        if self.seed_volumes is None:
+            candidate = Path(path).resolve().parent / "volumes"
+            self.seed_volumes = candidate if candidate.is_dir() else None
+        results: list[LocalResult | LocalServer] = []
+        for res in resources:
+            if res.kind != "InferenceService":
+                results.append(self.run_resource(res))
+                continue
+            server = self.start_server(res.raw)
+            results.append(server)
+            prompt = (res.raw.get("metadata", {}).get("annotations") or {}).get(SAMPLE_PROMPT_ANNOTATION, DEFAULT_SAMPLE_PROMPT)
+            try:
+                answer = server.complete(prompt)
+                self.console.print(f"[bold]sample request[/] → {server.url}/completions\n"
+                                   f"[dim]prompt:[/] {prompt!r}\n[bold green]answer:[/] {answer!r}")
+                print(answer)
+                if keep_serving:
+                    self.console.print(f"serving at {server.url} — Ctrl-C to stop")
+                    server.proc.wait()
+            finally:
+                server.stop()
+        return results
+
+
+def _drain(proc: subprocess.Popen[bytes], log_path: Path) -> None:
+    assert proc.stdout is not None
+    with open(log_path, "wb") as fh:
+        for raw in proc.stdout:
+            fh.write(raw)
+            fh.flush()
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
