@@ -47,7 +47,7 @@ def _cmd_operator(args: argparse.Namespace) -> int:
                                  host=args.webhook_host)
     run_operator(namespaces, liveness_port=args.liveness_port, standalone=args.standalone,
                  peering=args.peering, verbose=args.verbose, peering_priority=args.peering_priority,
-                 peering_lifetime=args.peering_lifetime, webhook=webhook)
+                 peering_lifetime=args.peering_lifetime, webhook=webhook, metrics_port=args.metrics_port)
     return 0
 
 
@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--liveness-port", type=int, default=None, help="serve /healthz on this port")
     p.add_argument("--standalone", action="store_true", help="no peering: assume the only operator")
     p.add_argument("--peering", default=None, help="kopf peering name for HA (one active replica)")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     p.add_argument("--peering-priority", type=int, default=None,
                    help="peering priority (default: lower the later this replica started, so the oldest is active)")
     p.add_argument("--peering-lifetime", type=int, default=None,

@@ -1,19 +1,101 @@
-"""Run the operator: ``kubeforge operator`` and ``python -m kubeforge operator``."""
+"""Run the operator: ``kubeforge operator`` and ``python -m kubeforge operator``.
+
+Besides the reconcilers, two deployment concerns are wired here from command-line options
+(the Helm chart passes them):
+
+* **High availability by kopf peering.** With ``--peering NAME`` every replica joins the
+  peering object ``NAME`` (a ``ClusterKopfPeering`` when cluster-wide, a ``KopfPeering`` in
+  each watched namespace otherwise; the chart creates them). kopf pauses every operator that
+  sees a live peer of *higher or equal* priority, so equal priorities would pause all
+  replicas. Each replica therefore gets a distinct priority that falls with its start time:
+  the oldest live replica is the active one, a newly started replica (a rolling update, a
+  rescheduled pod) waits behind it instead of pre-empting it. Peering is made mandatory, so a
+  replica starts paused and only resumes once it has read the peering object and found no
+  live peer above it; a replica that dies without saying goodbye (SIGKILL, node loss) is
+  considered gone after ``--peering-lifetime`` seconds and the next one resumes.
+* **Metrics** (``--metrics-port``): the Prometheus default registry over HTTP.
+* **The validating admission webhook** (``--webhook-port``): kopf serves
+  :mod:`kubeforge.controllers.webhooks` over HTTPS with the certificate the chart mounts.
+  The ValidatingWebhookConfiguration is the chart's (kopf does not manage it), so the
+  operator needs no permission on admission configuration.
+"""
 
 from __future__ import annotations
 
 import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class WebhookOptions:
+    """Where and how the admission webhook server listens."""
+
+    port: int
+    cert_file: str | None = None
+    key_file: str | None = None
+    addr: str = "0.0.0.0"
+    host: str | None = None
+
+
+def start_time_priority(now: float | None = None) -> int:
+    """A peering priority that is lower the later the replica started (the oldest one wins).
+
+    Milliseconds since the epoch, negated, times 1000 plus a random tail: two replicas that
+    start in the same millisecond still get distinct priorities (equal ones would pause both).
+    The value stays well inside int64, as the Kubernetes API stores it.
+    """
+    ms = int((time.time() if now is None else now) * 1000)
+    return -(ms * 1000 + random.randrange(1000))
 
 
 def run_operator(namespaces: list[str] | None, *, liveness_port: int | None = None,
-                 standalone: bool = False, peering: str | None = None, verbose: bool = False) -> None:
+                 standalone: bool = False, peering: str | None = None, verbose: bool = False,
+                 peering_priority: int | None = None, peering_lifetime: int | None = None,
+                 webhook: WebhookOptions | None = None, metrics_port: int | None = None) -> None:
     import kopf
 
     import kubeforge.controllers  # noqa: F401  (registers the handlers)
 
+    if webhook is not None:
+        from . import webhooks  # noqa: F401  (registers the admission handlers)
+
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    kwargs = {}
+
+    if metrics_port:
+        # Prometheus exposition of the default registry: process metrics plus whatever the
+        # reconcilers register; a daemon thread, so it never holds up shutdown.
+        import prometheus_client
+
+        prometheus_client.start_http_server(metrics_port)
+
+    priority = None
+    if peering and not standalone:
+        priority = peering_priority if peering_priority is not None else start_time_priority()
+
+    # Registered after kubeforge.controllers.settings.configure, so it runs after it and the
+    # command line wins over the operator-wide defaults set there.
+    @kopf.on.startup()
+    def apply_command_line(settings: kopf.OperatorSettings, **_: Any) -> None:
+        if peering and not standalone:
+            settings.peering.name = peering
+            settings.peering.mandatory = True
+            settings.peering.priority = priority
+            if peering_lifetime:
+                settings.peering.lifetime = peering_lifetime
+            logging.getLogger(__name__).info(
+                "peering %r: priority %d, lifetime %ds", peering, priority, settings.peering.lifetime)
+        if webhook is not None:
+            settings.admission.server = kopf.WebhookServer(
+                addr=webhook.addr, port=webhook.port, host=webhook.host,
+                certfile=webhook.cert_file, pkeyfile=webhook.key_file,
+            )
+            settings.admission.managed = None  # the chart owns the webhook configuration
+
+    kwargs: dict[str, Any] = {}
     if liveness_port:
         kwargs["liveness_endpoint"] = f"http://0.0.0.0:{liveness_port}/healthz"
     kopf.run(
@@ -21,5 +103,6 @@ def run_operator(namespaces: list[str] | None, *, liveness_port: int | None = No
         namespaces=namespaces or [],
         standalone=standalone,
         peering_name=peering,
+        priority=priority,
         **kwargs,
     )

@@ -1,0 +1,184 @@
+"""Validating admission webhook: the checks the CRD schema and its CEL rules cannot make.
+
+CEL sees one object; these checks need the other KubeForge resources in the namespace:
+
+* **Outputs do not collide.** A FineTuneJob or QuantizeJob may not write where another job
+  of the namespace writes (the same URI, or one inside the other), unless that job has
+  Failed: two jobs writing one directory corrupt each other, and overwriting a succeeded
+  job's output would swap the model under whatever serves it.
+* **References can still be satisfied.** ``fineTuneJobRef``/``quantizeJobRef`` naming a job
+  that has Failed is rejected (the operator would wait for an output that never comes). A
+  reference to a job that does not exist *yet* is allowed with a warning: GitOps tools
+  apply a chain of resources in no particular order, and the operator waits for it.
+* **Adapter names are unique** within an InferenceService (each is a model name clients use).
+
+Deliberately not checked: that ``apiKeySecretRef`` names an existing Secret. Checking it
+would need the operator to read Secrets, which it otherwise never does; a missing Secret
+shows up as the serving pods' ``CreateContainerConfigError`` and in the status instead.
+
+Only CREATE and UPDATE are reviewed, and an UPDATE that leaves ``spec`` unchanged (kopf's
+own annotation and finalizer patches, label edits) or touches an object being deleted is
+always allowed, so the webhook can never block the operator's bookkeeping or a deletion.
+
+Served by kopf's ``WebhookServer`` when the operator runs with ``--webhook-port`` (see
+:mod:`kubeforge.controllers.runner`); the Helm chart owns the ValidatingWebhookConfiguration
+and routes each kind to ``/<handler id>``, the ids below.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable
+
+import kopf
+
+from . import kube
+
+log = logging.getLogger(__name__)
+
+GROUP, VERSION = "kubeforge.io", "v1alpha1"
+OPERATIONS = ["CREATE", "UPDATE"]
+
+# Handler ids double as URL paths: https://<service>/<id> (the chart's webhook configuration).
+FINETUNE_WEBHOOK = "validate-finetunejob"
+QUANTIZE_WEBHOOK = "validate-quantizejob"
+INFERENCE_WEBHOOK = "validate-inferenceservice"
+WEBHOOK_PATHS = {"finetunejobs": FINETUNE_WEBHOOK, "quantizejobs": QUANTIZE_WEBHOOK,
+                 "inferenceservices": INFERENCE_WEBHOOK}
+
+_JOB_KINDS = ("FineTuneJob", "QuantizeJob")
+
+
+# --- pure checks (unit-tested without a cluster) -----------------------------------------
+
+def _norm(uri: str) -> str:
+    return uri.rstrip("/")
+
+
+def uris_overlap(a: str, b: str) -> bool:
+    """Whether two storage URIs are the same location or one lies inside the other."""
+    a, b = _norm(a), _norm(b)
+    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+
+
+def output_uris(kind: str, spec: dict[str, Any]) -> list[str]:
+    """Where a job of ``kind`` writes: its output and, for training, its checkpoints."""
+    out = [spec.get("output", {}).get("uri")]
+    if kind == "FineTuneJob":
+        out.append((spec.get("checkpoint") or {}).get("uri"))
+    return [u for u in out if u]
+
+
+def output_conflicts(kind: str, name: str, spec: dict[str, Any],
+                     others: Iterable[dict[str, Any]]) -> list[str]:
+    """Messages for every other, not-failed job whose output overlaps this one's."""
+    mine = output_uris(kind, spec)
+    problems = []
+    for other in others:
+        okind, oname = other.get("kind", ""), other.get("metadata", {}).get("name")
+        if (okind, oname) == (kind, name) or other.get("status", {}).get("phase") == "Failed":
+            continue
+        for uri in mine:
+            for theirs in output_uris(okind, other.get("spec", {})):
+                if uris_overlap(uri, theirs):
+                    problems.append(
+                        f"{uri} overlaps {theirs}, written by {okind} {oname}: choose another output "
+                        f"location, or delete {okind} {oname} first")
+    return problems
+
+
+def duplicate_adapter_names(spec: dict[str, Any]) -> list[str]:
+    seen: set[str] = set()
+    dups: list[str] = []
+    for adapter in spec.get("adapters") or []:
+        n = adapter.get("name")
+        if n in seen and n not in dups:
+            dups.append(n)
+        seen.add(n)
+    return dups
+
+
+def reference_problem(ref_kind: str, ref_name: str, referenced: dict[str, Any] | None) -> tuple[str | None, str | None]:
+    """(error, warning) for a reference to ``ref_kind``/``ref_name``; both None when fine."""
+    if referenced is None:
+        return None, (f"{ref_kind} {ref_name} does not exist (yet); this resource waits until it exists "
+                      f"and has succeeded")
+    if referenced.get("status", {}).get("phase") == "Failed":
+        return (f"{ref_kind} {ref_name} has Failed and will never produce an output: reference a job that "
+                f"can still succeed, or give a model uri"), None
+    return None, None
+
+
+def spec_unchanged(operation: str | None, old: Any, new: Any) -> bool:
+    if operation != "UPDATE" or old is None or new is None:
+        return False
+    return dict(old.get("spec") or {}) == dict(new.get("spec") or {})
+
+
+# --- kopf handlers ---------------------------------------------------------------------
+
+def _skip(operation: str | None, body: Any, old: Any, new: Any) -> bool:
+    if body.get("metadata", {}).get("deletionTimestamp"):
+        return True
+    return spec_unchanged(operation, old, new)
+
+
+def _jobs(namespace: str) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for kind in _JOB_KINDS:
+        for item in kube.list_(kind, namespace):
+            item.setdefault("kind", kind)  # list items carry no kind
+            out.append(item)
+    return out
+
+
+def _check_outputs(kind: str, body: Any) -> None:
+    meta = body["metadata"]
+    problems = output_conflicts(kind, meta.get("name", ""), dict(body.get("spec") or {}),
+                                _jobs(meta["namespace"]))
+    if problems:
+        raise kopf.AdmissionError("; ".join(problems), code=409)
+
+
+def _check_reference(namespace: str, ref_kind: str, ref: dict[str, Any] | None, warnings: list[str]) -> None:
+    if not ref or not ref.get("name"):
+        return
+    error, warning = reference_problem(ref_kind, ref["name"], kube.get(ref_kind, namespace, ref["name"]))
+    if error:
+        raise kopf.AdmissionError(error, code=422)
+    if warning:
+        warnings.append(warning)
+
+
+@kopf.on.validate(GROUP, VERSION, "finetunejobs", id=FINETUNE_WEBHOOK, operations=OPERATIONS)
+def validate_finetunejob(body: Any, old: Any, new: Any, operation: str | None, **_: Any) -> None:
+    if _skip(operation, body, old, new):
+        return
+    _check_outputs("FineTuneJob", body)
+
+
+@kopf.on.validate(GROUP, VERSION, "quantizejobs", id=QUANTIZE_WEBHOOK, operations=OPERATIONS)
+def validate_quantizejob(body: Any, old: Any, new: Any, operation: str | None,
+                         warnings: list[str], **_: Any) -> None:
+    if _skip(operation, body, old, new):
+        return
+    spec = body.get("spec") or {}
+    _check_reference(body["metadata"]["namespace"], "FineTuneJob",
+                     (spec.get("model") or {}).get("fineTuneJobRef"), warnings)
+    _check_outputs("QuantizeJob", body)
+
+
+@kopf.on.validate(GROUP, VERSION, "inferenceservices", id=INFERENCE_WEBHOOK, operations=OPERATIONS)
+def validate_inferenceservice(body: Any, old: Any, new: Any, operation: str | None,
+                              warnings: list[str], **_: Any) -> None:
+    if _skip(operation, body, old, new):
+        return
+    spec = body.get("spec") or {}
+    dups = duplicate_adapter_names(spec)
+    if dups:
+        raise kopf.AdmissionError(
+            f"adapters: names must be unique, {', '.join(dups)} given more than once", code=422)
+    model = spec.get("model") or {}
+    namespace = body["metadata"]["namespace"]
+    _check_reference(namespace, "FineTuneJob", model.get("fineTuneJobRef"), warnings)
+    _check_reference(namespace, "QuantizeJob", model.get("quantizeJobRef"), warnings)
