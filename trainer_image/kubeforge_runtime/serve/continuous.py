@@ -167,7 +167,9 @@ class ContinuousEngine:
         router = self._manager.output_router
         # A cancelled request never finishes, so the manager never drops its handler; drop it
         # ourselves once in-flight outputs have drained (the deliver() above ignores them).
-        threading.Timer(2.0, self._forget, args=(router, request_id)).start()
+        timer = threading.Timer(2.0, self._forget, args=(router, request_id))
+        timer.daemon = True  # never hold up process exit
+        timer.start()
 
     @staticmethod
     def _forget(router: Any, request_id: str) -> None:

@@ -70,6 +70,12 @@ class DynamicBatchingEngine:
             itemsize = 4
         self.bytes_per_token = 2 * cfg.num_hidden_layers * heads * head_dim * itemsize
         self.capacity_tokens = config.max_concurrent_requests * max_model_length
+        # transformers 5.x renamed forward's ``past_key_values`` to ``cache`` (the old name is
+        # deprecated); remote-code and PEFT-wrapped models may only know the old one.
+        import inspect
+
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -195,7 +201,7 @@ class DynamicBatchingEngine:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self._model.config)
         out = self._model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache}
         )
         while rows:
             logits = out.logits[:, -1, :].float()
@@ -223,7 +229,7 @@ class DynamicBatchingEngine:
             self._cache_tokens = len(rows) * mask.shape[1]
             self._cache_bytes = self._cache_tokens * self.bytes_per_token
             out = self._model(
-                input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+                input_ids=step_ids, attention_mask=mask, position_ids=positions, use_cache=True, **{self._cache_kw: cache}
             )
 
     @staticmethod

@@ -104,6 +104,7 @@ class Server:
         return uvicorn.Config(
             self.app,
             log_level="warning",
+            loop="asyncio",
             access_log=False,
             timeout_graceful_shutdown=10,
             # Closing idle keep-alive sockets quickly is not what we want behind a Service.
