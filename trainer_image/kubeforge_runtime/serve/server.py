@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -115,6 +116,10 @@ class Server:
         """Serve until SIGTERM (uvicorn handles it: stop accepting, drain, exit)."""
         self._uvicorn = uvicorn.Server(self.uvicorn_config())
         log.info("HTTP listening on %s:%d", self.host, self.port)
+        # uvicorn drains on SIGTERM, restores the previous handlers and re-raises the signal;
+        # with the default handler that would turn a clean drain into "killed by SIGTERM".
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, _frame: log.info("shut down on signal %d", signum))
         self._uvicorn.run(sockets=[self.socket])
         return self.exit_code
 
@@ -147,6 +152,9 @@ class ServerThread:
             time.sleep(0.05)
         raise TimeoutError(f"server not ready after {wait_ready} s")
 
-    def stop(self) -> None:
+    def request_stop(self) -> None:
         self._uv.should_exit = True
+
+    def stop(self) -> None:
+        self.request_stop()
         self._thread.join(timeout=30)

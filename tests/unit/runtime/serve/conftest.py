@@ -93,6 +93,8 @@ def start_server() -> Iterator[Callable[..., ServerThread]]:
         return server
 
     yield start
+    for s in started:  # ask all to exit first, then wait: shutdowns overlap
+        s.request_stop()
     for s in started:
         s.stop()
 
