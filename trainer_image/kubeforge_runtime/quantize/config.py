@@ -31,8 +31,8 @@ from typing import Any
 METHODS: tuple[str, ...] = ("int8-dynamic", "int8-weight-only", "int4-weight-only", "fp16", "bf16")
 """Method names accepted in ``method``; the registry in ``methods.py`` implements each."""
 
-GROUP_SIZES: tuple[int, ...] = (32, 64, 128, 256)
-"""Group sizes the int4 kernels accept (the tinygemm kernels support exactly these)."""
+GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
+"""Group sizes int4 accepts: the CPU tinygemm kernel takes exactly these (CUDA also 256)."""
 
 
 class ConfigError(ValueError):

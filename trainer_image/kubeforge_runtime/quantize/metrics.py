@@ -67,12 +67,38 @@ def linear_weight_bytes(model: Any, *, include_output_embeddings: bool = False) 
     """
     import torch
 
-    skip = None if include_output_embeddings else model.get_output_embeddings()
-    return sum(
-        tensor_bytes(module.weight)
-        for module in model.modules()
+    if include_output_embeddings:
+        layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    else:
+        layers = list(linear_layers(model).values())
+    return sum(tensor_bytes(module.weight) for module in layers)
+
+
+def linear_layers(model: Any) -> dict[str, Any]:
+    """``name -> nn.Linear`` for every linear layer except the output embedding."""
+    import torch
+
+    skip = model.get_output_embeddings()
+    return {
+        name: module
+        for name, module in model.named_modules()
         if isinstance(module, torch.nn.Linear) and module is not skip
-    )
+    }
+
+
+def unquantized_linear_layers(model: Any) -> list[str]:
+    """Names of linear layers (output embedding excluded) whose weight is still a plain tensor.
+
+    torchao leaves a layer alone when, e.g., the int4 group size does not divide its input
+    width; the runner reports these so a skipped layer is never silent.
+    """
+    import torch
+
+    return [
+        name
+        for name, module in linear_layers(model).items()
+        if type(module.weight) in (torch.Tensor, torch.nn.Parameter)
+    ]
 
 
 @dataclass

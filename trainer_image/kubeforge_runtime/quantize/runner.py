@@ -92,6 +92,7 @@ def _measure(model: Any, windows: list[Any], prompts: list[Any], pad_token_id: i
     return {
         "bytes": metrics.state_dict_bytes(model),
         "linearWeightBytes": metrics.linear_weight_bytes(model),
+        "fullPrecisionLinearLayers": len(metrics.unquantized_linear_layers(model)),
         "perplexity": ppl.perplexity,
         "evalTokens": ppl.tokens,
         "latencyMsPerToken": lat.ms_per_token,
@@ -147,7 +148,9 @@ def run(cfg: QuantizeConfig) -> tuple[dict[str, Any], dict[str, Any], int]:
             started = time.perf_counter()
             quantized = method.load_quantized(source, device, cfg.group_size)
             quantize_seconds = time.perf_counter() - started
-            if cfg.method.startswith("int") and metrics.linear_weight_bytes(quantized) >= before["linearWeightBytes"]:
+            skipped = metrics.unquantized_linear_layers(quantized) if cfg.method.startswith("int") else []
+            linear_count = len(metrics.linear_layers(quantized))
+            if skipped and len(skipped) == linear_count:
                 # torchao skips layers whose width the group size does not divide; when it
                 # skips all of them the "quantized" model is the original.
                 raise _Failure(
@@ -155,6 +158,12 @@ def run(cfg: QuantizeConfig) -> tuple[dict[str, Any], dict[str, Any], int]:
                     f"{cfg.method} quantized no linear layer (groupSize {cfg.group_size} must divide the "
                     "layers' input widths); choose a smaller groupSize",
                     contract.EXIT_CONFIG_ERROR,
+                )
+            if skipped:
+                log.warning(
+                    "%d of %d linear layers left in full precision (groupSize %d does not divide their "
+                    "input width), e.g. %s; a smaller groupSize quantizes them",
+                    len(skipped), linear_count, cfg.group_size, skipped[0],
                 )
             after = _measure(quantized, windows, prompts, tokenizer.pad_token_id)
             log.info(

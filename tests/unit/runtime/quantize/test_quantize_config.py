@@ -64,6 +64,7 @@ def test_unknown_keys_are_errors_naming_the_key(path: tuple[str, ...], key: str)
     [
         ({"method": "int3"}, "method"),
         ({"groupSize": 100}, "groupSize"),
+        ({"groupSize": 256}, "groupSize"),
         ({"kind": "FineTuneJob"}, "kind"),
         ({"evaluation": {"maxPerplexityIncreasePercent": -1}}, "maxPerplexityIncreasePercent"),
         ({"evaluation": {"sequenceLength": 1}}, "sequenceLength"),

@@ -190,3 +190,17 @@ def test_cli_rejects_an_unknown_key_with_78(tmp_path: Path) -> None:
 def test_latency_prompts_are_the_same_before_and_after() -> None:
     windows = [torch.arange(100), torch.arange(100, 200)]
     assert [p.tolist() for p in data.latency_prompts(windows, 4, 32)] == [list(range(32)), list(range(100, 132))]
+
+
+def test_layers_the_group_size_does_not_divide_are_reported(
+    write_config: Callable[..., Path], report_file: Path, eval_jsonl: Path
+) -> None:
+    # The tiny preset's layers are 64 wide except down_proj (128): groups of 128 fit only
+    # the 4 down_proj layers, the other 24 stay in full precision - and the report says so.
+    evaluation = {"uri": f"file://{eval_jsonl}", "maxPerplexityIncreasePercent": 100.0, "sequenceLength": 64}
+    config = write_config("int4-weight-only", groupSize=128, evaluation=evaluation)
+    assert runner.main(["--config", str(config)]) == contract.EXIT_OK
+    report = json.loads(report_file.read_text())
+    full = json.loads((Path(report["outputUri"].removeprefix("file://")) / "quantization-report.json").read_text())
+    assert full["before"]["fullPrecisionLinearLayers"] == 28
+    assert full["after"]["fullPrecisionLinearLayers"] == 24
