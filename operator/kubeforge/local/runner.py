@@ -231,7 +231,7 @@ class LocalRunner:
         self._seed_claims([spec.model.uri, spec.dataset.uri, spec.dataset.validation_uri, spec.output.uri])
         self._ensure_model(spec.model.uri)
         uid = str(uuid.uuid4())
-        children = b.build_children(res.name, res.namespace, uid, spec)
+        children = b.build(res.name, res.namespace, uid, spec)
         job = next(c for c in children if c["kind"] == "Job")
         pod_dir = self.workdir / "pods" / f"finetunejob-{res.name}"
         config_dirs = self._write_config_maps(children, pod_dir)
