@@ -52,3 +52,106 @@ def render(values: dict[str, str] | None = None, *, release: str = "kf", namespa
 
 def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> list[dict[str, Any]]:
     return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+
+
+# --- against the test cluster -----------------------------------------------------------
+
+def sa_kubeconfig(cluster: Any, namespace: str, service_account: str, path: Path) -> Path:
+    """A kubeconfig holding only a token of ``service_account``: nothing more than its RBAC."""
+    from support.cluster import kubeconfig
+
+    token = cluster.kubectl("create", "token", service_account, "-n", namespace, "--duration=2h",
+                            check=True).stdout.strip()
+    path.write_text(yaml.safe_dump(kubeconfig(cluster.server, cluster.pki / "ca.crt", token=token,
+                                              user=f"system:serviceaccount:{namespace}:{service_account}")))
+    return path
+
+
+def deployment_command(cluster: Any, namespace: str, name: str) -> tuple[list[str], dict[str, str]]:
+    """The installed operator Deployment's args and literal env, as the chart rendered them."""
+    dep = yaml.safe_load(cluster.kubectl("get", "deployment", name, "-n", namespace, "-o", "yaml", check=True).stdout)
+    (container,) = dep["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+    return list(container["args"]), env
+
+
+class OperatorAs:
+    """``python -m kubeforge <args>`` as a local process authenticated by ``kubeconfig_path``."""
+
+    def __init__(self, args: list[str], kubeconfig_path: Path, log_path: Path, env: dict[str, str] | None = None):
+        self.args, self.kubeconfig_path, self.log_path = args, kubeconfig_path, log_path
+        self.env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> "OperatorAs":
+        import sys
+
+        env = dict(os.environ)
+        env.update({"KUBECONFIG": str(self.kubeconfig_path), "PYTHONUNBUFFERED": "1", **self.env})
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO / "operator"), str(REPO / "trainer_image")])
+        with open(self.log_path, "ab") as fh:
+            self.proc = subprocess.Popen([sys.executable, "-m", "kubeforge", *self.args], stdout=fh,
+                                         stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+
+def local_args(args: list[str], free_port: Any) -> list[str]:
+    """The chart's operator args with its ports moved to free local ports (several processes
+    share this machine's network, unlike pods)."""
+    out = []
+    for a in args:
+        for flag in ("--liveness-port=", "--metrics-port="):
+            if a.startswith(flag):
+                a = f"{flag}{free_port()}"
+        out.append(a)
+    return out
+
+
+FINETUNE = {"model": {"uri": "hf://acme/tiny@main"}, "dataset": {"uri": "pvc://data/train.jsonl"},
+            "output": {"uri": "pvc://models/ft"}}
+
+
+def resource(kind: str, name: str, spec: dict[str, Any], labels: dict[str, str] | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name}
+    if labels:
+        meta["labels"] = labels
+    return {"apiVersion": "kubeforge.io/v1alpha1", "kind": kind, "metadata": meta, "spec": spec}
+
+
+def three_kinds(suffix: str = "") -> list[dict[str, Any]]:
+    """One of each kind, each independent of the others (no references to wait on)."""
+    return [
+        resource("FineTuneJob", f"ft{suffix}", {**FINETUNE, "output": {"uri": f"pvc://models/ft{suffix}"}}),
+        resource("QuantizeJob", f"qj{suffix}", {"model": {"uri": "pvc://models/base"},
+                                                 "output": {"uri": f"pvc://models/q{suffix}"}}),
+        resource("InferenceService", f"is{suffix}", {"model": {"uri": "pvc://models/base"}}),
+    ]
+
+
+def accepted(cluster: Any, namespace: str, kind: str, name: str) -> bool:
+    out = cluster.kubectl("get", kind.lower(), name, "-n", namespace, "-o", "json")
+    if out.returncode != 0:
+        return False
+    import json
+
+    obj = json.loads(out.stdout)
+    status = obj.get("status", {})
+    cond = next((c for c in status.get("conditions", []) if c["type"] == "Accepted"), None)
+    return bool(cond and cond["status"] == "True" and status.get("observedGeneration") == obj["metadata"]["generation"])
