@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -178,7 +179,10 @@ def load_single_process(path: str | Path, cfg: Any, model_path: Path | None = No
     missing = keys - set(sd)
     if missing:
         raise RuntimeError(f"checkpoint {path} has weights this model lacks: {sorted(missing)[:5]}")
-    dcp.load({"model": sd}, checkpoint_id=str(path), no_dist=True)
+    with warnings.catch_warnings():
+        # DCP warns that it "assumes a single process" - which is exactly the intent here.
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"model": sd}, checkpoint_id=str(path), no_dist=True)
     top.load_state_dict(sd, strict=False)
     top.eval()
     return top

@@ -29,7 +29,9 @@ def model_dir(cfg: TrainConfig) -> Path:
 def load_base(path: Path) -> nn.Module:
     """The base model in fp32 (master weights), with SDPA attention (causal without a mask)."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # tqdm bars from every rank drown the structured log
     try:
         return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="sdpa")
     except (OSError, ValueError) as exc:

@@ -86,7 +86,20 @@ def init_distributed() -> tuple[int, int, torch.device]:
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        timeout = datetime.timedelta(minutes=30)
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and restart != "0":
+            # After an elastic restart torchrun hands the workers the same agent TCPStore,
+            # still holding the previous attempt's keys: a fast rank can read a dead peer's
+            # gloo address from it and fail with "connection refused" (seen with torch 2.13).
+            # A per-attempt key prefix gives every attempt a clean namespace.
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                  int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
+            dist.init_process_group(backend, store=dist.PrefixStore(f"kubeforge/attempt-{restart}", store),
+                                    rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
+                                    timeout=timeout)
+        else:
+            dist.init_process_group(backend, timeout=timeout)
     return dist.get_rank(), dist.get_world_size(), device
 
 

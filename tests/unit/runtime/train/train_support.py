@@ -1,0 +1,109 @@
+"""Helpers for the training runtime tests (launching, comparing); see conftest.py."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[4]
+DATA = REPO / "examples" / "data"
+STEPS = 4
+LORA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", KUBEFORGE_METRICS_PORT="0", HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "trainer_image"), env.get("PYTHONPATH", "")])
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT"):
+        env.pop(key, None)
+    env.update(extra)
+    return env
+
+
+def torchrun_cmd(nproc: int, config: Path, *extra: str) -> list[str]:
+    """The pod's torchrun command (rendezvous on loopback instead of the headless Service)."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={nproc}",
+        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", f"--rdzv-id=test-{os.getpid()}",
+        *extra, "-m", "kubeforge_runtime.train", "--config", str(config),
+    ]
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+class Run:
+    """One launch: its directory, config, dump and logs."""
+
+    def __init__(self, root: Path, name: str, config: dict[str, Any]) -> None:
+        self.dir = root / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        config = merge(config, {"output": {"uri": f"file://{self.dir / 'out'}"}})
+        self.config = config
+        self.config_path = self.dir / "config.json"
+        self.config_path.write_text(json.dumps(config, indent=1))
+        self.dump_path = self.dir / "dump.pt"
+        self.log_path = self.dir / "log.txt"
+        self.returncode: int | None = None
+
+    @property
+    def out(self) -> Path:
+        return self.dir / "out"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def dump(self) -> dict[str, Any]:
+        import torch
+
+        assert self.dump_path.exists(), f"no dump written; log tail:\n{self.log()[-6000:]}"
+        return torch.load(self.dump_path, weights_only=False)
+
+    def execute(self, cmd: list[str], env: dict[str, str], timeout: float = 240, expect: int | None = 0) -> "Run":
+        with self.log_path.open("ab") as fh:
+            proc = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout, cwd=self.dir)
+        self.returncode = proc.returncode
+        if expect is not None:
+            assert proc.returncode == expect, f"exit {proc.returncode} (expected {expect}); log tail:\n{self.log()[-6000:]}"
+        return self
+
+
+def rel(a: Any, b: Any) -> float:
+    """Relative difference ||a - b|| / ||b|| (of tensors, or of lists of numbers)."""
+    import torch
+
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def assert_same(got: dict[str, Any], ref: dict[str, Any], *, params_tol: float = 1e-5, tol: float = 1e-5,
+                grads: bool = True) -> None:
+    """Losses, first-step gradients and final parameters of a run equal the reference's."""
+    assert len(got["losses"]) == len(ref["losses"]) == STEPS
+    assert rel(got["losses"], ref["losses"]) < tol, (got["losses"], ref["losses"])
+    if grads:
+        assert set(got["grads"]) == set(ref["grads"]) and ref["grads"]
+        worst = max((rel(got["grads"][k], ref["grads"][k]), k) for k in ref["grads"])
+        assert worst[0] < tol, f"gradient {worst[1]} differs by {worst[0]:.2e}"
+    assert set(got["params"]) == set(ref["params"])
+    worst = max((rel(got["params"][k], ref["params"][k]), k) for k in ref["params"])
+    assert worst[0] < params_tol, f"parameter {worst[1]} differs by {worst[0]:.2e} after {STEPS} steps"

@@ -1,0 +1,146 @@
+"""The FineTuneJob pod's entry point: check the config, then exec torchrun.
+
+The operator runs every training pod as::
+
+    python -m kubeforge_runtime.launch --config /etc/kubeforge/config.json -- \\
+        torchrun [torchrun flags] -m kubeforge_runtime.train --config /etc/kubeforge/config.json
+
+torchrun reports a failed worker with its own exit code (1), so a configuration error found
+inside the workers would look like a crash and be retried. This preflight finds those errors
+first and exits with ``contract.EXIT_CONFIG_ERROR`` (78) and a message saying what to
+change; the Job's podFailurePolicy can then fail the Job at once. Checks:
+
+* the config parses (strict: unknown keys, types, ranges);
+* the model directory is readable and holds a transformers config;
+* the data files exist and every record parses (bad records listed as file:line);
+* the parallel degrees fit the world size (``--nnodes`` x ``--nproc-per-node`` from the
+  torchrun arguments, else ``PET_NNODES`` x ``PET_NPROC_PER_NODE``) and the model's sizes;
+* the output and checkpoint URIs are writable kinds (file:// or pvc://).
+
+The message also goes to ``/dev/termination-log`` when it exists, so it shows in the pod's
+status. When everything passes, the process ``os.execvp``s the command after ``--`` (torchrun
+then is PID 1's replacement and receives the pod's signals directly). Without a command it
+only checks (exit 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from . import contract
+
+log = logging.getLogger("kubeforge_runtime.launch")
+
+
+def _flag(args: list[str], *names: str) -> str | None:
+    """The value of a ``--name=value`` / ``--name value`` flag in a torchrun command line."""
+    for i, a in enumerate(args):
+        for n in names:
+            if a == n and i + 1 < len(args):
+                return args[i + 1]
+            if a.startswith(n + "="):
+                return a.split("=", 1)[1]
+    return None
+
+
+def world_size_from(command: list[str]) -> int | None:
+    """nnodes x nproc-per-node of a torchrun command (or the PET_* environment); None when it
+    cannot be known before start (``--nproc-per-node=gpu/auto``)."""
+    nnodes = _flag(command, "--nnodes") or os.environ.get("PET_NNODES") or "1"
+    nproc = _flag(command, "--nproc-per-node", "--nproc_per_node") or os.environ.get("PET_NPROC_PER_NODE") or "1"
+    # An elastic range "MIN:MAX": every size in it must fit; check the largest here and
+    # let the trainer check the actual size when it starts.
+    nnodes = nnodes.split(":")[-1]
+    if not nnodes.isdigit() or not nproc.isdigit():
+        return None
+    return int(nnodes) * int(nproc)
+
+
+def preflight(config_path: str, command: list[str]) -> None:
+    """Raise a configuration error (ConfigError/DataError/StorageError/ModelLoadError)."""
+    from . import data, models, storage
+    from .train.config import ConfigError, load_config
+    from .train.parallel_dims import ModelShape, ParallelDims
+
+    cfg = load_config(config_path)
+    model_dir = models.resolve_model_dir(cfg.model.uri)
+    if not (model_dir / "config.json").exists():
+        raise ConfigError(f"model.uri {cfg.model.uri!r}: {model_dir} has no config.json (an adapter cannot be fine-tuned; "
+                          "point at the base or merged model)")
+    from transformers import AutoConfig
+
+    try:
+        hf_cfg = AutoConfig.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as exc:
+        raise models.ModelLoadError(f"model.uri {cfg.model.uri!r}: unreadable config.json ({exc})") from exc
+    for uri in (cfg.dataset.uri, cfg.dataset.validationUri):
+        if uri:
+            path = storage.resolve(uri)
+            if not path.is_file():
+                raise ConfigError(f"dataset {uri!r}: {path} is not a file (give one JSONL file)")
+            data.load_records(path, cfg.dataset.format)
+    storage.local_path(cfg.output.uri)
+    if cfg.checkpoint.uri:
+        storage.local_path(cfg.checkpoint.uri)
+    world = world_size_from(command) if command else None
+    if world is not None:
+        t = cfg.training
+        try:
+            shape = ModelShape.from_hf_config(hf_cfg)
+        except AttributeError as exc:
+            raise ConfigError(f"model.uri: {type(hf_cfg).__name__} is not a decoder-only LM this trainer supports ({exc})")
+        ParallelDims(world_size=world, tp=cfg.parallelism.tensor, pp=cfg.parallelism.pipeline,
+                     global_batch_size=t.globalBatchSize, micro_batch_size=t.microBatchSize,
+                     pipeline_schedule=cfg.parallelism.pipelineSchedule, model=shape)
+
+
+def _report(message: str) -> None:
+    sys.stderr.write(f"kubeforge: configuration error: {message}\n")
+    term = Path(contract.TERMINATION_LOG)
+    if term.parent.is_dir() and os.access(term.parent if not term.exists() else term, os.W_OK):
+        try:
+            term.write_text(f"configuration error: {message}\n"[:4000])  # the kubelet keeps 4 KiB
+        except OSError:
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, command = argv[:i], argv[i + 1:]
+    parser = argparse.ArgumentParser(prog="python -m kubeforge_runtime.launch",
+                                     description="Check a FineTuneJob config, then exec the command after --.")
+    parser.add_argument("--config", default=os.path.join(contract.CONFIG_DIR, contract.CONFIG_FILE))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s launch %(levelname)s: %(message)s")
+
+    from . import data, models, storage
+    from .train.config import ConfigError
+
+    try:
+        preflight(args.config, command)
+    except (ConfigError, data.DataError, storage.StorageError, models.ModelLoadError) as exc:
+        _report(str(exc))
+        return contract.EXIT_CONFIG_ERROR
+    if not command:
+        log.info("config %s is valid", args.config)
+        return contract.EXIT_OK
+    log.info("config valid; exec %s", " ".join(command))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execvp(command[0], command)
+    except OSError as exc:  # the command itself is missing: the image is broken, not the config
+        sys.stderr.write(f"kubeforge: cannot exec {command[0]!r}: {exc}\n")
+        return 127
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
