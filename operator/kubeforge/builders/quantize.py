@@ -1,0 +1,142 @@
+"""QuantizeJob children: the rendered runtime config and the one-pod ``batch/v1`` Job.
+
+Called by :mod:`kubeforge.controllers.quantize` once the model to compress is known (a URI
+from the spec, or the output URI of the referenced FineTuneJob). Everything here is pure:
+``spec -> manifests``, no I/O, so the unit tests check every branch without a cluster.
+
+The pod runs ``python -m kubeforge_runtime.quantize --config /etc/kubeforge/config.json``
+(see ``trainer_image/kubeforge_runtime/quantize/config.py`` for the config it parses). It
+writes a compact JSON report to ``/dev/termination-log``; Kubernetes copies that file into
+the pod status, which is how the operator learns the result without giving the pod an API
+token. ``FallbackToLogsOnError`` makes a crash before the report exists still explain itself
+(the log tail becomes the message).
+
+Exit codes 78 (configuration error) and 79 (quality gate failed) cannot be fixed by running
+the pod again, so a ``podFailurePolicy`` fails the Job at once on them instead of spending
+the back-off budget; a disruption (node drain, preemption) is not counted against it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from kubeforge_runtime import contract
+
+from ..api.quantize import QuantizeJobSpec
+from . import common
+
+KIND = "QuantizeJob"
+COMPONENT = "quantizer"
+CONTAINER_NAME = "quantize"
+COMMAND = ["python", "-m", "kubeforge_runtime.quantize", "--config", f"{contract.CONFIG_DIR}/{contract.CONFIG_FILE}"]
+ANNOTATION_MODEL_URI = "kubeforge.io/model-uri"
+"""Set on the Job: the model URI it was started with (the reference may change later)."""
+# Exit codes that no retry can fix (contract.py): fail the Job on the first occurrence.
+NON_RETRYABLE_EXIT_CODES = [contract.EXIT_CONFIG_ERROR, contract.EXIT_QUALITY_GATE_FAILED]
+_MAX_NAME = 63  # Job names become label values (batch.kubernetes.io/job-name): at most 63.
+
+
+def child_name(name: str, suffix: str, max_len: int = _MAX_NAME) -> str:
+    """``<name>-<suffix>``, shortened with a stable hash when it would exceed ``max_len``.
+
+    Deterministic, so the reconciler finds its children again after a restart; the hash
+    keeps two long names that share a prefix from colliding.
+    """
+    full = f"{name}-{suffix}"
+    if len(full) <= max_len:
+        return full
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    keep = max_len - len(suffix) - len(digest) - 2
+    return f"{name[:keep].rstrip('-')}-{digest}-{suffix}"
+
+
+def job_name(name: str) -> str:
+    """The Job's name; the ``-quantize`` suffix keeps it apart from a FineTuneJob's Job of the same name."""
+    return child_name(name, "quantize")
+
+
+def config_map_name(name: str) -> str:
+    return child_name(name, "quantize-config", 253)
+
+
+def runtime_config(name: str, namespace: str, spec: QuantizeJobSpec, model_uri: str) -> dict[str, Any]:
+    """The JSON the quantizer reads, exactly the shape ``kubeforge_runtime.quantize.config`` parses."""
+    return {
+        "kind": KIND,
+        "name": name,
+        "namespace": namespace,
+        "model": {"uri": model_uri},
+        "method": spec.method,
+        "groupSize": spec.group_size,
+        "calibration": {"uri": spec.calibration.uri, "samples": spec.calibration.samples},
+        "evaluation": {
+            "uri": spec.evaluation.uri,
+            "maxPerplexityIncreasePercent": spec.evaluation.max_perplexity_increase_percent,
+            "maxSamples": spec.evaluation.max_samples,
+            "sequenceLength": spec.evaluation.sequence_length,
+        },
+        "output": {"uri": spec.output.uri},
+    }
+
+
+def build_config_map(name: str, namespace: str, uid: str, spec: QuantizeJobSpec, model_uri: str) -> dict[str, Any]:
+    owner = common.owner_reference(KIND, name, uid)
+    lbls = common.labels(KIND, name, COMPONENT)
+    return common.config_map(config_map_name(name), namespace, owner, lbls,
+                             runtime_config(name, namespace, spec, model_uri))
+
+
+def build_job(name: str, namespace: str, uid: str, spec: QuantizeJobSpec, model_uri: str) -> dict[str, Any]:
+    """The one-pod Job that runs the quantizer."""
+    owner = common.owner_reference(KIND, name, uid)
+    lbls = {**spec.template.labels, **common.labels(KIND, name, COMPONENT)}
+    volumes, mounts = common.pvc_volumes(
+        [model_uri, spec.calibration.uri, spec.evaluation.uri, spec.output.uri]
+    )
+    container: dict[str, Any] = {
+        "name": CONTAINER_NAME,
+        "command": list(COMMAND),
+        "env": common.base_env(KIND, name, namespace),
+        "resources": common.container_resources(spec.resources),
+        "volumeMounts": mounts,
+        "terminationMessagePath": contract.TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    pod_spec = common.workload_pod_spec(
+        container=container,
+        config_map_name=config_map_name(name),
+        template=spec.template,
+        restart_policy="Never",  # required by podFailurePolicy; the Job makes the next pod
+        extra_volumes=volumes,
+    )
+    job_spec: dict[str, Any] = {
+        "parallelism": 1,
+        "completions": 1,
+        "backoffLimit": spec.backoff_limit,
+        "podFailurePolicy": {"rules": [
+            {"action": "FailJob",
+             "onExitCodes": {"containerName": CONTAINER_NAME, "operator": "In", "values": list(NON_RETRYABLE_EXIT_CODES)}},
+            # An evicted or preempted pod did nothing wrong: retry without using the budget.
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        ]},
+        "template": {
+            "metadata": common.pod_template_metadata(common.labels(KIND, name, COMPONENT), spec.template),
+            "spec": pod_spec,
+        },
+    }
+    if spec.active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    if spec.ttl_seconds_after_finished is not None:
+        job_spec["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": common.metadata(job_name(name), namespace, owner, lbls, {ANNOTATION_MODEL_URI: model_uri}),
+        "spec": job_spec,
+    }
+
+
+def build_children(name: str, namespace: str, uid: str, spec: QuantizeJobSpec, model_uri: str) -> list[dict[str, Any]]:
+    """Everything the reconciler applies, config first (the pod mounts it)."""
+    return [build_config_map(name, namespace, uid, spec, model_uri), build_job(name, namespace, uid, spec, model_uri)]

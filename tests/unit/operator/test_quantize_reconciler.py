@@ -1,0 +1,225 @@
+"""QuantizeJob reconciler core (``decide``), report parsing and reference resolution (pure)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kubeforge.controllers import quantize as qc
+from kubeforge.controllers.references import resolve, resolve_uri, revision_of
+
+AT = "2026-01-01T00:00:00Z"
+REPORT = {"originalBytes": 400, "quantizedBytes": 100, "compressionRatio": 4.0,
+          "latencyMsPerToken": {"before": 10.0, "after": 4.0}, "perplexity": {"before": 20.0, "after": 20.1},
+          "perplexityIncreasePercent": 0.5, "maxPerplexityIncreasePercent": 1.0, "gatePassed": True,
+          "method": "int8-dynamic", "reason": "Succeeded", "message": "ok", "outputUri": "s3://b/q"}
+
+
+def qj(model=None, status=None, generation=1, **spec):
+    return {"apiVersion": "kubeforge.io/v1alpha1", "kind": "QuantizeJob",
+            "metadata": {"name": "q", "namespace": "ns", "uid": "u1", "generation": generation},
+            "spec": {"model": model or {"uri": "s3://b/base"}, "output": {"uri": "s3://b/q"}, **spec},
+            "status": status or {}}
+
+
+def ftj(phase, uri=None, uid="f1", conditions=None):
+    st = {"phase": phase}
+    if uri:
+        st["output"] = {"uri": uri}
+        st["completionTime"] = AT
+    if conditions:
+        st["conditions"] = conditions
+    return {"metadata": {"name": "ft", "uid": uid}, "status": st}
+
+
+def job(conditions=(), ready=0, active=0, suspend=False, start=AT):
+    return {"metadata": {"name": "q-quantize", "uid": "j1", "ownerReferences": [{"uid": "u1"}],
+                         "annotations": {"kubeforge.io/model-uri": "s3://b/base"}},
+            "spec": {"suspend": suspend},
+            "status": {"conditions": [{"type": t, "status": "True", "reason": r, "message": m} for t, r, m in conditions],
+                       "ready": ready, "active": active, "startTime": start}}
+
+
+def pod(code, message=None, finished=AT):
+    term = {"exitCode": code, "finishedAt": finished}
+    if message is not None:
+        term["message"] = message
+    return {"status": {"containerStatuses": [{"name": "quantize", "state": {"terminated": term}}]}}
+
+
+def cond(status, type_):
+    return next((c for c in status["conditions"] if c["type"] == type_), None)
+
+
+# --- input ------------------------------------------------------------------------------------
+def test_uri_model_creates_the_job_at_once():
+    d = qc.decide(qj(), None, None, [], AT)
+    assert d.create_with_model_uri == "s3://b/base"
+    assert d.status["phase"] == "Pending" and d.status["modelUri"] == "s3://b/base"
+    assert cond(d.status, "Accepted")["status"] == "True"
+    assert {e.reason for e in d.events} == {"Accepted", "JobCreated"}
+
+
+@pytest.mark.parametrize("ref", [None, ftj("Running")])
+def test_reference_not_succeeded_waits(ref):
+    d = qc.decide(qj({"fineTuneJobRef": {"name": "ft"}}), ref, None, [], AT)
+    assert d.create_with_model_uri is None
+    assert d.status["phase"] == "WaitingForInput"
+    c = cond(d.status, "InputReady")
+    assert (c["status"], c["reason"]) == ("False", "WaitingForInput") and "FineTuneJob ft" in c["message"]
+    assert "WaitingForInput" in {e.reason for e in d.events}
+
+
+def test_reference_succeeded_uses_its_output():
+    d = qc.decide(qj({"fineTuneJobRef": {"name": "ft"}}, status={"phase": "WaitingForInput"}),
+                  ftj("Succeeded", "pvc://m/ft"), None, [], AT)
+    assert d.create_with_model_uri == "pvc://m/ft" and d.status["modelUri"] == "pvc://m/ft"
+    assert cond(d.status, "InputReady")["status"] == "True"
+
+
+def test_reference_failed_fails_with_input_failed():
+    ref = ftj("Failed", conditions=[{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+                                     "message": "workers failed"}])
+    d = qc.decide(qj({"fineTuneJobRef": {"name": "ft"}}), ref, None, [], AT)
+    assert d.create_with_model_uri is None and d.status["phase"] == "Failed"
+    c = cond(d.status, "Failed")
+    assert c["reason"] == "InputFailed" and "BackoffLimitExceeded: workers failed" in c["message"]
+    assert any(e.type == "Warning" and e.reason == "InputFailed" for e in d.events)
+
+
+def test_reference_succeeded_without_output_is_an_input_failure():
+    d = qc.decide(qj({"fineTuneJobRef": {"name": "ft"}}), ftj("Succeeded"), None, [], AT)
+    assert d.status["phase"] == "Failed" and "no status.output.uri" in cond(d.status, "Failed")["message"]
+
+
+# --- spec ---------------------------------------------------------------------------------------
+def test_invalid_spec_is_reported_once_and_nothing_starts():
+    d = qc.decide(qj(method="int3"), None, None, [], AT)
+    assert d.create_with_model_uri is None
+    c = cond(d.status, "Accepted")
+    assert (c["status"], c["reason"]) == ("False", "InvalidSpec") and "method" in c["message"]
+    assert [e.reason for e in d.events] == ["InvalidSpec"]
+    again = qc.decide(qj(method="int3", status=d.status), None, None, [], AT)
+    assert again.events == [] and again.status == d.status
+
+
+def test_group_size_the_runtime_cannot_use_is_rejected_up_front():
+    d = qc.decide(qj(groupSize=48), None, None, [], AT)
+    assert cond(d.status, "Accepted")["reason"] == "InvalidSpec"
+    assert "groupSize" in cond(d.status, "Accepted")["message"]
+
+
+# --- the Job ------------------------------------------------------------------------------------
+def test_job_pending_then_running():
+    d = qc.decide(qj(status={"phase": "Pending"}), None, job(), [], AT)
+    assert d.status["phase"] == "Pending" and cond(d.status, "Running")["reason"] == "PodStarting"
+    d = qc.decide(qj(status=d.status), None, job(ready=1, active=1), [], AT)
+    assert d.status["phase"] == "Running" and d.status["startTime"] == AT
+    assert [e.reason for e in d.events if e.reason == "Running"] == ["Running"]
+
+
+def test_suspended_job_is_queued():
+    d = qc.decide(qj(), None, job(suspend=True), [], AT)
+    assert d.status["phase"] == "Pending" and cond(d.status, "Running")["reason"] == "Queued"
+
+
+def test_success_puts_the_report_into_result_and_output():
+    j = job([("SuccessCriteriaMet", "", ""), ("Complete", "", "")])
+    j["status"]["completionTime"] = "2026-01-01T01:00:00Z"
+    d = qc.decide(qj(status={"phase": "Running"}), None, j, [pod(0, json.dumps(REPORT))], AT)
+    st = d.status
+    assert st["phase"] == "Succeeded" and st["output"] == {"uri": "s3://b/q"}
+    assert st["completionTime"] == "2026-01-01T01:00:00Z"
+    assert st["result"] == {"method": "int8-dynamic", "originalBytes": 400, "quantizedBytes": 100,
+                            "compressionRatio": 4.0, "latencyMsPerToken": {"before": 10.0, "after": 4.0},
+                            "perplexity": {"before": 20.0, "after": 20.1}, "perplexityIncreasePercent": 0.5,
+                            "gatePassed": True}
+    assert "4x smaller" in cond(st, "Succeeded")["message"]
+    assert cond(st, "Running")["status"] == "False"
+
+
+def test_success_without_a_report_still_succeeds():
+    d = qc.decide(qj(), None, job([("Complete", "", "")]), [pod(0, "some log line\n")], AT)
+    assert d.status["phase"] == "Succeeded" and "result" not in d.status
+
+
+def test_exit_79_is_quality_gate_failed_with_the_numbers():
+    report = {**REPORT, "perplexity": {"before": 20.0, "after": 21.0}, "perplexityIncreasePercent": 5.0,
+              "gatePassed": False}
+    j = job([("FailureTarget", "PodFailurePolicy", "matched"), ("Failed", "PodFailurePolicy", "matched")])
+    d = qc.decide(qj(), None, j, [pod(79, json.dumps(report))], AT)
+    c = cond(d.status, "Failed")
+    assert d.status["phase"] == "Failed" and c["reason"] == "QualityGateFailed"
+    assert "5%" in c["message"] and "20 -> 21" in c["message"] and "1% allowed" in c["message"]
+    assert "kept but marked rejected" in c["message"]
+    assert d.status["result"]["gatePassed"] is False and "output" not in d.status
+
+
+def test_exit_78_is_configuration_error_with_the_runtime_message():
+    report = {"reason": "UnsupportedMethod", "message": "int4 needs CUDA; use int8-weight-only", "gatePassed": False}
+    d = qc.decide(qj(), None, job([("Failed", "PodFailurePolicy", "")]), [pod(78, json.dumps(report))], AT)
+    c = cond(d.status, "Failed")
+    assert c["reason"] == "ConfigurationError" and "use int8-weight-only" in c["message"]
+
+
+def test_exit_78_without_report_uses_the_log_tail():
+    d = qc.decide(qj(), None, job([("Failed", "PodFailurePolicy", "")]),
+                  [pod(78, "Traceback...\nConfigError: unknown key 'foo'")], AT)
+    assert "unknown key 'foo'" in cond(d.status, "Failed")["message"]
+
+
+def test_other_failures_keep_the_job_reason_and_the_exit_code():
+    j = job([("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")])
+    d = qc.decide(qj(), None, j, [pod(1, "OOM", "2026-01-01T00:00:01Z"), pod(137, "killed", "2026-01-01T00:00:09Z")], AT)
+    c = cond(d.status, "Failed")
+    assert c["reason"] == "BackoffLimitExceeded" and "last exit code 137" in c["message"] and "killed" in c["message"]
+
+
+def test_exit_zero_with_a_failed_gate_is_not_a_success():
+    d = qc.decide(qj(), None, job([("Complete", "", "")]), [pod(0, json.dumps({**REPORT, "gatePassed": False}))], AT)
+    assert d.status["phase"] == "Failed" and cond(d.status, "Failed")["reason"] == "QualityGateFailed"
+
+
+def test_terminal_is_never_resurrected():
+    for phase in ("Succeeded", "Failed"):
+        st = {"phase": phase, "conditions": []}
+        d = qc.decide(qj(status=st), ftj("Succeeded", "s3://x"), None, [], AT)
+        assert d.status == st and d.create_with_model_uri is None and d.events == []
+
+
+def test_unchanged_outcome_gives_an_identical_status():
+    first = qc.decide(qj(), None, job(ready=1, active=1), [], AT).status
+    second = qc.decide(qj(status=first), None, job(ready=1, active=1), [], "2026-02-02T00:00:00Z")
+    assert second.status == first and second.events == []
+
+
+# --- report parsing -----------------------------------------------------------------------------
+def test_parse_report_reads_json_or_the_last_json_line_of_a_log_tail():
+    assert qc.parse_report(json.dumps({"a": 1})) == {"a": 1}
+    assert qc.parse_report("loading...\nINFO done\n{\"gatePassed\": true}\n") == {"gatePassed": True}
+    assert qc.parse_report("no json here") is None
+    assert qc.parse_report(None) is None
+    assert qc.parse_report("[1, 2]") is None
+
+
+def test_result_from_report_ignores_unknown_keys_and_rejects_bad_types():
+    assert qc.result_from_report({"reason": "x", "message": "y"}) is None
+    assert qc.result_from_report({"compressionRatio": "lots"}) is None
+    assert qc.result_from_report({"compressionRatio": 2, "outputUri": "s3://x"}) == {"compressionRatio": 2.0}
+
+
+# --- references ---------------------------------------------------------------------------------
+def test_revision_changes_with_a_new_job_or_a_new_uri():
+    a = resolve("FineTuneJob", "ft", ftj("Succeeded", "s3://m/a", uid="1"))
+    b = resolve("FineTuneJob", "ft", ftj("Succeeded", "s3://m/a", uid="2"))
+    c = resolve("FineTuneJob", "ft", ftj("Succeeded", "s3://m/b", uid="1"))
+    assert a.state == b.state == c.state == "ready"
+    assert len({a.revision, b.revision, c.revision}) == 3
+    assert a.revision == resolve("FineTuneJob", "ft", ftj("Succeeded", "s3://m/a", uid="1")).revision
+
+
+def test_missing_reference_waits_and_uri_is_ready():
+    assert resolve("QuantizeJob", "x", None).state == "missing"
+    r = resolve_uri("hf://a/b")
+    assert r.state == "ready" and r.revision == revision_of("hf://a/b")
