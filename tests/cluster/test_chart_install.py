@@ -1,11 +1,9 @@
 """The chart on the real control plane: dry-run, install, the operator as the chart's
 ServiceAccount, the RBAC matrix, and GitOps ownership of fields.
 
-The chart is installed once for the module (webhook off: its Service cannot be reached from
-this API server, and a Fail-policy webhook would block every other test; the webhook is
-tested on its own in test_chart_webhook.py). The operator then runs as a local process with
-the chart's Deployment args and a kubeconfig holding only a token of the chart's
-ServiceAccount, so every request it makes is authorised by the chart's RBAC and nothing else.
+The release is installed once per session (tests/cluster/conftest.py). The operator runs as
+a local process with the chart's Deployment args and a kubeconfig holding only a token of the
+chart's ServiceAccount, so every request it makes is authorised by the chart's RBAC alone.
 """
 
 from __future__ import annotations
@@ -16,31 +14,19 @@ import uuid
 import pytest
 import yaml
 
-from support.chart import (
-    CHART, KUBE_VERSION, OperatorAs, accepted, deployment_command, helm, local_args, sa_kubeconfig, three_kinds,
-)
-from support.cluster import free_port
+from support.chart import CHART, KUBE_VERSION, accepted, helm, three_kinds
 from support.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
 
-RELEASE = "kf"
-SA = "kf-kubeforge"
+RELEASE, SA = "kf", "kf-kubeforge"
 CHILD_KINDS = ("jobs.batch", "deployments.apps", "services", "configmaps",
                "horizontalpodautoscalers.autoscaling", "poddisruptionbudgets.policy")
 
 
-@pytest.fixture(scope="module")
-def release(cluster):
-    ns = f"kubeforge-{uuid.uuid4().hex[:6]}"
-    env = cluster.env()
-    helm("install", RELEASE, str(CHART), "--namespace", ns, "--create-namespace",
-         "--set", "webhook.enabled=false", "--set", "peering.lifetime=10", env=env)
-    try:
-        yield ns
-    finally:
-        helm("uninstall", RELEASE, "--namespace", ns, "--wait=false", env=env, check=False)
-        cluster.kubectl("delete", "namespace", ns, "--wait=false")
+@pytest.fixture
+def release(chart_release):
+    return chart_release
 
 
 def test_helm_template_passes_server_side_dry_run(cluster, release, namespace):
@@ -88,13 +74,10 @@ def controller_creates_children(kind: str) -> bool:
     return "server_side_apply" in (Path(pkg.__file__).parent / f"{module}.py").read_text()
 
 
-def test_operator_with_chart_credentials_reconciles_all_three_kinds(cluster, release, namespace, tmp_path, request):
-    args, env = deployment_command(cluster, release, "kf-kubeforge")
-    assert "--peering=kubeforge" in args and not any(a.startswith("--namespace") for a in args)
-    kubeconfig = sa_kubeconfig(cluster, release, SA, tmp_path / "sa.kubeconfig")
-    log = tmp_path / "operator.log"
-    request.node._kubeforge_logs = [str(log)]
-    op = OperatorAs(local_args(args, free_port), kubeconfig, log, env={**env, "POD_ID": "chart-sa-operator"}).start()
+def test_operator_with_chart_credentials_reconciles_all_three_kinds(cluster, namespace, chart_operator):
+    assert "--peering=kubeforge" in chart_operator.args and not any(a.startswith("--namespace")
+                                                                    for a in chart_operator.args)
+    op = chart_operator("chart-sa-operator")
     try:
         objs = three_kinds()
         cluster.kubectl("apply", "--server-side", "--field-manager=gitops", "-n", namespace, "-f", "-",

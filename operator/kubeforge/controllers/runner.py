@@ -40,6 +40,22 @@ class WebhookOptions:
     host: str | None = None
 
 
+class ObjectFormatter(logging.Formatter):
+    """Prefixes kopf's per-object records with ``[Kind namespace/name]``.
+
+    kopf attaches the object to its handler log records (``k8s_ref``) but its messages
+    ("Handler 'reconcile' succeeded.") do not name it; without the prefix, logs of several
+    objects, or of several replicas, cannot be told apart.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        ref = getattr(record, "k8s_ref", None)
+        if ref:
+            where = f"{ref.get('namespace')}/{ref.get('name')}" if ref.get("namespace") else ref.get("name")
+            record = logging.makeLogRecord({**record.__dict__, "msg": f"[{ref.get('kind', '')} {where}] {record.msg}"})
+        return super().format(record)
+
+
 def start_time_priority(now: float | None = None) -> int:
     """A peering priority that is lower the later the replica started (the oldest one wins).
 
@@ -62,8 +78,9 @@ def run_operator(namespaces: list[str] | None, *, liveness_port: int | None = No
     if webhook is not None:
         from . import webhooks  # noqa: F401  (registers the admission handlers)
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(ObjectFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
 
     if metrics_port:
         # Prometheus exposition of the default registry: process metrics plus whatever the
