@@ -224,13 +224,15 @@ def test_rbac_grants_what_kube_py_touches(default_docs):
 def test_rbac_grants_list_watch_for_every_kopf_handler(default_docs):
     rules = _cluster_rules(default_docs)
     registry = kopf.get_default_registry()
-    handlers = [*registry._changing.get_all_handlers(), *registry._watching.get_all_handlers(),
-                *registry._spawning.get_all_handlers(), *registry._indexing.get_all_handlers()]
-    assert handlers
-    for h in handlers:
+    # Change handlers and daemons/timers keep state on the object (annotations, finalizers):
+    # kopf patches those; event and index handlers only watch.
+    writers = [*registry._changing.get_all_handlers(), *registry._spawning.get_all_handlers()]
+    readers = [*registry._watching.get_all_handlers(), *registry._indexing.get_all_handlers()]
+    assert writers and readers
+    for h in writers + readers:
         sel = h.selector
         resource = sel.plural or sel.any_name
-        for verb in ("list", "watch", "patch"):
+        for verb in ("list", "watch", "patch") if h in writers else ("list", "watch"):
             assert allows(rules, sel.group, resource, verb), (h.id, sel, verb)
     # kopf itself: CRD discovery, events, peering
     assert allows(rules, "apiextensions.k8s.io", "customresourcedefinitions", "watch")
