@@ -14,14 +14,12 @@ import uuid
 import pytest
 import yaml
 
-from support.chart import CHART, KUBE_VERSION, accepted, helm, three_kinds
+from support.chart import CHART, KUBE_VERSION, accepted, children, controller_creates_children, helm, three_kinds
 from support.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
 
 RELEASE, SA = "kf", "kf-kubeforge"
-CHILD_KINDS = ("jobs.batch", "deployments.apps", "services", "configmaps",
-               "horizontalpodautoscalers.autoscaling", "poddisruptionbudgets.policy")
 
 
 @pytest.fixture
@@ -56,22 +54,6 @@ def test_helm_install_installs_it(cluster, release):
     wait_for(lambda: len(json.loads(cluster.kubectl(
         "get", "pods", "-n", release, "-l", "app.kubernetes.io/instance=kf", "-o", "json", check=True
     ).stdout)["items"]) == 2, 60, what="2 operator pods")
-
-
-def children(cluster, namespace: str, kind: str, name: str) -> list[str]:
-    out = cluster.kubectl("get", ",".join(CHILD_KINDS), "-n", namespace, "-l", f"kubeforge.io/{kind.lower()}={name}",
-                          "-o", "name", check=True)
-    return out.stdout.split()
-
-
-def controller_creates_children(kind: str) -> bool:
-    """Whether this kind's reconciler applies children yet (read from its source)."""
-    from pathlib import Path
-
-    import kubeforge.controllers as pkg
-
-    module = {"FineTuneJob": "finetune", "QuantizeJob": "quantize", "InferenceService": "inference"}[kind]
-    return "server_side_apply" in (Path(pkg.__file__).parent / f"{module}.py").read_text()
 
 
 def test_operator_with_chart_credentials_reconciles_all_three_kinds(cluster, namespace, chart_operator):

@@ -137,11 +137,13 @@ def resource(kind: str, name: str, spec: dict[str, Any], labels: dict[str, str] 
 
 def three_kinds(suffix: str = "") -> list[dict[str, Any]]:
     """One of each kind, each independent of the others (no references to wait on)."""
+    res = {"cpu": "1", "memory": "1Gi"}
     return [
-        resource("FineTuneJob", f"ft{suffix}", {**FINETUNE, "output": {"uri": f"pvc://models/ft{suffix}"}}),
+        resource("FineTuneJob", f"ft{suffix}", {**FINETUNE, "output": {"uri": f"pvc://models/ft{suffix}"},
+                                                 "resources": res}),
         resource("QuantizeJob", f"qj{suffix}", {"model": {"uri": "pvc://models/base"},
-                                                 "output": {"uri": f"pvc://models/q{suffix}"}}),
-        resource("InferenceService", f"is{suffix}", {"model": {"uri": "pvc://models/base"}}),
+                                                 "output": {"uri": f"pvc://models/q{suffix}"}, "resources": res}),
+        resource("InferenceService", f"is{suffix}", {"model": {"uri": "pvc://models/base"}, "resources": res}),
     ]
 
 
@@ -155,3 +157,20 @@ def accepted(cluster: Any, namespace: str, kind: str, name: str) -> bool:
     status = obj.get("status", {})
     cond = next((c for c in status.get("conditions", []) if c["type"] == "Accepted"), None)
     return bool(cond and cond["status"] == "True" and status.get("observedGeneration") == obj["metadata"]["generation"])
+
+
+CHILD_KINDS = ("jobs.batch", "deployments.apps", "services", "configmaps",
+               "horizontalpodautoscalers.autoscaling", "poddisruptionbudgets.policy")
+
+
+def children(cluster: Any, namespace: str, kind: str, name: str, kinds: tuple[str, ...] = CHILD_KINDS) -> list[str]:
+    """Objects labelled as children of ``kind``/``name`` (``kubeforge.io/<kind>: <name>``)."""
+    out = cluster.kubectl("get", ",".join(kinds), "-n", namespace, "-l", f"kubeforge.io/{kind.lower()}={name}",
+                          "-o", "name", check=True)
+    return out.stdout.split()
+
+
+def controller_creates_children(kind: str) -> bool:
+    """Whether this kind's reconciler applies children yet (read from its source)."""
+    module = {"FineTuneJob": "finetune", "QuantizeJob": "quantize", "InferenceService": "inference"}[kind]
+    return "server_side_apply" in (REPO / "operator" / "kubeforge" / "controllers" / f"{module}.py").read_text()
