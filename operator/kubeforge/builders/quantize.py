@@ -18,13 +18,13 @@ the back-off budget; a disruption (node drain, preemption) is not counted agains
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 from kubeforge_runtime import contract
 
 from ..api.quantize import QuantizeJobSpec
 from . import common
+from .names import child_name
 
 KIND = "QuantizeJob"
 COMPONENT = "quantizer"
@@ -34,25 +34,11 @@ ANNOTATION_MODEL_URI = "kubeforge.io/model-uri"
 """Set on the Job: the model URI it was started with (the reference may change later)."""
 # Exit codes that no retry can fix (contract.py): fail the Job on the first occurrence.
 NON_RETRYABLE_EXIT_CODES = [contract.EXIT_CONFIG_ERROR, contract.EXIT_QUALITY_GATE_FAILED]
-_MAX_NAME = 63  # Job names become label values (batch.kubernetes.io/job-name): at most 63.
-
-
-def child_name(name: str, suffix: str, max_len: int = _MAX_NAME) -> str:
-    """``<name>-<suffix>``, shortened with a stable hash when it would exceed ``max_len``.
-
-    Deterministic, so the reconciler finds its children again after a restart; the hash
-    keeps two long names that share a prefix from colliding.
-    """
-    full = f"{name}-{suffix}"
-    if len(full) <= max_len:
-        return full
-    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
-    keep = max_len - len(suffix) - len(digest) - 2
-    return f"{name[:keep].rstrip('-')}-{digest}-{suffix}"
 
 
 def job_name(name: str) -> str:
     """The Job's name; the ``-quantize`` suffix keeps it apart from a FineTuneJob's Job of the same name."""
+    # Job names become label values (batch.kubernetes.io/job-name): at most 63 characters.
     return child_name(name, "quantize")
 
 
