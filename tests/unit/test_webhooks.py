@@ -1,0 +1,58 @@
+"""The admission webhook's pure checks (the cluster test drives them through the API server)."""
+
+from __future__ import annotations
+
+from kubeforge.controllers.webhooks import (
+    duplicate_adapter_names, output_conflicts, output_uris, reference_problem, spec_unchanged, uris_overlap,
+)
+
+
+def job(kind, name, output, phase=None, checkpoint=None):
+    spec = {"output": {"uri": output}}
+    if checkpoint:
+        spec["checkpoint"] = {"uri": checkpoint}
+    return {"kind": kind, "metadata": {"name": name}, "spec": spec, "status": {"phase": phase} if phase else {}}
+
+
+def test_uris_overlap_by_path_segment():
+    assert uris_overlap("pvc://m/out", "pvc://m/out/")
+    assert uris_overlap("pvc://m/out", "pvc://m/out/ckpt")
+    assert uris_overlap("s3://b/x/y", "s3://b/x")
+    assert not uris_overlap("pvc://m/out", "pvc://m/out2")
+    assert not uris_overlap("pvc://m/out", "s3://m/out")
+
+
+def test_output_uris_include_checkpoints_of_training_only():
+    assert output_uris("FineTuneJob", {"output": {"uri": "pvc://a/o"}, "checkpoint": {"uri": "pvc://a/c"}}) == \
+        ["pvc://a/o", "pvc://a/c"]
+    assert output_uris("QuantizeJob", {"output": {"uri": "pvc://a/q"}}) == ["pvc://a/q"]
+
+
+def test_output_conflicts_skip_self_and_failed_jobs():
+    others = [job("FineTuneJob", "me", "pvc://m/o"), job("QuantizeJob", "dead", "pvc://m/o", phase="Failed"),
+              job("FineTuneJob", "live", "pvc://m/other", checkpoint="pvc://m/o/ckpt")]
+    problems = output_conflicts("FineTuneJob", "me", {"output": {"uri": "pvc://m/o"}}, others)
+    assert len(problems) == 1 and "pvc://m/o/ckpt, written by FineTuneJob live" in problems[0]
+    assert output_conflicts("QuantizeJob", "me", {"output": {"uri": "pvc://m/o"}}, others[:2]) == [
+        "pvc://m/o overlaps pvc://m/o, written by FineTuneJob me: choose another output location, "
+        "or delete FineTuneJob me first"]  # same name, other kind: a different object
+
+
+def test_duplicate_adapters():
+    assert duplicate_adapter_names({"adapters": [{"name": "a"}, {"name": "b"}, {"name": "a"}, {"name": "a"}]}) == ["a"]
+    assert duplicate_adapter_names({}) == []
+
+
+def test_reference_problem():
+    assert reference_problem("FineTuneJob", "x", None)[0] is None
+    assert "does not exist (yet)" in reference_problem("FineTuneJob", "x", None)[1]
+    assert "has Failed" in reference_problem("FineTuneJob", "x", {"status": {"phase": "Failed"}})[0]
+    assert reference_problem("QuantizeJob", "x", {"status": {"phase": "Running"}}) == (None, None)
+
+
+def test_spec_unchanged_only_for_updates():
+    a = {"spec": {"x": 1}, "metadata": {"labels": {"a": "1"}}}
+    b = {"spec": {"x": 1}, "metadata": {"labels": {"a": "2"}}}
+    assert spec_unchanged("UPDATE", a, b)
+    assert not spec_unchanged("UPDATE", a, {"spec": {"x": 2}})
+    assert not spec_unchanged("CREATE", None, b)
