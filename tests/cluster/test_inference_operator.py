@@ -143,6 +143,20 @@ def test_waits_for_the_finetunejob_and_rolls_out_each_new_output(cluster, namesp
                               "-o", "jsonpath={.items[*].reason}", check=True).stdout.split()
     assert "RollingOut" in reasons
 
+    # The FineTuneJob is re-created and succeeds with the same URI: new bytes behind it, so a
+    # new revision. While it is gone, the last output keeps serving.
+    cluster.kubectl("delete", "-n", namespace, "finetunejob", "ft", "--wait=true", check=True)
+    apply(cluster, namespace, {
+        "apiVersion": "kubeforge.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "ft"},
+        "spec": {"model": {"uri": "hf://acme/tiny@main"}, "dataset": {"uri": "s3://data/train.jsonl"},
+                 "output": {"uri": "s3://models/ft"}}})
+    st = status_of(cluster, namespace, "inferenceservice", "ftsvc")
+    assert st["phase"] == "Running" and st["modelUri"] == "s3://models/ft/v2"
+    finish("s3://models/ft/v2", "2026-01-03T00:00:00Z")
+    wait_for(lambda: template_annotations(cluster, namespace, "ftsvc")[ANN_REV] != second[ANN_REV], 30,
+             what="a new revision for the re-created job")
+    wait_for(lambda: serving(cluster, namespace, "ftsvc", 1, "s3://models/ft/v2"), 60, what="serving the new v2")
+
 
 def test_serves_the_output_of_a_quantizejob_once_it_succeeds(cluster, namespace, operator_process):
     apply(cluster, namespace, {"apiVersion": "kubeforge.io/v1alpha1", "kind": "QuantizeJob", "metadata": {"name": "q"},
