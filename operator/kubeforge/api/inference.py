@@ -46,7 +46,9 @@ class AutoscalingSpec(KFModel):
 
     metric: Literal["concurrency", "queueDepth", "kvCacheUsage"] = Field(
         default="concurrency",
-        description="concurrency: vllm:num_requests_running; queueDepth: vllm:num_requests_waiting; kvCacheUsage: vllm:kv_cache_usage_perc.",
+        description="concurrency: vllm:num_requests_running; queueDepth: vllm:num_requests_waiting; kvCacheUsage: "
+        "vllm:kv_cache_usage_perc. The HPA reads the per-pod average from the custom metrics API under the name a "
+        "Prometheus adapter gives the series, vllm:<x> exposed as vllm_<x> (e.g. vllm_num_requests_waiting).",
     )
     target: float = Field(default=8, gt=0, description="Target average value per pod (kvCacheUsage: a fraction 0-1).")
 
