@@ -190,3 +190,31 @@ def test_rbac_matrix_namespaced_mode(cluster, namespace):
         helm("uninstall", "kfns", "--namespace", ns, "--wait=false", env=env, check=False)
         for n in (ns, other):
             cluster.kubectl("delete", "namespace", n, "--wait=false")
+
+
+def test_kustomize_base_passes_server_side_dry_run(cluster, namespace, tmp_path):
+    """The base as is (namespace "kubeforge"), and an overlay that moves it to another namespace."""
+    import os
+
+    from support.chart import REPO
+
+    base = REPO / "deploy" / "kustomize" / "base"
+    created = cluster.kubectl("create", "namespace", "kubeforge").returncode == 0
+    try:
+        rendered = cluster.kubectl("kustomize", str(base), check=True).stdout
+        out = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=rendered)
+        assert out.returncode == 0, out.stdout + out.stderr
+    finally:
+        if created:
+            cluster.kubectl("delete", "namespace", "kubeforge", "--wait=false")
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namespace": namespace,
+        "resources": [os.path.relpath(base, overlay)]}))
+    rendered = cluster.kubectl("kustomize", str(overlay), check=True).stdout
+    docs = [d for d in yaml.safe_load_all(rendered) if d and d["kind"] != "Namespace"]
+    out = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=yaml.safe_dump_all(docs))
+    assert out.returncode == 0, out.stdout + out.stderr
+    (crb,) = [d for d in docs if d["kind"] == "ClusterRoleBinding"]
+    assert crb["subjects"][0]["namespace"] == namespace
