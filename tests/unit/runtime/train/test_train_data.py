@@ -1,0 +1,138 @@
+"""The data pipeline: formats, loss masks, packing, bad records, sharding, the dataset check."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from train_support import DATA, child_env
+
+from kubeforge_runtime import data as D
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model: Path):
+    from kubeforge_runtime.models import load_tokenizer
+
+    return load_tokenizer(tiny_model)
+
+
+def write(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_prompt_completion_trains_on_the_completion_only(tok) -> None:
+    ids, labels = D.tokenize_record(tok, {"prompt": "Review: great.\nSentiment:", "completion": " positive"}, "prompt-completion")
+    n_prompt = len(tok("Review: great.\nSentiment:")["input_ids"])
+    assert labels[:n_prompt] == [D.IGNORE_INDEX] * n_prompt
+    assert labels[n_prompt:] == ids[n_prompt:] and ids[-1] == tok.eos_token_id
+    assert tok.decode(ids[n_prompt:], skip_special_tokens=True) == " positive"
+
+
+def test_chat_trains_on_assistant_turns_only(tok) -> None:
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of Peru?"},
+            {"role": "assistant", "content": "Lima."}, {"role": "user", "content": "And Chile?"},
+            {"role": "assistant", "content": "Santiago."}]
+    ids, labels = D.tokenize_record(tok, {"messages": msgs}, "chat")
+    trained = tok.decode([i for i, lab in zip(ids, labels) if lab != D.IGNORE_INDEX])
+    assert "Lima." in trained and "Santiago." in trained
+    for other in ("Be brief", "Capital of Peru", "And Chile", "<|user|>"):
+        assert other not in trained
+
+
+def test_text_trains_on_everything_and_ends_with_eos(tok) -> None:
+    ids, labels = D.tokenize_record(tok, {"text": "hello world"}, "text")
+    assert ids == labels and ids[-1] == tok.eos_token_id
+
+
+def test_packing_shifts_labels_and_fills_every_position(tok) -> None:
+    pairs = [D.tokenize_record(tok, {"text": f"Counting: {i} {i + 1} {i + 2}."}, "text") for i in range(20)]
+    stream = [t for ids, _ in pairs for t in ids]
+    x, y = D.build_samples(pairs, 16, packing=True, pad_id=0)
+    assert x.shape == y.shape and x.shape[1] == 16 and x.shape[0] == (len(stream) - 1) // 16
+    assert x.flatten().tolist() == stream[: x.numel()]
+    assert y.flatten().tolist() == stream[1: x.numel() + 1]
+
+
+def test_padding_without_packing_masks_pad_and_prompt(tok) -> None:
+    pair = D.tokenize_record(tok, {"prompt": "Q: 2+2?", "completion": " 4"}, "prompt-completion")
+    x, y = D.build_samples([pair], 32, packing=False, pad_id=tok.pad_token_id)
+    n = len(pair[0])
+    assert x[0, n:].eq(tok.pad_token_id).all() and y[0, n - 1:].eq(D.IGNORE_INDEX).all()
+    assert y[0, : n - 1].tolist() == pair[1][1:]
+
+
+def test_bad_records_are_reported_with_file_and_line(tmp_path: Path) -> None:
+    f = write(tmp_path / "bad.jsonl", ['{"prompt": "a", "completion": "b"}', "{not json", "",
+                                       '{"prompt": "a"}', '["x"]', '{"prompt": "a", "completion": ""}'])
+    with pytest.raises(D.DataError) as err:
+        D.load_records(f, "prompt-completion")
+    msg = str(err.value)
+    assert "4 bad record(s)" in msg
+    for line in (2, 4, 5, 6):
+        assert f"{f}:{line}:" in msg
+    assert f"{f}:1:" not in msg
+    chat = write(tmp_path / "chat.jsonl", ['{"messages": [{"role": "user", "content": "hi"}]}'])
+    with pytest.raises(D.DataError, match=r"chat.jsonl:1: no assistant message"):
+        D.load_records(chat, "chat")
+
+
+def test_validation_split_is_seeded_and_disjoint(tmp_path: Path) -> None:
+    recs = D.load_records(DATA / "text.jsonl", "text")
+    a_train, a_val = D.split_records(recs, 0.1, seed=7)
+    b_train, b_val = D.split_records(recs, 0.1, seed=7)
+    assert [r.line for r in a_val] == [r.line for r in b_val] and len(a_val) == 40
+    assert {r.line for r in a_train}.isdisjoint({r.line for r in a_val})
+    assert len(a_train) + len(a_val) == len(recs)
+
+
+def test_sampler_shards_and_resumes_deterministically() -> None:
+    s = D.GlobalBatchSampler(num_samples=50, global_batch_size=8, seed=3)
+    assert s.steps_per_epoch == 6
+    for step in range(14):  # crosses two epoch boundaries
+        batch = s.global_batch(step)
+        assert len(batch) == 8 and len(set(batch)) == 8
+        for dp in (1, 2, 4):
+            shards = [s.rank_batch(step, r, dp) for r in range(dp)]
+            assert [i for sh in shards for i in sh] == batch
+    epoch0 = [i for st in range(6) for i in s.global_batch(st)]
+    assert len(set(epoch0)) == 48  # no sample twice in an epoch
+    assert s.global_batch(6) != s.global_batch(0)  # a new permutation per epoch
+    other = D.GlobalBatchSampler(50, 8, 3)
+    other.load_state_dict({"step": 5, "num_samples": 50})
+    assert next(iter(other)) == s.global_batch(5)
+    with pytest.raises(D.DataError, match="globalBatchSize"):
+        D.GlobalBatchSampler(4, 8, 0)
+
+
+def test_prepare_is_identical_across_calls(tok) -> None:
+    a = D.prepare(tok, DATA / "chat.jsonl", "chat", 64, True, validation_split=0.1, seed=1)
+    b = D.prepare(tok, DATA / "chat.jsonl", "chat", 64, True, validation_split=0.1, seed=1)
+    assert a.train_inputs.equal(b.train_inputs) and a.val_labels.equal(b.val_labels)
+    assert a.num_val_records == 30 and a.digest == D.file_digest(DATA / "chat.jsonl")
+
+
+def test_check_summarises_and_finds_label_balance(tok, tmp_path: Path) -> None:
+    s = D.check(DATA / "prompt_completion.jsonl", None, tok)
+    assert s["format"] == "prompt-completion" and s["records"] == 300 and s["badRecords"] == 0
+    assert s["labels"]["classes"] == 2 and set(s["labels"]["counts"]) == {"positive", "negative"}
+    assert s["duplicates"] > 0 and s["tokens"]["total"] > s["trainedTokens"] > 0
+    f = write(tmp_path / "d.jsonl", ['{"text": "a b"}', '{"text": "a b"}', '{"text": "c"}', "oops"])
+    s2 = D.check(f)
+    assert s2["duplicates"] == 1 and s2["badRecords"] == 1 and "labels" not in s2
+    assert s2["errors"] == [f"{f}:4: invalid JSON (Expecting value at column 1)"]
+
+
+def test_check_command_line(tmp_path: Path) -> None:
+    ok = subprocess.run([sys.executable, "-m", "kubeforge_runtime.data", "check", str(DATA / "prompt_completion.jsonl"),
+                         "--json"], capture_output=True, text=True, env=child_env(), timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["labels"]["classes"] == 2
+    bad = write(tmp_path / "bad.jsonl", ['{"text": "fine"}', '{"text": 3}'])
+    res = subprocess.run([sys.executable, "-m", "kubeforge_runtime.data", "check", str(bad)],
+                         capture_output=True, text=True, env=child_env(), timeout=120)
+    assert res.returncode == 1 and f"{bad}:2:" in res.stdout

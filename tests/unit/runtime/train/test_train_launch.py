@@ -1,0 +1,162 @@
+"""The pod contract from the runtime's side: preflight exit codes, exec, metrics, events."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from train_support import DATA, child_env, merge
+
+from kubeforge_runtime import contract
+
+
+def launch(config: dict[str, Any] | None, tmp_path: Path, *command: str, env: dict[str, str] | None = None,
+           config_path: Path | None = None) -> subprocess.CompletedProcess[str]:
+    path = config_path or tmp_path / "config.json"
+    if config is not None:
+        path.write_text(json.dumps(config))
+    cmd = [sys.executable, "-m", "kubeforge_runtime.launch", "--config", str(path)]
+    if command:
+        cmd += ["--", *command]
+    return subprocess.run(cmd, capture_output=True, text=True, env=child_env(**(env or {})), timeout=120)
+
+
+@pytest.fixture
+def check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    """Run the preflight in this process (fast: no interpreter start); exec is forbidden."""
+    from kubeforge_runtime import launch as launch_mod
+
+    def forbidden(*_: Any) -> None:
+        raise AssertionError("the preflight passed and tried to exec")
+
+    monkeypatch.setattr(launch_mod.os, "execvp", forbidden)
+
+    def run(config: dict[str, Any], *command: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+        for key in ("PET_NNODES", "PET_NPROC_PER_NODE"):
+            monkeypatch.delenv(key, raising=False)
+        for key, value in (env or {}).items():
+            monkeypatch.setenv(key, value)
+        path = tmp_path / "config.json"
+        path.write_text(json.dumps(config))
+        argv = ["--config", str(path)] + (["--", *command] if command else [])
+        code = launch_mod.main(argv)
+        return code, capsys.readouterr().err
+
+    return run
+
+
+@pytest.fixture
+def cfg(base_config: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
+    return merge(base_config, {"output": {"uri": f"file://{tmp_path / 'out'}"}})
+
+
+TORCHRUN = ("torchrun", "--nnodes=1", "--nproc-per-node=2", "-m", "kubeforge_runtime.train")
+
+
+def test_valid_config_execs_the_command_and_passes_its_exit_code(cfg: dict[str, Any], tmp_path: Path) -> None:
+    res = launch(cfg, tmp_path, sys.executable, "-c", "import sys; print('child ran'); sys.exit(7)")
+    assert res.returncode == 7 and "child ran" in res.stdout
+    assert launch(cfg, tmp_path).returncode == 0  # no command: check only
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"trainingg": {}}, ["unknown key trainingg"]),
+    ({"model": {"uri": "file:///nonexistent/model"}}, ["/nonexistent/model does not exist"]),
+    ({"dataset": {"uri": "file:///nonexistent/data.jsonl"}}, ["does not exist"]),
+    ({"parallelism": {"tensor": 3}}, ["does not divide the world size 2"]),
+    ({"parallelism": {"tensor": 2, "pipeline": 2}}, ["does not divide the world size 2"]),
+    ({"parallelism": {"strategy": "deepspeed-zero2"}}, ["DeepSpeed", "fsdp"]),
+    ({"training": {"globalBatchSize": 6, "microBatchSize": 2}}, ["multiple of", "data-parallel degree (2)"]),
+    ({"output": {"uri": "s3://bucket/out"}}, ["outputs must be file:// or pvc://"]),
+])
+def test_configuration_errors_exit_78_with_a_message(cfg: dict[str, Any], check: Any, change: dict[str, Any],
+                                                     words: list[str]) -> None:
+    code, err = check(merge(cfg, change), *TORCHRUN)
+    assert code == contract.EXIT_CONFIG_ERROR, err
+    assert "configuration error" in err
+    for w in words:
+        assert w in err
+
+
+def test_configuration_error_exit_code_through_a_real_process(cfg: dict[str, Any], tmp_path: Path) -> None:
+    res = launch(merge(cfg, {"parallelism": {"tensor": 3}}), tmp_path, *TORCHRUN)
+    assert res.returncode == contract.EXIT_CONFIG_ERROR and "does not divide the world size 2" in res.stderr
+
+
+def test_model_sizes_are_checked_against_the_tensor_degree(cfg: dict[str, Any], check: Any) -> None:
+    # 4 heads and 2 KV heads do not split 4 ways.
+    code, err = check(merge(cfg, {"parallelism": {"tensor": 4}}), "torchrun", "--nproc-per-node=4", "x.py")
+    assert code == 78 and "num_key_value_heads (2)" in err
+    # The world size may also come from the PET_* environment the operator injects.
+    code, err = check(merge(cfg, {"parallelism": {"tensor": 2}}), "torchrun", "x.py",
+                      env={"PET_NNODES": "3", "PET_NPROC_PER_NODE": "1"})
+    assert code == 78 and "world size 3" in err
+
+
+def test_bad_records_fail_the_preflight_with_file_and_line(cfg: dict[str, Any], check: Any, tmp_path: Path) -> None:
+    data = tmp_path / "d.jsonl"
+    data.write_text((DATA / "text.jsonl").read_text() + '{"txt": "typo"}\n')
+    code, err = check(merge(cfg, {"dataset": {"uri": f"file://{data}"}}), *TORCHRUN)
+    assert code == 78 and f"{data}:401:" in err
+
+
+def test_unreadable_config_file_exits_78(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from kubeforge_runtime import launch as launch_mod
+
+    assert launch_mod.main(["--config", str(tmp_path / "missing.json"), "--", "true"]) == 78
+    assert "cannot read config file" in capsys.readouterr().err
+
+
+def test_trainer_alone_exits_78_on_a_layout_error(cfg: dict[str, Any], tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(merge(cfg, {"parallelism": {"tensor": 2}})))
+    res = subprocess.run([sys.executable, "-m", "kubeforge_runtime.train", "--config", str(path)],
+                         capture_output=True, text=True, env=child_env(), timeout=120)
+    assert res.returncode == 78 and "does not divide the world size 1" in res.stderr
+
+
+# --- metrics and events -------------------------------------------------------------------------
+
+def test_prometheus_endpoint_exports_the_contract_metrics() -> None:
+    from kubeforge_runtime.train.metrics import Reporter
+
+    rep = Reporter(enabled=True, port=0)
+    try:
+        assert rep.port
+        rep.update(step=3, total_steps=10, epoch=0, loss=1.5, tokens_per_second=123.0, learning_rate=1e-4,
+                   mfu=None, last_checkpoint=2)
+        body = urllib.request.urlopen(f"http://127.0.0.1:{rep.port}/metrics", timeout=10).read().decode()
+    finally:
+        rep.close()
+    values = {line.split()[0]: float(line.split()[1]) for line in body.splitlines() if line and not line.startswith("#")}
+    assert values[contract.METRIC_STEP] == 3 and values[contract.METRIC_TOTAL_STEPS] == 10
+    assert values[contract.METRIC_LOSS] == 1.5 and values[contract.METRIC_TOKENS_PER_SECOND] == 123
+    assert values[contract.METRIC_LEARNING_RATE] == 1e-4 and values[contract.METRIC_LAST_CHECKPOINT_STEP] == 2
+    for name in (contract.METRIC_EPOCH, contract.METRIC_MFU):
+        assert name in values
+    Reporter(enabled=False).update(step=1)  # other ranks: a no-op
+
+
+def test_events_are_prefixed_json_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    from kubeforge_runtime.train.metrics import emit_event
+
+    emit_event("step", step=1, totalSteps=4, loss=2.0)
+    line = capsys.readouterr().out
+    assert line.startswith(contract.LOG_EVENT_PREFIX) and line.endswith("\n")
+    payload = json.loads(line[len(contract.LOG_EVENT_PREFIX):])
+    assert payload["event"] == "step" and payload["totalSteps"] == 4
+
+
+def test_mfu_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubeforge_runtime.train import metrics
+
+    monkeypatch.delenv(metrics.ENV_PEAK_FLOPS, raising=False)
+    assert metrics.peak_flops_per_device("bf16") is None  # a CPU has no known peak: no MFU
+    monkeypatch.setenv(metrics.ENV_PEAK_FLOPS, "1e12")
+    assert metrics.peak_flops_per_device("fp32") == 1e12
+    assert metrics.flops_per_token(1000, 2, 8, 16) == 6000 + 12 * 2 * 8 * 16
