@@ -105,6 +105,13 @@ def test_children_are_created_owned_and_status_follows_the_deployment(cluster, n
     assert st["observedGeneration"] == 2
     wait_for(lambda: get_or_none(cluster, namespace, "hpa", "chat") is None, 30, what="HPA deleted")
 
+    # A Deployment deleted from under a live InferenceService comes back.
+    old_uid = get_json(cluster, "-n", namespace, "deployment", "chat")["metadata"]["uid"]
+    cluster.kubectl("delete", "-n", namespace, "deployment", "chat", "--wait=false", check=True)
+    wait_for(lambda: (d := get_or_none(cluster, namespace, "deployment", "chat")) and d["metadata"]["uid"] != old_uid,
+             30, what="the Deployment re-created")
+    wait_for(lambda: serving(cluster, namespace, "chat", 2), 60, what="serving again")
+
 
 def test_waits_for_the_finetunejob_and_rolls_out_each_new_output(cluster, namespace, operator_process):
     apply(cluster, namespace, {

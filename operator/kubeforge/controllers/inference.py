@@ -337,10 +337,12 @@ _CHILD_LABELS = {"app.kubernetes.io/managed-by": common.MANAGED_BY, "app.kuberne
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=_CHILD_LABELS)
-def on_deployment(namespace: str, labels: Any, **_: Any) -> None:
+def on_deployment(namespace: str, labels: Any, type: str | None, **_: Any) -> None:
     owner = labels.get("kubeforge.io/inferenceservice")
     if owner:
-        reconcile(namespace, owner, apply=False)
+        # Status only, so the HPA's replica changes are never fought; a Deployment deleted
+        # from under a live InferenceService is created again.
+        reconcile(namespace, owner, apply=type == "DELETED")
 
 
 @kopf.on.event("", "v1", "pods", labels=_CHILD_LABELS)

@@ -319,14 +319,16 @@ def reconcile(namespace: str, name: str, job_hint: dict[str, Any] | None = None)
             return status
         spec = obj.get("spec") or {}
         job = kube.get("Job", namespace, builder.job_name(name))
-        if job is None and job_hint is not None and _owned_by(job_hint, obj):
-            # The Job may be gone already (ttlSecondsAfterFinished: 0); the event still shows
-            # how it ended, and without it the reconciler would start the work again.
+        if (job is None and job_hint is not None and _owned_by(job_hint, obj)
+                and _job_condition(job_hint, "Complete", "SuccessCriteriaMet", "Failed", "FailureTarget")):
+            # The Job may be gone already (ttlSecondsAfterFinished: 0); its last event still
+            # shows how it ended, and without it the reconciler would start the work again. A
+            # Job deleted before it finished is simply created again.
             job = job_hint
         if job is not None and not _owned_by(job, obj):
             msg = f"Job {builder.job_name(name)} exists and is not owned by this QuantizeJob; delete or rename it"
             log.warning("%s/%s: %s", namespace, name, msg)
-            job = None
+            _post(obj, Event("Warning", "JobConflict", msg))
             raise kopf.TemporaryError(msg, delay=30)
         reference = None
         ref = ((spec.get("model") or {}).get("fineTuneJobRef") or {}).get("name")
@@ -377,7 +379,7 @@ def on_spec(name: str, namespace: str, status: Any, **_: Any) -> None:
 def on_child_job(body: Any, namespace: str, labels: Any, type: str | None, **_: Any) -> None:
     owner = labels.get("kubeforge.io/quantizejob")
     if owner:
-        reconcile(namespace, owner, job_hint=dict(body) if type != "DELETED" else None)
+        reconcile(namespace, owner, job_hint=dict(body))
 
 
 # Last seen (uid, phase, output uri) of each FineTuneJob: fan out only when one changes, not on
