@@ -117,9 +117,11 @@ def test_waits_for_finetunejob_then_runs_and_reports_result(cluster, namespace, 
 
     # Terminal is terminal: deleting the finished Job does not start the work again.
     cluster.kubectl("delete", "job", "-n", namespace, "q-quantize", "--wait=true", check=True)
-    cluster.kubectl("annotate", "-n", namespace, "quantizejob", "q", "poke=1", check=True)
-    import time
-    time.sleep(2)
+    cluster.kubectl("patch", "-n", namespace, "quantizejob", "q", "--type=merge",
+                    "-p", json.dumps({"spec": {"method": "int8-weight-only"}}), check=True)
+    wait_for(lambda: "SpecChangeIgnored" in cluster.kubectl(
+        "get", "events", "-n", namespace, "--field-selector", "involvedObject.name=q",
+        "-o", "jsonpath={.items[*].reason}", check=True).stdout, 30, what="SpecChangeIgnored event")
     assert cluster.kubectl("get", "job", "-n", namespace, "q-quantize").returncode != 0
     assert status_of(cluster, namespace, "quantizejob", "q")["phase"] == "Succeeded"
 

@@ -365,11 +365,18 @@ def _owned_by(child: dict[str, Any], owner: dict[str, Any]) -> bool:
 @kopf.on.resume(*GROUP_VERSION)
 @kopf.on.create(*GROUP_VERSION)
 @kopf.on.update(*GROUP_VERSION, field="spec")
-def on_spec(name: str, namespace: str, status: Any, **_: Any) -> None:
+def on_spec(name: str, namespace: str, status: Any, body: Any, reason: Any, **_: Any) -> None:
     if status.get("phase") in TERMINAL_PHASES:
         # A finished job stays finished; a spec change does not re-run it.
         log.info("%s/%s is %s; spec changes are ignored (create a new QuantizeJob)", namespace, name, status.get("phase"))
+        if reason == "update":
+            _post(dict(body), Event("Warning", "SpecChangeIgnored",
+                                    f"the job is {status.get('phase')}; create a new QuantizeJob to run again"))
         return
+    if reason == "update" and kube.get("Job", namespace, builder.job_name(name)) is not None:
+        # A Job's pod template is immutable and its pod is already working on the old spec.
+        _post(dict(body), Event("Warning", "SpecChangeIgnored",
+                                "the quantizer Job has already started; the change applies to a new QuantizeJob"))
     reconcile(namespace, name)
 
 
