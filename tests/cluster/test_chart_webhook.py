@@ -124,6 +124,11 @@ def test_references_and_adapters(cluster, webhook):
     out = apply(cluster, ns, dup)
     assert out.returncode != 0 and "adapters: names must be unique, sql given more than once" in out.stderr
 
+    leaked = resource("InferenceService", "s", {"model": {"uri": "pvc://m/base"},
+                                                 "template": {"env": [{"name": "HF_TOKEN", "value": "hf_x"}]}})
+    out = apply(cluster, ns, leaked)
+    assert out.returncode != 0 and "HF_TOKEN look like credentials" in out.stderr, out.stderr
+
     ok = resource("InferenceService", "s", {"model": {"quantizeJobRef": {"name": "q"}},
                                              "adapters": [{"name": "sql", "uri": "pvc://m/a1"}]})
     out = apply(cluster, ns, ok)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from kubeforge.controllers.webhooks import (
-    duplicate_adapter_names, output_conflicts, output_uris, reference_problem, spec_unchanged, uris_overlap,
+    duplicate_adapter_names, output_conflicts, output_uris, reference_problem, secret_literals, spec_unchanged,
+    uris_overlap,
 )
 
 
@@ -56,3 +57,12 @@ def test_spec_unchanged_only_for_updates():
     assert spec_unchanged("UPDATE", a, b)
     assert not spec_unchanged("UPDATE", a, {"spec": {"x": 2}})
     assert not spec_unchanged("CREATE", None, b)
+
+
+def test_secret_literals_in_env():
+    env = [{"name": "HF_TOKEN", "value": "hf_abc"}, {"name": "AWS_SECRET_ACCESS_KEY", "value": "x"},
+           {"name": "DB_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "db", "key": "pw"}}},
+           {"name": "TOKENIZERS_PARALLELISM", "value": "false"}, {"name": "MAX_TOKENS", "value": "5"},
+           {"name": "OPENAI_API_KEY", "value": "sk"}]
+    assert secret_literals({"template": {"env": env}}) == ["HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "OPENAI_API_KEY"]
+    assert secret_literals({}) == []

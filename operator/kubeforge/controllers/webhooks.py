@@ -11,6 +11,11 @@ CEL sees one object; these checks need the other KubeForge resources in the name
   reference to a job that does not exist *yet* is allowed with a warning: GitOps tools
   apply a chain of resources in no particular order, and the operator waits for it.
 * **Adapter names are unique** within an InferenceService (each is a model name clients use).
+* **No secret values in a spec.** An environment variable of ``template.env`` named like a
+  credential (``HF_TOKEN``, ``AWS_SECRET_ACCESS_KEY``, ``*_PASSWORD``, ``*_API_KEY``) must come
+  from ``valueFrom.secretKeyRef``: a literal value would sit in etcd, in every GitOps
+  repository and in ``kubectl get -o yaml`` output. (CEL could express this one; it lives here
+  with the other policy checks so that one place explains every admission refusal.)
 
 Deliberately not checked: that ``apiKeySecretRef`` names an existing Secret. Checking it
 would need the operator to read Secrets, which it otherwise never does; a missing Secret
@@ -28,6 +33,7 @@ and routes each kind to ``/<handler id>``, the ids below.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Iterable
 
 import kopf
@@ -47,6 +53,9 @@ WEBHOOK_PATHS = {"finetunejobs": FINETUNE_WEBHOOK, "quantizejobs": QUANTIZE_WEBH
                  "inferenceservices": INFERENCE_WEBHOOK}
 
 _JOB_KINDS = ("FineTuneJob", "QuantizeJob")
+
+# Whole words of an environment variable name that say it holds a credential.
+SECRET_ENV = re.compile(r"(^|_)(TOKEN|PASSWORD|PASSWD|SECRET|CREDENTIALS?|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY)($|_)", re.I)
 
 
 # --- pure checks (unit-tested without a cluster) -----------------------------------------
@@ -98,6 +107,12 @@ def duplicate_adapter_names(spec: dict[str, Any]) -> list[str]:
     return dups
 
 
+def secret_literals(spec: dict[str, Any]) -> list[str]:
+    """Names of ``template.env`` entries that look like credentials but carry a literal value."""
+    env = ((spec.get("template") or {}).get("env")) or []
+    return [e.get("name", "") for e in env if SECRET_ENV.search(e.get("name", "")) and e.get("value") is not None]
+
+
 def reference_problem(ref_kind: str, ref_name: str, referenced: dict[str, Any] | None) -> tuple[str | None, str | None]:
     """(error, warning) for a reference to ``ref_kind``/``ref_name``; both None when fine."""
     if referenced is None:
@@ -132,6 +147,14 @@ def _jobs(namespace: str) -> list[dict[str, Any]]:
     return out
 
 
+def _check_secrets(body: Any) -> None:
+    names = secret_literals(dict(body.get("spec") or {}))
+    if names:
+        raise kopf.AdmissionError(
+            f"template.env: {', '.join(names)} look like credentials: put the value in a Secret and use "
+            f"valueFrom.secretKeyRef instead of value", code=422)
+
+
 def _check_outputs(kind: str, body: Any) -> None:
     meta = body["metadata"]
     problems = output_conflicts(kind, meta.get("name", ""), dict(body.get("spec") or {}),
@@ -154,6 +177,7 @@ def _check_reference(namespace: str, ref_kind: str, ref: dict[str, Any] | None, 
 def validate_finetunejob(body: Any, old: Any, new: Any, operation: str | None, **_: Any) -> None:
     if _skip(operation, body, old, new):
         return
+    _check_secrets(body)
     _check_outputs("FineTuneJob", body)
 
 
@@ -162,6 +186,7 @@ def validate_quantizejob(body: Any, old: Any, new: Any, operation: str | None,
                          warnings: list[str], **_: Any) -> None:
     if _skip(operation, body, old, new):
         return
+    _check_secrets(body)
     spec = body.get("spec") or {}
     _check_reference(body["metadata"]["namespace"], "FineTuneJob",
                      (spec.get("model") or {}).get("fineTuneJobRef"), warnings)
@@ -173,6 +198,7 @@ def validate_inferenceservice(body: Any, old: Any, new: Any, operation: str | No
                               warnings: list[str], **_: Any) -> None:
     if _skip(operation, body, old, new):
         return
+    _check_secrets(body)
     spec = body.get("spec") or {}
     dups = duplicate_adapter_names(spec)
     if dups:
