@@ -11,8 +11,8 @@ runtime's own functions (``kubeforge_runtime.quantize.metrics``):
   repeated passes; ``--compile`` also times each model after ``torch.compile``;
 * perplexity on the built-in evaluation text, and its change in percent.
 
-The original is measured first and again last, so drift of a shared machine is visible
-(timings here vary by tens of percent between runs; compare within one run).
+Latency is measured in interleaved rounds (each model once per round, median per model),
+so a shared machine's slow moments hit all models alike; compare within one run.
 
 Run::
 
@@ -30,6 +30,7 @@ import argparse
 import gc
 import json
 import logging
+import statistics
 import sys
 import tempfile
 import time
@@ -47,37 +48,59 @@ log = logging.getLogger("bench_quantize")
 METHOD_ORDER = ("int8-dynamic", "int8-weight-only", "int4-weight-only", "fp16", "bf16")
 
 
-def _measure(model: Any, windows: list[Any], prompts: list[Any], args: argparse.Namespace, pad: int | None) -> dict[str, Any]:
-    import torch
-
-    row: dict[str, Any] = {
+def _static_measurements(model: Any, windows: list[Any]) -> dict[str, Any]:
+    return {
         "bytes": metrics.state_dict_bytes(model),
         "linearWeightBytes": metrics.linear_weight_bytes(model),
+        "fullPrecisionLinearLayers": len(metrics.unquantized_linear_layers(model)),
         "perplexity": metrics.perplexity(model, windows).perplexity,
     }
-    kwargs = dict(new_tokens=args.new_tokens, warmup=args.warmup, repeats=args.repeats, pad_token_id=pad)
-    row["eagerMsPerToken"] = metrics.latency(model, prompts, **kwargs).ms_per_token
-    if args.compile:
-        # Compile the forward only; generate() stays Python. dynamic=True: the sequence
-        # grows by one each step, and one graph for all lengths keeps compile time bounded.
-        eager_forward = model.forward
+
+
+def _compile(model: Any) -> None:
+    """Compile ``model.forward`` for decoding, the way transformers documents it.
+
+    A static KV cache gives every decode step the same shapes, so one graph serves all
+    steps (a dynamic cache recompiles or graph-breaks at each length: measured 10x slower
+    than eager here). ``freezing`` lets inductor treat weights as constants, which is what
+    turns torchao's int8 dequantize-then-matmul into oneDNN int8 GEMMs on CPU.
+    """
+    import torch
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True
+    model.generation_config.cache_implementation = "static"
+    model.forward = torch.compile(model.forward, dynamic=False)
+
+
+def _latency_rounds(
+    loaded: dict[str, Any], prompts: list[Any], args: argparse.Namespace, pad: int | None, key: str
+) -> None:
+    """Time all models in interleaved rounds; store the median under ``key``.
+
+    Interleaving (every model once per round) spreads a shared machine's slow moments over
+    all models instead of charging them to whichever model ran then.
+    """
+    runs: dict[str, list[float]] = {name: [] for name in loaded}
+    for name, (model, _row) in loaded.items():
         started = time.perf_counter()
-        model.forward = torch.compile(eager_forward, dynamic=True)
-        try:
-            metrics.latency(model, prompts[:1], new_tokens=args.new_tokens, warmup=0, repeats=1, pad_token_id=pad)
-            row["compileSeconds"] = time.perf_counter() - started
-            row["compiledMsPerToken"] = metrics.latency(model, prompts, **kwargs).ms_per_token
-        except Exception as exc:  # a method torch.compile cannot handle is reported, not fatal
-            log.warning("torch.compile failed: %s", str(exc).splitlines()[0])
-            row["compiledMsPerToken"] = None
-        finally:
-            model.forward = eager_forward
-    return row
+        metrics.latency(model, prompts, new_tokens=args.new_tokens, warmup=0, repeats=args.warmup, pad_token_id=pad)
+        log.info("%s %s warm-up: %.1f s", name, key, time.perf_counter() - started)
+    for round_ in range(args.repeats):
+        for name, (model, _row) in loaded.items():
+            result = metrics.latency(model, prompts, new_tokens=args.new_tokens, warmup=0, repeats=1, pad_token_id=pad)
+            runs[name].append(result.ms_per_token)
+        log.info("%s round %d/%d done", key, round_ + 1, args.repeats)
+    for name, (_model, row) in loaded.items():
+        row[key] = statistics.median(runs[name])
+        row[key + "Runs"] = runs[name]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="bench-quantize-") as tmp:
         model_dir = tiny.build_tiny_llama(Path(tmp) / "model", preset=args.preset, seed=0)
@@ -87,13 +110,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         prompts = data.latency_prompts(windows, args.prompts, args.prompt_tokens)
         pad = tokenizer.pad_token_id
 
+        # Everything stays loaded (the small preset is 100 MB in fp32) so latency can be
+        # measured in interleaved rounds.
         original = models.load_causal_lm(model_dir).eval()
         params = original.num_parameters()
         log.info("original: %s preset, %.1f M parameters, %d threads", args.preset, params / 1e6, torch.get_num_threads())
-        rows: dict[str, dict[str, Any]] = {"original": _measure(original, windows, prompts, args, pad)}
-        del original
-        gc.collect()
-
+        loaded: dict[str, tuple[Any, dict[str, Any]]] = {"original": (original, _static_measurements(original, windows))}
         for name in args.methods:
             method = methods.get_method(name)
             try:
@@ -101,14 +123,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             except methods.UnsupportedMethodError as exc:
                 log.warning("%s skipped: %s", name, exc)
                 continue
-            log.info("measuring %s", name)
             model = method.load_quantized(model_dir, "cpu", args.group_size)
-            rows[name] = _measure(model, windows, prompts, args, pad)
-            del model
-            gc.collect()
+            loaded[name] = (model, _static_measurements(model, windows))
+            log.info("%s: loaded, perplexity %.2f", name, loaded[name][1]["perplexity"])
 
-        original = models.load_causal_lm(model_dir).eval()
-        rows["original (again)"] = _measure(original, windows, prompts, args, pad)
+        _latency_rounds(loaded, prompts, args, pad, "eagerMsPerToken")
+        if args.compile:
+            for name, (model, row) in loaded.items():
+                started = time.perf_counter()
+                try:
+                    _compile(model)
+                    metrics.latency(model, prompts[:1], new_tokens=args.new_tokens, warmup=0, repeats=1, pad_token_id=pad)
+                except Exception as exc:  # report a model torch.compile cannot handle; go on
+                    log.warning("%s: torch.compile failed: %s", name, str(exc).splitlines()[0])
+                    row["compiledMsPerToken"] = None
+                row["compileSeconds"] = time.perf_counter() - started
+                log.info("%s compiled in %.0f s", name, row["compileSeconds"])
+            compiled = {n: v for n, v in loaded.items() if "compiledMsPerToken" not in v[1]}
+            _latency_rounds(compiled, prompts, args, pad, "compiledMsPerToken")
+        rows = {name: row for name, (_model, row) in loaded.items()}
     return {"preset": args.preset, "parameters": params, "threads": torch.get_num_threads(), "rows": rows, "settings": {
         "groupSize": args.group_size, "prompts": args.prompts, "promptTokens": args.prompt_tokens,
         "newTokens": args.new_tokens, "warmup": args.warmup, "repeats": args.repeats,
@@ -142,7 +175,7 @@ def render(result: dict[str, Any]) -> str:
         f"\n{result['preset']} preset, {result['parameters'] / 1e6:.1f} M parameters, {result['threads']} threads; "
         f"'smaller' = whole state dict, 'linear' = decoder linear weights only; latency = greedy decode of "
         f"{s['prompts']} prompts x {s['newTokens']} new tokens, median of {s['repeats']} passes after {s['warmup']} "
-        f"warm-up; speedups against the first 'original' row; int4 group size {s['groupSize']}."
+        f"warm-up, interleaved; speedups against 'original'; int4 group size {s['groupSize']}."
     )
     return "\n".join(lines)
 
@@ -156,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     # 32: the small preset's down_proj is 1376 wide, which 64 and 128 do not divide (torchao
     # would leave those layers in fp32 and the int4 row would understate the compression).
     parser.add_argument("--group-size", type=int, default=32, choices=(32, 64, 128))
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args(argv)
     args.prompts, args.prompt_tokens, args.sequence_length = (2, 16, 128) if args.quick else (4, 32, 256)
