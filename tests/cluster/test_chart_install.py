@@ -43,6 +43,9 @@ def test_helm_template_passes_server_side_dry_run(cluster, release, namespace):
 def test_helm_install_installs_it(cluster, release):
     status = json.loads(helm("status", RELEASE, "-n", release, "-o", "json", env=cluster.env()).stdout)
     assert status["info"]["status"] == "deployed"
+    notes = status["info"]["notes"]  # NOTES.txt, rendered against the real release
+    assert f'installed as release "kf" in namespace "{release}"' in notes
+    assert "kopf peering \"kubeforge\"" in notes and "Watching:   all namespaces" in notes
     for what in (["deployment", "kf-kubeforge"], ["serviceaccount", SA], ["service", "kf-kubeforge-metrics"],
                  ["poddisruptionbudget", "kf-kubeforge"]):
         cluster.kubectl("get", "-n", release, *what, check=True)
