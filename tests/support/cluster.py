@@ -173,6 +173,11 @@ class LocalCluster:
             "--authorization-mode=RBAC", "--service-account-issuer=https://kubernetes.default.svc",
             f"--service-account-key-file={pki / 'sa.pub'}", f"--service-account-signing-key-file={pki / 'sa.key'}",
             "--allow-privileged=true", "--enable-priority-and-fairness=false", "--v=1",
+            # TaintNodesByCondition puts node.kubernetes.io/not-ready:NoSchedule on every new
+            # Node, and only the node-lifecycle controller (disabled below: kwok plays the
+            # kubelet, there are no real heartbeats to judge) would take it off again; with
+            # it, no pod would ever be scheduled onto the kwok nodes.
+            "--disable-admission-plugins=TaintNodesByCondition",
         ])
         admin = kubeconfig(self.server, pki / "ca.crt", pki / "admin.crt", pki / "admin.key")
         self.kubeconfig.write_text(yaml.safe_dump(admin))

@@ -49,7 +49,11 @@ def api() -> client.ApiClient:
     global _api
     if _api is None:
         load_config()
-        _api = client.ApiClient()
+        cfg = client.Configuration.get_default_copy()
+        # Handlers run in kopf's thread pool and share this client: one connection per worker
+        # instead of urllib3's default of 4 (which would open and drop connections under load).
+        cfg.connection_pool_maxsize = 32
+        _api = client.ApiClient(cfg)
     return _api
 
 
@@ -64,21 +68,33 @@ def path(kind: str, namespace: str, name: str | None = None, subresource: str | 
 
 
 def _call(method: str, url: str, body: Any = None, query: list[tuple[str, Any]] | None = None,
-          content_type: str = "application/json") -> dict[str, Any]:
-    data = api().call_api(
-        url, method, query_params=query or [], body=body,
+          content_type: str = "application/json", timeout: float | None = None) -> dict[str, Any]:
+    """One API request; the decoded JSON answer, or ApiException for a non-2xx status.
+
+    ``body`` is a dict (or a JSON string, decoded here): the client (v32+) serialises bodies
+    itself for JSON and YAML content types, so a pre-encoded string would be encoded twice.
+    """
+    if isinstance(body, (str, bytes)):
+        body = json.loads(body)
+    cl = api()
+    method_, full_url, headers, body_, post = cl.param_serialize(
+        method=method, resource_path=url, query_params=query or [],
         header_params={"Content-Type": content_type, "Accept": "application/json"},
-        response_type="object", auth_settings=["BearerToken"], _return_http_data_only=True,
-        _preload_content=True,
+        body=body, auth_settings=["BearerToken"],
     )
-    return data or {}
+    resp = cl.call_api(method_, full_url, header_params=headers, body=body_, post_params=post,
+                       _request_timeout=timeout)
+    data = resp.read()
+    if not 200 <= resp.status <= 299:
+        raise ApiException(http_resp=resp)
+    return json.loads(data) if data else {}
 
 
 def server_side_apply(obj: dict[str, Any]) -> dict[str, Any]:
     """Create or update ``obj`` by server-side apply with the operator's field manager."""
     meta = obj["metadata"]
     url = path(obj["kind"], meta["namespace"], meta["name"])
-    return _call("PATCH", url, body=json.dumps(obj),
+    return _call("PATCH", url, body=obj,
                  query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
                  content_type="application/apply-patch+yaml")
 
@@ -100,7 +116,7 @@ def list_(kind: str, namespace: str, label_selector: str | None = None) -> list[
 def delete(kind: str, namespace: str, name: str, propagation: str = "Background") -> bool:
     try:
         _call("DELETE", path(kind, namespace, name),
-              body=json.dumps({"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation}))
+              body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation})
         return True
     except ApiException as exc:
         if exc.status == 404:
@@ -109,5 +125,11 @@ def delete(kind: str, namespace: str, name: str, propagation: str = "Background"
 
 
 def patch_merge(kind: str, namespace: str, name: str, patch: dict[str, Any], subresource: str | None = None) -> dict[str, Any]:
-    return _call("PATCH", path(kind, namespace, name, subresource), body=json.dumps(patch),
+    return _call("PATCH", path(kind, namespace, name, subresource), body=patch,
                  content_type="application/merge-patch+json")
+
+
+def create(kind: str, namespace: str, obj: dict[str, Any], name: str | None = None,
+           subresource: str | None = None) -> dict[str, Any]:
+    """POST ``obj`` (an Event, or to a subresource such as a Pod's ``eviction``)."""
+    return _call("POST", path(kind, namespace, name, subresource), body=obj)
