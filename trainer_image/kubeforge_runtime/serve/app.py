@@ -108,7 +108,16 @@ def create_app(runtime: ServingRuntime, api_key: str | None = None, lifespan: An
     @app.get("/ready")
     async def ready() -> Response:
         if runtime.ready.is_set():
-            return JSONResponse({"status": "ready", "engine": runtime.backend, "models": list(runtime.models)})
+            return JSONResponse(
+                {
+                    "status": "ready",
+                    "engine": runtime.backend,
+                    "engineReason": runtime.backend_reason,
+                    "models": list(runtime.models),
+                    "maxModelLength": runtime.max_model_length,
+                    "kvCache": {name: m.engine.kv_cache_info() for name, m in runtime.models.items()},
+                }
+            )
         reason = f"model failed to load: {runtime.load_error}" if runtime.load_error else "loading"
         return _error(503, reason, {"Retry-After": "5"})
 
@@ -341,8 +350,7 @@ async def _sse(
             else:
                 if item.finish_reason:
                     completion_tokens += item.completion_tokens
-                if item.text or item.finish_reason:
-                    yield _event(chunk(index, item))
+                yield _event(chunk(index, item))
         if include_usage:
             yield _event(usage_chunk(p.usage(prompt_tokens, completion_tokens)))
         yield "data: [DONE]\n\n"
