@@ -336,7 +336,7 @@ def on_spec(name: str, namespace: str, **_: Any) -> None:
 _CHILD_LABELS = {"app.kubernetes.io/managed-by": common.MANAGED_BY, "app.kubernetes.io/component": builder.COMPONENT}
 
 
-@kopf.on.event("apps", "v1", "deployments", labels=_CHILD_LABELS)
+@kopf.on.event("apps", "v1", "deployments", id="inferenceservice-deployments", labels=_CHILD_LABELS)
 def on_deployment(namespace: str, labels: Any, type: str | None, **_: Any) -> None:
     owner = labels.get("kubeforge.io/inferenceservice")
     if owner:
@@ -345,7 +345,7 @@ def on_deployment(namespace: str, labels: Any, type: str | None, **_: Any) -> No
         reconcile(namespace, owner, apply=type == "DELETED")
 
 
-@kopf.on.event("", "v1", "pods", labels=_CHILD_LABELS)
+@kopf.on.event("", "v1", "pods", id="inferenceservice-pods", labels=_CHILD_LABELS)
 def on_pod(namespace: str, labels: Any, **_: Any) -> None:
     # A crash-looping server need not change the Deployment's status; its pod does.
     owner = labels.get("kubeforge.io/inferenceservice")
@@ -375,11 +375,11 @@ def _fan_out(kind: str, body: Any, name: str, namespace: str, type_: str | None)
             reconcile(namespace, isvc["metadata"]["name"], apply=True)
 
 
-@kopf.on.event("kubeforge.io", "v1alpha1", "finetunejobs")
+@kopf.on.event("kubeforge.io", "v1alpha1", "finetunejobs", id="inferenceservice-finetune-inputs")
 def on_finetunejob(body: Any, name: str, namespace: str, type: str | None, **_: Any) -> None:
     _fan_out("FineTuneJob", body, name, namespace, type)
 
 
-@kopf.on.event("kubeforge.io", "v1alpha1", "quantizejobs")
+@kopf.on.event("kubeforge.io", "v1alpha1", "quantizejobs", id="inferenceservice-quantize-inputs")
 def on_quantizejob(body: Any, name: str, namespace: str, type: str | None, **_: Any) -> None:
     _fan_out("QuantizeJob", body, name, namespace, type)

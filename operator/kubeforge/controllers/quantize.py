@@ -380,7 +380,7 @@ def on_spec(name: str, namespace: str, status: Any, body: Any, reason: Any, **_:
     reconcile(namespace, name)
 
 
-@kopf.on.event("batch", "v1", "jobs",
+@kopf.on.event("batch", "v1", "jobs", id="quantizejob-child-jobs",
                labels={"app.kubernetes.io/managed-by": builder.common.MANAGED_BY,
                        "app.kubernetes.io/component": builder.COMPONENT})
 def on_child_job(body: Any, namespace: str, labels: Any, type: str | None, **_: Any) -> None:
@@ -394,7 +394,7 @@ def on_child_job(body: Any, namespace: str, labels: Any, type: str | None, **_: 
 _seen_inputs: dict[tuple[str, str], tuple[Any, ...]] = {}
 
 
-@kopf.on.event("kubeforge.io", "v1alpha1", "finetunejobs")
+@kopf.on.event("kubeforge.io", "v1alpha1", "finetunejobs", id="quantizejob-inputs")
 def on_finetunejob(body: Any, name: str, namespace: str, type: str | None, **_: Any) -> None:
     status = body.get("status") or {}
     key = (namespace, name)
