@@ -132,3 +132,18 @@ def test_metrics_have_vllm_names_and_count(server: ServerThread, client: openai.
     done = metric_value(text, "vllm:request_success_total", model_name="demo", finished_reason="length")
     assert done - metric_value(before, "vllm:request_success_total", model_name="demo", finished_reason="length") == 1
     assert 0.0 <= metric_value(text, "vllm:kv_cache_usage_perc") <= 1.0
+
+
+def test_rejected_quantized_output_is_refused(tiny_quantized: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from kubeforge_runtime.serve.config import parse_config
+    from kubeforge_runtime.serve.service import ServingRuntime
+
+    rejected = tmp_path / "rejected"
+    shutil.copytree(tiny_quantized, rejected)
+    (rejected / "REJECTED").write_text('{"reason": "QualityGateFailed"}\n')
+    runtime = ServingRuntime(parse_config(make_config(rejected)))
+    with pytest.raises(RuntimeError, match="failed its quality gate"):
+        runtime.load()
+    assert not runtime.ready.is_set()
