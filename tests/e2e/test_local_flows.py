@@ -70,11 +70,12 @@ def test_main_job_runs_the_whole_chain(tmp_path: Path):
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=1150,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
-    assert "FineTuneJob/sentiment-lora succeeded" in out.stderr
+    assert "FineTuneJob/sentiment-ft succeeded" in out.stderr
     assert "gate passed" in out.stderr
     assert "answer:" in out.stderr
-    answer = out.stdout.strip().splitlines()[-1]
-    assert answer.strip(), "the served model returned an empty answer"
+    answer = out.stdout.strip().splitlines()[-1].strip()
+    # The fine-tune taught the tiny random model the label vocabulary of the data set.
+    assert answer in ("positive", "negative"), f"unexpected answer {answer!r}"
     run_dir = tmp_path / "pipeline" / "pvc" / "models"
-    assert (run_dir / "sentiment-lora" / "config.json").exists()
+    assert (run_dir / "sentiment-ft" / "config.json").exists()
     assert (run_dir / "sentiment-int8" / "config.json").exists()

@@ -263,8 +263,11 @@ class LocalRunner:
             raise LocalRunError(f"FineTuneJob/{res.name} failed:\n{detail}")
         self.outputs[("FineTuneJob", res.name)] = spec.output.uri
         out_path = self._local_path(spec.output.uri)
+        val = ""
+        if final.get("initialValidationLoss") is not None and final.get("finalValidationLoss") is not None:
+            val = f", validation loss {final['initialValidationLoss']:.3f} → {final['finalValidationLoss']:.3f}"
         self.console.print(f"[green]FineTuneJob/{res.name} succeeded[/]: loss {final.get('loss', float('nan')):.4f} "
-                           f"after {final.get('step', '?')} steps → {spec.output.uri}")
+                           f"after {final.get('step', '?')} steps{val} → {spec.output.uri}")
         return LocalResult("FineTuneJob", res.name, spec.output.uri, out_path, final, logs)
 
     def _follow_training(self, name: str, procs: list[subprocess.Popen[bytes]], logs: list[Path]) -> dict[str, Any]:
@@ -298,13 +301,13 @@ class LocalRunner:
                             progress.update(task, completed=event.get("step", 0), total=event.get("totalSteps"),
                                             loss=f"{event.get('loss', float('nan')):.4f}",
                                             tps=f"{event.get('tokensPerSecond', 0):.0f}")
-                        elif event.get("event") in ("eval", "done", "checkpoint"):
-                            if not self.progress:
-                                continue
-                            self.console.print(f"  [dim]{event.get('event')}[/] " + ", ".join(
-                                f"{k}={v}" for k, v in event.items() if k != "event"))
-                            if event.get("event") == "done":
-                                last.update({k: v for k, v in event.items() if k != "event"})
+                        elif event.get("event") == "eval" and self.progress:
+                            progress.console.print(f"  step {event.get('step')}: validation loss "
+                                                   f"{event.get('validationLoss', float('nan')):.4f}")
+                        elif event.get("event") == "checkpoint" and self.progress:
+                            progress.console.print(f"  [dim]checkpoint at step {event.get('step')}: {event.get('path')}[/]")
+                        elif event.get("event") == "done":
+                            last.update({k: v for k, v in event.items() if k != "event"})
             proc.wait()
 
         with progress:
@@ -382,7 +385,8 @@ class LocalRunner:
             model_uri = spec.model.uri
         self._seed_claims([model_uri, *(a.uri for a in spec.adapters)])
         self._ensure_model(model_uri)
-        children = b.build_children(res.name, res.namespace, str(uuid.uuid4()), spec, model_uri=model_uri)
+        children = b.build_children(res.name, res.namespace, str(uuid.uuid4()), spec,
+                                    b.ModelRef(uri=model_uri, revision="local")).to_apply()
         deployment = next(c for c in children if c["kind"] == "Deployment")
         pod_dir = self.workdir / "pods" / f"inferenceservice-{res.name}"
         http_port, grpc_port = free_port(), free_port()
