@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
-"""Render the Kustomize base (and the webhook component) from the Helm chart.
+"""Sync the chart's CRDs from crds/, then render the Kustomize base and webhook component.
 
-Users without Helm get the same manifests the chart renders with its defaults:
+Run it after regenerating crds/ (``python -m kubeforge.api.crd --write crds/``) or changing
+the chart. First the generated CRDs are copied into ``charts/kubeforge/crds/`` (next to kopf's
+peering CRDs, which only the chart has); then users without Helm get the same manifests the
+chart renders with its defaults:
 
   deploy/kustomize/base/                 CRDs, RBAC (cluster-wide), the operator (2 replicas,
                                          peering), metrics Service; no webhook
   deploy/kustomize/components/webhook/   the admission webhook with a cert-manager
                                          certificate (a Kustomize Component)
 
-The chart stays the single source: run this after changing it; tests/unit/test_kustomize.py
-fails when the checked-in files differ from a fresh render. Helm-only labels are dropped
+The chart stays the single source; tests/unit/test_chart.py and tests/unit/test_kustomize.py
+fail when the checked-in copies differ from crds/ or from a fresh render. Helm-only labels are dropped
 (``helm.sh/chart``; ``app.kubernetes.io/managed-by`` says kustomize). Needs the helm binary:
 ``hack/render-kustomize.py [--helm PATH] [--out deploy/kustomize]``.
 """
@@ -53,6 +56,14 @@ def key(d: dict[str, Any]) -> tuple[str, str]:
 
 def dump(docs: list[dict[str, Any]]) -> str:
     return HEADER + yaml.safe_dump_all(docs, sort_keys=False)
+
+
+def sync_chart_crds() -> None:
+    for src in sorted((REPO / "crds").glob("*.yaml")):
+        dst = CHART / "crds" / src.name
+        if not dst.exists() or dst.read_bytes() != src.read_bytes():
+            shutil.copyfile(src, dst)
+            print(f"updated {dst.relative_to(REPO)}", file=sys.stderr)
 
 
 def render(helm: str, out: Path) -> None:
@@ -106,7 +117,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--helm", default=os.environ.get("HELM", str(Path.home() / ".cache/kubeforge/bin/helm")))
     parser.add_argument("--out", type=Path, default=REPO / "deploy" / "kustomize")
+    parser.add_argument("--no-sync", action="store_true", help="do not copy crds/ into the chart first")
     args = parser.parse_args()
+    if not args.no_sync:
+        sync_chart_crds()
     render(args.helm, args.out)
     print(f"rendered {args.out}", file=sys.stderr)
     return 0

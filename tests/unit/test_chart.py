@@ -75,7 +75,7 @@ def test_chart_crds_are_the_generated_crds():
     chart_crds = CHART / "crds"
     for name in KUBEFORGE_CRDS:
         assert (chart_crds / name).read_bytes() == (REPO / "crds" / name).read_bytes(), (
-            f"charts/kubeforge/crds/{name} differs from crds/{name}: cp crds/*.yaml charts/kubeforge/crds/")
+            f"charts/kubeforge/crds/{name} differs from crds/{name}: run hack/render-kustomize.py")
     assert sorted(p.name for p in chart_crds.glob("*.yaml")) == sorted([*KUBEFORGE_CRDS, *PEERING_CRDS])
 
 
