@@ -359,7 +359,14 @@ class ServingRuntime:
                 remaining = ticket.deadline - time.monotonic()
                 if remaining <= 0:
                     raise asyncio.TimeoutError
-                ev = await asyncio.wait_for(events.get(), remaining)
+                if events.empty():
+                    ev = await asyncio.wait_for(events.get(), remaining)
+                else:
+                    ev = events.get_nowait()
+                # Events are cumulative: when the loop fell behind the engine, jump to the
+                # newest one and emit the backlog as one piece instead of one per token.
+                while not ev.finished and not ev.error and not events.empty():
+                    ev = events.get_nowait()
                 if ev.error:
                     reason = "error"
                     raise GenerationFailed(f"generation failed: {ev.error}")
