@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from support.chart import CHART, OperatorAs, deployment_command, helm, local_args, sa_kubeconfig
+from support.chart import (
+    CHART, PEERING_LIFETIME, OperatorAs, deployment_command, helm, local_args, sa_kubeconfig,
+)
 from support.cluster import free_port
 
 RELEASE = "kf"
 SA = "kf-kubeforge"
-PEERING_LIFETIME = 10  # seconds; short so that the takeover test stays quick
 
 
 @pytest.fixture(scope="session")

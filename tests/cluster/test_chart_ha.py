@@ -16,8 +16,7 @@ import time
 import pytest
 import yaml
 
-from conftest import PEERING_LIFETIME
-from support.chart import FINETUNE, accepted, resource
+from support.chart import FINETUNE, PEERING_LIFETIME, accepted, resource
 from support.waiting import wait_for
 
 pytestmark = pytest.mark.cluster

@@ -18,6 +18,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "kubeforge"
 KUBE_VERSION = "1.35.4"
+PEERING_LIFETIME = 10  # seconds, for the test release; short so that the takeover test stays quick
 BIN = Path(os.environ.get("KUBEFORGE_CACHE", Path.home() / ".cache" / "kubeforge")) / "bin"
 
 
