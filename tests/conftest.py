@@ -19,6 +19,7 @@ import pytest
 from support.cluster import REPO, LocalCluster, start_cluster
 
 _CLUSTER: LocalCluster | None = None
+_STARTUP_REPORT: list[str] = []
 
 
 @pytest.fixture(scope="session")
@@ -26,8 +27,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     global _CLUSTER
     workdir = tmp_path_factory.mktemp("cluster")
     c = start_cluster(workdir)
-    print(f"\n[cluster] control plane started in {c.startup_seconds:.1f} s (etcd, kube-apiserver, "
-          f"controller-manager, scheduler, kwok with {len(c.kubectl('get', 'nodes', '-o', 'name').stdout.split())} GPU nodes)")
+    nodes = len(c.kubectl("get", "nodes", "-o", "name").stdout.split())
+    _STARTUP_REPORT.append(f"control plane started in {c.startup_seconds:.1f} s (etcd, kube-apiserver, "
+                           f"controller-manager, scheduler, kwok with {nodes} GPU nodes)")
     _CLUSTER = c
     try:
         c.kubectl("apply", "--server-side", "-f", str(REPO / "crds"), check=True)
@@ -37,6 +39,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     finally:
         _CLUSTER = None
         c.stop()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
+    for line in _STARTUP_REPORT:
+        terminalreporter.write_line(f"[cluster] {line}")
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -28,6 +28,14 @@ def apply(cluster, namespace, obj, *extra):
     return cluster.kubectl("apply", "-n", namespace, *extra, "-f", "-", input=yaml.safe_dump(obj))
 
 
+def test_control_plane_starts_in_under_a_minute(cluster):
+    # Measured from the first certificate to three Ready GPU nodes; printed in the summary.
+    assert cluster.startup_seconds < 60, f"control plane took {cluster.startup_seconds:.1f} s to start"
+    gpus = cluster.kubectl("get", "nodes", "-o", "jsonpath={.items[*].status.allocatable.nvidia\\.com/gpu}",
+                           check=True).stdout.split()
+    assert len(gpus) >= 2 and all(g == "8" for g in gpus)
+
+
 def test_crds_established_with_category_and_short_names(cluster, namespace):
     names = cluster.kubectl("get", "crd", "-l", "app.kubernetes.io/part-of=kubeforge", "-o", "name", check=True).stdout.split()
     assert sorted(names) == sorted([
