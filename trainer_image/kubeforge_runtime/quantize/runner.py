@@ -25,6 +25,7 @@ import argparse
 import gc
 import json
 import logging
+import math
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -175,9 +176,7 @@ def run(cfg: QuantizeConfig) -> tuple[dict[str, Any], dict[str, Any], int]:
 
     increase = (after["perplexity"] - before["perplexity"]) / before["perplexity"] * 100.0
     # A NaN/inf perplexity (a broken kernel) must fail the gate, never pass it by comparison.
-    gate_passed = bool(increase == increase and abs(increase) != float("inf")) and increase <= (
-        cfg.evaluation.max_perplexity_increase_percent
-    )
+    gate_passed = math.isfinite(increase) and increase <= cfg.evaluation.max_perplexity_increase_percent
     numbers = (
         f"perplexity {before['perplexity']:.4f} -> {after['perplexity']:.4f} "
         f"({increase:+.3f}%, limit {cfg.evaluation.max_perplexity_increase_percent:g}%), "
