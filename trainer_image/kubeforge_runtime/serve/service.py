@@ -175,7 +175,6 @@ class ServingRuntime:
         import torch
 
         from .. import models as model_io
-        from .. import storage
 
         cfg = self.config
         configure_cpu_threads()
@@ -195,7 +194,12 @@ class ServingRuntime:
         for adapter in cfg.adapters:
             # A fresh copy of the base per adapter: the adapter is merged into its weights so
             # it runs at base speed in any engine (transformers' batching has no multi-LoRA).
-            path = model_io.resolve_model_dir(adapter.uri) if "://" in adapter.uri else storage.resolve(adapter.uri)
+            path = model_io.resolve_model_dir(adapter.uri)
+            if not (path / "adapter_config.json").exists():
+                raise model_io.ModelLoadError(
+                    f"adapter {adapter.name!r}: {adapter.uri} holds no adapter_config.json; adapters[].uri must be "
+                    "a LoRA adapter directory (serve a merged model as its own InferenceService)"
+                )
             copy = model_io.load_causal_lm(cfg.model.uri, dtype=dtype, device=device)
             engines.append((adapter.name, self._apply_adapter(copy, path, adapter.name), cfg.model_name))
         for name, model, parent in engines:

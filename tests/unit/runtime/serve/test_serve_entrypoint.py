@@ -148,3 +148,23 @@ def test_load_failure_is_reported_and_exits_1(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_auto_backend_falls_back_to_dynamic_where_continuous_cannot_run() -> None:
+    from types import SimpleNamespace
+
+    from kubeforge_runtime.serve.engine import select_backend
+
+    def fake(attn: str, has_cb: bool = True) -> object:
+        model = SimpleNamespace(config=SimpleNamespace(_attn_implementation=attn, is_encoder_decoder=False))
+        if has_cb:
+            model.init_continuous_batching = lambda **_: None  # type: ignore[attr-defined]
+        return model
+
+    assert select_backend("auto", fake("sdpa")) == ("continuous", "auto: supported")
+    name, why = select_backend("auto", fake("flex_attention"))
+    assert name == "dynamic" and "flex_attention" in why
+    assert select_backend("auto", fake("sdpa", has_cb=False))[0] == "dynamic"
+    assert select_backend("dynamic", fake("sdpa"))[0] == "dynamic"
+    with pytest.raises(RuntimeError, match="backend is 'continuous'"):
+        select_backend("continuous", fake("flex_attention"))
