@@ -17,8 +17,8 @@ change; the Job's podFailurePolicy can then fail the Job at once. Checks:
   torchrun arguments, else ``PET_NNODES`` x ``PET_NPROC_PER_NODE``) and the model's sizes;
 * the output and checkpoint URIs are writable kinds (file:// or pvc://).
 
-The message also goes to ``/dev/termination-log`` when it exists, so it shows in the pod's
-status. When everything passes, the process ``os.execvp``s the command after ``--`` (torchrun
+The message also goes to ``/dev/termination-log`` when it exists (or to
+``$KUBEFORGE_REPORT_PATH``), so it shows in the pod's status. When everything passes, the process ``os.execvp``s the command after ``--`` (torchrun
 then is PID 1's replacement and receives the pod's signals directly). Without a command it
 only checks (exit 0).
 """
@@ -100,8 +100,10 @@ def preflight(config_path: str, command: list[str]) -> None:
 
 def _report(message: str) -> None:
     sys.stderr.write(f"kubeforge: configuration error: {message}\n")
-    term = Path(contract.TERMINATION_LOG)
-    if term.parent.is_dir() and os.access(term.parent if not term.exists() else term, os.W_OK):
+    # The kubelet provides the termination log (and copies it into the pod status); never
+    # create it elsewhere. $KUBEFORGE_REPORT_PATH redirects it for local runs and tests.
+    term = Path(os.environ.get(contract.ENV_REPORT_PATH) or contract.TERMINATION_LOG)
+    if term.exists() or contract.ENV_REPORT_PATH in os.environ:
         try:
             term.write_text(f"configuration error: {message}\n"[:4000])  # the kubelet keeps 4 KiB
         except OSError:
