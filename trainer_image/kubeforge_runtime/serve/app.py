@@ -26,6 +26,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -57,12 +58,16 @@ def _serve_error(exc: ServeError) -> JSONResponse:
     return _error(exc.http_status, str(exc), headers)
 
 
+# pydantic names the union member it tried in the error location ("str", "list[int]", ...)
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|(list|dict|tuple|set)\[.*\]|function-\w+\[.*\]|tagged-union\[.*\])$")
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     parts, first = [], None
     for err in exc.errors():
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         # pydantic tries each member of a union; keep the member name out of the field path
-        loc = [x for x in loc if not x.startswith(("list[", "str", "int", "function-"))]
+        loc = [x for x in loc if not _UNION_MEMBER.match(x)]
         where = ".".join(loc) or "body"
         first = first or where
         msg = err.get("msg", "invalid").removeprefix("Value error, ")

@@ -88,6 +88,8 @@ def test_max_tokens_is_clamped_to_model_length(client: openai.OpenAI, server: Se
         ({"prompt": "hi"}, "model"),
         ({"model": "demo", "prompt": "hi", "logprobs": 2}, "logprobs"),
         ({"model": "demo", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"model": "demo", "prompt": "hi", "stream_options": 5}, "stream_options"),
+        ({"model": "demo", "prompt": [[1, 2], "x"]}, "prompt"),
     ],
 )
 def test_malformed_completion_is_400_naming_the_problem(server: ServerThread, body: dict, needle: str) -> None:
