@@ -8,7 +8,7 @@ Routes:
   ``stream_options.include_usage``, in a last chunk.
 * ``GET /v1/models`` - the base model and each adapter (``parent`` names the base).
 * ``GET /health`` - liveness: 200 while the process serves HTTP, also while loading;
-  503 once loading has failed (the process then exits).
+  503 once loading has failed (the process then exits) or a generation loop has died.
 * ``GET /ready`` - readiness: 200 only when every model is loaded and warmed up.
 * ``GET /metrics`` - Prometheus, vLLM names.
 
@@ -108,10 +108,16 @@ def create_app(runtime: ServingRuntime, api_key: str | None = None, lifespan: An
     async def health() -> Response:
         if runtime.load_error:
             return _error(503, f"model failed to load: {runtime.load_error}")
+        dead = runtime.dead_engines()
+        if dead:  # a crashed generation loop never recovers in-process: let kubelet restart us
+            return _error(503, f"generation loop stopped for: {', '.join(dead)}")
         return JSONResponse({"status": "ok"})
 
     @app.get("/ready")
     async def ready() -> Response:
+        dead = runtime.dead_engines()
+        if dead:
+            return _error(503, f"generation loop stopped for: {', '.join(dead)}")
         if runtime.ready.is_set():
             return JSONResponse(
                 {

@@ -116,6 +116,9 @@ class ContinuousEngine:
                 return
         raise RuntimeError("warm-up generation did not finish within 120 s")
 
+    def healthy(self) -> bool:
+        return self._manager.is_running() and self._manager.background_thread_status.fatal_error is None
+
     def stop(self) -> None:
         self._manager.stop(block=True, timeout=10)
 

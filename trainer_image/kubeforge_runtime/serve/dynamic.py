@@ -103,6 +103,9 @@ class DynamicBatchingEngine:
         if result[0].error:
             raise RuntimeError(f"warm-up generation failed: {result[0].error}")
 
+    def healthy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:

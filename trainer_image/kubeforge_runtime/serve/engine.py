@@ -78,6 +78,9 @@ class Engine(Protocol):
     def kv_cache_info(self) -> dict[str, Any]:
         """Facts about the cache for /v1/models and benchmarks (block size, blocks, bytes per token)."""
 
+    def healthy(self) -> bool:
+        """Whether the generation loop is alive (a dead loop fails the liveness probe)."""
+
     def stop(self) -> None:
         """Stop the loop; pending requests fail."""
 

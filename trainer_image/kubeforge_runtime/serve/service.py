@@ -259,6 +259,12 @@ class ServingRuntime:
             except Exception:  # pragma: no cover - best effort at shutdown
                 log.exception("stopping engine of %s", served.name)
 
+    def dead_engines(self) -> list[str]:
+        """Served models whose generation loop has died (after loading); empty when healthy."""
+        if not self.ready.is_set():
+            return []
+        return [name for name, m in self.models.items() if not m.engine.healthy()]
+
     def _kv_usage(self) -> float:
         if not self.models:
             return 0.0

@@ -90,3 +90,12 @@ def test_request_deadline(start_server: Callable[..., ServerThread], tiny_model:
     assert "requestTimeoutSeconds" in r.json()["error"]["message"]
     assert _wait_until(lambda: metric_value(_metrics(server), "vllm:num_requests_running") == 0)
     assert metric_value(_metrics(server), "vllm:request_success_total", finished_reason="timeout") == 1
+
+
+def test_dead_generation_loop_fails_liveness(start_server: Callable[..., ServerThread], tiny_model: Path) -> None:
+    server = start_server(make_config(tiny_model, name="fragile", backend="dynamic", maxConcurrentRequests=1))
+    assert httpx.get(server.base_url + "/health").status_code == 200
+    server.runtime.models["fragile"].engine.stop()  # as if the loop had crashed
+    health = httpx.get(server.base_url + "/health")
+    assert health.status_code == 503 and "fragile" in health.json()["error"]["message"]
+    assert httpx.get(server.base_url + "/ready").status_code == 503
