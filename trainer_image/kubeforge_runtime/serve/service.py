@@ -361,7 +361,16 @@ class ServingRuntime:
         reason = "abort"
         tokens: list[int] = []
         try:
-            engine.submit(request, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+            loop_thread = threading.get_ident()
+
+            def sink(ev: EngineEvent) -> None:
+                # The continuous engine already delivers on this loop; hop threads only when needed.
+                if threading.get_ident() == loop_thread:
+                    events.put_nowait(ev)
+                else:
+                    loop.call_soon_threadsafe(events.put_nowait, ev)
+
+            engine.submit(request, sink)
             self.metrics.prompt_tokens.labels(name).inc(len(prompt_ids))
             detok = _Detokenizer(self.tokenizer, params.stop)
             last_token_at: float | None = None
