@@ -1,0 +1,380 @@
+"""FineTuneJob status from what the cluster shows: a pure function, tested without a cluster.
+
+Called by :mod:`kubeforge.controllers.finetune` on every event of the FineTuneJob, its Job
+or one of its worker pods, with the current objects read from the API. It returns the new
+status, the events to post and the pod UIDs whose failure has now been counted; it does
+no I/O itself, so the same inputs always give the same status (and re-running a reconcile
+with nothing new changes nothing).
+
+Phases:
+
+* ``Pending``    children created, not enough workers ready yet (or queued: Job suspended by
+                 Kueue);
+* ``Running``    at least ``nodes.min`` workers ready and no worker waiting for a replacement;
+* ``Restarting`` a worker failed (or was disrupted) and its replacement is not ready yet;
+* ``Suspended``  ``spec.suspend``: the Job is suspended, its pods deleted;
+* ``Succeeded`` / ``Failed``  terminal, from the Job's own conditions (or a worker's
+                 configuration-error exit code, which the podFailurePolicy turns into a
+                 failed Job anyway). A terminal phase is never left again.
+
+Restarts are counted per worker pod, once: a pod that failed on its own (any exit code but
+the configuration error) or that was disrupted (the ``DisruptionTarget`` condition:
+eviction, preemption, drain). Pods the Job controller deletes itself (suspend, deadline,
+success) are not restarts. The UIDs already counted are kept by the caller (an annotation),
+so an operator restart never counts a pod twice.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubeforge_runtime import contract
+
+from ..api.finetune import FineTuneJobSpec
+from ..builders import finetune as builder
+from .conditions import TERMINAL_PHASES, get_condition, set_condition
+
+COMPLETION_INDEX_ANNOTATION = builder.COMPLETION_INDEX_ANNOTATION
+MAX_TERMINATION_MESSAGE = 600
+MAX_COUNTED_UIDS = 64
+"""How many counted pod UIDs are remembered; a pod's UID is never reused, and a failed pod
+older than the last 64 failures is long gone, so a short list is enough."""
+
+
+@dataclass
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class Outcome:
+    status: dict[str, Any]
+    events: list[Event] = field(default_factory=list)
+    counted: list[str] = field(default_factory=list)
+    """Pod UIDs whose failure is counted, oldest first (to store back)."""
+    new_restarts: list[str] = field(default_factory=list)
+    """Reasons of the restarts counted in this call (Failure, Disruption): for metrics."""
+    became_running_first_time: bool = False
+
+
+# --- reading pods and Jobs -----------------------------------------------------------------
+
+def _cond_true(obj: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    for c in (obj.get("status") or {}).get("conditions") or []:
+        if c.get("type") == type_ and c.get("status") == "True":
+            return c
+    return None
+
+
+def pod_index(pod: dict[str, Any]) -> int | None:
+    value = ((pod.get("metadata") or {}).get("annotations") or {}).get(COMPLETION_INDEX_ANNOTATION)
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        if cs.get("name") == builder.CONTAINER and "terminated" in (cs.get("state") or {}):
+            return cs["state"]["terminated"]
+    return None
+
+
+def exit_code(pod: dict[str, Any]) -> int | None:
+    term = _terminated(pod)
+    return None if term is None else term.get("exitCode")
+
+
+def termination_message(pod: dict[str, Any]) -> str:
+    term = _terminated(pod) or {}
+    msg = (term.get("message") or "").strip()
+    return msg[-MAX_TERMINATION_MESSAGE:]
+
+
+def is_ready(pod: dict[str, Any]) -> bool:
+    st = pod.get("status") or {}
+    return (st.get("phase") == "Running" and not pod["metadata"].get("deletionTimestamp")
+            and any(c.get("type") == "Ready" and c.get("status") == "True" for c in st.get("conditions") or []))
+
+
+def failure_kind(pod: dict[str, Any]) -> str | None:
+    """``Disruption``, ``ConfigurationError``, ``Failure`` or None (not a worker failure)."""
+    if _cond_true(pod, "DisruptionTarget"):
+        return "Disruption"
+    if (pod.get("status") or {}).get("phase") != "Failed":
+        return None
+    if pod["metadata"].get("deletionTimestamp"):
+        # Deleted by a controller (the Job's suspend, deadline or success handling, garbage
+        # collection), not a crash: not a restart.
+        return None
+    if exit_code(pod) == contract.EXIT_CONFIG_ERROR:
+        return "ConfigurationError"
+    return "Failure"
+
+
+def _created(pod: dict[str, Any]) -> str:
+    return pod["metadata"].get("creationTimestamp") or ""
+
+
+def current_pods(pods: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """The newest pod of every completion index."""
+    out: dict[int, dict[str, Any]] = {}
+    for pod in sorted(pods, key=lambda p: (_created(p), p["metadata"].get("name", ""))):
+        idx = pod_index(pod)
+        if idx is not None:
+            out[idx] = pod
+    return out
+
+
+# --- the status ------------------------------------------------------------------------------
+
+def _describe_failure(pod: dict[str, Any], kind: str) -> str:
+    name = pod["metadata"]["name"]
+    idx = pod_index(pod)
+    if kind == "Disruption":
+        cond = _cond_true(pod, "DisruptionTarget") or {}
+        why = cond.get("reason") or "disruption"
+        return f"worker {idx} (pod {name}) was disrupted ({why}); not counted against backoffLimit"
+    code = exit_code(pod)
+    msg = termination_message(pod)
+    return f"worker {idx} (pod {name}) exited with code {code}" + (f": {msg}" if msg else "")
+
+
+def _progress_percent(progress: dict[str, Any]) -> dict[str, Any]:
+    step, total = progress.get("step"), progress.get("totalSteps")
+    if step is not None and total:
+        progress["percent"] = f"{min(100, int(100 * step / total))}%"
+    return progress
+
+
+def _failed_reason(job: dict[str, Any], pods: list[dict[str, Any]]) -> tuple[str, str] | None:
+    """(reason, message) when the Job has failed or is failing, else None."""
+    config_pod = next((p for p in pods if failure_kind(p) == "ConfigurationError"), None)
+    if config_pod is not None:
+        # The podFailurePolicy fails the Job on this exit code; say so without waiting for it.
+        msg = termination_message(config_pod)
+        return ("ConfigurationError",
+                f"worker {pod_index(config_pod)} (pod {config_pod['metadata']['name']}) exited with code "
+                f"{contract.EXIT_CONFIG_ERROR}: the trainer rejected its configuration; fix the spec and create "
+                "the job again" + (f". The trainer said: {msg}" if msg else ""))
+    cond = _cond_true(job, "Failed") or _cond_true(job, "FailureTarget")
+    if cond is None:
+        return None
+    reason = cond.get("reason") or "Failed"
+    message = cond.get("message") or ""
+    if reason == "BackoffLimitExceeded":
+        last = [p for p in pods if failure_kind(p) == "Failure"]
+        tail = f"; last failure: {_describe_failure(last[-1], 'Failure')}" if last else ""
+        return reason, f"workers failed more often than backoffLimit allows ({message}){tail}"
+    if reason == "DeadlineExceeded":
+        return reason, f"the job ran longer than activeDeadlineSeconds ({message})"
+    return reason, message
+
+
+def compute(
+    *,
+    spec: FineTuneJobSpec,
+    generation: int | None,
+    prev: dict[str, Any],
+    job: dict[str, Any] | None,
+    pods: list[dict[str, Any]],
+    counted: list[str],
+    progress: dict[str, Any] | None,
+    now: str,
+) -> Outcome:
+    """The FineTuneJob's next status. ``prev`` is its current status (possibly empty)."""
+    status: dict[str, Any] = {k: v for k, v in prev.items()}
+    conds = set_condition(prev.get("conditions"), "Accepted", True, "Accepted", "spec is valid", generation, now)
+    prev_phase = prev.get("phase")
+    out = Outcome(status=status, counted=list(counted))
+    status["observedGeneration"] = generation
+    if progress:
+        status["progress"] = _progress_percent(dict(progress))
+        ckpt = progress.get("lastCheckpointStep")
+        status["progress"].pop("lastCheckpointStep", None)
+        if ckpt:
+            status["lastCheckpoint"] = f"{builder.checkpoint_uri(spec).rstrip('/')}/step-{int(ckpt):08d}"
+
+    if prev_phase in TERMINAL_PHASES:
+        # Never resurrected: a terminal status stays as it is (bar the generation seen).
+        status["conditions"] = conds
+        return out
+
+    current = current_pods(pods)
+    ready = sum(1 for p in current.values() if is_ready(p))
+    total = sum(1 for p in current.values()
+                if (p.get("status") or {}).get("phase") in ("Pending", "Running")
+                and not p["metadata"].get("deletionTimestamp"))
+    status["workers"] = {"ready": ready, "total": total, "min": spec.nodes.min, "max": spec.nodes.max}
+
+    if job is None:
+        phase = "Pending"
+        conds = set_condition(conds, "Created", False, "Creating", "creating the Service, ConfigMap and Job", generation, now)
+        conds = set_condition(conds, "Running", False, "Pending", "no workers yet", generation, now)
+        return _finish(out, status, conds, prev_phase, phase, generation, now, None)
+    names = builder.Names.of(job["metadata"]["name"])
+    if not get_condition(conds, "Created") or get_condition(conds, "Created").get("status") != "True":
+        out.events.append(Event("Normal", "Created",
+                                f"created Service {names.service}, ConfigMap {names.config_map} and Job {names.job}"))
+    conds = set_condition(conds, "Created", True, "ChildrenCreated",
+                          f"Service {names.service}, ConfigMap {names.config_map}, Job {names.job}", generation, now)
+
+    # Restarts: every failed or disrupted worker pod, once.
+    job_suspended = bool((job.get("spec") or {}).get("suspend"))
+    new_failures: list[tuple[dict[str, Any], str]] = []
+    for pod in sorted(pods, key=_created):
+        kind = failure_kind(pod)
+        uid = pod["metadata"].get("uid")
+        if kind in ("Failure", "Disruption") and uid and uid not in out.counted:
+            new_failures.append((pod, kind))
+            out.counted.append(uid)
+    out.counted = out.counted[-MAX_COUNTED_UIDS:]
+
+    failed = _failed_reason(job, pods)
+    succeeded = _cond_true(job, "Complete") or _cond_true(job, "SuccessCriteriaMet")
+    if failed is not None:
+        reason, message = failed
+        conds = set_condition(conds, "Failed", True, reason, message, generation, now)
+        conds = set_condition(conds, "Running", False, reason, "the job failed", generation, now)
+        if get_condition(conds, "Restarting"):
+            conds = set_condition(conds, "Restarting", False, reason, "the job failed", generation, now)
+        status["completionTime"] = now
+        out.events.append(Event("Warning", reason, message))
+        return _finish(out, status, conds, prev_phase, "Failed", generation, now, None, announce=False)
+    if succeeded:
+        conds = set_condition(conds, "Succeeded", True, "Completed",
+                              f"all workers finished; output at {spec.output.uri}", generation, now)
+        conds = set_condition(conds, "Running", False, "Completed", "the job finished", generation, now)
+        if get_condition(conds, "Restarting"):
+            conds = set_condition(conds, "Restarting", False, "Completed", "the job finished", generation, now)
+        status["completionTime"] = now
+        status["output"] = {"uri": spec.output.uri}
+        if status.get("progress", {}).get("totalSteps"):
+            status["progress"]["step"] = status["progress"]["totalSteps"]
+            status["progress"]["percent"] = "100%"
+            status["progress"]["etaSeconds"] = 0
+        return _finish(out, status, conds, prev_phase, "Succeeded", generation, now, None)
+
+    if spec.suspend or job_suspended:
+        if spec.suspend:
+            phase = "Suspended"
+            conds = set_condition(conds, "Suspended", True, "Suspended",
+                                  "spec.suspend is true: workers stopped; resuming continues from the last checkpoint",
+                                  generation, now)
+            conds = set_condition(conds, "Running", False, "Suspended", "suspended", generation, now)
+        else:
+            phase = "Pending"  # suspended by a queue (Kueue) until admitted
+            conds = set_condition(conds, "Running", False, "Queued", "waiting for the Job to be admitted", generation, now)
+        if get_condition(conds, "Restarting"):
+            conds = set_condition(conds, "Restarting", False, phase, "workers stopped", generation, now)
+        return _finish(out, status, conds, prev_phase, phase, generation, now, None)
+    if get_condition(conds, "Suspended"):
+        conds = set_condition(conds, "Suspended", False, "Resumed", "spec.suspend is false", generation, now)
+
+    status["restarts"] = int(prev.get("restarts") or 0) + len(new_failures)
+    for pod, kind in new_failures:
+        out.new_restarts.append(kind)
+        out.events.append(Event("Warning", "WorkerDisrupted" if kind == "Disruption" else "WorkerFailed",
+                                _describe_failure(pod, kind)))
+
+    waiting = [i for i, p in current.items()
+               if (p.get("status") or {}).get("phase") == "Failed" or p["metadata"].get("deletionTimestamp")]
+    all_up = ready >= spec.nodes.min and not waiting
+    restart_msg = None
+    if new_failures or (prev_phase in ("Running", "Restarting") and not all_up):
+        phase = "Restarting"
+        if new_failures:
+            pod, kind = new_failures[-1]
+            restart_msg = _describe_failure(pod, kind)
+            reason = "WorkerDisrupted" if kind == "Disruption" else "WorkerFailed"
+        else:
+            old = get_condition(conds, "Restarting")
+            reason = old.get("reason") if old and old.get("status") == "True" else "WorkersLost"
+            restart_msg = old.get("message") if old and old.get("status") == "True" else \
+                f"{ready} of {spec.nodes.min} required workers ready"
+        conds = set_condition(conds, "Restarting", True, reason, restart_msg, generation, now)
+        conds = set_condition(conds, "Running", False, "Restarting",
+                              f"{ready}/{spec.nodes.max} workers ready; waiting for replacements", generation, now)
+    elif all_up:
+        phase = "Running"
+        conds = set_condition(conds, "Running", True, "WorkersReady",
+                              f"{ready}/{spec.nodes.max} workers ready (min {spec.nodes.min})", generation, now)
+        if get_condition(conds, "Restarting"):
+            conds = set_condition(conds, "Restarting", False, "Recovered", "all workers ready again", generation, now)
+        if not status.get("startTime"):
+            status["startTime"] = now
+            out.became_running_first_time = True
+    else:
+        phase = "Pending"
+        conds = set_condition(conds, "Running", False, "WaitingForWorkers",
+                              f"{ready}/{spec.nodes.min} required workers ready", generation, now)
+    return _finish(out, status, conds, prev_phase, phase, generation, now, restart_msg)
+
+
+_PHASE_EVENTS = {
+    "Pending": ("Normal", "Pending", "waiting for workers"),
+    "Running": ("Normal", "Running", "workers ready"),
+    "Restarting": ("Warning", "Restarting", "a worker failed; waiting for its replacement"),
+    "Suspended": ("Normal", "Suspended", "workers stopped"),
+    "Succeeded": ("Normal", "Succeeded", "training finished"),
+}
+
+
+def _finish(out: Outcome, status: dict[str, Any], conds: list[dict[str, Any]], prev_phase: str | None,
+            phase: str, generation: int | None, now: str, detail: str | None,
+            announce: bool = True) -> Outcome:
+    status["conditions"] = conds
+    status["phase"] = phase
+    if phase != prev_phase and announce and phase in _PHASE_EVENTS:
+        type_, reason, message = _PHASE_EVENTS[phase]
+        if phase == "Running":
+            w = status.get("workers") or {}
+            message = f"{w.get('ready')}/{w.get('max')} workers ready"
+        elif phase == "Succeeded":
+            message = f"training finished; output at {(status.get('output') or {}).get('uri')}"
+        if detail:
+            message = detail
+        out.events.append(Event(type_, reason, message))
+    return out
+
+
+# --- progress --------------------------------------------------------------------------------
+
+def progress_from_metrics(samples: dict[str, float], spec: FineTuneJobSpec) -> dict[str, Any] | None:
+    """Status progress from the rank-0 gauges (``contract.METRIC_*``), or None without a step."""
+    if contract.METRIC_STEP not in samples:
+        return None
+    step = int(samples[contract.METRIC_STEP])
+    out: dict[str, Any] = {"step": step}
+    total = samples.get(contract.METRIC_TOTAL_STEPS)
+    if total:
+        out["totalSteps"] = int(total)
+    if contract.METRIC_EPOCH in samples:
+        out["epoch"] = round(float(samples[contract.METRIC_EPOCH]), 3)
+    if contract.METRIC_LOSS in samples:
+        out["loss"] = round(float(samples[contract.METRIC_LOSS]), 5)
+    tps = samples.get(contract.METRIC_TOKENS_PER_SECOND)
+    if tps is not None:
+        out["tokensPerSecond"] = round(float(tps), 1)
+        # Tokens per optimizer step = globalBatchSize x sequenceLength (every sample is packed
+        # or padded to exactly sequenceLength), so steps/s follows from tokens/s.
+        tokens_per_step = spec.training.global_batch_size * spec.dataset.sequence_length
+        if total and tps > 0:
+            out["etaSeconds"] = int(max(0, int(total) - step) * tokens_per_step / tps)
+    ckpt = samples.get(contract.METRIC_LAST_CHECKPOINT_STEP)
+    if ckpt:
+        out["lastCheckpointStep"] = int(ckpt)
+    return out
+
+
+def ttl_due(status: dict[str, Any], ttl: int | None) -> dt.datetime | None:
+    """When a finished job should be deleted (``ttlSecondsAfterFinished``), or None."""
+    if ttl is None or status.get("phase") not in TERMINAL_PHASES or not status.get("completionTime"):
+        return None
+    done = dt.datetime.fromisoformat(status["completionTime"].replace("Z", "+00:00"))
+    return done + dt.timedelta(seconds=ttl)

@@ -1,0 +1,242 @@
+"""FineTuneJob on the real control plane: children, scheduling, status, failures, lifecycle.
+
+One operator process (and namespace) serves the whole module; every test uses its own
+FineTuneJob. kwok plays the kubelet: pods go Running/Ready at once, a test ends a worker
+with an exit code by annotation, and disruptions go through the real Eviction API.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from kubeforge_runtime import contract
+from support.cluster import GPU_NODES
+from support.finetune import Env, ftj, make_env, wait_metrics_up
+from support.waiting import wait_for
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture(scope="module")
+def env(cluster, tmp_path_factory) -> Iterator[Env]:
+    yield from make_env(cluster, tmp_path_factory.mktemp("finetune-lifecycle"))
+
+
+@pytest.fixture(autouse=True)
+def _operator_log_on_failure(request, env):
+    request.node._kubeforge_logs = [str(env.operator.log_path)]
+
+
+def owned_by(obj: dict, owner: dict) -> bool:
+    return any(o["uid"] == owner["metadata"]["uid"] and o.get("controller") for o in obj["metadata"]["ownerReferences"])
+
+
+def test_two_node_job_gets_service_configmap_job_and_runs_on_gpu_nodes(env: Env):
+    env.apply(ftj("basic", gpus=8))
+    st = env.wait_running("basic")
+    owner = env.get("finetunejob", "basic")
+
+    svc = env.get("service", "basic")
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+    cm = env.get("configmap", "basic-config")
+    config = json.loads(cm["data"][contract.CONFIG_FILE])
+    assert set(config) == {"kind", "name", "namespace", "model", "dataset", "method", "lora", "parallelism",
+                           "training", "checkpoint", "output"}
+    assert config["model"] == {"uri": "hf://acme/tiny-llama@main"} and config["namespace"] == env.namespace
+    job = env.get("job", "basic")
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
+    assert all(owned_by(o, owner) for o in (svc, cm, job))
+
+    pods = env.pods("basic")
+    assert len(pods) == 2
+    nodes = {p["spec"]["nodeName"] for p in pods}
+    # 8 GPUs each on 8-GPU nodes: the scheduler had to put them on two different GPU nodes.
+    assert len(nodes) == 2 and nodes <= set(GPU_NODES)
+    for pod in pods:
+        c = pod["spec"]["containers"][0]
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == "8"
+        assert pod["spec"]["automountServiceAccountToken"] is False
+        assert pod["spec"]["hostname"] == f"basic-{pod['metadata']['annotations']['batch.kubernetes.io/job-completion-index']}"
+        assert pod["spec"]["subdomain"] == "basic"
+
+    assert st["workers"] == {"ready": 2, "total": 2, "min": 2, "max": 2}
+    assert st["observedGeneration"] == 1 and st["startTime"]
+    conds = {c["type"]: c for c in st["conditions"]}
+    assert conds["Accepted"]["status"] == conds["Created"]["status"] == conds["Running"]["status"] == "True"
+    assert {"Created", "Running"} <= set(env.event_reasons("basic"))
+    # Give the two whole GPU nodes back (the other tests' workers take one GPU each).
+    env.delete("finetunejob", "basic")
+
+
+def test_all_workers_succeeding_sets_succeeded_and_it_stays_terminal(env: Env):
+    env.apply(ftj("done"))
+    env.wait_running("done")
+    for pod in env.pods("done"):
+        env.exit_pod(pod, 0)
+    st = env.wait_phase("done", "Succeeded", 60)
+    assert st["completionTime"]
+    assert st["output"] == {"uri": "s3://models/done"}
+    succeeded = next(c for c in st["conditions"] if c["type"] == "Succeeded")
+    assert succeeded["status"] == "True" and succeeded["reason"] == "Completed"
+    assert next(c for c in st["conditions"] if c["type"] == "Running")["status"] == "False"
+    assert "Succeeded" in env.event_reasons("done")
+
+    # Never resurrected: a spec change to a finished job starts nothing.
+    job_before = env.get("job", "done")
+    env.patch_spec("done", {"training": {"learningRate": 0.001}})
+    wait_for(lambda: env.status("done").get("observedGeneration") == 2, 30, what="generation 2 observed")
+    assert env.status("done")["phase"] == "Succeeded"
+    assert env.status("done")["completionTime"] == st["completionTime"]
+    assert env.pods("done") == []
+    assert env.get("job", "done")["metadata"]["resourceVersion"] == job_before["metadata"]["resourceVersion"]
+
+
+def test_retryable_worker_failure_restarts_then_runs_again(env: Env):
+    env.apply(ftj("flaky", backoffLimit=3))
+    env.wait_running("flaky")
+    env.exit_pod(env.pods("flaky")[0], 1, "RuntimeError: NCCL watchdog timeout")
+
+    st = env.wait_phase("flaky", "Restarting", 30)
+    assert st["restarts"] == 1
+    restarting = next(c for c in st["conditions"] if c["type"] == "Restarting")
+    assert restarting["status"] == "True" and restarting["reason"] == "WorkerFailed"
+    assert "exited with code 1" in restarting["message"] and "NCCL watchdog timeout" in restarting["message"]
+
+    # The Job controller replaces the pod (after its back-off) and the job runs again.
+    st = env.wait_running("flaky", timeout=90)
+    assert st["restarts"] == 1
+    restarting = next(c for c in st["conditions"] if c["type"] == "Restarting")
+    assert restarting["status"] == "False" and restarting["reason"] == "Recovered"
+    assert env.get("job", "flaky")["status"].get("failed") == 1
+    reasons = env.event_reasons("flaky")
+    assert reasons.index("Restarting") < len(reasons) - 1 - reasons[::-1].index("Running")
+
+
+def test_disruption_is_not_counted_against_backoff_limit(env: Env):
+    # backoffLimit 0: one counted failure would fail the job outright.
+    env.apply(ftj("drained", backoffLimit=0))
+    env.wait_running("drained")
+    env.evict(env.pods("drained")[1])
+
+    st = wait_for(lambda: (s := env.status("drained")).get("restarts") == 1 and s, 30, what="disruption counted")
+    assert st["phase"] in ("Restarting", "Running")
+    assert any(c["type"] == "Restarting" and c["reason"] == "WorkerDisrupted" for c in st["conditions"])
+    st = env.wait_running("drained", timeout=90)
+    job = env.get("job", "drained")
+    assert not job["status"].get("failed"), job["status"]
+    assert not any(c["type"] in ("Failed", "FailureTarget") for c in job["status"].get("conditions", []))
+    assert st["restarts"] == 1 and "WorkerDisrupted" in env.event_reasons("drained")
+
+
+def test_configuration_error_exit_code_fails_the_job_at_once(env: Env):
+    env.apply(ftj("badconfig", backoffLimit=5))
+    env.wait_running("badconfig")
+    env.exit_pod(env.pods("badconfig")[1], contract.EXIT_CONFIG_ERROR,
+                 "config error: dataset.format: 'csv' is not one of ['text', 'prompt-completion', 'chat']")
+    st = env.wait_phase("badconfig", "Failed", 60)
+    failed = next(c for c in st["conditions"] if c["type"] == "Failed")
+    assert failed["status"] == "True" and failed["reason"] == "ConfigurationError"
+    assert "exited with code 78" in failed["message"] and "dataset.format" in failed["message"]
+    assert st["completionTime"]
+    # The podFailurePolicy failed the Job itself: no retries although backoffLimit is 5.
+    wait_for(lambda: any(c["type"] == "Failed" and c["status"] == "True"
+                         for c in env.get("job", "badconfig")["status"].get("conditions", [])), 60, what="Job failed")
+    assert env.pods("badconfig") == []
+    assert "ConfigurationError" in env.event_reasons("badconfig")
+
+
+def test_backoff_limit_exceeded_fails_the_job(env: Env):
+    env.apply(ftj("crashy", backoffLimit=0))
+    env.wait_running("crashy")
+    env.exit_pod(env.pods("crashy")[0], 137)
+    st = env.wait_phase("crashy", "Failed", 60)
+    failed = next(c for c in st["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "BackoffLimitExceeded", failed
+    assert "exited with code 137" in failed["message"]
+
+
+def test_suspend_deletes_workers_and_resume_continues(env: Env):
+    env.apply(ftj("pausable"))
+    env.wait_running("pausable")
+    env.patch_spec("pausable", {"suspend": True})
+    st = env.wait_phase("pausable", "Suspended", 30)
+    assert env.get("job", "pausable")["spec"]["suspend"] is True
+    wait_for(lambda: env.pods("pausable") == [], 30, what="workers deleted")
+    assert next(c for c in st["conditions"] if c["type"] == "Suspended")["status"] == "True"
+
+    env.patch_spec("pausable", {"suspend": False})
+    st = env.wait_running("pausable", timeout=60)
+    assert env.get("job", "pausable")["spec"]["suspend"] is False
+    assert next(c for c in st["conditions"] if c["type"] == "Suspended")["reason"] == "Resumed"
+    assert not st.get("restarts"), "pods stopped by a suspend are not worker failures"
+    # Same Job, same rendezvous id: the trainer resumes from its checkpoint directory.
+    assert {"Suspended", "Running"} <= set(env.event_reasons("pausable"))
+
+
+def test_active_deadline_fails_with_deadline_exceeded(env: Env):
+    env.apply(ftj("slow", activeDeadlineSeconds=3))
+    env.wait_running("slow")
+    st = env.wait_phase("slow", "Failed", 60)
+    failed = next(c for c in st["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "DeadlineExceeded" and "activeDeadlineSeconds" in failed["message"]
+
+
+def test_ttl_deletes_the_finished_job_and_its_children(env: Env):
+    env.apply(ftj("shortlived", ttlSecondsAfterFinished=2))
+    env.wait_running("shortlived")
+    for pod in env.pods("shortlived"):
+        env.exit_pod(pod, 0)
+    env.wait_phase("shortlived", "Succeeded", 60)
+    wait_for(lambda: env.get("finetunejob", "shortlived") is None, 30, what="FineTuneJob deleted by TTL")
+    wait_for(lambda: env.get("job", "shortlived") is None and env.get("service", "shortlived") is None
+             and env.get("configmap", "shortlived-config") is None, 60, what="children garbage-collected")
+
+
+def test_deleting_the_job_garbage_collects_its_children(env: Env):
+    env.apply(ftj("doomed"))
+    env.wait_running("doomed")
+    env.delete("finetunejob", "doomed")
+    wait_for(lambda: env.get("job", "doomed") is None and env.get("service", "doomed") is None
+             and env.get("configmap", "doomed-config") is None, 60, what="children garbage-collected")
+    wait_for(lambda: env.pods("doomed", active_only=False) == [], 60, what="worker pods gone")
+
+
+def test_names_unusable_for_children_are_refused(env: Env):
+    # Too long for <name>-<index> host names: the API server refuses it (the CRD's CEL rule).
+    out = env.cluster.kubectl("apply", "-n", env.namespace, "-f", "-", input=yaml.safe_dump(ftj("n" * 53)))
+    assert out.returncode != 0 and "at most 52 characters" in out.stderr
+    # A dot is a valid object name but not a Service name: Invalid, reported once, no children.
+    env.apply(ftj("has.dot"))
+    cond = wait_for(lambda: env.condition("has.dot", "Accepted"), 30, what="Accepted condition")
+    assert cond["status"] == "False" and cond["reason"] == "InvalidSpec" and "no dots" in cond["message"]
+    assert env.get("job", "has.dot") is None and env.get("configmap", "has.dot-config") is None
+    assert "InvalidSpec" in env.event_reasons("has.dot")
+
+
+def _samples(text: str) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_operator_metrics(env: Env):
+    env.apply(ftj("metered"))
+    env.wait_running("metered")
+    env.evict(env.pods("metered")[0])
+    wait_for(lambda: env.status("metered").get("restarts") == 1, 30, what="disruption counted")
+    wait_metrics_up(env)
+    s = _samples(env.metrics())
+    kind = ("kind", "FineTuneJob")
+    assert s[("kubeforge_restarts_total", (kind, ("reason", "Disruption")))] >= 1
+    assert s[("kubeforge_reconcile_duration_seconds_count", (kind,))] >= 1
+    assert s[("kubeforge_time_to_workers_running_seconds_count", (kind,))] >= 1
+    phases = {dict(labels)["phase"]: v for (n, labels), v in s.items() if n == "kubeforge_jobs" and kind in labels}
+    assert phases.get("Running", 0) + phases.get("Restarting", 0) >= 1, phases

@@ -1,0 +1,253 @@
+"""FineTuneJob status (pure): phases, conditions, restarts counted once, terminal stays terminal;
+progress from a real Prometheus endpoint serving the trainer's metric names."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+from kubeforge.api.finetune import FineTuneJobSpec
+from kubeforge.controllers import finetune_status as fs
+from kubeforge.controllers import scrape
+from kubeforge_runtime import contract
+
+T0, T1, T2 = "2026-01-01T00:00:00Z", "2026-01-01T00:01:00Z", "2026-01-01T00:02:00Z"
+
+
+def spec(**over) -> FineTuneJobSpec:
+    base = {"model": {"uri": "hf://a/b"}, "dataset": {"uri": "s3://d/t.jsonl"}, "output": {"uri": "s3://m/out"},
+            "nodes": {"min": 2, "max": 2}}
+    base.update(over)
+    return FineTuneJobSpec.model_validate(base)
+
+
+def job(*conds: tuple[str, str], suspend: bool = False) -> dict:
+    return {"metadata": {"name": "ft", "uid": "job-uid"}, "spec": {"suspend": suspend},
+            "status": {"conditions": [{"type": t, "status": "True", "reason": r, "message": f"{r} message"}
+                                      for t, r in conds]}}
+
+
+def pod(index: int, phase: str = "Running", ready: bool = True, uid: str | None = None, created: str = T0,
+        exit_code: int | None = None, message: str = "", disrupted: bool = False, deleting: bool = False) -> dict:
+    conds = [{"type": "Ready", "status": "True" if ready and phase == "Running" else "False"}]
+    if disrupted:
+        conds.append({"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"})
+    st: dict = {"phase": phase, "conditions": conds, "podIP": f"127.16.0.{index + 2}"}
+    if exit_code is not None:
+        st["containerStatuses"] = [{"name": "trainer", "state": {"terminated": {"exitCode": exit_code, "message": message}}}]
+    meta = {"name": f"ft-{index}-{uid or index}", "uid": uid or f"uid-{index}", "creationTimestamp": created,
+            "annotations": {fs.COMPLETION_INDEX_ANNOTATION: str(index)}}
+    if deleting:
+        meta["deletionTimestamp"] = T1
+    return {"metadata": meta, "status": st}
+
+
+def run(prev=None, j=None, pods=(), counted=(), s=None, progress=None, now=T1, gen=1):
+    return fs.compute(spec=s or spec(), generation=gen, prev=prev or {}, job=j, pods=list(pods),
+                      counted=list(counted), progress=progress, now=now)
+
+
+def cond(status: dict, type_: str) -> dict:
+    return next(c for c in status["conditions"] if c["type"] == type_)
+
+
+def test_no_job_yet_is_pending_and_not_created():
+    out = run()
+    assert out.status["phase"] == "Pending"
+    assert cond(out.status, "Accepted")["status"] == "True"
+    assert cond(out.status, "Created")["status"] == "False"
+    assert out.status["observedGeneration"] == 1
+
+
+def test_workers_ready_is_running_once_with_start_time_and_events():
+    out = run(j=job(), pods=[pod(0), pod(1)])
+    st = out.status
+    assert st["phase"] == "Running" and st["startTime"] == T1 and out.became_running_first_time
+    assert st["workers"] == {"ready": 2, "total": 2, "min": 2, "max": 2}
+    assert cond(st, "Created")["status"] == cond(st, "Running")["status"] == "True"
+    assert [e.reason for e in out.events] == ["Created", "Running"]
+    # The same observation again changes nothing and posts nothing.
+    again = run(prev=st, j=job(), pods=[pod(0), pod(1)], now=T2)
+    assert again.status == st and again.events == [] and not again.became_running_first_time
+
+
+def test_partially_ready_is_pending():
+    out = run(j=job(), pods=[pod(0), pod(1, phase="Pending", ready=False)])
+    assert out.status["phase"] == "Pending" and out.status["workers"]["ready"] == 1
+    assert cond(out.status, "Running")["reason"] == "WaitingForWorkers"
+
+
+def test_elastic_runs_with_min_workers_while_others_wait():
+    s = spec(nodes={"min": 1, "max": 3})
+    out = run(s=s, j=job(), pods=[pod(0), pod(1, phase="Pending", ready=False)])
+    assert out.status["phase"] == "Running" and out.status["workers"] == {"ready": 1, "total": 2, "min": 1, "max": 3}
+
+
+def test_worker_failure_restarts_counts_once_then_recovers():
+    running = run(j=job(), pods=[pod(0), pod(1)]).status
+    failed = pod(0, phase="Failed", exit_code=1, message="NCCL error", uid="a")
+    out = run(prev=running, j=job(), pods=[failed, pod(1)], now=T2)
+    st = out.status
+    assert st["phase"] == "Restarting" and st["restarts"] == 1 and out.counted == ["a"]
+    assert out.new_restarts == ["Failure"]
+    assert cond(st, "Restarting")["reason"] == "WorkerFailed" and "exited with code 1: NCCL error" in cond(st, "Restarting")["message"]
+    assert {"WorkerFailed", "Restarting"} <= {e.reason for e in out.events}
+    # Seen again (another event, an operator restart): not counted twice.
+    again = run(prev=st, j=job(), pods=[failed, pod(1)], counted=out.counted, now=T2)
+    assert again.status["restarts"] == 1 and again.new_restarts == [] and again.status["phase"] == "Restarting"
+    # Replacement pending, then ready: Running again, Restarting condition False.
+    repl = pod(0, phase="Pending", ready=False, uid="b", created=T1)
+    assert run(prev=st, j=job(), pods=[failed, repl, pod(1)], counted=out.counted).status["phase"] == "Restarting"
+    back = run(prev=st, j=job(), pods=[failed, pod(0, uid="b", created=T1), pod(1)], counted=out.counted, now=T2)
+    assert back.status["phase"] == "Running" and back.status["restarts"] == 1
+    assert cond(back.status, "Restarting")["status"] == "False" and cond(back.status, "Restarting")["reason"] == "Recovered"
+    assert back.status["startTime"] == T1  # not reset by a restart
+
+
+def test_disruption_is_a_restart_with_its_own_reason():
+    running = run(j=job(), pods=[pod(0), pod(1)]).status
+    evicted = pod(1, phase="Failed", exit_code=143, disrupted=True, deleting=True, uid="e")
+    out = run(prev=running, j=job(), pods=[pod(0), evicted], now=T2)
+    assert out.status["restarts"] == 1 and out.new_restarts == ["Disruption"]
+    assert cond(out.status, "Restarting")["reason"] == "WorkerDisrupted"
+    assert "not counted against backoffLimit" in cond(out.status, "Restarting")["message"]
+
+
+def test_pods_deleted_by_the_job_controller_are_not_restarts():
+    running = run(j=job(), pods=[pod(0), pod(1)]).status
+    stopped = [pod(0, phase="Failed", exit_code=143, deleting=True), pod(1, phase="Failed", exit_code=143, deleting=True)]
+    out = run(prev=running, j=job(suspend=True), pods=stopped, s=spec(suspend=True), now=T2)
+    assert out.status["phase"] == "Suspended" and not out.status.get("restarts") and out.new_restarts == []
+    assert cond(out.status, "Suspended")["status"] == "True"
+    resumed = run(prev=out.status, j=job(), pods=[pod(0, uid="n0"), pod(1, uid="n1")], now=T2)
+    assert resumed.status["phase"] == "Running" and cond(resumed.status, "Suspended")["reason"] == "Resumed"
+
+
+def test_job_suspended_by_a_queue_is_pending_queued():
+    out = run(j=job(suspend=True), pods=[])
+    assert out.status["phase"] == "Pending" and cond(out.status, "Running")["reason"] == "Queued"
+
+
+def test_config_error_exit_code_fails_at_once_with_the_trainers_message():
+    running = run(j=job(), pods=[pod(0), pod(1)]).status
+    bad = pod(1, phase="Failed", exit_code=contract.EXIT_CONFIG_ERROR, message="dataset.format: bad")
+    out = run(prev=running, j=job(), pods=[pod(0), bad], now=T2)
+    st = out.status
+    assert st["phase"] == "Failed" and st["completionTime"] == T2 and not st.get("restarts")
+    c = cond(st, "Failed")
+    assert c["reason"] == "ConfigurationError" and "exited with code 78" in c["message"] and "dataset.format: bad" in c["message"]
+    assert [e.reason for e in out.events] == ["ConfigurationError"] and out.events[0].type == "Warning"
+
+
+@pytest.mark.parametrize("job_reason, expected, text", [
+    ("BackoffLimitExceeded", "BackoffLimitExceeded", "backoffLimit"),
+    ("DeadlineExceeded", "DeadlineExceeded", "activeDeadlineSeconds"),
+    ("PodFailurePolicy", "PodFailurePolicy", "PodFailurePolicy message"),
+])
+def test_job_failure_reasons(job_reason, expected, text):
+    running = run(j=job(), pods=[pod(0), pod(1)]).status
+    out = run(prev=running, j=job(("Failed", job_reason)), pods=[], now=T2)
+    assert out.status["phase"] == "Failed" and cond(out.status, "Failed")["reason"] == expected
+    assert text in cond(out.status, "Failed")["message"] and cond(out.status, "Running")["status"] == "False"
+
+
+def test_failure_target_is_enough_to_fail():
+    out = run(j=job(("FailureTarget", "DeadlineExceeded")), pods=[pod(0), pod(1)])
+    assert out.status["phase"] == "Failed"
+
+
+def test_success_sets_output_completion_time_and_full_progress():
+    running = run(j=job(), pods=[pod(0), pod(1)], progress={"step": 90, "totalSteps": 100}).status
+    assert running["progress"]["percent"] == "90%"
+    out = run(prev=running, j=job(("Complete", "CompletionsReached")), pods=[], now=T2)
+    st = out.status
+    assert st["phase"] == "Succeeded" and st["completionTime"] == T2 and st["output"] == {"uri": "s3://m/out"}
+    assert st["progress"]["step"] == 100 and st["progress"]["percent"] == "100%"
+    assert cond(st, "Succeeded")["reason"] == "Completed"
+    assert "Succeeded" in [e.reason for e in out.events]
+    assert run(prev=running, j=job(("SuccessCriteriaMet", "SuccessPolicy")), pods=[]).status["phase"] == "Succeeded"
+
+
+@pytest.mark.parametrize("terminal", ["Succeeded", "Failed"])
+def test_terminal_is_never_left(terminal):
+    prev = {"phase": terminal, "completionTime": T1, "conditions": [], "observedGeneration": 1}
+    # Whatever the cluster shows now (a running Job, ready pods), the phase stays.
+    out = run(prev=prev, j=job(), pods=[pod(0), pod(1)], gen=2, now=T2)
+    assert out.status["phase"] == terminal and out.status["completionTime"] == T1
+    assert out.status["observedGeneration"] == 2 and out.events == []
+
+
+def test_counted_uids_are_bounded():
+    running = run(j=job(), pods=[pod(0), pod(1)]).status
+    old = [f"old-{i}" for i in range(fs.MAX_COUNTED_UIDS)]
+    out = run(prev=running, j=job(), pods=[pod(0, phase="Failed", exit_code=1, uid="new"), pod(1)], counted=old)
+    assert len(out.counted) == fs.MAX_COUNTED_UIDS and out.counted[-1] == "new"
+
+
+def test_progress_and_last_checkpoint_from_metrics():
+    s = spec(training={"globalBatchSize": 8}, dataset={"uri": "s3://d/t.jsonl", "sequenceLength": 512})
+    samples = {contract.METRIC_STEP: 40, contract.METRIC_TOTAL_STEPS: 100, contract.METRIC_EPOCH: 0.4,
+               contract.METRIC_LOSS: 2.345678, contract.METRIC_TOKENS_PER_SECOND: 4096.0,
+               contract.METRIC_LAST_CHECKPOINT_STEP: 30}
+    progress = fs.progress_from_metrics(samples, s)
+    # 60 steps left x 4096 tokens per step / 4096 tokens/s = 60 s
+    assert progress == {"step": 40, "totalSteps": 100, "epoch": 0.4, "loss": 2.34568, "tokensPerSecond": 4096.0,
+                        "etaSeconds": 60, "lastCheckpointStep": 30}
+    st = run(j=job(), pods=[pod(0), pod(1)], s=s, progress=progress).status
+    assert st["progress"]["percent"] == "40%" and "lastCheckpointStep" not in st["progress"]
+    assert st["lastCheckpoint"] == "s3://m/out/checkpoints/step-00000030"
+    assert fs.progress_from_metrics({}, s) is None
+
+
+def test_ttl_due():
+    assert fs.ttl_due({"phase": "Succeeded", "completionTime": T1}, 60).isoformat() == "2026-01-01T00:02:00+00:00"
+    assert fs.ttl_due({"phase": "Running"}, 60) is None
+    assert fs.ttl_due({"phase": "Failed", "completionTime": T1}, None) is None
+
+
+# --- scraping a real endpoint ---------------------------------------------------------------------------
+
+def test_scrape_reads_the_trainers_gauges_over_http():
+    reg = CollectorRegistry()
+    Gauge(contract.METRIC_STEP, "step", registry=reg).set(7)
+    Gauge(contract.METRIC_LOSS, "loss", registry=reg).set(1.5)
+    server, thread = start_http_server(0, addr="127.0.0.1", registry=reg)
+    try:
+        samples = scrape.fetch(f"http://127.0.0.1:{server.server_address[1]}/metrics")
+        assert samples == {contract.METRIC_STEP: 7.0, contract.METRIC_LOSS: 1.5}
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_scrape_of_an_unreachable_endpoint_is_none_quickly():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, never listening: connection refused
+        assert scrape.fetch(f"http://127.0.0.1:{port}/metrics", timeout=0.5) is None
+    # 192.0.2.0/24 is TEST-NET-1: never routed; the timeout bounds the wait.
+    assert scrape.fetch("http://192.0.2.1:9090/metrics", timeout=0.2) is None
+
+
+def test_scrape_of_something_that_is_not_prometheus_text_is_none():
+    import http.server
+    import threading
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"<html>{{{ not metrics")
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        assert scrape.fetch(f"http://127.0.0.1:{srv.server_address[1]}/metrics") is None
+    finally:
+        srv.shutdown()
+        srv.server_close()
