@@ -1,7 +1,7 @@
 """The QuantizeJob report: a compact JSON for the pod's termination message, a full copy on disk.
 
-Called by the runner. The compact report goes to ``$KUBEFORGE_REPORT_PATH`` (default
-``contract.TERMINATION_LOG``, ``/dev/termination-log``); Kubernetes copies that file into
+Called by the runner. The compact report goes to ``$KUBEFORGE_REPORT_PATH``, else to
+``contract.TERMINATION_LOG`` (``/dev/termination-log``) when that exists; Kubernetes copies that file into
 ``status.containerStatuses[].state.terminated.message``, which is how the operator reads the
 result without giving the pod API access. Kubernetes truncates that message at 4096 bytes,
 so the compact form is kept well below it (the message is shortened if it must be). The full
@@ -44,8 +44,17 @@ REASON_UNSUPPORTED_METHOD = "UnsupportedMethod"
 REASON_INTERNAL_ERROR = "InternalError"
 
 
-def report_path() -> Path:
-    return Path(os.environ.get(contract.ENV_REPORT_PATH) or contract.TERMINATION_LOG)
+def report_path() -> Path | None:
+    """``$KUBEFORGE_REPORT_PATH``, else the termination log if it exists, else None.
+
+    The kubelet creates ``/dev/termination-log`` in the container; outside a pod it does not
+    exist, and a local run must not create files under ``/dev``.
+    """
+    override = os.environ.get(contract.ENV_REPORT_PATH)
+    if override:
+        return Path(override)
+    default = Path(contract.TERMINATION_LOG)
+    return default if default.exists() else None
 
 
 def _round(value: Any) -> Any:
@@ -74,10 +83,13 @@ def compact(report: dict[str, Any]) -> str:
     return text
 
 
-def write_compact(report: dict[str, Any]) -> Path:
-    """Write the compact report to the termination-message path; return the path."""
+def write_compact(report: dict[str, Any]) -> Path | None:
+    """Write the compact report to the termination-message path; return the path (or None)."""
     path = report_path()
     text = compact(report)
+    if path is None:
+        log.info("no %s and no %s: report not written; report: %s", contract.ENV_REPORT_PATH, contract.TERMINATION_LOG, text)
+        return None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)

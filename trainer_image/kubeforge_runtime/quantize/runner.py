@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     if code not in (contract.EXIT_OK, contract.EXIT_QUALITY_GATE_FAILED):
         log.error("%s: %s", compact["reason"], compact["message"])
     path = reporting.write_compact(compact)
-    log.info("report written to %s; exit code %d", path, code)
+    log.info("report written to %s; exit code %d", path or "(nowhere)", code)
     return code
 
 
