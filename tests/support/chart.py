@@ -8,6 +8,7 @@ renders pass ``--kube-version`` explicitly (the chart requires 1.30+).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -175,3 +176,13 @@ def controller_creates_children(kind: str) -> bool:
     """Whether this kind's reconciler applies children yet (read from its source)."""
     module = {"FineTuneJob": "finetune", "QuantizeJob": "quantize", "InferenceService": "inference"}[kind]
     return "server_side_apply" in (REPO / "operator" / "kubeforge" / "controllers" / f"{module}.py").read_text()
+
+
+# How the API server words an RBAC denial. Other 403s (e.g. "unable to create new content in
+# namespace X because it is being terminated", from reconciling another test's leftovers in a
+# namespace being deleted) are not permission problems.
+RBAC_DENIED = re.compile(r'User \\?"system:serviceaccount:[^"\\]+\\?" cannot [a-z]+ resource')
+
+
+def rbac_denials(log: str) -> list[str]:
+    return [line for line in log.splitlines() if RBAC_DENIED.search(line)]
