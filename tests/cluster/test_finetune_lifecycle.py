@@ -240,3 +240,42 @@ def test_operator_metrics(env: Env):
     assert s[("kubeforge_time_to_workers_running_seconds_count", (kind,))] >= 1
     phases = {dict(labels)["phase"]: v for (n, labels), v in s.items() if n == "kubeforge_jobs" and kind in labels}
     assert phases.get("Running", 0) + phases.get("Restarting", 0) >= 1, phases
+
+
+def test_progress_is_read_from_the_rank0_metrics_endpoint_and_survives_its_loss(env: Env):
+    from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+    env.apply(ftj("progress"))
+    env.wait_running("progress")
+    pod_ip = env.pods("progress")[0]["status"]["podIP"]
+    assert pod_ip.startswith("127."), "kwok pod IPs are loopback addresses: nothing leaves this machine"
+    # Play rank 0: serve the trainer's gauges on the pod's own IP and the contract's port.
+    reg = CollectorRegistry()
+    g = {name: Gauge(name, name, registry=reg) for name in (
+        contract.METRIC_STEP, contract.METRIC_TOTAL_STEPS, contract.METRIC_EPOCH, contract.METRIC_LOSS,
+        contract.METRIC_TOKENS_PER_SECOND, contract.METRIC_LAST_CHECKPOINT_STEP)}
+    for name, value in ((contract.METRIC_STEP, 40), (contract.METRIC_TOTAL_STEPS, 100), (contract.METRIC_EPOCH, 0.4),
+                        (contract.METRIC_LOSS, 2.5), (contract.METRIC_TOKENS_PER_SECOND, 4096),
+                        (contract.METRIC_LAST_CHECKPOINT_STEP, 30)):
+        g[name].set(value)
+    try:
+        server, _thread = start_http_server(contract.DEFAULT_METRICS_PORT, addr=pod_ip, registry=reg)
+    except OSError as exc:  # someone else on this machine holds the port on every address
+        pytest.skip(f"cannot serve on {pod_ip}:{contract.DEFAULT_METRICS_PORT}: {exc}")
+    try:
+        st = wait_for(lambda: (s := env.status("progress")).get("progress", {}).get("step") == 40 and s, 30,
+                      what="progress from the metrics endpoint")
+        assert st["progress"] == {"step": 40, "totalSteps": 100, "epoch": 0.4, "loss": 2.5, "tokensPerSecond": 4096.0,
+                                  "etaSeconds": 60, "percent": "40%"}
+        assert st["lastCheckpoint"] == "s3://models/progress/checkpoints/step-00000030"
+        g[contract.METRIC_STEP].set(50)
+        wait_for(lambda: env.status("progress").get("progress", {}).get("step") == 50, 30, what="progress update")
+    finally:
+        server.shutdown()
+        server.server_close()
+    # The endpoint is gone: the job stays Running and keeps the last progress it showed.
+    import time
+
+    time.sleep(2)
+    st = env.status("progress")
+    assert st["phase"] == "Running" and st["progress"]["step"] == 50 and st["progress"]["percent"] == "50%"
