@@ -204,3 +204,28 @@ def test_layers_the_group_size_does_not_divide_are_reported(
     full = json.loads((Path(report["outputUri"].removeprefix("file://")) / "quantization-report.json").read_text())
     assert full["before"]["fullPrecisionLinearLayers"] == 28
     assert full["after"]["fullPrecisionLinearLayers"] == 24
+
+
+def test_a_lora_adapter_is_merged_into_its_base_before_quantizing(
+    write_config: Callable[..., Path], report_file: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    base = models.load_causal_lm(tiny_model)
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(str(adapter))
+    merged = models.load_causal_lm(adapter, merge_adapter=True).eval()
+
+    config = write_config("bf16", model={"uri": f"file://{adapter}"})
+    assert runner.main(["--config", str(config)]) == contract.EXIT_OK
+    out = Path(json.loads(report_file.read_text())["outputUri"].removeprefix("file://"))
+    loaded = models.load_causal_lm(out).eval()
+    ids = torch.arange(3, 40)[None]
+    with torch.no_grad():
+        # The output is the merged model in bf16: close to the merged fp32 model, and not
+        # the base (the random LoRA update moves the logits well beyond bf16 rounding).
+        got, want = loaded(ids).logits.float(), merged(ids).logits
+        plain = models.load_causal_lm(tiny_model).eval()(ids).logits  # get_peft_model changed `base` in place
+    assert (got - want).norm() / want.norm() < 2e-2
+    assert (got - want).norm() < (got - plain).norm()
