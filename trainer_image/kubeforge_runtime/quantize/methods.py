@@ -178,8 +178,11 @@ class Int4WeightOnlyMethod:
 
             return PrototypeInt4WeightOnlyConfig(group_size=group_size)
         from torchao.quantization import Int4WeightOnlyConfig
+        from torchao.quantization.quantize_.workflows import Int4PackingFormat
 
-        return Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d")
+        # tile_packed_to_4d is tinygemm's CUDA layout; the default (plain) needs the mslk
+        # kernels, which are not a torchao dependency.
+        return Int4WeightOnlyConfig(group_size=group_size, int4_packing_format=Int4PackingFormat.TILE_PACKED_TO_4D)
 
     def _dtype(self, device: str) -> Any:
         import torch
