@@ -115,7 +115,7 @@ def hf_worker(config_path: str) -> None:
     )
     Trainer(model=model, args=args, train_dataset=samples, callbacks=[Timer()]).train()
     tokens = t["globalBatchSize"] * d["sequenceLength"]
-    print(json.dumps({"tokensPerSecond": [tokens / s for s in step_times]}))
+    sys.stdout.write(json.dumps({"tokensPerSecond": [tokens / s for s in step_times]}) + "\n")  # read by run_hf
 
 
 def run_hf(config: Path, threads: int) -> float:

@@ -185,3 +185,9 @@ def test_finetune_lowers_validation_loss(launcher: Callable[..., Run]) -> None:
     assert [e["step"] for e in events if e["event"] == "eval"] == [0, 10, 20, 30]
     assert events[-1]["event"] == "done"
     models.load_causal_lm(run.out)
+
+
+def test_gradient_checkpointing_computes_the_same(launcher: Callable[..., Run], reference: Run) -> None:
+    """Recomputing activations in backward must not change a single number that matters."""
+    got = launcher("grad-ckpt", {"training": {"gradientCheckpointing": True}}, 0).dump()
+    assert_same(got, reference.dump())

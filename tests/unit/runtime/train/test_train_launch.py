@@ -23,7 +23,8 @@ def launch(config: dict[str, Any] | None, tmp_path: Path, *command: str, env: di
     cmd = [sys.executable, "-m", "kubeforge_runtime.launch", "--config", str(path)]
     if command:
         cmd += ["--", *command]
-    return subprocess.run(cmd, capture_output=True, text=True, env=child_env(**(env or {})), timeout=120)
+    extra = {contract.ENV_REPORT_PATH: str(tmp_path / "termination-log"), **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, env=child_env(**extra), timeout=120)
 
 
 @pytest.fixture
@@ -37,6 +38,8 @@ def check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.Captur
     monkeypatch.setattr(launch_mod.os, "execvp", forbidden)
 
     def run(config: dict[str, Any], *command: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+        # Never touch a real /dev/termination-log from a test.
+        monkeypatch.setenv(contract.ENV_REPORT_PATH, str(tmp_path / "termination-log"))
         for key in ("PET_NNODES", "PET_NPROC_PER_NODE"):
             monkeypatch.delenv(key, raising=False)
         for key, value in (env or {}).items():
@@ -75,12 +78,13 @@ def test_valid_config_execs_the_command_and_passes_its_exit_code(cfg: dict[str, 
     ({"output": {"uri": "s3://bucket/out"}}, ["outputs must be file:// or pvc://"]),
 ])
 def test_configuration_errors_exit_78_with_a_message(cfg: dict[str, Any], check: Any, change: dict[str, Any],
-                                                     words: list[str]) -> None:
+                                                     words: list[str], tmp_path: Path) -> None:
     code, err = check(merge(cfg, change), *TORCHRUN)
     assert code == contract.EXIT_CONFIG_ERROR, err
     assert "configuration error" in err
     for w in words:
         assert w in err
+    assert words[0] in (tmp_path / "termination-log").read_text()
 
 
 def test_configuration_error_exit_code_through_a_real_process(cfg: dict[str, Any], tmp_path: Path) -> None:
@@ -105,9 +109,11 @@ def test_bad_records_fail_the_preflight_with_file_and_line(cfg: dict[str, Any], 
     assert code == 78 and f"{data}:401:" in err
 
 
-def test_unreadable_config_file_exits_78(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_unreadable_config_file_exits_78(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
     from kubeforge_runtime import launch as launch_mod
 
+    monkeypatch.setenv(contract.ENV_REPORT_PATH, str(tmp_path / "termination-log"))
     assert launch_mod.main(["--config", str(tmp_path / "missing.json"), "--", "true"]) == 78
     assert "cannot read config file" in capsys.readouterr().err
 
@@ -160,3 +166,13 @@ def test_mfu_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(metrics.ENV_PEAK_FLOPS, "1e12")
     assert metrics.peak_flops_per_device("fp32") == 1e12
     assert metrics.flops_per_token(1000, 2, 8, 16) == 6000 + 12 * 2 * 8 * 16
+
+
+def test_offline_hub_id_fails_at_once(cfg: dict[str, Any], check: Any) -> None:
+    import time
+
+    began = time.monotonic()
+    code, err = check(merge(cfg, {"model": {"uri": "hf://example-org/no-such-model"}}), *TORCHRUN,
+                      env={"HF_HUB_OFFLINE": "1"})
+    assert code == 78 and "HF_HUB_OFFLINE" in err and "pvc://" in err
+    assert time.monotonic() - began < 30
