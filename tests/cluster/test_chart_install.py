@@ -15,8 +15,10 @@ import pytest
 import yaml
 
 from support.chart import (
-    CHART, KUBE_VERSION, accepted, children, controller_creates_children, helm, rbac_denials, three_kinds,
+    CHART, KUBE_VERSION, OperatorAs, accepted, children, controller_creates_children, deployment_command, helm,
+    local_args, rbac_denials, sa_kubeconfig, three_kinds,
 )
+from support.cluster import free_port
 from support.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
@@ -166,8 +168,9 @@ def test_rbac_matrix_cluster_mode(cluster, release, namespace):
     run_matrix(cluster, f"system:serviceaccount:{release}:{SA}", CLUSTER_MATRIX, namespace)
 
 
-def test_rbac_matrix_namespaced_mode(cluster, namespace):
-    """rbac.scope=namespaces: full rights in the watched namespace, none anywhere else."""
+def test_namespaced_mode_rbac_matrix_and_operator(cluster, namespace, tmp_path, request):
+    """rbac.scope=namespaces: full rights in the watched namespace, none anywhere else; and
+    the operator, with that release's args and ServiceAccount, reconciles there."""
     ns = f"kubeforge-ns-{uuid.uuid4().hex[:6]}"
     other = f"other-{uuid.uuid4().hex[:6]}"
     cluster.kubectl("create", "namespace", other, check=True)
@@ -191,6 +194,24 @@ def test_rbac_matrix_namespaced_mode(cluster, namespace):
             ("create", "pods/exec", namespace, False),
         ], namespace)
         cluster.kubectl("get", "kopfpeering", "kubeforge", "-n", namespace, check=True)
+
+        args, op_env = deployment_command(cluster, ns, "kfns-kubeforge")
+        assert f"--namespace={namespace}" in args and "--peering=kubeforge" in args
+        log = tmp_path / "operator-namespaced.log"
+        request.node._kubeforge_logs = [str(log)]
+        op = OperatorAs(local_args(args, free_port), sa_kubeconfig(cluster, ns, "kfns-kubeforge", tmp_path / "sa"),
+                        log, env={**op_env, "POD_ID": "namespaced-operator"}).start()
+        try:
+            objs = three_kinds("-ns")
+            cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump_all(objs), check=True)
+            for obj in objs:
+                kind, name = obj["kind"], obj["metadata"]["name"]
+                wait_for(lambda: accepted(cluster, namespace, kind, name), 60, what=f"{kind} {name} accepted")
+                if controller_creates_children(kind):
+                    wait_for(lambda: children(cluster, namespace, kind, name), 60, what=f"children of {kind} {name}")
+            assert rbac_denials(op.log()) == [], "the namespaced Roles refused the operator something"
+        finally:
+            op.stop()
     finally:
         helm("uninstall", "kfns", "--namespace", ns, "--wait=false", env=env, check=False)
         for n in (ns, other):
