@@ -191,3 +191,39 @@ def test_gradient_checkpointing_computes_the_same(launcher: Callable[..., Run], 
     """Recomputing activations in backward must not change a single number that matters."""
     got = launcher("grad-ckpt", {"training": {"gradientCheckpointing": True}}, 0).dump()
     assert_same(got, reference.dump())
+
+
+def test_sigterm_to_torchrun_checkpoints_and_stops(base_config: dict[str, Any], tmp_path) -> None:
+    """Preemption/suspension as the kubelet does it: SIGTERM to the pod's torchrun, which
+    forwards it; the workers finish the step in flight, checkpoint it together and stop."""
+    import signal
+    import subprocess
+    import time
+
+    from train_support import child_env, merge, torchrun_cmd
+
+    from kubeforge_runtime.train import checkpoint as ckpt
+
+    out = tmp_path / "out"
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(merge(base_config, {"training": {"maxSteps": 100000}, "output": {"uri": f"file://{out}"}})))
+    log = tmp_path / "log.txt"
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(torchrun_cmd(2, config), env=child_env(), stdout=fh, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 180
+            while '"event": "step"' not in log.read_text(errors="replace"):
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+                time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log.read_text(errors="replace")
+    assert code != 0, "a stopped run must not look finished"
+    stopped = [json.loads(line.split(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("KUBEFORGE_EVENT ") and '"stopped"' in line]
+    assert len(stopped) == 1, text[-4000:]
+    done = ckpt.complete_checkpoints(out / "checkpoints")
+    assert [s for s, _ in done] == [stopped[0]["step"]]
