@@ -172,6 +172,11 @@ class LocalCluster:
             f"--client-ca-file={pki / 'ca.crt'}", "--service-cluster-ip-range=10.96.0.0/16",
             "--authorization-mode=RBAC", "--service-account-issuer=https://kubernetes.default.svc",
             f"--service-account-key-file={pki / 'sa.pub'}", f"--service-account-signing-key-file={pki / 'sa.key'}",
+            # The front-proxy CA (unused here) keeps the API server from logging a missing
+            # requestheader bundle several times a second.
+            f"--requestheader-client-ca-file={pki / 'ca.crt'}", "--requestheader-allowed-names=front-proxy-client",
+            "--requestheader-username-headers=X-Remote-User", "--requestheader-group-headers=X-Remote-Group",
+            "--requestheader-extra-headers-prefix=X-Remote-Extra-",
             "--allow-privileged=true", "--enable-priority-and-fairness=false", "--v=1",
             # TaintNodesByCondition puts node.kubernetes.io/not-ready:NoSchedule on every new
             # Node, and only the node-lifecycle controller (disabled below: kwok plays the

@@ -189,9 +189,14 @@ def compute(
 ) -> Outcome:
     """The FineTuneJob's next status. ``prev`` is its current status (possibly empty)."""
     status: dict[str, Any] = {k: v for k, v in prev.items()}
+    was_accepted = get_condition(prev.get("conditions"), "Accepted") or {}
     conds = set_condition(prev.get("conditions"), "Accepted", True, "Accepted", "spec is valid", generation, now)
     prev_phase = prev.get("phase")
     out = Outcome(status=status, counted=list(counted))
+    if prev_phase not in TERMINAL_PHASES and (
+            was_accepted.get("status") != "True" or was_accepted.get("observedGeneration") != generation):
+        # Once per generation (a finished job accepts nothing new: it is never resurrected).
+        out.events.append(Event("Normal", "Accepted", f"generation {generation} accepted"))
     status["observedGeneration"] = generation
     if progress:
         status["progress"] = _progress_percent(dict(progress))

@@ -9,6 +9,7 @@ small table instead of API discovery: the operator only touches the kinds listed
 from __future__ import annotations
 
 import json
+import os
 import logging
 from typing import Any
 
@@ -42,7 +43,8 @@ def load_config() -> None:
     try:
         config.load_incluster_config()
     except config.ConfigException:
-        config.load_kube_config()
+        # Read $KUBECONFIG now: the client's own default is fixed when it is first imported.
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
 
 
 def api() -> client.ApiClient:

@@ -57,6 +57,7 @@ def test_no_job_yet_is_pending_and_not_created():
     out = run()
     assert out.status["phase"] == "Pending"
     assert cond(out.status, "Accepted")["status"] == "True"
+    assert [e.reason for e in out.events] == ["Accepted", "Pending"]
     assert cond(out.status, "Created")["status"] == "False"
     assert out.status["observedGeneration"] == 1
 
@@ -67,7 +68,7 @@ def test_workers_ready_is_running_once_with_start_time_and_events():
     assert st["phase"] == "Running" and st["startTime"] == T1 and out.became_running_first_time
     assert st["workers"] == {"ready": 2, "total": 2, "min": 2, "max": 2}
     assert cond(st, "Created")["status"] == cond(st, "Running")["status"] == "True"
-    assert [e.reason for e in out.events] == ["Created", "Running"]
+    assert [e.reason for e in out.events] == ["Accepted", "Created", "Running"]
     # The same observation again changes nothing and posts nothing.
     again = run(prev=st, j=job(), pods=[pod(0), pod(1)], now=T2)
     assert again.status == st and again.events == [] and not again.became_running_first_time
