@@ -94,6 +94,16 @@ def test_operator_with_chart_credentials_reconciles_all_three_kinds(cluster, nam
                 appliers = {m["manager"] for m in live["metadata"]["managedFields"] if m["operation"] == "Apply"}
                 assert appliers == {"kubeforge"}, (child, live["metadata"]["managedFields"])
 
+        # The ports the chart's probes and metrics Service point at answer.
+        import urllib.request
+
+        port = {a.split("=")[0]: int(a.split("=")[1]) for a in op.args if a.startswith(("--liveness", "--metrics"))}
+        with urllib.request.urlopen(f"http://127.0.0.1:{port['--liveness-port']}/healthz", timeout=5) as rsp:
+            assert rsp.status == 200
+        with urllib.request.urlopen(f"http://127.0.0.1:{port['--metrics-port']}/metrics", timeout=5) as rsp:
+            body = rsp.read().decode()
+        assert "process_cpu_seconds_total" in body and "\nkubeforge_" in body  # process and reconciler metrics
+
         text = op.log()
         assert rbac_denials(text) == [], "the chart's RBAC refused the operator something"
         assert "peering 'kubeforge'" in text  # ran with mandatory peering, as the chart asks
