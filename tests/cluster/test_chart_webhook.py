@@ -133,3 +133,36 @@ def test_references_and_adapters(cluster, webhook):
                                              "adapters": [{"name": "sql", "uri": "pvc://m/a1"}]})
     out = apply(cluster, ns, ok)
     assert out.returncode == 0 and "Warning" not in out.stderr, out.stderr
+
+
+def test_chart_certificate_is_installed_and_kept_across_upgrades(cluster):
+    """The self-signed pair Helm generates is installed, matches the webhook's caBundle and
+    survives `helm upgrade` (lookup), so the API server keeps trusting the running pods.
+    Installed in namespaced mode for a namespace no test uses: the webhook's Service cannot be
+    reached from this API server, and its Fail policy must not touch other namespaces."""
+    from support.chart import CHART, helm
+
+    ns, watched = f"kubeforge-wh-{uuid.uuid4().hex[:6]}", f"unused-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("create", "namespace", watched, check=True)
+    env = cluster.env()
+    values = ["--set", "rbac.scope=namespaces", "--set", f"watchNamespaces={{{watched}}}"]
+    helm("install", "kfwh", str(CHART), "-n", ns, "--create-namespace", *values, env=env)
+    try:
+        def state():
+            secret = yaml.safe_load(cluster.kubectl("get", "secret", "kfwh-kubeforge-webhook-tls", "-n", ns, "-o", "yaml",
+                                                    check=True).stdout)
+            vwc = yaml.safe_load(cluster.kubectl("get", "validatingwebhookconfiguration", f"kfwh-kubeforge-{ns}",
+                                                 "-o", "yaml", check=True).stdout)
+            return secret["data"], {w["clientConfig"]["caBundle"] for w in vwc["webhooks"]}, vwc
+
+        data, bundles, vwc = state()
+        assert bundles == {data["ca.crt"]}
+        for hook in vwc["webhooks"]:
+            assert hook["namespaceSelector"]["matchExpressions"][0]["values"] == [watched]
+        helm("upgrade", "kfwh", str(CHART), "-n", ns, *values, "--set", "verbose=true", env=env)
+        data2, bundles2, _ = state()
+        assert data2 == data and bundles2 == bundles, "helm upgrade replaced the webhook certificate"
+    finally:
+        helm("uninstall", "kfwh", "-n", ns, "--wait=false", env=env, check=False)
+        for n in (ns, watched):
+            cluster.kubectl("delete", "namespace", n, "--wait=false")
