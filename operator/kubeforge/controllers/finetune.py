@@ -6,8 +6,9 @@ kopf calls the handlers here (registered on import by :mod:`kubeforge.controller
   spec, renders the children with :mod:`kubeforge.builders.finetune` and server-side
   applies them (deterministic names, one field manager: applying again changes nothing, so
   an operator killed at any point and restarted creates no duplicates), then syncs status;
-* ``child_event`` on every event of a Job or pod carrying the FineTuneJob label: syncs the
-  owner's status from the Job and its pods (:mod:`.finetune_status`, a pure function);
+* ``job_event``/``pod_event`` on every event of a Job or pod carrying the FineTuneJob label:
+  schedule a sync of the owner's status from the Job and its pods (:mod:`.finetune_status`,
+  a pure function), debounced so that a burst of events costs one sync;
 * a background poller (started at operator startup) that reads training progress from the
   rank-0 metrics endpoint of running jobs and deletes finished jobs whose
   ``ttlSecondsAfterFinished`` has passed.
@@ -100,6 +101,75 @@ def request_sync(namespace: str, name: str) -> None:
     finally:
         with _sync_guard:
             state.running = False
+
+
+class Debouncer:
+    """Coalesce bursts of child events into one sync per FineTuneJob per ``delay`` seconds.
+
+    A worker pod going Pending -> scheduled -> Running -> Ready, and its Job counting it, are
+    half a dozen watch events within a second; syncing on each would cost four API calls
+    apiece. Event handlers only mark the job due (and return at once, freeing kopf's
+    workers); one scheduler thread hands due jobs to a small pool that runs the syncs.
+    """
+
+    def __init__(self, delay: float, workers: int = 8) -> None:
+        self.delay = delay
+        self._due: dict[tuple[str, str], float] = {}
+        self._cv = threading.Condition()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kubeforge-sync")
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="kubeforge-finetune-debouncer", daemon=True)
+        self._thread.start()
+
+    def schedule(self, namespace: str, name: str) -> None:
+        with self._cv:
+            if (namespace, name) not in self._due:
+                self._due[(namespace, name)] = time.monotonic() + self.delay
+                self._cv.notify()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopped = True
+            self._cv.notify()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                if self._stopped:
+                    return
+                nowt = time.monotonic()
+                ready = [k for k, t in self._due.items() if t <= nowt]
+                for k in ready:
+                    del self._due[k]
+                if not ready:
+                    wait = min(self._due.values(), default=nowt + 60) - nowt
+                    self._cv.wait(timeout=max(wait, 0.01))
+                    continue
+            for key in ready:
+                self._pool.submit(self._sync, key)
+
+    @staticmethod
+    def _sync(key: tuple[str, str]) -> None:
+        try:
+            request_sync(*key)
+        except Exception:  # noqa: BLE001 - logged; the next event or poll syncs again
+            log.exception("sync of FineTuneJob %s/%s failed", *key)
+            _debouncer_for().schedule(*key)  # try again after the delay
+
+
+DEBOUNCE_ENV = "KUBEFORGE_FINETUNE_DEBOUNCE_SECONDS"
+DEFAULT_DEBOUNCE_SECONDS = 0.3
+_debouncer: Debouncer | None = None
+_debouncer_lock = threading.Lock()
+
+
+def _debouncer_for() -> Debouncer:
+    global _debouncer
+    with _debouncer_lock:
+        if _debouncer is None:
+            _debouncer = Debouncer(float(os.environ.get(DEBOUNCE_ENV, DEFAULT_DEBOUNCE_SECONDS)))
+        return _debouncer
 
 
 def _sync_with_retries(namespace: str, name: str) -> None:
@@ -298,12 +368,12 @@ def reconcile(spec: Any, body: Any, meta: Any, status: Any, patch: kopf.Patch, n
 
 @kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)
 def job_event(labels: Any, namespace: str, **_: Any) -> None:
-    request_sync(namespace, labels[OWNER_LABEL])
+    _debouncer_for().schedule(namespace, labels[OWNER_LABEL])
 
 
 @kopf.on.event("", "v1", "pods", labels=CHILD_LABELS)
 def pod_event(labels: Any, namespace: str, **_: Any) -> None:
-    request_sync(namespace, labels[OWNER_LABEL])
+    _debouncer_for().schedule(namespace, labels[OWNER_LABEL])
 
 
 @kopf.on.delete(*GROUP_VERSION, optional=True)
@@ -396,7 +466,11 @@ def start_poller(**_: Any) -> None:
 
 @kopf.on.cleanup()
 def stop_poller(**_: Any) -> None:
-    global _poller
+    global _poller, _debouncer
     if _poller is not None:
         _poller.stop()
         _poller = None
+    with _debouncer_lock:
+        if _debouncer is not None:
+            _debouncer.stop()
+            _debouncer = None
