@@ -74,6 +74,14 @@ def test_two_node_job_gets_service_configmap_job_and_runs_on_gpu_nodes(env: Env)
     env.delete("finetunejob", "basic")
 
 
+def test_workers_that_fit_no_gpu_node_stay_pending_with_the_schedulers_reason(env: Env):
+    env.apply(ftj("toobig", gpus=16))  # the nodes have 8 GPUs each
+    cond = wait_for(lambda: (c := env.condition("toobig", "Running")) and c["reason"] == "Unschedulable" and c, 30,
+                    what="Unschedulable reason")
+    assert env.status("toobig")["phase"] == "Pending" and "nvidia.com/gpu" in cond["message"]
+    env.delete("finetunejob", "toobig")
+
+
 def test_all_workers_succeeding_sets_succeeded_and_it_stays_terminal(env: Env):
     env.apply(ftj("done"))
     env.wait_running("done")

@@ -316,8 +316,14 @@ def compute(
             out.became_running_first_time = True
     else:
         phase = "Pending"
-        conds = set_condition(conds, "Running", False, "WaitingForWorkers",
-                              f"{ready}/{spec.nodes.min} required workers ready", generation, now)
+        message = f"{ready}/{spec.nodes.min} required workers ready"
+        unschedulable = next((c for p in current.values() for c in (p.get("status") or {}).get("conditions") or []
+                              if c.get("type") == "PodScheduled" and c.get("reason") == "Unschedulable"), None)
+        if unschedulable:
+            # The scheduler says why (not enough nvidia.com/gpu, a missing PVC, a taint): pass it on.
+            message += f"; not schedulable: {unschedulable.get('message', '')}"[:MAX_TERMINATION_MESSAGE]
+        conds = set_condition(conds, "Running", False, "Unschedulable" if unschedulable else "WaitingForWorkers",
+                              message, generation, now)
     return _finish(out, status, conds, prev_phase, phase, generation, now, restart_msg)
 
 

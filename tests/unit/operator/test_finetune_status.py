@@ -80,6 +80,16 @@ def test_partially_ready_is_pending():
     assert cond(out.status, "Running")["reason"] == "WaitingForWorkers"
 
 
+def test_unschedulable_workers_say_why():
+    stuck = pod(1, phase="Pending", ready=False)
+    stuck["status"]["conditions"].append({"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                          "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."})
+    out = run(j=job(), pods=[pod(0), stuck])
+    c = cond(out.status, "Running")
+    assert out.status["phase"] == "Pending" and c["reason"] == "Unschedulable"
+    assert "Insufficient nvidia.com/gpu" in c["message"]
+
+
 def test_elastic_runs_with_min_workers_while_others_wait():
     s = spec(nodes={"min": 1, "max": 3})
     out = run(s=s, j=job(), pods=[pod(0), pod(1, phase="Pending", ready=False)])
