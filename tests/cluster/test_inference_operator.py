@@ -62,7 +62,7 @@ def test_children_are_created_owned_and_status_follows_the_deployment(cluster, n
                                    autoscaling={"metric": "queueDepth", "target": 4},
                                    resources={"gpus": 1},
                                    apiKeySecretRef={"name": "llm-key", "key": "key"}))
-    st = wait_for(lambda: serving(cluster, namespace, "chat", 1), 60, what="chat serving")
+    st = wait_for(lambda: serving(cluster, namespace, "chat", 1), 90, what="chat serving")
     assert st["url"] == f"http://chat.{namespace}.svc:8000/v1"
     assert st["modelUri"] == "s3://models/base" and st["modelRevision"]
     assert st["observedGeneration"] == 1
@@ -101,16 +101,16 @@ def test_children_are_created_owned_and_status_follows_the_deployment(cluster, n
     # A fixed size: the HPA goes, the Deployment scales, status follows the ready replicas.
     cluster.kubectl("patch", "-n", namespace, "inferenceservice", "chat", "--type=merge",
                     "-p", json.dumps({"spec": {"replicas": {"min": 2, "max": 2}}}), check=True)
-    st = wait_for(lambda: serving(cluster, namespace, "chat", 2), 60, what="2 ready replicas")
+    st = wait_for(lambda: serving(cluster, namespace, "chat", 2), 90, what="2 ready replicas")
     assert st["observedGeneration"] == 2
-    wait_for(lambda: get_or_none(cluster, namespace, "hpa", "chat") is None, 30, what="HPA deleted")
+    wait_for(lambda: get_or_none(cluster, namespace, "hpa", "chat") is None, 90, what="HPA deleted")
 
     # A Deployment deleted from under a live InferenceService comes back.
     old_uid = get_json(cluster, "-n", namespace, "deployment", "chat")["metadata"]["uid"]
     cluster.kubectl("delete", "-n", namespace, "deployment", "chat", "--wait=false", check=True)
     wait_for(lambda: (d := get_or_none(cluster, namespace, "deployment", "chat")) and d["metadata"]["uid"] != old_uid,
-             30, what="the Deployment re-created")
-    wait_for(lambda: serving(cluster, namespace, "chat", 2), 60, what="serving again")
+             90, what="the Deployment re-created")
+    wait_for(lambda: serving(cluster, namespace, "chat", 2), 90, what="serving again")
 
 
 def test_waits_for_the_finetunejob_and_rolls_out_each_new_output(cluster, namespace, operator_process):
@@ -120,7 +120,7 @@ def test_waits_for_the_finetunejob_and_rolls_out_each_new_output(cluster, namesp
                  "output": {"uri": "s3://models/ft"}}})
     apply(cluster, namespace, isvc("ftsvc", {"fineTuneJobRef": {"name": "ft"}}))
     st = wait_for(lambda: (s := status_of(cluster, namespace, "inferenceservice", "ftsvc")).get("phase")
-                  == "WaitingForInput" and s, 60, what="WaitingForInput")
+                  == "WaitingForInput" and s, 90, what="WaitingForInput")
     assert condition(st, "Ready")["reason"] == "WaitingForInput"
     assert condition(st, "ModelReady")["reason"] == "WaitingForInput"
     assert "FineTuneJob ft" in condition(st, "Ready")["message"]
@@ -132,13 +132,13 @@ def test_waits_for_the_finetunejob_and_rolls_out_each_new_output(cluster, namesp
                         check=True)
 
     finish("s3://models/ft/v1", "2026-01-01T00:00:00Z")
-    st = wait_for(lambda: serving(cluster, namespace, "ftsvc", 1, "s3://models/ft/v1"), 60, what="serving v1")
+    st = wait_for(lambda: serving(cluster, namespace, "ftsvc", 1, "s3://models/ft/v1"), 90, what="serving v1")
     first = template_annotations(cluster, namespace, "ftsvc")
     assert first[ANN_URI] == "s3://models/ft/v1" and first[ANN_REV] == st["modelRevision"]
 
     # A new output: the pod template changes, so the Deployment rolls the pods.
     finish("s3://models/ft/v2", "2026-01-02T00:00:00Z")
-    st = wait_for(lambda: serving(cluster, namespace, "ftsvc", 1, "s3://models/ft/v2"), 60, what="serving v2")
+    st = wait_for(lambda: serving(cluster, namespace, "ftsvc", 1, "s3://models/ft/v2"), 90, what="serving v2")
     second = template_annotations(cluster, namespace, "ftsvc")
     assert second[ANN_URI] == "s3://models/ft/v2" and second[ANN_REV] != first[ANN_REV]
     dep = get_json(cluster, "-n", namespace, "deployment", "ftsvc")
@@ -160,16 +160,16 @@ def test_waits_for_the_finetunejob_and_rolls_out_each_new_output(cluster, namesp
     st = status_of(cluster, namespace, "inferenceservice", "ftsvc")
     assert st["phase"] == "Running" and st["modelUri"] == "s3://models/ft/v2"
     finish("s3://models/ft/v2", "2026-01-03T00:00:00Z")
-    wait_for(lambda: template_annotations(cluster, namespace, "ftsvc")[ANN_REV] != second[ANN_REV], 30,
+    wait_for(lambda: template_annotations(cluster, namespace, "ftsvc")[ANN_REV] != second[ANN_REV], 90,
              what="a new revision for the re-created job")
-    wait_for(lambda: serving(cluster, namespace, "ftsvc", 1, "s3://models/ft/v2"), 60, what="serving the new v2")
+    wait_for(lambda: serving(cluster, namespace, "ftsvc", 1, "s3://models/ft/v2"), 90, what="serving the new v2")
 
 
 def test_serves_the_output_of_a_quantizejob_once_it_succeeds(cluster, namespace, operator_process):
     apply(cluster, namespace, {"apiVersion": "kubeforge.io/v1alpha1", "kind": "QuantizeJob", "metadata": {"name": "q"},
                                "spec": {"model": {"uri": "s3://models/base"}, "output": {"uri": "s3://models/q8"}}})
     apply(cluster, namespace, isvc("qsvc", {"quantizeJobRef": {"name": "q"}}))
-    wait_for(lambda: status_of(cluster, namespace, "inferenceservice", "qsvc").get("phase") == "WaitingForInput", 60,
+    wait_for(lambda: status_of(cluster, namespace, "inferenceservice", "qsvc").get("phase") == "WaitingForInput", 90,
              what="WaitingForInput")
 
     def quantizer_pod() -> str:
@@ -177,9 +177,33 @@ def test_serves_the_output_of_a_quantizejob_once_it_succeeds(cluster, namespace,
                               "--field-selector=status.phase=Running", "-o", "name", check=True).stdout.split()
         return out[0] if out else ""
 
-    pod = wait_for(quantizer_pod, 60, what="quantizer pod")
+    pod = wait_for(quantizer_pod, 90, what="quantizer pod")
     report = {"compressionRatio": 3.5, "gatePassed": True, "perplexityIncreasePercent": 0.2}
     cluster.kubectl("annotate", "-n", namespace, pod, "kubeforge.io/test-exit-code=0",
                     f"kubeforge.io/test-termination-message={json.dumps(report)}", check=True)
-    st = wait_for(lambda: serving(cluster, namespace, "qsvc", 1, "s3://models/q8"), 60, what="serving the quantized model")
+    st = wait_for(lambda: serving(cluster, namespace, "qsvc", 1, "s3://models/q8"), 90, what="serving the quantized model")
     assert condition(st, "ModelReady")["reason"] == "ModelLoaded"
+
+
+def test_an_output_produced_while_the_operator_is_down_rolls_out_when_it_returns(cluster, namespace, operator_process):
+    apply(cluster, namespace, {
+        "apiVersion": "kubeforge.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "ft"},
+        "spec": {"model": {"uri": "hf://acme/tiny@main"}, "dataset": {"uri": "s3://data/train.jsonl"},
+                 "output": {"uri": "s3://models/ft"}}})
+    apply(cluster, namespace, isvc("svc", {"fineTuneJobRef": {"name": "ft"}}))
+
+    def finish(uri: str, at: str) -> None:
+        cluster.kubectl("patch", "-n", namespace, "finetunejob", "ft", "--subresource=status", "--type=merge", "-p",
+                        json.dumps({"status": {"phase": "Succeeded", "output": {"uri": uri}, "completionTime": at}}),
+                        check=True)
+
+    wait_for(lambda: status_of(cluster, namespace, "inferenceservice", "svc").get("phase") == "WaitingForInput", 90,
+             what="WaitingForInput")
+    finish("s3://models/ft/v1", "2026-01-01T00:00:00Z")
+    wait_for(lambda: serving(cluster, namespace, "svc", 1, "s3://models/ft/v1"), 90, what="serving v1")
+
+    operator_process.kill()  # no watch sees what happens next
+    finish("s3://models/ft/v2", "2026-01-02T00:00:00Z")
+    operator_process.start()
+    wait_for(lambda: serving(cluster, namespace, "svc", 1, "s3://models/ft/v2"), 90, what="serving v2 after the restart")
+    assert template_annotations(cluster, namespace, "svc")[ANN_URI] == "s3://models/ft/v2"

@@ -73,7 +73,7 @@ def test_waits_for_finetunejob_then_runs_and_reports_result(cluster, namespace, 
                     input=qj("q", {"fineTuneJobRef": {"name": "ft"}}, method="int8-dynamic"), check=True)
 
     st = wait_for(lambda: (s := status_of(cluster, namespace, "quantizejob", "q")).get("phase") == "WaitingForInput" and s,
-                  60, what="WaitingForInput")
+                  90, what="WaitingForInput")
     assert condition(st, "Accepted")["status"] == "True"
     waiting = condition(st, "InputReady")
     assert waiting["status"] == "False" and waiting["reason"] == "WaitingForInput"
@@ -83,7 +83,7 @@ def test_waits_for_finetunejob_then_runs_and_reports_result(cluster, namespace, 
     # Training finishes: the quantizer starts on the FineTuneJob's output.
     set_ftj_status(cluster, namespace, "ft", {"phase": "Succeeded", "output": {"uri": "s3://models/ft-out/final"},
                                               "completionTime": "2026-01-01T00:00:00Z"})
-    job = wait_for(lambda: get_json(cluster, "-n", namespace, "job", "q-quantize"), 30, what="the quantizer Job")
+    job = wait_for(lambda: get_json(cluster, "-n", namespace, "job", "q-quantize"), 90, what="the quantizer Job")
     owner = job["metadata"]["ownerReferences"][0]
     assert (owner["kind"], owner["name"], owner["controller"]) == ("QuantizeJob", "q", True)
     pod_spec = job["spec"]["template"]["spec"]
@@ -95,15 +95,15 @@ def test_waits_for_finetunejob_then_runs_and_reports_result(cluster, namespace, 
     assert json.loads(cm["data"]["config.json"])["model"] == {"uri": "s3://models/ft-out/final"}
 
     st = wait_for(lambda: (s := status_of(cluster, namespace, "quantizejob", "q")).get("phase") == "Running" and s,
-                  30, what="Running")
+                  90, what="Running")
     assert st["modelUri"] == "s3://models/ft-out/final"
     assert condition(st, "InputReady")["status"] == "True"
 
     # The quantizer exits 0 with its report in the termination message.
-    pod = wait_for(lambda: quantizer_pod(cluster, namespace, "q"), 30, what="the quantizer pod")
+    pod = wait_for(lambda: quantizer_pod(cluster, namespace, "q"), 90, what="the quantizer pod")
     end_pod(cluster, namespace, pod, 0, json.dumps(REPORT, separators=(",", ":")))
     st = wait_for(lambda: (s := status_of(cluster, namespace, "quantizejob", "q")).get("phase") == "Succeeded" and s,
-                  60, what="Succeeded")
+                  90, what="Succeeded")
     assert st["output"] == {"uri": "s3://models/q"}
     assert st["result"]["compressionRatio"] == pytest.approx(3.84615)
     assert st["result"]["latencyMsPerToken"] == {"before": 12.5, "after": 4.25}
@@ -121,7 +121,7 @@ def test_waits_for_finetunejob_then_runs_and_reports_result(cluster, namespace, 
                     "-p", json.dumps({"spec": {"method": "int8-weight-only"}}), check=True)
     wait_for(lambda: "SpecChangeIgnored" in cluster.kubectl(
         "get", "events", "-n", namespace, "--field-selector", "involvedObject.name=q",
-        "-o", "jsonpath={.items[*].reason}", check=True).stdout, 30, what="SpecChangeIgnored event")
+        "-o", "jsonpath={.items[*].reason}", check=True).stdout, 90, what="SpecChangeIgnored event")
     assert cluster.kubectl("get", "job", "-n", namespace, "q-quantize").returncode != 0
     assert status_of(cluster, namespace, "quantizejob", "q")["phase"] == "Succeeded"
 
@@ -129,13 +129,13 @@ def test_waits_for_finetunejob_then_runs_and_reports_result(cluster, namespace, 
 def test_failed_reference_fails_with_a_clear_reason(cluster, namespace, operator_process):
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=ftj("ft"), check=True)
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=qj("q", {"fineTuneJobRef": {"name": "ft"}}), check=True)
-    wait_for(lambda: status_of(cluster, namespace, "quantizejob", "q").get("phase") == "WaitingForInput", 60,
+    wait_for(lambda: status_of(cluster, namespace, "quantizejob", "q").get("phase") == "WaitingForInput", 90,
              what="WaitingForInput")
     set_ftj_status(cluster, namespace, "ft", {"phase": "Failed", "conditions": [{
         "type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "workers failed 4 times",
         "lastTransitionTime": "2026-01-01T00:00:00Z"}]})
     st = wait_for(lambda: (s := status_of(cluster, namespace, "quantizejob", "q")).get("phase") == "Failed" and s,
-                  30, what="Failed")
+                  90, what="Failed")
     failed = condition(st, "Failed")
     assert failed["reason"] == "InputFailed"
     assert "FineTuneJob ft failed" in failed["message"] and "BackoffLimitExceeded" in failed["message"]
@@ -149,22 +149,22 @@ def test_quality_gate_and_config_errors_fail_at_once_with_the_numbers(cluster, n
                     check=True)
     report = {**REPORT, "perplexity": {"before": 20.0, "after": 21.0}, "perplexityIncreasePercent": 5.0,
               "gatePassed": False, "reason": "QualityGateFailed"}
-    gate_pod = wait_for(lambda: quantizer_pod(cluster, namespace, "gate"), 60, what="gate pod")
-    conf_pod = wait_for(lambda: quantizer_pod(cluster, namespace, "conf"), 60, what="conf pod")
+    gate_pod = wait_for(lambda: quantizer_pod(cluster, namespace, "gate"), 90, what="gate pod")
+    conf_pod = wait_for(lambda: quantizer_pod(cluster, namespace, "conf"), 90, what="conf pod")
     end_pod(cluster, namespace, gate_pod, 79, json.dumps(report, separators=(",", ":")))
     end_pod(cluster, namespace, conf_pod, 78, json.dumps({
         "method": "int4-weight-only", "reason": "UnsupportedMethod", "gatePassed": False,
         "message": "int4-weight-only needs a CUDA GPU; use int8-weight-only on CPU"}))
 
     st = wait_for(lambda: (s := status_of(cluster, namespace, "quantizejob", "gate")).get("phase") == "Failed" and s,
-                  60, what="gate Failed")
+                  90, what="gate Failed")
     failed = condition(st, "Failed")
     assert failed["reason"] == "QualityGateFailed"
     assert "5%" in failed["message"] and "20 -> 21" in failed["message"] and "1% allowed" in failed["message"]
     assert st["result"]["gatePassed"] is False and st["result"]["perplexityIncreasePercent"] == 5.0
     assert "output" not in st
     st = wait_for(lambda: (s := status_of(cluster, namespace, "quantizejob", "conf")).get("phase") == "Failed" and s,
-                  60, what="conf Failed")
+                  90, what="conf Failed")
     assert condition(st, "Failed")["reason"] == "ConfigurationError"
     assert "use int8-weight-only on CPU" in condition(st, "Failed")["message"]
     # podFailurePolicy failed the Jobs on the first pod, despite backoffLimit 3.
