@@ -64,6 +64,15 @@ def test_adapter_names_unique_and_distinct_from_the_service():
         ic.validate(isvc(replicas={"min": 1, "max": 1, "extra": 2}))
 
 
+def test_kv_block_size_the_server_refuses_is_rejected_up_front():
+    from kubeforge_runtime.serve.config import EngineConfig
+
+    assert EngineConfig.model_fields["kv_block_size"].metadata[0].ge == ic.MIN_KV_BLOCK_SIZE
+    with pytest.raises(ic.InvalidSpec, match="kvBlockSize"):
+        ic.validate(isvc(engine={"kvBlockSize": 2}))
+    ic.validate(isvc(engine={"kvBlockSize": 4}))
+
+
 def test_invalid_status_is_written_once():
     out = ic.invalid_status(isvc(), "bad", AT)
     c = cond(out.status, "Accepted")
