@@ -37,7 +37,7 @@ other engineers' jobs running alongside (hence one thread and interleaved rounds
 
 Against the public reference (int8: 4x smaller, ~3x lower latency, <1 % quality loss):
 int8 linear weights are 3.97x smaller, but the whole model only 2.03x, because this small
-model's embedding and ``lm_head`` (31 % of its parameters; ~4 % in a 7 B Llama) stay in
+model's embedding and ``lm_head`` (32 % of its parameters; ~4 % in a 7 B Llama) stay in
 fp32; int8-dynamic decodes 2.6x faster than compiled fp32 (3.2x than eager fp32) once
 compiled with a static cache and inductor freezing, and 2x *slower* in eager mode, where
 torchao dequantizes per call; the perplexity change is -0.1 %. The QuantizeJob runtime
