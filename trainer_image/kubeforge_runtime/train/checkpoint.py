@@ -86,7 +86,9 @@ def optimizer_state(top: nn.Module, optim: torch.optim.Optimizer, init: bool = F
             continue
         st = optim.state[p]
         if init and not st:
-            st["step"] = torch.tensor(0.0)
+            # As AdamW creates it: fused/capturable keep the step on the parameter's device.
+            fused = any(g.get("fused") or g.get("capturable") for g in optim.param_groups)
+            st["step"] = torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")
             st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         for key, value in st.items():
