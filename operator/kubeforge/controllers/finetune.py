@@ -26,7 +26,6 @@ import datetime as dt
 import json
 import logging
 import os
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,11 +38,11 @@ from pydantic import ValidationError
 
 from kubeforge_runtime import contract
 
-from ..api.base import API_VERSION
 from ..api.finetune import FineTuneJob, FineTuneJobSpec
 from ..builders import common as bcommon
 from ..builders import finetune as builder
 from . import finetune_status, kube, metrics, scrape
+from .events import post as post_event
 from .common import parse_spec
 from .conditions import TERMINAL_PHASES, now, set_condition
 
@@ -214,27 +213,6 @@ def _forget(namespace: str, name: str) -> None:
 
 # --- events -------------------------------------------------------------------------------------
 
-_HOST = socket.gethostname()
-
-
-def post_event(obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
-    """A core/v1 Event on the FineTuneJob; a failure to post is logged, never raised."""
-    meta = obj["metadata"]
-    ts = now()
-    event = {
-        "apiVersion": "v1", "kind": "Event",
-        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
-        "involvedObject": {"apiVersion": API_VERSION, "kind": KIND, "name": meta["name"],
-                           "namespace": meta["namespace"], "uid": meta.get("uid"),
-                           "resourceVersion": meta.get("resourceVersion")},
-        "type": type_, "reason": reason, "message": message[:1024],
-        "source": {"component": "kubeforge"}, "reportingComponent": "kubeforge", "reportingInstance": _HOST,
-        "firstTimestamp": ts, "lastTimestamp": ts, "count": 1,
-    }
-    try:
-        kube.create("Event", meta["namespace"], event)
-    except Exception as exc:  # noqa: BLE001 - an event is best effort
-        log.warning("could not post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], exc)
 
 
 # --- children ------------------------------------------------------------------------------------
@@ -316,7 +294,7 @@ def sync(namespace: str, name: str) -> None:
         kube.patch_merge(KIND, namespace, name, {"metadata": {"resourceVersion": rv}, "status": status},
                          subresource="status")
         for ev in outcome.events:
-            post_event(obj, ev.type, ev.reason, ev.message)
+            post_event(obj, ev)
         for reason in outcome.new_restarts:
             metrics.count_restart(KIND, reason)
         if outcome.became_running_first_time:

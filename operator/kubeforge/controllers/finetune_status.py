@@ -35,19 +35,13 @@ from kubeforge_runtime import contract
 from ..api.finetune import FineTuneJobSpec
 from ..builders import finetune as builder
 from .conditions import TERMINAL_PHASES, get_condition, set_condition
+from .events import Event
 
 COMPLETION_INDEX_ANNOTATION = builder.COMPLETION_INDEX_ANNOTATION
 MAX_TERMINATION_MESSAGE = 600
 MAX_COUNTED_UIDS = 64
 """How many counted pod UIDs are remembered; a pod's UID is never reused, and a failed pod
 older than the last 64 failures is long gone, so a short list is enough."""
-
-
-@dataclass
-class Event:
-    type: str  # Normal | Warning
-    reason: str
-    message: str
 
 
 @dataclass

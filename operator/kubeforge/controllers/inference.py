@@ -44,6 +44,7 @@ from ..builders import inference as builder
 from . import kube
 from .common import describe_validation_error
 from .conditions import get_condition, now, set_condition
+from .events import Event, post as post_event
 from .references import Resolution, resolve, resolve_uri
 
 log = logging.getLogger(__name__)
@@ -81,13 +82,6 @@ def validate(obj: dict[str, Any]) -> InferenceServiceSpec:
         raise InvalidSpec(f"spec.adapters: adapter name {name!r} clashes with the base model, which is served "
                           f"under the InferenceService's name; rename the adapter")
     return spec
-
-
-@dataclass
-class Event:
-    type: str
-    reason: str
-    message: str
 
 
 @dataclass
@@ -258,13 +252,6 @@ def _owned_by(child: dict[str, Any] | None, owner: dict[str, Any]) -> bool:
     return bool(child) and any(r.get("uid") == uid for r in (child.get("metadata") or {}).get("ownerReferences") or [])
 
 
-def _post(obj: dict[str, Any], ev: Event) -> None:
-    try:
-        kopf.event(obj, type=ev.type, reason=ev.reason, message=ev.message[:1000])
-    except LookupError:  # outside a kopf context
-        log.info("%s %s/%s: %s", ev.reason, obj["metadata"].get("namespace"), obj["metadata"].get("name"), ev.message)
-
-
 def _resolve(spec: InferenceServiceSpec, namespace: str) -> Resolution:
     m = spec.model
     if m.uri is not None:
@@ -328,7 +315,7 @@ def _write(obj: dict[str, Any], old: dict[str, Any], outcome: Outcome) -> None:
             log.info("%s/%s: phase %s -> %s", meta["namespace"], meta["name"], old.get("phase"),
                      outcome.status.get("phase"))
     for ev in outcome.events:
-        _post(obj, ev)
+        post_event(obj, ev)
 
 
 # --- kopf handlers --------------------------------------------------------------------------

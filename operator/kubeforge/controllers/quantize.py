@@ -47,6 +47,7 @@ from ..builders import quantize as builder
 from . import kube
 from .common import describe_validation_error
 from .conditions import TERMINAL_PHASES, get_condition, now, set_condition
+from .events import Event, post as post_event
 from .references import Resolution, resolve, resolve_uri
 
 log = logging.getLogger(__name__)
@@ -61,13 +62,6 @@ _RESULT_KEYS = set(QuantizeResult.model_fields) | {f.alias for f in QuantizeResu
 
 
 # --- the pure core --------------------------------------------------------------------------
-@dataclass
-class Event:
-    type: str  # Normal | Warning
-    reason: str
-    message: str
-
-
 @dataclass
 class Decision:
     """What one reconcile concluded: the whole new status, children to create, events."""
@@ -301,13 +295,6 @@ def _lock(namespace: str, name: str) -> threading.Lock:
         return _locks[(namespace, name)]
 
 
-def _post(obj: dict[str, Any], ev: Event) -> None:
-    try:
-        kopf.event(obj, type=ev.type, reason=ev.reason, message=ev.message[:1000])
-    except LookupError:  # outside a kopf context (a script); the status says the same
-        log.info("%s %s/%s: %s", ev.reason, obj["metadata"].get("namespace"), obj["metadata"].get("name"), ev.message)
-
-
 def reconcile(namespace: str, name: str, job_hint: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Read the QuantizeJob and what it depends on, decide, act, write status. Returns the status."""
     with _lock(namespace, name):
@@ -328,7 +315,7 @@ def reconcile(namespace: str, name: str, job_hint: dict[str, Any] | None = None)
         if job is not None and not _owned_by(job, obj):
             msg = f"Job {builder.job_name(name)} exists and is not owned by this QuantizeJob; delete or rename it"
             log.warning("%s/%s: %s", namespace, name, msg)
-            _post(obj, Event("Warning", "JobConflict", msg))
+            post_event(obj, Event("Warning", "JobConflict", msg))
             raise kopf.TemporaryError(msg, delay=30)
         reference = None
         ref = ((spec.get("model") or {}).get("fineTuneJobRef") or {}).get("name")
@@ -352,7 +339,7 @@ def reconcile(namespace: str, name: str, job_hint: dict[str, Any] | None = None)
             if decision.status.get("phase") != status.get("phase"):
                 log.info("%s/%s: phase %s -> %s", namespace, name, status.get("phase"), decision.status.get("phase"))
         for ev in decision.events:
-            _post(obj, ev)
+            post_event(obj, ev)
         return decision.status
 
 
@@ -370,12 +357,12 @@ def on_spec(name: str, namespace: str, status: Any, body: Any, reason: Any, **_:
         # A finished job stays finished; a spec change does not re-run it.
         log.info("%s/%s is %s; spec changes are ignored (create a new QuantizeJob)", namespace, name, status.get("phase"))
         if reason == "update":
-            _post(dict(body), Event("Warning", "SpecChangeIgnored",
+            post_event(dict(body), Event("Warning", "SpecChangeIgnored",
                                     f"the job is {status.get('phase')}; create a new QuantizeJob to run again"))
         return
     if reason == "update" and kube.get("Job", namespace, builder.job_name(name)) is not None:
         # A Job's pod template is immutable and its pod is already working on the old spec.
-        _post(dict(body), Event("Warning", "SpecChangeIgnored",
+        post_event(dict(body), Event("Warning", "SpecChangeIgnored",
                                 "the quantizer Job has already started; the change applies to a new QuantizeJob"))
     reconcile(namespace, name)
 
