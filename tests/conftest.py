@@ -18,6 +18,12 @@ import pytest
 
 from support.cluster import REPO, LocalCluster, start_cluster
 
+# Every process a test starts (torchrun workers, servers, the operator, `python -m kubeforge`)
+# imports this checkout's code, whatever checkout an editable install last pointed at.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(REPO / "operator"), str(REPO / "trainer_image")] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+)
+
 _CLUSTER: LocalCluster | None = None
 _STARTUP_REPORT: list[str] = []
 

@@ -70,5 +70,5 @@ METRIC_LAST_CHECKPOINT_STEP = "kubeforge_train_last_checkpoint_step"
 # --- progress: structured log lines -----------------------------------------------------
 LOG_EVENT_PREFIX = "KUBEFORGE_EVENT "
 """Rank 0 prints one line per event: this prefix, then a JSON object with an "event" key
-("start", "step", "eval", "checkpoint", "done"); "step" carries step, totalSteps, epoch,
+("start", "resume", "step", "eval", "checkpoint", "stopped", "done"); "step" carries step, totalSteps, epoch,
 loss, tokensPerSecond, learningRate. `kubeforge run` draws its progress bar from these."""

@@ -63,7 +63,7 @@ class EngineSpec(KFModel):
     max_batch_tokens: int = Field(default=4096, ge=16, description="Token budget of one batch.")
     max_concurrent_requests: int = Field(default=16, ge=1, le=4096, description="Requests decoded at once.")
     max_queued_requests: int = Field(default=64, ge=0, le=100000, description="Waiting requests before 429.")
-    kv_block_size: int = Field(default=16, ge=1, le=1024, description="Tokens per KV-cache block.")
+    kv_block_size: int = Field(default=16, ge=4, le=1024, description="Tokens per KV-cache block (at least 4, the server's minimum).")
     max_model_length: int | None = Field(default=None, ge=8, description="Longest prompt+completion; default the model's.")
     request_timeout_seconds: int = Field(default=120, ge=1, le=86400, description="Per-request deadline.")
 

@@ -51,8 +51,6 @@ log = logging.getLogger(__name__)
 
 GROUP_VERSION = ("kubeforge.io", "v1alpha1", "inferenceservices")
 KIND = "InferenceService"
-MIN_KV_BLOCK_SIZE = 4
-"""The serving runtime's smallest KV-cache block (kubeforge_runtime.serve.config.EngineConfig)."""
 _DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 # Container states that mean the model server cannot start as configured.
 _BAD_WAITING = {"CrashLoopBackOff", "ErrImagePull", "ImagePullBackOff", "CreateContainerConfigError",
@@ -70,10 +68,6 @@ def validate(obj: dict[str, Any]) -> InferenceServiceSpec:
     if len(name) > 63 or not _DNS_1035.match(name):
         raise InvalidSpec(f"metadata.name {name!r} must be a DNS-1035 label (lower-case letters, digits and '-', "
                           f"starting with a letter, at most 63 characters): it names the Service")
-    if spec.engine.kv_block_size < MIN_KV_BLOCK_SIZE:
-        # The CRD allows 1-3; the server refuses them (exit 78), so say it here instead.
-        raise InvalidSpec(f"spec.engine.kvBlockSize must be at least {MIN_KV_BLOCK_SIZE} tokens per KV-cache block, "
-                          f"got {spec.engine.kv_block_size}")
     names = [a.name for a in spec.adapters]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
