@@ -62,7 +62,9 @@ class QuantizeJobSpec(KFModel):
         default="int8-dynamic",
         description="int8-dynamic: int8 weights and dynamically quantized activations; int8/int4-weight-only; fp16; bf16.",
     )
-    group_size: int = Field(default=128, ge=16, le=1024, description="Group size for int4-weight-only.")
+    group_size: Literal[32, 64, 128] = Field(
+        default=128, description="Group size for int4-weight-only: 32, 64 or 128 (what the int4 kernels support)."
+    )
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec, description="Calibration data.")
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Quality measurement and gate.")
     output: QuantizeOutputSpec = Field(description="Where the result is written.")

@@ -39,7 +39,6 @@ from typing import Any
 
 import kopf
 from kubeforge_runtime import contract
-from kubeforge_runtime.quantize.config import GROUP_SIZES
 from pydantic import ValidationError
 
 from ..api.quantize import QuantizeJobSpec, QuantizeResult
@@ -54,10 +53,6 @@ log = logging.getLogger(__name__)
 
 GROUP_VERSION = ("kubeforge.io", "v1alpha1", "quantizejobs")
 KIND = "QuantizeJob"
-# Group sizes the quantizer accepts. The CRD allows a wider range, so the operator rejects
-# the rest up front rather than letting the pod exit 78 minutes later. The runtime's config
-# module is standard-library only (no torch), so the control plane may import it.
-SUPPORTED_GROUP_SIZES: tuple[int, ...] = GROUP_SIZES
 _RESULT_KEYS = set(QuantizeResult.model_fields) | {f.alias for f in QuantizeResult.model_fields.values() if f.alias}
 
 
@@ -183,11 +178,8 @@ def decide(obj: dict[str, Any], reference: dict[str, Any] | None, job: dict[str,
     # 1. The spec.
     try:
         spec = QuantizeJobSpec.model_validate(obj.get("spec") or {})
-        if spec.group_size not in SUPPORTED_GROUP_SIZES:
-            raise ValueError(f"spec.groupSize: must be one of {', '.join(map(str, SUPPORTED_GROUP_SIZES))} "
-                             f"(the group sizes the int4 kernels support), got {spec.group_size}")
-    except (ValidationError, ValueError) as exc:
-        message = describe_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)
+    except ValidationError as exc:
+        message = describe_validation_error(exc)
         before = get_condition(conds, "Accepted")
         st["conditions"] = set_condition(conds, "Accepted", False, "InvalidSpec", message, generation, at)
         st["phase"] = old.get("phase") or "Pending"

@@ -105,6 +105,14 @@ def test_invalid_spec_is_reported_once_and_nothing_starts():
 
 
 def test_group_size_the_runtime_cannot_use_is_rejected_up_front():
+    from typing import get_args
+
+    from kubeforge_runtime.quantize.config import GROUP_SIZES
+
+    from kubeforge.api.quantize import QuantizeJobSpec
+
+    # The API allows exactly the group sizes the runtime accepts (and the API server enforces it).
+    assert get_args(QuantizeJobSpec.model_fields["group_size"].annotation) == GROUP_SIZES
     d = qc.decide(qj(groupSize=48), None, None, [], AT)
     assert cond(d.status, "Accepted")["reason"] == "InvalidSpec"
     assert "groupSize" in cond(d.status, "Accepted")["message"]
