@@ -7,8 +7,6 @@ control plane's logs are printed under a failing cluster test's report.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from support.cluster import REPO, LocalCluster, start_cluster
+from support.operator import KubeforgeProcess
 
 # Every process a test starts (torchrun workers, servers, the operator, `python -m kubeforge`)
 # imports this checkout's code, whatever checkout an editable install last pointed at.
@@ -77,47 +76,11 @@ def namespace(cluster: LocalCluster) -> Iterator[str]:
     cluster.kubectl("delete", "namespace", name, "--wait=false")
 
 
-class OperatorProcess:
-    """``python -m kubeforge operator`` as a real process against the test cluster."""
-
-    def __init__(self, cluster: LocalCluster, namespace: str, log_path: Path, extra_env: dict[str, str] | None = None):
-        self.cluster, self.namespace, self.log_path = cluster, namespace, log_path
-        self.extra_env = extra_env or {}
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> "OperatorProcess":
-        env = self.cluster.env()
-        env.update({"PYTHONUNBUFFERED": "1", **self.extra_env})
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO / "operator"), str(REPO / "trainer_image"), env.get("PYTHONPATH", "")])
-        fh = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kubeforge", "operator", "--standalone", "-n", self.namespace, "-v"],
-            stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-        )
-        fh.close()
-        return self
-
-    def kill(self) -> None:
-        """SIGKILL: the operator dies mid-whatever, as a crashed pod would."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-
-
 @pytest.fixture
 def operator_process(request: pytest.FixtureRequest, cluster: LocalCluster, namespace: str,
-                     tmp_path: Path) -> Iterator[OperatorProcess]:
+                     tmp_path: Path) -> Iterator[KubeforgeProcess]:
     log_path = tmp_path / "operator.log"
     request.node._kubeforge_logs = [str(log_path)]
-    op = OperatorProcess(cluster, namespace, log_path).start()
+    op = KubeforgeProcess(["operator", "--standalone", "-n", namespace, "-v"], cluster.kubeconfig, log_path).start()
     yield op
     op.stop()

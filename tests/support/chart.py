@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
+from support.operator import KubeforgeProcess
+
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "kubeforge"
 KUBE_VERSION = "1.35.4"
@@ -77,41 +79,8 @@ def deployment_command(cluster: Any, namespace: str, name: str) -> tuple[list[st
     return list(container["args"]), env
 
 
-class OperatorAs:
-    """``python -m kubeforge <args>`` as a local process authenticated by ``kubeconfig_path``."""
-
-    def __init__(self, args: list[str], kubeconfig_path: Path, log_path: Path, env: dict[str, str] | None = None):
-        self.args, self.kubeconfig_path, self.log_path = args, kubeconfig_path, log_path
-        self.env = env or {}
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> "OperatorAs":
-        import sys
-
-        env = dict(os.environ)
-        env.update({"KUBECONFIG": str(self.kubeconfig_path), "PYTHONUNBUFFERED": "1", **self.env})
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO / "operator"), str(REPO / "trainer_image")])
-        with open(self.log_path, "ab") as fh:
-            self.proc = subprocess.Popen([sys.executable, "-m", "kubeforge", *self.args], stdout=fh,
-                                         stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+OperatorAs = KubeforgeProcess
+"""The chart's operator as a local process with the chart ServiceAccount's kubeconfig."""
 
 
 def local_args(args: list[str], free_port: Any) -> list[str]:

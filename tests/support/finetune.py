@@ -8,9 +8,6 @@ the user (kubectl). Everything else is the real control plane and the real opera
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from support.cluster import REPO, LocalCluster, free_port
+from support.cluster import LocalCluster, free_port
+from support.operator import KubeforgeProcess
 from support.waiting import get_json, wait_for
 
 POLL_SECONDS = "0.5"
@@ -41,40 +39,14 @@ def ftj(name: str, gpus: int = 1, **spec_overrides: Any) -> dict[str, Any]:
     return {"apiVersion": "kubeforge.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": spec}
 
 
-class Operator:
+class Operator(KubeforgeProcess):
     """``python -m kubeforge operator`` for one namespace, with its metrics port."""
 
     def __init__(self, cluster: LocalCluster, namespace: str, log_path: Path) -> None:
-        self.cluster, self.namespace, self.log_path = cluster, namespace, log_path
+        self.cluster, self.namespace = cluster, namespace
         self.metrics_port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> "Operator":
-        env = self.cluster.env()
-        env.update({"PYTHONUNBUFFERED": "1", "KUBEFORGE_FINETUNE_POLL_SECONDS": POLL_SECONDS})
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO / "operator"), str(REPO / "trainer_image"), env.get("PYTHONPATH", "")])
-        with open(self.log_path, "ab") as fh:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "kubeforge", "operator", "--standalone", "-n", self.namespace, "-v",
-                 "--metrics-port", str(self.metrics_port)],
-                stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-            )
-        return self
-
-    def kill(self) -> None:
-        """SIGKILL: dies mid-whatever, as a crashed pod would."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        super().__init__(["operator", "--standalone", "-n", namespace, "-v", "--metrics-port", str(self.metrics_port)],
+                         cluster.kubeconfig, log_path, env={"KUBEFORGE_FINETUNE_POLL_SECONDS": POLL_SECONDS})
 
 
 @dataclass

@@ -22,11 +22,11 @@ to check that what they render parses.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from ..configfile import read_config_object
 
 METHODS: tuple[str, ...] = ("int8-dynamic", "int8-weight-only", "int4-weight-only", "fp16", "bf16")
 """Method names accepted in ``method``; the registry in ``methods.py`` implements each."""
@@ -176,12 +176,4 @@ def parse_config(data: Any) -> QuantizeConfig:
 
 def load_config(path: str | Path) -> QuantizeConfig:
     """Read and parse the config file at ``path``."""
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid JSON: {exc}") from exc
-    return parse_config(data)
+    return parse_config(read_config_object(path, ConfigError))

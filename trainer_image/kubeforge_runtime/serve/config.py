@@ -9,7 +9,6 @@ instead of being silently ignored). The shape is documented in ``trainer_image/C
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
@@ -17,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic.alias_generators import to_camel
 
 from .. import contract
+from ..configfile import read_config_object
 
 
 class ConfigError(ValueError):
@@ -111,13 +111,4 @@ def parse_config(data: object) -> ServeConfig:
 
 def load_config(path: str | Path) -> ServeConfig:
     """Read and validate the config file the operator mounted."""
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {p}: {exc.strerror or exc}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"config {p} is not valid JSON: {exc}") from None
-    return parse_config(data)
+    return parse_config(read_config_object(path, ConfigError))

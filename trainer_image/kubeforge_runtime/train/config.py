@@ -22,6 +22,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from ..configfile import read_config_object
 
 
 class ConfigError(ValueError):
@@ -247,16 +248,7 @@ def parse_config(data: dict[str, Any]) -> TrainConfig:
 
 def load_config(path: str | Path) -> TrainConfig:
     """Read and parse the config file at ``path``."""
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {p}: {exc.strerror or exc}") from exc
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{p}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from exc
-    return parse_config(data)
+    return parse_config(read_config_object(path, ConfigError))
 
 
 def validate(cfg: TrainConfig) -> None:
