@@ -10,6 +10,9 @@ pulling in torch (a test enforces that), and both sides are tested against it.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 # --- files -----------------------------------------------------------------------------
 CONFIG_DIR = "/etc/kubeforge"
 """Where the operator mounts the ConfigMap holding the rendered config."""
@@ -72,3 +75,17 @@ LOG_EVENT_PREFIX = "KUBEFORGE_EVENT "
 """Rank 0 prints one line per event: this prefix, then a JSON object with an "event" key
 ("start", "resume", "step", "eval", "checkpoint", "stopped", "done"); "step" carries step, totalSteps, epoch,
 loss, tokensPerSecond, learningRate. `kubeforge run` draws its progress bar from these."""
+
+
+def termination_log_path() -> Path | None:
+    """Where a workload writes the message Kubernetes shows in the pod's status, if anywhere.
+
+    ``$KUBEFORGE_REPORT_PATH`` when set (local runs, tests); else the kubelet's
+    ``/dev/termination-log`` when it exists (in a pod); else nowhere: outside a pod nothing
+    may create files under ``/dev``.
+    """
+    override = os.environ.get(ENV_REPORT_PATH)
+    if override:
+        return Path(override)
+    default = Path(TERMINATION_LOG)
+    return default if default.exists() else None

@@ -29,7 +29,6 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 
 from . import contract
 
@@ -102,8 +101,8 @@ def _report(message: str) -> None:
     sys.stderr.write(f"kubeforge: configuration error: {message}\n")
     # The kubelet provides the termination log (and copies it into the pod status); never
     # create it elsewhere. $KUBEFORGE_REPORT_PATH redirects it for local runs and tests.
-    term = Path(os.environ.get(contract.ENV_REPORT_PATH) or contract.TERMINATION_LOG)
-    if term.exists() or contract.ENV_REPORT_PATH in os.environ:
+    term = contract.termination_log_path()
+    if term is not None:
         try:
             term.write_text(f"configuration error: {message}\n"[:4000])  # the kubelet keeps 4 KiB
         except OSError:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +49,7 @@ def report_path() -> Path | None:
     The kubelet creates ``/dev/termination-log`` in the container; outside a pod it does not
     exist, and a local run must not create files under ``/dev``.
     """
-    override = os.environ.get(contract.ENV_REPORT_PATH)
-    if override:
-        return Path(override)
-    default = Path(contract.TERMINATION_LOG)
-    return default if default.exists() else None
+    return contract.termination_log_path()
 
 
 def _round(value: Any) -> Any:

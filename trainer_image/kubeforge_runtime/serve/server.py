@@ -25,7 +25,6 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -50,8 +49,8 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def _write_termination_log(message: str) -> None:
-    path = Path(contract.TERMINATION_LOG)
-    if path.parent.is_dir() and os.access(path.parent, os.W_OK):
+    path = contract.termination_log_path()
+    if path is not None:
         with contextlib.suppress(OSError):
             path.write_text(message[:4000])
 

@@ -18,6 +18,8 @@ from kubeforge_runtime.serve.config import parse_config
 from kubeforge_runtime.serve.server import ServerThread
 from kubeforge_runtime.tiny import build_tiny_llama
 
+from support.serving import make_config
+
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -54,34 +56,6 @@ def tiny_quantized(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -
     return out
 
 
-def make_config(model: Path, **engine: Any) -> dict[str, Any]:
-    """A config as the operator renders it (camelCase), on free ports."""
-    adapters = engine.pop("adapters", [])
-    name = engine.pop("name", "demo")
-    base = {
-        "backend": "auto",
-        "dtype": "auto",
-        "maxBatchTokens": 1024,
-        "maxConcurrentRequests": 8,
-        "maxQueuedRequests": 32,
-        "kvBlockSize": 16,
-        "maxModelLength": None,
-        "requestTimeoutSeconds": 60,
-    }
-    base.update(engine)
-    return {
-        "kind": "InferenceService",
-        "name": name,
-        "namespace": "default",
-        "servedModelName": name,
-        "model": {"uri": f"file://{model}"},
-        "adapters": adapters,
-        "engine": base,
-        "port": 0,
-        "grpcPort": 0,
-    }
-
-
 @pytest.fixture(scope="session")
 def start_server() -> Iterator[Callable[..., ServerThread]]:
     """Factory: start a server from a config dict; all are stopped at the end of the session."""
@@ -112,13 +86,3 @@ def client(server: ServerThread) -> Any:
     return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
-def metric_value(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels`` in a Prometheus text page."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total

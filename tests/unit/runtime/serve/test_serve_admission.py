@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import make_config, metric_value
+from support.serving import make_config, metric_value
 from kubeforge_runtime.serve.server import ServerThread
 
 LONG = {"model": "demo", "prompt": "hello", "max_tokens": 200, "temperature": 0, "ignore_eos": True}

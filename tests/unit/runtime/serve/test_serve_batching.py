@@ -13,7 +13,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from conftest import make_config
+from support.serving import make_config
 from kubeforge_runtime.serve.server import ServerThread
 
 PROMPTS = [

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import make_config
+from support.serving import make_config
 from kubeforge_runtime import contract
 from kubeforge_runtime.serve.config import ConfigError, parse_config
 

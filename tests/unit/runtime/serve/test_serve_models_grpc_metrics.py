@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import make_config, metric_value
+from support.serving import make_config, metric_value
 from kubeforge_runtime.serve import grpc_server as g
 from kubeforge_runtime.serve.server import ServerThread
 
