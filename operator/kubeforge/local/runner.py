@@ -281,37 +281,31 @@ class LocalRunner:
                             TimeElapsedColumn(), console=self.console, disable=not self.progress)
         task = progress.add_task(f"training {name}", total=None, loss="-", tps="-")
 
-        def pump(proc: subprocess.Popen[bytes], log_path: Path) -> None:
-            assert proc.stdout is not None
-            with open(log_path, "wb") as fh:
-                for raw in proc.stdout:
-                    fh.write(raw)
-                    fh.flush()
-                    line = raw.decode(errors="replace")
-                    idx = line.find(contract.LOG_EVENT_PREFIX)
-                    if idx < 0:
-                        continue
-                    try:
-                        event = json.loads(line[idx + len(contract.LOG_EVENT_PREFIX):])
-                    except json.JSONDecodeError:
-                        continue
-                    with lock:
-                        if event.get("event") == "step":
-                            last.update(event)
-                            progress.update(task, completed=event.get("step", 0), total=event.get("totalSteps"),
-                                            loss=f"{event.get('loss', float('nan')):.4f}",
-                                            tps=f"{event.get('tokensPerSecond', 0):.0f}")
-                        elif event.get("event") == "eval" and self.progress:
-                            progress.console.print(f"  step {event.get('step')}: validation loss "
-                                                   f"{event.get('validationLoss', float('nan')):.4f}")
-                        elif event.get("event") == "checkpoint" and self.progress:
-                            progress.console.print(f"  [dim]checkpoint at step {event.get('step')}: {event.get('path')}[/]")
-                        elif event.get("event") == "done":
-                            last.update({k: v for k, v in event.items() if k != "event"})
-            proc.wait()
+        def on_line(raw: bytes) -> None:
+            line = raw.decode(errors="replace")
+            idx = line.find(contract.LOG_EVENT_PREFIX)
+            if idx < 0:
+                return
+            try:
+                event = json.loads(line[idx + len(contract.LOG_EVENT_PREFIX):])
+            except json.JSONDecodeError:
+                return
+            with lock:
+                if event.get("event") == "step":
+                    last.update(event)
+                    progress.update(task, completed=event.get("step", 0), total=event.get("totalSteps"),
+                                    loss=f"{event.get('loss', float('nan')):.4f}",
+                                    tps=f"{event.get('tokensPerSecond', 0):.0f}")
+                elif event.get("event") == "eval" and self.progress:
+                    progress.console.print(f"  step {event.get('step')}: validation loss "
+                                           f"{event.get('validationLoss', float('nan')):.4f}")
+                elif event.get("event") == "checkpoint" and self.progress:
+                    progress.console.print(f"  [dim]checkpoint at step {event.get('step')}: {event.get('path')}[/]")
+                elif event.get("event") == "done":
+                    last.update({k: v for k, v in event.items() if k != "event"})
 
         with progress:
-            threads = [threading.Thread(target=pump, args=(p, lp), daemon=True) for p, lp in zip(procs, logs)]
+            threads = [threading.Thread(target=_drain, args=(p, lp, on_line), daemon=True) for p, lp in zip(procs, logs)]
             for t in threads:
                 t.start()
             for t in threads:
@@ -340,11 +334,8 @@ class LocalRunner:
         self.console.print(f"[bold]QuantizeJob/{res.name}[/]: {spec.method} of {model_uri}")
         log_path = pod_dir / "quantizer.log"
         proc = self._spawn(local, log_path)
-        with self.console.status(f"quantizing and measuring ({spec.method})…"), open(log_path, "wb") as fh:
-            assert proc.stdout is not None
-            for raw in proc.stdout:
-                fh.write(raw)
-            proc.wait()
+        with self.console.status(f"quantizing and measuring ({spec.method})…"):
+            _drain(proc, log_path)
         report = json.loads(report_path.read_text()) if report_path.exists() else {}
         self._print_report(res.name, report)
         if proc.returncode == contract.EXIT_QUALITY_GATE_FAILED:
@@ -445,12 +436,17 @@ class LocalRunner:
         return results
 
 
-def _drain(proc: subprocess.Popen[bytes], log_path: Path) -> None:
+def _drain(proc: subprocess.Popen[bytes], log_path: Path, on_line: Callable[[bytes], None] | None = None) -> None:
+    """Copy a local pod's output into its log file line by line (and hand each line to
+    ``on_line``) until the process ends; then reap it."""
     assert proc.stdout is not None
     with open(log_path, "wb") as fh:
         for raw in proc.stdout:
             fh.write(raw)
             fh.flush()
+            if on_line is not None:
+                on_line(raw)
+    proc.wait()
 
 
 def _tail(path: Path, lines: int = 30) -> str:
