@@ -3,6 +3,8 @@ leaves exactly one set of children per job and every job running; re-applying ch
 
 from __future__ import annotations
 
+import json
+
 from collections import Counter
 from collections.abc import Iterator
 
@@ -55,12 +57,19 @@ def test_operator_killed_mid_reconcile_leaves_one_set_of_children_per_job(env: E
     pods = children(env, "pods")
     assert pods == Counter({n: 2 for n in names}), pods
 
-    # Another restart re-applies every child (resume handlers): nothing changes on the server.
-    def versions() -> dict[str, str]:
+    # Another restart re-applies every child (resume handlers): nothing the operator owns
+    # changes on the server. (Not resourceVersion: the Job controller's own status writes,
+    # e.g. a late `ready` count, bump that without any write by the operator.)
+    def versions() -> dict[str, tuple]:
         out = {}
         for kind in ("jobs", "services", "configmaps"):
-            for o in get_json(env.cluster, "-n", env.namespace, kind, "-l", "app.kubernetes.io/managed-by=kubeforge")["items"]:
-                out[f"{kind}/{o['metadata']['name']}"] = o["metadata"]["resourceVersion"]
+            for o in get_json(env.cluster, "-n", env.namespace, kind, "-l", "app.kubernetes.io/managed-by=kubeforge",
+                              "--show-managed-fields")["items"]:
+                meta = o["metadata"]
+                ours = [(m.get("operation"), m.get("time"), json.dumps(m.get("fieldsV1"), sort_keys=True))
+                        for m in meta.get("managedFields", []) if m.get("manager") == "kubeforge"]
+                assert ours, f"{kind}/{meta['name']} has no fields applied by the kubeforge field manager"
+                out[f"{kind}/{meta['name']}"] = (meta.get("generation"), ours, json.dumps(o.get("spec", o.get("data")), sort_keys=True))
         return out
 
     before = versions()
