@@ -12,5 +12,5 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip >&2
-"$VENV/bin/python" -m pip install -q -e ".[operator,runtime,dev]" >&2
+"$VENV/bin/python" -m pip install -q -e ".[operator,runtime,dev,deepspeed]" >&2
 echo "$VENV"

@@ -1,7 +1,8 @@
 """Whole flows without a cluster: the rendered pods run as real processes.
 
 * the FineTuneJob builder's pod spec for a 2-node job runs to completion with only the
-  rendezvous host mapped (so the operator's command, arguments and environment train);
+  rendezvous host mapped (so the operator's command, arguments and environment train),
+  with DDP and with DeepSpeed ZeRO-3 partitioning across the two "nodes";
 * ``kubeforge run -f examples/pipeline.yaml`` - the README's main job - completes the chain
   fine-tune -> quantize -> serve and prints a generated answer.
 """
@@ -22,7 +23,8 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.torchrun
 
 
-def test_two_node_rendered_pod_spec_trains(tmp_path: Path):
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed-zero3"])
+def test_two_node_rendered_pod_spec_trains(strategy: str, tmp_path: Path):
     from kubeforge.builders import finetune as b
     from kubeforge.local.runner import LocalRunner
     from kubeforge.manifests import parse_resource
@@ -33,7 +35,7 @@ def test_two_node_rendered_pod_spec_trains(tmp_path: Path):
             "model": {"uri": "pvc://models/base"},
             "dataset": {"uri": "pvc://data/text-classification.jsonl", "format": "prompt-completion",
                         "sequenceLength": 64},
-            "method": "full", "parallelism": {"strategy": "ddp"},
+            "method": "full", "parallelism": {"strategy": strategy},
             "nodes": {"min": 2, "max": 2}, "procsPerNode": 1,
             "training": {"maxSteps": 4, "globalBatchSize": 4, "microBatchSize": 2, "learningRate": 0.001,
                          "precision": "fp32"},
@@ -55,6 +57,7 @@ def test_two_node_rendered_pod_spec_trains(tmp_path: Path):
     assert (out / "config.json").exists() and list(out.glob("*.safetensors"))
     lineage = json.loads((out / "kubeforge.json").read_text())
     assert lineage["steps"] == 4
+    assert lineage["parallel"]["strategy"] == strategy and lineage["parallel"]["data"] == 2
     assert result.report.get("step") == 4
     # Both "pods" took part: each wrote its own log, and each ran torchrun with world size 2.
     for log in result.logs:

@@ -97,6 +97,12 @@ def test_models_reject_what_cel_rejects():
                                     "parallelism": {"tensor": 2}})
     with pytest.raises(ValueError, match="Extra inputs are not permitted"):
         FineTuneJobSpec.model_validate({**base, "bogus": 1})
+    with pytest.raises(ValueError, match="DeepSpeed ZeRO strategies run data parallel only"):
+        FineTuneJobSpec.model_validate({**base, "procsPerNode": 2, "parallelism": {"strategy": "deepspeed-zero3", "tensor": 2}})
+    with pytest.raises(ValueError, match="DeepSpeed ZeRO strategies train in bf16 or fp32"):
+        FineTuneJobSpec.model_validate({**base, "parallelism": {"strategy": "deepspeed-zero2"},
+                                        "training": {"precision": "fp16"}})
+    FineTuneJobSpec.model_validate({**base, "parallelism": {"strategy": "deepspeed-zero2"}})
     with pytest.raises(ValueError, match="exactly one of uri or fineTuneJobRef"):
         QuantizeJobSpec.model_validate({"model": {"uri": "pvc://m/a", "fineTuneJobRef": {"name": "x"}},
                                         "output": {"uri": "pvc://m/q"}})

@@ -13,6 +13,7 @@ change; the Job's podFailurePolicy can then fail the Job at once. Checks:
 * the config parses (strict: unknown keys, types, ranges);
 * the model directory is readable and holds a transformers config;
 * the data files exist and every record parses (bad records listed as file:line);
+* a ``deepspeed-zero*`` strategy finds the deepspeed package;
 * the parallel degrees fit the world size (``--nnodes`` x ``--nproc-per-node`` from the
   torchrun arguments, else ``PET_NNODES`` x ``PET_NPROC_PER_NODE``) and the model's sizes;
 * the output and checkpoint URIs are writable kinds (file:// or pvc://).
@@ -62,10 +63,13 @@ def world_size_from(command: list[str]) -> int | None:
 def preflight(config_path: str, command: list[str]) -> None:
     """Raise a configuration error (ConfigError/DataError/StorageError/ModelLoadError)."""
     from . import data, models, storage
+    from .train import zero
     from .train.config import ConfigError, load_config
     from .train.parallel_dims import ModelShape, ParallelDims
 
     cfg = load_config(config_path)
+    if zero.stage_of(cfg.parallelism.strategy) is not None:
+        zero.require_deepspeed(cfg.parallelism.strategy)
     model_dir = models.resolve_model_dir(cfg.model.uri)
     if not (model_dir / "config.json").exists():
         raise ConfigError(f"model.uri {cfg.model.uri!r}: {model_dir} has no config.json (an adapter cannot be fine-tuned; "

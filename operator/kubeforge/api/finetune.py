@@ -161,6 +161,9 @@ class FineTuneJobSpec(KFModel):
         ),
         cel("self.output.format != 'adapter' || self.method == 'lora'",
             "output.format adapter needs method lora; use output.format merged for full fine-tuning", ".output.format"),
+        cel("!self.parallelism.strategy.startsWith('deepspeed') || self.training.precision != 'fp16'",
+            "DeepSpeed ZeRO strategies train in bf16 or fp32 here: set training.precision to bf16, or use strategy fsdp",
+            ".training.precision"),
     ]})
 
     @model_validator(mode="after")
@@ -180,6 +183,9 @@ class FineTuneJobSpec(KFModel):
             raise ValueError("output.format adapter needs method lora; use output.format merged for full fine-tuning")
         if self.parallelism.strategy.startswith("deepspeed") and mp != 1:
             raise ValueError("DeepSpeed ZeRO strategies run data parallel only: set tensor and pipeline to 1")
+        if self.parallelism.strategy.startswith("deepspeed") and self.training.precision == "fp16":
+            raise ValueError("DeepSpeed ZeRO strategies train in bf16 or fp32 here: set training.precision to bf16, "
+                             "or use strategy fsdp")
         if self.training.global_batch_size % self.training.micro_batch_size:
             raise ValueError("training.globalBatchSize must be a multiple of training.microBatchSize")
         return self

@@ -100,14 +100,16 @@ def optimizer_state(top: nn.Module, optim: torch.optim.Optimizer, init: bool = F
 class CheckpointManager:
     """Periodic/forced saves, resume and pruning for one training run."""
 
-    def __init__(self, root: Path, keep_last: int, rank: int, trainable_only: bool) -> None:
+    def __init__(self, root: Path, keep_last: int, rank: int) -> None:
         self.root = root
         self.keep_last = keep_last
         self.rank = rank
-        self.trainable_only = trainable_only
         self.last_saved_step: int | None = None
 
-    def save(self, step: int, top: nn.Module, optim: torch.optim.Optimizer, state: dict[str, Any]) -> Path:
+    def save(self, step: int, model_sd: dict[str, torch.Tensor], optim_sd: dict[str, torch.Tensor],
+             state: dict[str, Any]) -> Path:
+        """Write one checkpoint: every rank passes its part of the model and optimizer state
+        (:func:`model_state` / :func:`optimizer_state`, or their ZeRO versions in zero.py)."""
         import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
 
@@ -117,8 +119,7 @@ class CheckpointManager:
                 shutil.rmtree(path)
             path.mkdir(parents=True, exist_ok=True)
         dist.barrier()
-        dcp.save({"model": model_state(top, self.trainable_only), "optim": optimizer_state(top, optim)},
-                 checkpoint_id=str(path))
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
         dist.barrier()  # every rank's shards are on disk before the checkpoint counts as complete
         if self.rank == 0:
             tmp = path / (STATE_FILE + ".tmp")
@@ -143,16 +144,12 @@ class CheckpointManager:
                 except ValueError:
                     pass
 
-    def load(self, path: Path, top: nn.Module, optim: torch.optim.Optimizer) -> dict[str, Any]:
-        """Load ``path`` into the (parallelised) model and optimizer in place; return its state."""
+    def load(self, path: Path, model_sd: dict[str, torch.Tensor], optim_sd: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Fill ``model_sd`` and ``optim_sd`` (templates with the keys and shapes to load; DCP
+        reshards into them in place) from ``path``; return the run state saved with it."""
         import torch.distributed.checkpoint as dcp
 
-        msd = model_state(top, self.trainable_only)
-        osd = optimizer_state(top, optim, init=True)
-        dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(path))
-        # DCP fills DTensor shards and plain tensors in place; load_state_dict makes the
-        # (possibly non-parameter) entries and any wrapper bookkeeping consistent.
-        top.load_state_dict(msd, strict=False)
+        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
         state = read_state(path)
         self.last_saved_step = int(state["step"])
         log.info("resumed from %s (step %d)", path, state["step"])

@@ -88,9 +88,9 @@ class ParallelismConfig:
     this many contiguous stages. The data-parallel degree is world_size / (tensor*pipeline)."""
     strategy: Strategy = "fsdp"
     """Data-parallel strategy: ``fsdp`` (FSDP2 ``fully_shard``: parameters, gradients and
-    optimizer state sharded, the ZeRO-3 equivalent) or ``ddp`` (replicated). The
-    ``deepspeed-zero*`` values are accepted by the schema but refused by this runtime build
-    (DeepSpeed is not in the image); use ``fsdp``."""
+    optimizer state sharded, the ZeRO-3 equivalent), ``ddp`` (replicated), or
+    ``deepspeed-zero1|2|3`` (DeepSpeed ZeRO: optimizer state, plus gradients, plus
+    parameters partitioned; data parallel only, fp32 or bf16; see train/zero.py)."""
     pipelineSchedule: PipelineSchedule = "1F1B"
     """Pipeline schedule when ``pipeline`` > 1: ``1F1B`` (needs at least ``pipeline``
     micro-batches per data-parallel rank and step) or ``GPipe``."""
@@ -269,12 +269,13 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("tensor", "pipeline"):
         if getattr(p, name) < 1:
             raise ConfigError(f"parallelism.{name}: must be >= 1")
-    if p.strategy.startswith("deepspeed"):
+    if p.strategy.startswith("deepspeed") and (p.tensor > 1 or p.pipeline > 1):
         raise ConfigError(
-            f"parallelism.strategy: {p.strategy!r} is not available in this runtime build "
-            "(DeepSpeed is not installed in the trainer image and is not tested on it); use "
-            "'fsdp' (FSDP2 shards parameters, gradients and optimizer state like ZeRO-3) or 'ddp'"
+            f"parallelism.strategy {p.strategy!r} runs data parallel only: set tensor and pipeline to 1, "
+            "or use 'fsdp' to combine data parallelism with tensor/pipeline parallelism"
         )
+    if p.strategy.startswith("deepspeed") and t.precision == "fp16":
+        raise ConfigError(f"training.precision fp16 is not supported with {p.strategy!r}; use bf16 or fp32")
     if t.epochs < 1:
         raise ConfigError("training.epochs: must be >= 1")
     if t.maxSteps is not None and t.maxSteps < 1:

@@ -51,6 +51,7 @@ from . import checkpoint as ckpt
 from . import metrics as metrics_mod
 from . import model as model_mod
 from . import output as output_mod
+from . import zero
 from .config import TrainConfig
 from .parallel_dims import ModelShape, ParallelDims
 from .parallelize import CausalLMStage, apply_data_parallel, apply_tensor_parallel, prune_to_stage
@@ -145,6 +146,7 @@ class Trainer:
             pipeline_schedule=cfg.parallelism.pipelineSchedule, model=ModelShape.from_hf_config(hf_cfg),
         )
         self.mesh = self.dims.build_mesh(self.device.type)
+        self.layout = {**self.dims.describe(), "strategy": cfg.parallelism.strategy}
         self.pp_rank = self.mesh["pp"].get_local_rank()
         self.dp_rank = self.mesh["dp"].get_local_rank()
         self.tp_rank = self.mesh["tp"].get_local_rank()
@@ -162,10 +164,15 @@ class Trainer:
 
         self._build_model()
         self.optimizer = self._build_optimizer()
+        self.zero_engine = None
+        if zero.stage_of(cfg.parallelism.strategy) is not None:
+            # DeepSpeed wraps the model and the optimizer together (it partitions the optimizer's state).
+            self.zero_engine = self.module = zero.wrap(self.stage, self.optimizer, cfg, self.dims)
+            self.module.train()
         out_root = storage.local_path(cfg.output.uri)
         ck_root = storage.local_path(cfg.checkpoint.uri) if cfg.checkpoint.uri else out_root / "checkpoints"
-        self.checkpoints = ckpt.CheckpointManager(ck_root, cfg.checkpoint.keepLast, self.rank,
-                                                  trainable_only=cfg.method == "lora")
+        self.checkpoints = ckpt.CheckpointManager(ck_root, cfg.checkpoint.keepLast, self.rank)
+        self.trainable_only = cfg.method == "lora"  # LoRA checkpoints hold the adapter weights only
         self.reporter = metrics_mod.Reporter(enabled=self.rank == 0)
         self.peak_flops = metrics_mod.peak_flops_per_device(t.precision)
         self.flops_per_token = metrics_mod.flops_per_token(
@@ -193,7 +200,10 @@ class Trainer:
             prune_to_stage(self.lm, dims.stage_layers(self.pp_rank), self.is_first, self.is_last)
         self.lm.to(self.device)
         self.stage = CausalLMStage(self.lm, self.is_first, self.is_last)
-        self.module = apply_data_parallel(self.stage, cfg.parallelism.strategy, self.mesh["dp"], dims.pp, dims.tp)
+        if zero.stage_of(cfg.parallelism.strategy) is None:
+            self.module = apply_data_parallel(self.stage, cfg.parallelism.strategy, self.mesh["dp"], dims.pp, dims.tp)
+        else:
+            self.module = self.stage  # wrapped by DeepSpeed once the optimizer exists (__init__)
         self.loss_fn = TokenLoss()
         self.schedule = None
         if dims.pp > 1:
@@ -233,7 +243,9 @@ class Trainer:
         from torch.distributed.fsdp import FSDPModule
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        if isinstance(self.module, FSDPModule):
+        if self.zero_engine is not None:
+            self.zero_engine.set_gradient_accumulation_boundary(enabled)
+        elif isinstance(self.module, FSDPModule):
             self.module.set_requires_gradient_sync(enabled)
         elif isinstance(self.module, DDP) and not enabled:
             return self.module.no_sync()
@@ -280,7 +292,12 @@ class Trainer:
                 with self._set_grad_sync(m == n - 1):
                     with self._autocast():
                         logits = self.module(x[m * mbs:(m + 1) * mbs])
-                    self.loss_fn(logits, y[m * mbs:(m + 1) * mbs]).backward()
+                    loss = self.loss_fn(logits, y[m * mbs:(m + 1) * mbs])
+                    if self.zero_engine is not None:
+                        # The loss is already normalised for the whole global batch.
+                        self.zero_engine.backward(loss, scale_wrt_gas=False)
+                    else:
+                        loss.backward()
         local = float(sum(s.item() for s in self.loss_fn.sums))
         stop = 1.0 if self.stop_requested else 0.0
         total, stops = self._world_sum([local if self.is_last else 0.0, stop])
@@ -292,7 +309,9 @@ class Trainer:
     def _optimizer_step(self, lr: float) -> None:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        if self.scaler is not None:
+        if self.zero_engine is not None:
+            self.zero_engine.step()  # the accumulation boundary: reduce, step, zero the gradients
+        elif self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
@@ -340,12 +359,19 @@ class Trainer:
     # --- checkpoints ---------------------------------------------------------------------
     def _state(self, step: int) -> dict[str, Any]:
         return {"losses": self.losses, "validationLosses": {str(k): v for k, v in self.val_losses.items()},
-                "initialValidationLoss": self.initial_val_loss, "parallel": self.dims.describe(),
+                "initialValidationLoss": self.initial_val_loss, "parallel": self.layout,
                 "sampler": {**self.sampler.state_dict(), "step": step}}
 
     def save_checkpoint(self, step: int) -> None:
         self._reshard()
-        path = self.checkpoints.save(step, self.top, self.optimizer, self._state(step))
+        trainable_only = self.trainable_only
+        if self.zero_engine is not None:
+            model_sd = zero.model_state(self.top, trainable_only)
+            optim_sd = zero.optimizer_state(self.top, self.zero_engine)
+        else:
+            model_sd = ckpt.model_state(self.top, trainable_only)
+            optim_sd = ckpt.optimizer_state(self.top, self.optimizer)
+        path = self.checkpoints.save(step, model_sd, optim_sd, self._state(step))
         self.reporter.update(last_checkpoint=step)
         if self.rank == 0:
             metrics_mod.emit_event("checkpoint", step=step, path=str(path))
@@ -354,7 +380,18 @@ class Trainer:
         path = ckpt.latest(self.checkpoints.root)
         if path is None:
             return 0
-        state = self.checkpoints.load(path, self.top, self.optimizer)
+        trainable_only = self.trainable_only
+        if self.zero_engine is not None:
+            model_sd, optim_sd = zero.model_state(self.top, trainable_only), zero.empty_optimizer_state(self.top)
+            state = self.checkpoints.load(path, model_sd, optim_sd)
+            zero.restore(self.top, self.zero_engine, model_sd, optim_sd)
+        else:
+            model_sd = ckpt.model_state(self.top, trainable_only)
+            optim_sd = ckpt.optimizer_state(self.top, self.optimizer, init=True)
+            state = self.checkpoints.load(path, model_sd, optim_sd)
+            # DCP fills DTensor shards and plain tensors in place; load_state_dict makes the
+            # (possibly non-parameter) entries and any wrapper bookkeeping consistent.
+            self.top.load_state_dict(model_sd, strict=False)
         self.losses = list(state.get("losses", []))
         self.val_losses = {int(k): v for k, v in state.get("validationLosses", {}).items()}
         self.initial_val_loss = state.get("initialValidationLoss")
@@ -362,7 +399,7 @@ class Trainer:
         self.sampler.load_state_dict(state.get("sampler", {"step": step}))
         if self.rank == 0:
             metrics_mod.emit_event("resume", step=step, path=str(path), fromLayout=state.get("parallel"),
-                                   layout=self.dims.describe())
+                                   layout=self.layout)
         return step
 
     # --- verification dumps --------------------------------------------------------------
@@ -387,11 +424,18 @@ class Trainer:
         return merged
 
     def _dump_grads(self) -> None:
+        if self.zero_engine is not None:
+            self.dump["grads"] = zero.full_grads(self.top)  # a collective for ZeRO-3: every rank calls it
+            return
         self.dump["grads"] = self._gather_named([(n, p.grad) for n, p in self.top.named_parameters() if p.requires_grad])
 
     def _dump_final(self, path: str) -> None:
         self._reshard()
-        params = self._gather_named(list(self.top.named_parameters()))
+        if self.zero_engine is not None:
+            params = zero.full_parameters(self.top)
+            self.dump["zero"] = zero.partition_sizes(self.top, self.zero_engine)
+        else:
+            params = self._gather_named(list(self.top.named_parameters()))
         probe = None
         if self.dims.pp == 1:
             with torch.no_grad():
@@ -402,7 +446,7 @@ class Trainer:
         if self.rank == 0:
             self.dump.update(params=params, probe_input=self.data.train_inputs[:2].clone(), probe_logits=probe,
                              losses=list(self.losses), val_losses=dict(self.val_losses),
-                             initial_val_loss=self.initial_val_loss, layout=self.dims.describe())
+                             initial_val_loss=self.initial_val_loss, layout=self.layout)
             torch.save(self.dump, path)
 
     def _maybe_inject_fault(self, step: int) -> None:
@@ -431,7 +475,7 @@ class Trainer:
         start = self.resume()
         tokens_per_step = t.globalBatchSize * cfg.dataset.sequenceLength
         if self.rank == 0:
-            metrics_mod.emit_event("start", totalSteps=self.total_steps, startStep=start, layout=self.dims.describe(),
+            metrics_mod.emit_event("start", totalSteps=self.total_steps, startStep=start, layout=self.layout,
                                    parameters=self.num_params, trainSamples=len(self.data.train_inputs),
                                    validationSamples=len(self.data.val_inputs))
         self.reporter.update(total_steps=self.total_steps, step=start)
@@ -486,7 +530,7 @@ class Trainer:
             "steps": step, "finalLoss": self.losses[-1] if self.losses else None,
             "initialValidationLoss": self.initial_val_loss, "finalValidationLoss": final_val,
             "datasetDigest": self.data.digest, "trainRecords": self.data.num_train_records,
-            "validationRecords": self.data.num_val_records, "parallel": self.dims.describe(),
+            "validationRecords": self.data.num_val_records, "parallel": self.layout,
         }
         if self.rank == 0:
             self._write_output(summary)

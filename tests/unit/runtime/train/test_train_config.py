@@ -77,9 +77,12 @@ def test_errors_name_the_field(data: dict[str, Any], words: list[str]) -> None:
 
 
 @pytest.mark.parametrize("strategy", ["deepspeed-zero1", "deepspeed-zero2", "deepspeed-zero3"])
-def test_deepspeed_is_refused_with_a_clear_message(strategy: str) -> None:
-    with pytest.raises(ConfigError, match="not available in this runtime build.*fsdp"):
-        parse_config(with_(MINIMAL, "parallelism", strategy=strategy))
+def test_deepspeed_strategies_parse_and_refuse_what_zero_does_not_do(strategy: str) -> None:
+    assert parse_config(with_(MINIMAL, "parallelism", strategy=strategy)).parallelism.strategy == strategy
+    with pytest.raises(ConfigError, match="data parallel only.*tensor and pipeline to 1"):
+        parse_config(with_(MINIMAL, "parallelism", strategy=strategy, tensor=2))
+    with pytest.raises(ConfigError, match="fp16 is not supported.*bf16"):
+        parse_config(with_(with_(MINIMAL, "parallelism", strategy=strategy), "training", precision="fp16"))
 
 
 def test_load_config_reports_bad_json_with_position(tmp_path: Path) -> None:

@@ -73,7 +73,7 @@ def test_valid_config_execs_the_command_and_passes_its_exit_code(cfg: dict[str, 
     ({"dataset": {"uri": "file:///nonexistent/data.jsonl"}}, ["does not exist"]),
     ({"parallelism": {"tensor": 3}}, ["does not divide the world size 2"]),
     ({"parallelism": {"tensor": 2, "pipeline": 2}}, ["does not divide the world size 2"]),
-    ({"parallelism": {"strategy": "deepspeed-zero2"}}, ["DeepSpeed", "fsdp"]),
+    ({"parallelism": {"strategy": "deepspeed-zero2", "pipeline": 2}}, ["data parallel only", "fsdp"]),
     ({"training": {"globalBatchSize": 6, "microBatchSize": 2}}, ["multiple of", "data-parallel degree (2)"]),
     ({"output": {"uri": "s3://bucket/out"}}, ["outputs must be file:// or pvc://"]),
 ])
@@ -85,6 +85,20 @@ def test_configuration_errors_exit_78_with_a_message(cfg: dict[str, Any], check:
     for w in words:
         assert w in err
     assert words[0] in (tmp_path / "termination-log").read_text()
+
+
+def test_deepspeed_strategy_without_deepspeed_installed_exits_78(cfg: dict[str, Any], tmp_path: Path) -> None:
+    """An image built without the deepspeed extra. A stand-in, named as such: a blocked
+    import (sys.modules entry None) plays the missing package, which cannot be uninstalled
+    from the shared test environment."""
+    blocker = tmp_path / "block"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text("import sys\nsys.modules['deepspeed'] = None\n")
+    res = launch(merge(cfg, {"parallelism": {"strategy": "deepspeed-zero3"}}), tmp_path, *TORCHRUN,
+                 env={"PYTHONPATH": f"{blocker}:{child_env()['PYTHONPATH']}"})
+    assert res.returncode == contract.EXIT_CONFIG_ERROR, res.stderr
+    assert "needs the deepspeed package" in res.stderr and "kubeforge[deepspeed]" in res.stderr
+    assert "or use 'fsdp'" in (tmp_path / "termination-log").read_text()
 
 
 def test_configuration_error_exit_code_through_a_real_process(cfg: dict[str, Any], tmp_path: Path) -> None:
