@@ -5,12 +5,14 @@ What it runs (each in its own process, one after the other, on the same CPU):
 1. ``hf``   - ``transformers.Trainer`` on the ``small`` preset (~26 M parameters), fp32, the
    same packed samples, the same batch (global 8, micro 4, accumulation 2), AdamW;
 2. ``kf``   - ``python -m kubeforge_runtime.train`` as one process (the same config);
-3. ``kf-dp2`` - the same under ``torchrun --nproc-per-node=2`` (FSDP2 over gloo).
+3. ``kf-dp2`` - the same under ``torchrun --nproc-per-node=2`` (FSDP2 over gloo);
+4. ``kf-zero2``, ``kf-zero3`` - the same DP=2 with ``strategy: deepspeed-zero2`` / ``-zero3``
+   (skipped when deepspeed is not installed), compared with the FSDP2 DP=2 run.
 
 Each process gets the same total number of CPU threads (``--threads``, default: all cores,
 split between the DP=2 workers). Tokens/s is the median over steps after the first two
 (warm-up), the best of ``--repeat`` interleaved repeats; it prints every number and the
-ratios kf/hf and dp2/dp1. A benchmark, not a
+ratios kf/hf, dp2/dp1 and ZeRO/FSDP2. A benchmark, not a
 test: it reports, it does not assert. ``--quick`` uses the ``tiny`` preset and 6 steps
 (seconds, for CI).
 
@@ -46,13 +48,14 @@ def _env(threads: int) -> dict[str, str]:
     return env
 
 
-def _config(model: Path, out: Path, steps: int, seq_len: int) -> dict:
+def _config(model: Path, out: Path, steps: int, seq_len: int, strategy: str = "fsdp") -> dict:
     return {
         "kind": "FineTuneJob", "name": "bench", "namespace": "default",
         "model": {"uri": f"file://{model}"},
         "dataset": {"uri": f"file://{DATA}", "format": "text", "sequenceLength": seq_len, "packing": True,
                     "validationSplit": 0.0},
         "method": "full",
+        "parallelism": {"strategy": strategy},
         "training": {"maxSteps": steps, "globalBatchSize": 8, "microBatchSize": 4, "learningRate": 1e-4, "seed": 0},
         "checkpoint": {"intervalSteps": 0, "keepLast": 1},
         "output": {"uri": f"file://{out}", "format": "merged"},
@@ -151,13 +154,21 @@ def main(argv: list[str] | None = None) -> int:
         model = build_tiny_llama(root / "model", preset=preset, seed=0)
         # One config (and output/checkpoint directory) per run: a shared one would make the
         # second run resume from the first run's final checkpoint and train nothing.
+        runs = {"hf": "fsdp", "kf": "fsdp", "kf-dp2": "fsdp"}
+        try:
+            import deepspeed  # noqa: F401
+
+            runs.update({"kf-zero2": "deepspeed-zero2", "kf-zero3": "deepspeed-zero3"})
+        except ImportError:
+            log.info("deepspeed is not installed: no ZeRO runs (pip install -e .[deepspeed])")
         configs = {}
-        for name in ("hf", "kf", "kf-dp2"):
+        for name, strategy in runs.items():
             configs[name] = root / f"{name}.json"
-            configs[name].write_text(json.dumps(_config(model, root / name, steps, seq_len)))
+            configs[name].write_text(json.dumps(_config(model, root / name, steps, seq_len, strategy)))
         log.info("preset %s, %d steps, sequence %d, global batch 8 (micro 4), fp32, %d threads", preset, steps,
                  seq_len, args.threads)
         hf = kf = dp2 = 0.0
+        zero = {name: 0.0 for name in configs if name.startswith("kf-zero")}
         # Interleaved repeats, best of each: on a shared machine the load changes between
         # runs, and the best run is the one least disturbed by it.
         for rep in range(args.repeat):
@@ -166,14 +177,21 @@ def main(argv: list[str] | None = None) -> int:
             hf = max(hf, run_hf(configs["hf"], args.threads))
             kf = max(kf, run_kubeforge(configs["kf"], 1, args.threads))
             dp2 = max(dp2, run_kubeforge(configs["kf-dp2"], 2, args.threads))
-            log.info("after repeat %d: HF %.1f, KubeForge %.1f, KubeForge DP=2 %.1f tokens/s", rep + 1, hf, kf, dp2)
+            for name in zero:
+                zero[name] = max(zero[name], run_kubeforge(configs[name], 2, args.threads))
+            log.info("after repeat %d: HF %.1f, KubeForge %.1f, KubeForge DP=2 %.1f tokens/s%s", rep + 1, hf, kf, dp2,
+                     "".join(f", {name} {v:.1f}" for name, v in zero.items()))
         log.info("HF Trainer, 1 process:          %10.1f tokens/s", hf)
         log.info("KubeForge trainer, 1 process:   %10.1f tokens/s", kf)
         log.info("KubeForge trainer, DP=2 (FSDP): %10.1f tokens/s", dp2)
+        for name, v in zero.items():
+            log.info("KubeForge trainer, DP=2 (ZeRO-%s): %8.1f tokens/s  (%.2fx FSDP2 DP=2)", name[-1], v, v / dp2)
     result = {"preset": preset, "steps": steps, "sequenceLength": seq_len, "threads": args.threads,
               "hfTrainerTokensPerSecond": round(hf, 1), "kubeforgeTokensPerSecond": round(kf, 1),
               "kubeforgeDp2TokensPerSecond": round(dp2, 1),
-              "ratioKubeforgeVsHf": round(kf / hf, 3), "ratioDp2VsDp1": round(dp2 / kf, 3)}
+              "ratioKubeforgeVsHf": round(kf / hf, 3), "ratioDp2VsDp1": round(dp2 / kf, 3),
+              **{f"zero{name[-1]}Dp2TokensPerSecond": round(v, 1) for name, v in zero.items()},
+              **{f"ratioZero{name[-1]}VsFsdpDp2": round(v / dp2, 3) for name, v in zero.items()}}
     log.info("ratio KubeForge / HF Trainer: %.2fx   ratio DP=2 / DP=1: %.2fx", kf / hf, dp2 / kf)
     sys.stdout.write(json.dumps(result) + "\n")
     return 0

@@ -69,10 +69,13 @@ def require_deepspeed(strategy: str) -> None:
 def ds_config(cfg: TrainConfig, dims: ParallelDims) -> dict[str, Any]:
     """The DeepSpeed config for this run (batch sizes as the trainer slices them)."""
     stage = stage_of(cfg.parallelism.strategy)
-    zero: dict[str, Any] = {"stage": stage, "contiguous_gradients": True, "overlap_comm": False}
+    zero: dict[str, Any] = {"stage": stage}
+    if not torch.cuda.is_available():
+        zero["overlap_comm"] = False  # no CUDA streams to overlap with: reduce in the backward pass itself
     if stage == 3:
-        # Partition every parameter (the default keeps those under 100k elements whole on
-        # every rank, which would make ZeRO-3 a no-op for small models and tests).
+        # Partition every parameter. DeepSpeed's default keeps tensors under 100k elements
+        # whole on every rank (norms; for a small model, everything - ZeRO-3 would then
+        # partition nothing); the extra gathers for norms are small next to the layers'.
         zero["stage3_param_persistence_threshold"] = 0
     return {
         "train_batch_size": cfg.training.globalBatchSize,
