@@ -4,7 +4,9 @@ Each test launches the trainer as the pod would and compares the numbers rank 0 
 (losses of all 4 steps, every first-step gradient, every parameter after 4 AdamW steps,
 logits on a probe batch) against the single-process reference on the whole global batch.
 The tolerance is 1e-5 relative (L2 norm per tensor); differences seen are ~1e-7 (data and
-pipeline parallel) and ~4e-6 (tensor parallel, where matmuls are split and summed).
+pipeline parallel) and ~4e-6 (tensor parallel, where matmuls are split and summed). The
+layouts: DP=2 (FSDP2, DDP), TP=2, PP=2 (GPipe, 1F1B), the 2-D TP2xDP2 and PP2xDP2, and
+the 3-D PP2xDP2xTP2 (eight processes).
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ LAYOUTS: dict[str, tuple[int, dict[str, Any], dict[str, int]]] = {
     "pp2-1f1b": (2, {"parallelism": {"pipeline": 2, "pipelineSchedule": "1F1B"}}, {"data": 1, "tensor": 1, "pipeline": 2}),
     "tp2xdp2": (4, {"parallelism": {"tensor": 2}}, {"data": 2, "tensor": 2, "pipeline": 1}),
     "pp2xdp2": (4, {"parallelism": {"pipeline": 2, "pipelineSchedule": "1F1B"}}, {"data": 2, "tensor": 1, "pipeline": 2}),
+    # 3-D: eight processes on two cores (one thread each), about 20 s.
+    "pp2xdp2xtp2": (8, {"parallelism": {"tensor": 2, "pipeline": 2, "pipelineSchedule": "1F1B"}},
+                    {"data": 2, "tensor": 2, "pipeline": 2}),
 }
 
 
