@@ -68,6 +68,7 @@ METRIC_LOSS = "kubeforge_train_loss"
 METRIC_TOKENS_PER_SECOND = "kubeforge_train_tokens_per_second"
 METRIC_LEARNING_RATE = "kubeforge_train_learning_rate"
 METRIC_MFU = "kubeforge_train_mfu"
+METRIC_GRAD_NORM = "kubeforge_train_grad_norm"
 METRIC_LAST_CHECKPOINT_STEP = "kubeforge_train_last_checkpoint_step"
 
 # --- progress: structured log lines -----------------------------------------------------

@@ -97,6 +97,7 @@ class TrainingSpec(KFModel):
     learning_rate: float = Field(default=1e-4, gt=0, le=1, description="Peak learning rate (AdamW).")
     warmup_steps: int = Field(default=0, ge=0, description="Linear warm-up steps, then cosine decay.")
     weight_decay: float = Field(default=0.0, ge=0, le=1, description="AdamW weight decay.")
+    max_grad_norm: float = Field(default=1.0, ge=0, description="Clip the whole gradient to this L2 norm before each step (0 disables).")
     seed: int = Field(default=42, ge=0, description="Seed for initialisation, data order and dropout.")
     precision: Literal["fp32", "bf16", "fp16"] = Field(default="bf16", description="Training precision.")
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations to save memory.")

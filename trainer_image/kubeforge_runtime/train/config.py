@@ -113,6 +113,8 @@ class TrainingConfig:
     """Linear warmup steps."""
     weightDecay: float = 0.0
     """AdamW weight decay (applied to matrices only, not to norms and biases)."""
+    maxGradNorm: float = 1.0
+    """Clip the whole gradient to this L2 norm before each optimizer step (0 disables)."""
     seed: int = 42
     """Seed for weight init of adapters, the data order, the validation split and dropout."""
     precision: Precision = "fp32"
@@ -289,8 +291,8 @@ def validate(cfg: TrainConfig) -> None:
         )
     if t.learningRate <= 0:
         raise ConfigError("training.learningRate: must be > 0")
-    if t.warmupSteps < 0 or t.weightDecay < 0 or t.evalIntervalSteps < 0:
-        raise ConfigError("training.warmupSteps, weightDecay and evalIntervalSteps: must be >= 0")
+    if t.warmupSteps < 0 or t.weightDecay < 0 or t.evalIntervalSteps < 0 or t.maxGradNorm < 0:
+        raise ConfigError("training.warmupSteps, weightDecay, maxGradNorm and evalIntervalSteps: must be >= 0")
     if cfg.checkpoint.intervalSteps < 0 or cfg.checkpoint.keepLast < 1:
         raise ConfigError("checkpoint.intervalSteps must be >= 0 and checkpoint.keepLast >= 1")
     if cfg.method == "lora":

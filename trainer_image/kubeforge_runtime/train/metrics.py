@@ -88,6 +88,7 @@ class Reporter:
         self.tokens_per_second = g(contract.METRIC_TOKENS_PER_SECOND, "Training tokens per second, all ranks")
         self.learning_rate = g(contract.METRIC_LEARNING_RATE, "Learning rate of the last step")
         self.mfu = g(contract.METRIC_MFU, "Model FLOPs utilisation estimate (0-1; absent where the peak is unknown)")
+        self.grad_norm = g(contract.METRIC_GRAD_NORM, "L2 norm of the last step's whole gradient, before clipping")
         self.last_checkpoint = g(contract.METRIC_LAST_CHECKPOINT_STEP, "Step of the last completed checkpoint")
         if port is None:
             port = int(os.environ.get(contract.ENV_METRICS_PORT, contract.DEFAULT_METRICS_PORT))

@@ -48,6 +48,7 @@ from torch import nn
 
 from .. import contract, data as data_mod, models, storage
 from . import checkpoint as ckpt
+from . import gradients
 from . import metrics as metrics_mod
 from . import model as model_mod
 from . import output as output_mod
@@ -180,6 +181,7 @@ class Trainer:
         self.stop_requested = False
         self.stop_agreed = False
         self.losses: list[float] = []
+        self.grad_norms: list[float] = []  # this attempt's steps only (for the verification dump)
         self.val_losses: dict[int, float] = {}
         self.initial_val_loss: float | None = None
         self.dump: dict[str, Any] = {}
@@ -306,17 +308,28 @@ class Trainer:
         # The last stage's tp ranks all computed the same (replicated) loss.
         return total / (self.dims.tp * max(1, n_tokens))
 
-    def _optimizer_step(self, lr: float) -> None:
+    def _optimizer_step(self, lr: float) -> float:
+        """Clip (``training.maxGradNorm``), step and zero the gradients; returns the whole
+        gradient's norm before clipping."""
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         if self.zero_engine is not None:
-            self.zero_engine.step()  # the accumulation boundary: reduce, step, zero the gradients
-        elif self.scaler is not None:
+            # The accumulation boundary: reduce, clip (DeepSpeed's gradient_clipping), step, zero.
+            self.zero_engine.step()
+            return float(self.zero_engine.get_global_grad_norm())
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+        grads = [p.grad for p in self.top.parameters() if p.grad is not None]
+        norm = gradients.total_norm(grads, self.mesh["pp"].get_group() if self.dims.pp > 1 else None)
+        if self.cfg.training.maxGradNorm > 0:
+            gradients.clip_(grads, self.cfg.training.maxGradNorm, norm)
+        if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -445,7 +458,7 @@ class Trainer:
             self._reshard()
         if self.rank == 0:
             self.dump.update(params=params, probe_input=self.data.train_inputs[:2].clone(), probe_logits=probe,
-                             losses=list(self.losses), val_losses=dict(self.val_losses),
+                             losses=list(self.losses), grad_norms=list(self.grad_norms), val_losses=dict(self.val_losses),
                              initial_val_loss=self.initial_val_loss, layout=self.layout)
             torch.save(self.dump, path)
 
@@ -491,17 +504,19 @@ class Trainer:
             loss = self._train_step(step)
             if dump_path and step == 0:
                 self._dump_grads()
-            self._optimizer_step(lr)
+            grad_norm = self._optimizer_step(lr)
             step += 1
             self.losses.append(loss)
+            self.grad_norms.append(grad_norm)
             elapsed = time.perf_counter() - began
             tps = tokens_per_step / elapsed if elapsed > 0 else 0.0
             mfu = (tps * self.flops_per_token / (self.world * self.peak_flops)) if self.peak_flops else None
             epoch = self.sampler.epoch_of(step - 1)
-            self.reporter.update(step=step, epoch=epoch, loss=loss, tokens_per_second=tps, learning_rate=lr, mfu=mfu)
+            self.reporter.update(step=step, epoch=epoch, loss=loss, tokens_per_second=tps, learning_rate=lr, mfu=mfu,
+                                 grad_norm=grad_norm)
             if self.rank == 0:
                 metrics_mod.emit_event("step", step=step, totalSteps=self.total_steps, epoch=epoch, loss=loss,
-                                       tokensPerSecond=round(tps, 2), learningRate=lr,
+                                       tokensPerSecond=round(tps, 2), learningRate=lr, gradNorm=grad_norm,
                                        **({"mfu": mfu} if mfu is not None else {}))
             if t.evalIntervalSteps and step % t.evalIntervalSteps == 0 and step < self.total_steps:
                 val = self.evaluate()

@@ -83,7 +83,7 @@ def ds_config(cfg: TrainConfig, dims: ParallelDims) -> dict[str, Any]:
         "gradient_accumulation_steps": dims.grad_accum,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # the trainer's torch AdamW (see the module docstring)
-        "gradient_clipping": 0.0,
+        "gradient_clipping": cfg.training.maxGradNorm,  # 0 disables, as in the trainer
         "steps_per_print": 2**31 - 1,  # the trainer reports progress itself
         "wall_clock_breakdown": False,
     }

@@ -41,6 +41,16 @@ def _probe_logits(model: Any, probe: Any) -> Any:
         return model(probe).logits
 
 
+def test_gradient_clipping_is_on_by_default_and_matters(reference: Run, launcher: Callable[..., Run]) -> None:
+    """training.maxGradNorm defaults to 1.0 and the reference's gradients are larger, so every
+    layout below is also compared on how it clips; without clipping the run differs."""
+    ref = reference.dump()
+    assert min(ref["grad_norms"]) > 1.0, ref["grad_norms"]
+    unclipped = launcher("reference-unclipped", {"training": {"maxGradNorm": 0}}).dump()
+    assert rel(unclipped["grad_norms"][0], ref["grad_norms"][0]) < 1e-9  # same first gradient
+    assert rel(unclipped["losses"][1:], ref["losses"][1:]) > 1e-6  # different updates
+
+
 def test_reference_learns(reference: Run, tiny_model) -> None:
     """The reference itself moves: equality with it is then a real statement."""
     from safetensors.torch import load_file
@@ -60,6 +70,8 @@ def test_layout_equals_single_process(name: str, launcher: Callable[..., Run], r
         assert got["layout"][key] == value
     ref = reference.dump()
     assert_same(got, ref)
+    # The whole gradient's norm, which clipping (training.maxGradNorm) scales by, is the same too.
+    assert rel(got["grad_norms"], ref["grad_norms"]) < 1e-5
     if got["probe_logits"] is not None:  # pipeline runs do not compute probe logits
         assert rel(got["probe_logits"], ref["probe_logits"]) < 1e-5
 
@@ -72,8 +84,12 @@ def test_layout_equals_single_process(name: str, launcher: Callable[..., Run], r
     ("deepspeed-zero3", 1e-3),
 ])
 def test_bf16_dp2_equals_single_process_bf16(strategy: str, tol: float, launcher: Callable[..., Run]) -> None:
-    """bf16 autocast (fp32 master weights): DP=2 computes what one bf16 process computes."""
-    bf16 = {"training": {"precision": "bf16"}}
+    """bf16 autocast (fp32 master weights): DP=2 computes what one bf16 process computes.
+
+    Without clipping: a clip coefficient that differs in the 7th digit (a norm summed in
+    another order) moves parameters by ~1e-7, and bf16 rounding of the next forward turns
+    that into ~5e-5. Clipping itself is compared in fp32 by every layout test."""
+    bf16 = {"training": {"precision": "bf16", "maxGradNorm": 0}}
     ref = launcher("reference-bf16", bf16).dump()
     got = launcher(f"bf16-dp2-{strategy}", {**bf16, "parallelism": {"strategy": strategy}}, 2).dump()
     assert_same(got, ref, params_tol=tol, tol=tol)

@@ -35,6 +35,8 @@ def test_zero_dp2_equals_single_process(stage: int, launcher: Callable[..., Run]
     assert got["layout"]["data"] == 2 and got["layout"]["strategy"] == f"deepspeed-zero{stage}"
     assert_same(got, ref)
     assert rel(got["probe_logits"], ref["probe_logits"]) < 1e-5
+    # DeepSpeed clips (gradient_clipping = training.maxGradNorm) by the same norm.
+    assert rel(got["grad_norms"], ref["grad_norms"]) < 1e-5
     sizes = got["zero"]
     assert sizes["stage"] == stage
     # Rank 0 holds half of AdamW's state (plus alignment padding), not all of it.
