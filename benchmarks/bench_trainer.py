@@ -96,11 +96,14 @@ def hf_worker(config_path: str) -> None:
     tok = models.load_tokenizer(model_dir)
     d = cfg["dataset"]
     prepared = data.prepare(tok, DATA, "text", d["sequenceLength"], True, validation_split=0.0, seed=0)
-    # HF shifts labels inside the model: give it the unshifted ones (input ids for text).
-    samples = [{"input_ids": x, "labels": x.clone()} for x in prepared.train_inputs]
+    # HF shifts labels inside the model: give it the unshifted ones (input ids for text). The
+    # position ids make transformers build the same per-record (block-diagonal) mask as ours.
+    samples = [{"input_ids": x, "labels": x.clone(), "position_ids": p}
+               for x, p in zip(prepared.train_inputs, prepared.train_positions)]
     t = cfg["training"]
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model.config.use_cache = False  # with a KV cache transformers ignores the packing in position ids
     step_times: list[float] = []
 
     class Timer(TrainerCallback):

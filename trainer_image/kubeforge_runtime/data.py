@@ -15,9 +15,15 @@ Record formats (one JSON object per line; extra keys are ignored):
 
 Every sample is exactly ``sequence_length`` tokens (pipeline parallelism needs static
 shapes): with packing, tokenized records (each ending in EOS) are concatenated and cut into
-chunks (attention is not masked across record boundaries, as in most packing trainers);
-without it, each record is truncated or right-padded (padding is never a target, and
+chunks; without it, each record is truncated or right-padded (padding is never a target, and
 attention is causal, so right padding cannot change any target's loss).
+
+Packed records do not see each other: every sample comes with position ids that restart at
+0 where a record starts, the model's RoPE uses them, and transformers' mask builder turns
+restarts into a block-diagonal causal mask (``create_causal_mask`` with ``position_ids``).
+A record's first token is never a target (nothing of it precedes it), exactly as without
+packing. A record cut by a chunk boundary continues in the next chunk as its own segment.
+Unpacked samples have plain ``0..S-1`` positions, which keep attention's causal fast path.
 
 Labels are stored already shifted: ``labels[i]`` is the target for position ``i`` (the
 next token), -100 where there is none. Every parallel layout computes the loss the same
@@ -229,24 +235,30 @@ def build_samples(
     packing: bool,
     pad_id: int,
 ):
-    """Fixed-length ``(input_ids, labels)`` LongTensors of shape (N, sequence_length), with
-    labels shifted (``labels[:, i]`` is the target of position i)."""
+    """Fixed-length ``(input_ids, labels, position_ids)`` LongTensors of shape (N,
+    sequence_length), labels shifted (``labels[:, i]`` is the target of position i) and
+    position ids restarting at every record start (see the module docstring)."""
     import torch
 
     s = sequence_length
     inputs: list[list[int]] = []
     targets: list[list[int]] = []
+    positions: list[list[int]] = []
     if packing:
         stream_ids: list[int] = []
         stream_labels: list[int] = []
+        stream_pos: list[int] = []
         for ids, labels in pairs:
             stream_ids.extend(ids)
-            stream_labels.extend(labels)
+            # The first token of a record cannot be predicted from inside the record.
+            stream_labels.extend([IGNORE_INDEX] + labels[1:] if labels else labels)
+            stream_pos.extend(range(len(ids)))
         # Chunk k covers positions [kS, (k+1)S); its targets are the labels one further on,
-        # so every token but the very last is a target exactly once.
+        # so every token but the very last is a target at most once.
         for k in range((len(stream_ids) - 1) // s):
             inputs.append(stream_ids[k * s:(k + 1) * s])
             targets.append(stream_labels[k * s + 1:(k + 1) * s + 1])
+            positions.append(stream_pos[k * s:(k + 1) * s])
     else:
         for ids, labels in pairs:
             ids, labels = ids[: s + 1], labels[: s + 1]
@@ -255,9 +267,12 @@ def build_samples(
             tgt = tgt + [IGNORE_INDEX] * (len(inp) - len(tgt))
             inputs.append(inp + [pad_id] * (s - len(inp)))
             targets.append(tgt + [IGNORE_INDEX] * (s - len(tgt)))
+            positions.append(list(range(s)))
     if not inputs:
-        return torch.empty(0, s, dtype=torch.long), torch.empty(0, s, dtype=torch.long)
-    return torch.tensor(inputs, dtype=torch.long), torch.tensor(targets, dtype=torch.long)
+        empty = torch.empty(0, s, dtype=torch.long)
+        return empty, empty.clone(), empty.clone()
+    return (torch.tensor(inputs, dtype=torch.long), torch.tensor(targets, dtype=torch.long),
+            torch.tensor(positions, dtype=torch.long))
 
 
 @dataclass
@@ -266,8 +281,10 @@ class TokenizedData:
 
     train_inputs: Any
     train_labels: Any
+    train_positions: Any
     val_inputs: Any
     val_labels: Any
+    val_positions: Any
     digest: str
     num_train_records: int
     num_val_records: int
@@ -305,11 +322,14 @@ def prepare(
     else:
         train, val = split_records(records, validation_split, seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    tr_in, tr_lab = build_samples((tokenize_record(tokenizer, r.data, fmt) for r in train), sequence_length, packing, pad)
-    va_in, va_lab = build_samples((tokenize_record(tokenizer, r.data, fmt) for r in val), sequence_length, packing, pad)
+    tr_in, tr_lab, tr_pos = build_samples((tokenize_record(tokenizer, r.data, fmt) for r in train), sequence_length,
+                                          packing, pad)
+    va_in, va_lab, va_pos = build_samples((tokenize_record(tokenizer, r.data, fmt) for r in val), sequence_length,
+                                          packing, pad)
     if len(tr_in) == 0:
         raise DataError(f"{train_path}: too little text for one sample of {sequence_length} tokens")
-    return TokenizedData(tr_in, tr_lab, va_in, va_lab, file_digest(train_path, validation_path), len(train), len(val))
+    return TokenizedData(tr_in, tr_lab, tr_pos, va_in, va_lab, va_pos, file_digest(train_path, validation_path),
+                         len(train), len(val))
 
 
 # --- order and sharding -------------------------------------------------------------------------

@@ -43,7 +43,7 @@ class DatasetSpec(KFModel):
         default=0.05, ge=0, lt=1, description="Fraction held out for validation when validationUri is not given."
     )
     sequence_length: int = Field(default=512, ge=8, le=131072, description="Tokens per training sequence.")
-    packing: bool = Field(default=True, description="Pack several short samples into one sequence.")
+    packing: bool = Field(default=True, description="Pack several short samples into one sequence (they do not attend to each other).")
 
 
 class LoraSpec(KFModel):

@@ -63,7 +63,8 @@ class DatasetConfig:
     parallelism needs static shapes); longer records are truncated."""
     packing: bool = True
     """Concatenate tokenized records (each ending in EOS) and cut the stream into
-    ``sequenceLength`` chunks, instead of padding each record on its own."""
+    ``sequenceLength`` chunks, instead of padding each record on its own. Packed records do
+    not attend to each other (position ids restart per record; see data.py)."""
 
 
 @dataclass

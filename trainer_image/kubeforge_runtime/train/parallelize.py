@@ -114,6 +114,8 @@ class CausalLMStage(nn.Module):
     logits. With a single stage this is the whole model (ids -> logits), and every layout
     uses this same forward, so they compute the same thing. Attention is causal with no
     padding mask: samples are right-padded and padding is never a target (see data.py).
+    ``position_ids`` (every stage gets them) restart at each packed record, which makes
+    the mask block-diagonal: packed records do not attend to each other.
     """
 
     def __init__(self, lm: nn.Module, is_first: bool, is_last: bool) -> None:
@@ -122,13 +124,13 @@ class CausalLMStage(nn.Module):
         self.is_first = is_first
         self.is_last = is_last
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         from transformers.masking_utils import create_causal_mask
 
         dec = decoder(self.lm)
         h = dec.embed_tokens(x) if self.is_first else x
-        seq = h.shape[1]
-        position_ids = torch.arange(seq, device=h.device).unsqueeze(0)
+        if position_ids is None:
+            position_ids = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
         mask = create_causal_mask(
             config=dec.config, inputs_embeds=h, attention_mask=None, cache=None, position_ids=position_ids
         )

@@ -279,11 +279,13 @@ class Trainer:
         idx = self.sampler.rank_batch(step, self.dp_rank, self.dims.dp)
         x = self.data.train_inputs[idx].to(self.device)
         y = self.data.train_labels[idx].to(self.device)
+        pos = self.data.train_positions[idx].to(self.device)
         if self.schedule is not None:
             losses: list[torch.Tensor] = []
             with self._autocast():
+                # Keyword arguments reach every stage (split into micro-batches like x).
                 self.schedule.step(*((x,) if self.is_first else ()), target=y if self.is_last else None,
-                                   losses=losses if self.is_last else None)
+                                   losses=losses if self.is_last else None, position_ids=pos)
             # The schedule may call loss_fn outside the micro-batches (shape inference on the
             # first step): report from its per-micro-batch losses instead.
             self.loss_fn.sums = [loss.detach() / self.loss_fn.scale for loss in losses]
@@ -293,7 +295,7 @@ class Trainer:
             for m in range(n):
                 with self._set_grad_sync(m == n - 1):
                     with self._autocast():
-                        logits = self.module(x[m * mbs:(m + 1) * mbs])
+                        logits = self.module(x[m * mbs:(m + 1) * mbs], pos[m * mbs:(m + 1) * mbs])
                     loss = self.loss_fn(logits, y[m * mbs:(m + 1) * mbs])
                     if self.zero_engine is not None:
                         # The loss is already normalised for the whole global batch.
@@ -334,7 +336,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float | None:
         """Mean token loss on the validation set (None without one)."""
-        vx, vy = self.data.val_inputs, self.data.val_labels
+        vx, vy, vpos = self.data.val_inputs, self.data.val_labels, self.data.val_positions
         n = len(vx)
         if n == 0:
             return None
@@ -348,19 +350,20 @@ class Trainer:
             mine = idx[self.dp_rank * local_bs:(self.dp_rank + 1) * local_bs]
             x = torch.full((local_bs, vx.shape[1]), self.tokenizer.pad_token_id or 0, dtype=torch.long)
             y = torch.full((local_bs, vy.shape[1]), data_mod.IGNORE_INDEX, dtype=torch.long)
+            pos = torch.arange(vx.shape[1], dtype=torch.long).repeat(local_bs, 1)
             if mine:
-                x[: len(mine)], y[: len(mine)] = vx[mine], vy[mine]
-            x, y = x.to(self.device), y.to(self.device)
+                x[: len(mine)], y[: len(mine)], pos[: len(mine)] = vx[mine], vy[mine], vpos[mine]
+            x, y, pos = x.to(self.device), y.to(self.device), pos.to(self.device)
             self.loss_fn.scale, self.loss_fn.sums = 1.0, []
             with self._autocast():
                 if self.schedule is not None:
                     losses: list[torch.Tensor] = []
                     self.schedule.eval(*((x,) if self.is_first else ()), target=y if self.is_last else None,
-                                       losses=losses if self.is_last else None)
+                                       losses=losses if self.is_last else None, position_ids=pos)
                     self.loss_fn.sums = [loss.detach() for loss in losses]
                 else:
                     for m in range(0, local_bs, mbs):
-                        self.loss_fn(self.module(x[m:m + mbs]), y[m:m + mbs])
+                        self.loss_fn(self.module(x[m:m + mbs], pos[m:m + mbs]), y[m:m + mbs])
             if self.is_last:
                 ce_sum += float(sum(s.item() for s in self.loss_fn.sums))
                 count += float((y != data_mod.IGNORE_INDEX).sum())
@@ -453,11 +456,13 @@ class Trainer:
         if self.dims.pp == 1:
             with torch.no_grad():
                 self.module.eval()
-                probe = self.module(self.data.train_inputs[:2].to(self.device)).detach().cpu()
+                probe = self.module(self.data.train_inputs[:2].to(self.device),
+                                    self.data.train_positions[:2].to(self.device)).detach().cpu()
                 self.module.train()
             self._reshard()
         if self.rank == 0:
-            self.dump.update(params=params, probe_input=self.data.train_inputs[:2].clone(), probe_logits=probe,
+            self.dump.update(params=params, probe_input=self.data.train_inputs[:2].clone(),
+                             probe_positions=self.data.train_positions[:2].clone(), probe_logits=probe,
                              losses=list(self.losses), grad_norms=list(self.grad_norms), val_losses=dict(self.val_losses),
                              initial_val_loss=self.initial_val_loss, layout=self.layout)
             torch.save(self.dump, path)

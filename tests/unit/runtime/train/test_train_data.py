@@ -52,15 +52,44 @@ def test_text_trains_on_everything_and_ends_with_eos(tok) -> None:
 def test_packing_shifts_labels_and_fills_every_position(tok) -> None:
     pairs = [D.tokenize_record(tok, {"text": f"Counting: {i} {i + 1} {i + 2}."}, "text") for i in range(20)]
     stream = [t for ids, _ in pairs for t in ids]
-    x, y = D.build_samples(pairs, 16, packing=True, pad_id=0)
-    assert x.shape == y.shape and x.shape[1] == 16 and x.shape[0] == (len(stream) - 1) // 16
+    starts = {sum(len(ids) for ids, _ in pairs[:i]) for i in range(len(pairs))}  # stream index of each record start
+    x, y, pos = D.build_samples(pairs, 16, packing=True, pad_id=0)
+    assert x.shape == y.shape == pos.shape and x.shape[1] == 16 and x.shape[0] == (len(stream) - 1) // 16
     assert x.flatten().tolist() == stream[: x.numel()]
-    assert y.flatten().tolist() == stream[1: x.numel() + 1]
+    # Targets are the next token, except a record's first token (nothing of its record precedes it).
+    expected = [D.IGNORE_INDEX if i in starts else stream[i] for i in range(1, x.numel() + 1)]
+    assert y.flatten().tolist() == expected
+    # Positions restart at every record start and count up inside a record.
+    flat = pos.flatten().tolist()
+    for i in range(x.numel()):
+        assert flat[i] == (0 if i in starts else flat[i - 1] + 1 if i % 16 else flat[i])
+
+
+def test_packed_records_do_not_attend_to_each_other(tok, tiny_model) -> None:
+    """The second record of a packed sample gets the logits it gets alone."""
+    import torch
+
+    from kubeforge_runtime import models
+    from kubeforge_runtime.train.parallelize import CausalLMStage
+
+    a = D.tokenize_record(tok, {"text": "The first record talks about apples."}, "text")
+    b = D.tokenize_record(tok, {"text": "A second one, about pears."}, "text")
+    s = len(a[0]) + len(b[0]) - 1
+    x, _, pos = D.build_samples([a, b, a], s, packing=True, pad_id=0)
+    lm = models.load_causal_lm(tiny_model).eval()
+    stage = CausalLMStage(lm, True, True)
+    with torch.no_grad():
+        packed = stage(x[:1], pos[:1])[0, len(a[0]):]
+        alone = stage(torch.tensor([b[0][: s - len(a[0])]]))[0]
+        unmasked = stage(x[:1])[0, len(a[0]):]  # plain positions: attends to the first record
+    assert torch.allclose(packed, alone, atol=1e-5)
+    assert not torch.allclose(unmasked, alone, atol=1e-3)
 
 
 def test_padding_without_packing_masks_pad_and_prompt(tok) -> None:
     pair = D.tokenize_record(tok, {"prompt": "Q: 2+2?", "completion": " 4"}, "prompt-completion")
-    x, y = D.build_samples([pair], 32, packing=False, pad_id=tok.pad_token_id)
+    x, y, pos = D.build_samples([pair], 32, packing=False, pad_id=tok.pad_token_id)
+    assert pos[0].tolist() == list(range(32))  # plain positions: attention keeps its causal fast path
     n = len(pair[0])
     assert x[0, n:].eq(tok.pad_token_id).all() and y[0, n - 1:].eq(D.IGNORE_INDEX).all()
     assert y[0, : n - 1].tolist() == pair[1][1:]
