@@ -29,6 +29,13 @@ def isvc(name: str, model: dict, **spec) -> dict:
             "spec": {"model": model, **spec}}
 
 
+def finetunejob() -> dict:
+    """The FineTuneJob "ft" whose output (s3://models/ft) the tests' InferenceServices serve."""
+    return {"apiVersion": "kubeforge.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "ft"},
+            "spec": {"model": {"uri": "hf://acme/tiny@main"}, "dataset": {"uri": "s3://data/train.jsonl"},
+                     "output": {"uri": "s3://models/ft"}}}
+
+
 def status_of(cluster, namespace: str, kind: str, name: str) -> dict:
     return get_json(cluster, "-n", namespace, kind, name).get("status") or {}
 
@@ -114,10 +121,7 @@ def test_children_are_created_owned_and_status_follows_the_deployment(cluster, n
 
 
 def test_waits_for_the_finetunejob_and_rolls_out_each_new_output(cluster, namespace, operator_process):
-    apply(cluster, namespace, {
-        "apiVersion": "kubeforge.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "ft"},
-        "spec": {"model": {"uri": "hf://acme/tiny@main"}, "dataset": {"uri": "s3://data/train.jsonl"},
-                 "output": {"uri": "s3://models/ft"}}})
+    apply(cluster, namespace, finetunejob())
     apply(cluster, namespace, isvc("ftsvc", {"fineTuneJobRef": {"name": "ft"}}))
     st = wait_for(lambda: (s := status_of(cluster, namespace, "inferenceservice", "ftsvc")).get("phase")
                   == "WaitingForInput" and s, 90, what="WaitingForInput")
@@ -153,10 +157,7 @@ def test_waits_for_the_finetunejob_and_rolls_out_each_new_output(cluster, namesp
     # The FineTuneJob is re-created and succeeds with the same URI: new bytes behind it, so a
     # new revision. While it is gone, the last output keeps serving.
     cluster.kubectl("delete", "-n", namespace, "finetunejob", "ft", "--wait=true", check=True)
-    apply(cluster, namespace, {
-        "apiVersion": "kubeforge.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "ft"},
-        "spec": {"model": {"uri": "hf://acme/tiny@main"}, "dataset": {"uri": "s3://data/train.jsonl"},
-                 "output": {"uri": "s3://models/ft"}}})
+    apply(cluster, namespace, finetunejob())
     st = status_of(cluster, namespace, "inferenceservice", "ftsvc")
     assert st["phase"] == "Running" and st["modelUri"] == "s3://models/ft/v2"
     finish("s3://models/ft/v2", "2026-01-03T00:00:00Z")
@@ -186,10 +187,7 @@ def test_serves_the_output_of_a_quantizejob_once_it_succeeds(cluster, namespace,
 
 
 def test_an_output_produced_while_the_operator_is_down_rolls_out_when_it_returns(cluster, namespace, operator_process):
-    apply(cluster, namespace, {
-        "apiVersion": "kubeforge.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "ft"},
-        "spec": {"model": {"uri": "hf://acme/tiny@main"}, "dataset": {"uri": "s3://data/train.jsonl"},
-                 "output": {"uri": "s3://models/ft"}}})
+    apply(cluster, namespace, finetunejob())
     apply(cluster, namespace, isvc("svc", {"fineTuneJobRef": {"name": "ft"}}))
 
     def finish(uri: str, at: str) -> None:

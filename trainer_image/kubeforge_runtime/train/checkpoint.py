@@ -73,6 +73,17 @@ def model_state(top: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]
     return sd
 
 
+def init_adam_state(optim: torch.optim.Optimizer, p: torch.Tensor) -> None:
+    """Create ``p``'s AdamW state (zeros, step 0) as AdamW's first step would, if it has none.
+    The fused/capturable kernels keep the step count on the parameter's device, as float32."""
+    st = optim.state[p]
+    if not st:
+        fused = any(g.get("fused") or g.get("capturable") for g in optim.param_groups)
+        st["step"] = torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")
+        st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
 def optimizer_state(top: nn.Module, optim: torch.optim.Optimizer, init: bool = False) -> dict[str, torch.Tensor]:
     """AdamW state keyed "<param name>.<exp_avg|exp_avg_sq|step>".
 
@@ -84,14 +95,9 @@ def optimizer_state(top: nn.Module, optim: torch.optim.Optimizer, init: bool = F
     for name, p in top.named_parameters():
         if not p.requires_grad:
             continue
-        st = optim.state[p]
-        if init and not st:
-            # As AdamW creates it: fused/capturable keep the step on the parameter's device.
-            fused = any(g.get("fused") or g.get("capturable") for g in optim.param_groups)
-            st["step"] = torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")
-            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        for key, value in st.items():
+        if init:
+            init_adam_state(optim, p)
+        for key, value in optim.state[p].items():
             if isinstance(value, torch.Tensor):
                 out[f"{name}.{key}"] = value
     return out

@@ -380,12 +380,11 @@ class Trainer:
 
     def save_checkpoint(self, step: int) -> None:
         self._reshard()
-        trainable_only = self.trainable_only
         if self.zero_engine is not None:
-            model_sd = zero.model_state(self.top, trainable_only)
+            model_sd = zero.model_state(self.top, self.trainable_only)
             optim_sd = zero.optimizer_state(self.top, self.zero_engine)
         else:
-            model_sd = ckpt.model_state(self.top, trainable_only)
+            model_sd = ckpt.model_state(self.top, self.trainable_only)
             optim_sd = ckpt.optimizer_state(self.top, self.optimizer)
         path = self.checkpoints.save(step, model_sd, optim_sd, self._state(step))
         self.reporter.update(last_checkpoint=step)
@@ -396,13 +395,12 @@ class Trainer:
         path = ckpt.latest(self.checkpoints.root)
         if path is None:
             return 0
-        trainable_only = self.trainable_only
         if self.zero_engine is not None:
-            model_sd, optim_sd = zero.model_state(self.top, trainable_only), zero.empty_optimizer_state(self.top)
+            model_sd, optim_sd = zero.model_state(self.top, self.trainable_only), zero.empty_optimizer_state(self.top)
             state = self.checkpoints.load(path, model_sd, optim_sd)
             zero.restore(self.top, self.zero_engine, model_sd, optim_sd)
         else:
-            model_sd = ckpt.model_state(self.top, trainable_only)
+            model_sd = ckpt.model_state(self.top, self.trainable_only)
             optim_sd = ckpt.optimizer_state(self.top, self.optimizer, init=True)
             state = self.checkpoints.load(path, model_sd, optim_sd)
             # DCP fills DTensor shards and plain tensors in place; load_state_dict makes the

@@ -41,6 +41,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig
 from .parallel_dims import ParallelDims
 
@@ -101,8 +102,9 @@ def wrap(stage_module: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainCo
     return engine
 
 
-def is_engine(module: nn.Module) -> bool:
-    return type(module).__name__ == "DeepSpeedEngine" or hasattr(module, "zero_optimization_stage")
+def _full_shape(p: nn.Parameter) -> torch.Size:
+    """The whole shape of a parameter (ZeRO-3 leaves an empty tensor in ``p`` and keeps it in ``ds_shape``)."""
+    return p.ds_shape if hasattr(p, "ds_shape") else p.shape
 
 
 def _trainable(top: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
@@ -126,7 +128,7 @@ def full_grads(top: nn.Module) -> dict[str, torch.Tensor]:
     for name, p in _trainable(top):
         g = safe_get_full_grad(p)
         if g is not None:
-            out[name] = g.detach().to("cpu", copy=True).reshape(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
+            out[name] = g.detach().to("cpu", copy=True).reshape(_full_shape(p))
     return out
 
 
@@ -145,20 +147,19 @@ def partition_sizes(top: nn.Module, engine: Any) -> dict[str, int]:
     return {
         "stage": int(engine.zero_optimization_stage()),
         "localOptimizerStateElements": int(state),
-        "trainableElements": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for _, p in _trainable(top)),
+        "trainableElements": sum(_full_shape(p).numel() for _, p in _trainable(top)),
         "localParameterElements": int(params),
-        "parameterElements": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in top.parameters()),
+        "parameterElements": sum(_full_shape(p).numel() for p in top.parameters()),
     }
 
 
 # --- checkpoints (the runtime's DCP format, see checkpoint.py) ----------------------------
 
 def model_state(top: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
-    """Like checkpoint.model_state, but with ZeRO-3's partitioned parameters gathered."""
-    keep = {n for n, _ in _trainable(top)}
+    """checkpoint.model_state with ZeRO-3's partitioned parameters gathered (copies: the
+    gathered storage goes away when the context ends)."""
     with _gathered(top):
-        sd = {k: v.detach().to("cpu", copy=True) for k, v in top.state_dict().items()}
-    return {k: v for k, v in sd.items() if k in keep} if trainable_only else sd
+        return {k: v.detach().to("cpu", copy=True) for k, v in ckpt.model_state(top, trainable_only).items()}
 
 
 def _inner_optimizer(engine: Any) -> torch.optim.Optimizer:
@@ -175,22 +176,15 @@ def _create_adam_state(inner: torch.optim.Optimizer) -> None:
     (``safe_get_full_optimizer_state`` fails with "exp_avg not found"). Creating the state
     up front avoids that, and gives a resume something to load into.
     """
-    fused = any(g.get("fused") or g.get("capturable") for g in inner.param_groups)
     for group in inner.param_groups:
         for flat in group["params"]:
-            st = inner.state[flat]
-            if not st:
-                # The fused kernel keeps the step count on the parameter's device, as float32.
-                st["step"] = torch.zeros((), dtype=torch.float32, device=flat.device if fused else "cpu")
-                st["exp_avg"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+            ckpt.init_adam_state(inner, flat)
 
 
 def _step_count(engine: Any) -> torch.Tensor:
-    for st in _inner_optimizer(engine).state.values():
-        if "step" in st:
-            return torch.as_tensor(st["step"], dtype=torch.float32).detach().cpu().clone()
-    return torch.zeros((), dtype=torch.float32)
+    """AdamW's step count (one for all of ZeRO's partitions: they step together; wrap() created it)."""
+    st = next(iter(_inner_optimizer(engine).state.values()))
+    return st["step"].detach().to("cpu", dtype=torch.float32, copy=True)
 
 
 def optimizer_state(top: nn.Module, engine: Any) -> dict[str, torch.Tensor]:
@@ -210,7 +204,7 @@ def empty_optimizer_state(top: nn.Module) -> dict[str, torch.Tensor]:
     """Whole zero tensors with the keys and shapes of :func:`optimizer_state`, for DCP to load into."""
     out: dict[str, torch.Tensor] = {}
     for name, p in _trainable(top):
-        shape = p.ds_shape if hasattr(p, "ds_shape") else p.shape
+        shape = _full_shape(p)
         for key in ADAM_MOMENTS:
             out[f"{name}.{key}"] = torch.zeros(shape, dtype=torch.float32)
         out[f"{name}.step"] = torch.zeros((), dtype=torch.float32)
