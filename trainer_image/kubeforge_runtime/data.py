@@ -29,6 +29,12 @@ Labels are stored already shifted: ``labels[i]`` is the target for position ``i`
 next token), -100 where there is none. Every parallel layout computes the loss the same
 way from them.
 
+Held-out data stays held out: records are compared by :func:`normalized_key` (their content
+with whitespace collapsed), ``validationSplit`` puts every copy of a record on the same side,
+and training records that also appear in the validation file or in an excluded file (a task
+evaluation set, ``prepare(exclude_paths=...)``) are dropped with a warning, so a validation
+or task score never measures recall of a training record.
+
 Order and sharding: :class:`GlobalBatchSampler` maps a global step to the sample indices of
 that step's global batch (a seeded permutation per epoch), and each data-parallel rank takes
 its contiguous slice of it. The order is a function of the step alone, so training resumes
@@ -288,21 +294,70 @@ class TokenizedData:
     digest: str
     num_train_records: int
     num_val_records: int
+    dropped_overlap: int = 0
+    """Training records dropped because they also appear in the validation or excluded data."""
+
+
+# --- duplicates and held-out data -----------------------------------------------------------------
+
+CONTENT_KEYS = {"chat": ("messages",), "prompt-completion": ("prompt", "completion"), "text": ("text",)}
+"""The keys a record of each format trains on; others ("id", "label", "tests") are not content."""
+
+
+def _collapse(value: Any) -> Any:
+    if isinstance(value, str):
+        return " ".join(value.split())
+    if isinstance(value, list):
+        return [_collapse(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _collapse(v) for k, v in value.items()}
+    return value
+
+
+def normalized_key(record_data: dict[str, Any]) -> str:
+    """The identity of a record for duplicate and overlap checks: its JSON (sorted keys) with
+    every string's whitespace collapsed and stripped, so "a  b" and "a b " are the same record.
+
+    Only the content a record trains on counts (``messages``; ``prompt`` and ``completion``;
+    or ``text``, by the keys the record has): two records that differ in an extra key such as
+    ``"id"`` or ``"tests"`` train the model identically. A record of no known format is
+    compared whole."""
+    fmt = detect_format(record_data)
+    content = {k: record_data[k] for k in CONTENT_KEYS[fmt] if k in record_data} if fmt else record_data
+    return json.dumps(_collapse(content), sort_keys=True, ensure_ascii=False)
 
 
 def split_records(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
-    """Hold out ``fraction`` of the records (seeded, independent of world size)."""
+    """Hold out ``fraction`` of the records (seeded, independent of world size).
+
+    Duplicates (equal :func:`normalized_key`) always land on the same side, so no validation
+    record is also a training record: the split draws distinct records, and every copy of a
+    drawn one goes with it. Without duplicates this is a plain seeded draw of records."""
     import torch
 
-    if fraction <= 0 or len(records) < 2:
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        groups.setdefault(normalized_key(r.data), []).append(i)
+    members = list(groups.values())  # in order of first appearance
+    if fraction <= 0 or len(members) < 2:
+        if fraction > 0 and len(records) >= 2:
+            log.warning("validationSplit: every record is the same; nothing can be held out")
         return records, []
-    n_val = min(len(records) - 1, max(1, round(len(records) * fraction)))
+    n_val = min(len(members) - 1, max(1, round(len(members) * fraction)))
     g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(records), generator=g).tolist()
-    val_idx = set(perm[:n_val])
+    perm = torch.randperm(len(members), generator=g).tolist()
+    val_idx = {i for k in perm[:n_val] for i in members[k]}
     train = [r for i, r in enumerate(records) if i not in val_idx]
     val = [r for i, r in enumerate(records) if i in val_idx]
     return train, val
+
+
+def remove_overlap(train: list[Record], heldout: list[Record]) -> tuple[list[Record], int]:
+    """``train`` without the records whose :func:`normalized_key` is one of ``heldout``'s, and
+    how many were dropped."""
+    keys = {normalized_key(r.data) for r in heldout}
+    kept = [r for r in train if normalized_key(r.data) not in keys]
+    return kept, len(train) - len(kept)
 
 
 def prepare(
@@ -314,13 +369,32 @@ def prepare(
     validation_path: str | Path | None = None,
     validation_split: float = 0.0,
     seed: int = 0,
+    exclude_paths: Iterable[str | Path] = (),
 ) -> TokenizedData:
-    """Parse, split, tokenize and pack the data (deterministic: every rank gets the same)."""
+    """Parse, split, tokenize and pack the data (deterministic: every rank gets the same).
+
+    ``exclude_paths`` are held-out files of the same format (a task evaluation set, say):
+    training records that also appear there are dropped, as are training records that appear
+    in the validation file; the split of ``validation_split`` keeps duplicates on one side."""
+    exclude_paths = list(exclude_paths)
     records = load_records(train_path, fmt)
+    dropped = 0
+    for path in exclude_paths:
+        records, n = remove_overlap(records, load_records(path, fmt))
+        if n:
+            log.warning("dropped %d training record(s) that also appear in the held-out file %s", n, path)
+        dropped += n
     if validation_path is not None:
-        train, val = records, load_records(validation_path, fmt)
+        val = load_records(validation_path, fmt)
+        train, n = remove_overlap(records, val)
+        if n:
+            log.warning("dropped %d training record(s) that also appear in the validation file %s", n,
+                        validation_path)
+        dropped += n
     else:
         train, val = split_records(records, validation_split, seed)
+    if not train:
+        raise DataError(f"{train_path}: no training records left after removing the held-out ones")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     tr_in, tr_lab, tr_pos = build_samples((tokenize_record(tokenizer, r.data, fmt) for r in train), sequence_length,
                                           packing, pad)
@@ -328,8 +402,8 @@ def prepare(
                                           packing, pad)
     if len(tr_in) == 0:
         raise DataError(f"{train_path}: too little text for one sample of {sequence_length} tokens")
-    return TokenizedData(tr_in, tr_lab, tr_pos, va_in, va_lab, va_pos, file_digest(train_path, validation_path),
-                         len(train), len(val))
+    return TokenizedData(tr_in, tr_lab, tr_pos, va_in, va_lab, va_pos,
+                         file_digest(train_path, validation_path, *exclude_paths), len(train), len(val), dropped)
 
 
 # --- order and sharding -------------------------------------------------------------------------
@@ -421,7 +495,7 @@ def check(path: str | Path, fmt: str | None = None, tokenizer: Any = None) -> di
                                "badRecords": len(result.errors), "errors": result.errors[:MAX_REPORTED]}
     seen: collections.Counter[str] = collections.Counter()
     for r in recs:
-        seen[json.dumps(r.data, sort_keys=True)] += 1
+        seen[normalized_key(r.data)] += 1  # the identity the validation split and overlap checks use
     summary["duplicates"] = sum(c - 1 for c in seen.values())
     if tokenizer is not None:
         lengths, trained = [], 0

@@ -56,7 +56,7 @@ class EvaluationSpec:
     """Where and how perplexity is measured before and after quantization."""
 
     uri: str | None = None
-    """JSONL with "text" (or "prompt" + "completion", concatenated); null: a built-in text."""
+    """JSONL with "text" (or "prompt" + "completion", concatenated); null: the bundled reference text."""
     max_perplexity_increase_percent: float = 1.0
     """The quality gate: a larger relative perplexity increase rejects the output."""
     max_samples: int = 64

@@ -5,8 +5,12 @@ of ``*.jsonl`` files read in name order): each record has ``"text"``, or ``"prom
 ``"completion"`` (concatenated, as a fine-tuning record is). The first ``maxSamples``
 records are tokenized, joined with the EOS token and cut into windows of
 ``sequenceLength`` tokens; a final shorter window is kept if it has at least two tokens.
-With no evaluation URI a small built-in English text is used, which is enough to compare a
-model with its quantized self but says nothing about task quality - give a real set.
+With no evaluation URI the bundled reference text is used (``assets/reference-text.jsonl``:
+40 paragraphs of real English prose, none written by this project and none in a starter's
+training data - CPython's Language Reference and permissively licensed packages'
+descriptions, each record naming its source and licence; ``hack/make-reference-text.py``
+says how it was made). That is enough to compare a model with its quantized self, but says
+nothing about task quality - give the task's own held-out set for that.
 """
 
 from __future__ import annotations
@@ -25,24 +29,18 @@ class EvaluationDataError(ValueError):
     """The evaluation set cannot be used; the message says what to change."""
 
 
-BUILTIN_TEXT: tuple[str, ...] = (
-    "The river runs past the old mill and under the stone bridge before it reaches the sea. "
-    "In spring the water rises and the fields along its banks turn green again.",
-    "A scheduler places each pod on a node that has room for it. When a node fails, the "
-    "controller notices the missing pods and creates new ones somewhere else.",
-    "Question: What is the boiling point of water at sea level? Answer: One hundred degrees "
-    "Celsius. Question: How many days are in a week? Answer: Seven.",
-    "def mean(values):\n    total = sum(values)\n    return total / len(values)\n\n"
-    "print(mean([1, 2, 3, 4]))\n",
-    "She opened the window, listened to the rain for a while, and then went back to the "
-    "letter she had been writing since the morning.",
-    "Smaller numbers take less memory. A weight stored in eight bits instead of thirty-two "
-    "needs a quarter of the space, and a good method loses very little accuracy.",
-    "The committee met on Tuesday to discuss the budget for next year. Most members agreed "
-    "that the library should stay open later in the evening.",
-    "To make bread, mix flour, water, salt and yeast, knead the dough until it is smooth, "
-    "let it rise for an hour, shape it, and bake it in a hot oven.",
-)
+REFERENCE_TEXT = "reference-text.jsonl"
+"""Real English prose in ``kubeforge_runtime/assets/``: 40 paragraphs from CPython's Language
+Reference (``pydoc_data.topics``) and from permissively licensed packages' descriptions, each
+record with its ``source`` and ``license`` (how it was made: ``hack/make-reference-text.py``)."""
+
+
+def reference_texts() -> list[str]:
+    """The paragraphs of the bundled reference text, in file order."""
+    from importlib.resources import files
+
+    lines = files("kubeforge_runtime").joinpath("assets", REFERENCE_TEXT).read_text(encoding="utf-8").splitlines()
+    return [json.loads(line)["text"] for line in lines if line.strip()]
 
 
 def _record_text(record: Any, where: str) -> str:
@@ -59,10 +57,12 @@ def _record_text(record: Any, where: str) -> str:
 
 
 def load_texts(uri: str | None, max_samples: int) -> list[str]:
-    """The first ``max_samples`` evaluation texts at ``uri`` (built-in text when None)."""
+    """The first ``max_samples`` evaluation texts at ``uri`` (the bundled reference text when None)."""
     if uri is None:
-        log.info("no evaluation.uri: using the built-in text (%d passages)", len(BUILTIN_TEXT))
-        return list(BUILTIN_TEXT[:max_samples])
+        texts = reference_texts()
+        log.info("no evaluation.uri: using the bundled reference text (%d of %d paragraphs)",
+                 min(max_samples, len(texts)), len(texts))
+        return texts[:max_samples]
     path = storage.resolve(uri)
     files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
     if not files:

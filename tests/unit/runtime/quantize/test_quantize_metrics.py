@@ -73,6 +73,21 @@ def test_records_may_be_prompt_and_completion(tmp_path: Path) -> None:
         data.load_texts(str(tmp_path / "bad.jsonl"), 2)
 
 
+def test_without_a_uri_the_bundled_reference_text_is_used() -> None:
+    """Real prose with its provenance, shipped as package data, and in no starter's training file."""
+    import json
+    from importlib.resources import files
+
+    records = [json.loads(line) for line in
+               files("kubeforge_runtime").joinpath("assets", data.REFERENCE_TEXT).read_text().splitlines()]
+    assert len(records) >= 30 and all(r["source"] and r["license"] and len(r["text"]) >= 200 for r in records)
+    texts = data.load_texts(None, 64)
+    assert texts == [r["text"] for r in records] and data.load_texts(None, 5) == texts[:5]
+    starters = Path(__file__).resolve().parents[4] / "examples" / "volumes" / "data"
+    training = " ".join(p.read_text() for p in starters.glob("*.jsonl"))
+    assert not any(t[:80] in training for t in texts)
+
+
 def test_state_dict_bytes_counts_plain_tensors() -> None:
     layer = torch.nn.Linear(8, 4)  # 32 + 4 float32 values
     assert metrics.state_dict_bytes(layer) == 36 * 4

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from train_support import DATA, child_env
+from train_support import DATA, REPO, child_env
 
 from kubeforge_runtime import data as D
 
@@ -111,12 +111,49 @@ def test_bad_records_are_reported_with_file_and_line(tmp_path: Path) -> None:
 
 
 def test_validation_split_is_seeded_and_disjoint(tmp_path: Path) -> None:
-    recs = D.load_records(DATA / "text.jsonl", "text")
+    recs = D.load_records(DATA / "text.jsonl", "text")  # templated: many exact duplicates
     a_train, a_val = D.split_records(recs, 0.1, seed=7)
     b_train, b_val = D.split_records(recs, 0.1, seed=7)
-    assert [r.line for r in a_val] == [r.line for r in b_val] and len(a_val) == 40
+    assert [r.line for r in a_val] == [r.line for r in b_val] and a_val
     assert {r.line for r in a_train}.isdisjoint({r.line for r in a_val})
     assert len(a_train) + len(a_val) == len(recs)
+    # No validation record is also a training record: every copy went to the same side.
+    train_keys, val_keys = {D.normalized_key(r.data) for r in a_train}, {D.normalized_key(r.data) for r in a_val}
+    assert train_keys.isdisjoint(val_keys)
+    assert len(val_keys) == round(len(train_keys | val_keys) * 0.1)  # a tenth of the distinct records
+
+
+def test_split_keeps_whitespace_variants_together() -> None:
+    recs = [D.Record({"prompt": f"Review: item {i % 25}.", "completion": " positive"}, "f", i) for i in range(100)]
+    for r in recs[::3]:  # the same records with different whitespace
+        r.data = {"prompt": "  " + r.data["prompt"].replace(" ", "   ") + "\n", "completion": " positive "}
+    for seed in range(5):
+        train, val = D.split_records(recs, 0.2, seed)
+        assert val and {D.normalized_key(r.data) for r in train}.isdisjoint({D.normalized_key(r.data) for r in val})
+        assert len({D.normalized_key(r.data) for r in val}) == 5
+    # Without duplicates the split is the plain seeded draw it always was.
+    clean = [D.Record({"text": f"record {i}"}, "f", i) for i in range(50)]
+    import torch
+
+    perm = torch.randperm(50, generator=torch.Generator().manual_seed(3)).tolist()
+    assert sorted(r.line for r in D.split_records(clean, 0.1, 3)[1]) == sorted(perm[:5])
+    same = [D.Record({"text": "one"}, "f", i) for i in range(4)]
+    assert D.split_records(same, 0.5, 0) == (same, [])  # nothing distinct to hold out
+
+
+def test_normalized_key_and_remove_overlap() -> None:
+    key = D.normalized_key
+    assert key({"text": "a  b\n"}) == key({"text": " a b"}) != key({"text": "ab"})
+    # Only what the record trains on counts: extra keys ("id", "tests") do not.
+    assert key({"prompt": "p", "completion": " c", "tests": "assert 1"}) == key({"prompt": "p ", "completion": "c"})
+    chat = {"messages": [{"role": "user", "content": "Capital of  Peru?"}, {"role": "assistant", "content": "Lima"}]}
+    assert key(chat) == key({"messages": [{"role": "user", "content": "Capital of Peru?"},
+                                          {"role": "assistant", "content": "Lima "}], "id": 7})
+    train = [D.Record({"text": t}, "t", i) for i, t in enumerate(["a", "b", "b", "c  d", "e"])]
+    held = [D.Record({"text": t}, "h", i) for i, t in enumerate(["b", "c d", "z"])]
+    kept, dropped = D.remove_overlap(train, held)
+    assert [r.data["text"] for r in kept] == ["a", "e"] and dropped == 3
+    assert D.remove_overlap(train, []) == (train, 0)
 
 
 def test_sampler_shards_and_resumes_deterministically() -> None:
@@ -142,7 +179,30 @@ def test_prepare_is_identical_across_calls(tok) -> None:
     a = D.prepare(tok, DATA / "chat.jsonl", "chat", 64, True, validation_split=0.1, seed=1)
     b = D.prepare(tok, DATA / "chat.jsonl", "chat", 64, True, validation_split=0.1, seed=1)
     assert a.train_inputs.equal(b.train_inputs) and a.val_labels.equal(b.val_labels)
-    assert a.num_val_records == 30 and a.digest == D.file_digest(DATA / "chat.jsonl")
+    assert a.num_val_records == b.num_val_records > 0 and a.num_train_records + a.num_val_records == 300
+    assert a.dropped_overlap == 0 and a.digest == D.file_digest(DATA / "chat.jsonl")
+
+
+def test_prepare_drops_training_records_found_in_held_out_files(tok, tmp_path: Path, caplog) -> None:
+    rows = [{"prompt": f"Review: thing {i}.\nSentiment:", "completion": " positive" if i % 2 else " negative"}
+            for i in range(40)]
+    train = write(tmp_path / "train.jsonl", [json.dumps(r) for r in rows])
+    evalset = write(tmp_path / "eval.jsonl", [
+        json.dumps(rows[3]),
+        json.dumps({"prompt": "Review:  thing 5.\nSentiment: ", "completion": " positive", "tests": "x"}),
+        json.dumps({"prompt": "Review: never trained on.\nSentiment:", "completion": " negative"}),
+    ])
+    val = write(tmp_path / "val.jsonl", [json.dumps(rows[7]), json.dumps(rows[8])])
+    with caplog.at_level("WARNING", logger=D.__name__):
+        data = D.prepare(tok, train, "prompt-completion", 32, False, validation_path=val, exclude_paths=[evalset])
+    assert data.dropped_overlap == 4 and data.num_train_records == 36 and data.num_val_records == 2
+    assert "dropped 2 training record(s)" in caplog.text and str(evalset) in caplog.text
+    assert data.digest == D.file_digest(train, val, evalset)
+    plain = D.prepare(tok, train, "prompt-completion", 32, False, validation_split=0.25, seed=0,
+                      exclude_paths=[evalset])
+    assert plain.dropped_overlap == 2 and plain.num_train_records + plain.num_val_records == 38
+    with pytest.raises(D.DataError, match="no training records left"):
+        D.prepare(tok, train, "prompt-completion", 32, False, exclude_paths=[train])
 
 
 def test_check_summarises_and_finds_label_balance(tok, tmp_path: Path) -> None:
@@ -150,9 +210,10 @@ def test_check_summarises_and_finds_label_balance(tok, tmp_path: Path) -> None:
     assert s["format"] == "prompt-completion" and s["records"] == 300 and s["badRecords"] == 0
     assert s["labels"]["classes"] == 2 and set(s["labels"]["counts"]) == {"positive", "negative"}
     assert s["duplicates"] > 0 and s["tokens"]["total"] > s["trainedTokens"] > 0
-    f = write(tmp_path / "d.jsonl", ['{"text": "a b"}', '{"text": "a b"}', '{"text": "c"}', "oops"])
+    f = write(tmp_path / "d.jsonl", ['{"text": "a b"}', '{"text": "a b"}', '{"text": "c"}', "oops",
+                                     '{"text": " a  b"}'])
     s2 = D.check(f)
-    assert s2["duplicates"] == 1 and s2["badRecords"] == 1 and "labels" not in s2
+    assert s2["duplicates"] == 2 and s2["badRecords"] == 1 and "labels" not in s2
     assert s2["errors"] == [f"{f}:4: invalid JSON (Expecting value at column 1)"]
 
 
@@ -165,3 +226,33 @@ def test_check_command_line(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "kubeforge_runtime.data", "check", str(bad)],
                          capture_output=True, text=True, env=child_env(), timeout=120)
     assert res.returncode == 1 and f"{bad}:2:" in res.stdout
+
+
+STARTERS = REPO / "examples" / "volumes" / "data"
+
+
+@pytest.mark.parametrize("name", ["text-classification", "question-answering", "code-generation"])
+def test_starter_sets_have_disjoint_duplicate_free_splits(name: str) -> None:
+    """The shipped starters: the test file is held out from the training file, after
+    normalisation and by prompt, and neither file repeats a record."""
+    parsed, fmt = D.parse_jsonl(STARTERS / f"{name}.jsonl", None)
+    assert not parsed.errors
+    train = parsed.records
+    test = D.load_records(STARTERS / f"{name}-test.jsonl", fmt)
+    for recs in (train, test):
+        keys = [D.normalized_key(r.data) for r in recs]
+        assert len(set(keys)) == len(keys)
+    assert D.remove_overlap(train, test)[1] == 0
+
+    def prompt(d: dict) -> str:
+        if fmt == "chat":
+            return " ".join(" ".join(m["content"].split()) for m in d["messages"] if m["role"] != "assistant")
+        return " ".join(d["prompt"].split())
+
+    assert {prompt(r.data) for r in train}.isdisjoint({prompt(r.data) for r in test})
+    if name == "text-classification":
+        labels = [r.data["completion"] for r in test]
+        assert labels.count(" positive") == labels.count(" negative") == len(labels) // 2
+    if name == "code-generation":
+        for r in train + test:  # our own code: each completion passes its own tests
+            exec(compile(r.data["prompt"] + r.data["completion"] + r.data["tests"], r.file, "exec"), {})
