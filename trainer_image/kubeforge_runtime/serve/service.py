@@ -245,12 +245,28 @@ class ServingRuntime:
             return peft_model.get_base_model()
 
     def _max_length(self, model: Any) -> int:
+        """``engine.maxModelLength`` (at most the model's own); when unset, the model's own
+        length or, where the KV cache for ``maxConcurrentRequests`` sequences of it would not
+        fit in memory, the longest that does (see :func:`memory_fitted_length`)."""
         text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        own = getattr(text_config, "max_position_embeddings", None) or 2048
-        wanted = self.config.engine.max_model_length
-        if wanted is not None and wanted > own:
-            log.warning("maxModelLength %d exceeds the model's %d; using %d", wanted, own, own)
-        return int(min(wanted or own, own))
+        own = int(getattr(text_config, "max_position_embeddings", None) or 2048)
+        engine = self.config.engine
+        wanted = engine.max_model_length
+        if wanted is not None:
+            if wanted > own:
+                log.warning("maxModelLength %d exceeds the model's %d; using %d", wanted, own, own)
+            return int(min(wanted, own))
+        # The cache and activations take the model's compute dtype (a quantized model's too).
+        dtype_bytes = model.dtype.itemsize
+        fitted = memory_fitted_length(
+            own, engine.max_concurrent_requests, engine.max_batch_tokens, engine.kv_block_size,
+            kv_bytes_per_token(text_config, dtype_bytes), dtype_bytes, available_memory_bytes(),
+        )
+        if fitted < own:
+            log.warning("maxModelLength %d (of the model's %d): the KV cache for %d concurrent requests of %d tokens "
+                        "would not fit in memory; set engine.maxModelLength, lower engine.maxConcurrentRequests or "
+                        "give the pod more memory", fitted, own, engine.max_concurrent_requests, own)
+        return fitted
 
     def stop(self) -> None:
         for served in self.models.values():
@@ -426,6 +442,59 @@ class ServingRuntime:
             if reason in ("stop", "length"):
                 self.metrics.e2e.labels(name).observe(time.monotonic() - start)
             self.release(ticket)
+
+
+KV_MEMORY_FRACTION = 0.2
+"""Share of the memory available after loading that the default context length may take for
+the preallocated KV cache and the attention masks (transformers' continuous batching checks
+its own footprint against 30-90 % of free memory; this stays well below)."""
+
+
+def kv_bytes_per_token(text_config: Any, dtype_bytes: int) -> int:
+    """Bytes of keys and values one cached token takes over all layers."""
+    heads = int(text_config.num_attention_heads)
+    kv_heads = int(getattr(text_config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(text_config, "head_dim", None) or text_config.hidden_size // heads)
+    return 2 * int(text_config.num_hidden_layers) * kv_heads * head_dim * dtype_bytes
+
+
+def memory_fitted_length(model_max: int, concurrency: int, batch_tokens: int, block: int, kv_per_token: int,
+                         dtype_bytes: int, available: int | None) -> int:
+    """The longest context (a multiple of ``block``, at most ``model_max``) for which the
+    cache of ``concurrency`` full-length sequences plus the attention masks over them (the
+    paged engine masks ``batch_tokens`` queries against every cached token) fit in
+    ``KV_MEMORY_FRACTION`` of ``available`` bytes. Unknown memory: ``model_max``."""
+    if not available:
+        return model_max
+    budget = KV_MEMORY_FRACTION * available - batch_tokens * batch_tokens * dtype_bytes
+    per_length = concurrency * (kv_per_token + batch_tokens * dtype_bytes)
+    fitted = int(max(0.0, budget) // per_length) // block * block
+    if fitted < block:
+        raise RuntimeError(
+            f"not enough memory for a KV cache of {concurrency} requests: {available / 2**30:.1f} GiB available; "
+            "lower engine.maxConcurrentRequests or engine.maxBatchTokens, or give the pod more memory")
+    return min(model_max, fitted)
+
+
+def available_memory_bytes() -> int | None:
+    """Memory still free for this process: the GPU's free memory on CUDA, else the smaller of
+    the system's available memory and what the cgroup limit leaves (None if unknown)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info()[0])
+    try:
+        import psutil
+    except ImportError:
+        return None
+    free = int(psutil.virtual_memory().available)
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        if limit != "max":
+            free = min(free, int(limit) - psutil.Process().memory_info().rss)
+    except (OSError, ValueError):
+        pass
+    return free
 
 
 def cgroup_cpu_limit() -> int | None:
