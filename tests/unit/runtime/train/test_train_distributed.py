@@ -84,7 +84,9 @@ def test_layout_equals_single_process(name: str, launcher: Callable[..., Run], r
     # Measured: losses within 4e-6, but first-step gradients of layer 0 (attention, input
     # norm) and of the embedding differ by up to ~1e-3 (every other tensor within 1e-7;
     # fp32 ZeRO-3 and bf16 ZeRO-2 match exactly). Cause not found; the bound records what holds.
-    ("deepspeed-zero3", 3e-3),
+    # After 4 AdamW steps layer 0's v_proj differs by 3.1e-3 on a fresh environment with the
+    # same pinned packages (this bound was 3e-3 and failed there on unchanged code): 5e-3.
+    ("deepspeed-zero3", 5e-3),
 ])
 def test_bf16_dp2_equals_single_process_bf16(strategy: str, tol: float, launcher: Callable[..., Run]) -> None:
     """bf16 autocast (fp32 master weights): DP=2 computes what one bf16 process computes.
@@ -152,7 +154,7 @@ def test_lora_merged_logits_equal_adapter_logits(lora_reference: Run, tmp_path) 
     # The merged format, written by the same output code from the same checkpoint.
     cfg = parse_config({**lora_reference.config, "output": {"uri": f"file://{tmp_path / 'merged'}", "format": "merged"}})
     model = ckpt.load_single_process(ckpt.latest(out / "checkpoints"), cfg)
-    output.save_output(model, models.load_tokenizer(out), cfg, models.resolve_model_dir(cfg.model.uri), {"steps": STEPS})
+    output.save_output(output.output_model(model, cfg), models.load_tokenizer(out), cfg, models.resolve_model_dir(cfg.model.uri), {"steps": STEPS})
     assert (tmp_path / "merged" / "config.json").exists() and not (tmp_path / "merged" / "adapter_config.json").exists()
     merged_logits = _probe_logits(models.load_causal_lm(tmp_path / "merged"), dump)
     assert rel(merged_logits, adapter_logits) < 1e-5
