@@ -105,6 +105,21 @@ def test_all_workers_succeeding_sets_succeeded_and_it_stays_terminal(env: Env):
     assert env.get("job", "done")["metadata"]["resourceVersion"] == job_before["metadata"]["resourceVersion"]
 
 
+def test_the_trainers_result_lands_in_status(env: Env):
+    # Global rank 0 writes its compact result to the termination log (kwok plays that part here).
+    env.apply(ftj("result", evaluation={"uri": "s3://data/test.jsonl", "metric": "accuracy"},
+                  dataset={"uri": "s3://data/train.jsonl", "format": "prompt-completion"}))
+    env.wait_running("result")
+    message = json.dumps({"kind": "FineTuneJobResult", "steps": 8, "finalLoss": 0.21, "initialValidationLoss": None,
+                          "evaluation": {"metric": "accuracy", "before": 0.36, "after": 0.95, "samples": 100}})
+    first, second = sorted(env.pods("result"), key=lambda p: p["metadata"]["name"])
+    env.exit_pod(first, 0, message)
+    env.exit_pod(second, 0)
+    st = env.wait_phase("result", "Succeeded", 60)
+    assert st["result"] == {"steps": 8, "finalLoss": 0.21,
+                            "evaluation": {"metric": "accuracy", "before": 0.36, "after": 0.95, "samples": 100}}
+
+
 def test_retryable_worker_failure_restarts_then_runs_again(env: Env):
     env.apply(ftj("flaky", backoffLimit=3))
     env.wait_running("flaky")

@@ -70,12 +70,20 @@ METRIC_LEARNING_RATE = "kubeforge_train_learning_rate"
 METRIC_MFU = "kubeforge_train_mfu"
 METRIC_GRAD_NORM = "kubeforge_train_grad_norm"
 METRIC_LAST_CHECKPOINT_STEP = "kubeforge_train_last_checkpoint_step"
+METRIC_TASK_METRIC = "kubeforge_train_task_metric"
+"""The held-out task metric (FineTuneJob spec.evaluation), label ``stage`` = before | after."""
 
 # --- progress: structured log lines -----------------------------------------------------
 LOG_EVENT_PREFIX = "KUBEFORGE_EVENT "
 """Rank 0 prints one line per event: this prefix, then a JSON object with an "event" key
-("start", "resume", "step", "eval", "checkpoint", "stopped", "done"); "step" carries step, totalSteps, epoch,
-loss, tokensPerSecond, learningRate. `kubeforge run` draws its progress bar from these."""
+("start", "resume", "step", "eval", "taskEval", "checkpoint", "stopped", "done"); "step" carries step,
+totalSteps, epoch, loss, tokensPerSecond, learningRate; "taskEval" carries stage (before | after), metric,
+value, samples. `kubeforge run` draws its progress bar from these."""
+
+RESULT_KIND = "FineTuneJobResult"
+"""The trainer's rank 0 writes ``{"kind": RESULT_KIND, ...}`` (compact JSON, under 4 KiB) to the
+termination log when it finishes: steps, losses, the task metric before and after. The
+operator copies it into the FineTuneJob's ``status.result``."""
 
 
 def termination_log_path() -> Path | None:

@@ -298,7 +298,7 @@ def score(metric: str, predictions: list[str], examples: list[EvalExample], *, s
 
 
 def evaluate(model: Any, tokenizer: Any, path: str | Path, fmt: str, metric: str, max_samples: int | None = None,
-             batch_size: int = 16, *, sandbox_timeout_s: float = 5.0, sandbox_memory_mb: int = 512) -> dict[str, Any]:
+             batch_size: int = 32, *, sandbox_timeout_s: float = 5.0, sandbox_memory_mb: int = 512) -> dict[str, Any]:
     """Load, generate, score; the result of :func:`score` plus ``maxNewTokens`` and ``seconds``."""
     start = time.perf_counter()
     examples = load_examples(path, fmt, tokenizer, max_samples, metric=metric)

@@ -46,6 +46,25 @@ class DatasetSpec(KFModel):
     packing: bool = Field(default=True, description="Pack several short samples into one sequence (they do not attend to each other).")
 
 
+TaskMetric = Literal["accuracy", "exactMatch", "f1", "passAtOne"]
+
+
+class TaskEvaluationSpec(KFModel):
+    """A held-out task metric, measured by greedy generation (kubeforge_runtime/evaluate.py)."""
+
+    uri: str = Field(
+        pattern=DATA_URI_PATTERN,
+        description="Held-out JSONL in prompt-completion or chat format (passAtOne records also carry \"tests\"). "
+        "For a FineTuneJob its records are removed from the training data.",
+    )
+    metric: TaskMetric = Field(
+        description="accuracy: the answer's first line equals the label (case and trailing punctuation ignored); "
+        "exactMatch / f1: SQuAD-normalised answer against the reference; passAtOne: the generated code passes "
+        "the record's tests in a sandbox (time, memory, no network, scratch directory only).",
+    )
+    max_samples: int = Field(default=200, ge=1, le=100000, description="Records evaluated (the first N of the file).")
+
+
 class LoraSpec(KFModel):
     """LoRA adapter settings (method: lora)."""
 
@@ -142,6 +161,10 @@ class FineTuneJobSpec(KFModel):
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimisation hyper-parameters.")
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpointing.")
     output: OutputSpec = Field(description="Where the result is written.")
+    evaluation: TaskEvaluationSpec | None = Field(
+        default=None,
+        description="A held-out task metric measured before and after training; reported in status.result.",
+    )
     max_restarts: int = Field(default=3, ge=0, le=100, description="Elastic restarts torchrun attempts inside a pod.")
     backoff_limit: int = Field(default=3, ge=0, le=100, description="Pod failures (not disruptions) before the job fails.")
     suspend: bool = Field(default=False, description="Stop the workers, keep the job; resuming continues from the last checkpoint.")
@@ -162,6 +185,9 @@ class FineTuneJobSpec(KFModel):
         ),
         cel("self.output.format != 'adapter' || self.method == 'lora'",
             "output.format adapter needs method lora; use output.format merged for full fine-tuning", ".output.format"),
+        cel("!has(self.evaluation) || self.dataset.format != 'text'",
+            "evaluation needs prompts and answers: set dataset.format to prompt-completion or chat, or remove "
+            "evaluation", ".evaluation"),
         cel("!self.parallelism.strategy.startsWith('deepspeed') || self.training.precision != 'fp16'",
             "DeepSpeed ZeRO strategies train in bf16 or fp32 here: set training.precision to bf16, or use strategy fsdp",
             ".training.precision"),
@@ -187,6 +213,9 @@ class FineTuneJobSpec(KFModel):
         if self.parallelism.strategy.startswith("deepspeed") and self.training.precision == "fp16":
             raise ValueError("DeepSpeed ZeRO strategies train in bf16 or fp32 here: set training.precision to bf16, "
                              "or use strategy fsdp")
+        if self.evaluation is not None and self.dataset.format == "text":
+            raise ValueError("evaluation needs prompts and answers: set dataset.format to prompt-completion or chat, "
+                             "or remove evaluation")
         if self.training.global_batch_size % self.training.micro_batch_size:
             raise ValueError("training.globalBatchSize must be a multiple of training.microBatchSize")
         return self
@@ -225,6 +254,26 @@ class OutputStatus(KFModel):
     uri: str | None = Field(default=None, description="URI of the finished output.")
 
 
+class TaskMetricResult(KFModel):
+    """A held-out task metric before and after (values are fractions: 0.9 is 90 %)."""
+
+    metric: str | None = Field(default=None, description="accuracy, exactMatch, f1 or passAtOne.")
+    before: float | None = Field(default=None, description="The input model's score.")
+    after: float | None = Field(default=None, description="The output model's score.")
+    samples: int | None = Field(default=None, description="Records evaluated.")
+
+
+class TrainResult(KFModel):
+    """What training achieved, as the trainer reported it when it finished."""
+
+    steps: int | None = Field(default=None, description="Optimizer steps run.")
+    final_loss: float | None = Field(default=None, description="Training loss of the last step.")
+    initial_validation_loss: float | None = Field(default=None, description="Validation loss before training.")
+    final_validation_loss: float | None = Field(default=None, description="Validation loss after training.")
+    evaluation: TaskMetricResult | None = Field(default=None, description="The held-out task metric (spec.evaluation).")
+    dataset_digest: str | None = Field(default=None, description="sha256 of the training data files.")
+
+
 class FineTuneJobStatus(KFModel):
     """Observed state of a FineTuneJob. Written by the operator only."""
 
@@ -236,6 +285,7 @@ class FineTuneJobStatus(KFModel):
     progress: ProgressStatus | None = Field(default=None, description="Training progress.")
     last_checkpoint: str | None = Field(default=None, description="Step or path of the latest checkpoint.")
     output: OutputStatus | None = Field(default=None, description="The result, once succeeded.")
+    result: TrainResult | None = Field(default=None, description="What training achieved (losses, task metric).")
     start_time: str | None = Field(default=None, description="When workers first ran (RFC 3339).")
     completion_time: str | None = Field(default=None, description="When the job finished (RFC 3339).")
 
@@ -252,6 +302,7 @@ class FineTuneJob(Kind):
         {"name": "Workers", "type": "integer", "jsonPath": ".status.workers.ready"},
         {"name": "Progress", "type": "string", "jsonPath": ".status.progress.percent"},
         {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss", "priority": 1},
+        {"name": "Metric", "type": "number", "jsonPath": ".status.result.evaluation.after", "priority": 1},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]
 

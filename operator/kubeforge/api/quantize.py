@@ -7,7 +7,9 @@ from typing import Any, ClassVar, Literal
 from pydantic import ConfigDict, Field, model_validator
 
 from .base import Condition, Kind, KFModel, ObjectReference, Phase, PodTemplateOverride, ResourcesSpec, cel
-from .finetune import DATA_URI_PATTERN, MODEL_URI_PATTERN, OUTPUT_URI_PATTERN, OutputStatus
+from .finetune import (
+    DATA_URI_PATTERN, MODEL_URI_PATTERN, OUTPUT_URI_PATTERN, OutputStatus, TaskEvaluationSpec, TaskMetricResult,
+)
 
 
 class QuantizeModelSource(KFModel):
@@ -40,12 +42,34 @@ class CalibrationSpec(KFModel):
 class EvaluationSpec(KFModel):
     """How quality is measured and the gate it must pass."""
 
-    uri: str | None = Field(default=None, pattern=DATA_URI_PATTERN, description="JSONL evaluation text; a built-in sample when unset.")
+    uri: str | None = Field(
+        default=None, pattern=DATA_URI_PATTERN,
+        description="JSONL text for perplexity; when unset, the runtime's reference text (real English prose "
+        "from other projects' documentation, in no training set).",
+    )
     max_perplexity_increase_percent: float = Field(
         default=1.0, ge=0, le=1000, description="Quality gate: fail when perplexity rises by more than this percentage."
     )
     max_samples: int = Field(default=64, ge=1, le=100000, description="Evaluation samples used.")
     sequence_length: int = Field(default=256, ge=8, le=131072, description="Tokens per evaluation sequence.")
+    task: TaskEvaluationSpec | None = Field(
+        default=None, description="A held-out task metric measured on the input and on the quantized output.",
+    )
+    max_accuracy_drop_points: float | None = Field(
+        default=None, ge=0, le=100,
+        description="Quality gate on the task metric: fail when it drops by more than this many percentage points.",
+    )
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        cel("!has(self.maxAccuracyDropPoints) || has(self.task)",
+            "evaluation.maxAccuracyDropPoints gates the task metric: set evaluation.task too", ".maxAccuracyDropPoints"),
+    ]})
+
+    @model_validator(mode="after")
+    def _gate_needs_task(self) -> "EvaluationSpec":
+        if self.max_accuracy_drop_points is not None and self.task is None:
+            raise ValueError("evaluation.maxAccuracyDropPoints gates the task metric: set evaluation.task too")
+        return self
 
 
 class QuantizeOutputSpec(KFModel):
@@ -99,6 +123,9 @@ class QuantizeResult(KFModel):
     latency_ms_per_token: LatencyResult | None = Field(default=None, description="Latency per generated token.")
     perplexity: PerplexityResult | None = Field(default=None, description="Perplexity before and after.")
     perplexity_increase_percent: float | None = Field(default=None, description="Relative perplexity change in percent.")
+    task: TaskMetricResult | None = Field(default=None, description="The task metric of the input and the output.")
+    task_drop_points: float | None = Field(default=None, description="(before - after) x 100: percentage points lost.")
+    latency_path: str | None = Field(default=None, description="How latency was measured (device, batch, eager or compiled).")
     gate_passed: bool | None = Field(default=None, description="Whether the quality gate passed.")
 
 

@@ -93,7 +93,7 @@ def checkpoint_uri(spec: FineTuneJobSpec) -> str:
 
 # --- the trainer config ----------------------------------------------------------------------
 
-_CONFIG_FIELDS = ("model", "dataset", "method", "lora", "parallelism", "training", "checkpoint", "output")
+_CONFIG_FIELDS = ("model", "dataset", "method", "lora", "parallelism", "training", "checkpoint", "output", "evaluation")
 
 
 def render_config(name: str, namespace: str, spec: FineTuneJobSpec) -> dict[str, Any]:
@@ -183,6 +183,7 @@ def job(name: str, namespace: str, uid: str, spec: FineTuneJobSpec) -> dict[str,
 
     pvc_vols, pvc_mounts = common.pvc_volumes([
         spec.model.uri, spec.dataset.uri, spec.dataset.validation_uri, spec.checkpoint.uri, spec.output.uri,
+        spec.evaluation.uri if spec.evaluation else None,
     ])
     container: dict[str, Any] = {
         "name": CONTAINER,

@@ -48,6 +48,16 @@ def config_map_name(name: str) -> str:
 
 def runtime_config(name: str, namespace: str, spec: QuantizeJobSpec, model_uri: str) -> dict[str, Any]:
     """The JSON the quantizer reads, exactly the shape ``kubeforge_runtime.quantize.config`` parses."""
+    evaluation = {
+        "uri": spec.evaluation.uri,
+        "maxPerplexityIncreasePercent": spec.evaluation.max_perplexity_increase_percent,
+        "maxSamples": spec.evaluation.max_samples,
+        "sequenceLength": spec.evaluation.sequence_length,
+    }
+    if spec.evaluation.task is not None:
+        evaluation["task"] = spec.evaluation.task.model_dump(by_alias=True, mode="json")
+    if spec.evaluation.max_accuracy_drop_points is not None:
+        evaluation["maxAccuracyDropPoints"] = spec.evaluation.max_accuracy_drop_points
     return {
         "kind": KIND,
         "name": name,
@@ -56,12 +66,7 @@ def runtime_config(name: str, namespace: str, spec: QuantizeJobSpec, model_uri: 
         "method": spec.method,
         "groupSize": spec.group_size,
         "calibration": {"uri": spec.calibration.uri, "samples": spec.calibration.samples},
-        "evaluation": {
-            "uri": spec.evaluation.uri,
-            "maxPerplexityIncreasePercent": spec.evaluation.max_perplexity_increase_percent,
-            "maxSamples": spec.evaluation.max_samples,
-            "sequenceLength": spec.evaluation.sequence_length,
-        },
+        "evaluation": evaluation,
         "output": {"uri": spec.output.uri},
     }
 
@@ -78,7 +83,8 @@ def build_job(name: str, namespace: str, uid: str, spec: QuantizeJobSpec, model_
     owner = common.owner_reference(KIND, name, uid)
     lbls = {**spec.template.labels, **common.labels(KIND, name, COMPONENT)}
     volumes, mounts = common.pvc_volumes(
-        [model_uri, spec.calibration.uri, spec.evaluation.uri, spec.output.uri]
+        [model_uri, spec.calibration.uri, spec.evaluation.uri,
+         spec.evaluation.task.uri if spec.evaluation.task else None, spec.output.uri]
     )
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,

@@ -27,12 +27,14 @@ so an operator restart never counts a pod twice.
 from __future__ import annotations
 
 import datetime as dt
+import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from kubeforge_runtime import contract
 
-from ..api.finetune import FineTuneJobSpec
+from ..api.finetune import FineTuneJobSpec, TrainResult
 from ..builders import finetune as builder
 from .conditions import TERMINAL_PHASES, get_condition, set_condition
 from .events import Event
@@ -123,6 +125,32 @@ def current_pods(pods: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
         if idx is not None:
             out[idx] = pod
     return out
+
+
+def _finite(value: Any) -> Any:
+    # json.loads accepts NaN and Infinity; the API server rejects them in a status (400).
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value
+
+
+def trainer_result(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """``status.result`` from the succeeded worker whose trainer (global rank 0) wrote its
+    compact result into the termination log (``contract.RESULT_KIND``); None if none did."""
+    fields = {f.alias or name for name, f in TrainResult.model_fields.items()}
+    for pod in sorted(pods, key=_created, reverse=True):
+        term = _terminated(pod) or {}
+        if term.get("exitCode") != 0:
+            continue
+        try:
+            body = json.loads((term.get("message") or "").strip())
+        except ValueError:
+            continue
+        if isinstance(body, dict) and body.get("kind") == contract.RESULT_KIND:
+            return _finite({k: v for k, v in body.items() if k in fields})
+    return None
 
 
 # --- the status ------------------------------------------------------------------------------
@@ -253,6 +281,9 @@ def compute(
             conds = set_condition(conds, "Restarting", False, "Completed", "the job finished", generation, now)
         status["completionTime"] = now
         status["output"] = {"uri": spec.output.uri}
+        result = trainer_result(pods)
+        if result:
+            status["result"] = result
         if status.get("progress", {}).get("totalSteps"):
             status["progress"]["step"] = status["progress"]["totalSteps"]
             status["progress"]["percent"] = "100%"

@@ -124,15 +124,23 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 
 def gate_message(result: dict[str, Any] | None, spec: QuantizeJobSpec) -> str:
-    limit = spec.evaluation.max_perplexity_increase_percent
+    ev = spec.evaluation
+    limit = ev.max_perplexity_increase_percent
+    kept = f"the output at {spec.output.uri} is kept but marked rejected"
     if not result:
         return (f"the quality gate failed (perplexity may rise at most {limit:g}%), but the quantizer left no "
-                f"report; the output at {spec.output.uri} is kept and marked rejected")
+                f"report; {kept}")
     ppl = result.get("perplexity") or {}
-    return (f"perplexity rose {_fmt(result.get('perplexityIncreasePercent'))}% "
-            f"({_fmt(ppl.get('before'))} -> {_fmt(ppl.get('after'))}), more than the {limit:g}% allowed "
-            f"(evaluation.maxPerplexityIncreasePercent); the output at {spec.output.uri} is kept but marked "
-            f"rejected; try a gentler method (e.g. int8-weight-only) or raise the limit")
+    increase = result.get("perplexityIncreasePercent")
+    perplexity = (f"perplexity rose {_fmt(increase)}% ({_fmt(ppl.get('before'))} -> {_fmt(ppl.get('after'))}), "
+                  f"more than the {limit:g}% allowed (evaluation.maxPerplexityIncreasePercent)")
+    reasons = [perplexity] if not isinstance(increase, (int, float)) or increase > limit else []
+    drop, task = result.get("taskDropPoints"), result.get("task") or {}
+    if ev.max_accuracy_drop_points is not None and isinstance(drop, (int, float)) and drop > ev.max_accuracy_drop_points:
+        reasons.append(f"{task.get('metric', 'the task metric')} fell {drop:.1f} points ({_pct(task.get('before'))} -> "
+                       f"{_pct(task.get('after'))}), more than the {ev.max_accuracy_drop_points:g} allowed "
+                       f"(evaluation.maxAccuracyDropPoints)")
+    return "; ".join(reasons or [perplexity]) + f"; {kept}; try a gentler method (e.g. int8-weight-only) or raise the limit"
 
 
 def success_message(result: dict[str, Any] | None, spec: QuantizeJobSpec) -> str:
@@ -140,9 +148,16 @@ def success_message(result: dict[str, Any] | None, spec: QuantizeJobSpec) -> str
         return f"{spec.method} model written to {spec.output.uri} (no report was found)"
     ppl = result.get("perplexityIncreasePercent")
     lat = result.get("latencyMsPerToken") or {}
+    task = result.get("task")
+    task_text = f", {task.get('metric')} {_pct(task.get('before'))} -> {_pct(task.get('after'))}" if task else ""
     return (f"{spec.method}: {_fmt(result.get('compressionRatio'), 3)}x smaller, "
             f"{_fmt(lat.get('before'))} -> {_fmt(lat.get('after'))} ms/token, perplexity "
-            f"{'+' if isinstance(ppl, (int, float)) and ppl >= 0 else ''}{_fmt(ppl)}%; written to {spec.output.uri}")
+            f"{'+' if isinstance(ppl, (int, float)) and ppl >= 0 else ''}{_fmt(ppl)}%{task_text}; "
+            f"written to {spec.output.uri}")
+
+
+def _pct(value: Any) -> str:
+    return f"{value * 100:.1f}%" if isinstance(value, (int, float)) else "?"
 
 
 def _tail(text: str | None, limit: int = 400) -> str:

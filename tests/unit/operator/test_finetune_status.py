@@ -181,6 +181,21 @@ def test_success_sets_output_completion_time_and_full_progress():
     assert run(prev=running, j=job(("SuccessCriteriaMet", "SuccessPolicy")), pods=[]).status["phase"] == "Succeeded"
 
 
+def test_success_copies_the_trainers_result_from_the_termination_message():
+    result = ('{"kind":"FineTuneJobResult","steps":30,"finalLoss":0.12,"initialValidationLoss":NaN,'
+              '"evaluation":{"metric":"accuracy","before":0.51,"after":0.96,"samples":200},"unknown":1}')
+    pods = [pod(0, phase="Succeeded", exit_code=0, message=result),
+            pod(1, phase="Succeeded", exit_code=0, message="")]
+    st = run(j=job(("Complete", "CompletionsReached")), pods=pods).status
+    # Non-finite numbers become null (the API server refuses NaN); unknown keys are dropped.
+    assert st["result"] == {"steps": 30, "finalLoss": 0.12, "initialValidationLoss": None,
+                            "evaluation": {"metric": "accuracy", "before": 0.51, "after": 0.96, "samples": 200}}
+    # A message that is not the trainer's result (a config error, the log tail) is not a result.
+    other = run(j=job(("Complete", "CompletionsReached")), pods=[pod(0, phase="Succeeded", exit_code=0,
+                                                                         message="configuration error: x")]).status
+    assert "result" not in other
+
+
 @pytest.mark.parametrize("terminal", ["Succeeded", "Failed"])
 def test_terminal_is_never_left(terminal):
     prev = {"phase": terminal, "completionTime": T1, "conditions": [], "observedGeneration": 1}

@@ -8,7 +8,9 @@ exactly this shape (camelCase, the CRD's field names)::
      "method": "int8-dynamic", "groupSize": 128,
      "calibration": {"uri": null, "samples": 128},
      "evaluation": {"uri": "file:///data/eval.jsonl", "maxPerplexityIncreasePercent": 1.0,
-                    "maxSamples": 64, "sequenceLength": 256},
+                    "maxSamples": 64, "sequenceLength": 256,
+                    "task": {"uri": "file:///data/test.jsonl", "metric": "accuracy", "maxSamples": 200},
+                    "maxAccuracyDropPoints": 1.0},
      "output": {"uri": "file:///out/q"}}
 
 Parsing is strict on purpose: an unknown key is an error that names the key, because a key
@@ -51,18 +53,39 @@ class CalibrationSpec:
     """How many records a calibrating method would read."""
 
 
+TASK_METRICS: tuple[str, ...] = ("accuracy", "exactMatch", "f1", "passAtOne")
+"""Task metrics ``kubeforge_runtime.evaluate`` computes."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A held-out task metric measured on the input and the output (``evaluate.py``)."""
+
+    uri: str
+    """JSONL of prompt-completion or chat records (the format is read from the records)."""
+    metric: str
+    """One of TASK_METRICS."""
+    max_samples: int = 200
+    """At most this many records are evaluated."""
+
+
 @dataclass(frozen=True)
 class EvaluationSpec:
-    """Where and how perplexity is measured before and after quantization."""
+    """Where and how quality is measured before and after quantization."""
 
     uri: str | None = None
-    """JSONL with "text" (or "prompt" + "completion", concatenated); null: the bundled reference text."""
+    """JSONL with "text" (or "prompt" + "completion", concatenated); null: the runtime's
+    reference text (see ``quantize/data.py``)."""
     max_perplexity_increase_percent: float = 1.0
     """The quality gate: a larger relative perplexity increase rejects the output."""
     max_samples: int = 64
     """At most this many records are read from the evaluation set."""
     sequence_length: int = 256
     """Tokens per evaluation window (the records' tokens are concatenated, then cut)."""
+    task: TaskSpec | None = None
+    """The task metric, or null for perplexity only."""
+    max_accuracy_drop_points: float | None = None
+    """The task metric's gate: a larger drop in percentage points rejects the output."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +133,12 @@ def _int(value: Any, path: str, minimum: int) -> int:
     return value
 
 
+def _number(value: Any, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{path!r} must be a number >= 0, got {value!r}")
+    return float(value)
+
+
 def parse_config(data: Any) -> QuantizeConfig:
     """Validate a decoded config object and return it typed; raise ConfigError otherwise."""
     top = _check_keys(
@@ -142,24 +171,29 @@ def parse_config(data: Any) -> QuantizeConfig:
     ev = _check_keys(
         top.get("evaluation") or {},
         "evaluation",
-        {"uri", "maxPerplexityIncreasePercent", "maxSamples", "sequenceLength"},
+        {"uri", "maxPerplexityIncreasePercent", "maxSamples", "sequenceLength", "task", "maxAccuracyDropPoints"},
     )
-    max_increase = ev.get("maxPerplexityIncreasePercent", 1.0)
-    if (
-        isinstance(max_increase, bool)
-        or not isinstance(max_increase, (int, float))
-        or not math.isfinite(max_increase)
-        or max_increase < 0
-    ):
-        raise ConfigError(
-            f"'evaluation.maxPerplexityIncreasePercent' must be a number >= 0, got {max_increase!r}"
-        )
+    max_increase = _number(ev.get("maxPerplexityIncreasePercent", 1.0), "evaluation.maxPerplexityIncreasePercent")
+    task = None
+    if ev.get("task") is not None:
+        tk = _check_keys(ev["task"], "evaluation.task", {"uri", "metric", "maxSamples"}, {"uri", "metric"})
+        if tk["metric"] not in TASK_METRICS:
+            raise ConfigError(f"'evaluation.task.metric' must be one of {', '.join(TASK_METRICS)}; got {tk['metric']!r}")
+        task = TaskSpec(uri=_string(tk["uri"], "evaluation.task.uri"), metric=tk["metric"],
+                        max_samples=_int(tk.get("maxSamples", 200), "evaluation.task.maxSamples", 1))
+    max_drop = ev.get("maxAccuracyDropPoints")
+    if max_drop is not None:
+        max_drop = _number(max_drop, "evaluation.maxAccuracyDropPoints")
+        if task is None:
+            raise ConfigError("'evaluation.maxAccuracyDropPoints' gates the task metric: set evaluation.task too")
     evaluation = EvaluationSpec(
         uri=_optional_string(ev.get("uri"), "evaluation.uri"),
         max_perplexity_increase_percent=float(max_increase),
         max_samples=_int(ev.get("maxSamples", 64), "evaluation.maxSamples", 1),
         # Two tokens is the least that gives one next-token prediction.
         sequence_length=_int(ev.get("sequenceLength", 256), "evaluation.sequenceLength", 2),
+        task=task,
+        max_accuracy_drop_points=max_drop,
     )
 
     return QuantizeConfig(

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import contract, models, storage
+from ..data import DataError, parse_jsonl
 from . import data, methods, metrics
 from . import report as reporting
 from .config import ConfigError, QuantizeConfig, load_config
@@ -40,12 +41,17 @@ from .config import ConfigError, QuantizeConfig, load_config
 log = logging.getLogger(__name__)
 
 REJECTED_MARKER = "REJECTED"
-LATENCY_PROMPTS = 4
+# Latency protocol: one prompt of 32 tokens, 16 greedy tokens per pass, one warm-up pass, the
+# median of 3 timed passes. Batch-1 decoding of a small model is memory-bound on a CPU (about
+# 0.1 s per token for SmolLM2-135M in fp32 on the 2-core development machine), and every timed
+# token is paid twice (input and output): 48 timed tokens per model keep the main job's
+# quantization step under a minute there; the passes of one run agreed within a few per cent.
+LATENCY_PROMPTS = 1
 """Prompts per latency pass (the first evaluation windows)."""
 LATENCY_PROMPT_TOKENS = 32
 LATENCY_NEW_TOKENS = 16
 LATENCY_WARMUP = 1
-LATENCY_REPEATS = 5
+LATENCY_REPEATS = 3
 
 # Files a previous attempt of this Job may have left in the output; removed before saving so
 # a retried pod never leaves, say, an int4 pytorch_model.bin next to a new model.safetensors.
@@ -101,6 +107,20 @@ def _measure(model: Any, windows: list[Any], prompts: list[Any], pad_token_id: i
     }
 
 
+def _task_metric(model: Any, tokenizer: Any, cfg: QuantizeConfig, which: str) -> dict[str, Any] | None:
+    """The held-out task metric of ``model`` (``evaluation.task``), or None when not asked for."""
+    task = cfg.evaluation.task
+    if task is None:
+        return None
+    from .. import evaluate
+
+    path = storage.resolve(task.uri)
+    fmt = parse_jsonl(path, None)[1]  # the records say whether they are prompt-completion or chat
+    result = evaluate.evaluate(model, tokenizer, path, fmt, task.metric, task.max_samples)
+    log.info("%s model: %s %.1f%% on %d records", which, task.metric, result["value"] * 100, result["samples"])
+    return result
+
+
 def _clear_stale(out_dir: Path) -> None:
     for pattern in _STALE_PATTERNS:
         for stale in out_dir.glob(pattern):
@@ -137,6 +157,7 @@ def run(cfg: QuantizeConfig) -> tuple[dict[str, Any], dict[str, Any], int]:
             log.info("[2/5] measuring the original model")
             original = models.load_causal_lm(str(source), device=device).eval()
             before = _measure(original, windows, prompts, tokenizer.pad_token_id)
+            task_before = _task_metric(original, tokenizer, cfg, "original")
             original_dtype = str(next(original.parameters()).dtype).replace("torch.", "")
             del original
             gc.collect()
@@ -167,19 +188,30 @@ def run(cfg: QuantizeConfig) -> tuple[dict[str, Any], dict[str, Any], int]:
                     len(skipped), linear_count, cfg.group_size, skipped[0],
                 )
             after = _measure(quantized, windows, prompts, tokenizer.pad_token_id)
+            task_after = _task_metric(quantized, tokenizer, cfg, "quantized")
             log.info(
                 "quantized: %d bytes, perplexity %.4f, %.3f ms/token",
                 after["bytes"], after["perplexity"], after["latencyMsPerToken"],
             )
-    except (models.ModelLoadError, storage.StorageError, data.EvaluationDataError) as exc:
+    except (models.ModelLoadError, storage.StorageError, data.EvaluationDataError, DataError) as exc:
         raise _Failure(reporting.REASON_CONFIG_ERROR, str(exc), contract.EXIT_CONFIG_ERROR) from None
 
     increase = (after["perplexity"] - before["perplexity"]) / before["perplexity"] * 100.0
     # A NaN/inf perplexity (a broken kernel) must fail the gate, never pass it by comparison.
     gate_passed = math.isfinite(increase) and increase <= cfg.evaluation.max_perplexity_increase_percent
+    task_numbers, task_report, drop = "", None, None
+    if task_before is not None and task_after is not None:
+        drop = (task_before["value"] - task_after["value"]) * 100.0
+        limit = cfg.evaluation.max_accuracy_drop_points
+        if limit is not None:
+            gate_passed = gate_passed and drop <= limit
+        task_report = {"metric": task_before["metric"], "before": task_before["value"], "after": task_after["value"],
+                       "samples": task_after["samples"]}
+        task_numbers = (f"{task_before['metric']} {task_before['value']:.1%} -> {task_after['value']:.1%} "
+                        f"({-drop:+.1f} points" + (f", limit -{limit:g}" if limit is not None else "") + "), ")
     numbers = (
         f"perplexity {before['perplexity']:.4f} -> {after['perplexity']:.4f} "
-        f"({increase:+.3f}%, limit {cfg.evaluation.max_perplexity_increase_percent:g}%), "
+        f"({increase:+.3f}%, limit {cfg.evaluation.max_perplexity_increase_percent:g}%), {task_numbers}"
         f"size {before['bytes']} -> {after['bytes']} bytes "
         f"({before['bytes'] / after['bytes']:.2f}x smaller), latency "
         f"{before['latencyMsPerToken']:.3f} -> {after['latencyMsPerToken']:.3f} ms/token"
@@ -205,6 +237,8 @@ def run(cfg: QuantizeConfig) -> tuple[dict[str, Any], dict[str, Any], int]:
         "perplexity": {"before": before["perplexity"], "after": after["perplexity"]},
         "perplexityIncreasePercent": increase,
         "maxPerplexityIncreasePercent": cfg.evaluation.max_perplexity_increase_percent,
+        **({"task": task_report, "taskDropPoints": drop} if task_report else {}),
+        "latencyPath": f"{device}, batch 1, eager",
         "gatePassed": gate_passed,
         "method": cfg.method,
         "reason": reason,
@@ -224,6 +258,8 @@ def run(cfg: QuantizeConfig) -> tuple[dict[str, Any], dict[str, Any], int]:
             **save_facts,
         },
         "gatePassed": gate_passed,
+        "perplexity": {"before": before["perplexity"], "after": after["perplexity"]},
+        "evaluation": task_report,
         "createdAt": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     (out_dir / models.LINEAGE_FILE).write_text(json.dumps(lineage, indent=2) + "\n")

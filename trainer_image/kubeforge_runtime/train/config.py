@@ -150,6 +150,18 @@ class OutputConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    uri: str = ""
+    """Held-out JSONL (prompt-completion or chat; passAtOne records carry "tests"). Its
+    records are removed from the training data, and the metric is measured by greedy
+    generation on the base model before training and on the output after it."""
+    metric: Literal["accuracy", "exactMatch", "f1", "passAtOne"] = "accuracy"
+    """How an answer is scored (``kubeforge_runtime.evaluate``)."""
+    maxSamples: int = 200
+    """Records evaluated (the first N of the file)."""
+
+
+@dataclass
 class TrainConfig:
     """The whole rendered config (the FineTuneJob spec's training subset)."""
 
@@ -175,6 +187,8 @@ class TrainConfig:
     """Checkpointing."""
     output: OutputConfig = field(default_factory=OutputConfig)
     """Where and how the result is written."""
+    evaluation: EvaluationConfig | None = None
+    """A held-out task metric measured before and after training, or null."""
 
     def to_dict(self) -> dict[str, Any]:
         """The config as the camelCase JSON dict it was parsed from (defaults filled in)."""
@@ -299,6 +313,13 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.method == "lora":
         if lo.r < 1 or lo.alpha <= 0 or not 0.0 <= lo.dropout < 1.0 or not lo.targetModules:
             raise ConfigError("lora: r >= 1, alpha > 0, 0 <= dropout < 1 and a non-empty targetModules")
+    if cfg.evaluation is not None:
+        if not cfg.evaluation.uri:
+            raise ConfigError("evaluation.uri: required (a held-out JSONL file)")
+        if cfg.evaluation.maxSamples < 1:
+            raise ConfigError("evaluation.maxSamples: must be >= 1")
+        if d.format == "text":
+            raise ConfigError("evaluation needs prompts and answers: dataset.format must be prompt-completion or chat")
     if cfg.output.format == "adapter" and cfg.method != "lora":
         raise ConfigError("output.format: 'adapter' needs method 'lora'; use 'merged' for full fine-tuning")
     if t.precision == "fp16" and p.pipeline > 1:

@@ -90,6 +90,8 @@ class Reporter:
         self.mfu = g(contract.METRIC_MFU, "Model FLOPs utilisation estimate (0-1; absent where the peak is unknown)")
         self.grad_norm = g(contract.METRIC_GRAD_NORM, "L2 norm of the last step's whole gradient, before clipping")
         self.last_checkpoint = g(contract.METRIC_LAST_CHECKPOINT_STEP, "Step of the last completed checkpoint")
+        self.task_metric = Gauge(contract.METRIC_TASK_METRIC, "Held-out task metric (0-1) of the base model "
+                                 "(stage=before) and of the output (stage=after)", ["stage"], registry=self.registry)
         if port is None:
             port = int(os.environ.get(contract.ENV_METRICS_PORT, contract.DEFAULT_METRICS_PORT))
         try:
@@ -108,6 +110,10 @@ class Reporter:
         for name, value in values.items():
             if value is not None:
                 getattr(self, name).set(value)
+
+    def task(self, stage: str, value: float) -> None:
+        if self.enabled:
+            self.task_metric.labels(stage=stage).set(value)
 
     def close(self) -> None:
         if self._server is not None:

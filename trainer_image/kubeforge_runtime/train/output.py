@@ -78,22 +78,29 @@ def lineage_record(cfg: TrainConfig, base_dir: Path, summary: dict[str, Any]) ->
         "finalLoss": summary.get("finalLoss"),
         "initialValidationLoss": summary.get("initialValidationLoss"),
         "finalValidationLoss": summary.get("finalValidationLoss"),
+        "evaluation": ({**cfg.to_dict()["evaluation"], **summary["evaluation"]} if summary.get("evaluation") else None),
+        "heldOutRecordsRemoved": summary.get("heldOutRecordsRemoved"),
         "parallel": summary.get("parallel"),
         "training": cfg.to_dict()["training"],
         "packages": package_versions(),
     }
 
 
-def save_output(top: nn.Module, tokenizer: Any, cfg: TrainConfig, base_dir: Path, summary: dict[str, Any]) -> Path:
-    """Write the model (merged or adapter), tokenizer and lineage to ``output.uri``."""
+def output_model(top: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """The model as it will be written: LoRA merged into the base for ``merged`` output, the
+    peft model for ``adapter`` output, the model itself for full fine-tuning."""
+    if cfg.method == "lora" and cfg.output.format == "merged":
+        top = top.merge_and_unload()
+    if cfg.output.format == "merged":
+        top.config.use_cache = True  # the trainer turned it off; inference (and evaluation) want it
+    return top
+
+
+def save_output(model: nn.Module, tokenizer: Any, cfg: TrainConfig, base_dir: Path, summary: dict[str, Any]) -> Path:
+    """Write ``output_model(...)`` (merged or adapter), tokenizer and lineage to ``output.uri``."""
     out = storage.local_path(cfg.output.uri)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.method == "lora" and cfg.output.format == "adapter":
-        top.save_pretrained(str(out), safe_serialization=True)
-    else:
-        model = top.merge_and_unload() if cfg.method == "lora" else top
-        model.config.use_cache = True  # the trainer turned it off; inference wants it
-        model.save_pretrained(str(out), safe_serialization=True)
+    model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
     record = lineage_record(cfg, base_dir, summary)
     (out / models.LINEAGE_FILE).write_text(json.dumps(record, indent=2) + "\n")

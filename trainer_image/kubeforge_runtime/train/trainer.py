@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import logging
 import math
 import os
@@ -65,6 +66,15 @@ ENV_KILL_AT = "KUBEFORGE_FAULT_KILL_AT_STEP"
 ENV_SIGTERM_AT = "KUBEFORGE_FAULT_SIGTERM_AT_STEP"
 ENV_FAULT_RANK = "KUBEFORGE_FAULT_RANK"
 MIN_LR_RATIO = 0.1
+
+
+def _finite(value: Any) -> Any:
+    """JSON-safe copy: NaN/inf (a diverged loss) become null, which the API server accepts."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value
 
 
 def _free_port() -> int:
@@ -156,9 +166,11 @@ class Trainer:
 
         d = cfg.dataset
         val_path = storage.resolve(d.validationUri) if d.validationUri else None
+        # The task-evaluation set is held out: none of its records may be trained on.
+        held_out = [storage.resolve(cfg.evaluation.uri)] if cfg.evaluation else []
         self.data = data_mod.prepare(
             self.tokenizer, storage.resolve(d.uri), d.format, d.sequenceLength, d.packing,
-            validation_path=val_path, validation_split=d.validationSplit, seed=t.seed,
+            validation_path=val_path, validation_split=d.validationSplit, seed=t.seed, exclude_paths=held_out,
         )
         self.sampler = data_mod.GlobalBatchSampler(len(self.data.train_inputs), t.globalBatchSize, t.seed)
         self.total_steps = t.maxSteps or t.epochs * self.sampler.steps_per_epoch
@@ -184,6 +196,7 @@ class Trainer:
         self.grad_norms: list[float] = []  # this attempt's steps only (for the verification dump)
         self.val_losses: dict[int, float] = {}
         self.initial_val_loss: float | None = None
+        self.task_before: dict[str, Any] | None = None  # the base model's task metric (spec.evaluation)
         self.dump: dict[str, Any] = {}
         self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
         if t.precision == "fp16" and self.device.type != "cuda":
@@ -375,7 +388,7 @@ class Trainer:
     # --- checkpoints ---------------------------------------------------------------------
     def _state(self, step: int) -> dict[str, Any]:
         return {"losses": self.losses, "validationLosses": {str(k): v for k, v in self.val_losses.items()},
-                "initialValidationLoss": self.initial_val_loss, "parallel": self.layout,
+                "initialValidationLoss": self.initial_val_loss, "taskBefore": self.task_before, "parallel": self.layout,
                 "sampler": {**self.sampler.state_dict(), "step": step}}
 
     def save_checkpoint(self, step: int) -> None:
@@ -409,6 +422,7 @@ class Trainer:
         self.losses = list(state.get("losses", []))
         self.val_losses = {int(k): v for k, v in state.get("validationLosses", {}).items()}
         self.initial_val_loss = state.get("initialValidationLoss")
+        self.task_before = state.get("taskBefore")
         step = int(state["step"])
         self.sampler.load_state_dict(state.get("sampler", {"step": step}))
         if self.rank == 0:
@@ -499,6 +513,12 @@ class Trainer:
             self.initial_val_loss = self.evaluate()
             if self.initial_val_loss is not None and self.rank == 0:
                 metrics_mod.emit_event("eval", step=0, validationLoss=self.initial_val_loss)
+            if cfg.evaluation is not None:
+                if self.rank == 0:
+                    base = models.load_causal_lm(str(self.base_dir), device=self.device)
+                    self.task_before = self._task_metric("before", base)
+                    del base
+                dist.barrier()
         step = start
         while step < self.total_steps:
             began = time.perf_counter()
@@ -548,20 +568,57 @@ class Trainer:
             "steps": step, "finalLoss": self.losses[-1] if self.losses else None,
             "initialValidationLoss": self.initial_val_loss, "finalValidationLoss": final_val,
             "datasetDigest": self.data.digest, "trainRecords": self.data.num_train_records,
-            "validationRecords": self.data.num_val_records, "parallel": self.layout,
+            "validationRecords": self.data.num_val_records, "heldOutRecordsRemoved": self.data.dropped_overlap,
+            "parallel": self.layout,
         }
         if self.rank == 0:
             self._write_output(summary)
+            self._write_result(summary)
         dist.barrier()
         if self.rank == 0:
             metrics_mod.emit_event("done", **summary, output=str(storage.local_path(cfg.output.uri)))
         return contract.EXIT_OK
 
     def _write_output(self, summary: dict[str, Any]) -> None:
+        """Rank 0: rebuild the model from the last checkpoint, measure the task metric on it
+        (the model as it is written), then write it with its lineage record."""
         last = ckpt.latest(self.checkpoints.root)
         assert last is not None
-        model = ckpt.load_single_process(last, self.cfg, self.base_dir)
+        model = output_mod.output_model(ckpt.load_single_process(last, self.cfg, self.base_dir), self.cfg)
+        if self.cfg.evaluation is not None:
+            after = self._task_metric("after", model.to(self.device))
+            before = self.task_before or {}
+            summary["evaluation"] = {"metric": after["metric"], "before": before.get("value"), "after": after["value"],
+                                     "samples": after["samples"]}
         output_mod.save_output(model, self.tokenizer, self.cfg, self.base_dir, summary)
+
+    def _task_metric(self, stage: str, model: nn.Module) -> dict[str, Any]:
+        """The held-out task metric of ``model`` by greedy generation (rank 0 only: other ranks
+        wait at the next collective)."""
+        from .. import evaluate
+
+        ev = self.cfg.evaluation
+        assert ev is not None
+        log.info("task evaluation (%s): %s on up to %d records of %s", stage, ev.metric, ev.maxSamples, ev.uri)
+        model.eval()
+        result = evaluate.evaluate(model, self.tokenizer, storage.resolve(ev.uri), self.cfg.dataset.format,
+                                   ev.metric, ev.maxSamples)
+        metrics_mod.emit_event("taskEval", stage=stage, **result)
+        self.reporter.task(stage, result["value"])
+        return result
+
+    def _write_result(self, summary: dict[str, Any]) -> None:
+        """Rank 0: the compact result into the termination log, which the operator copies into
+        the FineTuneJob's status.result (the pod has no API access)."""
+        path = contract.termination_log_path()
+        if path is None:
+            return
+        keys = ("steps", "finalLoss", "initialValidationLoss", "finalValidationLoss", "evaluation", "datasetDigest")
+        result = {"kind": contract.RESULT_KIND, **{k: summary.get(k) for k in keys if summary.get(k) is not None}}
+        try:
+            path.write_text(json.dumps(_finite(result), separators=(",", ":"))[:4000])
+        except OSError as exc:
+            log.warning("could not write the result to %s: %s", path, exc)
 
     def close(self) -> None:
         self.reporter.close()

@@ -32,6 +32,7 @@ FULL: dict[str, Any] = {
                  "gradientCheckpointing": False, "evalIntervalSteps": 0},
     "checkpoint": {"intervalSteps": 100, "keepLast": 2, "uri": None},
     "output": {"uri": "file:///out/model", "format": "adapter"},
+    "evaluation": {"uri": "file:///data/test.jsonl", "metric": "exactMatch", "maxSamples": 200},
 }
 
 
