@@ -2,7 +2,7 @@
 
     from kubeforge.sdk import FineTuner, Quantizer, InferenceServer
 
-    tuned = FineTuner(base_model="./base", adapter_type="lora", training_data="data.jsonl").run(epochs=3, batch_size=16)
+    tuned = FineTuner(training_data="data.jsonl", evaluation_data="test.jsonl").run(epochs=3, batch_size=16)
     small = Quantizer(model_path=tuned.output_path, method="dynamic_int8", calibration_data="data.jsonl").apply()
     with InferenceServer(model_path=small.output_path).deploy() as server:
         print(server.complete("Review: The meal was lovely.\\nSentiment:"))
@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from kubeforge_runtime.embedded import HUB_URI as DEFAULT_BASE_MODEL
 
 from .api import API_VERSION
 from .manifests import parse_resource
@@ -112,12 +114,16 @@ def _submit(manifest: dict[str, Any], namespace: str) -> Submission:
     return Submission(kind, plural, manifest["metadata"]["name"], namespace)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class FineTuner:
-    """Fine-tune ``base_model`` on ``training_data`` (a JSONL file or URI)."""
+    """Fine-tune ``base_model`` (default: the embedded SmolLM2-135M-Instruct) on
+    ``training_data`` (a JSONL file or URI); with ``evaluation_data``, the held-out ``metric``
+    is measured before and after training."""
 
-    base_model: str
     training_data: str
+    base_model: str = DEFAULT_BASE_MODEL
+    evaluation_data: str | None = None
+    metric: str = "accuracy"
     adapter_type: str | None = "lora"
     output: str | None = None
     name: str | None = None
@@ -161,6 +167,8 @@ class FineTuner:
         }
         if self.validation_data:
             spec["dataset"]["validationUri"] = to_uri(self.validation_data)
+        if self.evaluation_data:
+            spec["evaluation"] = {"uri": to_uri(self.evaluation_data), "metric": self.metric}
         doc = {"apiVersion": API_VERSION, "kind": "FineTuneJob", "metadata": {"name": name}, "spec": spec}
         parse_resource(doc, "FineTuner")
         return doc
@@ -175,14 +183,19 @@ class FineTuner:
         return _submit(self.manifest(epochs, batch_size, **kwargs), namespace)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Quantizer:
-    """Compress ``model_path`` with ``method`` and measure size, latency and perplexity."""
+    """Compress ``model_path`` with ``method`` and measure size, latency and perplexity (on
+    ``evaluation_data``, else the runtime's reference text) and, with ``task_data``, the
+    held-out ``metric`` of the input and the output."""
 
     model_path: str
     method: str = "int8-dynamic"
     calibration_data: str | None = None
     evaluation_data: str | None = None
+    task_data: str | None = None
+    metric: str = "accuracy"
+    max_accuracy_drop_points: float | None = None
     output: str | None = None
     name: str | None = None
     max_perplexity_increase_percent: float = 1.0
@@ -204,6 +217,10 @@ class Quantizer:
             spec["calibration"] = {"uri": to_uri(self.calibration_data)}
         if self.evaluation_data:
             spec["evaluation"]["uri"] = to_uri(self.evaluation_data)
+        if self.task_data:
+            spec["evaluation"]["task"] = {"uri": to_uri(self.task_data), "metric": self.metric}
+        if self.max_accuracy_drop_points is not None:
+            spec["evaluation"]["maxAccuracyDropPoints"] = self.max_accuracy_drop_points
         doc = {"apiVersion": API_VERSION, "kind": "QuantizeJob", "metadata": {"name": name}, "spec": spec}
         parse_resource(doc, "Quantizer")
         return doc
@@ -218,7 +235,7 @@ class Quantizer:
         return _submit(self.manifest(), namespace)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class InferenceServer:
     """Serve ``model_path`` over the OpenAI API."""
 

