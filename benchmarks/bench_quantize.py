@@ -63,7 +63,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "trainer_image"))
 
-from kubeforge_runtime import models, tiny  # noqa: E402
+from kubeforge_runtime import embedded, evaluate, models, tiny  # noqa: E402
 from kubeforge_runtime.quantize import data, methods, metrics  # noqa: E402
 
 log = logging.getLogger("bench_quantize")
@@ -71,13 +71,17 @@ log = logging.getLogger("bench_quantize")
 METHOD_ORDER = ("int8-dynamic", "int8-weight-only", "int4-weight-only", "fp16", "bf16")
 
 
-def _static_measurements(model: Any, windows: list[Any]) -> dict[str, Any]:
-    return {
+def _static_measurements(model: Any, windows: list[Any], tokenizer: Any, args: argparse.Namespace) -> dict[str, Any]:
+    row = {
         "bytes": metrics.state_dict_bytes(model),
         "linearWeightBytes": metrics.linear_weight_bytes(model),
         "fullPrecisionLinearLayers": len(metrics.unquantized_linear_layers(model)),
         "perplexity": metrics.perplexity(model, windows).perplexity,
     }
+    if args.task:
+        fmt = "chat" if '"messages"' in args.task.read_text().split("\n", 1)[0] else "prompt-completion"
+        row["task"] = evaluate.evaluate(model, tokenizer, args.task, fmt, args.metric, args.task_samples)["value"]
+    return row
 
 
 def _compile(model: Any) -> None:
@@ -126,7 +130,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="bench-quantize-") as tmp:
-        model_dir = tiny.build_tiny_llama(Path(tmp) / "model", preset=args.preset, seed=0)
+        if args.preset:
+            model_dir = tiny.build_tiny_llama(Path(tmp) / "model", preset=args.preset, seed=0)
+        else:
+            model_dir = args.model or embedded.ensure()
         tokenizer = models.load_tokenizer(model_dir)
         texts = data.load_texts(None, 64)
         windows = data.make_windows(tokenizer, texts, args.sequence_length)
@@ -137,8 +144,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # measured in interleaved rounds.
         original = models.load_causal_lm(model_dir).eval()
         params = original.num_parameters()
-        log.info("original: %s preset, %.1f M parameters, %d threads", args.preset, params / 1e6, torch.get_num_threads())
-        loaded: dict[str, tuple[Any, dict[str, Any]]] = {"original": (original, _static_measurements(original, windows))}
+        log.info("original: %s, %.1f M parameters, %d threads", model_dir, params / 1e6, torch.get_num_threads())
+        loaded: dict[str, tuple[Any, dict[str, Any]]] = {
+            "original": (original, _static_measurements(original, windows, tokenizer, args))}
         for name in args.methods:
             method = methods.get_method(name)
             try:
@@ -147,7 +155,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 log.warning("%s skipped: %s", name, exc)
                 continue
             model = method.load_quantized(model_dir, "cpu", args.group_size)
-            loaded[name] = (model, _static_measurements(model, windows))
+            loaded[name] = (model, _static_measurements(model, windows, tokenizer, args))
             log.info("%s: loaded, perplexity %.2f", name, loaded[name][1]["perplexity"])
 
         _latency_rounds(loaded, prompts, args, pad, "eagerMsPerToken")
@@ -165,10 +173,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             compiled = {n: v for n, v in loaded.items() if "compiledMsPerToken" not in v[1]}
             _latency_rounds(compiled, prompts, args, pad, "compiledMsPerToken")
         rows = {name: row for name, (_model, row) in loaded.items()}
-    return {"preset": args.preset, "parameters": params, "threads": torch.get_num_threads(), "rows": rows, "settings": {
+    return {"model": f"{args.preset} preset (random weights)" if args.preset else str(model_dir), "parameters": params, "threads": torch.get_num_threads(), "rows": rows, "settings": {
         "groupSize": args.group_size, "prompts": args.prompts, "promptTokens": args.prompt_tokens,
         "newTokens": args.new_tokens, "warmup": args.warmup, "repeats": args.repeats,
         "sequenceLength": args.sequence_length, "evalWindows": len(windows), "compile": args.compile,
+        "task": str(args.task) if args.task else None, "metric": args.metric, "taskSamples": args.task_samples,
     }}
 
 
@@ -180,6 +189,9 @@ def render(result: dict[str, Any]) -> str:
     if compiled:
         head += f" {'compiled ms/tok':>15} {'speedup':>8}"
     head += f" {'perplexity':>11} {'change':>9}"
+    task = result["settings"]["task"]
+    if task:
+        head += f" {result['settings']['metric']:>10} {'change':>8}"
     lines = [head, "-" * len(head)]
     for name, row in rows.items():
         line = (
@@ -192,10 +204,12 @@ def render(result: dict[str, Any]) -> str:
             line += f" {c:>15.2f} {b / c:>7.2f}x" if c and b else f" {'n/a':>15} {'':>8}"
         change = (row["perplexity"] - base["perplexity"]) / base["perplexity"] * 100
         line += f" {row['perplexity']:>11.2f} {change:>+8.3f}%"
+        if task:
+            line += f" {row['task'] * 100:>9.1f}% {(row['task'] - base['task']) * 100:>+7.1f}pt"
         lines.append(line)
     s = result["settings"]
     lines.append(
-        f"\n{result['preset']} preset, {result['parameters'] / 1e6:.1f} M parameters, {result['threads']} threads; "
+        f"\n{result['model']}, {result['parameters'] / 1e6:.1f} M parameters, {result['threads']} threads; "
         f"'smaller' = whole state dict, 'linear' = decoder linear weights only; latency = greedy decode of "
         f"{s['prompts']} prompts x {s['newTokens']} new tokens, median of {s['repeats']} passes after {s['warmup']} "
         f"warm-up, interleaved; speedups against 'original'; int4 group size {s['groupSize']}."
@@ -207,7 +221,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer prompts, tokens and repeats")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd decoding")
-    parser.add_argument("--preset", default="small", choices=sorted(tiny.PRESETS))
+    parser.add_argument("--model", type=Path, default=None,
+                        help="model directory (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--preset", default=None, choices=sorted(tiny.PRESETS),
+                        help="a random-weight preset instead of a real model (speed only: its quality figures are noise)")
+    parser.add_argument("--task", type=Path, default=None,
+                        help="held-out JSONL (prompt-completion or chat) to measure a task metric on every model")
+    parser.add_argument("--metric", default="accuracy", choices=evaluate.METRICS)
+    parser.add_argument("--task-samples", type=int, default=100)
     parser.add_argument("--methods", nargs="+", default=list(METHOD_ORDER), choices=METHOD_ORDER)
     # 32: the small preset's down_proj is 1376 wide, which 64 and 128 do not divide (torchao
     # would leave those layers in fp32 and the int4 row would understate the compression).
@@ -215,8 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args(argv)
-    args.prompts, args.prompt_tokens, args.sequence_length = (2, 16, 128) if args.quick else (4, 32, 256)
-    args.new_tokens, args.warmup, args.repeats = (8, 1, 3) if args.quick else (32, 1, 5)
+    # Batch-1 decoding of SmolLM2 in fp32 takes ~0.1 s per token on a 2-core CPU: 2 prompts x 16
+    # tokens, median of 3 interleaved passes keeps a six-model run near two minutes of decoding.
+    args.prompts, args.prompt_tokens, args.sequence_length = (1, 16, 128) if args.quick else (2, 32, 256)
+    args.new_tokens, args.warmup, args.repeats = (8, 1, 3) if args.quick else (16, 1, 3)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "torch", "torchao"):
         logging.getLogger(noisy).setLevel(logging.ERROR)

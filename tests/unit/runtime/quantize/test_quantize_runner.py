@@ -229,3 +229,36 @@ def test_a_lora_adapter_is_merged_into_its_base_before_quantizing(
         plain = models.load_causal_lm(tiny_model).eval()(ids).logits  # get_peft_model changed `base` in place
     assert (got - want).norm() / want.norm() < 2e-2
     assert (got - want).norm() < (got - plain).norm()
+
+
+def test_the_task_metric_is_measured_on_input_and_output_and_gated(
+    write_config: Callable[..., Path], report_file: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    from kubeforge_runtime import evaluate
+
+    # References are the start of the original model's own answers: F1 is then well above 0.
+    model, tokenizer = models.load_causal_lm(tiny_model), models.load_tokenizer(tiny_model)
+    prompts = [f"Question: what is {i} plus {i}? Answer:" for i in range(6)]
+    answers = evaluate.generate(model, tokenizer, prompts, 4)
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps({"prompt": p, "completion": a}) + "\n" for p, a in zip(prompts, answers)))
+    expected_before = evaluate.evaluate(model, tokenizer, task, "prompt-completion", "f1")["value"]
+    assert expected_before > 0
+    config = write_config("int8-weight-only")
+    cfg = json.loads(config.read_text())
+    cfg["evaluation"].update(task={"uri": f"file://{task}", "metric": "f1"}, maxAccuracyDropPoints=100)
+    config.write_text(json.dumps(cfg))
+    assert runner.main(["--config", str(config)]) == contract.EXIT_OK
+    report = json.loads(report_file.read_text())
+    assert report["task"]["metric"] == "f1" and report["task"]["samples"] == len(prompts)
+    assert report["task"]["before"] == pytest.approx(expected_before, abs=1e-6)
+    assert report["taskDropPoints"] == pytest.approx((report["task"]["before"] - report["task"]["after"]) * 100)
+    assert "f1 " in report["message"] and "limit -100" in report["message"]
+
+    # The same numbers with a limit below the drop fail the gate (when quantization moved the
+    # answers at all; a zero drop passes any limit).
+    cfg["evaluation"]["maxAccuracyDropPoints"] = 0
+    config.write_text(json.dumps(cfg))
+    code = runner.main(["--config", str(config)])
+    again = json.loads(report_file.read_text())
+    assert code == (contract.EXIT_QUALITY_GATE_FAILED if again["taskDropPoints"] > 0 else contract.EXIT_OK)
