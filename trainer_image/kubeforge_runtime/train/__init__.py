@@ -2,7 +2,7 @@
 
 Modules, torchtitan-style (model, parallelisation plan and training loop kept apart):
 
-* ``config``        - the rendered config (dataclasses, strict parsing, presets)
+* ``config``        - the rendered config (strict pydantic models, presets)
 * ``parallel_dims`` - the validated (pp, dp, tp) layout and its device mesh
 * ``model``         - load the base model (Hugging Face code path) and apply LoRA
 * ``parallelize``   - tensor-parallel plan, pipeline stages, FSDP2/DDP wrapping

@@ -2,27 +2,31 @@
 
 The operator writes this JSON (camelCase keys) into a ConfigMap mounted at
 ``contract.CONFIG_DIR/contract.CONFIG_FILE``; ``launch.py`` (preflight) and the trainer
-(``python -m kubeforge_runtime.train``) both parse it with :func:`parse_config`. Parsing is
-strict: an unknown key is an error naming the key, a wrong type or an out-of-range value is
-an error naming the field, and every error is a :class:`ConfigError` (exit code 78 in the
-pod), because retrying a bad config can never help.
+(``python -m kubeforge_runtime.train``) both parse it with :func:`parse_config`. The models
+are pydantic (:class:`~kubeforge_runtime.configmodel.StrictConfig`), with the JSON keys as
+attribute names (``cfg.training.maxSteps``); the operator renders the FineTuneJob API's
+sub-models into exactly this shape, and a contract test compares the two schemas (types,
+bounds, enums). Parsing is strict: an unknown key is an error naming the key, a wrong type
+or an out-of-range value is an error naming the field, and every error is a
+:class:`ConfigError` (exit code 78 in the pod), because retrying a bad config can never help.
 
-Each dataclass field has a docstring; missing optional keys take the defaults below.
-Named presets (:data:`PRESETS`) give ready-made configs, including a tiny CPU preset used by
-tests and examples.
+Each field has a docstring; missing optional keys take the defaults below (some differ from
+the API's, which the operator always writes out). Named presets (:data:`PRESETS`) give
+ready-made configs, including a tiny CPU preset used by tests and examples.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from .. import configmodel
 from ..configfile import read_config_object
+from ..configmodel import StrictConfig
 
 
 class ConfigError(ValueError):
@@ -35,18 +39,17 @@ Strategy = Literal["fsdp", "ddp", "deepspeed-zero1", "deepspeed-zero2", "deepspe
 PipelineSchedule = Literal["1F1B", "GPipe"]
 Precision = Literal["fp32", "bf16", "fp16"]
 OutputFormat = Literal["merged", "adapter"]
+TaskMetric = Literal["accuracy", "exactMatch", "f1", "passAtOne"]
 
 
-@dataclass
-class ModelConfig:
-    uri: str = ""
+class ModelConfig(StrictConfig):
+    uri: str = Field(min_length=1)
     """Base model: file:///path, pvc://claim/path, hf://org/name[@rev] (or org/name), s3://b/p.
     A directory written by ``save_pretrained`` (config.json, safetensors, tokenizer)."""
 
 
-@dataclass
-class DatasetConfig:
-    uri: str = ""
+class DatasetConfig(StrictConfig):
+    uri: str = Field(min_length=1)
     """Training data: one JSONL file (file:// or pvc://)."""
     format: DatasetFormat = "text"
     """Record shape: ``text`` ({"text"}), ``prompt-completion`` ({"prompt","completion"}; the
@@ -55,10 +58,10 @@ class DatasetConfig:
     validationUri: str | None = None
     """Optional separate validation JSONL (same format). When null, ``validationSplit`` of the
     training records is held out instead."""
-    validationSplit: float = 0.1
+    validationSplit: float = Field(0.1, ge=0, lt=1)
     """Fraction of training records held out for validation when ``validationUri`` is null
     (0 disables validation). The split is seeded by ``training.seed``."""
-    sequenceLength: int = 512
+    sequenceLength: int = Field(512, ge=8, le=131072)
     """Tokens per sample. Every sample is padded or packed to exactly this length (pipeline
     parallelism needs static shapes); longer records are truncated."""
     packing: bool = True
@@ -67,263 +70,177 @@ class DatasetConfig:
     not attend to each other (position ids restart per record; see data.py)."""
 
 
-@dataclass
-class LoraConfig:
-    r: int = 8
+class LoraConfig(StrictConfig):
+    r: int = Field(8, ge=1, le=1024)
     """LoRA rank."""
-    alpha: int = 16
+    alpha: int = Field(16, ge=1, le=4096)
     """LoRA scaling numerator (the update is scaled by alpha / r)."""
-    dropout: float = 0.0
+    dropout: float = Field(0.0, ge=0, lt=1)
     """Dropout on the LoRA input."""
-    targetModules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    targetModules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
     """Linear module names that get adapters (peft ``target_modules``)."""
 
 
-@dataclass
-class ParallelismConfig:
-    tensor: int = 1
+class ParallelismConfig(StrictConfig):
+    tensor: int = Field(1, ge=1, le=64)
     """Tensor-parallel degree (DTensor; heads, KV heads, hidden and FFN sizes must divide by it).
-    Tensor-parallel groups are the innermost mesh dimension, so keep them inside one node."""
-    pipeline: int = 1
+    Tensor-parallel groups are the innermost mesh dimension, so keep them inside one node.
+    Needs strategy ``fsdp`` when > 1 (ddp and DeepSpeed replicate or partition whole layers)."""
+    pipeline: int = Field(1, ge=1, le=64)
     """Pipeline-parallel degree (torch.distributed.pipelining); decoder layers are split into
     this many contiguous stages. The data-parallel degree is world_size / (tensor*pipeline)."""
     strategy: Strategy = "fsdp"
     """Data-parallel strategy: ``fsdp`` (FSDP2 ``fully_shard``: parameters, gradients and
-    optimizer state sharded, the ZeRO-3 equivalent), ``ddp`` (replicated), or
+    optimizer state sharded, the ZeRO-3 equivalent; combines with tensor and pipeline
+    parallelism), ``ddp`` (replicated; not with tensor parallelism), or
     ``deepspeed-zero1|2|3`` (DeepSpeed ZeRO: optimizer state, plus gradients, plus
     parameters partitioned; data parallel only, fp32 or bf16; see train/zero.py)."""
     pipelineSchedule: PipelineSchedule = "1F1B"
     """Pipeline schedule when ``pipeline`` > 1: ``1F1B`` (needs at least ``pipeline``
     micro-batches per data-parallel rank and step) or ``GPipe``."""
 
+    @model_validator(mode="after")
+    def _strategy_fits_the_degrees(self) -> "ParallelismConfig":
+        if self.strategy.startswith("deepspeed") and (self.tensor > 1 or self.pipeline > 1):
+            raise ValueError(
+                f"parallelism.strategy {self.strategy!r} runs data parallel only: set tensor and pipeline to 1, "
+                "or use 'fsdp' to combine data parallelism with tensor/pipeline parallelism"
+            )
+        if self.strategy == "ddp" and self.tensor > 1:
+            raise ValueError(
+                f"parallelism.strategy ddp cannot be combined with parallelism.tensor {self.tensor} (ddp replicates "
+                "whole layers, tensor parallelism shards them): use strategy fsdp, or set tensor to 1"
+            )
+        return self
 
-@dataclass
-class TrainingConfig:
-    epochs: int = 1
+
+class TrainingConfig(StrictConfig):
+    epochs: int = Field(1, ge=1, le=1000)
     """Passes over the training set (ignored when ``maxSteps`` is set)."""
-    maxSteps: int | None = None
+    maxSteps: int | None = Field(None, ge=1)
     """Optimizer steps to run; overrides ``epochs``."""
-    globalBatchSize: int = 8
+    globalBatchSize: int = Field(8, ge=1)
     """Samples per optimizer step, over all data-parallel ranks."""
-    microBatchSize: int = 1
+    microBatchSize: int = Field(1, ge=1)
     """Samples per forward/backward on one rank (and per pipeline micro-batch). Gradient
     accumulation = globalBatchSize / (microBatchSize * dataParallel)."""
-    learningRate: float = 1e-4
+    learningRate: float = Field(1e-4, gt=0, le=1)
     """Peak AdamW learning rate: linear warmup to it, then cosine decay to 10% of it."""
-    warmupSteps: int = 0
+    warmupSteps: int = Field(0, ge=0)
     """Linear warmup steps."""
-    weightDecay: float = 0.0
+    weightDecay: float = Field(0.0, ge=0, le=1)
     """AdamW weight decay (applied to matrices only, not to norms and biases)."""
-    maxGradNorm: float = 1.0
+    maxGradNorm: float = Field(1.0, ge=0)
     """Clip the whole gradient to this L2 norm before each optimizer step (0 disables)."""
-    seed: int = 42
+    seed: int = Field(42, ge=0)
     """Seed for weight init of adapters, the data order, the validation split and dropout."""
     precision: Precision = "fp32"
     """Compute precision: ``fp32``; ``bf16`` (autocast, fp32 master weights); ``fp16``
     (autocast plus loss scaling: CUDA only, and only without pipeline parallelism)."""
     gradientCheckpointing: bool = False
     """Recompute decoder-layer activations in backward to save memory."""
-    evalIntervalSteps: int = 0
+    evalIntervalSteps: int = Field(0, ge=0)
     """Evaluate on the validation set every N steps (0: only before the first and after the
     last step)."""
 
+    @model_validator(mode="after")
+    def _whole_micro_batches(self) -> "TrainingConfig":
+        if self.globalBatchSize % self.microBatchSize:
+            raise ValueError(
+                f"training.globalBatchSize ({self.globalBatchSize}) must be a multiple of "
+                f"training.microBatchSize ({self.microBatchSize})"
+            )
+        return self
 
-@dataclass
-class CheckpointConfig:
-    intervalSteps: int = 100
+
+class CheckpointConfig(StrictConfig):
+    intervalSteps: int = Field(100, ge=0)
     """Save a torch.distributed.checkpoint every N steps (0 disables periodic saves; a
     checkpoint is still written on SIGTERM and at the end)."""
-    keepLast: int = 2
+    keepLast: int = Field(2, ge=1, le=100)
     """Completed checkpoints to keep; older ones are deleted."""
     uri: str | None = None
     """Where checkpoints go (file:// or pvc://, on a volume every worker can write);
     null means ``<output path>/checkpoints``."""
 
 
-@dataclass
-class OutputConfig:
-    uri: str = ""
+class OutputConfig(StrictConfig):
+    uri: str = Field(min_length=1)
     """Where the trained model is written (file:// or pvc://)."""
     format: OutputFormat = "merged"
     """``merged``: a full model (LoRA merged into the base weights); ``adapter``: only the peft
     adapter (``method: lora`` only)."""
 
 
-@dataclass
-class EvaluationConfig:
-    uri: str = ""
+class EvaluationConfig(StrictConfig):
+    uri: str = Field(min_length=1)
     """Held-out JSONL (prompt-completion or chat; passAtOne records carry "tests"). Its
     records are removed from the training data, and the metric is measured by greedy
     generation on the base model before training and on the output after it."""
-    metric: Literal["accuracy", "exactMatch", "f1", "passAtOne"] = "accuracy"
+    metric: TaskMetric = "accuracy"
     """How an answer is scored (``kubeforge_runtime.evaluate``)."""
-    maxSamples: int = 200
+    maxSamples: int = Field(200, ge=1, le=100000)
     """Records evaluated (the first N of the file)."""
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(StrictConfig):
     """The whole rendered config (the FineTuneJob spec's training subset)."""
 
-    kind: str = "FineTuneJob"
+    kind: Literal["FineTuneJob"] = "FineTuneJob"
     """Always FineTuneJob."""
     name: str = "finetune"
     """The FineTuneJob's name (used in logs and the lineage record)."""
     namespace: str = "default"
     """The FineTuneJob's namespace."""
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig
     """The base model."""
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    dataset: DatasetConfig
     """Training (and validation) data."""
     method: Method = "full"
     """``full`` fine-tuning or ``lora`` adapters."""
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
     """LoRA settings (used when method is lora)."""
-    parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
+    parallelism: ParallelismConfig = Field(default_factory=ParallelismConfig)
     """Tensor/pipeline degrees and the data-parallel strategy."""
-    training: TrainingConfig = field(default_factory=TrainingConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
     """Optimisation settings."""
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     """Checkpointing."""
-    output: OutputConfig = field(default_factory=OutputConfig)
+    output: OutputConfig
     """Where and how the result is written."""
     evaluation: EvaluationConfig | None = None
     """A held-out task metric measured before and after training, or null."""
 
+    @model_validator(mode="after")
+    def _cross_section_rules(self) -> "TrainConfig":
+        """Checks that need no model, data or world size (those live in launch.py/ParallelDims)."""
+        p, t = self.parallelism, self.training
+        if p.strategy.startswith("deepspeed") and t.precision == "fp16":
+            raise ValueError(f"training.precision fp16 is not supported with {p.strategy!r}; use bf16 or fp32")
+        if self.evaluation is not None and self.dataset.format == "text":
+            raise ValueError("evaluation needs prompts and answers: dataset.format must be prompt-completion or chat")
+        if self.output.format == "adapter" and self.method != "lora":
+            raise ValueError("output.format: 'adapter' needs method 'lora'; use 'merged' for full fine-tuning")
+        if t.precision == "fp16" and p.pipeline > 1:
+            raise ValueError("training.precision: fp16 loss scaling is not supported with pipeline parallelism; use bf16")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         """The config as the camelCase JSON dict it was parsed from (defaults filled in)."""
-        return dataclasses.asdict(self)
+        return self.model_dump(mode="json")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
 
 
-# --- parsing ------------------------------------------------------------------------------
-
-def _check_type(path: str, value: Any, annotation: Any) -> Any:
-    """Check ``value`` against a (simple) type annotation; return it, converted where lossless."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin is typing.Union or origin is types.UnionType:
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _check_type(path, value, inner[0])
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{path}: {value!r} is not one of {list(args)}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected a list, got {type(value).__name__}")
-        return [_check_type(f"{path}[{i}]", v, args[0]) for i, v in enumerate(value)]
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true or false, got {value!r}")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
-        return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(annotation):
-        return _build(annotation, value, path)
-    return value
-
-
-def _build(cls: Any, data: Any, path: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path or 'config'}: expected an object, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        where = f"{path}." if path else ""
-        raise ConfigError(
-            f"unknown key {where}{unknown[0]}" + (f" (and {unknown[1:]})" if len(unknown) > 1 else "")
-            + f"; allowed keys{' in ' + path if path else ''}: {sorted(names)}"
-        )
-    kwargs = {}
-    for name, value in data.items():
-        kwargs[name] = _check_type(f"{path}.{name}" if path else name, value, hints[name])
-    return cls(**kwargs)
-
-
-def parse_config(data: dict[str, Any]) -> TrainConfig:
-    """Build a :class:`TrainConfig` from the rendered JSON dict and validate it."""
-    cfg = _build(TrainConfig, data, "")
-    validate(cfg)
-    return cfg
+def parse_config(data: Any) -> TrainConfig:
+    """Build a :class:`TrainConfig` from the rendered JSON dict; :class:`ConfigError` if invalid."""
+    return configmodel.parse(TrainConfig, data, ConfigError, quote_keys=False)
 
 
 def load_config(path: str | Path) -> TrainConfig:
     """Read and parse the config file at ``path``."""
     return parse_config(read_config_object(path, ConfigError))
-
-
-def validate(cfg: TrainConfig) -> None:
-    """Checks that need no model, data or world size (those live in launch.py/ParallelDims)."""
-    if cfg.kind != "FineTuneJob":
-        raise ConfigError(f"kind: expected FineTuneJob, got {cfg.kind!r}")
-    if not cfg.model.uri:
-        raise ConfigError("model.uri: required (the base model directory or hub id)")
-    if not cfg.dataset.uri:
-        raise ConfigError("dataset.uri: required (a JSONL file)")
-    if not cfg.output.uri:
-        raise ConfigError("output.uri: required (where the trained model is written)")
-    d, t, p, lo = cfg.dataset, cfg.training, cfg.parallelism, cfg.lora
-    if not 0.0 <= d.validationSplit < 1.0:
-        raise ConfigError(f"dataset.validationSplit: {d.validationSplit} must be in [0, 1)")
-    if d.sequenceLength < 2:
-        raise ConfigError(f"dataset.sequenceLength: {d.sequenceLength} must be at least 2")
-    for name in ("tensor", "pipeline"):
-        if getattr(p, name) < 1:
-            raise ConfigError(f"parallelism.{name}: must be >= 1")
-    if p.strategy.startswith("deepspeed") and (p.tensor > 1 or p.pipeline > 1):
-        raise ConfigError(
-            f"parallelism.strategy {p.strategy!r} runs data parallel only: set tensor and pipeline to 1, "
-            "or use 'fsdp' to combine data parallelism with tensor/pipeline parallelism"
-        )
-    if p.strategy.startswith("deepspeed") and t.precision == "fp16":
-        raise ConfigError(f"training.precision fp16 is not supported with {p.strategy!r}; use bf16 or fp32")
-    if t.epochs < 1:
-        raise ConfigError("training.epochs: must be >= 1")
-    if t.maxSteps is not None and t.maxSteps < 1:
-        raise ConfigError("training.maxSteps: must be >= 1 or null")
-    if t.globalBatchSize < 1 or t.microBatchSize < 1:
-        raise ConfigError("training.globalBatchSize and training.microBatchSize: must be >= 1")
-    if t.globalBatchSize % t.microBatchSize:
-        raise ConfigError(
-            f"training.globalBatchSize ({t.globalBatchSize}) must be a multiple of "
-            f"training.microBatchSize ({t.microBatchSize})"
-        )
-    if t.learningRate <= 0:
-        raise ConfigError("training.learningRate: must be > 0")
-    if t.warmupSteps < 0 or t.weightDecay < 0 or t.evalIntervalSteps < 0 or t.maxGradNorm < 0:
-        raise ConfigError("training.warmupSteps, weightDecay, maxGradNorm and evalIntervalSteps: must be >= 0")
-    if cfg.checkpoint.intervalSteps < 0 or cfg.checkpoint.keepLast < 1:
-        raise ConfigError("checkpoint.intervalSteps must be >= 0 and checkpoint.keepLast >= 1")
-    if cfg.method == "lora":
-        if lo.r < 1 or lo.alpha <= 0 or not 0.0 <= lo.dropout < 1.0 or not lo.targetModules:
-            raise ConfigError("lora: r >= 1, alpha > 0, 0 <= dropout < 1 and a non-empty targetModules")
-    if cfg.evaluation is not None:
-        if not cfg.evaluation.uri:
-            raise ConfigError("evaluation.uri: required (a held-out JSONL file)")
-        if cfg.evaluation.maxSamples < 1:
-            raise ConfigError("evaluation.maxSamples: must be >= 1")
-        if d.format == "text":
-            raise ConfigError("evaluation needs prompts and answers: dataset.format must be prompt-completion or chat")
-    if cfg.output.format == "adapter" and cfg.method != "lora":
-        raise ConfigError("output.format: 'adapter' needs method 'lora'; use 'merged' for full fine-tuning")
-    if t.precision == "fp16" and p.pipeline > 1:
-        raise ConfigError("training.precision: fp16 loss scaling is not supported with pipeline parallelism; use bf16")
 
 
 # --- presets ------------------------------------------------------------------------------
