@@ -35,7 +35,7 @@ def test_runtime_config_has_exactly_the_contract_shape_and_parses_in_the_runtime
         "output": {"uri": "pvc://models/q"},
     }
     parsed = parse_config(json.loads(json.dumps(cfg)))
-    assert (parsed.model_uri, parsed.method, parsed.group_size) == ("pvc://models/ft/final", "int4-weight-only", 64)
+    assert (parsed.model.uri, parsed.method, parsed.group_size) == ("pvc://models/ft/final", "int4-weight-only", 64)
     assert parsed.evaluation.max_perplexity_increase_percent == 2.5
 
 

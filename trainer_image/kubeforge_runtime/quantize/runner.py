@@ -145,9 +145,9 @@ def run(cfg: QuantizeConfig) -> tuple[dict[str, Any], dict[str, Any], int]:
         log.info("calibration.uri is set, but %s needs no calibration data: not read", cfg.method)
 
     try:
-        out_dir = storage.local_path(cfg.output_uri)
+        out_dir = storage.local_path(cfg.output.uri)
         with tempfile.TemporaryDirectory(prefix="kubeforge-quantize-") as scratch:
-            source = _materialize_full_model(cfg.model_uri, Path(scratch))
+            source = _materialize_full_model(cfg.model.uri, Path(scratch))
             tokenizer = models.load_tokenizer(str(source))
             texts = data.load_texts(cfg.evaluation.uri, cfg.evaluation.max_samples)
             windows = data.make_windows(tokenizer, texts, cfg.evaluation.sequence_length)
@@ -243,13 +243,13 @@ def run(cfg: QuantizeConfig) -> tuple[dict[str, Any], dict[str, Any], int]:
         "method": cfg.method,
         "reason": reason,
         "message": message,
-        "outputUri": cfg.output_uri,
+        "outputUri": cfg.output.uri,
     }
     lineage = {
         "kind": "QuantizeJob",
         "name": cfg.name,
         "namespace": cfg.namespace,
-        "baseModel": {"uri": cfg.model_uri},
+        "baseModel": {"uri": cfg.model.uri},
         "quantization": {
             "method": cfg.method,
             "groupSize": cfg.group_size if cfg.method == "int4-weight-only" else None,

@@ -33,7 +33,7 @@ EXAMPLE: dict[str, Any] = {
 def test_the_documented_example_parses() -> None:
     cfg = parse_config(EXAMPLE)
     assert cfg.method == "int4-weight-only" and cfg.group_size == 128
-    assert cfg.model_uri == "file:///models/m" and cfg.output_uri == "file:///out/q"
+    assert cfg.model.uri == "file:///models/m" and cfg.output.uri == "file:///out/q"
     assert cfg.evaluation.max_perplexity_increase_percent == 1.0
     assert cfg.evaluation.sequence_length == 256 and cfg.evaluation.max_samples == 64
     assert cfg.calibration.uri is None and cfg.calibration.samples == 128
