@@ -47,3 +47,25 @@ def test_stdlib_operator_module_still_works():
                          capture_output=True, text=True, cwd=REPO)
     assert out.stdout.strip() == "5", out.stderr
     assert not (REPO / "operator" / "__init__.py").exists()
+
+
+def test_serving_does_not_import_the_quantizer():
+    """The rules of loading a quantized output (REJECTED marker, loadRequires) live in
+    kubeforge_runtime/models.py, below both serve/ and quantize/; serve/ never imports quantize/."""
+    import ast
+
+    serve = REPO / "trainer_image" / "kubeforge_runtime" / "serve"
+    packages = {0: "", 1: "kubeforge_runtime.serve.", 2: "kubeforge_runtime."}
+    offenders = []
+    for path in sorted(serve.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = packages[node.level] + (node.module or "")
+                targets = [base] + [f"{base}.{a.name}".replace("..", ".") for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            if any(t == "kubeforge_runtime.quantize" or t.startswith("kubeforge_runtime.quantize.") for t in targets):
+                offenders.append(f"{path.name}:{node.lineno}")
+    assert offenders == []

@@ -5,13 +5,18 @@ adapter and a quantized output all take the same road:
 
 * a full model directory (``config.json`` + safetensors) -> ``AutoModelForCausalLM``;
 * a quantized output (``config.json`` carries a torchao ``quantization_config``) -> the
-  same call: transformers re-applies the torchao layout while loading;
+  same call: transformers re-applies the torchao layout while loading, once
+  :func:`load_requirements` has imported what its lineage record lists (the rules of loading
+  a QuantizeJob output live here, below both ``quantize/`` and ``serve/``: the quantizer
+  writes the ``REJECTED`` marker and ``loadRequires``, the server honours them through
+  :func:`check_servable`);
 * a LoRA adapter directory (``adapter_config.json``) -> the base model named in it (or in
   our ``kubeforge.json`` lineage record), then ``peft.PeftModel.from_pretrained``.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 from pathlib import Path
@@ -22,6 +27,9 @@ from . import storage
 log = logging.getLogger(__name__)
 
 LINEAGE_FILE = "kubeforge.json"
+REJECTED_MARKER = "REJECTED"
+"""Written by the quantizer into an output that failed its quality gate: kept for inspection,
+never served."""
 
 
 class ModelLoadError(RuntimeError):
@@ -35,6 +43,36 @@ def is_adapter_dir(path: Path) -> bool:
 def read_lineage(path: Path) -> dict[str, Any]:
     f = Path(path) / LINEAGE_FILE
     return json.loads(f.read_text()) if f.exists() else {}
+
+
+def load_requirements(model_dir: str | Path) -> None:
+    """Import the modules a quantized output needs before ``from_pretrained`` can load it.
+
+    Reads ``quantization.loadRequires`` from the output's ``kubeforge.json``; only torchao
+    modules are honoured, so a lineage file cannot make a loader import arbitrary code.
+    """
+    record = read_lineage(Path(model_dir))
+    for module in (record.get("quantization") or {}).get("loadRequires", []):
+        if isinstance(module, str) and module.startswith("torchao."):
+            importlib.import_module(module)
+        else:
+            log.warning("ignoring loadRequires entry %r: only torchao modules are imported", module)
+
+
+def check_servable(model_dir: str | Path) -> None:
+    """Refuse a QuantizeJob output that failed its quality gate; import what it needs to load.
+
+    The quantizer keeps a rejected output (marked by :data:`REJECTED_MARKER`) for inspection,
+    never for serving. int4 outputs need a torchao module imported before loading; the
+    quantizer lists it in its lineage record and :func:`load_requirements` imports it.
+    """
+    marker = Path(model_dir) / REJECTED_MARKER
+    if marker.exists():
+        raise ModelLoadError(
+            f"{model_dir} is a quantized output that failed its quality gate ({marker.read_text().strip()}); "
+            "serve the original model or re-run the QuantizeJob with another method"
+        )
+    load_requirements(model_dir)
 
 
 def resolve_model_dir(uri: str) -> Path:

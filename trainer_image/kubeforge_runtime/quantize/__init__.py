@@ -3,7 +3,7 @@
 Entry point: ``python -m kubeforge_runtime.quantize --config PATH`` (see ``runner``), run in
 the QuantizeJob pod. Modules:
 
-* ``config``  - the rendered config file (strict, camelCase) -> ``QuantizeConfig``;
+* ``config``  - the rendered config file (strict pydantic models, camelCase) -> ``QuantizeConfig``;
 * ``methods`` - the method registry (int8-dynamic, int8-weight-only, int4-weight-only,
   fp16, bf16), each a torchao ``quantize_`` config applied through transformers;
 * ``metrics`` - bytes, perplexity, per-token latency;
@@ -18,7 +18,7 @@ methods use only the weights and int8-dynamic scales activations per token at ru
 from __future__ import annotations
 
 from .config import METHODS, ConfigError, QuantizeConfig, load_config, parse_config
-from .methods import REGISTRY, UnsupportedMethodError, get_method, load_requirements
+from .methods import REGISTRY, UnsupportedMethodError, get_method
 
 __all__ = [
     "METHODS",
@@ -28,6 +28,5 @@ __all__ = [
     "UnsupportedMethodError",
     "get_method",
     "load_config",
-    "load_requirements",
     "parse_config",
 ]

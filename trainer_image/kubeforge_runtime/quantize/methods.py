@@ -26,13 +26,11 @@ int4 on CPU: torchao 0.18's ``Int4WeightOnlyConfig`` packing formats need CUDA o
 allow-list, so the int4 CPU output is saved as ``pytorch_model.bin`` (pickled tensor
 subclass, loadable with ``weights_only=True`` once ``torchao.prototype.quantization.int4``
 is imported - it registers the class as a safe global). The lineage file names that module
-under ``quantization.loadRequires``; ``load_requirements()`` imports it.
+under ``quantization.loadRequires``; ``kubeforge_runtime.models.load_requirements()`` imports it.
 """
 
 from __future__ import annotations
 
-import importlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -281,20 +279,3 @@ def get_method(name: str) -> QuantMethod:
         return REGISTRY[name]()
     except KeyError:
         raise KeyError(f"unknown quantization method {name!r}; known: {', '.join(REGISTRY)}") from None
-
-
-def load_requirements(model_dir: str | Path) -> None:
-    """Import the modules a quantized output needs before ``from_pretrained`` can load it.
-
-    Reads ``quantization.loadRequires`` from the output's ``kubeforge.json``; only torchao
-    modules are honoured, so a lineage file cannot make a loader import arbitrary code.
-    """
-    lineage = Path(model_dir) / "kubeforge.json"
-    if not lineage.exists():
-        return
-    record = json.loads(lineage.read_text())
-    for module in (record.get("quantization") or {}).get("loadRequires", []):
-        if isinstance(module, str) and module.startswith("torchao."):
-            importlib.import_module(module)
-        else:
-            log.warning("ignoring loadRequires entry %r: only torchao modules are imported", module)

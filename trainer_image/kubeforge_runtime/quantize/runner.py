@@ -40,7 +40,7 @@ from .config import ConfigError, QuantizeConfig, load_config
 
 log = logging.getLogger(__name__)
 
-REJECTED_MARKER = "REJECTED"
+REJECTED_MARKER = models.REJECTED_MARKER
 # Latency protocol: one prompt of 32 tokens, 16 greedy tokens per pass, one warm-up pass, the
 # median of 3 timed passes. Batch-1 decoding of a small model is memory-bound on a CPU (about
 # 0.1 s per token for SmolLM2-135M in fp32 on the 2-core development machine), and every timed

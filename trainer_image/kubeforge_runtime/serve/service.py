@@ -183,7 +183,7 @@ class ServingRuntime:
         t0 = time.monotonic()
         log.info("loading %s from %s on %s (dtype %s)", cfg.model_name, cfg.model.uri, device, cfg.engine.dtype)
         self.tokenizer = model_io.load_tokenizer(cfg.model.uri)
-        self._check_quantized_output(model_io.resolve_model_dir(cfg.model.uri))
+        model_io.check_servable(model_io.resolve_model_dir(cfg.model.uri))
         base = model_io.load_causal_lm(cfg.model.uri, dtype=dtype, device=device).eval()
         self.max_model_length = self._max_length(base)
         text_config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
@@ -209,27 +209,6 @@ class ServingRuntime:
             self.models[name] = ServedModel(name, engine, parent)
         log.info("ready: %s in %.1f s", ", ".join(self.models), time.monotonic() - t0)
         self.ready.set()
-
-    @staticmethod
-    def _check_quantized_output(path: Any) -> None:
-        """Refuse a QuantizeJob output that failed its quality gate; import what it needs to load.
-
-        The quantizer keeps a rejected output (marked by a ``REJECTED`` file) for inspection,
-        never for serving. int4 outputs need a torchao module imported before loading; the
-        quantizer lists it in its lineage record and ``load_requirements`` imports it.
-        """
-        from pathlib import Path
-
-        marker = Path(path) / "REJECTED"  # quantize.runner.REJECTED_MARKER
-        if marker.exists():
-            raise RuntimeError(
-                f"{path} is a quantized output that failed its quality gate ({marker.read_text().strip()}); "
-                "serve the original model or re-run the QuantizeJob with another method"
-            )
-        if (Path(path) / "kubeforge.json").exists():
-            from ..quantize.methods import load_requirements
-
-            load_requirements(path)
 
     @staticmethod
     def _apply_adapter(model: Any, path: Any, name: str) -> Any:

@@ -123,8 +123,7 @@ def test_int4_gate_failure_exits_79_and_keeps_a_rejected_output(
     script = (
         "import sys, torch\n"
         "from kubeforge_runtime import models\n"
-        "from kubeforge_runtime.quantize import load_requirements\n"
-        "load_requirements(sys.argv[1])\n"
+        "models.load_requirements(sys.argv[1])\n"
         "m = models.load_causal_lm(sys.argv[1]).eval()\n"
         "assert type(m.model.layers[0].mlp.up_proj.weight).__name__ == 'Int4OpaqueTensor'\n"
         "with torch.no_grad():\n"
