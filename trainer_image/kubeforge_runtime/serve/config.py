@@ -4,7 +4,10 @@ The operator writes one JSON object (camelCase keys) to ``/etc/kubeforge/config.
 starts ``python -m kubeforge_runtime.serve --config /etc/kubeforge/config.json``. This module
 parses exactly that object; an unknown key is an error that names the key (so a typo in the
 operator, or a field this runtime does not know yet, fails the pod at start with exit code 78
-instead of being silently ignored). The shape is documented in ``trainer_image/CONTRACT.md``.
+instead of being silently ignored); a wrong type or an out-of-range value names the field.
+The shape is documented in ``trainer_image/CONTRACT.md``; the models are pydantic
+(:class:`~kubeforge_runtime.configmodel.CamelConfig`) and the operator renders the
+InferenceService API's ``engine`` and ``adapters`` into them unchanged.
 """
 
 from __future__ import annotations
@@ -12,31 +15,34 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic.alias_generators import to_camel
+from pydantic import ConfigDict, Field, model_validator
 
-from .. import contract
+from .. import configmodel, contract
 from ..configfile import read_config_object
+from ..configmodel import CamelConfig
 
 
 class ConfigError(ValueError):
     """The config file is missing, not JSON, or does not match the schema; the message says why."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True)
+class _Strict(CamelConfig):
+    model_config = ConfigDict(frozen=True)
 
 
 class ModelSource(_Strict):
-    uri: str = Field(description="Where the model directory lives: file://, pvc://, hf:// or s3:// (see storage.py).")
+    uri: str = Field(min_length=1, description="Where the model directory lives: file://, pvc://, hf:// or s3:// (see storage.py).")
 
 
 class AdapterSource(_Strict):
     name: str = Field(min_length=1, description="The model name clients use to reach this LoRA adapter.")
-    uri: str = Field(description="Directory holding adapter_config.json and the adapter weights.")
+    uri: str = Field(min_length=1, description="Directory holding adapter_config.json and the adapter weights.")
 
 
 class EngineConfig(_Strict):
+    """The serving engine's settings; the InferenceService API's ``spec.engine`` renders into this
+    unchanged, so the types and bounds here are the API's (a contract test compares them)."""
+
     backend: Literal["auto", "continuous", "dynamic"] = Field(
         "auto",
         description="continuous: transformers' continuous batching with a paged KV cache; dynamic: the "
@@ -46,38 +52,47 @@ class EngineConfig(_Strict):
         "auto", description="Weights and KV-cache dtype; auto keeps what the checkpoint says."
     )
     max_batch_tokens: int = Field(4096, ge=16, description="Most tokens (prefill + decode) in one forward pass.")
-    max_concurrent_requests: int = Field(16, ge=1, description="Requests generating at once; the rest wait.")
-    max_queued_requests: int = Field(64, ge=0, description="Requests allowed to wait; past this the server answers 429.")
-    kv_block_size: int = Field(16, ge=4, description="Tokens per KV-cache block (page) of the paged cache.")
+    max_concurrent_requests: int = Field(16, ge=1, le=4096, description="Requests generating at once; the rest wait.")
+    max_queued_requests: int = Field(
+        64, ge=0, le=100000, description="Requests allowed to wait; past this the server answers 429."
+    )
+    kv_block_size: int = Field(16, ge=4, le=1024, description="Tokens per KV-cache block (page) of the paged cache.")
     max_model_length: int | None = Field(
-        None, ge=2, description="Prompt + completion limit in tokens; default and ceiling: the model's own."
+        None, ge=8, description="Prompt + completion limit in tokens; default and ceiling: the model's own."
     )
     request_timeout_seconds: float = Field(
-        120, gt=0, description="Deadline of one request, queueing included; past it the request is cancelled."
+        120, gt=0, le=86400,
+        description="Deadline of one request in seconds, queueing included; past it the request is cancelled.",
     )
 
 
 class ServeConfig(_Strict):
-    kind: Literal["InferenceService"] = "InferenceService"
-    name: str = Field(min_length=1)
-    namespace: str = "default"
+    kind: Literal["InferenceService"] = Field("InferenceService", description="Always InferenceService.")
+    name: str = Field(min_length=1, description="The InferenceService's name (the base model's name by default).")
+    namespace: str = Field("default", description="The InferenceService's namespace.")
     served_model_name: str | None = Field(None, description="Model name of the base model in the API; default: name.")
-    model: ModelSource
-    adapters: list[AdapterSource] = Field(default_factory=list)
-    engine: EngineConfig = Field(default_factory=EngineConfig)
+    model: ModelSource = Field(description="The base model.")
+    adapters: list[AdapterSource] = Field(
+        default_factory=list, max_length=64, description="LoRA adapters, each served under its own model name."
+    )
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="Serving engine settings.")
     port: int = Field(contract.SERVE_HTTP_PORT, ge=0, le=65535, description="HTTP port (0: pick a free one).")
     grpc_port: int | None = Field(
         contract.SERVE_GRPC_PORT, ge=0, le=65535, description="gRPC port (0: pick a free one; null: no gRPC)."
     )
 
-    @field_validator("adapters")
-    @classmethod
-    def _unique_adapter_names(cls, adapters: list[AdapterSource]) -> list[AdapterSource]:
-        names = [a.name for a in adapters]
+    @model_validator(mode="after")
+    def _model_names_are_distinct(self) -> "ServeConfig":
+        # The operator's API refuses these too (kubeforge.api.inference); this check stays for
+        # configs that reach the server without it (a hand-written file, a local run), because
+        # the model table is keyed by name: a repeated name would silently shadow a model.
+        names = [a.name for a in self.adapters]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"adapter names must be unique; repeated: {', '.join(dupes)}")
-        return adapters
+        if self.model_name in names:
+            raise ValueError(f"adapter name {self.model_name!r} clashes with servedModelName")
+        return self
 
     @property
     def model_name(self) -> str:
@@ -87,26 +102,9 @@ class ServeConfig(_Strict):
         return [self.model_name, *(a.name for a in self.adapters)]
 
 
-def _describe(error: ValidationError) -> str:
-    parts = []
-    for err in error.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "<root>"
-        if err["type"] == "extra_forbidden":
-            parts.append(f"unknown key {where!r}")
-        else:
-            parts.append(f"{where}: {err['msg']}")
-    return "; ".join(parts)
-
-
 def parse_config(data: object) -> ServeConfig:
     """Validate a decoded JSON object; raise ConfigError naming each bad or unknown key."""
-    try:
-        config = ServeConfig.model_validate(data, by_alias=True, by_name=False)
-    except ValidationError as exc:
-        raise ConfigError(f"invalid serving config: {_describe(exc)}") from None
-    if config.adapters and config.model_name in {a.name for a in config.adapters}:
-        raise ConfigError(f"invalid serving config: adapter name {config.model_name!r} clashes with servedModelName")
-    return config
+    return configmodel.parse(ServeConfig, data, ConfigError, prefix="invalid serving config: ")
 
 
 def load_config(path: str | Path) -> ServeConfig:
