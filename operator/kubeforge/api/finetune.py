@@ -131,7 +131,9 @@ class TrainingSpec(KFModel):
 class CheckpointSpec(KFModel):
     """Distributed checkpoints (torch.distributed.checkpoint)."""
 
-    interval_steps: int = Field(default=100, ge=1, description="Save every N steps (and on SIGTERM).")
+    interval_steps: int = Field(
+        default=100, ge=0, description="Save every N steps (0: only on SIGTERM and at the end, which always save)."
+    )
     keep_last: int = Field(default=2, ge=1, le=100, description="Checkpoints kept; older ones are deleted.")
     uri: str | None = Field(default=None, pattern=OUTPUT_URI_PATTERN, description="Where checkpoints go; default <output.uri>/checkpoints.")
 

@@ -54,7 +54,9 @@ class AutoscalingSpec(KFModel):
 
 
 class EngineSpec(KFModel):
-    """Serving engine settings."""
+    """Serving engine settings, rendered unchanged into the server's config
+    (``kubeforge_runtime.serve.config.EngineConfig``: same types and bounds, a contract test
+    compares them)."""
 
     backend: Literal["auto", "continuous", "dynamic"] = Field(
         default="auto", description="continuous: transformers' continuous batching (paged KV cache); dynamic: the fallback; auto: continuous where supported."
@@ -65,7 +67,9 @@ class EngineSpec(KFModel):
     max_queued_requests: int = Field(default=64, ge=0, le=100000, description="Waiting requests before 429.")
     kv_block_size: int = Field(default=16, ge=4, le=1024, description="Tokens per KV-cache block (at least 4, the server's minimum).")
     max_model_length: int | None = Field(default=None, ge=8, description="Longest prompt+completion; default the model's.")
-    request_timeout_seconds: int = Field(default=120, ge=1, le=86400, description="Per-request deadline.")
+    request_timeout_seconds: float = Field(
+        default=120, gt=0, le=86400, description="Per-request deadline in seconds (fractions allowed), queueing included."
+    )
 
 
 class AdapterSpec(KFModel):

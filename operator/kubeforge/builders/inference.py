@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,26 +120,22 @@ def desired_replicas(spec: InferenceServiceSpec, current: int | None) -> int:
     return min(max(current if current is not None else low, low), high)
 
 
+_CONFIG_FIELDS = {"adapters", "engine"}
+"""The spec's parts the server reads, unchanged in shape (``kubeforge_runtime.serve.config``)."""
+
+
 def serve_config(name: str, namespace: str, spec: InferenceServiceSpec, model: ModelRef) -> dict[str, Any]:
-    """The JSON the server reads, exactly the shape ``kubeforge_runtime.serve.config`` parses."""
-    e = spec.engine
+    """The JSON the server reads, exactly the shape ``kubeforge_runtime.serve.config`` parses: the
+    spec's ``engine`` and ``adapters`` as they are (every default written out, nulls kept), the
+    resolved model, and the names and ports the operator decides."""
+    body = spec.model_dump(by_alias=True, mode="json", include=_CONFIG_FIELDS)
     return {
         "kind": KIND,
         "name": name,
         "namespace": namespace,
         "servedModelName": name,
         "model": {"uri": model.uri},
-        "adapters": [{"name": a.name, "uri": a.uri} for a in spec.adapters],
-        "engine": {
-            "backend": e.backend,
-            "dtype": e.dtype,
-            "maxBatchTokens": e.max_batch_tokens,
-            "maxConcurrentRequests": e.max_concurrent_requests,
-            "maxQueuedRequests": e.max_queued_requests,
-            "kvBlockSize": e.kv_block_size,
-            "maxModelLength": e.max_model_length,
-            "requestTimeoutSeconds": e.request_timeout_seconds,
-        },
+        **body,
         "port": HTTP_PORT,
         "grpcPort": GRPC_PORT,
     }
@@ -198,7 +195,7 @@ def build_deployment(name: str, namespace: str, uid: str, spec: InferenceService
         restart_policy="Always",
         extra_volumes=volumes,
         # Requests in flight get their deadline to finish after SIGTERM, plus margin.
-        termination_grace_period_seconds=min(spec.engine.request_timeout_seconds + 15, 3600),
+        termination_grace_period_seconds=min(math.ceil(spec.engine.request_timeout_seconds) + 15, 3600),
     )
     annotations = {
         ANNOTATION_MODEL_URI: model.uri,

@@ -46,29 +46,21 @@ def config_map_name(name: str) -> str:
     return child_name(name, "quantize-config", 253)
 
 
+_CONFIG_FIELDS = {"method", "group_size", "calibration", "evaluation", "output"}
+"""The spec's parts the quantizer reads, unchanged in shape (``kubeforge_runtime.quantize.config``);
+``model`` is rendered as the resolved URI."""
+_ONLY_WHEN_SET = {"evaluation": ("task", "max_accuracy_drop_points")}
+"""Optional parts added to the contract later: left out while unset, so that a runtime image
+older than the operator (which refuses keys it does not know) still runs configs that do not
+use them. Every other default, null included, is written out."""
+
+
 def runtime_config(name: str, namespace: str, spec: QuantizeJobSpec, model_uri: str) -> dict[str, Any]:
     """The JSON the quantizer reads, exactly the shape ``kubeforge_runtime.quantize.config`` parses."""
-    evaluation = {
-        "uri": spec.evaluation.uri,
-        "maxPerplexityIncreasePercent": spec.evaluation.max_perplexity_increase_percent,
-        "maxSamples": spec.evaluation.max_samples,
-        "sequenceLength": spec.evaluation.sequence_length,
-    }
-    if spec.evaluation.task is not None:
-        evaluation["task"] = spec.evaluation.task.model_dump(by_alias=True, mode="json")
-    if spec.evaluation.max_accuracy_drop_points is not None:
-        evaluation["maxAccuracyDropPoints"] = spec.evaluation.max_accuracy_drop_points
-    return {
-        "kind": KIND,
-        "name": name,
-        "namespace": namespace,
-        "model": {"uri": model_uri},
-        "method": spec.method,
-        "groupSize": spec.group_size,
-        "calibration": {"uri": spec.calibration.uri, "samples": spec.calibration.samples},
-        "evaluation": evaluation,
-        "output": {"uri": spec.output.uri},
-    }
+    unset = {section: {f for f in fields if getattr(getattr(spec, section), f) is None}
+             for section, fields in _ONLY_WHEN_SET.items()}
+    body = spec.model_dump(by_alias=True, mode="json", include=_CONFIG_FIELDS, exclude=unset)
+    return {"kind": KIND, "name": name, "namespace": namespace, "model": {"uri": model_uri}, **body}
 
 
 def build_config_map(name: str, namespace: str, uid: str, spec: QuantizeJobSpec, model_uri: str) -> dict[str, Any]:
