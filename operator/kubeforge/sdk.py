@@ -134,7 +134,7 @@ class FineTuner:
     procs_per_node: int = 1
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
-    strategy: str = "ddp"
+    strategy: str = "fsdp"
     extra_spec: dict[str, Any] = field(default_factory=dict)
 
     def manifest(self, epochs: int = 1, batch_size: int = 8, learning_rate: float = 1e-3,

@@ -78,6 +78,12 @@ class LoraSpec(KFModel):
     )
 
 
+DDP_WITH_TENSOR = ("parallelism.strategy ddp cannot be combined with parallelism.tensor > 1 (ddp replicates whole "
+                   "layers, tensor parallelism shards them): use strategy fsdp, or set parallelism.tensor to 1")
+FP16_WITH_PIPELINE = ("training.precision fp16 is not supported with pipeline parallelism (its loss scaling is not "
+                      "implemented across stages): use bf16, or set parallelism.pipeline to 1")
+
+
 class ParallelismSpec(KFModel):
     """How the model is split. The data-parallel degree is derived: world / (tensor × pipeline)."""
 
@@ -92,7 +98,16 @@ class ParallelismSpec(KFModel):
         cel("!self.strategy.startsWith('deepspeed') || (self.tensor == 1 && self.pipeline == 1)",
             "DeepSpeed ZeRO strategies run data parallel only: set tensor and pipeline to 1, or use strategy fsdp",
             ".strategy"),
+        cel("self.strategy != 'ddp' || self.tensor == 1", DDP_WITH_TENSOR, ".strategy"),
     ]})
+
+    @model_validator(mode="after")
+    def _ddp_without_tensor(self) -> "ParallelismSpec":
+        # The same rule as the CEL above, and as the trainer's config (so the preflight exits 78
+        # on a config that reached a pod without this API).
+        if self.strategy == "ddp" and self.tensor > 1:
+            raise ValueError(DDP_WITH_TENSOR)
+        return self
 
 
 class NodesSpec(KFModel):
@@ -193,6 +208,8 @@ class FineTuneJobSpec(KFModel):
         cel("!self.parallelism.strategy.startsWith('deepspeed') || self.training.precision != 'fp16'",
             "DeepSpeed ZeRO strategies train in bf16 or fp32 here: set training.precision to bf16, or use strategy fsdp",
             ".training.precision"),
+        cel("self.training.precision != 'fp16' || self.parallelism.pipeline == 1", FP16_WITH_PIPELINE,
+            ".training.precision"),
     ]})
 
     @model_validator(mode="after")
@@ -215,6 +232,8 @@ class FineTuneJobSpec(KFModel):
         if self.parallelism.strategy.startswith("deepspeed") and self.training.precision == "fp16":
             raise ValueError("DeepSpeed ZeRO strategies train in bf16 or fp32 here: set training.precision to bf16, "
                              "or use strategy fsdp")
+        if self.training.precision == "fp16" and self.parallelism.pipeline > 1:
+            raise ValueError(FP16_WITH_PIPELINE)
         if self.evaluation is not None and self.dataset.format == "text":
             raise ValueError("evaluation needs prompts and answers: set dataset.format to prompt-completion or chat, "
                              "or remove evaluation")
