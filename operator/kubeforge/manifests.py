@@ -49,6 +49,10 @@ def parse_resource(doc: dict[str, Any], source: str = "<input>") -> Resource:
         from .controllers.common import describe_validation_error
 
         raise ManifestError(f"{source}: {kind}/{name}: {describe_validation_error(exc)}") from None
+    try:
+        KIND_TABLE[kind].validate_object(name, spec)  # rules that need the name too (CRD root CEL)
+    except ValueError as exc:
+        raise ManifestError(f"{source}: {kind}/{name}: {exc}") from None
     return Resource(kind, name, meta.get("namespace", "default"), spec, doc)
 
 

@@ -95,6 +95,20 @@ def test_defaults_are_applied_by_the_api_server(cluster, namespace):
     ({"apiVersion": "kubeforge.io/v1alpha1", "kind": "InferenceService", "metadata": {"name": "none"},
       "spec": {"model": {}}},
      "model: give exactly one of uri, fineTuneJobRef or quantizeJobRef"),
+    # Rules that used to be checked only in the pod, the operator or the webhook (tests/unit/test_api_rules.py):
+    (ftj("ddp-tp", parallelism={"strategy": "ddp", "tensor": 2}),
+     "parallelism.strategy ddp cannot be combined with parallelism.tensor > 1"),
+    (ftj("fp16-pp", parallelism={"pipeline": 2}, training={"precision": "fp16"}),
+     "training.precision fp16 is not supported with pipeline parallelism"),
+    (ftj("reserved-env", template={"env": [{"name": "OK", "value": "1"}, {"name": "PET_NNODES", "value": "3"}]}),
+     "template.env: PET_NNODES is set by the operator and cannot be overridden"),
+    ({"apiVersion": "kubeforge.io/v1alpha1", "kind": "InferenceService", "metadata": {"name": "dup"},
+      "spec": {"model": {"uri": "pvc://models/base"}, "adapters": [
+          {"name": "sql", "uri": "pvc://m/a1"}, {"name": "chat", "uri": "pvc://m/a2"}, {"name": "sql", "uri": "pvc://m/a3"}]}},
+     "spec.adapters: names must be unique; repeated: sql"),
+    ({"apiVersion": "kubeforge.io/v1alpha1", "kind": "InferenceService", "metadata": {"name": "chat"},
+      "spec": {"model": {"uri": "pvc://models/base"}, "adapters": [{"name": "chat", "uri": "pvc://m/a1"}]}},
+     'spec.adapters: adapter name "chat" clashes with the base model'),
 ])
 def test_api_server_rejects_invalid_specs(cluster, namespace, obj, field_in_message):
     out = apply(cluster, namespace, obj)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from kubeforge.api.inference import repeated
 from kubeforge.controllers.webhooks import (
-    duplicate_adapter_names, output_conflicts, output_uris, reference_problem, secret_literals, spec_unchanged,
-    uris_overlap,
+    output_conflicts, output_uris, reference_problem, secret_literals, spec_unchanged, uris_overlap,
 )
 
 
@@ -40,8 +40,9 @@ def test_output_conflicts_skip_self_and_failed_jobs():
 
 
 def test_duplicate_adapters():
-    assert duplicate_adapter_names({"adapters": [{"name": "a"}, {"name": "b"}, {"name": "a"}, {"name": "a"}]}) == ["a"]
-    assert duplicate_adapter_names({}) == []
+    # The rule moved from the webhook to the API model (and the CRD's CEL); its helper:
+    assert repeated([a["name"] for a in [{"name": "a"}, {"name": "b"}, {"name": "a"}, {"name": "a"}]]) == ["a"]
+    assert repeated([]) == []
 
 
 def test_reference_problem():

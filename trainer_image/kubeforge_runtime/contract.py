@@ -49,6 +49,12 @@ TORCHRUN_ENV = (
     "MASTER_ADDR",
     "MASTER_PORT",
 )
+OPERATOR_ENV = (ENV_JOB_NAME, ENV_NAMESPACE, ENV_METRICS_PORT, ENV_API_KEY)
+"""The KUBEFORGE_* variables the operator sets on workload pods (the API key from
+apiKeySecretRef, on serving pods only)."""
+RESERVED_ENV = TORCHRUN_ENV + OPERATOR_ENV
+"""What a pod template's extra ``env`` may not set: the operator's own values would be
+silently replaced (Kubernetes keeps the container's last definition)."""
 RENDEZVOUS_PORT = 29400
 SERVE_HTTP_PORT = 8000
 SERVE_GRPC_PORT = 8001

@@ -17,20 +17,34 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 from pydantic.alias_generators import to_camel
 
+from kubeforge_runtime import contract
+
 GROUP = "kubeforge.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 CATEGORY = "kubeforge"
 
 
-def cel(rule: str, message: str, field_path: str | None = None, reason: str | None = None) -> dict[str, str]:
-    """One CEL validation rule for ``x-kubernetes-validations``."""
+def cel(rule: str, message: str, field_path: str | None = None, reason: str | None = None,
+        message_expression: str | None = None) -> dict[str, str]:
+    """One CEL validation rule for ``x-kubernetes-validations``.
+
+    ``message_expression`` (CEL yielding a string) lets the message name the offending value;
+    ``message`` is what the API server says if that expression fails.
+    """
     out = {"rule": rule, "message": message}
+    if message_expression:
+        out["messageExpression"] = message_expression
     if field_path:
         out["fieldPath"] = field_path
     if reason:
         out["reason"] = reason
     return out
+
+
+def cel_list(values: tuple[str, ...] | list[str]) -> str:
+    """A CEL list literal of strings."""
+    return "[" + ", ".join(f"'{v}'" for v in values) + "]"
 
 
 class KFModel(BaseModel):
@@ -87,14 +101,37 @@ class SecretKeyRef(KFModel):
     key: str = Field(min_length=1, description="Key inside the Secret.")
 
 
-class EnvVar(KFModel):
-    """An extra environment variable for the workload container."""
+RESERVED_ENV: tuple[str, ...] = contract.RESERVED_ENV
+"""Environment variables the operator sets on workload pods (torchrun's ``PET_*``/``MASTER_*``
+configuration and the ``KUBEFORGE_*`` names of ``contract.OPERATOR_ENV``): ``template.env`` may
+not set them, because the container's last definition wins and would silently replace the
+operator's (a wrong rendezvous endpoint, node count or metrics port)."""
 
-    name: str = Field(min_length=1, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", description="Variable name.")
+
+class EnvVar(KFModel):
+    """An extra environment variable for the workload container (not one of RESERVED_ENV)."""
+
+    name: str = Field(min_length=1, max_length=256, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", description="Variable name.")
     value: str | None = Field(default=None, description="Literal value.")
     value_from: K8sObject | None = Field(
         default=None, description="A Kubernetes EnvVarSource (secretKeyRef, configMapKeyRef, fieldRef)."
     )
+
+    # One rule per entry (not over the list): its message can name the variable and stay cheap
+    # enough for the API server's CEL cost budget.
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        cel(f"!(self.name in {cel_list(RESERVED_ENV)})",
+            "template.env: a variable the operator sets cannot be overridden; remove it",
+            ".name",
+            message_expression="'template.env: ' + self.name + ' is set by the operator and cannot be overridden; remove it'"),
+    ]})
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, name: str) -> str:
+        if name in RESERVED_ENV:
+            raise ValueError(f"template.env: {name} is set by the operator and cannot be overridden; remove it")
+        return name
 
 
 class ResourcesSpec(KFModel):
@@ -130,7 +167,8 @@ class PodTemplateOverride(KFModel):
     service_account_name: str | None = Field(
         default=None, description="ServiceAccount of the pods; its token is never mounted."
     )
-    env: list[EnvVar] = Field(default_factory=list, description="Extra environment variables.")
+    # Bounded so that the API server can afford the CEL rules over the list.
+    env: list[EnvVar] = Field(default_factory=list, max_length=256, description="Extra environment variables.")
     volumes: list[K8sObject] = Field(default_factory=list, description="Extra pod volumes, as in a PodSpec.")
     volume_mounts: list[K8sObject] = Field(
         default_factory=list, description="Extra volume mounts of the workload container, as in a Container."
@@ -166,6 +204,14 @@ class Kind:
     status_model: ClassVar[type[KFModel]]
     printer_columns: ClassVar[list[dict[str, Any]]]
     description: ClassVar[str]
+
+    object_rules: ClassVar[list[dict[str, str]]] = []
+    """CEL rules on the whole object (they may read ``self.metadata.name``), at the CRD's root."""
+
+    @classmethod
+    def validate_object(cls, name: str, spec: Any) -> None:
+        """Rules that need the object's name as well as its validated spec (``object_rules`` are
+        their CEL form); raises ValueError saying what to change. None by default."""
 
     @classmethod
     def singular(cls) -> str:

@@ -168,6 +168,7 @@ def crd_for(kind: type[Kind]) -> dict[str, Any]:
             cel(f"self.metadata.name.size() <= {MAX_NAME_LENGTH}",
                 f"metadata.name must be at most {MAX_NAME_LENGTH} characters (child objects add suffixes)",
                 reason="FieldValueInvalid"),
+            *kind.object_rules,
         ],
     }
     return {

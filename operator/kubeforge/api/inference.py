@@ -79,6 +79,36 @@ class AdapterSpec(KFModel):
     uri: str = Field(pattern=MODEL_URI_PATTERN, description="URI of the adapter directory.")
 
 
+_CLASH = "clashes with the base model, which is served under the name of the InferenceService; rename the adapter"
+
+
+def repeated(names: list[str]) -> list[str]:
+    """Names given more than once, each once, in the order they first repeat."""
+    seen: set[str] = set()
+    dups: list[str] = []
+    for n in names:
+        if n in seen and n not in dups:
+            dups.append(n)
+        seen.add(n)
+    return dups
+
+
+def served_names_problem(name: str, adapters: list[AdapterSpec]) -> str | None:
+    """Why the models an InferenceService serves cannot all be told apart, or None.
+
+    Clients pick a model by name: the base model is served under the InferenceService's name
+    and each adapter under its own, so every adapter name is unique and none is the service's.
+    (The serving runtime keeps the same check for configs that reach it without this API.)
+    """
+    names = [a.name for a in adapters]
+    dups = repeated(names)
+    if dups:
+        return f"spec.adapters: names must be unique; repeated: {', '.join(dups)}"
+    if name in names:
+        return f'spec.adapters: adapter name "{name}" {_CLASH}'
+    return None
+
+
 class InferenceServiceSpec(KFModel):
     """Desired state of an InferenceService."""
 
@@ -90,6 +120,16 @@ class InferenceServiceSpec(KFModel):
     adapters: list[AdapterSpec] = Field(default_factory=list, max_length=64, description="LoRA adapters served by name.")
     api_key_secret_ref: SecretKeyRef | None = Field(default=None, description="Require this API key (Bearer token).")
     template: PodTemplateOverride = Field(default_factory=PodTemplateOverride, description="Pod overrides.")
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        cel("!has(self.adapters) || self.adapters.all(a, self.adapters.exists_one(b, b.name == a.name))",
+            "spec.adapters: names must be unique",
+            ".adapters",
+            message_expression=(
+                "'spec.adapters: names must be unique; repeated: ' + self.adapters.map(a, a.name)"
+                ".filter(n, !self.adapters.exists_one(b, b.name == n))[0]"
+            )),
+    ]})
 
 
 class ReplicaStatus(KFModel):
@@ -118,6 +158,19 @@ class InferenceService(Kind):
     spec_model = InferenceServiceSpec
     status_model = InferenceServiceStatus
     description = "InferenceService serves a model over an OpenAI-compatible API with continuous batching."
+    object_rules: ClassVar[list[dict[str, str]]] = [
+        cel("!has(self.spec.adapters) || self.spec.adapters.all(a, a.name != self.metadata.name)",
+            f"spec.adapters: an adapter name {_CLASH}",
+            message_expression=f"'spec.adapters: adapter name \"' + self.metadata.name + '\" {_CLASH}'",
+            reason="FieldValueInvalid"),
+    ]
+
+    @classmethod
+    def validate_object(cls, name: str, spec: Any) -> None:
+        problem = served_names_problem(name, spec.adapters)
+        if problem:
+            raise ValueError(problem)
+
     printer_columns: ClassVar[list[dict[str, Any]]] = [
         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
         {"name": "URL", "type": "string", "jsonPath": ".status.url"},

@@ -3,7 +3,8 @@
 Flow of one InferenceService:
 
 1. the spec is validated (``Accepted``); besides the schema, the name must be a DNS-1035
-   label (it names the Service) and adapter names must be unique and differ from it;
+   label (it names the Service) and adapter names must be unique and differ from it (the
+   API model's rule, :meth:`kubeforge.api.inference.InferenceService.validate_object`);
 2. the model is resolved: ``model.uri`` directly, or the output of ``fineTuneJobRef`` /
    ``quantizeJobRef`` once that job has ``Succeeded`` (:mod:`.references`). Until then the
    status says ``WaitingForInput`` (or ``InputFailed``) and nothing is deployed - unless an
@@ -38,7 +39,7 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
-from ..api.inference import InferenceServiceSpec
+from ..api.inference import InferenceService, InferenceServiceSpec
 from ..builders import common
 from ..builders import inference as builder
 from . import kube
@@ -68,13 +69,10 @@ def validate(obj: dict[str, Any]) -> InferenceServiceSpec:
     if len(name) > 63 or not _DNS_1035.match(name):
         raise InvalidSpec(f"metadata.name {name!r} must be a DNS-1035 label (lower-case letters, digits and '-', "
                           f"starting with a letter, at most 63 characters): it names the Service")
-    names = [a.name for a in spec.adapters]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise InvalidSpec(f"spec.adapters: names must be unique; repeated: {', '.join(dupes)}")
-    if name in names:
-        raise InvalidSpec(f"spec.adapters: adapter name {name!r} clashes with the base model, which is served "
-                          f"under the InferenceService's name; rename the adapter")
+    try:
+        InferenceService.validate_object(name, spec)  # adapter names (the CRD's CEL refuses them too)
+    except ValueError as exc:
+        raise InvalidSpec(str(exc)) from None
     return spec
 
 

@@ -10,14 +10,15 @@ CEL sees one object; these checks need the other KubeForge resources in the name
   that has Failed is rejected (the operator would wait for an output that never comes). A
   reference to a job that does not exist *yet* is allowed with a warning: GitOps tools
   apply a chain of resources in no particular order, and the operator waits for it.
-* **Adapter names are unique** within an InferenceService (each is a model name clients use).
 * **No secret values in a spec.** An environment variable of ``template.env`` named like a
   credential (``HF_TOKEN``, ``AWS_SECRET_ACCESS_KEY``, ``*_PASSWORD``, ``*_API_KEY``) must come
   from ``valueFrom.secretKeyRef``: a literal value would sit in etcd, in every GitOps
   repository and in ``kubectl get -o yaml`` output. (CEL could express this one; it lives here
   with the other policy checks so that one place explains every admission refusal.)
 
-Deliberately not checked: that ``apiKeySecretRef`` names an existing Secret. Checking it
+Not here: the API's own rules about one object (adapter names, reserved environment
+variables, the parallel layout) live in the API models and, as CEL, in the CRDs; the API
+server enforces them before it calls a webhook. Deliberately not checked: that ``apiKeySecretRef`` names an existing Secret. Checking it
 would need the operator to read Secrets, which it otherwise never does; a missing Secret
 shows up as the serving pods' ``CreateContainerConfigError`` and in the status instead.
 
@@ -94,17 +95,6 @@ def output_conflicts(kind: str, name: str, spec: dict[str, Any],
                         f"{uri} overlaps {theirs}, written by {okind} {oname}: choose another output "
                         f"location, or delete {okind} {oname} first")
     return problems
-
-
-def duplicate_adapter_names(spec: dict[str, Any]) -> list[str]:
-    seen: set[str] = set()
-    dups: list[str] = []
-    for adapter in spec.get("adapters") or []:
-        n = adapter.get("name")
-        if n in seen and n not in dups:
-            dups.append(n)
-        seen.add(n)
-    return dups
 
 
 def secret_literals(spec: dict[str, Any]) -> list[str]:
@@ -200,10 +190,6 @@ def validate_inferenceservice(body: Any, old: Any, new: Any, operation: str | No
         return
     _check_secrets(body)
     spec = body.get("spec") or {}
-    dups = duplicate_adapter_names(spec)
-    if dups:
-        raise kopf.AdmissionError(
-            f"adapters: names must be unique, {', '.join(dups)} given more than once", code=422)
     model = spec.get("model") or {}
     namespace = body["metadata"]["namespace"]
     _check_reference(namespace, "FineTuneJob", model.get("fineTuneJobRef"), warnings)

@@ -1,0 +1,153 @@
+"""Rules that live in the API models, checked at every layer that enforces them offline.
+
+Each rule is a pydantic rule of the API model and a CEL rule in the generated CRD (the API
+server's side is tests/cluster/test_api_server.py), so ``kubeforge validate``, the SDK and the
+operator refuse what the API server refuses:
+
+* ``parallelism.strategy: ddp`` with ``parallelism.tensor > 1`` (also refused by the trainer's
+  own config, so the preflight exits 78: tests/unit/runtime/train/test_train_launch.py);
+* ``training.precision: fp16`` with ``parallelism.pipeline > 1``;
+* ``template.env`` setting a variable the operator sets (torchrun's, KUBEFORGE_*);
+* InferenceService adapter names: unique, and none equal to the service's name.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from kubeforge.api import FineTuneJobSpec, InferenceServiceSpec, QuantizeJobSpec
+from kubeforge.api.crd import all_crds
+from kubeforge.api.inference import InferenceService
+from kubeforge.controllers import inference as ic
+from kubeforge.manifests import ManifestError, parse_resource
+from kubeforge.sdk import FineTuner, InferenceServer
+from kubeforge_runtime import contract
+
+REPO = Path(__file__).resolve().parents[2]
+FTJ = {"model": {"uri": "hf://a/b"}, "dataset": {"uri": "pvc://d/t.jsonl"}, "output": {"uri": "pvc://m/o"},
+       "procsPerNode": 2}
+DDP_TP = {**FTJ, "parallelism": {"strategy": "ddp", "tensor": 2}}
+FP16_PP = {**FTJ, "parallelism": {"pipeline": 2}, "training": {"precision": "fp16", "globalBatchSize": 8}}
+DUP_ADAPTERS = {"model": {"uri": "pvc://m/base"},
+                "adapters": [{"name": "sql", "uri": "pvc://m/a1"}, {"name": "sql", "uri": "pvc://m/a2"}]}
+CLASH = {"model": {"uri": "pvc://m/base"}, "adapters": [{"name": "chat", "uri": "pvc://m/a1"}]}
+
+
+def doc(kind: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": "kubeforge.io/v1alpha1", "kind": kind, "metadata": {"name": name}, "spec": spec}
+
+
+def cel_rules(kind: str) -> str:
+    """Every CEL rule and message of ``kind``'s CRD, one per line."""
+    (crd,) = [c for c in all_crds() if c["spec"]["names"]["kind"] == kind]
+    out: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for rule in node.get("x-kubernetes-validations", []):
+                out.extend(str(v) for v in rule.values())
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(crd)
+    return "\n".join(out)
+
+
+# --- ddp with tensor parallelism, fp16 with pipeline parallelism -------------------------------
+
+def test_ddp_with_tensor_parallelism_is_refused_by_the_model_and_cel():
+    with pytest.raises(ValidationError, match="strategy ddp cannot be combined with parallelism.tensor > 1.*use strategy fsdp"):
+        FineTuneJobSpec.model_validate(DDP_TP)
+    FineTuneJobSpec.model_validate({**FTJ, "parallelism": {"strategy": "ddp", "pipeline": 2}})
+    FineTuneJobSpec.model_validate({**FTJ, "parallelism": {"strategy": "fsdp", "tensor": 2}})
+    assert "self.strategy != 'ddp' || self.tensor == 1" in cel_rules("FineTuneJob")
+
+
+def test_fp16_with_pipeline_parallelism_is_refused_by_the_model_and_cel():
+    with pytest.raises(ValidationError, match="fp16 is not supported with pipeline parallelism"):
+        FineTuneJobSpec.model_validate(FP16_PP)
+    FineTuneJobSpec.model_validate({**FP16_PP, "parallelism": {"pipeline": 1}})
+    assert "self.training.precision != 'fp16' || self.parallelism.pipeline == 1" in cel_rules("FineTuneJob")
+
+
+def test_the_sdk_defaults_to_fsdp_and_refuses_ddp_with_tensor_parallelism():
+    ft = FineTuner(training_data="pvc://d/t.jsonl", base_model="hf://a/b", procs_per_node=2, tensor_parallel=2)
+    assert ft.strategy == "fsdp"
+    assert ft.manifest()["spec"]["parallelism"]["strategy"] == "fsdp"
+    with pytest.raises(ManifestError, match="use strategy fsdp"):
+        FineTuner(training_data="pvc://d/t.jsonl", base_model="hf://a/b", procs_per_node=2, tensor_parallel=2,
+                  strategy="ddp").manifest()
+
+
+# --- reserved environment variables --------------------------------------------------------------
+
+@pytest.mark.parametrize("name", [*contract.TORCHRUN_ENV, *contract.OPERATOR_ENV])
+def test_template_env_may_not_set_what_the_operator_sets(name: str):
+    env = {"template": {"env": [{"name": "FINE", "value": "1"}, {"name": name, "value": "x"}]}}
+    for model, spec in ((FineTuneJobSpec, {**FTJ, **env}),
+                        (QuantizeJobSpec, {"model": {"uri": "pvc://m/a"}, "output": {"uri": "pvc://m/q"}, **env}),
+                        (InferenceServiceSpec, {"model": {"uri": "pvc://m/a"}, **env})):
+        with pytest.raises(ValidationError, match=f"template.env: {name} is set by the operator"):
+            model.model_validate(spec)
+
+
+def test_reserved_env_cel_lists_the_names_and_other_names_pass():
+    text = cel_rules("FineTuneJob")
+    assert "is set by the operator and cannot be overridden" in text
+    for name in contract.RESERVED_ENV:
+        assert f"'{name}'" in text, name
+    spec = FineTuneJobSpec.model_validate({**FTJ, "template": {"env": [
+        {"name": "PET_LOG_DIR", "value": "/workspace/logs"}, {"name": "KUBEFORGE_PEAK_FLOPS", "value": "1e15"},
+        {"name": "NCCL_DEBUG", "value": "INFO"}]}})
+    assert [e.name for e in spec.template.env] == ["PET_LOG_DIR", "KUBEFORGE_PEAK_FLOPS", "NCCL_DEBUG"]
+
+
+# --- adapter names -----------------------------------------------------------------------------------
+
+def test_adapter_names_rule_lives_in_the_api_model():
+    with pytest.raises(ValueError, match="names must be unique; repeated: sql"):
+        InferenceService.validate_object("svc", InferenceServiceSpec.model_validate(DUP_ADAPTERS))
+    with pytest.raises(ValueError, match='adapter name "chat" clashes with the base model'):
+        InferenceService.validate_object("chat", InferenceServiceSpec.model_validate(CLASH))
+    InferenceService.validate_object("svc", InferenceServiceSpec.model_validate(CLASH))
+    text = cel_rules("InferenceService")
+    assert "self.adapters.all(a, self.adapters.exists_one(b, b.name == a.name))" in text
+    assert "self.spec.adapters.all(a, a.name != self.metadata.name)" in text
+
+
+def test_adapter_names_are_refused_by_validate_the_sdk_and_the_operator():
+    with pytest.raises(ManifestError, match="InferenceService/svc: spec.adapters: names must be unique; repeated: sql"):
+        parse_resource(doc("InferenceService", "svc", DUP_ADAPTERS))
+    with pytest.raises(ManifestError, match="clashes with the base model"):
+        InferenceServer(model_path="pvc://m/base", name="chat", adapters={"chat": "pvc://m/a1"}).manifest()
+    with pytest.raises(ic.InvalidSpec, match="clashes with the base model"):
+        ic.validate(doc("InferenceService", "chat", CLASH))
+
+
+# --- kubeforge validate, as a user runs it ---------------------------------------------------------
+
+@pytest.mark.parametrize("resource, message", [
+    (doc("FineTuneJob", "ddp", DDP_TP), "use strategy fsdp"),
+    (doc("FineTuneJob", "fp16", FP16_PP), "fp16 is not supported with pipeline parallelism"),
+    (doc("InferenceService", "env", {"model": {"uri": "pvc://m/a"},
+                                     "template": {"env": [{"name": "MASTER_ADDR", "value": "x"}]}}),
+     "template.env: MASTER_ADDR is set by the operator"),
+    (doc("InferenceService", "chat", CLASH), 'adapter name "chat" clashes'),
+    (doc("InferenceService", "svc", DUP_ADAPTERS), "repeated: sql"),
+])
+def test_kubeforge_validate_refuses_what_the_api_server_refuses(tmp_path: Path, resource: dict, message: str):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(resource))
+    out = subprocess.run([sys.executable, "-m", "kubeforge", "validate", "-f", str(path)],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 1 and message in out.stderr, out.stderr
