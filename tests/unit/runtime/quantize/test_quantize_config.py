@@ -89,3 +89,20 @@ def test_load_config_reports_bad_json(tmp_path: Path) -> None:
     good = tmp_path / "g.json"
     good.write_text(json.dumps(EXAMPLE))
     assert load_config(good).method == "int4-weight-only"
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"groupSize": "128"}, ["groupSize"]),
+        ({"calibration": {"samples": True}}, ["calibration.samples", "expected an integer"]),
+        ({"evaluation": {"maxSamples": 1.0}}, ["evaluation.maxSamples", "expected an integer"]),
+        ({"evaluation": {"task": {"uri": "file:///t.jsonl", "metric": "bleu"}}}, ["evaluation.task.metric", "bleu"]),
+        ({"evaluation": {"maxAccuracyDropPoints": 1.0}}, ["maxAccuracyDropPoints", "evaluation.task"]),
+    ],
+)
+def test_no_coercion_and_cross_field_rules_name_the_field(change: dict[str, Any], words: list[str]) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config({**copy.deepcopy(EXAMPLE), **change})
+    for w in words:
+        assert w in str(err.value)

@@ -86,6 +86,25 @@ def test_deepspeed_strategies_parse_and_refuse_what_zero_does_not_do(strategy: s
         parse_config(with_(with_(MINIMAL, "parallelism", strategy=strategy), "training", precision="fp16"))
 
 
+def test_ddp_refuses_tensor_parallelism_and_takes_pipeline_parallelism() -> None:
+    with pytest.raises(ConfigError, match="strategy ddp cannot be combined with parallelism.tensor 2.*use strategy fsdp"):
+        parse_config(with_(MINIMAL, "parallelism", strategy="ddp", tensor=2))
+    assert parse_config(with_(MINIMAL, "parallelism", strategy="ddp", pipeline=2)).parallelism.pipeline == 2
+
+
+@pytest.mark.parametrize("value, words", [
+    (True, ["training.epochs", "expected an integer, got True"]),
+    (1.5, ["training.epochs", "expected an integer"]),
+    (0, ["training.epochs", "must be >= 1"]),
+    (1001, ["training.epochs", "must be <= 1000"]),
+])
+def test_no_coercion_and_bounds_name_the_field(value: Any, words: list[str]) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(with_(MINIMAL, "training", epochs=value))
+    for w in words:
+        assert w in str(err.value)
+
+
 def test_load_config_reports_bad_json_with_position(tmp_path: Path) -> None:
     p = tmp_path / "c.json"
     p.write_text('{"kind": "FineTuneJob",\n "model": }')

@@ -74,6 +74,9 @@ def test_valid_config_execs_the_command_and_passes_its_exit_code(cfg: dict[str, 
     ({"parallelism": {"tensor": 3}}, ["does not divide the world size 2"]),
     ({"parallelism": {"tensor": 2, "pipeline": 2}}, ["does not divide the world size 2"]),
     ({"parallelism": {"strategy": "deepspeed-zero2", "pipeline": 2}}, ["data parallel only", "fsdp"]),
+    # Refused before torchrun starts (inside the workers it would be exit 1 and a retry).
+    ({"parallelism": {"strategy": "ddp", "tensor": 2}}, ["strategy ddp cannot be combined with parallelism.tensor",
+                                                          "use strategy fsdp"]),
     ({"training": {"globalBatchSize": 6, "microBatchSize": 2}}, ["multiple of", "data-parallel degree (2)"]),
     ({"output": {"uri": "s3://bucket/out"}}, ["outputs must be file:// or pvc://"]),
 ])
