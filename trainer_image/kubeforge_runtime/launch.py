@@ -63,13 +63,12 @@ def world_size_from(command: list[str]) -> int | None:
 def preflight(config_path: str, command: list[str]) -> None:
     """Raise a configuration error (ConfigError/DataError/StorageError/ModelLoadError)."""
     from . import data, models, storage
-    from .train import zero
+    from .train import strategy
     from .train.config import ConfigError, load_config
     from .train.parallel_dims import ModelShape, ParallelDims
 
     cfg = load_config(config_path)
-    if zero.stage_of(cfg.parallelism.strategy) is not None:
-        zero.require_deepspeed(cfg.parallelism.strategy)
+    strategy.check_available(cfg.parallelism.strategy)  # e.g. ZeRO in an image without DeepSpeed
     model_dir = models.resolve_model_dir(cfg.model.uri)
     if not (model_dir / "config.json").exists():
         raise ConfigError(f"model.uri {cfg.model.uri!r}: {model_dir} has no config.json (an adapter cannot be fine-tuned; "

@@ -1,7 +1,7 @@
 """Gradient clipping by the norm of the whole model's gradient, in any (pp, dp, tp) layout.
 
-Called by the trainer before each optimizer step (``training.maxGradNorm``; DeepSpeed ZeRO
-clips inside its engine instead, see zero.py). Every layout must compute the same norm as
+Called by the FSDP and DDP strategies (``strategy.py``) before each optimizer step
+(``training.maxGradNorm``; DeepSpeed ZeRO clips inside its engine instead, see zero.py). Every layout must compute the same norm as
 one process, or clipping would make layouts diverge; what each rank holds differs:
 
 * plain tensors (one process, DDP, and the parts tensor parallelism leaves replicated) are

@@ -1,4 +1,4 @@
-"""Parallelisation plans: tensor parallel, pipeline stages and data parallel for a causal LM.
+"""Parallelisation plans: tensor parallel and pipeline stages for a causal LM.
 
 Called by the trainer (``trainer.py``) after the model is loaded (and LoRA applied). Kept
 apart from the training loop, torchtitan-style:
@@ -14,8 +14,9 @@ apart from the training loop, torchtitan-style:
   other stages' decoder layers removed (the layer list becomes a ModuleDict keyed by the
   original index), so parameter names are identical in every layout and checkpoints reshard
   freely between layouts.
-* :func:`apply_data_parallel` - FSDP2 ``fully_shard`` per decoder layer plus the stage root,
-  or DDP, over the mesh's "dp" dimension.
+
+Data parallelism (FSDP2, DDP, DeepSpeed ZeRO) is applied afterwards by the run's
+data-parallel strategy (``strategy.py``).
 """
 
 from __future__ import annotations
@@ -142,28 +143,3 @@ class CausalLMStage(nn.Module):
         if self.is_last:
             return self.lm.lm_head(dec.norm(h))
         return h
-
-
-def apply_data_parallel(stage: CausalLMStage, strategy: str, dp_mesh: Any, pp: int, tp: int) -> nn.Module:
-    """Wrap ``stage`` for data parallelism over ``dp_mesh``; returns the module to call."""
-    if dp_mesh.size() == 1:
-        return stage
-    if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        # With pipelining each layer runs once per micro-batch: keep it gathered between
-        # forward and backward instead of re-gathering it per micro-batch.
-        reshard = pp == 1
-        for _, layer in layer_items(stage.lm):
-            fully_shard(layer, mesh=dp_mesh, reshard_after_forward=reshard)
-        fully_shard(stage, mesh=dp_mesh, reshard_after_forward=reshard)
-        return stage
-    if strategy == "ddp":
-        if tp > 1:
-            raise ConfigError("parallelism.strategy ddp cannot be combined with tensor parallelism; use fsdp")
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        if not any(p.requires_grad for p in stage.parameters()):
-            raise ConfigError("nothing to train on this pipeline stage (no trainable parameters); check lora.targetModules")
-        return DDP(stage, process_group=dp_mesh.get_group(), find_unused_parameters=False)
-    raise ConfigError(f"parallelism.strategy {strategy!r} is not supported by this runtime")

@@ -6,8 +6,9 @@ starts once per process. Every rank:
 1. joins the process group (gloo on CPU, NCCL on GPU) and builds the ("pp", "dp", "tp") mesh
    from a validated :class:`ParallelDims`;
 2. tokenizes the data (deterministically, so every rank has the same samples) and loads the
-   model (plus LoRA), then tensor-parallelises it, cuts out its pipeline stage and wraps it
-   for data parallelism (``parallelize.py``);
+   model (plus LoRA), then tensor-parallelises it and cuts out its pipeline stage
+   (``parallelize.py``) and wraps it for data parallelism (``strategy.py``: FSDP2, DDP or
+   DeepSpeed ZeRO, one object the loop calls wherever they differ);
 3. resumes from the newest complete checkpoint, if any (any layout: DCP reshards);
 4. runs optimizer steps: each data-parallel rank takes its slice of the step's global batch,
    splits it into micro-batches (gradient accumulation, or pipeline micro-batches) and sums
@@ -49,14 +50,13 @@ from torch import nn
 
 from .. import contract, data as data_mod, models, storage
 from . import checkpoint as ckpt
-from . import gradients
 from . import metrics as metrics_mod
 from . import model as model_mod
 from . import output as output_mod
-from . import zero
+from . import strategy as strategy_mod
 from .config import TrainConfig
 from .parallel_dims import ModelShape, ParallelDims
-from .parallelize import CausalLMStage, apply_data_parallel, apply_tensor_parallel, prune_to_stage
+from .parallelize import CausalLMStage, apply_tensor_parallel, prune_to_stage
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +157,7 @@ class Trainer:
             pipeline_schedule=cfg.parallelism.pipelineSchedule, model=ModelShape.from_hf_config(hf_cfg),
         )
         self.mesh = self.dims.build_mesh(self.device.type)
+        self.strategy = strategy_mod.build(cfg, self.dims, self.mesh)
         self.layout = {**self.dims.describe(), "strategy": cfg.parallelism.strategy}
         self.pp_rank = self.mesh["pp"].get_local_rank()
         self.dp_rank = self.mesh["dp"].get_local_rank()
@@ -176,12 +177,6 @@ class Trainer:
         self.total_steps = t.maxSteps or t.epochs * self.sampler.steps_per_epoch
 
         self._build_model()
-        self.optimizer = self._build_optimizer()
-        self.zero_engine = None
-        if zero.stage_of(cfg.parallelism.strategy) is not None:
-            # DeepSpeed wraps the model and the optimizer together (it partitions the optimizer's state).
-            self.zero_engine = self.module = zero.wrap(self.stage, self.optimizer, cfg, self.dims)
-            self.module.train()
         out_root = storage.local_path(cfg.output.uri)
         ck_root = storage.local_path(cfg.checkpoint.uri) if cfg.checkpoint.uri else out_root / "checkpoints"
         self.checkpoints = ckpt.CheckpointManager(ck_root, cfg.checkpoint.keepLast, self.rank)
@@ -198,7 +193,6 @@ class Trainer:
         self.initial_val_loss: float | None = None
         self.task_before: dict[str, Any] | None = None  # the base model's task metric (spec.evaluation)
         self.dump: dict[str, Any] = {}
-        self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
         if t.precision == "fp16" and self.device.type != "cuda":
             from .config import ConfigError
 
@@ -214,11 +208,9 @@ class Trainer:
         if dims.pp > 1:
             prune_to_stage(self.lm, dims.stage_layers(self.pp_rank), self.is_first, self.is_last)
         self.lm.to(self.device)
-        self.stage = CausalLMStage(self.lm, self.is_first, self.is_last)
-        if zero.stage_of(cfg.parallelism.strategy) is None:
-            self.module = apply_data_parallel(self.stage, cfg.parallelism.strategy, self.mesh["dp"], dims.pp, dims.tp)
-        else:
-            self.module = self.stage  # wrapped by DeepSpeed once the optimizer exists (__init__)
+        stage = CausalLMStage(self.lm, self.is_first, self.is_last)
+        # The strategy builds the optimizer when its wrapping allows (DeepSpeed needs it to wrap).
+        self.module, self.optimizer = self.strategy.wrap(self.top, stage, self._build_optimizer)
         self.loss_fn = TokenLoss()
         self.schedule = None
         if dims.pp > 1:
@@ -254,27 +246,6 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16 if p == "bf16" else torch.float16)
 
-    def _set_grad_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
-        from torch.distributed.fsdp import FSDPModule
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        if self.zero_engine is not None:
-            self.zero_engine.set_gradient_accumulation_boundary(enabled)
-        elif isinstance(self.module, FSDPModule):
-            self.module.set_requires_gradient_sync(enabled)
-        elif isinstance(self.module, DDP) and not enabled:
-            return self.module.no_sync()
-        return contextlib.nullcontext()
-
-    def _reshard(self) -> None:
-        """Put FSDP parameters back into their sharded form (after forward-only passes the
-        root stays gathered, and checkpoints/optimizer state are keyed by the sharded ones)."""
-        from torch.distributed.fsdp import FSDPModule
-
-        for m in self.stage.modules():
-            if isinstance(m, FSDPModule):
-                m.reshard()
-
     def _world_sum(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
@@ -285,9 +256,7 @@ class Trainer:
         t = self.cfg.training
         global_idx = self.sampler.global_batch(step)
         n_tokens = int((self.data.train_labels[global_idx] != data_mod.IGNORE_INDEX).sum())
-        self.loss_fn.scale = self.dims.dp / max(1, n_tokens)
-        if self.scaler is not None:
-            self.loss_fn.scale *= float(self.scaler.get_scale())
+        self.loss_fn.scale = self.dims.dp / max(1, n_tokens) * self.strategy.loss_scale()
         self.loss_fn.sums = []
         idx = self.sampler.rank_batch(step, self.dp_rank, self.dims.dp)
         x = self.data.train_inputs[idx].to(self.device)
@@ -306,15 +275,10 @@ class Trainer:
             mbs = t.microBatchSize
             n = x.shape[0] // mbs
             for m in range(n):
-                with self._set_grad_sync(m == n - 1):
+                with self.strategy.sync_gradients(m == n - 1):
                     with self._autocast():
                         logits = self.module(x[m * mbs:(m + 1) * mbs], pos[m * mbs:(m + 1) * mbs])
-                    loss = self.loss_fn(logits, y[m * mbs:(m + 1) * mbs])
-                    if self.zero_engine is not None:
-                        # The loss is already normalised for the whole global batch.
-                        self.zero_engine.backward(loss, scale_wrt_gas=False)
-                    else:
-                        loss.backward()
+                    self.strategy.backward(self.loss_fn(logits, y[m * mbs:(m + 1) * mbs]))
         local = float(sum(s.item() for s in self.loss_fn.sums))
         stop = 1.0 if self.stop_requested else 0.0
         total, stops = self._world_sum([local if self.is_last else 0.0, stop])
@@ -328,23 +292,7 @@ class Trainer:
         gradient's norm before clipping."""
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        if self.zero_engine is not None:
-            # The accumulation boundary: reduce, clip (DeepSpeed's gradient_clipping), step, zero.
-            self.zero_engine.step()
-            return float(self.zero_engine.get_global_grad_norm())
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
-        grads = [p.grad for p in self.top.parameters() if p.grad is not None]
-        norm = gradients.total_norm(grads, self.mesh["pp"].get_group() if self.dims.pp > 1 else None)
-        if self.cfg.training.maxGradNorm > 0:
-            gradients.clip_(grads, self.cfg.training.maxGradNorm, norm)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return self.strategy.optimizer_step()
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -381,7 +329,7 @@ class Trainer:
                 ce_sum += float(sum(s.item() for s in self.loss_fn.sums))
                 count += float((y != data_mod.IGNORE_INDEX).sum())
         self.module.train()
-        self._reshard()
+        self.strategy.reshard()
         total, tokens = self._world_sum([ce_sum, count])
         return total / tokens if tokens else None
 
@@ -392,13 +340,8 @@ class Trainer:
                 "sampler": {**self.sampler.state_dict(), "step": step}}
 
     def save_checkpoint(self, step: int) -> None:
-        self._reshard()
-        if self.zero_engine is not None:
-            model_sd = zero.model_state(self.top, self.trainable_only)
-            optim_sd = zero.optimizer_state(self.top, self.zero_engine)
-        else:
-            model_sd = ckpt.model_state(self.top, self.trainable_only)
-            optim_sd = ckpt.optimizer_state(self.top, self.optimizer)
+        self.strategy.reshard()
+        model_sd, optim_sd = self.strategy.checkpoint_state(self.trainable_only)
         path = self.checkpoints.save(step, model_sd, optim_sd, self._state(step))
         self.reporter.update(last_checkpoint=step)
         if self.rank == 0:
@@ -408,17 +351,9 @@ class Trainer:
         path = ckpt.latest(self.checkpoints.root)
         if path is None:
             return 0
-        if self.zero_engine is not None:
-            model_sd, optim_sd = zero.model_state(self.top, self.trainable_only), zero.empty_optimizer_state(self.top)
-            state = self.checkpoints.load(path, model_sd, optim_sd)
-            zero.restore(self.top, self.zero_engine, model_sd, optim_sd)
-        else:
-            model_sd = ckpt.model_state(self.top, self.trainable_only)
-            optim_sd = ckpt.optimizer_state(self.top, self.optimizer, init=True)
-            state = self.checkpoints.load(path, model_sd, optim_sd)
-            # DCP fills DTensor shards and plain tensors in place; load_state_dict makes the
-            # (possibly non-parameter) entries and any wrapper bookkeeping consistent.
-            self.top.load_state_dict(model_sd, strict=False)
+        model_sd, optim_sd = self.strategy.load_targets(self.trainable_only)
+        state = self.checkpoints.load(path, model_sd, optim_sd)
+        self.strategy.restore(model_sd, optim_sd)
         self.losses = list(state.get("losses", []))
         self.val_losses = {int(k): v for k, v in state.get("validationLosses", {}).items()}
         self.initial_val_loss = state.get("initialValidationLoss")
@@ -431,39 +366,13 @@ class Trainer:
         return step
 
     # --- verification dumps --------------------------------------------------------------
-    def _gather_named(self, named: list[tuple[str, torch.Tensor | None]]) -> dict[str, torch.Tensor] | None:
-        """Full (unsharded) copies of named tensors from all ranks, merged on rank 0."""
-        from torch.distributed.tensor import DTensor
-
-        local = {}
-        for name, tensor in named:
-            if tensor is None:
-                continue
-            full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-            local[name] = full.detach().to("cpu", copy=True)
-        gathered: list[Any] = [None] * self.world if self.rank == 0 else None  # type: ignore[assignment]
-        keep = local if (self.dp_rank == 0 and self.tp_rank == 0) else {}
-        dist.gather_object(keep, gathered, dst=0)
-        if self.rank != 0:
-            return None
-        merged: dict[str, torch.Tensor] = {}
-        for part in gathered:
-            merged.update(part)
-        return merged
-
     def _dump_grads(self) -> None:
-        if self.zero_engine is not None:
-            self.dump["grads"] = zero.full_grads(self.top)  # a collective for ZeRO-3: every rank calls it
-            return
-        self.dump["grads"] = self._gather_named([(n, p.grad) for n, p in self.top.named_parameters() if p.requires_grad])
+        self.dump["grads"] = self.strategy.full_grads()
 
     def _dump_final(self, path: str) -> None:
-        self._reshard()
-        if self.zero_engine is not None:
-            params = zero.full_parameters(self.top)
-            self.dump["zero"] = zero.partition_sizes(self.top, self.zero_engine)
-        else:
-            params = self._gather_named(list(self.top.named_parameters()))
+        self.strategy.reshard()
+        params = self.strategy.full_parameters()
+        self.dump.update(self.strategy.dump_extras())
         probe = None
         if self.dims.pp == 1:
             with torch.no_grad():
@@ -471,7 +380,7 @@ class Trainer:
                 probe = self.module(self.data.train_inputs[:2].to(self.device),
                                     self.data.train_positions[:2].to(self.device)).detach().cpu()
                 self.module.train()
-            self._reshard()
+            self.strategy.reshard()
         if self.rank == 0:
             self.dump.update(params=params, probe_input=self.data.train_inputs[:2].clone(),
                              probe_positions=self.data.train_positions[:2].clone(), probe_logits=probe,

@@ -1,13 +1,15 @@
 """DeepSpeed ZeRO (stages 1, 2, 3) as the data-parallel strategy ``deepspeed-zero<N>``.
 
-Called by the trainer (``trainer.py``) instead of :func:`parallelize.apply_data_parallel`
-when ``parallelism.strategy`` is ``deepspeed-zero1|2|3`` (data parallel only: the API and
-the config check refuse tensor/pipeline degrees > 1 with it).
+The DeepSpeed-specific helpers (config, wrapping, state gather/scatter) of
+:class:`strategy.ZeROStrategy`, which the trainer calls when ``parallelism.strategy`` is
+``deepspeed-zero1|2|3`` (data parallel only: the API and the config check refuse
+tensor/pipeline degrees > 1 with it); ``launch.py`` checks DeepSpeed is importable through
+``strategy.check_available``. DeepSpeed is imported inside the functions only.
 
 What ZeRO gets and what stays the trainer's, so that every strategy computes the same thing:
 
 * The trainer keeps its own loss normalisation (token losses summed, scaled by
-  dp / target tokens of the global batch) and calls ``engine.backward(loss,
+  dp / target tokens of the global batch) and the strategy calls ``engine.backward(loss,
   scale_wrt_gas=False)``: DeepSpeed's own 1/GAS scaling would double-normalise. ZeRO
   averages gradients over the data-parallel ranks, as FSDP and DDP do, which the dp factor
   undoes - the gradient equals one process's on the whole batch.
