@@ -1,26 +1,34 @@
-"""Benchmark: hundreds of FineTuneJobs at once through the operator, on the local control plane.
+"""Benchmark: hundreds of FineTuneJobs at once through the operator, against the same bare Jobs.
 
 Starts the same control plane as the cluster tests (``tests/support/cluster.py``: etcd,
-kube-apiserver, controller-manager, scheduler, kwok) with enough extra kwok GPU nodes, runs
-the operator as a real process (``python -m kubeforge operator``), creates N FineTuneJobs
-(2 workers x 1 GPU each) as fast as 16 client threads can, and measures for each job the
-time from its create request to status ``Running`` with both workers ready.
+kube-apiserver, controller-manager, scheduler, kwok) with enough extra kwok GPU nodes, then
+times two cases on the same signal:
 
-Baseline, in the same run: the very Indexed Jobs the operator would render (same pod
-template, from :mod:`kubeforge.builders.finetune`), created directly, without the operator,
-timed to both pods ready. The ratio is the operator's own cost on top of Kubernetes'
-Job controller, scheduler and (fake) kubelet.
+* **operator**: N FineTuneJobs (2 workers x 1 GPU each) created as fast as 16 client threads
+  can, with the operator running as a real process (``python -m kubeforge operator``);
+* **baseline**: the very Indexed Jobs the operator renders for them (same pod template, from
+  :mod:`kubeforge.builders.finetune`), created directly, without the operator.
 
-Reported: p50/p99/max create -> Running, total wall time (first create to last Running),
-operator peak memory (VmHWM of its process), and the baseline with the ratio.
+The clock of each job starts just before its create request and stops when *every one of
+its worker pods is Ready*, as seen by one pod watch per case (the same code for both cases,
+keyed by the ``batch.kubernetes.io/job-name`` label every Job pod carries). Each case runs in
+a fresh namespace, which is deleted (and waited for) before the next case starts, and the
+cases alternate over ``--repeats`` rounds (operator first in odd rounds, baseline first in
+even ones), so neither side inherits the other's leftovers or always runs on a warmer
+cluster. The ratio is the operator's own cost on top of Kubernetes' Job controller,
+scheduler and (fake) kubelet.
+
+Reported per case: p50/p99/max create -> all workers Ready and total wall time, each as the
+median over rounds with the spread (min-max) of the rounds; the p50 ratio per round and its
+median; the operator's peak memory (VmHWM of its process) and idle memory.
 
 Run::
 
-    python benchmarks/bench_operator.py            # 200 jobs
-    python benchmarks/bench_operator.py --quick    # 20 jobs (CI)
+    python benchmarks/bench_operator.py              # 200 jobs, 3 rounds
+    python benchmarks/bench_operator.py --quick      # 20 jobs, 2 rounds (CI-sized)
 
 The numbers depend on the machine (the whole control plane shares its cores with the
-operator) and on the polling interval (0.25 s, which bounds the resolution).
+operator and the client).
 """
 
 from __future__ import annotations
@@ -47,7 +55,6 @@ for p in ("operator", "trainer_image", "tests"):
 from support.cluster import GPUS_PER_NODE, LocalCluster, free_port, start_cluster  # noqa: E402
 
 log = logging.getLogger("bench_operator")
-POLL = 0.25
 WORKERS = 2
 
 
@@ -101,18 +108,46 @@ def create_all(objs: list[tuple[str, dict[str, Any]]], post) -> dict[str, float]
     return started
 
 
-def watch_until(names: list[str], list_ready, timeout: float) -> dict[str, float]:
-    """Poll ``list_ready()`` (names that are ready now) until all are; name -> first seen ready."""
-    seen: dict[str, float] = {}
-    deadline = time.monotonic() + timeout
-    while len(seen) < len(names):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{len(names) - len(seen)} of {len(names)} not ready after {timeout:.0f}s")
-        t = time.monotonic()
-        for n in list_ready():
-            seen.setdefault(n, t)
-        time.sleep(POLL)
-    return seen
+class ReadyPods:
+    """One pod watch on a namespace: the time each Job first had all its workers Ready.
+
+    The same code times both cases, so they stop their clocks on the same event.
+    """
+
+    def __init__(self, cluster: LocalCluster, namespace: str, expected: set[str]) -> None:
+        from kubernetes import client, watch
+
+        self._core = client.CoreV1Api(api(cluster))
+        self._watch = watch.Watch()
+        self._expected = expected
+        self._ready_pods: dict[str, set[str]] = {}
+        self.done: dict[str, float] = {}
+        self._all = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(namespace,), daemon=True)
+        self._thread.start()
+
+    def _run(self, namespace: str) -> None:
+        for event in self._watch.stream(self._core.list_namespaced_pod, namespace, timeout_seconds=0):
+            pod = event["object"]
+            job = (pod.metadata.labels or {}).get("batch.kubernetes.io/job-name")
+            if job not in self._expected or job in self.done:
+                continue
+            ready = any(c.type == "Ready" and c.status == "True" for c in (pod.status.conditions or []))
+            pods = self._ready_pods.setdefault(job, set())
+            (pods.add if ready else pods.discard)(pod.metadata.name)
+            if len(pods) >= WORKERS:
+                self.done[job] = time.monotonic()
+                if len(self.done) == len(self._expected):
+                    self._all.set()
+                    self._watch.stop()
+                    return
+
+    def wait(self, timeout: float) -> dict[str, float]:
+        if not self._all.wait(timeout):
+            self._watch.stop()
+            missing = len(self._expected) - len(self.done)
+            raise TimeoutError(f"{missing} of {len(self._expected)} jobs not ready after {timeout:.0f}s")
+        return dict(self.done)
 
 
 def summarize(started: dict[str, float], ready: dict[str, float]) -> dict[str, float]:
@@ -129,15 +164,31 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def run_operator_case(cluster: LocalCluster, n: int, workdir: Path) -> dict[str, Any]:
+def fresh_namespace(cluster: LocalCluster, name: str) -> None:
+    cluster.kubectl("create", "namespace", name, check=True)
+    deadline = time.monotonic() + 60  # pods need the namespace's default ServiceAccount
+    while cluster.kubectl("get", "-n", name, "serviceaccount", "default").returncode != 0:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no default ServiceAccount in {name}")
+        time.sleep(0.2)
+
+
+def delete_namespace(cluster: LocalCluster, name: str) -> None:
+    """Delete the namespace and wait until it (and so every pod of the case) is gone."""
+    cluster.kubectl("delete", "namespace", name, "--wait=true", "--timeout=600s", check=True)
+
+
+def job_names(n: int) -> list[str]:
+    return [f"ft-{i:04d}" for i in range(n)]
+
+
+def run_operator_case(cluster: LocalCluster, n: int, ns: str, workdir: Path) -> dict[str, Any]:
     from kubernetes import client
 
-    ns = "bench-operator"
-    cluster.kubectl("create", "namespace", ns, check=True)
     env = cluster.env()
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "operator"), str(REPO / "trainer_image")])
     port, live = free_port(), free_port()
-    logf = open(workdir / "operator.log", "wb")
+    logf = open(workdir / f"operator-{ns}.log", "wb")
     op = subprocess.Popen([sys.executable, "-m", "kubeforge", "operator", "--standalone", "-n", ns,
                            "--metrics-port", str(port), "--liveness-port", str(live)],
                           stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=REPO)
@@ -151,23 +202,16 @@ def run_operator_case(cluster: LocalCluster, n: int, workdir: Path) -> dict[str,
                 break
             except OSError:
                 if time.monotonic() > deadline or op.poll() is not None:
-                    raise RuntimeError(f"operator did not start; see {workdir / 'operator.log'}")
+                    raise RuntimeError(f"operator did not start; see {workdir / f'operator-{ns}.log'}")
                 time.sleep(0.2)
         time.sleep(1)
         rss_idle = peak_rss_mib(op.pid)
         co = client.CustomObjectsApi(api(cluster))
-        names = [f"ft-{i:04d}" for i in range(n)]
+        names = job_names(n)
+        watcher = ReadyPods(cluster, ns, set(names))
         started = create_all([(nm, ftj(nm)) for nm in names],
                              lambda o: co.create_namespaced_custom_object("kubeforge.io", "v1alpha1", ns, "finetunejobs", o))
-
-        def running() -> list[str]:
-            items = co.list_namespaced_custom_object("kubeforge.io", "v1alpha1", ns, "finetunejobs")["items"]
-            return [o["metadata"]["name"] for o in items
-                    if (o.get("status") or {}).get("phase") == "Running"
-                    and ((o.get("status") or {}).get("workers") or {}).get("ready") == WORKERS]
-
-        ready = watch_until(names, running, timeout=600)
-        out = summarize(started, ready)
+        out = summarize(started, watcher.wait(timeout=900))
         out["operatorPeakRssMiB"] = peak_rss_mib(op.pid)
         out["operatorIdleRssMiB"] = rss_idle
         return out
@@ -180,40 +224,40 @@ def run_operator_case(cluster: LocalCluster, n: int, workdir: Path) -> dict[str,
         logf.close()
 
 
-def run_baseline_case(cluster: LocalCluster, n: int) -> dict[str, Any]:
-    """The same Indexed Jobs, created directly (no operator), timed to both pods ready."""
+def run_baseline_case(cluster: LocalCluster, n: int, ns: str) -> dict[str, Any]:
+    """The same Indexed Jobs, created directly (no operator), timed on the same pod watch."""
     from kubernetes import client
 
     from kubeforge.api.finetune import FineTuneJobSpec
     from kubeforge.builders import finetune as fb
 
-    ns = "bench-baseline"
-    cluster.kubectl("create", "namespace", ns, check=True)
     batch = client.BatchV1Api(api(cluster))
-    names = [f"ft-{i:04d}" for i in range(n)]
+    names = job_names(n)
     jobs = []
     for nm in names:
         job = fb.job(nm, ns, f"uid-{nm}", FineTuneJobSpec.model_validate(ftj(nm)["spec"]))
         del job["metadata"]["ownerReferences"]  # no owner here: the garbage collector would delete it
         jobs.append((nm, job))
+    watcher = ReadyPods(cluster, ns, set(names))
     started = create_all(jobs, lambda j: batch.create_namespaced_job(ns, j))
+    return summarize(started, watcher.wait(timeout=900))
 
-    def ready() -> list[str]:
-        items = batch.list_namespaced_job(ns).items
-        return [j.metadata.name for j in items if (j.status.ready or 0) == WORKERS]
 
-    return summarize(started, watch_until(names, ready, timeout=600))
+def _spread(rounds: list[dict[str, Any]], key: str) -> dict[str, float]:
+    values = [r[key] for r in rounds]
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=200, help="FineTuneJobs created at once (default 200)")
-    parser.add_argument("--quick", action="store_true", help="20 jobs")
-    parser.add_argument("--no-baseline", action="store_true", help="skip the operator-less baseline")
+    parser.add_argument("--repeats", type=int, default=None, help="alternating rounds (default 3; quick 2)")
+    parser.add_argument("--quick", action="store_true", help="20 jobs, 2 rounds")
     parser.add_argument("--json", action="store_true", help="print one JSON object only")
     parser.add_argument("--workdir", default=None, help="keep the cluster's and the operator's logs here")
     args = parser.parse_args(argv)
     n = 20 if args.quick else args.jobs
+    repeats = args.repeats or (2 if args.quick else 3)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     with tempfile.TemporaryDirectory(prefix="bench-operator-") as tmp:
@@ -221,36 +265,55 @@ def main(argv: list[str] | None = None) -> int:
         workdir.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
         cluster = start_cluster(workdir / "cluster")
+        rounds: dict[str, list[dict[str, Any]]] = {"operator": [], "baseline": []}
         try:
             cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"), check=True)
             cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "-l",
                             "app.kubernetes.io/part-of=kubeforge", check=True)
-            # Room for both cases' workers at once (1 GPU each), plus the three default nodes.
-            extra = math.ceil(2 * n * WORKERS / GPUS_PER_NODE)
+            # Room for one case's workers (1 GPU each), plus the three default nodes; the
+            # namespace of the previous case is gone before the next one starts.
+            extra = math.ceil(n * WORKERS / GPUS_PER_NODE)
             add_nodes(cluster, extra)
             log.info("control plane with %d kwok GPU nodes up in %.1fs", extra + 3, time.monotonic() - t0)
-            result: dict[str, Any] = {"jobs": n, "workersPerJob": WORKERS, "nodes": extra + 3}
-            log.info("operator case: creating %d FineTuneJobs", n)
-            result["operator"] = run_operator_case(cluster, n, workdir)
-            if not args.no_baseline:
-                log.info("baseline case: creating %d Indexed Jobs directly", n)
-                result["baseline"] = run_baseline_case(cluster, n)
-                result["ratioP50"] = result["operator"]["p50"] / result["baseline"]["p50"]
+            for r in range(repeats):
+                order = ("operator", "baseline") if r % 2 == 0 else ("baseline", "operator")
+                for case in order:
+                    ns = f"bench-{case}-{r}"
+                    fresh_namespace(cluster, ns)
+                    log.info("round %d/%d, %s case: %d jobs", r + 1, repeats, case, n)
+                    if case == "operator":
+                        rounds[case].append(run_operator_case(cluster, n, ns, workdir))
+                    else:
+                        rounds[case].append(run_baseline_case(cluster, n, ns))
+                    log.info("%s p50 %.2f s", case, rounds[case][-1]["p50"])
+                    delete_namespace(cluster, ns)
         finally:
             cluster.stop()
 
+    ratios = [o["p50"] / b["p50"] for o, b in zip(rounds["operator"], rounds["baseline"])]
+    result: dict[str, Any] = {
+        "jobs": n, "workersPerJob": WORKERS, "nodes": extra + 3, "repeats": repeats, "rounds": rounds,
+        "ratioP50": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "rounds": ratios},
+        "operatorPeakRssMiB": max(o["operatorPeakRssMiB"] for o in rounds["operator"]),
+        "operatorIdleRssMiB": max(o["operatorIdleRssMiB"] for o in rounds["operator"]),
+    }
+    for case in rounds:
+        result[case] = {k: _spread(rounds[case], k) for k in ("p50", "p99", "max", "total")}
     if args.json:
         print(json.dumps(result))
         return 0
-    o = result["operator"]
-    print(f"\n{n} FineTuneJobs x {WORKERS} workers, {result['nodes']} kwok GPU nodes")
-    print(f"{'':24}{'p50':>8}{'p99':>8}{'max':>8}{'total':>9}")
-    print(f"{'operator (FineTuneJob)':24}{o['p50']:8.2f}{o['p99']:8.2f}{o['max']:8.2f}{o['total']:9.2f}  s")
-    if "baseline" in result:
-        b = result["baseline"]
-        print(f"{'baseline (bare Job)':24}{b['p50']:8.2f}{b['p99']:8.2f}{b['max']:8.2f}{b['total']:9.2f}  s")
-        print(f"ratio operator/baseline p50: {result['ratioP50']:.2f}x")
-    print(f"operator peak memory: {o['operatorPeakRssMiB']:.0f} MiB (idle {o['operatorIdleRssMiB']:.0f} MiB)")
+    print(f"\n{n} FineTuneJobs x {WORKERS} workers, {result['nodes']} kwok GPU nodes, {repeats} alternating rounds; "
+          "create -> every worker pod Ready (one pod watch), median of rounds [min-max]")
+    print(f"{'':24}{'p50':>20}{'p99':>20}{'total':>20}")
+    for case, label in (("operator", "operator (FineTuneJob)"), ("baseline", "baseline (bare Job)")):
+        row = result[case]
+        cells = "".join(f"{row[k]['median']:>7.2f} [{row[k]['min']:.2f}-{row[k]['max']:.2f}]".rjust(20)
+                        for k in ("p50", "p99", "total"))
+        print(f"{label:24}{cells}  s")
+    rt = result["ratioP50"]
+    print(f"ratio operator/baseline p50: {rt['median']:.2f}x [{rt['min']:.2f}-{rt['max']:.2f}] "
+          f"(rounds: {', '.join(f'{x:.2f}' for x in rt['rounds'])})")
+    print(f"operator peak memory: {result['operatorPeakRssMiB']:.0f} MiB (idle {result['operatorIdleRssMiB']:.0f} MiB)")
     print(json.dumps(result))
     return 0
 
