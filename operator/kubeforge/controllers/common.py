@@ -13,17 +13,10 @@ from typing import Any, TypeVar
 import kopf
 from pydantic import BaseModel, ValidationError
 
+from ..api import describe_validation_error
 from .conditions import get_condition, set_condition
 
 M = TypeVar("M", bound=BaseModel)
-
-
-def describe_validation_error(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "__root__")
-        parts.append(f"spec.{loc}: {err['msg']}" if loc else err["msg"])
-    return "; ".join(parts)
 
 
 def parse_spec(model: type[M], spec: Any, body: Any, patch: kopf.Patch, generation: int | None) -> M:

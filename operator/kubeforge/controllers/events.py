@@ -13,8 +13,8 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from ..api.base import API_VERSION
-from . import kube
+from .. import kube
+from ..api import API_VERSION
 from .conditions import now
 
 log = logging.getLogger(__name__)

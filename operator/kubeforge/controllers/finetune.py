@@ -38,10 +38,11 @@ from pydantic import ValidationError
 
 from kubeforge_runtime import contract
 
-from ..api.finetune import FineTuneJob, FineTuneJobSpec
+from .. import kube
+from ..api import GROUP, FineTuneJob, FineTuneJobSpec
 from ..builders import common as bcommon
 from ..builders import finetune as builder
-from . import finetune_status, kube, metrics, scrape
+from . import finetune_status, metrics, scrape
 from .events import post as post_event
 from .common import parse_spec
 from .conditions import TERMINAL_PHASES, now, set_condition
@@ -49,10 +50,10 @@ from .conditions import TERMINAL_PHASES, now, set_condition
 log = logging.getLogger(__name__)
 
 KIND = FineTuneJob.kind
-GROUP_VERSION = ("kubeforge.io", "v1alpha1", "finetunejobs")
-OWNER_LABEL = f"kubeforge.io/{KIND.lower()}"
+GROUP_VERSION = FineTuneJob.resource()
+OWNER_LABEL = bcommon.owner_label(KIND)
 CHILD_LABELS = {"app.kubernetes.io/managed-by": bcommon.MANAGED_BY, OWNER_LABEL: kopf.PRESENT}
-COUNTED_ANNOTATION = "kubeforge.io/counted-worker-failures"
+COUNTED_ANNOTATION = f"{GROUP}/counted-worker-failures"
 """Pod UIDs whose failure is already in status.restarts (so a restart never counts twice)."""
 
 POLL_ENV = "KUBEFORGE_FINETUNE_POLL_SECONDS"

@@ -38,27 +38,23 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
+from .. import kube
+from ..api import FineTuneJob, InferenceService, InvalidSpec, QuantizeJob, describe_validation_error
 from ..api.inference import InferenceServiceSpec
 from ..builders import common
 from ..builders import inference as builder
-from . import kube
-from .common import describe_validation_error
 from .conditions import get_condition, now, set_condition
 from .events import Event, post as post_event
 from .references import Resolution, resolve, resolve_uri
 
 log = logging.getLogger(__name__)
 
-GROUP_VERSION = ("kubeforge.io", "v1alpha1", "inferenceservices")
-KIND = "InferenceService"
+GROUP_VERSION = InferenceService.resource()
+KIND = InferenceService.kind
 _DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 # Container states that mean the model server cannot start as configured.
 _BAD_WAITING = {"CrashLoopBackOff", "ErrImagePull", "ImagePullBackOff", "CreateContainerConfigError",
                 "CreateContainerError", "InvalidImageName", "RunContainerError"}
-
-
-class InvalidSpec(ValueError):
-    """A spec the schema accepts but the operator cannot serve; the message says what to change."""
 
 
 def validate(obj: dict[str, Any]) -> InferenceServiceSpec:
@@ -325,7 +321,7 @@ _CHILD_LABELS = {"app.kubernetes.io/managed-by": common.MANAGED_BY, "app.kuberne
 
 @kopf.on.event("apps", "v1", "deployments", id="inferenceservice-deployments", labels=_CHILD_LABELS)
 def on_deployment(namespace: str, labels: Any, type: str | None, **_: Any) -> None:
-    owner = labels.get("kubeforge.io/inferenceservice")
+    owner = labels.get(common.owner_label(KIND))
     if owner:
         # Status only, so the HPA's replica changes are never fought; a Deployment deleted
         # from under a live InferenceService is created again.
@@ -335,7 +331,7 @@ def on_deployment(namespace: str, labels: Any, type: str | None, **_: Any) -> No
 @kopf.on.event("", "v1", "pods", id="inferenceservice-pods", labels=_CHILD_LABELS)
 def on_pod(namespace: str, labels: Any, **_: Any) -> None:
     # A crash-looping server need not change the Deployment's status; its pod does.
-    owner = labels.get("kubeforge.io/inferenceservice")
+    owner = labels.get(common.owner_label(KIND))
     if owner:
         reconcile(namespace, owner, apply=False)
 
@@ -362,11 +358,11 @@ def _fan_out(kind: str, body: Any, name: str, namespace: str, type_: str | None)
             reconcile(namespace, isvc["metadata"]["name"], apply=True)
 
 
-@kopf.on.event("kubeforge.io", "v1alpha1", "finetunejobs", id="inferenceservice-finetune-inputs")
+@kopf.on.event(*FineTuneJob.resource(), id="inferenceservice-finetune-inputs")
 def on_finetunejob(body: Any, name: str, namespace: str, type: str | None, **_: Any) -> None:
     _fan_out("FineTuneJob", body, name, namespace, type)
 
 
-@kopf.on.event("kubeforge.io", "v1alpha1", "quantizejobs", id="inferenceservice-quantize-inputs")
+@kopf.on.event(*QuantizeJob.resource(), id="inferenceservice-quantize-inputs")
 def on_quantizejob(body: Any, name: str, namespace: str, type: str | None, **_: Any) -> None:
     _fan_out("QuantizeJob", body, name, namespace, type)

@@ -41,18 +41,18 @@ import kopf
 from kubeforge_runtime import contract
 from pydantic import ValidationError
 
+from .. import kube
+from ..api import FineTuneJob, QuantizeJob, describe_validation_error
 from ..api.quantize import QuantizeJobSpec, QuantizeResult
 from ..builders import quantize as builder
-from . import kube
-from .common import describe_validation_error
 from .conditions import TERMINAL_PHASES, get_condition, now, set_condition
 from .events import Event, post as post_event
 from .references import Resolution, resolve, resolve_uri
 
 log = logging.getLogger(__name__)
 
-GROUP_VERSION = ("kubeforge.io", "v1alpha1", "quantizejobs")
-KIND = "QuantizeJob"
+GROUP_VERSION = QuantizeJob.resource()
+KIND = QuantizeJob.kind
 _RESULT_KEYS = set(QuantizeResult.model_fields) | {f.alias for f in QuantizeResult.model_fields.values() if f.alias}
 
 
@@ -378,7 +378,7 @@ def on_spec(name: str, namespace: str, status: Any, body: Any, reason: Any, **_:
                labels={"app.kubernetes.io/managed-by": builder.common.MANAGED_BY,
                        "app.kubernetes.io/component": builder.COMPONENT})
 def on_child_job(body: Any, namespace: str, labels: Any, type: str | None, **_: Any) -> None:
-    owner = labels.get("kubeforge.io/quantizejob")
+    owner = labels.get(builder.common.owner_label(KIND))
     if owner:
         reconcile(namespace, owner, job_hint=dict(body))
 
@@ -388,7 +388,7 @@ def on_child_job(body: Any, namespace: str, labels: Any, type: str | None, **_: 
 _seen_inputs: dict[tuple[str, str], tuple[Any, ...]] = {}
 
 
-@kopf.on.event("kubeforge.io", "v1alpha1", "finetunejobs", id="quantizejob-inputs")
+@kopf.on.event(*FineTuneJob.resource(), id="quantizejob-inputs")
 def on_finetunejob(body: Any, name: str, namespace: str, type: str | None, **_: Any) -> None:
     status = body.get("status") or {}
     key = (namespace, name)
