@@ -45,8 +45,8 @@ def pod(index: int, phase: str = "Running", ready: bool = True, uid: str | None 
 
 
 def run(prev=None, j=None, pods=(), counted=(), s=None, progress=None, now=T1, gen=1):
-    return fs.compute(spec=s or spec(), generation=gen, prev=prev or {}, job=j, pods=list(pods),
-                      counted=list(counted), progress=progress, now=now)
+    obj = {"metadata": {"name": "ft", "namespace": "ns", "generation": gen}, "status": prev or {}}
+    return fs.compute(obj, spec=s or spec(), job=j, pods=list(pods), counted=list(counted), progress=progress, now=now)
 
 
 def cond(status: dict, type_: str) -> dict:
