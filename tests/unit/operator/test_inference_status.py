@@ -201,3 +201,45 @@ def test_served_model_reads_the_template_annotations():
     assert ic.served_model(None) is None
     assert ic.served_model({"spec": {"template": {"metadata": {}}}}) is None
 
+
+# --- the table: what one sync reads -> phase, conditions, events ----------------------------------
+ACCEPTED = {"type": "Accepted", "status": "True", "reason": "Accepted", "message": "spec is valid",
+            "lastTransitionTime": AT, "observedGeneration": 1}
+CRASHING = pod(waiting={"reason": "CrashLoopBackOff"}, last={"exitCode": 1, "message": "boom"})
+
+TABLE = [
+    # id, previous phase (None: new), input, Deployment, pods -> phase, ModelReady, Ready, events
+    ("new, input running", None, WAITING, None, [],
+     "WaitingForInput", ("False", "WaitingForInput"), ("False", "WaitingForInput"), ["Accepted", "WaitingForInput"]),
+    ("new, input failed", None, FAILED, None, [],
+     "Failed", ("False", "InputFailed"), ("False", "InputFailed"), ["Accepted", "InputFailed"]),
+    ("input ready, no Deployment yet", "WaitingForInput", READY, None, [],
+     "Pending", ("False", "Loading"), ("False", "Loading"), ["Loading"]),
+    ("rolling out, nothing ready", "Pending", READY, deployment(ready=0, available=0), [pod()],
+     "Pending", ("False", "Loading"), ("False", "Loading"), []),
+    ("ready", "Pending", READY, deployment(), [],
+     "Running", ("True", "ModelLoaded"), ("True", "Serving"), ["Serving"]),
+    ("crash looping", "Pending", READY, deployment(ready=0, available=0), [CRASHING],
+     "Failed", ("False", "ModelLoadFailed"), ("False", "ModelLoadFailed"), ["ModelLoadFailed"]),
+    ("recovered", "Failed", READY, deployment(), [],
+     "Running", ("True", "ModelLoaded"), ("True", "Serving"), ["Serving"]),
+    ("scaled to zero", "Running", READY, deployment(replicas=0, ready=0, available=0), [],
+     "Suspended", ("False", "ScaledToZero"), ("False", "ScaledToZero"), ["ScaledToZero"]),
+    ("new output awaited, old one serves", "Running", WAITING, deployment(), [],
+     "Running", ("True", "ModelLoaded"), ("True", "Serving"), []),
+]
+
+
+@pytest.mark.parametrize("prev_phase, resolution, dep, pods, phase, model_ready, ready, events",
+                         [row[1:] for row in TABLE], ids=[row[0] for row in TABLE])
+def test_status_table(prev_phase, resolution, dep, pods, phase, model_ready, ready, events):
+    prev = {"phase": prev_phase, "conditions": [ACCEPTED], "observedGeneration": 1} if prev_phase else {}
+    out = ic.compute(isvc(status=prev), resolution=resolution, deployment=dep, pods=pods, now=AT)
+    st = out.status
+    assert st["phase"] == phase
+    assert (cond(st, "ModelReady")["status"], cond(st, "ModelReady")["reason"]) == model_ready
+    assert (cond(st, "Ready")["status"], cond(st, "Ready")["reason"]) == ready
+    assert [e.reason for e in out.events] == events
+    # Nothing new seen: the same status, no event (a sync writes nothing).
+    again = ic.compute(isvc(status=st), resolution=resolution, deployment=dep, pods=pods, now="2026-03-03T00:00:00Z")
+    assert again.status == st and again.events == []

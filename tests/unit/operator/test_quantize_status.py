@@ -246,3 +246,65 @@ def test_missing_reference_waits_and_uri_is_ready():
     r = resolve_uri("hf://a/b")
     assert r.state == "ready" and r.revision == revision_of("hf://a/b")
 
+
+# --- the table: what one sync reads -> phase, conditions, events, the Job to create ---------------
+ACCEPTED = {"type": "Accepted", "status": "True", "reason": "Accepted", "message": "spec is valid",
+            "lastTransitionTime": AT, "observedGeneration": 1}
+MISSING = resolve("FineTuneJob", "ft", None)
+RUNNING_INPUT = resolve("FineTuneJob", "ft", ftj("Running"))
+FAILED_INPUT = resolve("FineTuneJob", "ft", ftj("Failed"))
+READY_INPUT = resolve_uri("s3://b/base")
+GATE_FAILED = json.dumps({**REPORT, "gatePassed": False, "perplexityIncreasePercent": 5.0})
+
+TABLE = [
+    # id, previous phase (None: new), input, Job, pods -> phase, {condition: (status, reason)}, events, create
+    ("new, input ready", None, READY_INPUT, None, [],
+     "Pending", {"Accepted": ("True", "Accepted"), "InputReady": ("True", "InputReady"), "Running": ("False", "JobCreated")},
+     ["Accepted", "JobCreated"], "s3://b/base"),
+    ("new, input missing", None, MISSING, None, [],
+     "WaitingForInput", {"InputReady": ("False", "WaitingForInput")}, ["Accepted", "WaitingForInput"], None),
+    ("waiting, input still running", "WaitingForInput", RUNNING_INPUT, None, [],
+     "WaitingForInput", {"InputReady": ("False", "WaitingForInput")}, [], None),
+    ("waiting, input failed", "WaitingForInput", FAILED_INPUT, None, [],
+     "Failed", {"InputReady": ("False", "InputFailed"), "Failed": ("True", "InputFailed"), "Running": ("False", "InputFailed")},
+     ["InputFailed"], None),
+    ("Job created, pod starting", "Pending", None, job(), [],
+     "Pending", {"Running": ("False", "PodStarting")}, [], None),
+    ("Job queued", "Pending", None, job(suspend=True), [],
+     "Pending", {"Running": ("False", "Queued")}, [], None),
+    ("pod ready", "Pending", None, job(ready=1, active=1), [],
+     "Running", {"Running": ("True", "Running")}, ["Running"], None),
+    ("Job complete with a report", "Running", None, job([("Complete", "", "")]), [pod(0, json.dumps(REPORT))],
+     "Succeeded", {"Succeeded": ("True", "Succeeded"), "Running": ("False", "Completed")}, ["Succeeded"], None),
+    ("Job complete, gate failed", "Running", None, job([("Complete", "", "")]), [pod(0, GATE_FAILED)],
+     "Failed", {"Failed": ("True", "QualityGateFailed")}, ["QualityGateFailed"], None),
+    ("exit 79", "Running", None, job([("Failed", "PodFailurePolicy", "")]), [pod(79, GATE_FAILED)],
+     "Failed", {"Failed": ("True", "QualityGateFailed")}, ["QualityGateFailed"], None),
+    ("exit 78", "Running", None, job([("Failed", "PodFailurePolicy", "")]), [pod(78, "bad key")],
+     "Failed", {"Failed": ("True", "ConfigurationError")}, ["ConfigurationError"], None),
+    ("backoff limit", "Running", None, job([("Failed", "BackoffLimitExceeded", "too many")]), [pod(1, "boom")],
+     "Failed", {"Failed": ("True", "BackoffLimitExceeded"), "Running": ("False", "BackoffLimitExceeded")},
+     ["BackoffLimitExceeded"], None),
+    ("succeeded stays succeeded", "Succeeded", READY_INPUT, job(ready=1, active=1), [],
+     "Succeeded", {}, [], None),
+    ("failed stays failed", "Failed", READY_INPUT, None, [],
+     "Failed", {}, [], None),
+]
+
+
+@pytest.mark.parametrize("prev_phase, resolution, j, pods, phase, conditions, events, create",
+                         [row[1:] for row in TABLE], ids=[row[0] for row in TABLE])
+def test_status_table(prev_phase, resolution, j, pods, phase, conditions, events, create):
+    prev = {"phase": prev_phase, "conditions": [ACCEPTED], "observedGeneration": 1} if prev_phase else {}
+    obj = qj(status=prev)
+    out = qc.compute(obj, spec=qc.validate(obj), resolution=resolution, job=j, pods=pods, now=AT)
+    assert out.status["phase"] == phase
+    for type_, (status, reason) in conditions.items():
+        assert (cond(out.status, type_)["status"], cond(out.status, type_)["reason"]) == (status, reason), type_
+    assert [e.reason for e in out.events] == events
+    assert out.create_with_model_uri == create
+    if create is None:
+        # Nothing new seen: the same status, no event (a sync writes nothing).
+        again = qc.compute(qj(status=out.status), spec=qc.validate(obj), resolution=resolution, job=j, pods=pods,
+                           now="2026-03-03T00:00:00Z")
+        assert again.status == out.status and again.events == []
