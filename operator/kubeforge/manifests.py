@@ -14,10 +14,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from .api import API_VERSION, KINDS
+from .api import API_VERSION, KIND_BY_NAME as KIND_TABLE, describe_validation_error
 from .api.base import KFModel
-
-KIND_TABLE = {k.kind: k for k in KINDS}
 
 
 class ManifestError(ValueError):
@@ -46,8 +44,6 @@ def parse_resource(doc: dict[str, Any], source: str = "<input>") -> Resource:
     try:
         spec = KIND_TABLE[kind].spec_model.model_validate(doc.get("spec") or {})
     except ValidationError as exc:
-        from .controllers.common import describe_validation_error
-
         raise ManifestError(f"{source}: {kind}/{name}: {describe_validation_error(exc)}") from None
     try:
         KIND_TABLE[kind].validate_object(name, spec)  # rules that need the name too (CRD root CEL)

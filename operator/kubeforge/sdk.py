@@ -26,7 +26,7 @@ from typing import Any
 
 from kubeforge_runtime.embedded import HUB_URI as DEFAULT_BASE_MODEL
 
-from .api import API_VERSION
+from .api import API_VERSION, KIND_BY_NAME
 from .manifests import parse_resource
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class Submission:
     namespace: str
 
     def status(self) -> dict[str, Any]:
-        from .controllers import kube
+        from . import kube  # the Kubernetes client is the operator extra's; local runs do without
 
         obj = kube.get(self.kind, self.namespace, self.name)
         return (obj or {}).get("status", {})
@@ -104,14 +104,13 @@ class Submission:
 
 
 def _submit(manifest: dict[str, Any], namespace: str) -> Submission:
-    from .controllers import kube
+    from . import kube
 
     manifest = json.loads(json.dumps(manifest))
     manifest["metadata"]["namespace"] = namespace
     kind = manifest["kind"]
     kube.server_side_apply(manifest)
-    plural = {"FineTuneJob": "finetunejobs", "QuantizeJob": "quantizejobs", "InferenceService": "inferenceservices"}[kind]
-    return Submission(kind, plural, manifest["metadata"]["name"], namespace)
+    return Submission(kind, KIND_BY_NAME[kind].plural, manifest["metadata"]["name"], namespace)
 
 
 @dataclass(kw_only=True)

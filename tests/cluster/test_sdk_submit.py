@@ -12,7 +12,7 @@ pytestmark = pytest.mark.cluster
 
 
 def test_finetuner_submit_and_wait(cluster, namespace, operator_process, monkeypatch):
-    from kubeforge.controllers import kube
+    from kubeforge import kube
     from kubeforge.sdk import FineTuner
 
     monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig))

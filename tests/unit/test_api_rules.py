@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from kubeforge.api import FineTuneJobSpec, InferenceServiceSpec, QuantizeJobSpec
 from kubeforge.api.crd import all_crds
 from kubeforge.api.inference import InferenceService
-from kubeforge.controllers import inference as ic
+from kubeforge.controllers import inference_status as ic
 from kubeforge.manifests import ManifestError, parse_resource
 from kubeforge.sdk import FineTuner, InferenceServer
 from kubeforge_runtime import contract

@@ -2,7 +2,7 @@
 
 What the operator's RBAC must allow is read from the code itself, so a reconciler that
 starts touching a new kind fails here until the chart grants it: every kind in
-``controllers/kube.py``'s path table, and every resource a kopf handler is registered for.
+``kubeforge/kube.py``'s path table, and every resource a kopf handler is registered for.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 import kubeforge.controllers  # noqa: F401  (registers the reconcilers' handlers)
-from kubeforge.controllers import kube, webhooks
+from kubeforge import kube
+from kubeforge.controllers import webhooks
 from support.chart import CHART, REPO, find, helm, render
 
 KUBEFORGE_CRDS = sorted(p.name for p in (REPO / "crds").glob("*.yaml"))
@@ -24,7 +25,7 @@ PEERING_CRDS = {"clusterkopfpeerings.kopf.dev.yaml": ("ClusterKopfPeering", "Clu
                 "kopfpeerings.kopf.dev.yaml": ("KopfPeering", "Namespaced")}
 NAMESPACED = {"rbac.scope": "namespaces", "watchNamespaces": "{team-a,team-b}"}
 
-# kind -> API group, for the kinds controllers/kube.py can touch.
+# kind -> API group, for the kinds kubeforge/kube.py can touch.
 _GROUPS = {"/api/v1": "", "/apis/batch/v1": "batch", "/apis/apps/v1": "apps",
            "/apis/autoscaling/v2": "autoscaling", "/apis/policy/v1": "policy",
            "/apis/kubeforge.io/v1alpha1": "kubeforge.io"}

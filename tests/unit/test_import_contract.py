@@ -69,3 +69,24 @@ def test_serving_does_not_import_the_quantizer():
             if any(t == "kubeforge_runtime.quantize" or t.startswith("kubeforge_runtime.quantize.") for t in targets):
                 offenders.append(f"{path.name}:{node.lineno}")
     assert offenders == []
+
+
+_NO_OPERATOR_PROBE = """
+import json, sys
+import kubeforge.kube, kubeforge.manifests, kubeforge.sdk
+try:  # an invalid spec: the path that formats validation errors
+    kubeforge.manifests.parse_resource({"apiVersion": "kubeforge.io/v1alpha1", "kind": "QuantizeJob",
+                                        "metadata": {"name": "q"}, "spec": {"method": "int3"}})
+except kubeforge.manifests.ManifestError:
+    pass
+print(json.dumps(sorted(m for m in sys.modules if m == "kopf" or m.startswith("kubeforge.controllers"))))
+"""
+
+
+def test_sdk_and_manifests_do_not_start_the_operator():
+    """Using the SDK or the manifest reader registers no kopf handler: neither imports
+    ``kubeforge.controllers`` (whose import registers every reconciler) nor kopf itself."""
+    probe = _NO_OPERATOR_PROBE
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []

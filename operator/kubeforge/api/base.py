@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
 from pydantic.alias_generators import to_camel
 
 from kubeforge_runtime import contract
@@ -220,3 +220,26 @@ class Kind:
     @classmethod
     def crd_name(cls) -> str:
         return f"{cls.plural}.{GROUP}"
+
+    @classmethod
+    def resource(cls) -> tuple[str, str, str]:
+        """(group, version, plural): how kopf handlers and API paths name this kind."""
+        return GROUP, VERSION, cls.plural
+
+
+class InvalidSpec(ValueError):
+    """A spec the schema accepts but the operator cannot run; the message says what to change."""
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line per problem, each naming the field (``spec.a.b: message``), joined by ``; ``."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "__root__")
+        parts.append(f"spec.{loc}: {err['msg']}" if loc else err["msg"])
+    return "; ".join(parts)
+
+
+def spec_problem(exc: ValidationError | InvalidSpec) -> str:
+    """What is wrong with a spec, for a condition, an event or a CLI error."""
+    return describe_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)

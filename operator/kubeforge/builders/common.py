@@ -24,7 +24,7 @@ from typing import Any
 
 from kubeforge_runtime import contract
 
-from ..api.base import API_VERSION, PodTemplateOverride, ResourcesSpec
+from ..api.base import API_VERSION, GROUP, PodTemplateOverride, ResourcesSpec
 
 MANAGED_BY = "kubeforge"
 DEFAULT_IMAGE = "kubeforge/runtime:0.1.0"  # set the real location with KUBEFORGE_RUNTIME_IMAGE / the chart
@@ -39,19 +39,24 @@ def runtime_image(template: PodTemplateOverride) -> str:
     return template.image or os.environ.get(IMAGE_ENV, DEFAULT_IMAGE)
 
 
+def owner_label(kind: str) -> str:
+    """The label naming a child's owner of ``kind``: ``kubeforge.io/<kind, lower case>``."""
+    return f"{GROUP}/{kind.lower()}"
+
+
 def labels(kind: str, name: str, component: str) -> dict[str, str]:
     return {
         "app.kubernetes.io/name": "kubeforge",
         "app.kubernetes.io/instance": name,
         "app.kubernetes.io/component": component,
         "app.kubernetes.io/managed-by": MANAGED_BY,
-        f"kubeforge.io/{kind.lower()}": name,
+        owner_label(kind): name,
     }
 
 
 def selector_labels(kind: str, name: str) -> dict[str, str]:
     """The subset of labels that is stable for the life of the resource (selectors)."""
-    return {"app.kubernetes.io/instance": name, f"kubeforge.io/{kind.lower()}": name}
+    return {"app.kubernetes.io/instance": name, owner_label(kind): name}
 
 
 def owner_reference(kind: str, name: str, uid: str) -> dict[str, Any]:

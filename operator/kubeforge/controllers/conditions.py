@@ -1,4 +1,7 @@
-"""Status conditions and phases, by the Kubernetes API conventions (pure functions).
+"""What every kind's status is made of, by the Kubernetes API conventions (pure functions).
+
+Conditions, the :class:`Event` and :class:`Outcome` values the ``<kind>_status`` modules
+return, and the two verdicts on a spec every kind shares: :func:`accept` and :func:`reject`.
 
 A condition's ``lastTransitionTime`` changes only when its ``status`` changes, so re-running
 a reconcile with the same outcome leaves the status byte-for-byte the same (no update storm).
@@ -6,10 +9,29 @@ a reconcile with the same outcome leaves the status byte-for-byte the same (no u
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
+
+
+@dataclass
+class Event:
+    """One event to post: ``type`` is Normal or Warning, ``reason`` one CamelCase word."""
+
+    type: str
+    reason: str
+    message: str
+
+
+@dataclass
+class Outcome:
+    """What a pure status function concluded: the whole new status and the events to post."""
+
+    status: dict[str, Any]
+    events: list[Event] = field(default_factory=list)
 
 
 def now() -> str:
@@ -58,3 +80,41 @@ def get_condition(conditions: Iterable[dict[str, Any]] | None, type_: str) -> di
 def is_true(conditions: Iterable[dict[str, Any]] | None, type_: str) -> bool:
     cond = get_condition(conditions, type_)
     return bool(cond and cond.get("status") == "True")
+
+
+def true_condition(obj: dict[str, Any] | None, *types: str) -> dict[str, Any] | None:
+    """The first condition of ``obj.status`` of one of ``types`` whose status is True."""
+    for cond in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if cond.get("type") in types and cond.get("status") == "True":
+            return cond
+    return None
+
+
+def accept(conditions: Iterable[dict[str, Any]] | None, generation: int | None,
+           at: str | None = None) -> tuple[list[dict[str, Any]], list[Event]]:
+    """``Accepted=True`` for ``generation``, and the ``Accepted`` event once per generation."""
+    before = get_condition(conditions, "Accepted") or {}
+    out = set_condition(conditions, "Accepted", True, "Accepted", "spec is valid", generation, at)
+    if before.get("status") == "True" and before.get("observedGeneration") == generation:
+        return out, []
+    return out, [Event("Normal", "Accepted", f"generation {generation} accepted")]
+
+
+def reject(obj: dict[str, Any], message: str, at: str | None = None) -> Outcome:
+    """``Accepted=False`` (``InvalidSpec``) with ``message``; the phase stays (or is Pending).
+
+    An invalid spec is permanent for its generation: nothing is created or changed, and the
+    Warning event is posted once per distinct message, not on every retry.
+    """
+    generation = (obj.get("metadata") or {}).get("generation")
+    old = obj.get("status") or {}
+    status = copy.deepcopy(old)
+    before = get_condition(status.get("conditions"), "Accepted") or {}
+    status["conditions"] = set_condition(status.get("conditions"), "Accepted", False, "InvalidSpec", message,
+                                         generation, at)
+    status["observedGeneration"] = generation
+    status["phase"] = old.get("phase") or "Pending"
+    events = []
+    if before.get("reason") != "InvalidSpec" or before.get("message") != message:
+        events.append(Event("Warning", "InvalidSpec", message))
+    return Outcome(status, events)

@@ -1,35 +1,25 @@
-"""Kubernetes Events on KubeForge resources, shared by the three reconcilers.
+"""Posting Kubernetes Events on KubeForge resources, shared by the three reconcilers.
 
-The pure status functions return :class:`Event` values; the reconcilers post them with
-:func:`post`. Posting goes straight to the API (not through kopf's event poster) because
-status syncs also run on the operator's own threads, outside any kopf handler context. An
-event is best effort: a failure to post is logged, never raised.
+The pure status functions return :class:`~.conditions.Event` values; :mod:`.reconcile` posts
+them with :func:`post`. Posting goes straight to the API (not through kopf's event poster)
+because status syncs also run on the operator's own threads, outside any kopf handler
+context. An event is best effort: a failure to post is logged, never raised.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
-from dataclasses import dataclass
 from typing import Any
 
-from ..api.base import API_VERSION
-from . import kube
-from .conditions import now
+from .. import kube
+from ..api import API_VERSION
+from .conditions import Event, now
 
 log = logging.getLogger(__name__)
 
 _HOST = socket.gethostname()
 MAX_MESSAGE = 1024
-
-
-@dataclass
-class Event:
-    """One event to post: ``type`` is Normal or Warning, ``reason`` one CamelCase word."""
-
-    type: str
-    reason: str
-    message: str
 
 
 def post(obj: dict[str, Any], ev: Event) -> None:

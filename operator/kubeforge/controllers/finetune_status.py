@@ -1,10 +1,10 @@
-"""FineTuneJob status from what the cluster shows: a pure function, tested without a cluster.
+"""FineTuneJob status from what the cluster shows: pure functions, tested without a cluster.
 
-Called by :mod:`kubeforge.controllers.finetune` on every event of the FineTuneJob, its Job
-or one of its worker pods, with the current objects read from the API. It returns the new
-status, the events to post and the pod UIDs whose failure has now been counted; it does
-no I/O itself, so the same inputs always give the same status (and re-running a reconcile
-with nothing new changes nothing).
+Called by :mod:`kubeforge.controllers.finetune` on every sync of a FineTuneJob (its own
+events, its Job's and its worker pods'), with the objects read from the API:
+:func:`validate` checks what the schema cannot, :func:`compute` returns the new status, the
+events to post and the pod UIDs whose failure has now been counted. No I/O: the same inputs
+always give the same status (and re-running a reconcile with nothing new changes nothing).
 
 Phases:
 
@@ -34,10 +34,10 @@ from typing import Any
 
 from kubeforge_runtime import contract
 
+from ..api import InvalidSpec
 from ..api.finetune import FineTuneJobSpec, TrainResult
 from ..builders import finetune as builder
-from .conditions import TERMINAL_PHASES, get_condition, set_condition
-from .events import Event
+from .conditions import TERMINAL_PHASES, Event, Outcome, accept, get_condition, set_condition, true_condition
 
 COMPLETION_INDEX_ANNOTATION = builder.COMPLETION_INDEX_ANNOTATION
 MAX_TERMINATION_MESSAGE = 600
@@ -47,9 +47,7 @@ older than the last 64 failures is long gone, so a short list is enough."""
 
 
 @dataclass
-class Outcome:
-    status: dict[str, Any]
-    events: list[Event] = field(default_factory=list)
+class FineTuneOutcome(Outcome):
     counted: list[str] = field(default_factory=list)
     """Pod UIDs whose failure is counted, oldest first (to store back)."""
     new_restarts: list[str] = field(default_factory=list)
@@ -57,14 +55,16 @@ class Outcome:
     became_running_first_time: bool = False
 
 
+def validate(obj: dict[str, Any]) -> FineTuneJobSpec:
+    """The typed spec, or ValidationError/InvalidSpec (the name must fit the children's names)."""
+    spec = FineTuneJobSpec.model_validate(obj.get("spec") or {})
+    problem = builder.name_problem((obj.get("metadata") or {}).get("name", ""))
+    if problem:
+        raise InvalidSpec(problem)
+    return spec
+
+
 # --- reading pods and Jobs -----------------------------------------------------------------
-
-def _cond_true(obj: dict[str, Any], type_: str) -> dict[str, Any] | None:
-    for c in (obj.get("status") or {}).get("conditions") or []:
-        if c.get("type") == type_ and c.get("status") == "True":
-            return c
-    return None
-
 
 def pod_index(pod: dict[str, Any]) -> int | None:
     value = ((pod.get("metadata") or {}).get("annotations") or {}).get(COMPLETION_INDEX_ANNOTATION)
@@ -100,7 +100,7 @@ def is_ready(pod: dict[str, Any]) -> bool:
 
 def failure_kind(pod: dict[str, Any]) -> str | None:
     """``Disruption``, ``ConfigurationError``, ``Failure`` or None (not a worker failure)."""
-    if _cond_true(pod, "DisruptionTarget"):
+    if true_condition(pod, "DisruptionTarget"):
         return "Disruption"
     if (pod.get("status") or {}).get("phase") != "Failed":
         return None
@@ -159,7 +159,7 @@ def _describe_failure(pod: dict[str, Any], kind: str) -> str:
     name = pod["metadata"]["name"]
     idx = pod_index(pod)
     if kind == "Disruption":
-        cond = _cond_true(pod, "DisruptionTarget") or {}
+        cond = true_condition(pod, "DisruptionTarget") or {}
         why = cond.get("reason") or "disruption"
         return f"worker {idx} (pod {name}) was disrupted ({why}); not counted against backoffLimit"
     code = exit_code(pod)
@@ -184,7 +184,7 @@ def _failed_reason(job: dict[str, Any], pods: list[dict[str, Any]]) -> tuple[str
                 f"worker {pod_index(config_pod)} (pod {config_pod['metadata']['name']}) exited with code "
                 f"{contract.EXIT_CONFIG_ERROR}: the trainer rejected its configuration; fix the spec and create "
                 "the job again" + (f". The trainer said: {msg}" if msg else ""))
-    cond = _cond_true(job, "Failed") or _cond_true(job, "FailureTarget")
+    cond = true_condition(job, "Failed") or true_condition(job, "FailureTarget")
     if cond is None:
         return None
     reason = cond.get("reason") or "Failed"
@@ -199,26 +199,26 @@ def _failed_reason(job: dict[str, Any], pods: list[dict[str, Any]]) -> tuple[str
 
 
 def compute(
+    obj: dict[str, Any],
     *,
     spec: FineTuneJobSpec,
-    generation: int | None,
-    prev: dict[str, Any],
     job: dict[str, Any] | None,
     pods: list[dict[str, Any]],
     counted: list[str],
     progress: dict[str, Any] | None,
     now: str,
-) -> Outcome:
-    """The FineTuneJob's next status. ``prev`` is its current status (possibly empty)."""
+) -> FineTuneOutcome:
+    """The FineTuneJob's next status from ``obj`` (as read, with its current status), its
+    valid ``spec``, its Job and pods, the pod UIDs already counted and the last progress."""
+    prev: dict[str, Any] = obj.get("status") or {}
+    generation = (obj.get("metadata") or {}).get("generation")
     status: dict[str, Any] = {k: v for k, v in prev.items()}
-    was_accepted = get_condition(prev.get("conditions"), "Accepted") or {}
-    conds = set_condition(prev.get("conditions"), "Accepted", True, "Accepted", "spec is valid", generation, now)
+    conds, accepted = accept(prev.get("conditions"), generation, now)
     prev_phase = prev.get("phase")
-    out = Outcome(status=status, counted=list(counted))
-    if prev_phase not in TERMINAL_PHASES and (
-            was_accepted.get("status") != "True" or was_accepted.get("observedGeneration") != generation):
-        # Once per generation (a finished job accepts nothing new: it is never resurrected).
-        out.events.append(Event("Normal", "Accepted", f"generation {generation} accepted"))
+    out = FineTuneOutcome(status=status, counted=list(counted))
+    if prev_phase not in TERMINAL_PHASES:
+        # A finished job accepts nothing new (it is never resurrected): no event.
+        out.events += accepted
     status["observedGeneration"] = generation
     if progress:
         status["progress"] = _progress_percent(dict(progress))
@@ -263,7 +263,7 @@ def compute(
     out.counted = out.counted[-MAX_COUNTED_UIDS:]
 
     failed = _failed_reason(job, pods)
-    succeeded = _cond_true(job, "Complete") or _cond_true(job, "SuccessCriteriaMet")
+    succeeded = true_condition(job, "Complete") or true_condition(job, "SuccessCriteriaMet")
     if failed is not None:
         reason, message = failed
         conds = set_condition(conds, "Failed", True, reason, message, generation, now)
@@ -361,9 +361,9 @@ _PHASE_EVENTS = {
 }
 
 
-def _finish(out: Outcome, status: dict[str, Any], conds: list[dict[str, Any]], prev_phase: str | None,
+def _finish(out: FineTuneOutcome, status: dict[str, Any], conds: list[dict[str, Any]], prev_phase: str | None,
             phase: str, generation: int | None, now: str, detail: str | None,
-            announce: bool = True) -> Outcome:
+            announce: bool = True) -> FineTuneOutcome:
     status["conditions"] = conds
     status["phase"] = phase
     if phase != prev_phase and announce and phase in _PHASE_EVENTS:

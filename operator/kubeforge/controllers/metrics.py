@@ -1,12 +1,14 @@
 """The operator's own Prometheus metrics (not the workloads').
 
-Reconcilers report into the functions here. The metrics are registered on
+The shared reconcile loop (:mod:`.reconcile`) reports phases and durations for every kind;
+the FineTuneJob reconciler adds restarts and time to running. The metrics are registered on
 prometheus_client's default registry, which :mod:`kubeforge.controllers.runner` serves over
 HTTP on ``kubeforge operator --metrics-port`` (next to the process metrics).
 
-* ``kubeforge_jobs{kind,phase}``                     resources per kind and phase (a gauge
-  computed from the last phase each reconciler reported, so it is right after a restart);
-* ``kubeforge_reconcile_duration_seconds{kind}``     time per reconcile (histogram);
+* ``kubeforge_jobs{kind,phase}``                     resources (FineTuneJob, QuantizeJob,
+  InferenceService) per kind and phase (a gauge computed from the last phase each sync
+  recorded, so it is right after a restart: every object is synced when the operator starts);
+* ``kubeforge_reconcile_duration_seconds{kind}``     time per sync of one object (histogram);
 * ``kubeforge_time_to_workers_running_seconds{kind}`` creation to all workers running, once
   per resource (histogram);
 * ``kubeforge_restarts_total{kind,reason}``          worker restarts by reason (Failure,

@@ -2,7 +2,8 @@
 
 Called by the QuantizeJob and InferenceService reconcilers. :func:`resolve` is pure (it
 takes the referenced object as read from the API, or ``None``), so every outcome is unit
-tested; the controllers do the read.
+tested; :func:`resolve_model` takes the read as a function (the controllers pass
+``kube.get``).
 
 A referenced job is *ready* when its ``status.phase`` is ``Succeeded`` and it reports
 ``status.output.uri``. Its *revision* identifies that output: the job's UID, the URI and the
@@ -16,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 State = Literal["ready", "waiting", "failed", "missing"]
 
@@ -70,6 +71,26 @@ def resolve(kind: str, name: str, obj: dict[str, Any] | None) -> Resolution:
                                   f"or point model at another source")
     return Resolution("waiting", reason="WaitingForInput",
                       message=f"waiting for {what} to succeed (it is {phase})")
+
+
+REFERENCE_FIELDS = {"fine_tune_job_ref": ("FineTuneJob", "fineTuneJobRef"),
+                    "quantize_job_ref": ("QuantizeJob", "quantizeJobRef")}
+"""Python attribute of a model source -> (the kind it references, its field name in a spec)."""
+
+
+def resolve_model(model: Any, get: Callable[[str, str], dict[str, Any] | None]) -> Resolution:
+    """What a spec's ``model`` (``uri``, ``fineTuneJobRef`` or ``quantizeJobRef``) yields now.
+
+    ``get(kind, name)`` reads the referenced object (None when absent); it is only called
+    for a reference.
+    """
+    if getattr(model, "uri", None) is not None:
+        return resolve_uri(model.uri)
+    for attr, (kind, _field) in REFERENCE_FIELDS.items():
+        ref = getattr(model, attr, None)
+        if ref is not None:
+            return resolve(kind, ref.name, get(kind, ref.name))
+    raise ValueError("the model names no source")  # the API models guarantee exactly one
 
 
 def _failure_detail(status: dict[str, Any]) -> str:

@@ -39,19 +39,18 @@ from typing import Any, Iterable
 
 import kopf
 
-from . import kube
+from .. import kube
+from ..api import KINDS, FineTuneJob, InferenceService, QuantizeJob
 
 log = logging.getLogger(__name__)
 
-GROUP, VERSION = "kubeforge.io", "v1alpha1"
 OPERATIONS = ["CREATE", "UPDATE"]
 
 # Handler ids double as URL paths: https://<service>/<id> (the chart's webhook configuration).
-FINETUNE_WEBHOOK = "validate-finetunejob"
-QUANTIZE_WEBHOOK = "validate-quantizejob"
-INFERENCE_WEBHOOK = "validate-inferenceservice"
-WEBHOOK_PATHS = {"finetunejobs": FINETUNE_WEBHOOK, "quantizejobs": QUANTIZE_WEBHOOK,
-                 "inferenceservices": INFERENCE_WEBHOOK}
+WEBHOOK_PATHS = {k.plural: f"validate-{k.singular()}" for k in KINDS}
+FINETUNE_WEBHOOK = WEBHOOK_PATHS[FineTuneJob.plural]
+QUANTIZE_WEBHOOK = WEBHOOK_PATHS[QuantizeJob.plural]
+INFERENCE_WEBHOOK = WEBHOOK_PATHS[InferenceService.plural]
 
 _JOB_KINDS = ("FineTuneJob", "QuantizeJob")
 
@@ -163,7 +162,7 @@ def _check_reference(namespace: str, ref_kind: str, ref: dict[str, Any] | None, 
         warnings.append(warning)
 
 
-@kopf.on.validate(GROUP, VERSION, "finetunejobs", id=FINETUNE_WEBHOOK, operations=OPERATIONS)
+@kopf.on.validate(*FineTuneJob.resource(), id=FINETUNE_WEBHOOK, operations=OPERATIONS)
 def validate_finetunejob(body: Any, old: Any, new: Any, operation: str | None, **_: Any) -> None:
     if _skip(operation, body, old, new):
         return
@@ -171,7 +170,7 @@ def validate_finetunejob(body: Any, old: Any, new: Any, operation: str | None, *
     _check_outputs("FineTuneJob", body)
 
 
-@kopf.on.validate(GROUP, VERSION, "quantizejobs", id=QUANTIZE_WEBHOOK, operations=OPERATIONS)
+@kopf.on.validate(*QuantizeJob.resource(), id=QUANTIZE_WEBHOOK, operations=OPERATIONS)
 def validate_quantizejob(body: Any, old: Any, new: Any, operation: str | None,
                          warnings: list[str], **_: Any) -> None:
     if _skip(operation, body, old, new):
@@ -183,7 +182,7 @@ def validate_quantizejob(body: Any, old: Any, new: Any, operation: str | None,
     _check_outputs("QuantizeJob", body)
 
 
-@kopf.on.validate(GROUP, VERSION, "inferenceservices", id=INFERENCE_WEBHOOK, operations=OPERATIONS)
+@kopf.on.validate(*InferenceService.resource(), id=INFERENCE_WEBHOOK, operations=OPERATIONS)
 def validate_inferenceservice(body: Any, old: Any, new: Any, operation: str | None,
                               warnings: list[str], **_: Any) -> None:
     if _skip(operation, body, old, new):

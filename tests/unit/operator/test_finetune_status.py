@@ -45,8 +45,8 @@ def pod(index: int, phase: str = "Running", ready: bool = True, uid: str | None 
 
 
 def run(prev=None, j=None, pods=(), counted=(), s=None, progress=None, now=T1, gen=1):
-    return fs.compute(spec=s or spec(), generation=gen, prev=prev or {}, job=j, pods=list(pods),
-                      counted=list(counted), progress=progress, now=now)
+    obj = {"metadata": {"name": "ft", "namespace": "ns", "generation": gen}, "status": prev or {}}
+    return fs.compute(obj, spec=s or spec(), job=j, pods=list(pods), counted=list(counted), progress=progress, now=now)
 
 
 def cond(status: dict, type_: str) -> dict:
@@ -231,6 +231,46 @@ def test_ttl_due():
     assert fs.ttl_due({"phase": "Succeeded", "completionTime": T1}, 60).isoformat() == "2026-01-01T00:02:00+00:00"
     assert fs.ttl_due({"phase": "Running"}, 60) is None
     assert fs.ttl_due({"phase": "Failed", "completionTime": T1}, None) is None
+
+
+# --- the table: what one sync reads -> phase, conditions, events ----------------------------------
+ACCEPTED = {"type": "Accepted", "status": "True", "reason": "Accepted", "message": "spec is valid",
+            "lastTransitionTime": T0, "observedGeneration": 1}
+CREATED = {"type": "Created", "status": "True", "reason": "ChildrenCreated", "message": "Service ft, ConfigMap ft-config, Job ft",
+           "lastTransitionTime": T0, "observedGeneration": 1}
+
+TABLE = [
+    # id, previous phase (None: new), Job, pods, spec overrides -> phase, Running (status, reason), events
+    ("new, no Job yet", None, None, [], {},
+     "Pending", ("False", "Pending"), ["Accepted", "Pending"]),
+    ("Job created, workers pending", "Pending", job(), [pod(0, "Pending", ready=False)], {},
+     "Pending", ("False", "WaitingForWorkers"), []),
+    ("queued by Kueue", "Pending", job(suspend=True), [], {},
+     "Pending", ("False", "Queued"), []),
+    ("all workers ready", "Pending", job(), [pod(0), pod(1)], {},
+     "Running", ("True", "WorkersReady"), ["Running"]),
+    ("suspended", "Running", job(suspend=True), [], {"suspend": True},
+     "Suspended", ("False", "Suspended"), ["Suspended"]),
+    ("a worker failed", "Running", job(), [pod(0, "Failed", exit_code=1, uid="x"), pod(1)], {},
+     "Restarting", ("False", "Restarting"), ["WorkerFailed", "Restarting"]),
+    ("Job complete", "Running", job(("Complete", "CompletionsReached")), [], {},
+     "Succeeded", ("False", "Completed"), ["Succeeded"]),
+    ("Job failed", "Running", job(("Failed", "BackoffLimitExceeded")), [], {},
+     "Failed", ("False", "BackoffLimitExceeded"), ["BackoffLimitExceeded"]),
+]
+
+
+@pytest.mark.parametrize("prev_phase, j, pods, over, phase, running, events",
+                         [row[1:] for row in TABLE], ids=[row[0] for row in TABLE])
+def test_status_table(prev_phase, j, pods, over, phase, running, events):
+    prev = {"phase": prev_phase, "conditions": [ACCEPTED, CREATED], "observedGeneration": 1} if prev_phase else {}
+    out = run(prev=prev, j=j, pods=pods, s=spec(**over))
+    assert out.status["phase"] == phase
+    assert (cond(out.status, "Running")["status"], cond(out.status, "Running")["reason"]) == running
+    assert [e.reason for e in out.events] == events
+    # Nothing new seen (the failures counted): the same status, no event (a sync writes nothing).
+    again = run(prev=out.status, j=j, pods=pods, s=spec(**over), counted=out.counted, now=T2)
+    assert again.status == out.status and again.events == []
 
 
 # --- scraping a real endpoint ---------------------------------------------------------------------------

@@ -1,9 +1,13 @@
-"""Thin access to the Kubernetes API for the reconcilers: server-side apply and reads.
+"""Thin access to the Kubernetes API: server-side apply and reads, for the operator and the SDK.
 
 Children are applied with server-side apply under one field manager (``kubeforge``), with
 ``force`` so that the operator stays the owner of the fields it sets; applying the same
 manifest twice is a no-op on the server (no new resourceVersion). Paths are computed from a
-small table instead of API discovery: the operator only touches the kinds listed here.
+small table instead of API discovery: the operator only touches the kinds listed here (the
+chart's RBAC test reads this table). The KubeForge kinds' paths come from :mod:`kubeforge.api`.
+
+Called by the reconcilers (:mod:`kubeforge.controllers`) and by :mod:`kubeforge.sdk`; it
+registers no kopf handler, so the SDK can use it without starting any operator machinery.
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
+from .api import API_VERSION, KINDS
+
 log = logging.getLogger(__name__)
 
 FIELD_MANAGER = "kubeforge"
 
-# kind -> (api prefix, plural, namespaced)
+# kind -> (api prefix, plural); every kind is namespaced.
 _RESOURCES: dict[str, tuple[str, str]] = {
     "ConfigMap": ("/api/v1", "configmaps"),
     "Service": ("/api/v1", "services"),
@@ -30,9 +36,7 @@ _RESOURCES: dict[str, tuple[str, str]] = {
     "Deployment": ("/apis/apps/v1", "deployments"),
     "HorizontalPodAutoscaler": ("/apis/autoscaling/v2", "horizontalpodautoscalers"),
     "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets"),
-    "FineTuneJob": ("/apis/kubeforge.io/v1alpha1", "finetunejobs"),
-    "QuantizeJob": ("/apis/kubeforge.io/v1alpha1", "quantizejobs"),
-    "InferenceService": ("/apis/kubeforge.io/v1alpha1", "inferenceservices"),
+    **{k.kind: (f"/apis/{API_VERSION}", k.plural) for k in KINDS},
 }
 
 _api: client.ApiClient | None = None

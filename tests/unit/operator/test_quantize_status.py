@@ -1,13 +1,16 @@
-"""QuantizeJob reconciler core (``decide``), report parsing and reference resolution (pure)."""
+"""QuantizeJob status (``quantize_status``), report parsing and reference resolution (pure)."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+from pydantic import ValidationError
 
-from kubeforge.controllers import quantize as qc
-from kubeforge.controllers.references import resolve, resolve_uri, revision_of
+from kubeforge.api import spec_problem
+from kubeforge.controllers import quantize_status as qc
+from kubeforge.controllers.conditions import reject
+from kubeforge.controllers.references import resolve, resolve_model, resolve_uri, revision_of
 
 AT = "2026-01-01T00:00:00Z"
 REPORT = {"originalBytes": 400, "quantizedBytes": 100, "compressionRatio": 4.0,
@@ -52,9 +55,20 @@ def cond(status, type_):
     return next((c for c in status["conditions"] if c["type"] == type_), None)
 
 
+def decide(obj, reference, job, pods, at):
+    """What one sync of ``obj`` concludes (as the reconciler does it): reject an invalid spec,
+    else resolve the input (``reference`` is the FineTuneJob read) and compute the status."""
+    try:
+        spec = qc.validate(obj)
+    except ValidationError as exc:
+        return qc.QuantizeOutcome(**vars(reject(obj, spec_problem(exc), at)))
+    resolution = resolve_model(spec.model, lambda kind, name: reference)
+    return qc.compute(obj, spec=spec, resolution=resolution, job=job, pods=pods, now=at)
+
+
 # --- input ------------------------------------------------------------------------------------
 def test_uri_model_creates_the_job_at_once():
-    d = qc.decide(qj(), None, None, [], AT)
+    d = decide(qj(), None, None, [], AT)
     assert d.create_with_model_uri == "s3://b/base"
     assert d.status["phase"] == "Pending" and d.status["modelUri"] == "s3://b/base"
     assert cond(d.status, "Accepted")["status"] == "True"
@@ -63,7 +77,7 @@ def test_uri_model_creates_the_job_at_once():
 
 @pytest.mark.parametrize("ref", [None, ftj("Running")])
 def test_reference_not_succeeded_waits(ref):
-    d = qc.decide(qj({"fineTuneJobRef": {"name": "ft"}}), ref, None, [], AT)
+    d = decide(qj({"fineTuneJobRef": {"name": "ft"}}), ref, None, [], AT)
     assert d.create_with_model_uri is None
     assert d.status["phase"] == "WaitingForInput"
     c = cond(d.status, "InputReady")
@@ -72,7 +86,7 @@ def test_reference_not_succeeded_waits(ref):
 
 
 def test_reference_succeeded_uses_its_output():
-    d = qc.decide(qj({"fineTuneJobRef": {"name": "ft"}}, status={"phase": "WaitingForInput"}),
+    d = decide(qj({"fineTuneJobRef": {"name": "ft"}}, status={"phase": "WaitingForInput"}),
                   ftj("Succeeded", "pvc://m/ft"), None, [], AT)
     assert d.create_with_model_uri == "pvc://m/ft" and d.status["modelUri"] == "pvc://m/ft"
     assert cond(d.status, "InputReady")["status"] == "True"
@@ -81,7 +95,7 @@ def test_reference_succeeded_uses_its_output():
 def test_reference_failed_fails_with_input_failed():
     ref = ftj("Failed", conditions=[{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
                                      "message": "workers failed"}])
-    d = qc.decide(qj({"fineTuneJobRef": {"name": "ft"}}), ref, None, [], AT)
+    d = decide(qj({"fineTuneJobRef": {"name": "ft"}}), ref, None, [], AT)
     assert d.create_with_model_uri is None and d.status["phase"] == "Failed"
     c = cond(d.status, "Failed")
     assert c["reason"] == "InputFailed" and "BackoffLimitExceeded: workers failed" in c["message"]
@@ -89,18 +103,18 @@ def test_reference_failed_fails_with_input_failed():
 
 
 def test_reference_succeeded_without_output_is_an_input_failure():
-    d = qc.decide(qj({"fineTuneJobRef": {"name": "ft"}}), ftj("Succeeded"), None, [], AT)
+    d = decide(qj({"fineTuneJobRef": {"name": "ft"}}), ftj("Succeeded"), None, [], AT)
     assert d.status["phase"] == "Failed" and "no status.output.uri" in cond(d.status, "Failed")["message"]
 
 
 # --- spec ---------------------------------------------------------------------------------------
 def test_invalid_spec_is_reported_once_and_nothing_starts():
-    d = qc.decide(qj(method="int3"), None, None, [], AT)
+    d = decide(qj(method="int3"), None, None, [], AT)
     assert d.create_with_model_uri is None
     c = cond(d.status, "Accepted")
     assert (c["status"], c["reason"]) == ("False", "InvalidSpec") and "method" in c["message"]
     assert [e.reason for e in d.events] == ["InvalidSpec"]
-    again = qc.decide(qj(method="int3", status=d.status), None, None, [], AT)
+    again = decide(qj(method="int3", status=d.status), None, None, [], AT)
     assert again.events == [] and again.status == d.status
 
 
@@ -113,29 +127,29 @@ def test_group_size_the_runtime_cannot_use_is_rejected_up_front():
 
     # The API allows exactly the group sizes the runtime accepts (and the API server enforces it).
     assert get_args(QuantizeJobSpec.model_fields["group_size"].annotation) == GROUP_SIZES
-    d = qc.decide(qj(groupSize=48), None, None, [], AT)
+    d = decide(qj(groupSize=48), None, None, [], AT)
     assert cond(d.status, "Accepted")["reason"] == "InvalidSpec"
     assert "groupSize" in cond(d.status, "Accepted")["message"]
 
 
 # --- the Job ------------------------------------------------------------------------------------
 def test_job_pending_then_running():
-    d = qc.decide(qj(status={"phase": "Pending"}), None, job(), [], AT)
+    d = decide(qj(status={"phase": "Pending"}), None, job(), [], AT)
     assert d.status["phase"] == "Pending" and cond(d.status, "Running")["reason"] == "PodStarting"
-    d = qc.decide(qj(status=d.status), None, job(ready=1, active=1), [], AT)
+    d = decide(qj(status=d.status), None, job(ready=1, active=1), [], AT)
     assert d.status["phase"] == "Running" and d.status["startTime"] == AT
     assert [e.reason for e in d.events if e.reason == "Running"] == ["Running"]
 
 
 def test_suspended_job_is_queued():
-    d = qc.decide(qj(), None, job(suspend=True), [], AT)
+    d = decide(qj(), None, job(suspend=True), [], AT)
     assert d.status["phase"] == "Pending" and cond(d.status, "Running")["reason"] == "Queued"
 
 
 def test_success_puts_the_report_into_result_and_output():
     j = job([("SuccessCriteriaMet", "", ""), ("Complete", "", "")])
     j["status"]["completionTime"] = "2026-01-01T01:00:00Z"
-    d = qc.decide(qj(status={"phase": "Running"}), None, j, [pod(0, json.dumps(REPORT))], AT)
+    d = decide(qj(status={"phase": "Running"}), None, j, [pod(0, json.dumps(REPORT))], AT)
     st = d.status
     assert st["phase"] == "Succeeded" and st["output"] == {"uri": "s3://b/q"}
     assert st["completionTime"] == "2026-01-01T01:00:00Z"
@@ -148,7 +162,7 @@ def test_success_puts_the_report_into_result_and_output():
 
 
 def test_success_without_a_report_still_succeeds():
-    d = qc.decide(qj(), None, job([("Complete", "", "")]), [pod(0, "some log line\n")], AT)
+    d = decide(qj(), None, job([("Complete", "", "")]), [pod(0, "some log line\n")], AT)
     assert d.status["phase"] == "Succeeded" and "result" not in d.status
 
 
@@ -156,7 +170,7 @@ def test_exit_79_is_quality_gate_failed_with_the_numbers():
     report = {**REPORT, "perplexity": {"before": 20.0, "after": 21.0}, "perplexityIncreasePercent": 5.0,
               "gatePassed": False}
     j = job([("FailureTarget", "PodFailurePolicy", "matched"), ("Failed", "PodFailurePolicy", "matched")])
-    d = qc.decide(qj(), None, j, [pod(79, json.dumps(report))], AT)
+    d = decide(qj(), None, j, [pod(79, json.dumps(report))], AT)
     c = cond(d.status, "Failed")
     assert d.status["phase"] == "Failed" and c["reason"] == "QualityGateFailed"
     assert "5%" in c["message"] and "20 -> 21" in c["message"] and "1% allowed" in c["message"]
@@ -166,39 +180,39 @@ def test_exit_79_is_quality_gate_failed_with_the_numbers():
 
 def test_exit_78_is_configuration_error_with_the_runtime_message():
     report = {"reason": "UnsupportedMethod", "message": "int4 needs CUDA; use int8-weight-only", "gatePassed": False}
-    d = qc.decide(qj(), None, job([("Failed", "PodFailurePolicy", "")]), [pod(78, json.dumps(report))], AT)
+    d = decide(qj(), None, job([("Failed", "PodFailurePolicy", "")]), [pod(78, json.dumps(report))], AT)
     c = cond(d.status, "Failed")
     assert c["reason"] == "ConfigurationError" and "use int8-weight-only" in c["message"]
 
 
 def test_exit_78_without_report_uses_the_log_tail():
-    d = qc.decide(qj(), None, job([("Failed", "PodFailurePolicy", "")]),
+    d = decide(qj(), None, job([("Failed", "PodFailurePolicy", "")]),
                   [pod(78, "Traceback...\nConfigError: unknown key 'foo'")], AT)
     assert "unknown key 'foo'" in cond(d.status, "Failed")["message"]
 
 
 def test_other_failures_keep_the_job_reason_and_the_exit_code():
     j = job([("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")])
-    d = qc.decide(qj(), None, j, [pod(1, "OOM", "2026-01-01T00:00:01Z"), pod(137, "killed", "2026-01-01T00:00:09Z")], AT)
+    d = decide(qj(), None, j, [pod(1, "OOM", "2026-01-01T00:00:01Z"), pod(137, "killed", "2026-01-01T00:00:09Z")], AT)
     c = cond(d.status, "Failed")
     assert c["reason"] == "BackoffLimitExceeded" and "last exit code 137" in c["message"] and "killed" in c["message"]
 
 
 def test_exit_zero_with_a_failed_gate_is_not_a_success():
-    d = qc.decide(qj(), None, job([("Complete", "", "")]), [pod(0, json.dumps({**REPORT, "gatePassed": False}))], AT)
+    d = decide(qj(), None, job([("Complete", "", "")]), [pod(0, json.dumps({**REPORT, "gatePassed": False}))], AT)
     assert d.status["phase"] == "Failed" and cond(d.status, "Failed")["reason"] == "QualityGateFailed"
 
 
 def test_terminal_is_never_resurrected():
     for phase in ("Succeeded", "Failed"):
         st = {"phase": phase, "conditions": []}
-        d = qc.decide(qj(status=st), ftj("Succeeded", "s3://x"), None, [], AT)
+        d = decide(qj(status=st), ftj("Succeeded", "s3://x"), None, [], AT)
         assert d.status == st and d.create_with_model_uri is None and d.events == []
 
 
 def test_unchanged_outcome_gives_an_identical_status():
-    first = qc.decide(qj(), None, job(ready=1, active=1), [], AT).status
-    second = qc.decide(qj(status=first), None, job(ready=1, active=1), [], "2026-02-02T00:00:00Z")
+    first = decide(qj(), None, job(ready=1, active=1), [], AT).status
+    second = decide(qj(status=first), None, job(ready=1, active=1), [], "2026-02-02T00:00:00Z")
     assert second.status == first and second.events == []
 
 
@@ -231,3 +245,66 @@ def test_missing_reference_waits_and_uri_is_ready():
     assert resolve("QuantizeJob", "x", None).state == "missing"
     r = resolve_uri("hf://a/b")
     assert r.state == "ready" and r.revision == revision_of("hf://a/b")
+
+
+# --- the table: what one sync reads -> phase, conditions, events, the Job to create ---------------
+ACCEPTED = {"type": "Accepted", "status": "True", "reason": "Accepted", "message": "spec is valid",
+            "lastTransitionTime": AT, "observedGeneration": 1}
+MISSING = resolve("FineTuneJob", "ft", None)
+RUNNING_INPUT = resolve("FineTuneJob", "ft", ftj("Running"))
+FAILED_INPUT = resolve("FineTuneJob", "ft", ftj("Failed"))
+READY_INPUT = resolve_uri("s3://b/base")
+GATE_FAILED = json.dumps({**REPORT, "gatePassed": False, "perplexityIncreasePercent": 5.0})
+
+TABLE = [
+    # id, previous phase (None: new), input, Job, pods -> phase, {condition: (status, reason)}, events, create
+    ("new, input ready", None, READY_INPUT, None, [],
+     "Pending", {"Accepted": ("True", "Accepted"), "InputReady": ("True", "InputReady"), "Running": ("False", "JobCreated")},
+     ["Accepted", "JobCreated"], "s3://b/base"),
+    ("new, input missing", None, MISSING, None, [],
+     "WaitingForInput", {"InputReady": ("False", "WaitingForInput")}, ["Accepted", "WaitingForInput"], None),
+    ("waiting, input still running", "WaitingForInput", RUNNING_INPUT, None, [],
+     "WaitingForInput", {"InputReady": ("False", "WaitingForInput")}, [], None),
+    ("waiting, input failed", "WaitingForInput", FAILED_INPUT, None, [],
+     "Failed", {"InputReady": ("False", "InputFailed"), "Failed": ("True", "InputFailed"), "Running": ("False", "InputFailed")},
+     ["InputFailed"], None),
+    ("Job created, pod starting", "Pending", None, job(), [],
+     "Pending", {"Running": ("False", "PodStarting")}, [], None),
+    ("Job queued", "Pending", None, job(suspend=True), [],
+     "Pending", {"Running": ("False", "Queued")}, [], None),
+    ("pod ready", "Pending", None, job(ready=1, active=1), [],
+     "Running", {"Running": ("True", "Running")}, ["Running"], None),
+    ("Job complete with a report", "Running", None, job([("Complete", "", "")]), [pod(0, json.dumps(REPORT))],
+     "Succeeded", {"Succeeded": ("True", "Succeeded"), "Running": ("False", "Completed")}, ["Succeeded"], None),
+    ("Job complete, gate failed", "Running", None, job([("Complete", "", "")]), [pod(0, GATE_FAILED)],
+     "Failed", {"Failed": ("True", "QualityGateFailed")}, ["QualityGateFailed"], None),
+    ("exit 79", "Running", None, job([("Failed", "PodFailurePolicy", "")]), [pod(79, GATE_FAILED)],
+     "Failed", {"Failed": ("True", "QualityGateFailed")}, ["QualityGateFailed"], None),
+    ("exit 78", "Running", None, job([("Failed", "PodFailurePolicy", "")]), [pod(78, "bad key")],
+     "Failed", {"Failed": ("True", "ConfigurationError")}, ["ConfigurationError"], None),
+    ("backoff limit", "Running", None, job([("Failed", "BackoffLimitExceeded", "too many")]), [pod(1, "boom")],
+     "Failed", {"Failed": ("True", "BackoffLimitExceeded"), "Running": ("False", "BackoffLimitExceeded")},
+     ["BackoffLimitExceeded"], None),
+    ("succeeded stays succeeded", "Succeeded", READY_INPUT, job(ready=1, active=1), [],
+     "Succeeded", {}, [], None),
+    ("failed stays failed", "Failed", READY_INPUT, None, [],
+     "Failed", {}, [], None),
+]
+
+
+@pytest.mark.parametrize("prev_phase, resolution, j, pods, phase, conditions, events, create",
+                         [row[1:] for row in TABLE], ids=[row[0] for row in TABLE])
+def test_status_table(prev_phase, resolution, j, pods, phase, conditions, events, create):
+    prev = {"phase": prev_phase, "conditions": [ACCEPTED], "observedGeneration": 1} if prev_phase else {}
+    obj = qj(status=prev)
+    out = qc.compute(obj, spec=qc.validate(obj), resolution=resolution, job=j, pods=pods, now=AT)
+    assert out.status["phase"] == phase
+    for type_, (status, reason) in conditions.items():
+        assert (cond(out.status, type_)["status"], cond(out.status, type_)["reason"]) == (status, reason), type_
+    assert [e.reason for e in out.events] == events
+    assert out.create_with_model_uri == create
+    if create is None:
+        # Nothing new seen: the same status, no event (a sync writes nothing).
+        again = qc.compute(qj(status=out.status), spec=qc.validate(obj), resolution=resolution, job=j, pods=pods,
+                           now="2026-03-03T00:00:00Z")
+        assert again.status == out.status and again.events == []

@@ -1,0 +1,276 @@
+"""The reconcile loop every kind shares; each ``controllers/<kind>.py`` fills in its two steps.
+
+One :class:`Reconciler` per kind (FineTuneJob, QuantizeJob, InferenceService) does, for one
+object at a time:
+
+1. **read** the object afresh (gone or being deleted: :meth:`~Reconciler.forget` it);
+2. **validate** its spec (the kind's ``validate``); an invalid spec is permanent for its
+   generation: ``Accepted=False/InvalidSpec`` and one Warning event (:func:`.conditions.reject`),
+   nothing else happens and nothing is retried;
+3. **step** (the kind's): read the children, apply what the spec says, and call the pure
+   ``<kind>_status.compute`` for the new status;
+4. **write** the status with one merge patch guarded by the object's ``resourceVersion`` (a
+   concurrent change makes it fail with 409 and the whole sync runs again on a fresh read),
+   then post the outcome's events and record the phase and the duration
+   (``kubeforge_jobs{kind,phase}``, ``kubeforge_reconcile_duration_seconds{kind}``);
+5. **after** (the kind's, optional): act on what the written status says (create the Job it
+   announces, delete an object whose TTL has passed).
+
+Syncs are serialised per object (a lock), so a slow read-compute-write never overwrites the
+outcome of a newer one. There are two ways in: :meth:`~Reconciler.request` syncs now, in the
+caller's thread, and raises what the sync raises (kopf's spec handlers, so that kopf retries
+them); :meth:`~Reconciler.schedule` syncs soon from a small pool, after a short debounce that
+coalesces a burst of child events into one sync (a pod going Pending -> Running -> Ready is
+half a dozen events within a second); a failed scheduled sync is scheduled again.
+:meth:`~Reconciler.fan_out` schedules the objects that reference a FineTuneJob or QuantizeJob
+whose outcome changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Generic, TypeVar
+
+import kopf
+from kubernetes.client.rest import ApiException
+from pydantic import BaseModel, ValidationError
+
+from .. import kube
+from ..api import InvalidSpec, Kind, spec_problem
+from ..builders.common import MANAGED_BY, owner_label
+from . import metrics
+from .conditions import Outcome, reject
+from .events import post as post_event
+
+log = logging.getLogger(__name__)
+
+S = TypeVar("S", bound=BaseModel)
+Key = tuple[str, str]
+"""(namespace, name) of one object."""
+
+DEBOUNCE_ENV = "KUBEFORGE_DEBOUNCE_SECONDS"
+DEFAULT_DEBOUNCE_SECONDS = 0.3
+CONFLICT_RETRIES = 5
+
+
+def owned_by(child: dict[str, Any] | None, owner: dict[str, Any]) -> bool:
+    """Whether ``child`` lists ``owner`` (by UID) among its ownerReferences."""
+    uid = (owner.get("metadata") or {}).get("uid")
+    return bool(child) and any(r.get("uid") == uid for r in (child.get("metadata") or {}).get("ownerReferences") or [])
+
+
+def merge_hints(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Hints of two sync requests as one: a set hint wins over an unset one, the newer over the older."""
+    return {k: new.get(k) or old.get(k) for k in old.keys() | new.keys()}
+
+
+class Reconciler(Generic[S]):
+    """The serialised, coalesced read -> validate -> step -> write -> after loop of one kind.
+
+    ``validate(obj)`` returns the typed spec or raises ``ValidationError``/``InvalidSpec``.
+    ``step(obj, spec, **hints)`` returns the :class:`Outcome` to write (hints say what
+    triggered the sync: ``apply=True`` from spec handlers, ``job_hint`` from a child Job's event).
+    ``after(obj, spec, outcome, changed)`` runs once the status is written. ``on_forget``
+    drops the kind's own in-memory state of a deleted object.
+    """
+
+    def __init__(self, kind: type[Kind], *, validate: Callable[[dict[str, Any]], S],
+                 step: Callable[..., Outcome],
+                 after: Callable[[dict[str, Any], S, Any, bool], None] | None = None,
+                 on_forget: Callable[[str, str], None] | None = None) -> None:
+        self.kind = kind.kind
+        self.validate, self.step, self.after, self.on_forget = validate, step, after, on_forget
+        self.owner_label = owner_label(self.kind)
+        self.child_labels = {"app.kubernetes.io/managed-by": MANAGED_BY, self.owner_label: kopf.PRESENT}
+        """kopf label filter for the children of this kind's objects."""
+        self._guard = threading.Lock()
+        self._locks: dict[Key, threading.Lock] = {}
+        self._seen_inputs: dict[tuple[str, str, str], tuple[Any, ...]] = {}
+
+    # --- ways in ---------------------------------------------------------------------------------
+    def request(self, namespace: str, name: str, **hints: Any) -> None:
+        """Sync now, in this thread (after a sync of the same object already running)."""
+        with self._guard:
+            lock = self._locks.setdefault((namespace, name), threading.Lock())
+        with lock:
+            for attempt in range(CONFLICT_RETRIES):
+                try:
+                    self.sync(namespace, name, **hints)
+                    return
+                except ApiException as exc:
+                    # 409: someone else wrote the object since it was read: read it again and redo.
+                    if exc.status != 409 or attempt == CONFLICT_RETRIES - 1:
+                        raise
+
+    def schedule(self, namespace: str, name: str, **hints: Any) -> None:
+        """Sync soon, from the debouncer's pool; requests for one object within the delay are one sync."""
+        _debouncer().schedule(self, namespace, name, hints)
+
+    def on_event(self, type: str | None, name: str, namespace: str, **_: Any) -> None:
+        """kopf event handler of the kind itself: a DELETED object is forgotten.
+
+        There is no finalizer (a deletion never waits for the operator), hence no delete
+        handler: the DELETED event schedules a sync, which finds the object gone and forgets
+        it, after any sync of it still running (so that one cannot record it again).
+        """
+        if type == "DELETED":
+            self.schedule(namespace, name)
+
+    def forget(self, namespace: str, name: str) -> None:
+        """Drop everything held in memory about a deleted object."""
+        with self._guard:
+            self._locks.pop((namespace, name), None)
+        metrics.forget(self.kind, namespace, name)
+        if self.on_forget is not None:
+            self.on_forget(namespace, name)
+
+    def fan_out(self, ref_field: str, body: Any, name: str, namespace: str, event_type: str | None,
+                **hints: Any) -> None:
+        """Schedule every object whose ``spec.model.<ref_field>`` names the job ``name`` that just changed.
+
+        Only when the job's outcome changed (deleted, re-created, phase, output, completion),
+        not on each of a training run's progress updates.
+        """
+        status = body.get("status") or {}
+        seen = (event_type == "DELETED", (body.get("metadata") or {}).get("uid"), status.get("phase"),
+                (status.get("output") or {}).get("uri"), status.get("completionTime"))
+        key = (ref_field, namespace, name)
+        with self._guard:
+            if self._seen_inputs.get(key) == seen:
+                return
+            if event_type == "DELETED":
+                self._seen_inputs.pop(key, None)
+            else:
+                self._seen_inputs[key] = seen
+        for obj in kube.list_(self.kind, namespace):
+            if (((obj.get("spec") or {}).get("model") or {}).get(ref_field) or {}).get("name") == name:
+                log.info("%s %s/%s: %s %s changed (%s); reconciling", self.kind, namespace, obj["metadata"]["name"],
+                         ref_field, name, status.get("phase"))
+                self.schedule(namespace, obj["metadata"]["name"], **hints)
+
+    # --- the sync ------------------------------------------------------------------------------------
+    def sync(self, namespace: str, name: str, **hints: Any) -> None:
+        """One read -> validate -> step -> write -> after round (callers hold the object's lock)."""
+        started = time.monotonic()
+        obj = kube.get(self.kind, namespace, name)
+        if obj is None or obj["metadata"].get("deletionTimestamp"):
+            self.forget(namespace, name)
+            return
+        prev = obj.get("status") or {}
+        spec: S | None = None
+        try:
+            spec = self.validate(obj)
+        except (ValidationError, InvalidSpec) as exc:
+            outcome = reject(obj, spec_problem(exc))
+        else:
+            outcome = self.step(obj, spec, **hints)
+        changed = self.write(obj, prev, outcome)
+        metrics.record_phase(self.kind, namespace, name, outcome.status.get("phase"))
+        metrics.RECONCILE_DURATION.labels(self.kind).observe(time.monotonic() - started)
+        if spec is not None and self.after is not None:
+            self.after(obj, spec, outcome, changed)
+
+    def write(self, obj: dict[str, Any], prev: dict[str, Any], outcome: Outcome) -> bool:
+        """Write ``outcome.status`` if it differs from ``prev``, then post its events; True if written."""
+        meta = obj["metadata"]
+        changed = outcome.status != prev
+        if changed:
+            kube.patch_merge(self.kind, meta["namespace"], meta["name"],
+                             {"metadata": {"resourceVersion": meta.get("resourceVersion")}, "status": outcome.status},
+                             subresource="status")
+            if outcome.status.get("phase") != prev.get("phase"):
+                log.info("%s %s/%s: phase %s -> %s", self.kind, meta["namespace"], meta["name"], prev.get("phase"),
+                         outcome.status.get("phase"))
+        for ev in outcome.events:
+            post_event(obj, ev)
+        return changed
+
+    def run_scheduled(self, namespace: str, name: str, hints: dict[str, Any]) -> None:
+        """A debounced sync; a failure is logged and the sync scheduled again (never raised)."""
+        try:
+            self.request(namespace, name, **hints)
+        except kopf.PermanentError as exc:
+            log.error("%s %s/%s: %s", self.kind, namespace, name, exc)
+        except Exception as exc:  # noqa: BLE001 - logged; tried again after the delay
+            log.exception("sync of %s %s/%s failed", self.kind, namespace, name)
+            delay = exc.delay if isinstance(exc, kopf.TemporaryError) and exc.delay else None
+            _debouncer().schedule(self, namespace, name, hints, delay)
+
+
+class Debouncer:
+    """Due syncs by object: one scheduler thread hands each due object to a small pool.
+
+    Event handlers only mark an object due (and return at once, freeing kopf's workers); an
+    object marked again before it is due is still one sync, with the requests' hints merged.
+    """
+
+    def __init__(self, delay: float, workers: int = 8) -> None:
+        self.delay = delay
+        self._due: dict[tuple[Reconciler[Any], str, str], tuple[float, dict[str, Any]]] = {}
+        self._cv = threading.Condition()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kubeforge-sync")
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="kubeforge-debouncer", daemon=True)
+        self._thread.start()
+
+    def schedule(self, reconciler: Reconciler[Any], namespace: str, name: str, hints: dict[str, Any],
+                 delay: float | None = None) -> None:
+        key = (reconciler, namespace, name)
+        due = time.monotonic() + (self.delay if delay is None else delay)
+        with self._cv:
+            if key in self._due:
+                old_due, old_hints = self._due[key]
+                self._due[key] = (min(old_due, due), merge_hints(old_hints, hints))
+            else:
+                self._due[key] = (due, dict(hints))
+            self._cv.notify()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopped = True
+            self._cv.notify()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                if self._stopped:
+                    return
+                nowt = time.monotonic()
+                ready = [(k, hints) for k, (t, hints) in self._due.items() if t <= nowt]
+                for k, _hints in ready:
+                    del self._due[k]
+                if not ready:
+                    wait = min((t for t, _h in self._due.values()), default=nowt + 60) - nowt
+                    self._cv.wait(timeout=max(wait, 0.01))
+                    continue
+            for (reconciler, namespace, name), hints in ready:
+                self._pool.submit(reconciler.run_scheduled, namespace, name, hints)
+
+
+_the_debouncer: Debouncer | None = None
+_debouncer_lock = threading.Lock()
+
+
+def _debouncer() -> Debouncer:
+    global _the_debouncer
+    with _debouncer_lock:
+        if _the_debouncer is None:
+            _the_debouncer = Debouncer(float(os.environ.get(DEBOUNCE_ENV, DEFAULT_DEBOUNCE_SECONDS)))
+        return _the_debouncer
+
+
+@kopf.on.cleanup()
+def stop_debouncer(**_: Any) -> None:
+    global _the_debouncer
+    with _debouncer_lock:
+        if _the_debouncer is not None:
+            _the_debouncer.stop()
+            _the_debouncer = None
+
+
+__all__ = ["Debouncer", "Reconciler", "merge_hints", "owned_by"]

@@ -1,0 +1,254 @@
+"""The shared reconcile loop (controllers/reconcile.py) against an in-memory API: accept and
+reject, the resourceVersion-guarded write and its retry, forgetting deleted objects, metrics
+for every kind, serialised syncs, debounced and coalesced syncs, reference fan-out."""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+
+import pytest
+from kubernetes.client.rest import ApiException
+from prometheus_client import REGISTRY
+
+from kubeforge import kube
+from kubeforge.api import QuantizeJob
+from kubeforge.controllers import quantize_status
+from kubeforge.controllers.conditions import Event, Outcome, accept, reject
+from kubeforge.controllers.reconcile import Debouncer, Reconciler, merge_hints, owned_by
+
+AT = "2026-01-01T00:00:00Z"
+
+
+class FakeAPI:
+    """Just enough of the API server: objects with resourceVersions, status writes, events."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str, str], dict] = {}
+        self.events: list[dict] = []
+        self.status_writes = 0
+        self.conflicts = 0
+        """Writes still to fail with 409 (another writer got there first)."""
+        self._rv = 0
+
+    def put(self, kind: str, obj: dict) -> None:
+        self._rv += 1
+        obj = copy.deepcopy(obj)
+        obj["metadata"]["resourceVersion"] = str(self._rv)
+        self.objects[(kind, obj["metadata"]["namespace"], obj["metadata"]["name"])] = obj
+
+    def get(self, kind, namespace, name):
+        obj = self.objects.get((kind, namespace, name))
+        return copy.deepcopy(obj) if obj else None
+
+    def list_(self, kind, namespace, label_selector=None):
+        return [copy.deepcopy(o) for (k, ns, _n), o in self.objects.items() if (k, ns) == (kind, namespace)]
+
+    def patch_merge(self, kind, namespace, name, patch, subresource=None):
+        obj = self.objects[(kind, namespace, name)]
+        if self.conflicts:
+            self.conflicts -= 1
+            self.put(kind, obj)  # someone else wrote it: a new resourceVersion
+            raise ApiException(status=409, reason="Conflict")
+        if patch.get("metadata", {}).get("resourceVersion") not in (None, obj["metadata"]["resourceVersion"]):
+            raise ApiException(status=409, reason="Conflict")
+        obj = copy.deepcopy(obj)
+        if subresource == "status":
+            obj["status"] = patch["status"]
+            self.status_writes += 1
+        self.put(kind, obj)
+        return self.get(kind, namespace, name)
+
+    def create(self, kind, namespace, obj, name=None, subresource=None):
+        self.events.append(obj)
+        return obj
+
+
+@pytest.fixture
+def api(monkeypatch) -> FakeAPI:
+    fake = FakeAPI()
+    for fn in ("get", "list_", "patch_merge", "create"):
+        monkeypatch.setattr(kube, fn, getattr(fake, fn))
+    return fake
+
+
+def qj(name="q", namespace="ns-rec", **spec) -> dict:
+    return {"apiVersion": "kubeforge.io/v1alpha1", "kind": "QuantizeJob",
+            "metadata": {"name": name, "namespace": namespace, "uid": f"uid-{name}", "generation": 1},
+            "spec": {"model": {"uri": "s3://b/base"}, "output": {"uri": "s3://b/q"}, **spec}}
+
+
+class Steps:
+    """A kind's step that records its calls and reports the phase it is told."""
+
+    def __init__(self, phase="Running", delay=0.0) -> None:
+        self.phase, self.delay = phase, delay
+        self.calls: list[dict] = []
+        self.active = self.most_active = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, obj, spec, **hints):
+        with self._lock:
+            self.calls.append(hints)
+            self.active += 1
+            self.most_active = max(self.most_active, self.active)
+        time.sleep(self.delay)
+        with self._lock:
+            self.active -= 1
+        accepted, events = accept((obj.get("status") or {}).get("conditions"), 1, AT)
+        return Outcome({**(obj.get("status") or {}), "phase": self.phase, "conditions": accepted},
+                       events + ([Event("Normal", self.phase, "now")] if obj.get("status", {}).get("phase") != self.phase else []))
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def reasons(api: FakeAPI) -> list[str]:
+    return [e["reason"] for e in api.events]
+
+
+# --- accept / reject (pure) ------------------------------------------------------------------------
+def test_accept_posts_one_event_per_generation():
+    conds, events = accept(None, 1, AT)
+    assert [e.reason for e in events] == ["Accepted"] and conds[0]["observedGeneration"] == 1
+    assert accept(conds, 1, AT)[1] == []
+    conds2, events = accept(conds, 2, AT)
+    assert [e.message for e in events] == ["generation 2 accepted"]
+    assert conds2[0]["lastTransitionTime"] == AT  # still True: no transition
+
+
+def test_reject_keeps_the_phase_and_warns_once_per_message():
+    out = reject({**qj(), "status": {"phase": "Running"}}, "spec.method: bad", AT)
+    c = out.status["conditions"][0]
+    assert (c["status"], c["reason"], c["message"]) == ("False", "InvalidSpec", "spec.method: bad")
+    assert out.status["phase"] == "Running" and out.status["observedGeneration"] == 1
+    assert [(e.type, e.reason) for e in out.events] == [("Warning", "InvalidSpec")]
+    assert reject({**qj(), "status": out.status}, "spec.method: bad", AT).events == []
+    assert len(reject({**qj(), "status": out.status}, "spec.method: worse", AT).events) == 1
+    assert reject(qj(), "x", AT).status["phase"] == "Pending"
+
+
+def test_merge_hints_and_owned_by():
+    assert merge_hints({"apply": True}, {"apply": False, "job_hint": {"a": 1}}) == {"apply": True, "job_hint": {"a": 1}}
+    assert merge_hints({"job_hint": {"old": 1}}, {"job_hint": {"new": 1}}) == {"job_hint": {"new": 1}}
+    owner = qj()
+    assert owned_by({"metadata": {"ownerReferences": [{"uid": "uid-q"}]}}, owner)
+    assert not owned_by({"metadata": {"ownerReferences": [{"uid": "other"}]}}, owner)
+    assert not owned_by(None, owner)
+
+
+# --- the loop ---------------------------------------------------------------------------------------
+def test_valid_spec_is_stepped_written_guarded_and_measured(api):
+    api.put("QuantizeJob", qj("ok"))
+    steps = Steps("Running")
+    r = Reconciler(QuantizeJob, validate=quantize_status.validate, step=steps)
+    durations = sample("kubeforge_reconcile_duration_seconds_count", kind="QuantizeJob")
+    r.request("ns-rec", "ok", job_hint={"x": 1})
+    assert steps.calls == [{"job_hint": {"x": 1}}]
+    assert api.get("QuantizeJob", "ns-rec", "ok")["status"]["phase"] == "Running"
+    assert reasons(api) == ["Accepted", "Running"]
+    assert sample("kubeforge_jobs", kind="QuantizeJob", phase="Running") >= 1
+    assert sample("kubeforge_reconcile_duration_seconds_count", kind="QuantizeJob") == durations + 1
+    # Again: nothing new, nothing written, no event.
+    r.request("ns-rec", "ok")
+    assert api.status_writes == 1 and reasons(api) == ["Accepted", "Running"]
+    r.forget("ns-rec", "ok")
+
+
+def test_invalid_spec_is_rejected_once_and_never_stepped(api):
+    api.put("QuantizeJob", qj("bad", method="int3"))
+    steps = Steps()
+    r = Reconciler(QuantizeJob, validate=quantize_status.validate, step=steps)
+    r.request("ns-rec", "bad")
+    r.request("ns-rec", "bad")
+    st = api.get("QuantizeJob", "ns-rec", "bad")["status"]
+    assert st["conditions"][0]["reason"] == "InvalidSpec" and "spec.method" in st["conditions"][0]["message"]
+    assert st["phase"] == "Pending" and steps.calls == [] and reasons(api) == ["InvalidSpec"]
+    assert api.status_writes == 1
+    r.forget("ns-rec", "bad")
+
+
+def test_a_conflicting_write_is_redone_on_a_fresh_read(api):
+    api.put("QuantizeJob", qj("busy"))
+    steps = Steps()
+    r = Reconciler(QuantizeJob, validate=quantize_status.validate, step=steps)
+    api.conflicts = 2
+    r.request("ns-rec", "busy")
+    assert len(steps.calls) == 3 and api.status_writes == 1
+    assert reasons(api) == ["Accepted", "Running"]  # events only for the write that happened
+    r.forget("ns-rec", "busy")
+
+
+def test_a_deleted_object_is_forgotten(api):
+    forgotten = []
+    api.put("QuantizeJob", qj("gone"))
+    r = Reconciler(QuantizeJob, validate=quantize_status.validate, step=Steps("Succeeded"),
+                   on_forget=lambda ns, n: forgotten.append((ns, n)))
+    r.request("ns-rec", "gone")
+    assert sample("kubeforge_jobs", kind="QuantizeJob", phase="Succeeded") >= 1
+    before = sample("kubeforge_jobs", kind="QuantizeJob", phase="Succeeded")
+    del api.objects[("QuantizeJob", "ns-rec", "gone")]
+    r.request("ns-rec", "gone")
+    assert forgotten == [("ns-rec", "gone")]
+    assert sample("kubeforge_jobs", kind="QuantizeJob", phase="Succeeded") == before - 1
+
+
+def test_a_deleted_event_schedules_the_sync_that_forgets(monkeypatch):
+    r = Reconciler(QuantizeJob, validate=quantize_status.validate, step=Steps())
+    scheduled = []
+    monkeypatch.setattr(r, "schedule", lambda ns, name, **hints: scheduled.append((ns, name)))
+    r.on_event(type="MODIFIED", name="q", namespace="ns", body={})
+    r.on_event(type="DELETED", name="q", namespace="ns", body={})
+    assert scheduled == [("ns", "q")]
+
+
+def test_syncs_of_one_object_never_overlap(api):
+    api.put("QuantizeJob", qj("slow"))
+    steps = Steps(delay=0.05)
+    r = Reconciler(QuantizeJob, validate=quantize_status.validate, step=steps)
+    threads = [threading.Thread(target=r.request, args=("ns-rec", "slow")) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(steps.calls) == 4 and steps.most_active == 1
+    r.forget("ns-rec", "slow")
+
+
+def test_fan_out_schedules_the_referencing_objects_when_the_job_changes(api, monkeypatch):
+    api.put("QuantizeJob", qj("uses-ft", model={"fineTuneJobRef": {"name": "ft"}}))
+    api.put("QuantizeJob", qj("uses-other", model={"fineTuneJobRef": {"name": "other"}}))
+    r = Reconciler(QuantizeJob, validate=quantize_status.validate, step=Steps())
+    scheduled = []
+    monkeypatch.setattr(r, "schedule", lambda ns, name, **hints: scheduled.append((ns, name, hints)))
+    ft = {"metadata": {"uid": "f1"}, "status": {"phase": "Running"}}
+    r.fan_out("fineTuneJobRef", ft, "ft", "ns-rec", "MODIFIED", apply=True)
+    assert scheduled == [("ns-rec", "uses-ft", {"apply": True})]
+    r.fan_out("fineTuneJobRef", {**ft, "status": {"phase": "Running", "progress": {"step": 9}}}, "ft", "ns-rec", "MODIFIED")
+    assert len(scheduled) == 1  # progress is no news to the consumers
+    r.fan_out("fineTuneJobRef", {**ft, "status": {"phase": "Succeeded", "output": {"uri": "s3://m"}}}, "ft", "ns-rec",
+              "MODIFIED")
+    assert len(scheduled) == 2
+
+
+def test_debouncer_coalesces_a_burst_into_one_sync_with_merged_hints():
+    class Target:
+        def __init__(self):
+            self.runs, self.done = [], threading.Event()
+
+        def run_scheduled(self, namespace, name, hints):
+            self.runs.append((namespace, name, hints))
+            self.done.set()
+
+    target, d = Target(), Debouncer(0.1)
+    try:
+        d.schedule(target, "ns", "a", {"apply": True})
+        d.schedule(target, "ns", "a", {})
+        d.schedule(target, "ns", "a", {"job_hint": {"j": 1}})
+        assert target.done.wait(5)
+        time.sleep(0.2)
+        assert target.runs == [("ns", "a", {"apply": True, "job_hint": {"j": 1}})]
+    finally:
+        d.stop()
