@@ -37,7 +37,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from . import protocol as p
 from .metrics import CONTENT_TYPE_LATEST
-from .service import BadRequest, Delta, Overloaded, SamplingParams, ServeError, ServingRuntime, Ticket
+from .service import Delta, Overloaded, SamplingParams, ServeError, ServingRuntime, Ticket
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +159,7 @@ def create_app(runtime: ServingRuntime, api_key: str | None = None, lifespan: An
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(body: p.CompletionRequest, request: Request) -> Response:
         runtime.model(body.model)
+        runtime.check_choices(body.n * len(body.prompts()))  # before any tokenizing
         prompts = [runtime.encode(x) if isinstance(x, str) else list(x) for x in body.prompts()]
         jobs = [ids for ids in prompts for _ in range(body.n)]
         rid, created = p.new_id("cmpl"), p.now()
@@ -179,6 +180,7 @@ def create_app(runtime: ServingRuntime, api_key: str | None = None, lifespan: An
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat(body: p.ChatCompletionRequest, request: Request) -> Response:
         runtime.model(body.model)
+        runtime.check_choices(body.n)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         ids = runtime.encode_chat(messages)
         jobs = [ids for _ in range(body.n)]
@@ -248,14 +250,7 @@ async def _run(
     limit = body.limit() if isinstance(body, p.ChatCompletionRequest) else body.max_tokens
     for ids in jobs:  # validate lengths before taking any slot, so a bad request costs nothing
         runtime.clamp(ids, limit)
-    tickets: list[Ticket] = []
-    try:
-        for _ in jobs:
-            tickets.append(await runtime.admit(body.model))
-    except BaseException:
-        for t in tickets:
-            runtime.release(t)
-        raise
+    tickets = await runtime.admit(body.model, len(jobs))  # every choice's slot together, or none
     params = _params(body, limit)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

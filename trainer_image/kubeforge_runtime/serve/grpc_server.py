@@ -133,7 +133,7 @@ class GenerationService:
                 seed=request.seed or None,
             )
             rt.clamp(ids, params.max_tokens)
-            ticket = await rt.admit(request.model)
+            (ticket,) = await rt.admit(request.model)
         except ServeError as exc:
             await self._abort(context, exc)
             raise  # abort() raises; this line is for type checkers

@@ -4,10 +4,13 @@
 name), then answers ``generate()`` calls: it tokenizes nothing (front ends do, because chat
 templates are an HTTP concern) but owns everything both front ends must agree on:
 
-* **Admission.** At most ``maxConcurrentRequests`` requests generate at once, across all
-  served models; up to ``maxQueuedRequests`` more wait (FIFO). Past that a request is refused
-  at once with :class:`Overloaded` (HTTP 429 / gRPC RESOURCE_EXHAUSTED) carrying a
-  Retry-After estimate, so a burst can never grow the queue or memory without bound.
+* **Admission.** At most ``maxConcurrentRequests`` generations (choices) run at once, across
+  all served models; a request takes the slots of all its choices together or waits holding
+  none, and one that asks for more choices than there are slots is a :class:`BadRequest` at
+  once. Up to ``maxQueuedRequests`` requests wait (FIFO, with backfill: see
+  :class:`Admission`). Past that a request is refused at once with :class:`Overloaded`
+  (HTTP 429 / gRPC RESOURCE_EXHAUSTED) carrying a Retry-After estimate, so a burst can never
+  grow the queue or memory without bound.
 * **Deadline.** ``requestTimeoutSeconds`` covers queueing and generation; past it the request
   is cancelled in the engine and the caller gets :class:`DeadlineExceeded`.
 * **Cancellation.** When the caller stops iterating (client disconnected, stop sequence hit),
@@ -101,14 +104,30 @@ class ServedModel:
     parent: str | None = None  # the base model's name, for adapters
 
 
-class Admission:
-    """FIFO slots with a bounded waiting room (see the module docstring)."""
+@dataclass
+class _Waiter:
+    slots: int
+    since: float
+    future: asyncio.Future[None]
 
-    def __init__(self, max_running: int, max_waiting: int) -> None:
+
+class Admission:
+    """Generation slots, taken all at once per request, with a bounded waiting room.
+
+    A request takes every slot its choices need in one step, or waits holding none: a request
+    never sits on slots it cannot use yet while the requests beside it starve. The line is
+    FIFO with backfill: a request that fits in the free slots may pass a larger one waiting
+    ahead of it, but only while the head of the line has waited less than
+    ``backfill_seconds``; after that nobody passes the head until it is admitted, so a stream
+    of small requests cannot starve a large one.
+    """
+
+    def __init__(self, max_running: int, max_waiting: int, backfill_seconds: float) -> None:
         self.max_running = max_running
         self.max_waiting = max_waiting
-        self.running = 0
-        self.waiting: list[asyncio.Future[None]] = []
+        self.backfill_seconds = backfill_seconds
+        self.running = 0  # slots taken
+        self.waiting: list[_Waiter] = []
         self._avg_seconds = 1.0  # moving average of slot hold time, for Retry-After
 
     def retry_after(self) -> int:
@@ -116,10 +135,15 @@ class Admission:
         rounds = (len(self.waiting) + 1) / max(1, self.max_running)
         return max(1, math.ceil(rounds * self._avg_seconds))
 
-    async def acquire(self, timeout: float) -> float:
-        """Take a slot; return seconds spent waiting. Raise Overloaded or asyncio.TimeoutError."""
-        if self.running < self.max_running and not self.waiting:
-            self.running += 1
+    def _may_pass_head(self) -> bool:
+        return not self.waiting or time.monotonic() - self.waiting[0].since < self.backfill_seconds
+
+    async def acquire(self, slots: int, timeout: float) -> float:
+        """Take ``slots`` slots together; return seconds spent waiting. Raise Overloaded or asyncio.TimeoutError."""
+        if not 1 <= slots <= self.max_running:
+            raise ValueError(f"cannot take {slots} of {self.max_running} slots")  # front ends refuse these first
+        if slots <= self.max_running - self.running and self._may_pass_head():
+            self.running += slots
             return 0.0
         if len(self.waiting) >= self.max_waiting:
             raise Overloaded(
@@ -128,28 +152,44 @@ class Admission:
                 self.retry_after(),
             )
         start = time.monotonic()
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.waiting.append(fut)
+        waiter = _Waiter(slots, start, asyncio.get_running_loop().create_future())
+        self.waiting.append(waiter)
         try:
-            await asyncio.wait_for(asyncio.shield(fut), timeout)
+            await asyncio.wait_for(asyncio.shield(waiter.future), timeout)
         except BaseException:
-            if fut in self.waiting:
-                self.waiting.remove(fut)
-                fut.cancel()
-            elif fut.done() and not fut.cancelled():
-                self.release(0.0)  # the slot was handed to us just as we gave up: pass it on
+            if waiter in self.waiting:
+                self.waiting.remove(waiter)
+                waiter.future.cancel()
+                self._grant()  # it may have been the head that others were waiting behind
+            elif waiter.future.done() and not waiter.future.cancelled():
+                self.release(slots, 0.0)  # the slots were handed to us just as we gave up: pass them on
             raise
         return time.monotonic() - start
 
-    def release(self, held_seconds: float) -> None:
+    def release(self, slots: int, held_seconds: float) -> None:
         if held_seconds > 0:
             self._avg_seconds = 0.9 * self._avg_seconds + 0.1 * held_seconds
-        while self.waiting:
-            fut = self.waiting.pop(0)
-            if not fut.done():
-                fut.set_result(None)  # the slot passes directly to the next waiter
+        self.running -= slots
+        self._grant()
+
+    def _grant(self) -> None:
+        """Hand free slots to the waiters that fit, in line order (see the class docstring)."""
+        i = 0
+        while i < len(self.waiting) and self.running < self.max_running:
+            waiter = self.waiting[i]
+            if waiter.slots <= self.max_running - self.running:
+                del self.waiting[i]
+                self.running += waiter.slots
+                waiter.future.set_result(None)
+                continue
+            if i == 0 and not self._may_pass_head():
                 return
-        self.running -= 1
+            i += 1
+
+
+BACKFILL_SHARE = 0.25
+"""Share of ``requestTimeoutSeconds`` during which smaller requests may pass a larger one
+waiting at the head of the line (see :class:`Admission`)."""
 
 
 class ServingRuntime:
@@ -165,7 +205,10 @@ class ServingRuntime:
         self.backend_reason = ""
         self.ready = threading.Event()
         self.load_error: str | None = None
-        self.admission = Admission(config.engine.max_concurrent_requests, config.engine.max_queued_requests)
+        engine = config.engine
+        self.admission = Admission(
+            engine.max_concurrent_requests, engine.max_queued_requests, BACKFILL_SHARE * engine.request_timeout_seconds
+        )
         self.metrics = ServeMetrics(self._kv_usage)
         self.started_at = time.time()
 
@@ -297,28 +340,39 @@ class ServingRuntime:
             raise BadRequest(f"prompt token ids must be in [0, {self.vocab_size}) for this model")
         return room if max_tokens is None else min(max_tokens, room)
 
-    async def admit(self, model_name: str) -> "Ticket":
-        """Admission check and slot; raises Overloaded at once when the waiting room is full."""
+    def check_choices(self, choices: int) -> None:
+        """Refuse at once a request that could never be admitted: more choices than slots."""
+        limit = self.config.engine.max_concurrent_requests
+        if choices > limit:
+            raise BadRequest(
+                f"this request asks for {choices} choices (n x number of prompts); this server generates at most "
+                f"{limit} at once (engine.maxConcurrentRequests): lower n or send fewer prompts per request"
+            )
+
+    async def admit(self, model_name: str, choices: int = 1) -> list["Ticket"]:
+        """One slot per choice, all taken together; raises Overloaded at once when the waiting room is full."""
         served = self.model(model_name)
+        self.check_choices(choices)
         deadline = time.monotonic() + self.config.engine.request_timeout_seconds
         try:
-            self.metrics.waiting.labels(model_name).inc()
+            self.metrics.waiting.labels(model_name).inc(choices)
             try:
-                waited = await self.admission.acquire(self.config.engine.request_timeout_seconds)
+                waited = await self.admission.acquire(choices, self.config.engine.request_timeout_seconds)
             finally:
-                self.metrics.waiting.labels(model_name).dec()
+                self.metrics.waiting.labels(model_name).dec(choices)
         except Overloaded:
             self.metrics.rejected.labels(model_name).inc()
             raise
         except asyncio.TimeoutError:
-            self.metrics.success.labels(model_name, "timeout").inc()
+            self.metrics.success.labels(model_name, "timeout").inc(choices)
             raise DeadlineExceeded(
                 f"request waited {self.config.engine.request_timeout_seconds:g} s for a free slot "
                 "(requestTimeoutSeconds) and was dropped"
             ) from None
         self.metrics.queue_time.labels(model_name).observe(waited)
-        self.metrics.running.labels(model_name).inc()
-        return Ticket(self, served, deadline, time.monotonic() - waited)
+        self.metrics.running.labels(model_name).inc(choices)
+        admitted_at = time.monotonic() - waited
+        return [Ticket(self, served, deadline, admitted_at) for _ in range(choices)]
 
     def release(self, ticket: "Ticket") -> None:
         """Give the slot back; idempotent, so every cleanup path may call it."""
@@ -326,7 +380,7 @@ class ServingRuntime:
             return
         ticket.released = True
         self.metrics.running.labels(ticket.served.name).dec()
-        self.admission.release(time.monotonic() - ticket.admitted_at)
+        self.admission.release(1, time.monotonic() - ticket.admitted_at)
 
     async def generate(self, ticket: "Ticket", prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
         """Stream a generation under an admitted ticket; always releases the ticket's slot.
