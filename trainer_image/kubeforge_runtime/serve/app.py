@@ -26,7 +26,6 @@ import asyncio
 import hmac
 import json
 import logging
-import re
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -58,25 +57,6 @@ def _serve_error(exc: ServeError) -> JSONResponse:
     return _error(exc.http_status, str(exc), headers)
 
 
-# pydantic names the union member it tried in the error location ("str", "list[int]", ...)
-_UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|(list|dict|tuple|set)\[.*\]|function-\w+\[.*\]|tagged-union\[.*\])$")
-
-
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    parts, first = [], None
-    for err in exc.errors():
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        # pydantic tries each member of a union; keep the member name out of the field path
-        loc = [x for x in loc if not _UNION_MEMBER.match(x)]
-        where = ".".join(loc) or "body"
-        first = first or where
-        msg = err.get("msg", "invalid").removeprefix("Value error, ")
-        parts.append(f"{where}: {msg}")
-    # a union failure repeats for every member; keep each message once, in order
-    unique = list(dict.fromkeys(parts))
-    return "invalid request: " + "; ".join(unique[:4]), first
-
-
 def create_app(runtime: ServingRuntime, api_key: str | None = None, lifespan: Any = None) -> FastAPI:
     """Build the FastAPI app around a runtime (loaded or still loading)."""
     app = FastAPI(title="KubeForge serving", docs_url=None, redoc_url=None, lifespan=lifespan)
@@ -84,7 +64,7 @@ def create_app(runtime: ServingRuntime, api_key: str | None = None, lifespan: An
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
+        message, param = p.describe_errors(list(exc.errors()))
         return _error(400, message, param=param)
 
     @app.exception_handler(ServeError)

@@ -190,9 +190,9 @@ class DynamicBatchingEngine:
         from transformers import DynamicCache
 
         device = self._model.device
-        for row in rows:
-            if row.request.seed is not None:
-                row.generator = torch.Generator(device="cpu").manual_seed(int(row.request.seed))
+        rows = [row for row in rows if self._seed(row)]
+        if not rows:
+            return
         width = max(len(r.request.prompt_ids) for r in rows)
         ids = torch.full((len(rows), width), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -234,6 +234,20 @@ class DynamicBatchingEngine:
             out = self._model(
                 input_ids=step_ids, attention_mask=mask, position_ids=positions, use_cache=True, **{self._cache_kw: cache}
             )
+
+    @staticmethod
+    def _seed(row: _Row) -> bool:
+        """Give a seeded row its generator; a seed torch refuses fails that row alone, not the batch."""
+        if row.request.seed is None:
+            return True
+        import torch
+
+        try:
+            row.generator = torch.Generator(device="cpu").manual_seed(int(row.request.seed))
+        except (ValueError, RuntimeError, OverflowError) as exc:
+            row.sink(EngineEvent(row.request.request_id, [], True, f"seed {row.request.seed} cannot be used: {exc}"))
+            return False
+        return True
 
     @staticmethod
     def _sample(logits: torch.Tensor, row: _Row) -> int:

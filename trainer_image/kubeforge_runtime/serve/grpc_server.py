@@ -17,6 +17,9 @@ from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from pydantic import ValidationError
+
+from . import protocol as p
 
 from .service import (
     BadRequest,
@@ -116,21 +119,16 @@ class GenerationService:
         await self._check_auth(context)
         rt = self.runtime
         try:
-            if not request.model:
-                raise BadRequest("model is required")
-            if request.temperature < 0 or request.temperature > 2:
-                raise BadRequest("temperature must be between 0 and 2")
-            if request.top_p < 0 or request.top_p > 1:
-                raise BadRequest("top_p must be between 0 and 1")
+            fields = _validate(request)
             rt.model(request.model)
             ids = list(request.prompt_token_ids) if len(request.prompt_token_ids) else rt.encode(request.prompt)
             params = SamplingParams(
                 max_tokens=request.max_tokens or None,
-                temperature=request.temperature,
-                top_p=request.top_p or 1.0,
-                top_k=max(0, request.top_k),
-                stop=[s for s in request.stop if s],
-                seed=request.seed or None,
+                temperature=fields.temperature,
+                top_p=fields.top_p,
+                top_k=fields.top_k or 0,
+                stop=fields.stop_list(),
+                seed=fields.seed,
             )
             rt.clamp(ids, params.max_tokens)
             (ticket,) = await rt.admit(request.model)
@@ -166,6 +164,24 @@ class GenerationService:
             await self._abort(context, exc)
         finally:
             self.runtime.release(ticket)
+
+
+def _validate(request: Any) -> p.SamplingFields:
+    """Check the sampling fields with the HTTP API's own model (one home for each rule), after
+    mapping this protocol's defaults: top_p 0 means 1, top_k and seed 0 mean unset."""
+    try:
+        return p.SamplingFields.model_validate(
+            {
+                "model": request.model,
+                "temperature": request.temperature,
+                "top_p": request.top_p or 1.0,
+                "top_k": max(0, request.top_k),
+                "stop": [s for s in request.stop if s],
+                "seed": request.seed or None,
+            }
+        )
+    except ValidationError as exc:
+        raise BadRequest(p.describe_errors(list(exc.errors()))[0]) from None
 
 
 def handler(service: GenerationService) -> grpc.GenericRpcHandler:

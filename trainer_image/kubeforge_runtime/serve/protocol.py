@@ -9,11 +9,16 @@ SDKs add vendor fields freely.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+INT32_MAX = 2**31 - 1
 
 
 class StreamOptions(BaseModel):
@@ -28,14 +33,16 @@ class SamplingFields(BaseModel):
 
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)  # vLLM extension; -1 or 0: off
+    # allow_inf_nan=False: Python's JSON parser accepts NaN and Infinity, and a NaN compared
+    # with a bound would otherwise be reported as out of range, or reach the sampler.
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=-1, le=INT32_MAX)  # vLLM extension; -1 or 0: off
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)  # a 64-bit signed integer, as OpenAI's
     user: str | None = None
     ignore_eos: bool = False  # vLLM extension: generate max_tokens even past end-of-sequence
 
@@ -121,6 +128,31 @@ class ChatCompletionRequest(SamplingFields):
 
     def limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+
+# --- errors ------------------------------------------------------------------------------
+# pydantic names the union member it tried in the error location ("str", "list[int]", ...)
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|(list|dict|tuple|set)\[.*\]|function-\w+\[.*\]|tagged-union\[.*\])$")
+
+
+def describe_errors(errors: list[Any]) -> tuple[str, str | None]:
+    """One message naming each bad field (at most four), and the first field's path.
+
+    Used for HTTP bodies (FastAPI's RequestValidationError) and for gRPC requests, which are
+    validated with the same models.
+    """
+    parts, first = [], None
+    for err in errors:
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        # pydantic tries each member of a union; keep the member name out of the field path
+        loc = [x for x in loc if not _UNION_MEMBER.match(x)]
+        where = ".".join(loc) or "body"
+        first = first or where
+        msg = err.get("msg", "invalid").removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}")
+    # a union failure repeats for every member; keep each message once, in order
+    unique = list(dict.fromkeys(parts))
+    return "invalid request: " + "; ".join(unique[:4]), first
 
 
 # --- responses ---------------------------------------------------------------------------

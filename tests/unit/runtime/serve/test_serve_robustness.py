@@ -4,6 +4,7 @@ prompts are bounded before work is done on them, and a bad request fails only it
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -104,3 +105,67 @@ def test_a_large_request_is_not_starved_by_small_ones() -> None:
         return order
 
     assert asyncio.run(scenario()) == ["small-1", "large", "small-2"]
+
+
+# --- bad sampling values fail only their own request ---------------------------------------
+@pytest.fixture(scope="module")
+def dynamic(start_server: Callable[..., ServerThread], tiny_model: Path) -> ServerThread:
+    """The dynamic engine batches requests that wait together: a bad one once failed them all."""
+    return start_server(make_config(tiny_model, name="dyn", backend="dynamic", maxConcurrentRequests=4))
+
+
+def _post_raw(server: ServerThread, body: dict) -> httpx.Response:
+    # json.dumps writes NaN and Infinity, as Python clients do; httpx's json= refuses them
+    return httpx.post(server.base_url + "/v1/completions", content=json.dumps(body), headers={"content-type": "application/json"}, timeout=120)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "needle"),
+    [
+        ("seed", 2**63, "less than or equal to 9223372036854775807"),
+        ("seed", -(2**63) - 1, "greater than or equal to -9223372036854775808"),
+        ("temperature", float("nan"), "finite number"),
+        ("temperature", float("inf"), "finite number"),
+        ("top_p", float("nan"), "finite number"),
+        ("top_k", 2**40, "less than or equal to 2147483647"),
+    ],
+)
+def test_bad_sampling_value_is_400_naming_the_field(dynamic: ServerThread, field: str, value: float, needle: str) -> None:
+    r = _post_raw(dynamic, {"model": "dyn", "prompt": "hi", "max_tokens": 2, field: value})
+    assert r.status_code == 400, r.text
+    message = r.json()["error"]["message"]
+    assert f"{field}: " in message and needle in message, message
+
+
+def test_bad_requests_do_not_fail_the_request_batched_with_them(dynamic: ServerThread) -> None:
+    """While one request runs, a good one waits for the next batch; bad ones sent beside it over
+    HTTP (a seed beyond 64 bits) and gRPC (a NaN temperature) are refused alone."""
+    import grpc
+
+    from kubeforge_runtime.serve import grpc_server as g
+
+    results: dict[str, httpx.Response] = {}
+
+    def post(name: str, body: dict) -> None:
+        results[name] = _post_raw(dynamic, {"model": "dyn", **body})
+
+    running = lambda: _metric(dynamic, "vllm:num_requests_running")  # noqa: E731
+    blocker = threading.Thread(target=post, args=("blocker", LONG))
+    blocker.start()
+    assert _wait_until(lambda: running() == 1)
+    good = threading.Thread(target=post, args=("good", {**LONG, "max_tokens": 16}))
+    good.start()
+    assert _wait_until(lambda: running() == 2)  # admitted, waiting in the engine for the next batch
+    post("bad-seed", {**LONG, "max_tokens": 16, "temperature": 1.0, "seed": 2**64})
+    with grpc.insecure_channel(f"127.0.0.1:{dynamic.server.grpc_port}") as channel:
+        call = channel.unary_unary(g.GENERATE, request_serializer=g.GenerateRequest.SerializeToString, response_deserializer=g.GenerateResponse.FromString)
+        with pytest.raises(grpc.RpcError) as err:
+            call(g.GenerateRequest(model="dyn", prompt="hello", max_tokens=16, temperature=float("nan")), timeout=120)
+    blocker.join(120)
+    good.join(120)
+    assert results["bad-seed"].status_code == 400 and "seed" in results["bad-seed"].json()["error"]["message"]
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "temperature" in err.value.details()
+    assert "finite" in err.value.details()
+    assert results["good"].status_code == 200, results["good"].text
+    assert results["good"].json()["usage"]["completion_tokens"] == 16
+    assert results["blocker"].status_code == 200
