@@ -162,7 +162,8 @@ INFERENCE = Kind(
         "model": {"uri": "pvc://models/base"},
         "adapters": [{"name": "sql", "uri": "pvc://adapters/sql"}, {"name": "support", "uri": "s3://adapters/support"}],
         "engine": {"backend": "continuous", "dtype": "bfloat16", "maxBatchTokens": 2048, "maxConcurrentRequests": 8,
-                   "maxQueuedRequests": 32, "kvBlockSize": 32, "maxModelLength": 1024, "requestTimeoutSeconds": 2.5},
+                   "maxQueuedRequests": 32, "kvBlockSize": 32, "maxModelLength": 1024, "requestTimeoutSeconds": 2.5,
+                   "maxRequestBodyBytes": 4096},
     },
     minimal={"model": {"uri": "s3://models/base"}},
 )

@@ -70,6 +70,10 @@ class EngineSpec(KFModel):
     request_timeout_seconds: float = Field(
         default=120, gt=0, le=86400, description="Per-request deadline in seconds (fractions allowed), queueing included."
     )
+    max_request_body_bytes: int = Field(
+        default=8 * 2**20, ge=1024, le=2**30,
+        description="Largest request body in bytes (HTTP 413 past it; also the gRPC message limit).",
+    )
 
 
 class AdapterSpec(KFModel):

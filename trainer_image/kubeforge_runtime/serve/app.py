@@ -14,7 +14,8 @@ Routes:
 
 Errors use OpenAI's envelope ``{"error": {"message", "type", "param", "code"}}``: 400 for a
 malformed request (the message names the field), 401 for a missing or wrong API key, 404 for
-an unknown model, 429 with ``Retry-After`` when the waiting room is full, 503 while loading,
+an unknown model, 413 for a body over ``engine.maxRequestBodyBytes`` (refused before it is
+read, see ``limits.py``), 429 with ``Retry-After`` when the waiting room is full, 503 while loading,
 504 past the request deadline. When ``KUBEFORGE_API_KEY`` is set, ``/v1/*`` requires
 ``Authorization: Bearer <key>``; the probes and ``/metrics`` never do (kubelet and Prometheus
 do not carry it).
@@ -35,12 +36,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from . import protocol as p
+from .limits import BodySizeLimit
 from .metrics import CONTENT_TYPE_LATEST
 from .service import Delta, Overloaded, SamplingParams, ServeError, ServingRuntime, Ticket
 
 log = logging.getLogger(__name__)
 
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
                 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout_error", 500: "server_error"}
 
 
@@ -61,6 +63,7 @@ def create_app(runtime: ServingRuntime, api_key: str | None = None, lifespan: An
     """Build the FastAPI app around a runtime (loaded or still loading)."""
     app = FastAPI(title="KubeForge serving", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.runtime = runtime
+    app.add_middleware(BodySizeLimit, max_bytes=runtime.config.engine.max_request_body_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

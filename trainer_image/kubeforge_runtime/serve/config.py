@@ -64,6 +64,11 @@ class EngineConfig(_Strict):
         120, gt=0, le=86400,
         description="Deadline of one request in seconds, queueing included; past it the request is cancelled.",
     )
+    max_request_body_bytes: int = Field(
+        8 * 2**20, ge=1024, le=2**30,
+        description="Largest HTTP request body (and gRPC message) in bytes; a larger one is refused (HTTP 413) "
+        "before it is read.",
+    )
 
 
 class ServeConfig(_Strict):

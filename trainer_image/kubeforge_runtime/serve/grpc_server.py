@@ -200,7 +200,8 @@ def handler(service: GenerationService) -> grpc.GenericRpcHandler:
 
 async def start_grpc(runtime: ServingRuntime, host: str, port: int, api_key: str | None) -> tuple[grpc.aio.Server, int]:
     """Start the gRPC server on the running loop; return it and the bound port."""
-    server = grpc.aio.server()
+    limit = runtime.config.engine.max_request_body_bytes  # the HTTP body limit, for messages too
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit)])
     server.add_generic_rpc_handlers((handler(GenerationService(runtime, api_key)),))
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:

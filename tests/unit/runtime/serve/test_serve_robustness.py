@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import select
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -169,3 +171,89 @@ def test_bad_requests_do_not_fail_the_request_batched_with_them(dynamic: ServerT
     assert results["good"].status_code == 200, results["good"].text
     assert results["good"].json()["usage"]["completion_tokens"] == 16
     assert results["blocker"].status_code == 200
+
+
+# --- request body size ---------------------------------------------------------------------
+BODY_LIMIT = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def limited(start_server: Callable[..., ServerThread], tiny_model: Path) -> ServerThread:
+    return start_server(make_config(tiny_model, name="lim", maxRequestBodyBytes=BODY_LIMIT, maxConcurrentRequests=2))
+
+
+def _connect(server: ServerThread) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", server.server.port), timeout=10)
+
+
+def _read_response(sock: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+        piece = sock.recv(65536)
+        if not piece:
+            break
+        data += piece
+    return data
+
+
+def test_declared_oversize_body_is_413_before_it_is_sent(limited: ServerThread) -> None:
+    with _connect(limited) as sock:
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1073741824\r\n\r\n"  # 1 GiB announced, none of it sent
+        )
+        sock.settimeout(5)
+        response = _read_response(sock)
+    assert response.startswith(b"HTTP/1.1 413"), response[:200]
+    assert b"maxRequestBodyBytes" in response and b"1073741824 bytes" in response
+
+
+def test_chunked_upload_is_cut_at_the_limit_while_health_answers(limited: ServerThread) -> None:
+    """A body with no Content-Length is counted as it arrives and refused once past the limit;
+    probes answer throughout the upload."""
+    outcome: dict[str, object] = {}
+
+    def upload() -> None:
+        sent = 0
+        with _connect(limited) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+            chunk = b'{"model":"lim","prompt":"' + b"a" * 2048
+            while sent < 16 * BODY_LIMIT:
+                try:
+                    sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                except OSError:
+                    break
+                sent += len(chunk)
+                chunk = b"a" * 2048
+                readable, _, _ = select.select([sock], [], [], 0.02)  # slow enough to overlap the probes below
+                if readable:
+                    break
+            outcome["sent"] = sent
+            sock.settimeout(5)
+            try:
+                outcome["response"] = _read_response(sock)
+            except OSError as exc:
+                outcome["response"] = repr(exc).encode()
+
+    thread = threading.Thread(target=upload)
+    thread.start()
+    probes = []
+    while thread.is_alive() and len(probes) < 20:
+        start = time.monotonic()
+        assert httpx.get(limited.base_url + "/health", timeout=5).status_code == 200
+        probes.append(time.monotonic() - start)
+        time.sleep(0.01)
+    thread.join(60)
+    assert probes and max(probes) < 1.0, probes
+    response = outcome["response"]
+    assert isinstance(response, bytes) and response.startswith(b"HTTP/1.1 413"), response[:200]
+    assert b"more than 65536 bytes" in response
+    assert outcome["sent"] < 4 * BODY_LIMIT  # refused soon after the limit, not after the whole upload
+
+
+def test_official_client_gets_413_and_small_bodies_pass(limited: ServerThread) -> None:
+    client = openai.OpenAI(base_url=limited.base_url + "/v1", api_key="x", max_retries=0, timeout=30)
+    with pytest.raises(openai.APIStatusError) as err:
+        client.completions.create(model="lim", prompt="word " * (BODY_LIMIT // 4), max_tokens=1)
+    assert err.value.status_code == 413 and "maxRequestBodyBytes" in err.value.message
+    assert client.completions.create(model="lim", prompt="hello", max_tokens=2, temperature=0).usage.completion_tokens >= 1
