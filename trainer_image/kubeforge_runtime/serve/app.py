@@ -143,7 +143,10 @@ def create_app(runtime: ServingRuntime, api_key: str | None = None, lifespan: An
     async def completions(body: p.CompletionRequest, request: Request) -> Response:
         runtime.model(body.model)
         runtime.check_choices(body.n * len(body.prompts()))  # before any tokenizing
-        prompts = [runtime.encode(x) if isinstance(x, str) else list(x) for x in body.prompts()]
+        for x in body.prompts():  # every cheap check before the first tokenizing
+            if isinstance(x, str):
+                runtime.check_prompt_chars(len(x))
+        prompts = [await runtime.tokenize(x) if isinstance(x, str) else list(x) for x in body.prompts()]
         jobs = [ids for ids in prompts for _ in range(body.n)]
         rid, created = p.new_id("cmpl"), p.now()
 
@@ -165,7 +168,7 @@ def create_app(runtime: ServingRuntime, api_key: str | None = None, lifespan: An
         runtime.model(body.model)
         runtime.check_choices(body.n)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        ids = runtime.encode_chat(messages)
+        ids = await runtime.tokenize_chat(messages)
         jobs = [ids for _ in range(body.n)]
         rid, created = p.new_id("chatcmpl"), p.now()
 

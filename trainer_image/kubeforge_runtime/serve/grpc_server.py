@@ -121,7 +121,7 @@ class GenerationService:
         try:
             fields = _validate(request)
             rt.model(request.model)
-            ids = list(request.prompt_token_ids) if len(request.prompt_token_ids) else rt.encode(request.prompt)
+            ids = list(request.prompt_token_ids) if len(request.prompt_token_ids) else await rt.tokenize(request.prompt)
             params = SamplingParams(
                 max_tokens=request.max_tokens or None,
                 temperature=fields.temperature,

@@ -1,8 +1,13 @@
 """The serving core shared by the HTTP and gRPC front ends: models, admission, generation.
 
 ``ServingRuntime`` loads the base model and each LoRA adapter (one engine per served model
-name), then answers ``generate()`` calls: it tokenizes nothing (front ends do, because chat
-templates are an HTTP concern) but owns everything both front ends must agree on:
+name), then answers ``generate()`` calls. It owns everything both front ends must agree on:
+
+* **Tokenizing.** ``tokenize`` and ``tokenize_chat`` run the tokenizer and the chat template
+  on one worker thread, never on the event loop, so probes and streams keep answering while
+  a long prompt is encoded; a text prompt too long to fit in any case (see
+  :func:`.limits.prompt_char_limit`) is refused before it is tokenized. One thread, because
+  a fast tokenizer is not safe to call from several threads at once.
 
 * **Admission.** At most ``maxConcurrentRequests`` generations (choices) run at once, across
   all served models; a request takes the slots of all its choices together or waits holding
@@ -16,7 +21,8 @@ templates are an HTTP concern) but owns everything both front ends must agree on
 * **Cancellation.** When the caller stops iterating (client disconnected, stop sequence hit),
   the request is cancelled in the engine, which frees its KV-cache blocks and its slot.
 * **Length.** ``max_tokens`` is clamped to ``maxModelLength - prompt length``; a prompt that
-  leaves no room is a :class:`BadRequest`.
+  leaves no room is a :class:`BadRequest`, as is a text prompt longer in characters than any
+  text that fits (checked before tokenizing).
 * **Metrics** under vLLM's names (see ``metrics.py``).
 
 Called by ``app.py`` and ``grpc_server.py``; everything here runs on one asyncio loop, the
@@ -32,11 +38,13 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from .config import ServeConfig
 from .engine import Engine, EngineEvent, EngineRequest, create_engine, select_backend
+from .limits import longest_token_chars, prompt_char_limit
 from .metrics import ServeMetrics
 
 log = logging.getLogger(__name__)
@@ -211,6 +219,8 @@ class ServingRuntime:
         )
         self.metrics = ServeMetrics(self._kv_usage)
         self.started_at = time.time()
+        self.chars_per_token = 1  # the longest vocabulary entry, in characters (set by load)
+        self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="kubeforge-tokenizer")
 
     # -- loading ---------------------------------------------------------------------------
     def load(self) -> None:
@@ -226,6 +236,7 @@ class ServingRuntime:
         t0 = time.monotonic()
         log.info("loading %s from %s on %s (dtype %s)", cfg.model_name, cfg.model.uri, device, cfg.engine.dtype)
         self.tokenizer = model_io.load_tokenizer(cfg.model.uri)
+        self.chars_per_token = longest_token_chars(self.tokenizer)
         model_io.check_servable(model_io.resolve_model_dir(cfg.model.uri))
         base = model_io.load_causal_lm(cfg.model.uri, dtype=dtype, device=device).eval()
         self.max_model_length = self._max_length(base)
@@ -291,6 +302,7 @@ class ServingRuntime:
         return fitted
 
     def stop(self) -> None:
+        self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
         for served in self.models.values():
             try:
                 served.engine.stop()
@@ -316,6 +328,26 @@ class ServingRuntime:
             return self.models[name]
         except KeyError:
             raise ModelNotFound(f"the model {name!r} does not exist; served models: {', '.join(self.models)}") from None
+
+    def check_prompt_chars(self, chars: int) -> None:
+        """Refuse, before tokenizing, a text prompt longer than any text that fits."""
+        limit = prompt_char_limit(self.max_model_length, self.chars_per_token)
+        if chars > limit:
+            raise BadRequest(
+                f"the prompt is {chars} characters; this model's maximum length is {self.max_model_length} tokens "
+                f"and one token covers at most {self.chars_per_token} characters, so no prompt over {limit} "
+                "characters fits: shorten the prompt"
+            )
+
+    async def tokenize(self, text: str) -> list[int]:
+        """Token ids of a text prompt, encoded off the event loop (see the module docstring)."""
+        self.check_prompt_chars(len(text))
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, self.encode, text)
+
+    async def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a chat, templated and encoded off the event loop."""
+        self.check_prompt_chars(sum(len(m["content"]) for m in messages))
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, self.encode_chat, messages)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])

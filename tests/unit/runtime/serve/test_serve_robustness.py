@@ -257,3 +257,75 @@ def test_official_client_gets_413_and_small_bodies_pass(limited: ServerThread) -
         client.completions.create(model="lim", prompt="word " * (BODY_LIMIT // 4), max_tokens=1)
     assert err.value.status_code == 413 and "maxRequestBodyBytes" in err.value.message
     assert client.completions.create(model="lim", prompt="hello", max_tokens=2, temperature=0).usage.completion_tokens >= 1
+
+
+# --- prompt length before tokenizing, and tokenizing off the event loop ----------------------
+class _CountingTokenizer:
+    """The server's tokenizer, counting (and optionally slowing) encodes and chat templating."""
+
+    def __init__(self, inner: object) -> None:
+        self._inner = inner
+        self.delay = 0.0
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        self.calls += 1
+        time.sleep(self.delay)  # stands in for a long prompt on a real tokenizer
+        return self._inner(*args, **kwargs)
+
+    def apply_chat_template(self, *args: object, **kwargs: object) -> object:
+        self.calls += 1
+        time.sleep(self.delay)
+        return self._inner.apply_chat_template(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def counted(start_server: Callable[..., ServerThread], tiny_model: Path) -> tuple[ServerThread, _CountingTokenizer]:
+    server = start_server(make_config(tiny_model, name="tok", maxConcurrentRequests=2))
+    tokenizer = _CountingTokenizer(server.runtime.tokenizer)
+    server.runtime.tokenizer = tokenizer
+    return server, tokenizer
+
+
+@pytest.mark.parametrize("route", ["completions", "chat"])
+def test_tokenizing_does_not_block_the_probes(counted: tuple[ServerThread, _CountingTokenizer], route: str) -> None:
+    server, tokenizer = counted
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=60)
+    if route == "completions":
+        work = lambda: client.completions.create(model="tok", prompt="hello", max_tokens=2, temperature=0)  # noqa: E731
+    else:
+        work = lambda: client.chat.completions.create(model="tok", messages=[{"role": "user", "content": "hi"}], max_tokens=2, temperature=0)  # noqa: E731
+    tokenizer.delay, before = 2.0, tokenizer.calls
+    try:
+        request = threading.Thread(target=work)
+        request.start()
+        assert _wait_until(lambda: tokenizer.calls > before)  # tokenizing has begun
+        start = time.monotonic()
+        assert httpx.get(server.base_url + "/health", timeout=10).status_code == 200
+        probe_seconds = time.monotonic() - start
+        request.join(60)
+    finally:
+        tokenizer.delay = 0.0
+    assert probe_seconds < 0.5, f"/health took {probe_seconds:.2f} s while a prompt was being tokenized"
+
+
+def test_overlong_text_prompt_is_refused_before_tokenizing(counted: tuple[ServerThread, _CountingTokenizer], tiny_model: Path) -> None:
+    from transformers import AutoTokenizer
+
+    server, tokenizer = counted
+    longest = max(len(t) for t in AutoTokenizer.from_pretrained(str(tiny_model)).get_vocab())
+    limit = server.runtime.max_model_length * longest  # no text longer than this can fit
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=60)
+    before = tokenizer.calls
+    with pytest.raises(openai.BadRequestError, match=f"the prompt is {limit + 1} characters"):
+        client.completions.create(model="tok", prompt="a" * (limit + 1), max_tokens=1)
+    with pytest.raises(openai.BadRequestError, match="shorten the prompt"):
+        client.chat.completions.create(model="tok", messages=[{"role": "user", "content": "a" * (limit + 1)}], max_tokens=1)
+    assert tokenizer.calls == before, "the prompt was tokenized before it was refused"
+    # a prompt at the bound is tokenized and then judged by its token count, as before
+    with pytest.raises(openai.BadRequestError, match=r"the prompt is \d+ tokens"):
+        client.completions.create(model="tok", prompt="a" * limit, max_tokens=1)
+    assert tokenizer.calls == before + 1
