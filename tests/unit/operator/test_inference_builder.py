@@ -28,14 +28,16 @@ def container(dep: dict) -> dict:
 def test_serve_config_has_exactly_the_contract_shape_and_parses_in_the_runtime():
     s = spec(adapters=[{"name": "sql", "uri": "pvc://adapters/sql"}],
              engine={"backend": "continuous", "dtype": "bfloat16", "maxBatchTokens": 2048, "maxConcurrentRequests": 8,
-                     "maxQueuedRequests": 32, "kvBlockSize": 32, "maxModelLength": 1024, "requestTimeoutSeconds": 30})
+                     "maxQueuedRequests": 32, "kvBlockSize": 32, "maxModelLength": 1024, "requestTimeoutSeconds": 30,
+                     "maxRequestBodyBytes": 1048576})
     cfg = ib.serve_config("chat", "ns", s, ib.ModelRef("pvc://models/ft/final", "r"))
     assert cfg == {
         "kind": "InferenceService", "name": "chat", "namespace": "ns", "servedModelName": "chat",
         "model": {"uri": "pvc://models/ft/final"},
         "adapters": [{"name": "sql", "uri": "pvc://adapters/sql"}],
         "engine": {"backend": "continuous", "dtype": "bfloat16", "maxBatchTokens": 2048, "maxConcurrentRequests": 8,
-                   "maxQueuedRequests": 32, "kvBlockSize": 32, "maxModelLength": 1024, "requestTimeoutSeconds": 30},
+                   "maxQueuedRequests": 32, "kvBlockSize": 32, "maxModelLength": 1024, "requestTimeoutSeconds": 30,
+                   "maxRequestBodyBytes": 1048576},
         "port": 8000, "grpcPort": 8001,
     }
     parsed = parse_config(json.loads(json.dumps(cfg)))
