@@ -86,14 +86,14 @@ def test_a_large_request_is_not_starved_by_small_ones() -> None:
     """Past the backfill window nobody passes the head of the line, so freed slots gather for it."""
 
     async def scenario() -> list[str]:
-        admission = Admission(max_running=2, max_waiting=8, backfill_seconds=0.05)
+        admission = Admission(max_running=2, max_waiting=8, backfill_seconds=0.5)
         order: list[str] = []
         await admission.acquire(1, 1)  # one slot busy
         large = asyncio.create_task(admission.acquire(2, 5))
         await asyncio.sleep(0)
         await admission.acquire(1, 1)  # young head: a small one may pass it
         order.append("small-1")
-        await asyncio.sleep(0.1)  # the head is now past its backfill window
+        await asyncio.sleep(0.6)  # the head is now past its backfill window
         small = asyncio.create_task(admission.acquire(1, 5))
         admission.release(1, 0.1)  # a slot frees: the small one must not take it
         await asyncio.sleep(0)
@@ -249,6 +249,19 @@ def test_chunked_upload_is_cut_at_the_limit_while_health_answers(limited: Server
     assert isinstance(response, bytes) and response.startswith(b"HTTP/1.1 413"), response[:200]
     assert b"more than 65536 bytes" in response
     assert outcome["sent"] < 4 * BODY_LIMIT  # refused soon after the limit, not after the whole upload
+
+
+def test_grpc_message_over_the_limit_is_resource_exhausted(limited: ServerThread) -> None:
+    import grpc
+
+    from kubeforge_runtime.serve import grpc_server as g
+
+    with grpc.insecure_channel(f"127.0.0.1:{limited.server.grpc_port}") as channel:
+        call = channel.unary_unary(g.GENERATE, request_serializer=g.GenerateRequest.SerializeToString, response_deserializer=g.GenerateResponse.FromString)
+        with pytest.raises(grpc.RpcError) as err:
+            call(g.GenerateRequest(model="lim", prompt="word " * (BODY_LIMIT // 4), max_tokens=1), timeout=30)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert call(g.GenerateRequest(model="lim", prompt="hello", max_tokens=2), timeout=60).completion_tokens >= 1
 
 
 def test_official_client_gets_413_and_small_bodies_pass(limited: ServerThread) -> None:
