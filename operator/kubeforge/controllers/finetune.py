@@ -44,7 +44,8 @@ from ..api import GROUP, FineTuneJob, FineTuneJobSpec
 from ..builders import finetune as builder
 from . import finetune_status, metrics, scrape
 from .conditions import TERMINAL_PHASES, now
-from .reconcile import Reconciler, owned_by
+from .reconcile import ChildConflict, Reconciler, controlled_by, owned_by
+from .reconcile import apply_children as apply_owned
 
 log = logging.getLogger(__name__)
 
@@ -87,19 +88,20 @@ def _forget(namespace: str, name: str) -> None:
 
 # --- the reconciler's steps ------------------------------------------------------------------------
 
-def apply_children(name: str, namespace: str, uid: str, spec: FineTuneJobSpec) -> None:
-    for obj in builder.build(name, namespace, uid, spec):
-        try:
-            kube.server_side_apply(obj)
-        except ApiException as exc:
-            if exc.status == 422:
-                # A field the API server will not change on an existing object (the Job's pod
-                # template is immutable while it runs): permanent for this generation.
-                raise kopf.PermanentError(
-                    f"{obj['kind']} {obj['metadata']['name']} rejected the change: {_api_message(exc)}. "
-                    "Suspend the job first to change its pod template, or create a new FineTuneJob"
-                ) from None
-            raise
+def apply_children(owner: dict[str, Any], spec: FineTuneJobSpec) -> None:
+    """Apply the Service, ConfigMap and Job (:func:`.reconcile.apply_children`: never over a foreign object)."""
+    meta = owner["metadata"]
+    try:
+        apply_owned(owner, builder.build(meta["name"], meta["namespace"], meta["uid"], spec))
+    except ApiException as exc:
+        if exc.status == 422:
+            # A field the API server will not change on an existing object (the Job's pod
+            # template is immutable while it runs): permanent for this generation.
+            raise kopf.PermanentError(
+                f"a child rejected the change: {_api_message(exc)}. "
+                "Suspend the job first to change its pod template, or create a new FineTuneJob"
+            ) from None
+        raise
 
 
 def _api_message(exc: ApiException) -> str:
@@ -127,14 +129,19 @@ def _step(obj: dict[str, Any], spec: FineTuneJobSpec, *, apply: bool = False) ->
         # A finished job is never resurrected: its children stay as they ended.
         log.info("FineTuneJob %s/%s is %s; not touching its children", namespace, name, prev.get("phase"))
     elif apply:
-        apply_children(name, namespace, meta["uid"], spec)
+        apply_children(obj, spec)
     names = builder.Names.of(name)
     job = kube.get("Job", namespace, names.job)
+    if job is not None and not controlled_by(job, obj):
+        # Never report a foreign Job of that name as ours (a finished job just ignores it).
+        if not terminal:
+            raise ChildConflict(obj, "Job", names.job)
+        job = None
     if job is None and not terminal and \
             any(c.get("type") == "Created" and c.get("status") == "True" for c in prev.get("conditions") or []):
         # The Job was there and is gone (deleted by hand?): put it back, the job goes on.
         log.warning("Job %s/%s vanished; applying the children again", namespace, names.job)
-        apply_children(name, namespace, meta["uid"], spec)
+        apply_children(obj, spec)
         job = kube.get("Job", namespace, names.job)
     # Only this Job's pods (a deleted and re-created FineTuneJob of the same name has a new Job).
     pods = [p for p in kube.list_("Pod", namespace, f"{reconciler.owner_label}={name}")
