@@ -178,8 +178,9 @@ def _after(obj: dict[str, Any], spec: FineTuneJobSpec, outcome: finetune_status.
     if ttl_due is not None and ttl_due <= dt.datetime.now(dt.timezone.utc):
         log.info("FineTuneJob %s/%s finished %ss ago: deleting it (ttlSecondsAfterFinished)",
                  namespace, name, spec.ttl_seconds_after_finished)
-        kube.delete(KIND, namespace, name)
-        reconciler.forget(namespace, name)
+        # Only this very object: one deleted and created again under its name meanwhile stays.
+        if kube.delete(KIND, namespace, name, uid=obj["metadata"]["uid"]):
+            reconciler.forget(namespace, name)
 
 
 reconciler: Reconciler[FineTuneJobSpec] = Reconciler(

@@ -66,7 +66,7 @@ def _step(obj: dict[str, Any], spec: InferenceServiceSpec, *, apply: bool = Fals
             if children.hpa is None:
                 hpa = kube.get("HorizontalPodAutoscaler", namespace, name)
                 if hpa is not None and controlled_by(hpa, obj):
-                    kube.delete("HorizontalPodAutoscaler", namespace, name)
+                    kube.delete("HorizontalPodAutoscaler", namespace, name, uid=hpa["metadata"]["uid"])
                     log.info("%s/%s: deleted the HPA (replicas.min == replicas.max)", namespace, name)
     pods: list[dict[str, Any]] = []
     if deployment is not None and not (inference_status.rollout_complete(deployment)
