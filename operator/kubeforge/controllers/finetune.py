@@ -212,6 +212,15 @@ kopf.on.event(*FineTuneJob.resource(), id="finetunejob-deleted")(reconciler.on_e
 
 # --- the poller: progress and TTL ----------------------------------------------------------------------
 
+def _scrape_isolated(key: tuple[str, str], tracked: _Tracked) -> dict[str, Any] | None:
+    """:func:`_scrape_one`, but whatever one job's pods serve cannot fail the round for the others."""
+    try:
+        return _scrape_one(key, tracked)
+    except Exception:  # noqa: BLE001 - logged; this job keeps its last progress
+        log.exception("FineTuneJob %s/%s: reading progress failed", *key)
+        return None
+
+
 def _scrape_one(key: tuple[str, str], tracked: _Tracked) -> dict[str, Any] | None:
     ips = list(tracked.pod_ips)
     last = _last_scraped_ip.get(key)
@@ -219,6 +228,7 @@ def _scrape_one(key: tuple[str, str], tracked: _Tracked) -> dict[str, Any] | Non
         ips.remove(last)
         ips.insert(0, last)
     for ip in ips[:SCRAPE_CANDIDATES]:
+        # SCRAPE_TIMEOUT bounds each whole request (not each read): a slow pod cannot stall the round.
         samples = scrape.fetch(f"http://{ip}:{contract.DEFAULT_METRICS_PORT}/metrics", timeout=SCRAPE_TIMEOUT)
         if samples is None:
             continue
@@ -263,7 +273,7 @@ class Poller:
         running = [(k, t) for k, t in items if t.phase in ("Running", "Restarting") and t.pod_ips]
         changed: list[tuple[str, str]] = []
         for key, progress in zip([k for k, _ in running],
-                                 self._pool.map(lambda kt: _scrape_one(*kt), running)):
+                                 self._pool.map(lambda kt: _scrape_isolated(*kt), running)):
             if progress is None:
                 continue  # unreachable: keep the last progress shown
             with _tracked_lock:
