@@ -91,15 +91,17 @@ class ChildConflict(Exception):
             f"untouched. Delete or rename that {kind}, or give the {owner_kind} another name")
 
 
-def ensure_free(owner: dict[str, Any], kind: str, name: str,
-                existing: dict[str, Any] | None | bool = False) -> None:
+_UNREAD: Any = object()
+
+
+def ensure_free(owner: dict[str, Any], kind: str, name: str, existing: dict[str, Any] | None = _UNREAD) -> None:
     """Raise :class:`ChildConflict` if an object ``kind``/``name`` exists that ``owner`` does not control.
 
-    ``existing``: the object if the caller has just read it (None: it does not exist); by
-    default it is read here.
+    ``existing``: the object if the caller has just read it (None: it does not exist); when
+    not given it is read here.
     """
-    obj = kube.get(kind, owner["metadata"]["namespace"], name) if existing is False else existing
-    if obj is not None and not controlled_by(obj, owner):  # type: ignore[arg-type]
+    obj = kube.get(kind, owner["metadata"]["namespace"], name) if existing is _UNREAD else existing
+    if obj is not None and not controlled_by(obj, owner):
         raise ChildConflict(owner, kind, name)
 
 
