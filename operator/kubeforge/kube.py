@@ -119,13 +119,24 @@ def list_(kind: str, namespace: str, label_selector: str | None = None) -> list[
     return list(_call("GET", path(kind, namespace), query=query).get("items", []))
 
 
-def delete(kind: str, namespace: str, name: str, propagation: str = "Background") -> bool:
+def delete(kind: str, namespace: str, name: str, propagation: str = "Background", uid: str | None = None) -> bool:
+    """Delete ``kind``/``name``; False if it is not there.
+
+    With ``uid`` only that very object is deleted (a precondition the API server checks): an
+    object deleted and created again under the same name in the meantime has another UID and
+    is left alone (False).
+    """
+    body: dict[str, Any] = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation}
+    if uid is not None:
+        body["preconditions"] = {"uid": uid}
     try:
-        _call("DELETE", path(kind, namespace, name),
-              body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation})
+        _call("DELETE", path(kind, namespace, name), body=body)
         return True
     except ApiException as exc:
         if exc.status == 404:
+            return False
+        if exc.status == 409 and uid is not None:
+            log.info("%s %s/%s: not deleted, it is no longer the object with UID %s", kind, namespace, name, uid)
             return False
         raise
 

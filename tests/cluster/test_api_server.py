@@ -102,6 +102,12 @@ def test_defaults_are_applied_by_the_api_server(cluster, namespace):
      "training.precision fp16 is not supported with pipeline parallelism"),
     (ftj("reserved-env", template={"env": [{"name": "OK", "value": "1"}, {"name": "PET_NNODES", "value": "3"}]}),
      "template.env: PET_NNODES is set by the operator and cannot be overridden"),
+    (ftj("reserved-label", template={"labels": {"team": "a", "kubeforge.io/inferenceservice": "chat"}}),
+     "spec.template.labels: Invalid value: template.labels: kubeforge.io/inferenceservice is reserved "
+     "for the operator"),
+    ({"apiVersion": "kubeforge.io/v1alpha1", "kind": "InferenceService", "metadata": {"name": "reserved-label"},
+      "spec": {"model": {"uri": "pvc://models/base"}, "template": {"labels": {"serving.kubeforge.io/x": "1"}}}},
+     "template.labels: serving.kubeforge.io/x is reserved for the operator"),
     ({"apiVersion": "kubeforge.io/v1alpha1", "kind": "InferenceService", "metadata": {"name": "dup"},
       "spec": {"model": {"uri": "pvc://models/base"}, "adapters": [
           {"name": "sql", "uri": "pvc://m/a1"}, {"name": "chat", "uri": "pvc://m/a2"}, {"name": "sql", "uri": "pvc://m/a3"}]}},

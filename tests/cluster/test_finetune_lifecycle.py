@@ -302,3 +302,32 @@ def test_progress_is_read_from_the_rank0_metrics_endpoint_and_survives_its_loss(
     time.sleep(2)
     st = env.status("progress")
     assert st["phase"] == "Running" and st["progress"]["step"] == 50 and st["progress"]["percent"] == "50%"
+
+
+def test_a_nan_loss_from_rank0_does_not_keep_the_job_from_succeeding(env: Env):
+    """The API server refuses NaN in a status (400); a diverged trainer's NaN loss used to make
+    every status write fail, so the job never reached Succeeded. The value is dropped instead."""
+    from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+    env.apply(ftj("diverged"))
+    env.wait_running("diverged")
+    pod_ip = env.pods("diverged")[0]["status"]["podIP"]
+    reg = CollectorRegistry()
+    Gauge(contract.METRIC_STEP, "step", registry=reg).set(40)
+    Gauge(contract.METRIC_TOTAL_STEPS, "total", registry=reg).set(100)
+    Gauge(contract.METRIC_LOSS, "loss", registry=reg).set(float("nan"))
+    try:
+        server, _thread = start_http_server(contract.DEFAULT_METRICS_PORT, addr=pod_ip, registry=reg)
+    except OSError as exc:  # someone else on this machine holds the port on every address
+        pytest.skip(f"cannot serve on {pod_ip}:{contract.DEFAULT_METRICS_PORT}: {exc}")
+    try:
+        st = wait_for(lambda: (s := env.status("diverged")).get("progress", {}).get("step") == 40 and s, 30,
+                      what="progress without the NaN loss")
+        assert "loss" not in st["progress"]
+        for pod in env.pods("diverged"):
+            env.exit_pod(pod, 0)
+        st = env.wait_phase("diverged", "Succeeded", 60)
+        assert st["progress"]["step"] == 100 and "loss" not in st["progress"]
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -8,6 +8,7 @@ operator refuse what the API server refuses:
   own config, so the preflight exits 78: tests/unit/runtime/train/test_train_launch.py);
 * ``training.precision: fp16`` with ``parallelism.pipeline > 1``;
 * ``template.env`` setting a variable the operator sets (torchrun's, KUBEFORGE_*);
+* ``template.labels`` setting a ``kubeforge.io/`` label (the operator's selectors use them);
 * InferenceService adapter names: unique, and none equal to the service's name.
 """
 
@@ -112,6 +113,27 @@ def test_reserved_env_cel_lists_the_names_and_other_names_pass():
     assert [e.name for e in spec.template.env] == ["PET_LOG_DIR", "KUBEFORGE_PEAK_FLOPS", "NCCL_DEBUG"]
 
 
+# --- reserved labels ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key", ["kubeforge.io/inferenceservice", "kubeforge.io/finetunejob", "serving.kubeforge.io/x"])
+def test_template_labels_may_not_use_the_operators_domain(key: str):
+    labels = {"template": {"labels": {"team": "a", key: "chat"}}}
+    for model, spec in ((FineTuneJobSpec, {**FTJ, **labels}),
+                        (QuantizeJobSpec, {"model": {"uri": "pvc://m/a"}, "output": {"uri": "pvc://m/q"}, **labels}),
+                        (InferenceServiceSpec, {"model": {"uri": "pvc://m/a"}, **labels})):
+        with pytest.raises(ValidationError, match=f"template.labels: {key} is reserved for the operator") as err:
+            model.model_validate(spec)
+        assert err.value.errors()[0]["loc"] == ("template", "labels")
+
+
+def test_other_labels_pass_and_the_cel_rule_is_in_every_crd():
+    spec = FineTuneJobSpec.model_validate({**FTJ, "template": {"labels": {
+        "kueue.x-k8s.io/queue-name": "q", "kubeforge.io.example.com/x": "1", "notkubeforge.io/y": "2", "kubeforge": "3"}}})
+    assert len(spec.template.labels) == 4
+    for kind in ("FineTuneJob", "QuantizeJob", "InferenceService"):
+        assert "self.labels.all(k, !(k.startsWith('kubeforge.io/')" in cel_rules(kind), kind
+
+
 # --- adapter names -----------------------------------------------------------------------------------
 
 def test_adapter_names_rule_lives_in_the_api_model():
@@ -143,6 +165,9 @@ def test_adapter_names_are_refused_by_validate_the_sdk_and_the_operator():
                                      "template": {"env": [{"name": "MASTER_ADDR", "value": "x"}]}}),
      "template.env: MASTER_ADDR is set by the operator"),
     (doc("InferenceService", "chat", CLASH), 'adapter name "chat" clashes'),
+    (doc("InferenceService", "labels", {"model": {"uri": "pvc://m/a"},
+                                        "template": {"labels": {"kubeforge.io/inferenceservice": "other"}}}),
+     "spec.template.labels: Value error, template.labels: kubeforge.io/inferenceservice is reserved for the operator"),
     (doc("InferenceService", "svc", DUP_ADAPTERS), "repeated: sql"),
 ])
 def test_kubeforge_validate_refuses_what_the_api_server_refuses(tmp_path: Path, resource: dict, message: str):

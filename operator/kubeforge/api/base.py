@@ -108,6 +108,27 @@ not set them, because the container's last definition wins and would silently re
 operator's (a wrong rendezvous endpoint, node count or metrics port)."""
 
 
+RESERVED_LABEL_DOMAIN = GROUP
+"""Label keys under this domain (``kubeforge.io/...``, ``*.kubeforge.io/...``) are the
+operator's: its selectors, its Services' endpoints and its watches pick pods by them, so a
+user's ``template.labels`` may not set them (a pod of one resource could otherwise join
+another resource's endpoints or be counted as its worker)."""
+
+_RESERVED_LABEL_CEL = (f"k.startsWith('{RESERVED_LABEL_DOMAIN}/') || "
+                       f"k.matches('^[^/]*[.]{RESERVED_LABEL_DOMAIN.replace('.', '[.]')}/')")
+
+
+def reserved_label(key: str) -> bool:
+    """Whether the label ``key`` is under :data:`RESERVED_LABEL_DOMAIN` (the operator's own)."""
+    prefix, slash, _name = key.partition("/")
+    return bool(slash) and (prefix == RESERVED_LABEL_DOMAIN or prefix.endswith("." + RESERVED_LABEL_DOMAIN))
+
+
+def reserved_label_message(key: str) -> str:
+    return (f"template.labels: {key} is reserved for the operator ({RESERVED_LABEL_DOMAIN}/ labels select "
+            f"its pods); remove it or use a label outside {RESERVED_LABEL_DOMAIN}")
+
+
 class EnvVar(KFModel):
     """An extra environment variable for the workload container (not one of RESERVED_ENV)."""
 
@@ -156,7 +177,8 @@ class PodTemplateOverride(KFModel):
     )
     labels: dict[str, str] = Field(
         default_factory=dict,
-        description="Labels added to the Job/Deployment and its pods (e.g. kueue.x-k8s.io/queue-name).",
+        description="Labels added to the Job/Deployment and its pods (e.g. kueue.x-k8s.io/queue-name); "
+                    "kubeforge.io/ labels are the operator's and are refused.",
     )
     annotations: dict[str, str] = Field(default_factory=dict, description="Annotations added to the pods.")
     node_selector: dict[str, str] = Field(default_factory=dict, description="Pod nodeSelector.")
@@ -177,7 +199,21 @@ class PodTemplateOverride(KFModel):
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
         cel("!has(self.env) || self.env.all(e, !(has(e.value) && has(e.valueFrom)))",
             "an env entry sets either value or valueFrom, not both", ".env"),
+        cel(f"!has(self.labels) || self.labels.all(k, !({_RESERVED_LABEL_CEL}))",
+            f"template.labels: {RESERVED_LABEL_DOMAIN}/ labels are reserved for the operator; remove them",
+            ".labels",
+            message_expression=(f"'template.labels: ' + self.labels.filter(k, {_RESERVED_LABEL_CEL})[0] + "
+                                f"' is reserved for the operator ({RESERVED_LABEL_DOMAIN}/ labels select its pods); "
+                                f"remove it or use a label outside {RESERVED_LABEL_DOMAIN}'")),
     ]})
+
+    @field_validator("labels")
+    @classmethod
+    def _no_reserved_labels(cls, labels: dict[str, str]) -> dict[str, str]:
+        for key in labels:
+            if reserved_label(key):
+                raise ValueError(reserved_label_message(key))
+        return labels
 
 
 Phase = Literal["Pending", "WaitingForInput", "Running", "Restarting", "Suspended", "Succeeded", "Failed"]

@@ -100,8 +100,8 @@ def accept(conditions: Iterable[dict[str, Any]] | None, generation: int | None,
     return out, [Event("Normal", "Accepted", f"generation {generation} accepted")]
 
 
-def reject(obj: dict[str, Any], message: str, at: str | None = None) -> Outcome:
-    """``Accepted=False`` (``InvalidSpec``) with ``message``; the phase stays (or is Pending).
+def reject(obj: dict[str, Any], message: str, at: str | None = None, reason: str = "InvalidSpec") -> Outcome:
+    """``Accepted=False`` (``InvalidSpec``, or ``reason``) with ``message``; the phase stays (or is Pending).
 
     An invalid spec is permanent for its generation: nothing is created or changed, and the
     Warning event is posted once per distinct message, not on every retry.
@@ -110,11 +110,21 @@ def reject(obj: dict[str, Any], message: str, at: str | None = None) -> Outcome:
     old = obj.get("status") or {}
     status = copy.deepcopy(old)
     before = get_condition(status.get("conditions"), "Accepted") or {}
-    status["conditions"] = set_condition(status.get("conditions"), "Accepted", False, "InvalidSpec", message,
+    status["conditions"] = set_condition(status.get("conditions"), "Accepted", False, reason, message,
                                          generation, at)
     status["observedGeneration"] = generation
     status["phase"] = old.get("phase") or "Pending"
     events = []
-    if before.get("reason") != "InvalidSpec" or before.get("message") != message:
-        events.append(Event("Warning", "InvalidSpec", message))
+    if before.get("reason") != reason or before.get("message") != message:
+        events.append(Event("Warning", reason, message))
     return Outcome(status, events)
+
+
+def child_conflict(obj: dict[str, Any], message: str, at: str | None = None) -> Outcome:
+    """``Accepted=False/ChildConflict``: an object with a child's name belongs to someone else.
+
+    Like :func:`reject`, nothing is created or changed and the Warning event is posted once
+    per distinct message; unlike it, the spec is fine, so the next sync after the object is
+    gone goes on as usual (and sets ``Accepted=True`` again).
+    """
+    return reject(obj, message, at, reason="ChildConflict")

@@ -44,7 +44,8 @@ from ..api import GROUP, FineTuneJob, FineTuneJobSpec
 from ..builders import finetune as builder
 from . import finetune_status, metrics, scrape
 from .conditions import TERMINAL_PHASES, now
-from .reconcile import Reconciler, owned_by
+from .reconcile import ChildConflict, Reconciler, controlled_by, owned_by
+from .reconcile import apply_children as apply_owned
 
 log = logging.getLogger(__name__)
 
@@ -87,19 +88,20 @@ def _forget(namespace: str, name: str) -> None:
 
 # --- the reconciler's steps ------------------------------------------------------------------------
 
-def apply_children(name: str, namespace: str, uid: str, spec: FineTuneJobSpec) -> None:
-    for obj in builder.build(name, namespace, uid, spec):
-        try:
-            kube.server_side_apply(obj)
-        except ApiException as exc:
-            if exc.status == 422:
-                # A field the API server will not change on an existing object (the Job's pod
-                # template is immutable while it runs): permanent for this generation.
-                raise kopf.PermanentError(
-                    f"{obj['kind']} {obj['metadata']['name']} rejected the change: {_api_message(exc)}. "
-                    "Suspend the job first to change its pod template, or create a new FineTuneJob"
-                ) from None
-            raise
+def apply_children(owner: dict[str, Any], spec: FineTuneJobSpec) -> None:
+    """Apply the Service, ConfigMap and Job (:func:`.reconcile.apply_children`: never over a foreign object)."""
+    meta = owner["metadata"]
+    try:
+        apply_owned(owner, builder.build(meta["name"], meta["namespace"], meta["uid"], spec))
+    except ApiException as exc:
+        if exc.status == 422:
+            # A field the API server will not change on an existing object (the Job's pod
+            # template is immutable while it runs): permanent for this generation.
+            raise kopf.PermanentError(
+                f"a child rejected the change: {_api_message(exc)}. "
+                "Suspend the job first to change its pod template, or create a new FineTuneJob"
+            ) from None
+        raise
 
 
 def _api_message(exc: ApiException) -> str:
@@ -127,14 +129,19 @@ def _step(obj: dict[str, Any], spec: FineTuneJobSpec, *, apply: bool = False) ->
         # A finished job is never resurrected: its children stay as they ended.
         log.info("FineTuneJob %s/%s is %s; not touching its children", namespace, name, prev.get("phase"))
     elif apply:
-        apply_children(name, namespace, meta["uid"], spec)
+        apply_children(obj, spec)
     names = builder.Names.of(name)
     job = kube.get("Job", namespace, names.job)
+    if job is not None and not controlled_by(job, obj):
+        # Never report a foreign Job of that name as ours (a finished job just ignores it).
+        if not terminal:
+            raise ChildConflict(obj, "Job", names.job)
+        job = None
     if job is None and not terminal and \
             any(c.get("type") == "Created" and c.get("status") == "True" for c in prev.get("conditions") or []):
         # The Job was there and is gone (deleted by hand?): put it back, the job goes on.
         log.warning("Job %s/%s vanished; applying the children again", namespace, names.job)
-        apply_children(name, namespace, meta["uid"], spec)
+        apply_children(obj, spec)
         job = kube.get("Job", namespace, names.job)
     # Only this Job's pods (a deleted and re-created FineTuneJob of the same name has a new Job).
     pods = [p for p in kube.list_("Pod", namespace, f"{reconciler.owner_label}={name}")
@@ -171,8 +178,9 @@ def _after(obj: dict[str, Any], spec: FineTuneJobSpec, outcome: finetune_status.
     if ttl_due is not None and ttl_due <= dt.datetime.now(dt.timezone.utc):
         log.info("FineTuneJob %s/%s finished %ss ago: deleting it (ttlSecondsAfterFinished)",
                  namespace, name, spec.ttl_seconds_after_finished)
-        kube.delete(KIND, namespace, name)
-        reconciler.forget(namespace, name)
+        # Only this very object: one deleted and created again under its name meanwhile stays.
+        if kube.delete(KIND, namespace, name, uid=obj["metadata"]["uid"]):
+            reconciler.forget(namespace, name)
 
 
 reconciler: Reconciler[FineTuneJobSpec] = Reconciler(
@@ -204,6 +212,15 @@ kopf.on.event(*FineTuneJob.resource(), id="finetunejob-deleted")(reconciler.on_e
 
 # --- the poller: progress and TTL ----------------------------------------------------------------------
 
+def _scrape_isolated(key: tuple[str, str], tracked: _Tracked) -> dict[str, Any] | None:
+    """:func:`_scrape_one`, but whatever one job's pods serve cannot fail the round for the others."""
+    try:
+        return _scrape_one(key, tracked)
+    except Exception:  # noqa: BLE001 - logged; this job keeps its last progress
+        log.exception("FineTuneJob %s/%s: reading progress failed", *key)
+        return None
+
+
 def _scrape_one(key: tuple[str, str], tracked: _Tracked) -> dict[str, Any] | None:
     ips = list(tracked.pod_ips)
     last = _last_scraped_ip.get(key)
@@ -211,6 +228,7 @@ def _scrape_one(key: tuple[str, str], tracked: _Tracked) -> dict[str, Any] | Non
         ips.remove(last)
         ips.insert(0, last)
     for ip in ips[:SCRAPE_CANDIDATES]:
+        # SCRAPE_TIMEOUT bounds each whole request (not each read): a slow pod cannot stall the round.
         samples = scrape.fetch(f"http://{ip}:{contract.DEFAULT_METRICS_PORT}/metrics", timeout=SCRAPE_TIMEOUT)
         if samples is None:
             continue
@@ -255,7 +273,7 @@ class Poller:
         running = [(k, t) for k, t in items if t.phase in ("Running", "Restarting") and t.pod_ips]
         changed: list[tuple[str, str]] = []
         for key, progress in zip([k for k, _ in running],
-                                 self._pool.map(lambda kt: _scrape_one(*kt), running)):
+                                 self._pool.map(lambda kt: _scrape_isolated(*kt), running)):
             if progress is None:
                 continue  # unreachable: keep the last progress shown
             with _tracked_lock:

@@ -221,7 +221,9 @@ def compute(
         out.events += accepted
     status["observedGeneration"] = generation
     if progress:
-        status["progress"] = _progress_percent(dict(progress))
+        # Non-finite values (never from progress_from_metrics, but a status the API server
+        # refuses would stop the job from ever finishing) are left out.
+        status["progress"] = _progress_percent({k: v for k, v in _finite(dict(progress)).items() if v is not None})
         ckpt = progress.get("lastCheckpointStep")
         status["progress"].pop("lastCheckpointStep", None)
         if ckpt:
@@ -383,29 +385,43 @@ def _finish(out: FineTuneOutcome, status: dict[str, Any], conds: list[dict[str, 
 
 def progress_from_metrics(samples: dict[str, float], spec: FineTuneJobSpec) -> dict[str, Any] | None:
     """Status progress from the rank-0 gauges (``contract.METRIC_*``), or None without a step."""
-    if contract.METRIC_STEP not in samples:
+    # What a pod serves is not trusted: a step that is not a count (NaN, inf, negative, beyond
+    # what JSON carries exactly) means no progress; other garbage values are left out.
+    samples = {k: v for k, v in samples.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    step = _count(samples.get(contract.METRIC_STEP))
+    if step is None:
         return None
-    step = int(samples[contract.METRIC_STEP])
     out: dict[str, Any] = {"step": step}
-    total = samples.get(contract.METRIC_TOTAL_STEPS)
+    total = _count(samples.get(contract.METRIC_TOTAL_STEPS))
     if total:
-        out["totalSteps"] = int(total)
+        out["totalSteps"] = total
     if contract.METRIC_EPOCH in samples:
         out["epoch"] = round(float(samples[contract.METRIC_EPOCH]), 3)
     if contract.METRIC_LOSS in samples:
         out["loss"] = round(float(samples[contract.METRIC_LOSS]), 5)
     tps = samples.get(contract.METRIC_TOKENS_PER_SECOND)
-    if tps is not None:
+    if tps is not None and tps >= 0:
         out["tokensPerSecond"] = round(float(tps), 1)
         # Tokens per optimizer step = globalBatchSize x sequenceLength (every sample is packed
         # or padded to exactly sequenceLength), so steps/s follows from tokens/s.
         tokens_per_step = spec.training.global_batch_size * spec.dataset.sequence_length
         if total and tps > 0:
             out["etaSeconds"] = int(max(0, int(total) - step) * tokens_per_step / tps)
-    ckpt = samples.get(contract.METRIC_LAST_CHECKPOINT_STEP)
+    ckpt = _count(samples.get(contract.METRIC_LAST_CHECKPOINT_STEP))
     if ckpt:
-        out["lastCheckpointStep"] = int(ckpt)
+        out["lastCheckpointStep"] = ckpt
     return out
+
+
+MAX_COUNT = 2 ** 53
+"""Counts above this are not exact in JSON numbers: nothing a real trainer reports."""
+
+
+def _count(value: float | None) -> int | None:
+    """``value`` as a step count, or None when it is missing or is not one."""
+    if value is None or not math.isfinite(value) or not 0 <= value <= MAX_COUNT:
+        return None
+    return int(value)
 
 
 def ttl_due(status: dict[str, Any], ttl: int | None) -> dt.datetime | None:

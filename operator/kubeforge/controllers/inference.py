@@ -37,8 +37,8 @@ from ..api import FineTuneJob, InferenceService, InferenceServiceSpec, QuantizeJ
 from ..builders import common
 from ..builders import inference as builder
 from . import inference_status
-from .conditions import Outcome, now, reject
-from .reconcile import Reconciler, owned_by
+from .conditions import Outcome, now
+from .reconcile import Reconciler, apply_children, controlled_by, ensure_free
 from .references import resolve_model
 
 log = logging.getLogger(__name__)
@@ -51,9 +51,7 @@ def _step(obj: dict[str, Any], spec: InferenceServiceSpec, *, apply: bool = Fals
     meta = obj["metadata"]
     name, namespace = meta["name"], meta["namespace"]
     deployment = kube.get("Deployment", namespace, name)
-    if deployment is not None and not owned_by(deployment, obj):
-        return reject(obj, f"a Deployment named {name} exists and is not owned by this InferenceService; "
-                           f"delete it or rename the InferenceService")
+    ensure_free(obj, "Deployment", name, deployment)  # never serve or scale a foreign Deployment
     resolution = resolve_model(spec.model, lambda kind, ref: kube.get(kind, namespace, ref))
     if apply:
         model = (builder.ModelRef(resolution.uri, resolution.revision or "")
@@ -61,14 +59,14 @@ def _step(obj: dict[str, Any], spec: InferenceServiceSpec, *, apply: bool = Fals
         if model is not None:
             current = (deployment or {}).get("spec", {}).get("replicas")
             children = builder.build_children(name, namespace, meta["uid"], spec, model, current)
-            for child in children.to_apply():
-                applied = kube.server_side_apply(child)
+            to_apply = children.to_apply()
+            for child, applied in zip(to_apply, apply_children(obj, to_apply)):
                 if child["kind"] == "Deployment":
                     deployment = applied
             if children.hpa is None:
                 hpa = kube.get("HorizontalPodAutoscaler", namespace, name)
-                if hpa is not None and owned_by(hpa, obj):
-                    kube.delete("HorizontalPodAutoscaler", namespace, name)
+                if hpa is not None and controlled_by(hpa, obj):
+                    kube.delete("HorizontalPodAutoscaler", namespace, name, uid=hpa["metadata"]["uid"])
                     log.info("%s/%s: deleted the HPA (replicas.min == replicas.max)", namespace, name)
     pods: list[dict[str, Any]] = []
     if deployment is not None and not (inference_status.rollout_complete(deployment)

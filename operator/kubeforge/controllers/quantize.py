@@ -35,7 +35,7 @@ from ..builders import quantize as builder
 from . import quantize_status
 from .conditions import TERMINAL_PHASES, Event, now, true_condition
 from .events import post as post_event
-from .reconcile import Reconciler, owned_by
+from .reconcile import Reconciler, apply_children, ensure_free, owned_by
 from .references import resolve_model
 
 log = logging.getLogger(__name__)
@@ -57,11 +57,10 @@ def _step(obj: dict[str, Any], spec: QuantizeJobSpec, *,
         # shows how it ended, and without it the reconciler would start the work again. A
         # Job deleted before it finished is simply created again.
         job = job_hint
-    if job is not None and not owned_by(job, obj):
-        msg = f"Job {builder.job_name(name)} exists and is not owned by this QuantizeJob; delete or rename it"
-        log.warning("%s/%s: %s", namespace, name, msg)
-        post_event(obj, Event("Warning", "JobConflict", msg))
-        raise kopf.TemporaryError(msg, delay=30)
+    # Both children's names must be free (or ours) before the status announces the Job.
+    ensure_free(obj, "Job", builder.job_name(name), job)
+    if job is None:
+        ensure_free(obj, "ConfigMap", builder.config_map_name(name))
     resolution = resolve_model(spec.model, lambda kind, ref: kube.get(kind, namespace, ref)) if job is None else None
     pods: list[dict[str, Any]] = []
     uid = ((job or {}).get("metadata") or {}).get("uid")
@@ -76,8 +75,7 @@ def _after(obj: dict[str, Any], spec: QuantizeJobSpec, outcome: quantize_status.
     uri = outcome.create_with_model_uri
     if uri:
         meta = obj["metadata"]
-        for child in builder.build_children(meta["name"], meta["namespace"], meta["uid"], spec, uri):
-            kube.server_side_apply(child)
+        apply_children(obj, builder.build_children(meta["name"], meta["namespace"], meta["uid"], spec, uri))
         log.info("%s/%s: created Job %s for model %s", meta["namespace"], meta["name"],
                  builder.job_name(meta["name"]), uri)
 

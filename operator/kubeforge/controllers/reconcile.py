@@ -16,6 +16,14 @@ object at a time:
 5. **after** (the kind's, optional): act on what the written status says (create the Job it
    announces, delete an object whose TTL has passed).
 
+Children are applied through :func:`apply_children`, never by calling server-side apply
+directly: a forced apply by name would take over any object that happens to have the child's
+name (rewrite a Service's selector, add an ownerReference through which the garbage collector
+later deletes it). An object of the child's kind and name that this resource does not control
+is left alone and the sync ends in :class:`ChildConflict`: ``Accepted=False/ChildConflict``
+naming the object, one Warning event, and another look after ``CHILD_CONFLICT_RECHECK_SECONDS``
+(not a retry loop: the user has to delete or rename something first).
+
 Syncs are serialised per object (a lock), so a slow read-compute-write never overwrites the
 outcome of a newer one. There are two ways in: :meth:`~Reconciler.request` syncs now, in the
 caller's thread, and raises what the sync raises (kopf's spec handlers, so that kopf retries
@@ -43,7 +51,7 @@ from .. import kube
 from ..api import InvalidSpec, Kind, spec_problem
 from ..builders.common import MANAGED_BY, owner_label
 from . import metrics
-from .conditions import Outcome, reject
+from .conditions import Outcome, child_conflict, reject
 from .events import post as post_event
 
 log = logging.getLogger(__name__)
@@ -55,12 +63,58 @@ Key = tuple[str, str]
 DEBOUNCE_ENV = "KUBEFORGE_DEBOUNCE_SECONDS"
 DEFAULT_DEBOUNCE_SECONDS = 0.3
 CONFLICT_RETRIES = 5
+CHILD_CONFLICT_RECHECK_SECONDS = 30.0
+"""How long a sync that found a foreign object under a child's name waits before looking again."""
 
 
 def owned_by(child: dict[str, Any] | None, owner: dict[str, Any]) -> bool:
     """Whether ``child`` lists ``owner`` (by UID) among its ownerReferences."""
     uid = (owner.get("metadata") or {}).get("uid")
     return bool(child) and any(r.get("uid") == uid for r in (child.get("metadata") or {}).get("ownerReferences") or [])
+
+
+def controlled_by(child: dict[str, Any] | None, owner: dict[str, Any]) -> bool:
+    """Whether ``owner`` (by UID) is ``child``'s controller: ownerReferences with ``controller: true``."""
+    uid = (owner.get("metadata") or {}).get("uid")
+    return bool(child) and any(r.get("uid") == uid and r.get("controller")
+                               for r in (child.get("metadata") or {}).get("ownerReferences") or [])
+
+
+class ChildConflict(Exception):
+    """An object with a child's kind and name exists and is not controlled by the resource."""
+
+    def __init__(self, owner: dict[str, Any], kind: str, name: str) -> None:
+        self.kind, self.name = kind, name
+        owner_kind = owner.get("kind") or "resource"
+        super().__init__(
+            f"{kind} {name} already exists and is not controlled by this {owner_kind}; the operator leaves it "
+            f"untouched. Delete or rename that {kind}, or give the {owner_kind} another name")
+
+
+_UNREAD: Any = object()
+
+
+def ensure_free(owner: dict[str, Any], kind: str, name: str, existing: dict[str, Any] | None = _UNREAD) -> None:
+    """Raise :class:`ChildConflict` if an object ``kind``/``name`` exists that ``owner`` does not control.
+
+    ``existing``: the object if the caller has just read it (None: it does not exist); when
+    not given it is read here.
+    """
+    obj = kube.get(kind, owner["metadata"]["namespace"], name) if existing is _UNREAD else existing
+    if obj is not None and not controlled_by(obj, owner):
+        raise ChildConflict(owner, kind, name)
+
+
+def apply_children(owner: dict[str, Any], children: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Server-side apply ``children`` of ``owner``, each only if it is absent or already ``owner``'s.
+
+    Every name is checked before anything is applied, so a conflict leaves all children as they
+    were. (A foreign object created between the check and the apply is still taken over: the
+    window is one request long.) Returns the applied objects, in order.
+    """
+    for child in children:
+        ensure_free(owner, child["kind"], child["metadata"]["name"])
+    return [kube.server_side_apply(child) for child in children]
 
 
 def merge_hints(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -167,12 +221,29 @@ class Reconciler(Generic[S]):
         except (ValidationError, InvalidSpec) as exc:
             outcome = reject(obj, spec_problem(exc))
         else:
-            outcome = self.step(obj, spec, **hints)
+            try:
+                outcome = self.step(obj, spec, **hints)
+            except ChildConflict as exc:
+                outcome = self._conflict(obj, exc, hints)
+                spec = None  # nothing to act on
         changed = self.write(obj, prev, outcome)
         metrics.record_phase(self.kind, namespace, name, outcome.status.get("phase"))
         metrics.RECONCILE_DURATION.labels(self.kind).observe(time.monotonic() - started)
         if spec is not None and self.after is not None:
-            self.after(obj, spec, outcome, changed)
+            try:
+                self.after(obj, spec, outcome, changed)
+            except ChildConflict as exc:
+                # The status just written is stale now: write the conflict on a fresh read.
+                fresh = kube.get(self.kind, namespace, name)
+                if fresh is not None:
+                    self.write(fresh, fresh.get("status") or {}, self._conflict(fresh, exc, hints))
+
+    def _conflict(self, obj: dict[str, Any], exc: ChildConflict, hints: dict[str, Any]) -> Outcome:
+        """The outcome of a sync stopped by a foreign object; look again later, not at once."""
+        meta = obj["metadata"]
+        log.warning("%s %s/%s: %s", self.kind, meta["namespace"], meta["name"], exc)
+        _debouncer().schedule(self, meta["namespace"], meta["name"], hints, CHILD_CONFLICT_RECHECK_SECONDS)
+        return child_conflict(obj, str(exc))
 
     def write(self, obj: dict[str, Any], prev: dict[str, Any], outcome: Outcome) -> bool:
         """Write ``outcome.status`` if it differs from ``prev``, then post its events; True if written."""
@@ -273,4 +344,5 @@ def stop_debouncer(**_: Any) -> None:
             _the_debouncer = None
 
 
-__all__ = ["Debouncer", "Reconciler", "merge_hints", "owned_by"]
+__all__ = ["ChildConflict", "Debouncer", "Reconciler", "apply_children", "controlled_by", "ensure_free",
+           "merge_hints", "owned_by"]

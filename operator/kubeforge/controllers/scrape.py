@@ -3,41 +3,93 @@
 Workload pods have no API token, so they cannot report to the API server; the trainer's
 rank 0 serves gauges (names in ``kubeforge_runtime.contract``) and the operator reads them.
 Called by :mod:`kubeforge.controllers.finetune`'s progress poller. Every failure (refused,
-timed out, not Prometheus text) yields None and a debug log line: progress is a nicety and
-an unreachable endpoint must never stall or fail a reconcile.
+timed out, not Prometheus text) yields None and no log line: progress is a nicety and an
+unreachable endpoint must never stall or fail a reconcile.
+
+What a pod serves is not trusted, since anyone who can run a pod can serve anything:
+
+* one request, one **total deadline** (connect, headers and body together), not a timeout
+  per read: a pod that trickles a byte a second cannot hold a poller round for longer;
+* **no redirects** (and no proxies): a 3xx is an unreadable answer, so a pod cannot point
+  the operator at another address inside the cluster (a blind SSRF from the operator's
+  network position);
+* at most ``MAX_BYTES`` read; only **finite** values kept (NaN and ±Inf are dropped: the API
+  server refuses them in a status, and a job whose status cannot be written never finishes).
 """
 
 from __future__ import annotations
 
-import logging
-import urllib.error
-import urllib.request
+import http.client
+import math
+import socket
+import time
+import urllib.parse
 
 from prometheus_client.parser import text_string_to_metric_families
 
-log = logging.getLogger(__name__)
-
 DEFAULT_TIMEOUT = 1.0
 MAX_BYTES = 1 << 20
+_CHUNK = 16 << 10
+
+
+class _Deadline(Exception):
+    """The scrape's total time is up."""
 
 
 def parse(text: str, prefix: str = "kubeforge_") -> dict[str, float]:
-    """Unlabelled samples whose name starts with ``prefix``: ``{name: value}``."""
+    """Unlabelled, finite samples whose name starts with ``prefix``: ``{name: value}``."""
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name.startswith(prefix) and not sample.labels:
-                out[sample.name] = float(sample.value)
+                value = float(sample.value)
+                if math.isfinite(value):
+                    out[sample.name] = value
     return out
 
 
-def fetch(url: str, timeout: float = DEFAULT_TIMEOUT) -> dict[str, float] | None:
-    """The samples at ``url`` (``http://ip:port/metrics``), or None when unreachable or unreadable."""
+def _read_body(url: str, deadline: float) -> bytes | None:
+    """GET ``url`` (plain http) by ``deadline`` (a monotonic time): the body of a 200, else None."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        return None
+
+    def left() -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _Deadline
+        return remaining
+
+    conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=left())
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - http to a pod IP
-            body = resp.read(MAX_BYTES).decode("utf-8", "replace")
-        return parse(body)
-    except (OSError, urllib.error.URLError, ValueError) as exc:
+        conn.request("GET", parts.path or "/", headers={"Accept": "text/plain"})
+        sock = conn.sock  # kept: the connection forgets it once the response says it will close
+        if sock is None:
+            return None
+        sock.settimeout(left())
+        resp = conn.getresponse()
+        if resp.status != 200:  # a redirect included: never followed
+            return None
+        body = bytearray()
+        while len(body) < MAX_BYTES:
+            # Each read may block only for what is left of the whole scrape's time.
+            sock.settimeout(left())
+            chunk = resp.read1(min(_CHUNK, MAX_BYTES - len(body)))
+            if not chunk:
+                break
+            body += chunk
+        left()  # the last read may have returned just as time ran out
+        return bytes(body)
+    finally:
+        conn.close()
+
+
+def fetch(url: str, timeout: float = DEFAULT_TIMEOUT) -> dict[str, float] | None:
+    """The samples at ``url`` (``http://ip:port/metrics``) read within ``timeout`` seconds in
+    all, or None when unreachable, redirected, too slow or unreadable."""
+    try:
+        body = _read_body(url, time.monotonic() + timeout)
+        return None if body is None else parse(body.decode("utf-8", "replace"))
+    except (_Deadline, OSError, socket.timeout, http.client.HTTPException, ValueError):
         # No log line here: it would repeat every poll for every job; the caller logs changes.
-        _ = exc
         return None

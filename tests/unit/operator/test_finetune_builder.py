@@ -247,8 +247,12 @@ def test_template_overrides_pass_through():
     assert _env(job)["HF_TOKEN"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
     assert {"name": "extra", "emptyDir": {}} in pod["volumes"]
     assert {"name": "extra", "mountPath": "/extra"} in c["volumeMounts"]
-    # Our own labels win over the template's (selectors must stay ours).
-    job = fb.job("x", NS, UID, spec(template={"labels": {"kubeforge.io/finetunejob": "other"}}))
+    # Our own labels win over the template's (selectors must stay ours). The API refuses a
+    # kubeforge.io/ label in template.labels (tests/unit/test_api_rules.py); the builder does
+    # not rely on that alone.
+    s = spec()
+    s.template.labels = {"kubeforge.io/finetunejob": "other"}
+    job = fb.job("x", NS, UID, s)
     assert job["spec"]["template"]["metadata"]["labels"]["kubeforge.io/finetunejob"] == "x"
 
 

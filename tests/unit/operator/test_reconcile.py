@@ -1,6 +1,7 @@
 """The shared reconcile loop (controllers/reconcile.py) against an in-memory API: accept and
 reject, the resourceVersion-guarded write and its retry, forgetting deleted objects, metrics
-for every kind, serialised syncs, debounced and coalesced syncs, reference fan-out."""
+for every kind, serialised syncs, debounced and coalesced syncs, reference fan-out, and the
+apply path that never takes over a foreign object of a child's name."""
 
 from __future__ import annotations
 
@@ -16,7 +17,10 @@ from kubeforge import kube
 from kubeforge.api import QuantizeJob
 from kubeforge.controllers import quantize_status
 from kubeforge.controllers.conditions import Event, Outcome, accept, reject
-from kubeforge.controllers.reconcile import Debouncer, Reconciler, merge_hints, owned_by
+from kubeforge.controllers import reconcile
+from kubeforge.controllers.reconcile import (
+    ChildConflict, Debouncer, Reconciler, apply_children, controlled_by, merge_hints, owned_by,
+)
 
 AT = "2026-01-01T00:00:00Z"
 
@@ -27,6 +31,7 @@ class FakeAPI:
     def __init__(self) -> None:
         self.objects: dict[tuple[str, str, str], dict] = {}
         self.events: list[dict] = []
+        self.applied: list[dict] = []
         self.status_writes = 0
         self.conflicts = 0
         """Writes still to fail with 409 (another writer got there first)."""
@@ -64,11 +69,16 @@ class FakeAPI:
         self.events.append(obj)
         return obj
 
+    def server_side_apply(self, obj):
+        self.applied.append(obj)
+        self.put(obj["kind"], obj)
+        return self.get(obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
+
 
 @pytest.fixture
 def api(monkeypatch) -> FakeAPI:
     fake = FakeAPI()
-    for fn in ("get", "list_", "patch_merge", "create"):
+    for fn in ("get", "list_", "patch_merge", "create", "server_side_apply"):
         monkeypatch.setattr(kube, fn, getattr(fake, fn))
     return fake
 
@@ -252,3 +262,56 @@ def test_debouncer_coalesces_a_burst_into_one_sync_with_merged_hints():
         assert target.runs == [("ns", "a", {"apply": True, "job_hint": {"j": 1}})]
     finally:
         d.stop()
+
+
+# --- children: never over a foreign object ---------------------------------------------------------
+def child(kind: str, name: str, owner_uid: str | None = "uid-q", controller: bool = True, **fields) -> dict:
+    meta = {"name": name, "namespace": "ns-rec"}
+    if owner_uid:
+        meta["ownerReferences"] = [{"uid": owner_uid, "controller": controller}]
+    return {"kind": kind, "metadata": meta, **fields}
+
+
+def test_controlled_by_needs_the_owners_uid_as_controller():
+    owner = qj()
+    assert controlled_by(child("Service", "s"), owner)
+    assert not controlled_by(child("Service", "s", controller=False), owner)  # only an owner, not the controller
+    assert not controlled_by(child("Service", "s", owner_uid="other"), owner)
+    assert not controlled_by(child("Service", "s", owner_uid=None), owner)
+
+
+def test_apply_children_touches_nothing_when_one_name_is_taken(api):
+    owner = {**qj(), "kind": "QuantizeJob"}
+    api.put("Service", child("Service", "q", owner_uid=None, spec={"selector": {"app": "theirs"}}))
+    api.put("ConfigMap", child("ConfigMap", "q-config"))  # ours from an earlier sync: fine
+    with pytest.raises(ChildConflict) as err:
+        apply_children(owner, [child("ConfigMap", "q-config", data={"a": "1"}),
+                               child("Service", "q", spec={"selector": {"app": "ours"}})])
+    assert str(err.value).startswith("Service q already exists and is not controlled by this QuantizeJob")
+    assert api.applied == []  # checked first, so not even the ConfigMap was applied
+    assert api.get("Service", "ns-rec", "q")["spec"] == {"selector": {"app": "theirs"}}
+    # Absent or already ours: applied.
+    applied = apply_children(owner, [child("ConfigMap", "q-config", data={"a": "1"}), child("Service", "other")])
+    assert [a["metadata"]["name"] for a in applied] == ["q-config", "other"]
+
+
+def test_a_child_conflict_is_a_condition_and_one_event_and_a_slow_recheck(api, monkeypatch):
+    api.put("QuantizeJob", qj("taken"))
+    rechecks = []
+    monkeypatch.setattr(reconcile, "_debouncer", lambda: type("D", (), {"schedule": lambda self, *a: rechecks.append(a)})())
+
+    def step(obj, spec, **hints):
+        raise ChildConflict(obj, "Service", "taken")
+
+    r = Reconciler(QuantizeJob, validate=quantize_status.validate, step=step)
+    r.request("ns-rec", "taken", apply=True)
+    r.request("ns-rec", "taken", apply=True)
+    st = api.get("QuantizeJob", "ns-rec", "taken")["status"]
+    cond = st["conditions"][0]
+    assert (cond["type"], cond["status"], cond["reason"]) == ("Accepted", "False", "ChildConflict")
+    assert "Service taken" in cond["message"] and st["phase"] == "Pending"
+    assert reasons(api) == ["ChildConflict"] and api.status_writes == 1  # the second sync changed nothing
+    # Looked at again later (with the same hints), not in a loop.
+    assert [(a[1], a[2], a[3], a[4]) for a in rechecks] == [("ns-rec", "taken", {"apply": True},
+                                                             reconcile.CHILD_CONFLICT_RECHECK_SECONDS)] * 2
+    r.forget("ns-rec", "taken")
