@@ -138,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, data.DataError, storage.StorageError, models.ModelLoadError) as exc:
         _report(str(exc))
         return contract.EXIT_CONFIG_ERROR
+    except storage.DownloadFailed as exc:  # transient (network, server): exit 1, the Job retries the pod
+        sys.stderr.write(f"kubeforge: {exc}\n")
+        return 1
     if not command:
         log.info("config %s is valid", args.config)
         return contract.EXIT_OK
