@@ -3,7 +3,9 @@
 The operator (``kubeforge``) renders pods; the runtime (``kubeforge_runtime``) runs in them.
 They share nothing but what is written here and in ``trainer_image/CONTRACT.md``: where the
 config file is mounted, which environment variables are set, which exit codes mean what,
-how the trainer reports progress and how the quantizer reports its result. This module
+how the trainer reports progress, how the quantizer reports its result, and when two storage
+URIs name one location (``normalize_uri``, ``uris_overlap``: the admission webhook and the
+API compare outputs with them, the runtime compares its input and output with them). This module
 imports nothing beyond the standard library, so the control plane may import it without
 pulling in torch (a test enforces that), and both sides are tested against it.
 """
