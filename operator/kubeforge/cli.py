@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from . import __version__
 
@@ -77,14 +78,29 @@ def _cmd_run(args: argparse.Namespace) -> int:
         seed_volumes=Path(args.volumes) if args.volumes else None,
         model_dir=Path(args.model) if args.model else None,
     )
+    # SIGTERM ends the run as Ctrl-C does: run_file's cleanup then stops every local pod
+    # (each runs in a process group of its own, which no signal to this process reaches).
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         runner.run_file(Path(args.filename), keep_serving=args.serve)
     except (LocalRunError, ManifestError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except _Terminated:
+        print("stopped (SIGTERM); every local pod was stopped", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
-        return 130
+        print("stopped (Ctrl-C); every local pod was stopped", file=sys.stderr)
+        return 128 + signal.SIGINT
     return 0
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived during ``kubeforge run``."""
+
+
+def _raise_terminated(signum: int, _frame: Any) -> None:
+    raise _Terminated()
 
 
 def build_parser() -> argparse.ArgumentParser:

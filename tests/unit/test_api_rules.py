@@ -176,3 +176,11 @@ def test_kubeforge_validate_refuses_what_the_api_server_refuses(tmp_path: Path, 
     out = subprocess.run([sys.executable, "-m", "kubeforge", "validate", "-f", str(path)],
                          capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 1 and message in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("output", ["pvc://m/base", "pvc://m/base/", "pvc://m/x/../base/int8", "pvc://m"])
+def test_a_quantize_job_may_not_write_into_its_own_model(output: str):
+    # The quantizer replaces weight files in its output; compared after normalisation.
+    with pytest.raises(ValidationError, match="would delete its own input"):
+        QuantizeJobSpec.model_validate({"model": {"uri": "pvc://m/base"}, "output": {"uri": output}})
+    QuantizeJobSpec.model_validate({"model": {"uri": "pvc://m/base"}, "output": {"uri": "pvc://m/base-int8"}})

@@ -67,3 +67,17 @@ def test_secret_literals_in_env():
            {"name": "OPENAI_API_KEY", "value": "sk"}]
     assert secret_literals({"template": {"env": env}}) == ["HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "OPENAI_API_KEY"]
     assert secret_literals({}) == []
+
+
+def test_uris_overlap_sees_through_spellings_of_one_path():
+    # Compared as strings these all differed, so a second job could write into a live job's
+    # output (or a QuantizeJob into its own input) by spelling the path differently.
+    assert uris_overlap("pvc://m/out", "pvc://m/tmp/../out")
+    assert uris_overlap("pvc://m/out", "pvc://m//out/./ckpt")
+    assert uris_overlap("file:///data/out", "file:////data/./out/")
+    assert uris_overlap("file:///data/out", "file://data/out")  # the runtime reads file://x as /x
+    assert uris_overlap("s3://b/x/y/..", "s3://b/x")
+    assert not uris_overlap("pvc://m/out/../out2", "pvc://m/out")
+    problems = output_conflicts("QuantizeJob", "q", {"output": {"uri": "pvc://m/a/../o/"}},
+                                [job("FineTuneJob", "ft", "pvc://m/o")])
+    assert len(problems) == 1 and "written by FineTuneJob ft" in problems[0]

@@ -3,7 +3,9 @@
 The operator (``kubeforge``) renders pods; the runtime (``kubeforge_runtime``) runs in them.
 They share nothing but what is written here and in ``trainer_image/CONTRACT.md``: where the
 config file is mounted, which environment variables are set, which exit codes mean what,
-how the trainer reports progress and how the quantizer reports its result. This module
+how the trainer reports progress, how the quantizer reports its result, and when two storage
+URIs name one location (``normalize_uri``, ``uris_overlap``: the admission webhook and the
+API compare outputs with them, the runtime compares its input and output with them). This module
 imports nothing beyond the standard library, so the control plane may import it without
 pulling in torch (a test enforces that), and both sides are tested against it.
 """
@@ -11,6 +13,7 @@ pulling in torch (a test enforces that), and both sides are tested against it.
 from __future__ import annotations
 
 import os
+import posixpath
 from pathlib import Path
 
 # --- files -----------------------------------------------------------------------------
@@ -22,6 +25,42 @@ TERMINATION_LOG = "/dev/termination-log"
 """The quantizer writes its JSON report here; Kubernetes copies it into the pod status."""
 WORKSPACE_DIR = "/workspace"
 """An emptyDir for scratch space and caches (the root filesystem is read-only)."""
+
+# --- storage locations -------------------------------------------------------------------
+def normalize_uri(uri: str) -> str:
+    """One spelling per storage location, so that two URIs can be compared as strings.
+
+    ``file://`` and plain paths become ``file:///abs/path``; ``.``, ``..``, repeated and trailing
+    slashes are resolved in every path-like scheme (``file``, ``pvc``, ``s3``) the way the
+    runtime's filesystem resolves them; hub ids (``hf://org/name[@rev]``) only lose a trailing
+    slash. Symbolic links are not followed (the control plane cannot see the volumes): the
+    runtime compares resolved local paths as well.
+    """
+    scheme, sep, rest = uri.strip().partition("://")
+    if not sep:  # a plain path: the runtime reads it as a file path
+        scheme, rest = "file", uri.strip()
+    scheme = scheme.lower()
+    if scheme == "file":
+        # file://x/y means /x/y to the runtime; a leading "//" is no different from "/".
+        if rest.startswith("/") or sep:
+            return "file://" + posixpath.normpath("/" + rest.lstrip("/"))
+        return posixpath.normpath(rest)  # relative: only the runtime knows its directory
+    if scheme in ("pvc", "s3"):
+        location = posixpath.normpath(rest.strip("/")) if rest.strip("/") else ""
+        return f"{scheme}://{'' if location == '.' else location}"
+    return f"{scheme}://{rest.rstrip('/')}"
+
+
+def uris_overlap(a: str, b: str) -> bool:
+    """Whether two storage URIs name the same location or one lies inside the other
+    (compared after :func:`normalize_uri`, by whole path segments)."""
+    a, b = normalize_uri(a), normalize_uri(b)
+
+    def inside(child: str, parent: str) -> bool:
+        return child.startswith(parent if parent.endswith("/") else parent + "/")
+
+    return a == b or inside(a, b) or inside(b, a)
+
 
 # --- environment -----------------------------------------------------------------------
 ENV_METRICS_PORT = "KUBEFORGE_METRICS_PORT"

@@ -16,7 +16,10 @@ change; the Job's podFailurePolicy can then fail the Job at once. Checks:
 * a ``deepspeed-zero*`` strategy finds the deepspeed package;
 * the parallel degrees fit the world size (``--nnodes`` x ``--nproc-per-node`` from the
   torchrun arguments, else ``PET_NNODES`` x ``PET_NPROC_PER_NODE``) and the model's sizes;
-* the output and checkpoint URIs are writable kinds (file:// or pvc://).
+* the output and checkpoint URIs are writable kinds (file:// or pvc://);
+* the newest checkpoint in the checkpoint directory, if any, is this run's (same job, base
+  model, dataset, method and LoRA shape; ``train/checkpoint.py``): another run's is refused
+  before torchrun starts, so nothing is loaded and no checkpoint is pruned.
 
 The message also goes to ``/dev/termination-log`` when it exists (or to
 ``$KUBEFORGE_REPORT_PATH``), so it shows in the pod's status. When everything passes, the process ``os.execvp``s the command after ``--`` (torchrun
@@ -88,6 +91,9 @@ def preflight(config_path: str, command: list[str]) -> None:
     storage.local_path(cfg.output.uri)
     if cfg.checkpoint.uri:
         storage.local_path(cfg.checkpoint.uri)
+    from .train import checkpoint
+
+    checkpoint.check_resumable(cfg)  # CheckpointMismatch is a ConfigError
     world = world_size_from(command) if command else None
     if world is not None:
         t = cfg.training
@@ -132,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, data.DataError, storage.StorageError, models.ModelLoadError) as exc:
         _report(str(exc))
         return contract.EXIT_CONFIG_ERROR
+    except storage.DownloadFailed as exc:  # transient (network, server): exit 1, the Job retries the pod
+        sys.stderr.write(f"kubeforge: {exc}\n")
+        return 1
     if not command:
         log.info("config %s is valid", args.config)
         return contract.EXIT_OK

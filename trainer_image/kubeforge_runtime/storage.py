@@ -7,18 +7,28 @@ Used by every runtime entry point. Supported schemes:
   ``$KUBEFORGE_PVC_ROOT/<claim>`` (default ``/mnt/pvc``); locally ``kubeforge run`` points
   the root at a directory.
 * ``hf://org/name[@revision]`` (or a bare ``org/name`` hub id) - downloaded with
-  ``huggingface_hub``. When the hub is unreachable or ``HF_HUB_OFFLINE=1`` is set and the
-  model is not in the local cache, this fails at once with a message saying what to do,
-  rather than hanging in retries.
+  ``huggingface_hub``: only the weights (safetensors; ``*.bin`` only where a repository has
+  none), configs and tokenizer files (:data:`HUB_ALLOW_PATTERNS`), not every file of the
+  repository. When ``HF_HUB_OFFLINE=1`` is set and the model is not in the local cache, this
+  fails at once with a message saying what to do.
 * ``s3://bucket/prefix`` - copied with boto3 (the optional ``s3`` extra) into a cache dir.
+
+Errors come in two kinds, because the Job treats them differently: a URI that names nothing
+(not found, forbidden, gated, unknown revision) is a :class:`StorageError`, a configuration
+error (exit 78, no retry); a transient failure (connection refused or reset, timeout, HTTP
+408/429/5xx) is retried here :data:`DOWNLOAD_ATTEMPTS` times with exponential back-off and
+then raised as :class:`DownloadFailed`, a runtime error (exit 1: the Job's back-off retries
+the pod), as is any other failure of a download.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +37,28 @@ DEFAULT_PVC_ROOT = "/mnt/pvc"
 CACHE_ENV = "KUBEFORGE_CACHE_DIR"
 
 
+DOWNLOAD_ATTEMPTS = 4
+"""Tries of a download whose failure looks transient, before it counts as failed."""
+DOWNLOAD_BACKOFF_S = 2.0
+"""Wait before the second try; doubled before each further one (2, 4, 8 s)."""
+
+HUB_CONFIG_PATTERNS = ["*.json", "*.jinja", "*.txt", "tokenizer.model", "*.tiktoken", "*.model"]
+"""Configs (config.json, generation_config.json, adapter_config.json, ...) and tokenizers."""
+HUB_WEIGHT_PATTERNS = ["*.safetensors"]
+HUB_PICKLE_WEIGHT_PATTERNS = ["pytorch_model*.bin", "adapter_model.bin"]
+"""Fetched only when a repository has no safetensors weights."""
+HUB_ALLOW_PATTERNS = HUB_CONFIG_PATTERNS + HUB_WEIGHT_PATTERNS
+
+T = TypeVar("T")
+
+
 class StorageError(RuntimeError):
-    """A URI that cannot be resolved; the message says what to change."""
+    """A URI that cannot be resolved; the message says what to change (a configuration error)."""
+
+
+class DownloadFailed(RuntimeError):
+    """A download failed for a reason that is not the URI's (network, timeout, a server error),
+    after the retries: a runtime error, so the Job retries the pod instead of failing at once."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +132,60 @@ def resolve(uri: str, *, cache_dir: str | os.PathLike[str] | None = None) -> Pat
     return _resolve_s3(parsed, cache)
 
 
+def _hub_error_kind(exc: BaseException) -> str:
+    """"config" (the URI names nothing reachable: not found, forbidden, gated, bad revision),
+    "transient" (retry: connection, timeout, HTTP 408/429/5xx) or "other". huggingface_hub
+    wraps a failed lookup in LocalEntryNotFoundError ``from`` the real error: look through it."""
+    from huggingface_hub.errors import (
+        EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
+    )
+
+    try:
+        import httpx2 as httpx  # what huggingface_hub 1.x/2.x talks through
+    except ImportError:  # pragma: no cover - older huggingface_hub
+        import httpx
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, LocalEntryNotFoundError) and seen.__cause__ is not None:
+            seen = seen.__cause__
+            continue
+        if isinstance(seen, (RepositoryNotFoundError, RevisionNotFoundError)):
+            return "config"
+        if isinstance(seen, HfHubHTTPError) and getattr(seen, "response", None) is not None:
+            status = seen.response.status_code
+            return "transient" if status in (408, 429) or status >= 500 else "config"
+        if isinstance(seen, EntryNotFoundError) and not isinstance(seen, LocalEntryNotFoundError):
+            return "config"
+        if isinstance(seen, (httpx.TransportError, ConnectionError, TimeoutError)):
+            return "transient"
+        seen = seen.__cause__ or seen.__context__
+    return "other"
+
+
+def with_retries(what: str, fetch: Callable[[], T], kind: Callable[[BaseException], str]) -> T:
+    """Call ``fetch``; retry it after a transient failure (``kind(exc) == "transient"``) with
+    exponential back-off, :data:`DOWNLOAD_ATTEMPTS` tries in all. A "config" failure raises
+    :class:`StorageError` at once; anything else, or the last transient one, :class:`DownloadFailed`."""
+    for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+        try:
+            return fetch()
+        except Exception as exc:
+            detail = f"{type(exc).__name__}: {exc}".strip()
+            found = kind(exc)
+            if found == "config":
+                raise StorageError(f"{what}: {detail}; check the name, the revision and the access token") from None
+            if found != "transient" or attempt == DOWNLOAD_ATTEMPTS:
+                tries = f" after {attempt} tries" if attempt > 1 else ""
+                raise DownloadFailed(f"{what}: download failed{tries} ({detail}); the pod will be retried. If this "
+                                     "cluster has no internet access, copy the model to a volume and use pvc:// or "
+                                     "file://") from exc
+            delay = DOWNLOAD_BACKOFF_S * 2 ** (attempt - 1)
+            log.warning("%s: transient download failure (%s); try %d of %d in %.0f s",
+                        what, detail, attempt + 1, DOWNLOAD_ATTEMPTS, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def _resolve_hub(parsed: ParsedURI, cache: Path) -> Path:
     try:
         from huggingface_hub import snapshot_download
@@ -109,10 +193,13 @@ def _resolve_hub(parsed: ParsedURI, cache: Path) -> Path:
     except ImportError as exc:  # pragma: no cover - transformers always brings it
         raise StorageError("hub ids need huggingface_hub (pip install huggingface_hub)") from exc
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    kwargs = dict(repo_id=parsed.location, revision=parsed.revision, cache_dir=str(cache / "hub"))
+    kwargs: dict[str, Any] = dict(repo_id=parsed.location, revision=parsed.revision, cache_dir=str(cache / "hub"),
+                                  allow_patterns=HUB_ALLOW_PATTERNS)
     try:
         # Try the local cache first: it never touches the network.
-        return Path(snapshot_download(local_files_only=True, **kwargs))
+        path = Path(snapshot_download(local_files_only=True, **kwargs))
+        if _has_weights(path):
+            return path
     except LocalEntryNotFoundError:
         if offline:
             raise StorageError(
@@ -123,13 +210,16 @@ def _resolve_hub(parsed: ParsedURI, cache: Path) -> Path:
         pass
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
-    try:
-        return Path(snapshot_download(**kwargs))
-    except Exception as exc:
-        raise StorageError(
-            f"hf://{parsed.location}: download failed ({type(exc).__name__}: {exc}); if this "
-            "cluster has no internet access, copy the model to a volume and use pvc:// or file://"
-        ) from None
+    what = f"hf://{parsed.location}"
+    path = Path(with_retries(what, lambda: snapshot_download(**kwargs), _hub_error_kind))
+    if not _has_weights(path):  # an older repository: pickled weights only
+        kwargs["allow_patterns"] = HUB_CONFIG_PATTERNS + HUB_PICKLE_WEIGHT_PATTERNS
+        path = Path(with_retries(what, lambda: snapshot_download(**kwargs), _hub_error_kind))
+    return path
+
+
+def _has_weights(path: Path) -> bool:
+    return any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
 
 
 def _resolve_s3(parsed: ParsedURI, cache: Path) -> Path:

@@ -6,6 +6,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
+from kubeforge_runtime import contract
+
 from .base import Condition, Kind, KFModel, ObjectReference, Phase, PodTemplateOverride, ResourcesSpec, cel
 from .finetune import (
     DATA_URI_PATTERN, MODEL_URI_PATTERN, OUTPUT_URI_PATTERN, OutputStatus, TaskEvaluationSpec, TaskMetricResult,
@@ -97,6 +99,18 @@ class QuantizeJobSpec(KFModel):
     active_deadline_seconds: int | None = Field(default=None, ge=1, description="Fail with DeadlineExceeded after this long.")
     ttl_seconds_after_finished: int | None = Field(default=None, ge=0, description="Delete the job this long after it finishes.")
     template: PodTemplateOverride = Field(default_factory=PodTemplateOverride, description="Pod overrides.")
+
+    @model_validator(mode="after")
+    def _output_apart_from_input(self) -> "QuantizeJobSpec":
+        # The quantizer clears weight files in its output before saving. Compared after
+        # normalisation. No CEL twin (CEL cannot resolve ".."): the API server admits such a
+        # spec, the operator marks it Invalid, and the quantizer itself refuses it (exit 78).
+        if self.model.uri and contract.uris_overlap(self.model.uri, self.output.uri):
+            raise ValueError(
+                f"output.uri {self.output.uri} overlaps model.uri {self.model.uri}: the quantizer replaces the "
+                "weight files in its output, so it would delete its own input; choose an output.uri outside "
+                "the model's directory")
+        return self
 
 
 class LatencyResult(KFModel):

@@ -3,7 +3,9 @@
 CEL sees one object; these checks need the other KubeForge resources in the namespace:
 
 * **Outputs do not collide.** A FineTuneJob or QuantizeJob may not write where another job
-  of the namespace writes (the same URI, or one inside the other), unless that job has
+  of the namespace writes (the same URI, or one inside the other, compared after
+  :func:`kubeforge_runtime.contract.normalize_uri`, so ``pvc://m/a/../o/`` and ``pvc://m/o``
+  are one location), unless that job has
   Failed: two jobs writing one directory corrupt each other, and overwriting a succeeded
   job's output would swap the model under whatever serves it.
 * **References can still be satisfied.** ``fineTuneJobRef``/``quantizeJobRef`` naming a job
@@ -39,6 +41,8 @@ from typing import Any, Iterable
 
 import kopf
 
+from kubeforge_runtime import contract
+
 from .. import kube
 from ..api import KINDS, FineTuneJob, InferenceService, QuantizeJob
 
@@ -60,14 +64,9 @@ SECRET_ENV = re.compile(r"(^|_)(TOKEN|PASSWORD|PASSWD|SECRET|CREDENTIALS?|API_?K
 
 # --- pure checks (unit-tested without a cluster) -----------------------------------------
 
-def _norm(uri: str) -> str:
-    return uri.rstrip("/")
-
-
-def uris_overlap(a: str, b: str) -> bool:
-    """Whether two storage URIs are the same location or one lies inside the other."""
-    a, b = _norm(a), _norm(b)
-    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+uris_overlap = contract.uris_overlap
+"""Whether two storage URIs are the same location or one lies inside the other (normalised
+first: ``..``, ``.``, ``//``, trailing ``/`` and ``file://`` spellings cannot hide an overlap)."""
 
 
 def output_uris(kind: str, spec: dict[str, Any]) -> list[str]:

@@ -21,6 +21,13 @@ missing model is an error naming the path looked at: nothing is substituted sile
 later resource's ``fineTuneJobRef``/``quantizeJobRef`` resolves to the output of the earlier
 one in the run.
 
+Every local pod runs in its own process group (a new session, as a pod has its own PID
+namespace). :meth:`LocalRunner.stop_children` stops every group it started (SIGTERM, then
+SIGKILL after a grace period): ``run_file`` calls it on the way out, whatever the way, and
+``kubeforge run`` turns SIGTERM into that way out as Ctrl-C (SIGINT) already is, so no model
+server or trainer outlives it. A local server binds 127.0.0.1 only (the address it prints),
+not the pod's 0.0.0.0.
+
 An InferenceService gets the sample requests of its ``kubeforge.io/sample-prompts``
 annotation (a JSON list: a string is sent as a completion prompt, a list of messages as a
 chat request), else one completion of :data:`DEFAULT_SAMPLE_PROMPT`.
@@ -57,6 +64,10 @@ DEFAULT_SAMPLE_PROMPT = "Review: The meal was lovely.\nSentiment:"
 EMBEDDED_BASE_URI = "pvc://models/base"
 """Locally, this claim path is seeded with the embedded model when it holds none."""
 SAMPLE_MAX_TOKENS = 48
+LOCAL_HOST = "127.0.0.1"
+"""The address local servers bind and are reached at."""
+STOP_GRACE_S = 35.0
+"""How long stopped children get before SIGKILL: torchrun itself gives its workers 30 s."""
 
 
 class LocalRunError(RuntimeError):
@@ -135,6 +146,8 @@ class LocalRunner:
         self.model_dir = model_dir
         self.progress = progress
         self.outputs: dict[tuple[str, str], str] = {}
+        self.children: list[subprocess.Popen[bytes]] = []
+        """Every local pod started, so that all can be stopped (:meth:`stop_children`)."""
         if console is None:
             from rich.console import Console
 
@@ -245,8 +258,29 @@ class LocalRunner:
         spec.env[contract.ENV_PVC_ROOT] = str(self.pvc_root)
         spec.env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        return subprocess.Popen(spec.argv, env=spec.env, cwd=spec.cwd, stdout=subprocess.PIPE,
+        # A session of its own (the pod's "PID namespace"): its process group is what
+        # stop_children signals, torchrun and the server with whatever they started.
+        proc = subprocess.Popen(spec.argv, env=spec.env, cwd=spec.cwd, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, start_new_session=True)
+        self.children.append(proc)
+        return proc
+
+    def stop_children(self, grace: float = STOP_GRACE_S) -> None:
+        """Stop every local pod still running: SIGTERM to each one's process group, then SIGKILL
+        to the groups still there after ``grace`` seconds."""
+        live = [p for p in self.children if p.poll() is None]
+        for proc in live:
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in live:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("pid %d did not stop within %.0f s of SIGTERM: SIGKILL", proc.pid, grace)
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait(timeout=10)
+            # SIGKILL whatever the group leader left behind in its group.
+            _signal_group(proc, signal.SIGKILL)
 
     # --- kinds ----------------------------------------------------------------------------
     def run_manifest(self, doc: dict[str, Any]) -> LocalResult | LocalServer:
@@ -439,10 +473,11 @@ class LocalRunner:
         config_dirs = self._write_config_maps(children, pod_dir, transform=local_ports)
         pod_spec = deployment["spec"]["template"]["spec"]
         local = localize_container(pod_spec, volume_dirs=self._volume_dirs(pod_spec, config_dirs, pod_dir))
+        local.argv += ["--host", LOCAL_HOST]  # the pod binds 0.0.0.0; a laptop only the loopback
         log_path = pod_dir / "server.log"
         proc = self._spawn(local, log_path)
         threading.Thread(target=_drain, args=(proc, log_path), daemon=True).start()
-        self.console.print(f"[bold]InferenceService/{res.name}[/]: serving {model_uri} on http://127.0.0.1:{http_port}/v1")
+        self.console.print(f"[bold]InferenceService/{res.name}[/]: serving {model_uri} on http://{LOCAL_HOST}:{http_port}/v1")
         deadline = time.monotonic() + ready_timeout
         with self.console.status("loading and warming up the model…"):
             while time.monotonic() < deadline:
@@ -466,6 +501,13 @@ class LocalRunner:
             candidate = Path(path).resolve().parent / "volumes"
             self.seed_volumes = candidate if candidate.is_dir() else None
         results: list[LocalResult | LocalServer] = []
+        try:
+            self._run_all(resources, results, keep_serving)
+        finally:  # an error, Ctrl-C or (in `kubeforge run`) SIGTERM: leave no pod running
+            self.stop_children()
+        return results
+
+    def _run_all(self, resources: list[Resource], results: list[LocalResult | LocalServer], keep_serving: bool) -> None:
         for res in resources:
             if res.kind != "InferenceService":
                 results.append(self.run_resource(res))
@@ -490,7 +532,6 @@ class LocalRunner:
                     server.proc.wait()
             finally:
                 server.stop()
-        return results
 
 
     def _print_chain(self, results: list[LocalResult | LocalServer]) -> None:
@@ -530,6 +571,14 @@ def sample_prompts(doc: dict[str, Any]) -> list[str | list[dict[str, str]]]:
         raise LocalRunError(f"annotation {SAMPLE_PROMPTS_ANNOTATION}: expected a JSON list of prompts (strings) "
                             f"or chat conversations (lists of {{role, content}} messages)")
     return prompts
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    """Signal ``proc``'s process group (it leads one: started with ``start_new_session``)."""
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass  # the group is gone already
 
 
 def _pct(value: float | None) -> str:

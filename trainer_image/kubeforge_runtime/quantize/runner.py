@@ -127,6 +127,34 @@ def _clear_stale(out_dir: Path) -> None:
             stale.unlink()
 
 
+def _check_output_apart(model_uri: str, output_uri: str, out_dir: Path) -> None:
+    """Refuse an output that is, contains or lies inside the model being quantized (or, for a
+    LoRA adapter, its base): saving clears weight files in the output, so the quantizer would
+    delete its own input. Compared as resolved paths (symbolic links followed)."""
+    source = models.resolve_model_dir(model_uri)
+    inputs = [source]
+    if models.is_adapter_dir(source):
+        inputs.append(models.resolve_model_dir(models.adapter_base_uri(source)))
+    out = out_dir.resolve()
+    for given in inputs:
+        src = given.resolve()
+        if out == src:
+            where = "is"
+        elif out.is_relative_to(src):
+            where = "lies inside"
+        elif src.is_relative_to(out):
+            where = "contains"
+        else:
+            continue
+        raise _Failure(
+            reporting.REASON_CONFIG_ERROR,
+            f"output.uri {output_uri!r} ({out}) {where} the model being quantized ({src}): the quantizer "
+            "replaces the weight files in its output and would delete its own input; choose an output.uri "
+            f"outside {src}",
+            contract.EXIT_CONFIG_ERROR,
+        )
+
+
 def run(cfg: QuantizeConfig) -> tuple[dict[str, Any], dict[str, Any], int]:
     """Quantize per ``cfg``; return (compact report, full report, exit code)."""
     import torch
@@ -146,6 +174,7 @@ def run(cfg: QuantizeConfig) -> tuple[dict[str, Any], dict[str, Any], int]:
 
     try:
         out_dir = storage.local_path(cfg.output.uri)
+        _check_output_apart(cfg.model.uri, cfg.output.uri, out_dir)
         with tempfile.TemporaryDirectory(prefix="kubeforge-quantize-") as scratch:
             source = _materialize_full_model(cfg.model.uri, Path(scratch))
             tokenizer = models.load_tokenizer(str(source))

@@ -16,7 +16,9 @@ Errors use OpenAI's envelope ``{"error": {"message", "type", "param", "code"}}``
 malformed request (the message names the field), 401 for a missing or wrong API key, 404 for
 an unknown model, 413 for a body over ``engine.maxRequestBodyBytes`` (refused before it is
 read, see ``limits.py``), 429 with ``Retry-After`` when the waiting room is full, 503 while loading,
-504 past the request deadline. When ``KUBEFORGE_API_KEY`` is set, ``/v1/*`` requires
+504 past the request deadline; a 500 (and a failed load, on ``/health`` and ``/ready``)
+answers a generic message only, the detail goes to the server log (exception text may name
+paths, hosts or request data, and the probes need no key). When ``KUBEFORGE_API_KEY`` is set, ``/v1/*`` requires
 ``Authorization: Bearer <key>``; the probes and ``/metrics`` never do (kubelet and Prometheus
 do not carry it).
 """
@@ -50,13 +52,26 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None, par
     return JSONResponse(p.error_body(message, _ERROR_TYPES.get(status, "server_error"), param, status), status, headers=headers)
 
 
+LOAD_FAILED_MESSAGE = "model failed to load; the reason is in the server log and the pod's termination message"
+INTERNAL_ERROR_MESSAGE = "internal error; the reason is in the server log"
+
+
+def _public_message(exc: BaseException, status: int) -> str:
+    """What a client may see of ``exc``: its text, except for internal errors (500), whose
+    detail is logged here instead."""
+    if status != 500:
+        return str(exc)
+    log.error("request failed with 500: %s: %s", type(exc).__name__, exc)
+    return INTERNAL_ERROR_MESSAGE
+
+
 def _serve_error(exc: ServeError) -> JSONResponse:
     headers = None
     if isinstance(exc, Overloaded):
         headers = {"Retry-After": str(exc.retry_after)}
     elif exc.http_status == 503:
         headers = {"Retry-After": "5"}
-    return _error(exc.http_status, str(exc), headers)
+    return _error(exc.http_status, _public_message(exc, exc.http_status), headers)
 
 
 def create_app(runtime: ServingRuntime, api_key: str | None = None, lifespan: Any = None) -> FastAPI:
@@ -74,6 +89,11 @@ def create_app(runtime: ServingRuntime, api_key: str | None = None, lifespan: An
     async def _serve(_: Request, exc: ServeError) -> JSONResponse:
         return _serve_error(exc)
 
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        # Starlette logs the traceback after this response: the client gets no exception text.
+        return _error(500, INTERNAL_ERROR_MESSAGE)
+
     async def authorize(request: Request) -> None:
         if not api_key:
             return
@@ -89,8 +109,8 @@ def create_app(runtime: ServingRuntime, api_key: str | None = None, lifespan: An
     # -- probes and metrics ----------------------------------------------------------------
     @app.get("/health")
     async def health() -> Response:
-        if runtime.load_error:
-            return _error(503, f"model failed to load: {runtime.load_error}")
+        if runtime.load_error:  # logged by the loader; never echoed to unauthenticated probes
+            return _error(503, LOAD_FAILED_MESSAGE)
         dead = runtime.dead_engines()
         if dead:  # a crashed generation loop never recovers in-process: let kubelet restart us
             return _error(503, f"generation loop stopped for: {', '.join(dead)}")
@@ -112,7 +132,7 @@ def create_app(runtime: ServingRuntime, api_key: str | None = None, lifespan: An
                     "kvCache": {name: m.engine.kv_cache_info() for name, m in runtime.models.items()},
                 }
             )
-        reason = f"model failed to load: {runtime.load_error}" if runtime.load_error else "loading"
+        reason = LOAD_FAILED_MESSAGE if runtime.load_error else "loading"
         return _error(503, reason, {"Retry-After": "5"})
 
     @app.get("/metrics")
@@ -337,7 +357,7 @@ async def _sse(
                 open_choices -= 1
             elif isinstance(item, BaseException):
                 status = item.http_status if isinstance(item, ServeError) else 500
-                yield _event(p.error_body(str(item), _ERROR_TYPES.get(status, "server_error"), None, status))
+                yield _event(p.error_body(_public_message(item, status), _ERROR_TYPES.get(status, "server_error"), None, status))
                 return
             else:
                 if item.finish_reason:

@@ -7,7 +7,8 @@ Startup order, which is what the operator's probes rely on:
 2. a background thread loads the base model and each adapter, builds their engines and runs
    one warm-up generation each;
 3. ``/ready`` turns 200. If loading fails, the error is logged, written to the termination
-   log, ``/health`` and ``/ready`` answer 503 with the reason, and the process exits with
+   log, ``/health`` and ``/ready`` answer 503 (a generic message: the reason stays in the
+   log and the termination message), and the process exits with
    code 1 a few seconds later (so the message is scrapeable and the pod restarts with back-off).
 
 ``serve_forever`` is what ``python -m kubeforge_runtime.serve`` runs; ``ServerThread`` runs

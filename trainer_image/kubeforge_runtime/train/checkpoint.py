@@ -11,6 +11,13 @@ every worker writes to, e.g. a ReadWriteMany PVC)::
       .metadata  __0_0.distcp ...
       kubeforge-state.json   written by rank 0 after all ranks finished: step, losses, layout
 
+Each state file carries the run's *identity* (:func:`run_identity`: the job, base model,
+dataset, method and LoRA shape). Resume refuses a checkpoint whose identity differs
+(:func:`check_identity`), before anything is loaded or pruned: a checkpoint directory
+shared by mistake would otherwise continue a stranger's run and, at the next save, delete
+its checkpoints. The parallel layout is recorded but not compared: resharding onto another
+layout is a feature.
+
 A directory without ``kubeforge-state.json`` is incomplete (preempted mid-write) and is
 ignored and cleaned up. Keys are the parameter names of the unwrapped model (the peft model
 for LoRA), identical in every parallel layout - FSDP2 and tensor parallelism keep names,
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -31,10 +39,75 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import contract, storage
+from .config import ConfigError, TrainConfig
+
 log = logging.getLogger(__name__)
 
 STATE_FILE = "kubeforge-state.json"
 PREFIX = "step-"
+
+
+IDENTITY_KEY = "identity"
+# Compared on resume, with what the message calls them. The job's uid (torchrun's rendezvous
+# id, which the operator sets to it) is recorded only: a FineTuneJob re-created under the same
+# name to continue its run, and every `kubeforge run`, get a new uid.
+_COMPARED = {"job": "job (namespace/name)", "model": "model.uri", "dataset": "dataset.uri", "method": "method",
+             "lora": "lora (r, alpha, targetModules)"}
+
+
+class CheckpointMismatch(ConfigError):
+    """The checkpoint directory holds another run's checkpoints; the message says what differs."""
+
+
+def root_for(cfg: TrainConfig) -> Path:
+    """The run's checkpoint directory: ``checkpoint.uri``, else ``<output>/checkpoints``."""
+    if cfg.checkpoint.uri:
+        return storage.local_path(cfg.checkpoint.uri)
+    return storage.local_path(cfg.output.uri) / "checkpoints"
+
+
+def run_identity(cfg: TrainConfig) -> dict[str, Any]:
+    """What makes a checkpoint this run's: written with every checkpoint, compared on resume.
+    URIs are normalised (``contract.normalize_uri``) so another spelling of one path matches."""
+    identity: dict[str, Any] = {
+        "job": f"{cfg.namespace}/{cfg.name}",
+        "model": contract.normalize_uri(cfg.model.uri),
+        "dataset": contract.normalize_uri(cfg.dataset.uri),
+        "method": cfg.method,
+    }
+    if cfg.method == "lora":
+        identity["lora"] = {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "targetModules": sorted(cfg.lora.targetModules)}
+    uid = os.environ.get("PET_RDZV_ID")
+    if uid:
+        identity["jobUid"] = uid
+    return identity
+
+
+def check_identity(path: Path, current: dict[str, Any]) -> None:
+    """Raise :class:`CheckpointMismatch` when the checkpoint at ``path`` was written by another
+    run. A checkpoint from before identities were recorded is accepted with a warning."""
+    saved = read_state(path).get(IDENTITY_KEY)
+    if saved is None:
+        log.warning("%s records no run identity (written by an older runtime): resuming without checking it", path)
+        return
+    diffs = [f"{label} is {current.get(key)!r} here but {saved.get(key)!r} in the checkpoint"
+             for key, label in _COMPARED.items() if saved.get(key) != current.get(key)]
+    if diffs:
+        raise CheckpointMismatch(
+            f"the checkpoint directory {path.parent} holds another run's checkpoints (newest: {path.name}): "
+            + "; ".join(diffs) + ". Resuming would continue that run and later delete its checkpoints, so nothing "
+            "was loaded or deleted. Use a fresh checkpoint directory (set checkpoint.uri, or another output.uri), "
+            "or delete the old checkpoints if that run is no longer needed")
+
+
+def check_resumable(cfg: TrainConfig) -> Path | None:
+    """The newest complete checkpoint of this run's directory, if any, after checking that it is
+    this run's (:func:`check_identity`). Used by the preflight and by the trainer's resume."""
+    path = latest(root_for(cfg))
+    if path is not None:
+        check_identity(path, run_identity(cfg))
+    return path
 
 
 def step_dir(root: Path, step: int) -> Path:

@@ -177,9 +177,8 @@ class Trainer:
         self.total_steps = t.maxSteps or t.epochs * self.sampler.steps_per_epoch
 
         self._build_model()
-        out_root = storage.local_path(cfg.output.uri)
-        ck_root = storage.local_path(cfg.checkpoint.uri) if cfg.checkpoint.uri else out_root / "checkpoints"
-        self.checkpoints = ckpt.CheckpointManager(ck_root, cfg.checkpoint.keepLast, self.rank)
+        self.checkpoints = ckpt.CheckpointManager(ckpt.root_for(cfg), cfg.checkpoint.keepLast, self.rank)
+        self.identity = ckpt.run_identity(cfg)
         self.trainable_only = cfg.method == "lora"  # LoRA checkpoints hold the adapter weights only
         self.reporter = metrics_mod.Reporter(enabled=self.rank == 0)
         self.peak_flops = metrics_mod.peak_flops_per_device(t.precision)
@@ -337,6 +336,7 @@ class Trainer:
     def _state(self, step: int) -> dict[str, Any]:
         return {"losses": self.losses, "validationLosses": {str(k): v for k, v in self.val_losses.items()},
                 "initialValidationLoss": self.initial_val_loss, "taskBefore": self.task_before, "parallel": self.layout,
+                ckpt.IDENTITY_KEY: self.identity,
                 "sampler": {**self.sampler.state_dict(), "step": step}}
 
     def save_checkpoint(self, step: int) -> None:
@@ -348,7 +348,9 @@ class Trainer:
             metrics_mod.emit_event("checkpoint", step=step, path=str(path))
 
     def resume(self) -> int:
-        path = ckpt.latest(self.checkpoints.root)
+        # Another run's checkpoint is refused (CheckpointMismatch, exit 78) before anything is
+        # loaded, and before any save of this run could prune that run's checkpoints.
+        path = ckpt.check_resumable(self.cfg)
         if path is None:
             return 0
         model_sd, optim_sd = self.strategy.load_targets(self.trainable_only)

@@ -261,3 +261,55 @@ def test_the_task_metric_is_measured_on_input_and_output_and_gated(
     code = runner.main(["--config", str(config)])
     again = json.loads(report_file.read_text())
     assert code == (contract.EXIT_QUALITY_GATE_FAILED if again["taskDropPoints"] > 0 else contract.EXIT_OK)
+
+
+@pytest.mark.parametrize("spelling", ["same", "same-odd-spelling", "inside", "contains", "symlink"])
+def test_an_output_that_overlaps_the_input_is_refused_with_78_and_the_input_kept(
+    write_config: Callable[..., Path], report_file: Path, tiny_model: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, spelling: str,
+) -> None:
+    # Saving clears model*.safetensors in the output: an output that is (or holds, or lies
+    # in) the input would delete the model being quantized. A copy, so a failure here
+    # cannot destroy the session's model.
+    import shutil
+
+    model = tmp_path / "models" / "base"
+    shutil.copytree(tiny_model, model)
+    before = {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()}
+    (tmp_path / "link").symlink_to(model)
+    output = {
+        "same": f"file://{model}",
+        "same-odd-spelling": f"file://{model.parent}/../models//./base/",
+        "inside": f"file://{model}/int8",
+        "contains": f"file://{model.parent}",
+        "symlink": f"file://{tmp_path / 'link'}",
+    }[spelling]
+
+    def must_not_load(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(models, "load_causal_lm", must_not_load)
+    config = write_config("int8-dynamic", model={"uri": f"file://{model}"}, output={"uri": output})
+    assert runner.main(["--config", str(config)]) == contract.EXIT_CONFIG_ERROR
+    report = json.loads(report_file.read_text())
+    assert report["reason"] == "ConfigError", report
+    assert "would delete its own input" in report["message"] and "choose an output.uri outside" in report["message"]
+    assert {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()} == before
+
+
+def test_an_output_inside_a_lora_adapters_base_is_refused(
+    write_config: Callable[..., Path], report_file: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    # Quantizing an adapter reads its base model too: writing into the base would clear it.
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base)}))
+    config = write_config("int8-dynamic", model={"uri": f"file://{adapter}"}, output={"uri": f"file://{base}"})
+    assert runner.main(["--config", str(config)]) == contract.EXIT_CONFIG_ERROR
+    message = json.loads(report_file.read_text())["message"]
+    assert f"the model being quantized ({base.resolve()})" in message
+    assert (base / "model.safetensors").exists()

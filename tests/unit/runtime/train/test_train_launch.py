@@ -193,3 +193,87 @@ def test_offline_hub_id_fails_at_once(cfg: dict[str, Any], check: Any) -> None:
                       env={"HF_HUB_OFFLINE": "1"})
     assert code == 78 and "HF_HUB_OFFLINE" in err and "pvc://" in err
     assert time.monotonic() - began < 30
+
+
+# --- resuming only this run's checkpoints -------------------------------------------------------
+
+def _fake_checkpoint(root: Path, step: int, identity: dict[str, Any] | None) -> Path:
+    """A complete-looking checkpoint directory (state file plus a shard) as another run left it."""
+    path = root / f"step-{step:08d}"
+    path.mkdir(parents=True)
+    (path / "__0_0.distcp").write_bytes(b"someone else's weights")
+    state: dict[str, Any] = {"step": step, "losses": [1.0] * step}
+    if identity is not None:
+        state["identity"] = identity
+    (path / "kubeforge-state.json").write_text(json.dumps(state))
+    return path
+
+
+def _identity_of(config: dict[str, Any]) -> dict[str, Any]:
+    from kubeforge_runtime.train import checkpoint
+    from kubeforge_runtime.train.config import parse_config
+
+    return checkpoint.run_identity(parse_config(config))
+
+
+def test_another_runs_checkpoint_is_refused_with_78_and_nothing_deleted(cfg: dict[str, Any], check: Any,
+                                                                      tmp_path: Path) -> None:
+    root = tmp_path / "out" / "checkpoints"
+    theirs = merge(cfg, {"name": "other-job", "dataset": {"uri": f"file://{DATA / 'prompt_completion.jsonl'}"}})
+    old = [_fake_checkpoint(root, 2, _identity_of(theirs)), _fake_checkpoint(root, 4, _identity_of(theirs))]
+    code, err = check(cfg)
+    assert code == contract.EXIT_CONFIG_ERROR, err
+    assert "another run's checkpoints (newest: step-00000004)" in err
+    assert "job (namespace/name) is 'default/test' here but 'default/other-job'" in err
+    assert "dataset.uri is" in err and "prompt_completion.jsonl" in err
+    assert "model.uri" not in err and "method" not in err  # only what differs is named
+    assert "Use a fresh checkpoint directory" in err
+    assert all((p / "__0_0.distcp").exists() and (p / "kubeforge-state.json").exists() for p in old)
+
+
+def test_this_runs_checkpoint_passes_also_spelled_differently(cfg: dict[str, Any], check: Any, tmp_path: Path) -> None:
+    _fake_checkpoint(tmp_path / "out" / "checkpoints", 4, _identity_of(cfg))
+    respelled = merge(cfg, {"model": {"uri": cfg["model"]["uri"] + "/"},
+                            "dataset": {"uri": cfg["dataset"]["uri"].replace("/examples/", "/examples/./")}})
+    assert check(respelled)[0] == contract.EXIT_OK
+    # The layout is not part of the identity: a checkpoint reshards onto any layout.
+    assert check(merge(cfg, {"parallelism": {"strategy": "ddp"}}))[0] == contract.EXIT_OK
+
+
+def test_a_lora_checkpoint_of_another_rank_is_refused(cfg: dict[str, Any], check: Any, tmp_path: Path) -> None:
+    lora = merge(cfg, {"method": "lora", "lora": {"r": 4}})
+    _fake_checkpoint(tmp_path / "out" / "checkpoints", 4, _identity_of(lora))
+    code, err = check(merge(lora, {"lora": {"r": 8}}))
+    assert code == contract.EXIT_CONFIG_ERROR and "lora (r, alpha, targetModules)" in err
+
+
+def test_a_checkpoint_without_identity_still_resumes(cfg: dict[str, Any], check: Any, tmp_path: Path) -> None:
+    # Written before identities were recorded: accepted (with a warning), not refused.
+    _fake_checkpoint(tmp_path / "out" / "checkpoints", 4, None)
+    assert check(cfg)[0] == contract.EXIT_OK
+
+
+def test_the_trainer_records_its_identity_and_refuses_another_runs_checkpoint(cfg: dict[str, Any],
+                                                                             tmp_path: Path) -> None:
+    """The trainer alone (a world of one, no preflight): a real run writes its identity with
+    each checkpoint; a second run of another job in the same directory exits 78 at resume,
+    before loading anything, and every checkpoint of the first run is kept."""
+    def train(config: dict[str, Any], name: str) -> subprocess.CompletedProcess[str]:
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(config))
+        return subprocess.run([sys.executable, "-m", "kubeforge_runtime.train", "--config", str(path)],
+                              capture_output=True, text=True, env=child_env(), timeout=300)
+
+    first = merge(cfg, {"training": {"maxSteps": 2}, "checkpoint": {"intervalSteps": 1, "keepLast": 2}})
+    res = train(first, "first")
+    assert res.returncode == 0, res.stderr[-3000:]
+    root = tmp_path / "out" / "checkpoints"
+    kept = {p: sorted(f.name for f in p.iterdir()) for p in root.iterdir()}
+    assert [p.name for p in sorted(kept)] == ["step-00000001", "step-00000002"]
+    state = json.loads((root / "step-00000002" / "kubeforge-state.json").read_text())
+    assert state["identity"] == _identity_of(first)
+
+    res = train(merge(first, {"name": "stranger", "training": {"maxSteps": 4}}), "stranger")
+    assert res.returncode == contract.EXIT_CONFIG_ERROR, res.stderr[-3000:]
+    assert "job (namespace/name) is 'default/stranger' here but 'default/test' in the checkpoint" in res.stderr
+    assert {p: sorted(f.name for f in p.iterdir()) for p in root.iterdir()} == kept
