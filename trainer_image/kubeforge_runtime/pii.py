@@ -109,6 +109,9 @@ def cn_id_valid(value: str) -> bool:
 
 
 # --- detectors: each yields (kind, start, end) candidates that passed their checks ----------------
+# The patterns start with a character class and check the character before it with a
+# lookbehind placed after it ("\d(?<![\w.]\d)"): the regex engine then skips quickly to
+# candidate characters, about twice as fast on prose as a leading lookbehind.
 
 _EMAIL = re.compile(
     r"(?<![\w.+%-])[A-Za-z0-9](?:[A-Za-z0-9._%+-]{0,62}[A-Za-z0-9_%+-])?"
@@ -117,14 +120,17 @@ _EMAIL = re.compile(
 
 
 def _emails(text: str) -> Iterable[Span]:
+    if "@" not in text:
+        return
     for m in _EMAIL.finditer(text):
         local = m.group().split("@", 1)[0]
         if ".." not in local:
             yield Span("email", m.start(), m.end())
 
 
-_IPV4 = re.compile(r"(?<![\w.])\d{1,3}(?:\.\d{1,3}){3}(?![\w]|\.\d)", re.ASCII)
+_IPV4 = re.compile(r"\d(?<![\w.]\d)\d{0,2}(?:\.\d{1,3}){3}(?![\w]|\.\d)", re.ASCII)
 _VERSION_BEFORE = re.compile(r"(?:\bversion|\bver\.?|\bv|\bbuild|\brelease)[:\s]*$", re.IGNORECASE | re.ASCII)
+_IPV6_HINT = re.compile(r"[0-9A-Fa-f]:[0-9A-Fa-f:]|::", re.ASCII)
 _IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{1,4}|:)?(?::[0-9A-Fa-f]{0,4}){2,7}(?:\.\d{1,3}){0,3}(?![\w:]|\.\d)", re.ASCII)
 
 
@@ -137,7 +143,7 @@ def _ips(text: str) -> Iterable[Span]:
         except ValueError:
             continue
         yield Span("ipAddress", m.start(), m.end())
-    if ":" not in text:
+    if not _IPV6_HINT.search(text):
         return
     for m in _IPV6.finditer(text):
         s = m.group()
@@ -159,10 +165,10 @@ def _ipv6_valid(s: str) -> bool:
 
 
 _CARD = re.compile(
-    r"(?<![\w.-])(?:"
-    r"\d{13,19}"
-    r"|\d{4}([ -])\d{4}\1\d{4}\1\d{4}(?:\1\d{3})?"  # 4-4-4-4, 4-4-4-4-3
-    r"|\d{4}([ -])\d{6}\2\d{4,5}"                  # Amex 4-6-5, Diners 4-6-4
+    r"\d(?<![\w.-]\d)(?:"
+    r"\d{12,18}"
+    r"|\d{3}([ -])\d{4}\1\d{4}\1\d{4}(?:\1\d{3})?"  # 4-4-4-4, 4-4-4-4-3
+    r"|\d{3}([ -])\d{6}\2\d{4,5}"                  # Amex 4-6-5, Diners 4-6-4
     r")(?![\w]|[.-]\d)", re.ASCII
 )
 # Issuer identification number prefixes of the networks (ranges inclusive) and their lengths.
@@ -194,25 +200,28 @@ def _cards(text: str) -> Iterable[Span]:
             yield Span("creditCard", m.start(), m.end())
 
 
-_CN_ID = re.compile(r"(?<![\w-])[1-9]\d{16}[\dXx](?![\w]|-\d)", re.ASCII)
-_SSN = re.compile(r"(?<![\w-])(?!000|666|9\d\d)\d{3}([- ])(?!00)\d{2}\1(?!0000)\d{4}(?![\w]|-\d)", re.ASCII)
-_NINO = re.compile(
-    r"(?<![\w-])(?!BG|GB|KN|NK|NT|TN|ZZ)[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z]"
-    r"( ?)\d{2}\1\d{2}\1\d{2}\1[A-D](?!\w)", re.ASCII
-)
+_CN_ID = re.compile(r"[1-9](?<![\w-][1-9])\d{16}[\dXx](?![\w]|-\d)", re.ASCII)
+_SSN = re.compile(r"\d(?<![\w-]\d)\d{2}([- ])\d{2}\1\d{4}(?![\w]|-\d)", re.ASCII)
+_NINO = re.compile(r"[A-CEGHJ-PR-TW-Z](?<![\w-][A-Z])[A-CEGHJ-NPR-TW-Z]( ?)\d{2}\1\d{2}\1\d{2}\1[A-D](?!\w)", re.ASCII)
+_NINO_NEVER = ("BG", "GB", "KN", "NK", "NT", "TN", "ZZ")
 
 
 def _ids(text: str) -> Iterable[Span]:
     for m in _CN_ID.finditer(text):
         if cn_id_valid(m.group()):
             yield Span("idNumber", m.start(), m.end())
-    for pattern in (_SSN, _NINO):
-        for m in pattern.finditer(text):
+    for m in _SSN.finditer(text):
+        area, group, serial = m.group()[:3], m.group()[4:6], m.group()[7:]
+        if area not in ("000", "666") and area[0] != "9" and group != "00" and serial != "0000":
+            yield Span("idNumber", m.start(), m.end())
+    for m in _NINO.finditer(text):
+        if m.group()[:2] not in _NINO_NEVER:
             yield Span("idNumber", m.start(), m.end())
 
 
-_CN_MOBILE = re.compile(r"(?<![\w.+/-])1[3-9]\d([ -]?)\d{4}\1\d{4}(?![\w]|[.-]\d)", re.ASCII)
-_NANP = re.compile(r"(?<![\w.+/-])(?:\(\d{3}\) ?|\d{3}([-. ]))\d{3}(?(1)\1|[-. ])\d{4}(?![\w]|[.-]\d)", re.ASCII)
+_CN_MOBILE = re.compile(r"1(?<![\w.+/-]1)[3-9]\d([ -]?)\d{4}\1\d{4}(?![\w]|[.-]\d)", re.ASCII)
+_NANP = re.compile(r"(?:\((?<![\w.+/-]\()\d{3}\) ?|\d(?<![\w.+/-]\d)\d{2}([-. ]))\d{3}(?(1)\1|[-. ])\d{4}"
+                   r"(?![\w]|[.-]\d)", re.ASCII)
 
 
 def _phones(text: str) -> Iterable[Span]:
