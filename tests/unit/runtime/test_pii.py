@@ -54,10 +54,15 @@ def test_precision_and_recall_per_kind_and_overall_on_the_labelled_corpus() -> N
         assert v["precision"] >= THRESHOLD and v["recall"] >= THRESHOLD, "\n".join(lines)
 
 
-def test_corpus_is_big_enough_and_has_hard_negatives() -> None:
+def test_corpus_is_big_enough_has_hard_negatives_and_is_what_its_generator_writes() -> None:
+    import runpy
+
     rows = [json.loads(x) for x in CORPUS.read_text(encoding="utf-8").splitlines()]
     assert len(rows) >= 300
     assert sum(1 for r in rows if not r["pii"]) >= 100
+    generator = runpy.run_path(str(CORPUS.with_name("make_pii_corpus.py")))
+    assert generator["render"]() == CORPUS.read_text(encoding="utf-8"), (
+        "pii_corpus.jsonl differs from make_pii_corpus.py: run it and review the diff")
 
 
 # --- checksums ----------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ import json
 import random
 from pathlib import Path
 
-R = random.Random(20261201)
+SEED = 20261201
+R = random.Random(SEED)
 OUT = Path(__file__).with_name("pii_corpus.jsonl")
 
 
@@ -249,7 +250,10 @@ def line(text: str, pii: list[tuple[str, str]]) -> dict:
     return {"text": text, "pii": [list(p) for p in pii]}
 
 
-def main() -> None:
+def render() -> str:
+    """The corpus as JSONL text (the same every call)."""
+    global R
+    R = random.Random(SEED)
     rows = []
     for kind, gen in GEN.items():
         for i in range(40):
@@ -268,8 +272,13 @@ def main() -> None:
                 f"also {values[2][1]}. Note: {distractor}")
         rows.append(line(text, values))
     rows += [line(text, pii) for text, pii in HANDWRITTEN]
-    OUT.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    print(f"{len(rows)} lines -> {OUT}")
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def main() -> None:
+    text = render()
+    OUT.write_text(text, encoding="utf-8")
+    print(f"{text.count(chr(10))} lines -> {OUT}")
 
 
 if __name__ == "__main__":
