@@ -35,6 +35,16 @@ and training records that also appear in the validation file or in an excluded f
 evaluation set, ``prepare(exclude_paths=...)``) are dropped with a warning, so a validation
 or task score never measures recall of a training record.
 
+Personal data: with ``dataset.redact`` (``prepare(redact=...)``), records are passed through
+:func:`kubeforge_runtime.pii.redact` as they are read, before anything else: emails, phone
+numbers, IP addresses, card and id numbers become ``<EMAIL>``, ``<PHONE>``, ... in every
+string the model sees (text; prompt and completion; every message's content). So records
+that differ only in personal data are duplicates for the split and the overlap checks, and
+held-out files are compared redacted too (a training record equal to a task-evaluation
+record but for a name's phone number is still dropped). Only the in-memory copies change,
+never the files; the counts per kind over the records trained and validated on are in
+:attr:`TokenizedData.redactions` (logged, and written to the lineage record by the trainer).
+
 Order and sharding: :class:`GlobalBatchSampler` maps a global step to the sample indices of
 that step's global batch (a seeded permutation per epoch), and each data-parallel rank takes
 its contiguous slice of it. The order is a function of the step alone, so training resumes
@@ -72,6 +82,8 @@ class Record:
     data: dict[str, Any]
     file: str
     line: int
+    redactions: dict[str, int] = field(default_factory=dict)
+    """Spans of personal data replaced in ``data`` per kind (``dataset.redact``)."""
 
 
 @dataclass
@@ -296,6 +308,9 @@ class TokenizedData:
     num_val_records: int
     dropped_overlap: int = 0
     """Training records dropped because they also appear in the validation or excluded data."""
+    redactions: dict[str, int] = field(default_factory=dict)
+    """Spans of personal data replaced per kind (training and validation records together);
+    empty when nothing was asked to be redacted."""
 
 
 # --- duplicates and held-out data -----------------------------------------------------------------
@@ -360,6 +375,51 @@ def remove_overlap(train: list[Record], heldout: list[Record]) -> tuple[list[Rec
     return kept, len(train) - len(kept)
 
 
+# --- personal data ------------------------------------------------------------------------------
+
+def redact_record(record_data: dict[str, Any], kinds: Iterable[str]) -> tuple[dict[str, Any], collections.Counter[str]]:
+    """A copy of a record with personal data of ``kinds`` replaced by placeholders in the strings
+    it trains on (``text``; ``prompt`` and ``completion``; each message's ``content``), and the
+    replacements per kind. Other keys are copied unchanged; ``record_data`` is not modified."""
+    from . import pii
+
+    kinds = list(kinds)
+    counts: collections.Counter[str] = collections.Counter()
+    out = dict(record_data)
+
+    def clean(value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        text, n = pii.redact(value, kinds)
+        counts.update(n)
+        return text
+
+    for key in ("text", "prompt", "completion"):
+        if key in out:
+            out[key] = clean(out[key])
+    if isinstance(out.get("messages"), list):
+        out["messages"] = [{**m, "content": clean(m.get("content"))} if isinstance(m, dict) else m
+                           for m in out["messages"]]
+    return out, counts
+
+
+def redact_records(records: list[Record], kinds: Iterable[str]) -> tuple[list[Record], collections.Counter[str]]:
+    """:func:`redact_record` over ``records`` (new Record objects; file and line kept) and the total counts."""
+    kinds = list(kinds)
+    total: collections.Counter[str] = collections.Counter()
+    out = []
+    for r in records:
+        data, n = redact_record(r.data, kinds)
+        total.update(n)
+        out.append(Record(data, r.file, r.line, dict(n)))
+    return out, total
+
+
+def format_redactions(counts: dict[str, int], kinds: Iterable[str]) -> str:
+    """``email=3 phone=0 ...`` in the order asked (kinds with no hit shown as 0)."""
+    return " ".join(f"{k}={counts.get(k, 0)}" for k in kinds)
+
+
 def prepare(
     tokenizer: Any,
     train_path: str | Path,
@@ -370,22 +430,31 @@ def prepare(
     validation_split: float = 0.0,
     seed: int = 0,
     exclude_paths: Iterable[str | Path] = (),
+    redact: Iterable[str] = (),
 ) -> TokenizedData:
     """Parse, split, tokenize and pack the data (deterministic: every rank gets the same).
 
     ``exclude_paths`` are held-out files of the same format (a task evaluation set, say):
     training records that also appear there are dropped, as are training records that appear
-    in the validation file; the split of ``validation_split`` keeps duplicates on one side."""
+    in the validation file; the split of ``validation_split`` keeps duplicates on one side.
+    ``redact`` lists kinds of personal data (``pii.ALL_KINDS``) replaced by placeholders in every
+    record as it is read, before the split and the held-out checks (the files are not changed)."""
+    redact = list(redact)
+
+    def load(path: str | Path) -> list[Record]:
+        records = load_records(path, fmt)
+        return redact_records(records, redact)[0] if redact else records
+
     exclude_paths = list(exclude_paths)
-    records = load_records(train_path, fmt)
+    records = load(train_path)
     dropped = 0
     for path in exclude_paths:
-        records, n = remove_overlap(records, load_records(path, fmt))
+        records, n = remove_overlap(records, load(path))
         if n:
             log.warning("dropped %d training record(s) that also appear in the held-out file %s", n, path)
         dropped += n
     if validation_path is not None:
-        val = load_records(validation_path, fmt)
+        val = load(validation_path)
         train, n = remove_overlap(records, val)
         if n:
             log.warning("dropped %d training record(s) that also appear in the validation file %s", n,
@@ -395,6 +464,12 @@ def prepare(
         train, val = split_records(records, validation_split, seed)
     if not train:
         raise DataError(f"{train_path}: no training records left after removing the held-out ones")
+    redactions: collections.Counter[str] = collections.Counter()
+    if redact:
+        for r in (*train, *val):
+            redactions.update(r.redactions)
+        log.info("dataset.redact: replaced %s in %d training and %d validation records", format_redactions(
+            redactions, redact), len(train), len(val))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     tr_in, tr_lab, tr_pos = build_samples((tokenize_record(tokenizer, r.data, fmt) for r in train), sequence_length,
                                           packing, pad)
@@ -403,7 +478,8 @@ def prepare(
     if len(tr_in) == 0:
         raise DataError(f"{train_path}: too little text for one sample of {sequence_length} tokens")
     return TokenizedData(tr_in, tr_lab, tr_pos, va_in, va_lab, va_pos,
-                         file_digest(train_path, validation_path, *exclude_paths), len(train), len(val), dropped)
+                         file_digest(train_path, validation_path, *exclude_paths), len(train), len(val), dropped,
+                         {k: redactions.get(k, 0) for k in redact})
 
 
 # --- order and sharding -------------------------------------------------------------------------

@@ -12,7 +12,8 @@ change; the Job's podFailurePolicy can then fail the Job at once. Checks:
 
 * the config parses (strict: unknown keys, types, ranges);
 * the model directory is readable and holds a transformers config;
-* the data files exist and every record parses (bad records listed as file:line);
+* the data files exist and every record parses (bad records listed as file:line); with
+  ``dataset.redact`` the personal data found per kind is logged;
 * a ``deepspeed-zero*`` strategy finds the deepspeed package;
 * the parallel degrees fit the world size (``--nnodes`` x ``--nproc-per-node`` from the
   torchrun arguments, else ``PET_NNODES`` x ``PET_NPROC_PER_NODE``) and the model's sizes;
@@ -87,7 +88,11 @@ def preflight(config_path: str, command: list[str]) -> None:
             path = storage.resolve(uri)
             if not path.is_file():
                 raise ConfigError(f"dataset {uri!r}: {path} is not a file (give one JSONL file)")
-            data.load_records(path, cfg.dataset.format)
+            records = data.load_records(path, cfg.dataset.format)
+            if cfg.dataset.redact:  # shown before training starts; the trainer reports its own counts
+                _, counts = data.redact_records(records, cfg.dataset.redact)
+                log.info("dataset %s: %d records; dataset.redact replaces %s", uri, len(records),
+                         data.format_redactions(counts, cfg.dataset.redact))
     storage.local_path(cfg.output.uri)
     if cfg.checkpoint.uri:
         storage.local_path(cfg.checkpoint.uri)

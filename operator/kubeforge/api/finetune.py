@@ -29,6 +29,9 @@ class ModelSource(KFModel):
     )
 
 
+PiiKind = Literal["email", "phone", "ipAddress", "creditCard", "idNumber"]
+
+
 class DatasetSpec(KFModel):
     """Training data: JSON Lines in one of three formats."""
 
@@ -44,6 +47,13 @@ class DatasetSpec(KFModel):
     )
     sequence_length: int = Field(default=512, ge=8, le=131072, description="Tokens per training sequence.")
     packing: bool = Field(default=True, description="Pack several short samples into one sequence (they do not attend to each other).")
+    redact: list[PiiKind] = Field(
+        default_factory=list, max_length=5, json_schema_extra={"x-kubernetes-list-type": "set"},
+        description="Personal data replaced by typed placeholders in what the trainer sees (the source file is not "
+        "changed): email <EMAIL>, phone <PHONE>, ipAddress <IP_ADDRESS>, creditCard <CREDIT_CARD> (Luhn-valid), "
+        "idNumber <ID_NUMBER> (Chinese resident ids with a valid check character, US SSNs, UK NI numbers). "
+        "Counts per kind go to the trainer's log and the output's lineage record.",
+    )
 
 
 TaskMetric = Literal["accuracy", "exactMatch", "f1", "passAtOne"]

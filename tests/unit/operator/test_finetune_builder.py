@@ -84,7 +84,7 @@ def test_config_is_the_contract_subset_and_the_trainer_parses_it():
                          "training", "checkpoint", "output"]
     assert cfg["kind"] == "FineTuneJob" and cfg["name"] == "llama-ft" and cfg["namespace"] == NS
     assert cfg["dataset"] == {"uri": "pvc://data/train.jsonl", "format": "chat", "validationUri": "pvc://data/val.jsonl",
-                              "validationSplit": 0.05, "sequenceLength": 512, "packing": True}
+                              "validationSplit": 0.05, "sequenceLength": 512, "packing": True, "redact": []}
     assert cfg["parallelism"] == {"tensor": 2, "pipeline": 1, "strategy": "fsdp", "pipelineSchedule": "1F1B"}
     assert cfg["training"]["maxSteps"] == 1000 and cfg["training"]["precision"] == "bf16"
     assert cfg["checkpoint"] == {"intervalSteps": 50, "keepLast": 2, "uri": "pvc://scratch/ckpt"}

@@ -25,6 +25,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from .. import configmodel
+from ..pii import PiiKind
 from ..configfile import read_config_object
 from ..configmodel import StrictConfig
 
@@ -68,6 +69,11 @@ class DatasetConfig(StrictConfig):
     """Concatenate tokenized records (each ending in EOS) and cut the stream into
     ``sequenceLength`` chunks, instead of padding each record on its own. Packed records do
     not attend to each other (position ids restart per record; see data.py)."""
+    redact: list[PiiKind] = Field(default_factory=list, max_length=5)
+    """Kinds of personal data (``email``, ``phone``, ``ipAddress``, ``creditCard``,
+    ``idNumber``) replaced by typed placeholders (``<EMAIL>``, ...) in the training and
+    validation records before tokenising (``kubeforge_runtime.pii``); the files are not
+    changed. Counts per kind are logged and written to the lineage record."""
 
 
 class LoraConfig(StrictConfig):

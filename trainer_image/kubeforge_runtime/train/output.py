@@ -8,8 +8,9 @@ was trained with) and written to ``output.uri`` as
 * ``adapter``: the peft adapter only (``adapter_config.json`` + ``adapter_model.safetensors``),
 
 plus the tokenizer and ``kubeforge.json`` (``models.LINEAGE_FILE``), the lineage record the
-quantizer and the server read: base model and revision, dataset digest, steps, losses,
-parallel layout, package versions. ``models.load_causal_lm`` loads either kind.
+quantizer and the server read: base model and revision, dataset digest (and the personal
+data redacted from it, per kind), steps, losses, parallel layout, package versions.
+``models.load_causal_lm`` loads either kind.
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ def lineage_record(cfg: TrainConfig, base_dir: Path, summary: dict[str, Any]) ->
             "validationRecords": summary.get("validationRecords"),
             "sequenceLength": cfg.dataset.sequenceLength,
             "packing": cfg.dataset.packing,
+            "redact": list(cfg.dataset.redact),
+            "redactions": summary.get("redactions", {}),
         },
         "method": cfg.method,
         "lora": cfg.to_dict()["lora"] if cfg.method == "lora" else None,

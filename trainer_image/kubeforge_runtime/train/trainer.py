@@ -172,6 +172,7 @@ class Trainer:
         self.data = data_mod.prepare(
             self.tokenizer, storage.resolve(d.uri), d.format, d.sequenceLength, d.packing,
             validation_path=val_path, validation_split=d.validationSplit, seed=t.seed, exclude_paths=held_out,
+            redact=d.redact,
         )
         self.sampler = data_mod.GlobalBatchSampler(len(self.data.train_inputs), t.globalBatchSize, t.seed)
         self.total_steps = t.maxSteps or t.epochs * self.sampler.steps_per_epoch
@@ -418,7 +419,8 @@ class Trainer:
         if self.rank == 0:
             metrics_mod.emit_event("start", totalSteps=self.total_steps, startStep=start, layout=self.layout,
                                    parameters=self.num_params, trainSamples=len(self.data.train_inputs),
-                                   validationSamples=len(self.data.val_inputs))
+                                   validationSamples=len(self.data.val_inputs),
+                                   **({"redactions": self.data.redactions} if cfg.dataset.redact else {}))
         self.reporter.update(total_steps=self.total_steps, step=start)
         if start == 0:
             self.initial_val_loss = self.evaluate()
@@ -481,6 +483,7 @@ class Trainer:
             "datasetDigest": self.data.digest, "trainRecords": self.data.num_train_records,
             "validationRecords": self.data.num_val_records, "heldOutRecordsRemoved": self.data.dropped_overlap,
             "parallel": self.layout,
+            **({"redactions": self.data.redactions} if cfg.dataset.redact else {}),
         }
         if self.rank == 0:
             self._write_output(summary)

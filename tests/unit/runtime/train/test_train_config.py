@@ -23,7 +23,7 @@ FULL: dict[str, Any] = {
     "kind": "FineTuneJob", "name": "demo", "namespace": "default",
     "model": {"uri": "file:///models/base"},
     "dataset": {"uri": "file:///data/train.jsonl", "format": "chat", "validationUri": None, "validationSplit": 0.1,
-                "sequenceLength": 512, "packing": True},
+                "sequenceLength": 512, "packing": True, "redact": []},
     "method": "lora",
     "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
     "parallelism": {"tensor": 1, "pipeline": 1, "strategy": "fsdp", "pipelineSchedule": "1F1B"},
