@@ -119,7 +119,9 @@ FINETUNE = Kind(
     maximal={
         "model": {"uri": "pvc://models/base"},
         "dataset": {"uri": "pvc://data/train.jsonl", "format": "chat", "validationUri": "pvc://data/val.jsonl",
-                    "validationSplit": 0.2, "sequenceLength": 1024, "packing": False},
+                    "validationSplit": 0.2, "sequenceLength": 1024, "packing": False,
+                    "checks": {"maxUnparseableShare": 0.01, "maxDuplicateShare": 0.05, "maxLabelImbalance": 4.0,
+                               "minRecords": 100, "maxOverlongShare": 0.1}},
         "method": "lora",
         "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targetModules": ["q_proj", "v_proj"]},
         "parallelism": {"tensor": 2, "pipeline": 2, "strategy": "fsdp", "pipelineSchedule": "GPipe"},
