@@ -157,10 +157,16 @@ def parse_jsonl(path: str | Path, fmt: str | None) -> tuple[ParseResult, str]:
     return result, fmt or "text"
 
 
-def load_records(path: str | Path, fmt: str) -> list[Record]:
-    """All records of ``path``; :class:`DataError` listing file:line of every bad one."""
+def load_records(path: str | Path, fmt: str, *, skip_bad: bool = False) -> list[Record]:
+    """All records of ``path``; :class:`DataError` listing file:line of every bad one.
+
+    With ``skip_bad`` (``dataset.checks.maxUnparseableShare`` set: the preflight has already
+    bounded their share) bad lines are logged and skipped instead."""
     result, _ = parse_jsonl(path, fmt)
-    if result.errors:
+    if result.errors and skip_bad:
+        log.warning("skipping %d bad record(s) in %s (dataset.checks.maxUnparseableShare): %s", len(result.errors),
+                    path, "; ".join(result.errors[:3]))
+    elif result.errors:
         shown = "\n  ".join(result.errors[:MAX_REPORTED])
         more = f"\n  ... and {len(result.errors) - MAX_REPORTED} more" if len(result.errors) > MAX_REPORTED else ""
         raise DataError(f"{len(result.errors)} bad record(s) in {path} (format {fmt}):\n  {shown}{more}")
@@ -370,14 +376,16 @@ def prepare(
     validation_split: float = 0.0,
     seed: int = 0,
     exclude_paths: Iterable[str | Path] = (),
+    skip_bad: bool = False,
 ) -> TokenizedData:
     """Parse, split, tokenize and pack the data (deterministic: every rank gets the same).
 
     ``exclude_paths`` are held-out files of the same format (a task evaluation set, say):
     training records that also appear there are dropped, as are training records that appear
-    in the validation file; the split of ``validation_split`` keeps duplicates on one side."""
+    in the validation file; the split of ``validation_split`` keeps duplicates on one side.
+    ``skip_bad`` skips bad lines of the training file (only) instead of failing."""
     exclude_paths = list(exclude_paths)
-    records = load_records(train_path, fmt)
+    records = load_records(train_path, fmt, skip_bad=skip_bad)
     dropped = 0
     for path in exclude_paths:
         records, n = remove_overlap(records, load_records(path, fmt))

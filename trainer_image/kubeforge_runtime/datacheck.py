@@ -43,12 +43,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from . import data
+from . import contract, data
 
 log = logging.getLogger(__name__)
 
-REPORT_KIND = "DataQualityReport"
+REPORT_KIND = contract.DATA_QUALITY_REPORT_KIND
 """``kind`` of the JSON the preflight writes to the termination log when a red line is crossed."""
+MAX_REPORT_CHARS = 4000
+"""The kubelet keeps 4 KiB of a termination message."""
 
 THRESHOLDS = ("maxUnparseableShare", "maxDuplicateShare", "maxLabelImbalance", "minRecords", "maxOverlongShare")
 """The red lines, by their spec names (``spec.dataset.checks``)."""
@@ -211,6 +213,22 @@ class Report:
         """The compact JSON form (``status.result.dataQuality``, lineage ``dataset.quality``)."""
         return {"passed": self.passed, "measurements": self.measurements.to_dict(), "thresholds": self.thresholds,
                 "violations": [str(v) for v in self.violations]}
+
+    def termination_report(self) -> str:
+        """The compact :data:`REPORT_KIND` JSON for the termination log (under 4 KiB: the
+        message is shortened first, the structured part is small and bounded)."""
+        body = {"kind": REPORT_KIND, **self.result()}
+        room = MAX_REPORT_CHARS - len(json.dumps({**body, "message": ""}, separators=(",", ":")))
+        body["message"] = self.message()[: max(0, room - 16)]
+        return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+
+
+class DataQualityError(data.DataError):
+    """A data red line is crossed; carries the :class:`Report`."""
+
+    def __init__(self, report: Report) -> None:
+        super().__init__(report.message())
+        self.report = report
 
 
 def _summary(m: Measurements) -> str:

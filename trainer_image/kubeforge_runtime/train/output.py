@@ -70,6 +70,7 @@ def lineage_record(cfg: TrainConfig, base_dir: Path, summary: dict[str, Any]) ->
             "validationRecords": summary.get("validationRecords"),
             "sequenceLength": cfg.dataset.sequenceLength,
             "packing": cfg.dataset.packing,
+            "quality": summary.get("dataQuality"),
         },
         "method": cfg.method,
         "lora": cfg.to_dict()["lora"] if cfg.method == "lora" else None,

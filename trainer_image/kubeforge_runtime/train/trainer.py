@@ -172,6 +172,7 @@ class Trainer:
         self.data = data_mod.prepare(
             self.tokenizer, storage.resolve(d.uri), d.format, d.sequenceLength, d.packing,
             validation_path=val_path, validation_split=d.validationSplit, seed=t.seed, exclude_paths=held_out,
+            skip_bad=d.skip_unparseable,
         )
         self.sampler = data_mod.GlobalBatchSampler(len(self.data.train_inputs), t.globalBatchSize, t.seed)
         self.total_steps = t.maxSteps or t.epochs * self.sampler.steps_per_epoch
@@ -480,6 +481,9 @@ class Trainer:
             "validationRecords": self.data.num_val_records, "heldOutRecordsRemoved": self.data.dropped_overlap,
             "parallel": self.layout,
         }
+        quality = contract.data_quality_from_env()  # measured by the preflight (launch.py)
+        if quality is not None:
+            summary["dataQuality"] = quality
         if self.rank == 0:
             self._write_output(summary)
             self._write_result(summary)
@@ -522,7 +526,7 @@ class Trainer:
         path = contract.termination_log_path()
         if path is None:
             return
-        keys = ("steps", "finalLoss", "initialValidationLoss", "finalValidationLoss", "evaluation", "datasetDigest")
+        keys = ("steps", "finalLoss", "initialValidationLoss", "finalValidationLoss", "evaluation", "datasetDigest", "dataQuality")
         result = {"kind": contract.RESULT_KIND, **{k: summary.get(k) for k in keys if summary.get(k) is not None}}
         try:
             path.write_text(json.dumps(_finite(result), separators=(",", ":"))[:4000])
