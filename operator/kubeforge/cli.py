@@ -101,6 +101,20 @@ _DATA_THRESHOLDS = (  # (flag, spec name, type)
 )
 
 
+def _load_tokenizer(where: str) -> object:
+    """A tokenizer directory (tokenizer_config.json), else a model directory or URI as the
+    trainer resolves it (an adapter falls back to its base's tokenizer)."""
+    from pathlib import Path
+
+    if (Path(where) / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(where)
+    from kubeforge_runtime.models import load_tokenizer
+
+    return load_tokenizer(where)
+
+
 def _cmd_data_check(args: argparse.Namespace) -> int:
     import json
 
@@ -119,12 +133,14 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     tokenizer = None
     if args.tokenizer:
         try:
-            from kubeforge_runtime.models import load_tokenizer
-        except ImportError as exc:  # pragma: no cover - depends on the install
+            tokenizer = _load_tokenizer(args.tokenizer)
+        except ImportError as exc:  # the base install: no transformers
             print(f"error: --tokenizer needs the runtime extra (pip install 'kubeforge[runtime]'): {exc}",
                   file=sys.stderr)
             return 2
-        tokenizer = load_tokenizer(args.tokenizer)
+        except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: models.ModelLoadError
+            print(f"error: --tokenizer {args.tokenizer}: {exc}", file=sys.stderr)
+            return 2
     try:
         report = datacheck.check_file(args.file, args.format, thresholds, tokenizer=tokenizer,
                                       sequence_length=args.sequence_length if tokenizer is not None else None)
@@ -149,8 +165,8 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
         verdict = "[red]FAIL[/red]" if limit_name in failed else ("[green]pass[/green]" if limit is not None else "-")
         value = m.get(key)
         shown = "n/a" if value is None else (f"{value:.4g}" if isinstance(value, float) else str(value))
-        table.add_row(label, shown, "-" if limit is None else str(limit), verdict)
-    console = Console()
+        table.add_row(label, shown, "-" if limit is None else f"{limit:.6g}", verdict)
+    console = Console(soft_wrap=True)  # paths and messages stay whole lines (grep-able)
     console.print(table)
     details = [f"{m['unparseableRecords']} unparseable line(s)", f"{m['duplicateRecords']} duplicate(s) "
                f"({m['exactDuplicateRecords']} exact)"]
