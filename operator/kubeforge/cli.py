@@ -5,6 +5,11 @@
   kubeforge operator             run the operator against the current kubeconfig / cluster
   kubeforge validate -f FILE     check resources against the API models, offline
   kubeforge run -f FILE          run resources locally, no cluster (fine-tune -> quantize -> serve)
+  kubeforge data check FILE      measure a JSONL training file against the data red lines
+
+``kubeforge data check`` uses the runtime's own check (``kubeforge_runtime.datacheck``, the code
+the FineTuneJob preflight runs), imported inside the command; it needs no torch, except that
+``--tokenizer`` (and so ``--max-overlong-share``) needs transformers, the ``runtime`` extra.
 
 The heavy imports (kopf, kubernetes) happen inside the commands that need them, so
 ``kubeforge --help`` is fast and works with only the base install.
@@ -103,6 +108,104 @@ def _raise_terminated(signum: int, _frame: Any) -> None:
     raise _Terminated()
 
 
+_DATA_THRESHOLDS = (  # (flag, spec name, type)
+    ("--max-unparseable-share", "maxUnparseableShare", float),
+    ("--max-duplicate-share", "maxDuplicateShare", float),
+    ("--max-label-imbalance", "maxLabelImbalance", float),
+    ("--min-records", "minRecords", int),
+    ("--max-overlong-share", "maxOverlongShare", float),
+    ("--max-pii-share", "maxPiiShare", float),
+)
+
+
+def _load_tokenizer(where: str) -> object:
+    """A tokenizer directory (tokenizer_config.json), else a model directory or URI as the
+    trainer resolves it (an adapter falls back to its base's tokenizer)."""
+    from pathlib import Path
+
+    if (Path(where) / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(where)
+    from kubeforge_runtime.models import load_tokenizer
+
+    return load_tokenizer(where)
+
+
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from kubeforge_runtime import data, datacheck
+
+    thresholds = {name: getattr(args, flag[2:].replace("-", "_")) for flag, name, _ in _DATA_THRESHOLDS}
+    if thresholds["maxOverlongShare"] is not None and not args.tokenizer:
+        print("error: --max-overlong-share needs --tokenizer DIR (token lengths are the tokenizer's)", file=sys.stderr)
+        return 2
+    if thresholds["maxLabelImbalance"] is not None and args.format == "text":
+        print("error: --max-label-imbalance needs labels: --format prompt-completion or chat", file=sys.stderr)
+        return 2
+    tokenizer = None
+    if args.tokenizer:
+        try:
+            tokenizer = _load_tokenizer(args.tokenizer)
+        except ImportError as exc:  # the base install: no transformers
+            print(f"error: --tokenizer needs the runtime extra (pip install 'kubeforge[runtime]'): {exc}",
+                  file=sys.stderr)
+            return 2
+        except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: models.ModelLoadError
+            print(f"error: --tokenizer {args.tokenizer}: {exc}", file=sys.stderr)
+            return 2
+    try:
+        report = datacheck.check_file(args.file, args.format, thresholds, tokenizer=tokenizer,
+                                      sequence_length=args.sequence_length if tokenizer is not None else None)
+    except data.DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"file": report.file, "format": report.format, **report.result()}, indent=2))
+        return 0 if report.passed else 1
+    failed = {v.check for v in report.violations}
+    m = report.measurements.to_dict()
+    table = Table(title=f"{report.file} ({report.format})")
+    for col in ("check", "measured", "threshold", "result"):
+        table.add_column(col, justify="right" if col in ("measured", "threshold") else "left")
+    rows = [("records", "records", "minRecords"),
+            ("unparseable share", "unparseableShare", "maxUnparseableShare"),
+            ("duplicate share", "duplicateShare", "maxDuplicateShare"),
+            ("label imbalance", "labelImbalance", "maxLabelImbalance"),
+            ("overlong share", "overlongShare", "maxOverlongShare"),
+            ("personal-data share", "piiShare", "maxPiiShare")]
+    for label, key, limit_name in rows:
+        limit = report.thresholds.get(limit_name)
+        verdict = "[red]FAIL[/red]" if limit_name in failed else ("[green]pass[/green]" if limit is not None else "-")
+        value = m.get(key)
+        shown = "n/a" if value is None else (f"{value:.4g}" if isinstance(value, float) else str(value))
+        table.add_row(label, shown, "-" if limit is None else f"{limit:.6g}", verdict)
+    console = Console(soft_wrap=True)  # paths and messages stay whole lines (grep-able)
+    console.print(table)
+    details = [f"{m['unparseableRecords']} unparseable line(s)", f"{m['duplicateRecords']} duplicate(s) "
+               f"({m['exactDuplicateRecords']} exact)"]
+    if "labelClasses" in m:
+        details.append(f"{m['labelClasses']} label(s)")
+    if "overlongRecords" in m:
+        details.append(f"{m['overlongRecords']} record(s) over {m['sequenceLength']} tokens")
+    if "piiRecords" in m:
+        details.append(f"{m['piiRecords']} record(s) with personal data")
+    console.print(", ".join(details), highlight=False)
+    for line in report.errors:
+        console.print(line, highlight=False, markup=False)
+    if m["unparseableRecords"] and "maxUnparseableShare" not in report.thresholds:
+        console.print("note: a FineTuneJob without dataset.checks.maxUnparseableShare fails on any bad line",
+                      highlight=False, markup=False)
+    if not report.passed:
+        console.print(report.message(), style="red", highlight=False, markup=False)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kubeforge",
@@ -150,6 +253,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--serve", action="store_true", help="keep the InferenceService running after the sample request")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("data", help="dataset tools")
+    data_sub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+    p = data_sub.add_parser(
+        "check", help="measure a JSONL file against the data red lines (spec.dataset.checks)",
+        description="Measure a JSONL training file as the FineTuneJob preflight does (unparseable, duplicate and "
+        "overlong shares, label imbalance, records) and judge it against the thresholds given. Exit 0: "
+        "no line crossed; 1: a line crossed; 2: the file or the options are unusable.")
+    p.add_argument("file", help="JSONL file")
+    p.add_argument("--format", choices=("text", "prompt-completion", "chat"), default=None,
+                   help="record format (default: detected from the first record)")
+    p.add_argument("--sequence-length", type=int, default=512, help="tokens per sequence (overlong: longer than this)")
+    p.add_argument("--tokenizer", default=None,
+                   help="model or tokenizer directory, to measure token lengths (needs the runtime extra)")
+    for flag, name, typ in _DATA_THRESHOLDS:
+        p.add_argument(flag, type=typ, default=None, metavar="N", help=f"fail above (minRecords: below) N ({name})")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_cmd_data_check)
     return parser
 
 

@@ -174,6 +174,46 @@ def test_configuration_error_exit_code_fails_the_job_at_once(env: Env):
     assert "ConfigurationError" in env.event_reasons("badconfig")
 
 
+def test_crossed_data_red_line_fails_the_job_with_data_quality_failed(env: Env, tmp_path):
+    """kwok plays the kubelet, so the pods never run the preflight: the message a worker ends
+    with is the one the preflight writes, produced here by the runtime's own datacheck on a real
+    file (tests/unit/runtime/train/test_train_launch.py runs the preflight itself as a process)."""
+    from kubeforge_runtime import datacheck
+
+    checks = {"maxDuplicateShare": 0.1, "maxLabelImbalance": 3, "minRecords": 4}
+    env.apply(ftj("dirtydata", backoffLimit=5,
+                  dataset={"uri": "s3://data/train.jsonl", "format": "prompt-completion", "checks": checks}))
+    env.wait_running("dirtydata")
+    # The thresholds reach the pods' config as the spec has them.
+    rendered = json.loads(env.get("configmap", "dirtydata-config")["data"]["config.json"])
+    assert rendered["dataset"]["checks"] == checks
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{i % 7}", "completion": "yes" if i % 10 else "no"}) + "\n"
+                            for i in range(10)))
+    report = datacheck.check_file(path, "prompt-completion", checks)
+    assert [v.check for v in report.violations] == ["maxDuplicateShare", "maxLabelImbalance"]
+    env.exit_pod(env.pods("dirtydata")[0], contract.EXIT_CONFIG_ERROR, report.termination_report())
+
+    st = env.wait_phase("dirtydata", "Failed", 60)
+    failed = next(c for c in st["conditions"] if c["type"] == "Failed")
+    assert failed["status"] == "True" and failed["reason"] == "DataQualityFailed"
+    assert "exited with code 78 before training" in failed["message"]
+    assert "duplicateShare 0.2 is above the threshold 0.1" in failed["message"]
+    assert "labelImbalance 9 is above the threshold 3" in failed["message"]
+    dq = st["result"]["dataQuality"]
+    assert dq["passed"] is False and dq["thresholds"] == checks
+    assert dq["measurements"]["duplicateShare"] == 0.2 and dq["measurements"]["labelImbalance"] == 9
+    assert dq["measurements"]["records"] == 10 and len(dq["violations"]) == 2
+    assert "DataQualityFailed" in env.event_reasons("dirtydata")
+    # The podFailurePolicy failed the Job: no worker is replaced although backoffLimit is 5,
+    # and nothing counts as a restart.
+    wait_for(lambda: any(c["type"] == "Failed" and c["status"] == "True"
+                         for c in env.get("job", "dirtydata")["status"].get("conditions", [])), 60, what="Job failed")
+    assert env.pods("dirtydata") == []
+    assert len(env.pods("dirtydata", active_only=False)) <= 2
+    assert not st.get("restarts")
+
+
 def test_backoff_limit_exceeded_fails_the_job(env: Env):
     env.apply(ftj("crashy", backoffLimit=0))
     env.wait_running("crashy")

@@ -103,6 +103,10 @@ def test_models_reject_what_cel_rejects():
         FineTuneJobSpec.model_validate({**base, "parallelism": {"strategy": "deepspeed-zero2"},
                                         "training": {"precision": "fp16"}})
     FineTuneJobSpec.model_validate({**base, "parallelism": {"strategy": "deepspeed-zero2"}})
+    with pytest.raises(ValueError, match="dataset.checks.maxLabelImbalance needs labels"):
+        FineTuneJobSpec.model_validate({**base, "dataset": {"uri": "pvc://d/t.jsonl", "checks": {"maxLabelImbalance": 2}}})
+    FineTuneJobSpec.model_validate({**base, "dataset": {"uri": "pvc://d/t.jsonl", "format": "chat",
+                                                        "checks": {"maxLabelImbalance": 2}}})
     with pytest.raises(ValueError, match="exactly one of uri or fineTuneJobRef"):
         QuantizeJobSpec.model_validate({"model": {"uri": "pvc://m/a", "fineTuneJobRef": {"name": "x"}},
                                         "output": {"uri": "pvc://m/q"}})

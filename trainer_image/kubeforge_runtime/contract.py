@@ -12,6 +12,7 @@ pulling in torch (a test enforces that), and both sides are tested against it.
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 from pathlib import Path
@@ -73,6 +74,11 @@ ENV_PVC_ROOT = "KUBEFORGE_PVC_ROOT"
 DEFAULT_PVC_ROOT = "/mnt/pvc"
 ENV_API_KEY = "KUBEFORGE_API_KEY"
 """The serving API key, injected from the InferenceService's apiKeySecretRef."""
+ENV_DATA_QUALITY = "KUBEFORGE_DATA_QUALITY"
+"""Set by the FineTuneJob preflight (``launch.py``) for the command it execs when
+``dataset.checks`` is set: the passing data measurements as compact JSON (``passed``,
+``measurements``, ``thresholds``, ``violations``). The trainer copies it into its result and
+the lineage record. The preflight removes any inherited value when there are no checks."""
 ENV_JOB_NAME = "KUBEFORGE_JOB_NAME"
 ENV_NAMESPACE = "KUBEFORGE_NAMESPACE"
 
@@ -125,10 +131,29 @@ LOG_EVENT_PREFIX = "KUBEFORGE_EVENT "
 totalSteps, epoch, loss, tokensPerSecond, learningRate; "taskEval" carries stage (before | after), metric,
 value, samples. `kubeforge run` draws its progress bar from these."""
 
+DATA_QUALITY_REPORT_KIND = "DataQualityReport"
+"""When a data red line (``dataset.checks``) is crossed, the preflight exits EXIT_CONFIG_ERROR and
+writes ``{"kind": DATA_QUALITY_REPORT_KIND, "message": ..., "passed": false, "measurements": ...,
+"thresholds": ..., "violations": [...]}`` (compact JSON, under 4 KiB) to the termination log; the
+operator fails the FineTuneJob with reason ``DataQualityFailed`` and copies the rest into
+``status.result.dataQuality``."""
+
 RESULT_KIND = "FineTuneJobResult"
 """The trainer's rank 0 writes ``{"kind": RESULT_KIND, ...}`` (compact JSON, under 4 KiB) to the
 termination log when it finishes: steps, losses, the task metric before and after. The
 operator copies it into the FineTuneJob's ``status.result``."""
+
+
+def data_quality_from_env() -> dict[str, object] | None:
+    """The preflight's data measurements (:data:`ENV_DATA_QUALITY`), or None."""
+    raw = os.environ.get(ENV_DATA_QUALITY)
+    if not raw:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def termination_log_path() -> Path | None:

@@ -169,10 +169,16 @@ def parse_jsonl(path: str | Path, fmt: str | None) -> tuple[ParseResult, str]:
     return result, fmt or "text"
 
 
-def load_records(path: str | Path, fmt: str) -> list[Record]:
-    """All records of ``path``; :class:`DataError` listing file:line of every bad one."""
+def load_records(path: str | Path, fmt: str, *, skip_bad: bool = False) -> list[Record]:
+    """All records of ``path``; :class:`DataError` listing file:line of every bad one.
+
+    With ``skip_bad`` (``dataset.checks.maxUnparseableShare`` set: the preflight has already
+    bounded their share) bad lines are logged and skipped instead."""
     result, _ = parse_jsonl(path, fmt)
-    if result.errors:
+    if result.errors and skip_bad:
+        log.warning("skipping %d bad record(s) in %s (dataset.checks.maxUnparseableShare): %s", len(result.errors),
+                    path, "; ".join(result.errors[:3]))
+    elif result.errors:
         shown = "\n  ".join(result.errors[:MAX_REPORTED])
         more = f"\n  ... and {len(result.errors) - MAX_REPORTED} more" if len(result.errors) > MAX_REPORTED else ""
         raise DataError(f"{len(result.errors)} bad record(s) in {path} (format {fmt}):\n  {shown}{more}")
@@ -377,6 +383,15 @@ def remove_overlap(train: list[Record], heldout: list[Record]) -> tuple[list[Rec
 
 # --- personal data ------------------------------------------------------------------------------
 
+def trained_strings(record_data: dict[str, Any]) -> list[str]:
+    """The strings a record trains on: ``text``; ``prompt`` and ``completion``; each message's ``content``."""
+    out = [record_data[k] for k in ("text", "prompt", "completion") if isinstance(record_data.get(k), str)]
+    for m in record_data.get("messages") or ():
+        if isinstance(m, dict) and isinstance(m.get("content"), str):
+            out.append(m["content"])
+    return out
+
+
 def redact_record(record_data: dict[str, Any], kinds: Iterable[str]) -> tuple[dict[str, Any], collections.Counter[str]]:
     """A copy of a record with personal data of ``kinds`` replaced by placeholders in the strings
     it trains on (``text``; ``prompt`` and ``completion``; each message's ``content``), and the
@@ -431,6 +446,7 @@ def prepare(
     seed: int = 0,
     exclude_paths: Iterable[str | Path] = (),
     redact: Iterable[str] = (),
+    skip_bad: bool = False,
 ) -> TokenizedData:
     """Parse, split, tokenize and pack the data (deterministic: every rank gets the same).
 
@@ -438,15 +454,16 @@ def prepare(
     training records that also appear there are dropped, as are training records that appear
     in the validation file; the split of ``validation_split`` keeps duplicates on one side.
     ``redact`` lists kinds of personal data (``pii.ALL_KINDS``) replaced by placeholders in every
-    record as it is read, before the split and the held-out checks (the files are not changed)."""
+    record as it is read, before the split and the held-out checks (the files are not changed).
+    ``skip_bad`` skips bad lines of the training file (only) instead of failing."""
     redact = list(redact)
 
-    def load(path: str | Path) -> list[Record]:
-        records = load_records(path, fmt)
+    def load(path: str | Path, skip: bool = False) -> list[Record]:
+        records = load_records(path, fmt, skip_bad=skip)
         return redact_records(records, redact)[0] if redact else records
 
     exclude_paths = list(exclude_paths)
-    records = load(train_path)
+    records = load(train_path, skip_bad)
     dropped = 0
     for path in exclude_paths:
         records, n = remove_overlap(records, load(path))

@@ -21,6 +21,12 @@ change; the Job's podFailurePolicy can then fail the Job at once. Checks:
 * the newest checkpoint in the checkpoint directory, if any, is this run's (same job, base
   model, dataset, method and LoRA shape; ``train/checkpoint.py``): another run's is refused
   before torchrun starts, so nothing is loaded and no checkpoint is pruned.
+* last, the data red lines of ``dataset.checks`` (``datacheck.py``), measured on the training
+  file with the model's tokenizer. A crossed line exits 78 too, but the termination log gets a
+  ``DataQualityReport`` JSON (measurements, thresholds, violations, message) that the operator
+  turns into reason ``DataQualityFailed`` and ``status.result.dataQuality``. Passing
+  measurements are logged and handed to the trainer in ``$KUBEFORGE_DATA_QUALITY`` (the
+  environment survives the exec), which puts them in its result and the lineage record.
 
 The message also goes to ``/dev/termination-log`` when it exists (or to
 ``$KUBEFORGE_REPORT_PATH``), so it shows in the pod's status. When everything passes, the process ``os.execvp``s the command after ``--`` (torchrun
@@ -31,11 +37,17 @@ only checks (exit 0).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import contract
+
+if TYPE_CHECKING:
+    from .train.config import TrainConfig
 
 log = logging.getLogger("kubeforge_runtime.launch")
 
@@ -88,7 +100,9 @@ def preflight(config_path: str, command: list[str]) -> None:
             path = storage.resolve(uri)
             if not path.is_file():
                 raise ConfigError(f"dataset {uri!r}: {path} is not a file (give one JSONL file)")
-            records = data.load_records(path, cfg.dataset.format)
+            # Bad lines of the training file are the maxUnparseableShare check's to judge.
+            skip = uri == cfg.dataset.uri and cfg.dataset.skip_unparseable
+            records = data.load_records(path, cfg.dataset.format, skip_bad=skip)
             if cfg.dataset.redact:  # shown before training starts; the trainer reports its own counts
                 _, counts = data.redact_records(records, cfg.dataset.redact)
                 log.info("dataset %s: %d records; dataset.redact replaces %s", uri, len(records),
@@ -109,16 +123,37 @@ def preflight(config_path: str, command: list[str]) -> None:
         ParallelDims(world_size=world, tp=cfg.parallelism.tensor, pp=cfg.parallelism.pipeline,
                      global_batch_size=t.globalBatchSize, micro_batch_size=t.microBatchSize,
                      pipeline_schedule=cfg.parallelism.pipelineSchedule, model=shape)
+    check_data(cfg, model_dir)
 
 
-def _report(message: str) -> None:
+def check_data(cfg: TrainConfig, model_dir: Path) -> None:
+    """The ``dataset.checks`` red lines on the training file; raise ``DataQualityError`` when
+    one is crossed, else log the measurements and hand them to the exec'd trainer."""
+    from . import datacheck, models, storage
+
+    os.environ.pop(contract.ENV_DATA_QUALITY, None)  # never pass on a value from elsewhere
+    checks = cfg.dataset.checks
+    if checks is None:
+        return
+    # The tokenizer the trainer will use, so "overlong" means what training will truncate.
+    tokenizer = models.load_tokenizer(model_dir)
+    report = datacheck.check_file(storage.resolve(cfg.dataset.uri), cfg.dataset.format, checks.model_dump(),
+                                  tokenizer=tokenizer, sequence_length=cfg.dataset.sequenceLength)
+    if not report.passed:
+        raise datacheck.DataQualityError(report)
+    log.info("%s", report.message())
+    os.environ[contract.ENV_DATA_QUALITY] = json.dumps(report.result(), separators=(",", ":"))
+
+
+def _report(message: str, body: str | None = None) -> None:
+    """``message`` to stderr and ``body`` (default: the message) to the termination log."""
     sys.stderr.write(f"kubeforge: configuration error: {message}\n")
     # The kubelet provides the termination log (and copies it into the pod status); never
     # create it elsewhere. $KUBEFORGE_REPORT_PATH redirects it for local runs and tests.
     term = contract.termination_log_path()
     if term is not None:
         try:
-            term.write_text(f"configuration error: {message}\n"[:4000])  # the kubelet keeps 4 KiB
+            term.write_text((body or f"configuration error: {message}\n")[:4000])  # the kubelet keeps 4 KiB
         except OSError:
             pass
 
@@ -135,11 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s launch %(levelname)s: %(message)s")
 
-    from . import data, models, storage
+    from . import data, datacheck, models, storage
     from .train.config import ConfigError
 
     try:
         preflight(args.config, command)
+    except datacheck.DataQualityError as exc:
+        _report(str(exc), exc.report.termination_report())
+        return contract.EXIT_CONFIG_ERROR
     except (ConfigError, data.DataError, storage.StorageError, models.ModelLoadError) as exc:
         _report(str(exc))
         return contract.EXIT_CONFIG_ERROR

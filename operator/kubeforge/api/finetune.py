@@ -32,6 +32,47 @@ class ModelSource(KFModel):
 PiiKind = Literal["email", "phone", "ipAddress", "creditCard", "idNumber"]
 
 
+class DataChecksSpec(KFModel):
+    """Red lines on the training data, measured by the preflight before any worker starts.
+
+    Each is optional: unset means not checked. A crossed line fails the job at once (reason
+    DataQualityFailed, exit code 78) with the measured values and thresholds in the message
+    and in status.result.dataQuality; the measurements are reported when they pass too.
+    """
+
+    max_unparseable_share: float | None = Field(
+        default=None, ge=0, le=1,
+        description="Most lines (of dataset.uri) that may be invalid JSON or not a record of the format, as a "
+        "fraction of all non-blank lines; those lines are then skipped. Unset: any bad line fails the job.",
+    )
+    max_duplicate_share: float | None = Field(
+        default=None, ge=0, le=1,
+        description="Most records that may repeat an earlier one, exactly or after normalising (whitespace "
+        "collapsed, only the keys trained on compared), as a fraction of the records.",
+    )
+    max_label_imbalance: float | None = Field(
+        default=None, ge=1,
+        description="Largest ratio of the most to the least frequent label (classification data): the label is "
+        "the completion (prompt-completion) or the last assistant message (chat). Not for format text.",
+    )
+    min_records: int | None = Field(default=None, ge=1, description="Fewest valid records the training file must have.")
+    max_overlong_share: float | None = Field(
+        default=None, ge=0, le=1,
+        description="Most records whose tokenised length exceeds sequenceLength (they are truncated or split), "
+        "as a fraction of the records.",
+    )
+    max_pii_share: float | None = Field(
+        default=None, ge=0, le=1,
+        description="Most records holding personal data (email, phone, ipAddress, creditCard, idNumber, as "
+        "dataset.redact finds them) in the strings trained on, as a fraction of the records; measured on the "
+        "file as written, before redaction.",
+    )
+
+
+LABELS_NEED_ANSWERS = ("dataset.checks.maxLabelImbalance needs labels: set dataset.format to prompt-completion or "
+                       "chat, or remove maxLabelImbalance")
+
+
 class DatasetSpec(KFModel):
     """Training data: JSON Lines in one of three formats."""
 
@@ -54,6 +95,22 @@ class DatasetSpec(KFModel):
         "idNumber <ID_NUMBER> (Chinese resident ids with a valid check character, US SSNs, UK NI numbers). "
         "Counts per kind go to the trainer's log and the output's lineage record.",
     )
+    checks: DataChecksSpec | None = Field(
+        default=None,
+        description="Red lines on the training data (unparseable, duplicate and overlong shares, label imbalance, "
+        "record count), checked before training starts; a crossed line fails the job with DataQualityFailed.",
+    )
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        cel("!has(self.checks) || !has(self.checks.maxLabelImbalance) || self.format != 'text'",
+            LABELS_NEED_ANSWERS, ".checks.maxLabelImbalance"),
+    ]})
+
+    @model_validator(mode="after")
+    def _labels_need_answers(self) -> "DatasetSpec":
+        if self.checks is not None and self.checks.max_label_imbalance is not None and self.format == "text":
+            raise ValueError(LABELS_NEED_ANSWERS)
+        return self
 
 
 TaskMetric = Literal["accuracy", "exactMatch", "f1", "passAtOne"]
@@ -294,6 +351,33 @@ class TaskMetricResult(KFModel):
     samples: int | None = Field(default=None, description="Records evaluated.")
 
 
+class DataMeasurements(KFModel):
+    """What the preflight measured on the training file (kubeforge_runtime/datacheck.py)."""
+
+    records: int | None = Field(default=None, description="Valid records.")
+    unparseable_records: int | None = Field(default=None, description="Lines that are not valid records.")
+    unparseable_share: float | None = Field(default=None, description="Unparseable lines / all non-blank lines.")
+    duplicate_records: int | None = Field(default=None, description="Records repeating an earlier one (exact or near).")
+    exact_duplicate_records: int | None = Field(default=None, description="Of those, the byte-for-byte repeats.")
+    duplicate_share: float | None = Field(default=None, description="Duplicate records / records.")
+    label_classes: int | None = Field(default=None, description="Distinct labels.")
+    label_imbalance: float | None = Field(default=None, description="Most frequent label count / least frequent.")
+    overlong_records: int | None = Field(default=None, description="Records longer than sequenceLength tokens.")
+    overlong_share: float | None = Field(default=None, description="Overlong records / records.")
+    sequence_length: int | None = Field(default=None, description="The length overlong was measured against.")
+    pii_records: int | None = Field(default=None, description="Records with personal data (with maxPiiShare).")
+    pii_share: float | None = Field(default=None, description="Records with personal data / records.")
+
+
+class DataQualityResult(KFModel):
+    """The data red lines (spec.dataset.checks): measurements, thresholds, what was crossed."""
+
+    passed: bool | None = Field(default=None, description="True when no red line was crossed.")
+    measurements: DataMeasurements | None = Field(default=None, description="The measured values.")
+    thresholds: DataChecksSpec | None = Field(default=None, description="The thresholds applied.")
+    violations: list[str] = Field(default_factory=list, description="Each crossed line, with value and threshold.")
+
+
 class TrainResult(KFModel):
     """What training achieved, as the trainer reported it when it finished."""
 
@@ -303,6 +387,8 @@ class TrainResult(KFModel):
     final_validation_loss: float | None = Field(default=None, description="Validation loss after training.")
     evaluation: TaskMetricResult | None = Field(default=None, description="The held-out task metric (spec.evaluation).")
     dataset_digest: str | None = Field(default=None, description="sha256 of the training data files.")
+    data_quality: DataQualityResult | None = Field(
+        default=None, description="The data red lines (spec.dataset.checks): measured values, thresholds, violations.")
 
 
 class FineTuneJobStatus(KFModel):

@@ -17,6 +17,11 @@ Phases:
                  configuration-error exit code, which the podFailurePolicy turns into a
                  failed Job anyway). A terminal phase is never left again.
 
+A configuration-error exit whose termination message is the preflight's data-quality report
+(``contract.DATA_QUALITY_REPORT_KIND``: a ``spec.dataset.checks`` red line crossed) fails
+the job with reason ``DataQualityFailed``, the report's message, and the measurements,
+thresholds and violations in ``status.result.dataQuality``.
+
 Restarts are counted per worker pod, once: a pod that failed on its own (any exit code but
 the configuration error) or that was disrupted (the ``DisruptionTarget`` condition:
 eviction, preemption, drain). Pods the Job controller deletes itself (suspend, deadline,
@@ -35,7 +40,7 @@ from typing import Any
 from kubeforge_runtime import contract
 
 from ..api import InvalidSpec
-from ..api.finetune import FineTuneJobSpec, TrainResult
+from ..api.finetune import DataQualityResult, FineTuneJobSpec, TrainResult
 from ..builders import finetune as builder
 from .conditions import TERMINAL_PHASES, Event, Outcome, accept, get_condition, set_condition, true_condition
 
@@ -136,6 +141,32 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def data_quality_report(pod: dict[str, Any]) -> dict[str, Any] | None:
+    """The preflight's data-quality report of a worker that exited with the configuration
+    error code, or None (another configuration error, or not exited)."""
+    term = _terminated(pod) or {}
+    if term.get("exitCode") != contract.EXIT_CONFIG_ERROR:
+        return None
+    try:
+        body = json.loads((term.get("message") or "").strip())
+    except ValueError:
+        return None
+    if not isinstance(body, dict) or body.get("kind") != contract.DATA_QUALITY_REPORT_KIND:
+        return None
+    return _finite(body)
+
+
+def _data_quality_result(report: dict[str, Any]) -> dict[str, Any]:
+    """``status.result.dataQuality`` from a report: the fields the API knows, validated (a
+    malformed report is dropped rather than breaking the status patch)."""
+    fields = {f.alias or name for name, f in DataQualityResult.model_fields.items()}
+    body = {k: v for k, v in report.items() if k in fields}
+    try:
+        return DataQualityResult.model_validate(body).model_dump(by_alias=True, exclude_none=True)
+    except ValueError:
+        return {"passed": False, "violations": [str(v) for v in report.get("violations") or []][:10]}
+
+
 def trainer_result(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
     """``status.result`` from the succeeded worker whose trainer (global rank 0) wrote its
     compact result into the termination log (``contract.RESULT_KIND``); None if none did."""
@@ -177,6 +208,11 @@ def _progress_percent(progress: dict[str, Any]) -> dict[str, Any]:
 def _failed_reason(job: dict[str, Any], pods: list[dict[str, Any]]) -> tuple[str, str] | None:
     """(reason, message) when the Job has failed or is failing, else None."""
     config_pod = next((p for p in pods if failure_kind(p) == "ConfigurationError"), None)
+    report = data_quality_report(config_pod) if config_pod is not None else None
+    if config_pod is not None and report is not None:
+        return ("DataQualityFailed",
+                f"worker {pod_index(config_pod)} (pod {config_pod['metadata']['name']}) exited with code "
+                f"{contract.EXIT_CONFIG_ERROR} before training: {report.get('message') or report.get('violations')}")
     if config_pod is not None:
         # The podFailurePolicy fails the Job on this exit code; say so without waiting for it.
         msg = termination_message(config_pod)
@@ -273,6 +309,9 @@ def compute(
         if get_condition(conds, "Restarting"):
             conds = set_condition(conds, "Restarting", False, reason, "the job failed", generation, now)
         status["completionTime"] = now
+        if reason == "DataQualityFailed":
+            report = next(r for p in pods if (r := data_quality_report(p)) is not None)
+            status["result"] = {"dataQuality": _data_quality_result(report)}
         out.events.append(Event("Warning", reason, message))
         return _finish(out, status, conds, prev_phase, "Failed", generation, now, None, announce=False)
     if succeeded:

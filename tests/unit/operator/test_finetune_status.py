@@ -152,6 +152,53 @@ def test_config_error_exit_code_fails_at_once_with_the_trainers_message():
     assert [e.reason for e in out.events] == ["ConfigurationError"] and out.events[0].type == "Warning"
 
 
+def _crossed_report(tmp_path) -> str:
+    """What the preflight writes when a red line is crossed, from the runtime's own code on a real file."""
+    from kubeforge_runtime import datacheck
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a"}\n{"text": "a "}\n{"text": "b"}\n{"text": "c"}\n')
+    report = datacheck.check_file(path, "text", {"maxDuplicateShare": 0.2, "minRecords": 2})
+    assert not report.passed
+    return report.termination_report()
+
+
+def test_data_quality_report_fails_with_data_quality_failed_and_the_measurements_in_status(tmp_path):
+    running = run(j=job(), pods=[pod(0), pod(1)]).status
+    bad = pod(0, phase="Failed", exit_code=contract.EXIT_CONFIG_ERROR, message=_crossed_report(tmp_path))
+    out = run(prev=running, j=job(), pods=[bad, pod(1)], now=T2)
+    st = out.status
+    assert st["phase"] == "Failed" and st["completionTime"] == T2 and not st.get("restarts")
+    c = cond(st, "Failed")
+    assert c["reason"] == "DataQualityFailed" and "exited with code 78 before training" in c["message"]
+    assert "maxDuplicateShare: duplicateShare 0.25 is above the threshold 0.2" in c["message"]
+    dq = st["result"]["dataQuality"]
+    assert dq["passed"] is False and dq["thresholds"] == {"maxDuplicateShare": 0.2, "minRecords": 2}
+    assert dq["measurements"] == {"records": 4, "unparseableRecords": 0, "unparseableShare": 0.0,
+                                  "duplicateRecords": 1, "exactDuplicateRecords": 0, "duplicateShare": 0.25}
+    assert dq["violations"] == ["maxDuplicateShare: duplicateShare 0.25 is above the threshold 0.2"]
+    assert [e.reason for e in out.events] == ["DataQualityFailed"]
+    # The status validates against the API's status model (what the CRD's schema says).
+    from kubeforge.api.finetune import FineTuneJobStatus
+
+    FineTuneJobStatus.model_validate(st)
+    # The same exit code with a plain message stays a ConfigurationError; a report with
+    # another exit code is not a data-quality failure.
+    plain = pod(0, phase="Failed", exit_code=contract.EXIT_CONFIG_ERROR, message="configuration error: x")
+    assert cond(run(prev=running, j=job(), pods=[plain]).status, "Failed")["reason"] == "ConfigurationError"
+    assert fs.data_quality_report(pod(0, phase="Failed", exit_code=1, message=_crossed_report(tmp_path))) is None
+
+
+def test_success_copies_the_passing_data_measurements(tmp_path):
+    result = ('{"kind":"FineTuneJobResult","steps":3,"dataQuality":{"passed":true,"measurements":{"records":4,'
+              '"duplicateShare":0.0,"labelImbalance":1.5},"thresholds":{"maxLabelImbalance":2},"violations":[]}}')
+    st = run(j=job(("Complete", "CompletionsReached")),
+             pods=[pod(0, phase="Succeeded", exit_code=0, message=result)]).status
+    assert st["result"]["dataQuality"] == {"passed": True, "measurements": {"records": 4, "duplicateShare": 0.0,
+                                                                            "labelImbalance": 1.5},
+                                           "thresholds": {"maxLabelImbalance": 2}, "violations": []}
+
+
 @pytest.mark.parametrize("job_reason, expected, text", [
     ("BackoffLimitExceeded", "BackoffLimitExceeded", "backoffLimit"),
     ("DeadlineExceeded", "DeadlineExceeded", "activeDeadlineSeconds"),

@@ -49,6 +49,31 @@ class ModelConfig(StrictConfig):
     A directory written by ``save_pretrained`` (config.json, safetensors, tokenizer)."""
 
 
+class DataChecksConfig(StrictConfig):
+    """Red lines on the training file, measured by the preflight (``launch.py``) before torchrun
+    starts (``kubeforge_runtime/datacheck.py`` defines each measurement). Unset: not checked.
+    A crossed line exits 78 with a ``DataQualityReport`` in the termination log."""
+
+    maxUnparseableShare: float | None = Field(None, ge=0, le=1)
+    """Most bad lines (invalid JSON, or not a record of the format) as a fraction of the
+    non-blank lines of ``dataset.uri``; bad lines under it are skipped by the trainer. Unset:
+    any bad line is an error (the strict default)."""
+    maxDuplicateShare: float | None = Field(None, ge=0, le=1)
+    """Most records repeating an earlier one by ``data.normalized_key`` (exact and near
+    duplicates), as a fraction of the records."""
+    maxLabelImbalance: float | None = Field(None, ge=1)
+    """Largest most/least frequent label ratio; labels are completions (prompt-completion) or
+    last assistant messages (chat). Not for format text."""
+    minRecords: int | None = Field(None, ge=1)
+    """Fewest valid records."""
+    maxOverlongShare: float | None = Field(None, ge=0, le=1)
+    """Most records longer than ``sequenceLength`` tokens (as tokenised for training), as a
+    fraction of the records."""
+    maxPiiShare: float | None = Field(None, ge=0, le=1)
+    """Most records holding personal data of any kind ``kubeforge_runtime.pii`` finds, in the
+    strings trained on, as a fraction of the records (measured before ``dataset.redact``)."""
+
+
 class DatasetConfig(StrictConfig):
     uri: str = Field(min_length=1)
     """Training data: one JSONL file (file:// or pvc://)."""
@@ -74,6 +99,20 @@ class DatasetConfig(StrictConfig):
     ``idNumber``) replaced by typed placeholders (``<EMAIL>``, ...) in the training and
     validation records before tokenising (``kubeforge_runtime.pii``); the files are not
     changed. Counts per kind are logged and written to the lineage record."""
+    checks: DataChecksConfig | None = None
+    """Data red lines checked by the preflight (null: none)."""
+
+    @model_validator(mode="after")
+    def _labels_need_answers(self) -> "DatasetConfig":
+        if self.checks is not None and self.checks.maxLabelImbalance is not None and self.format == "text":
+            raise ValueError("dataset.checks.maxLabelImbalance needs labels: set dataset.format to prompt-completion "
+                             "or chat, or remove maxLabelImbalance")
+        return self
+
+    @property
+    def skip_unparseable(self) -> bool:
+        """Bad lines are skipped (not an error) when maxUnparseableShare bounds them."""
+        return self.checks is not None and self.checks.maxUnparseableShare is not None
 
 
 class LoraConfig(StrictConfig):

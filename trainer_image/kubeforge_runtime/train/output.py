@@ -73,6 +73,7 @@ def lineage_record(cfg: TrainConfig, base_dir: Path, summary: dict[str, Any]) ->
             "packing": cfg.dataset.packing,
             "redact": list(cfg.dataset.redact),
             "redactions": summary.get("redactions", {}),
+            "quality": summary.get("dataQuality"),
         },
         "method": cfg.method,
         "lora": cfg.to_dict()["lora"] if cfg.method == "lora" else None,

@@ -173,6 +173,7 @@ class Trainer:
             self.tokenizer, storage.resolve(d.uri), d.format, d.sequenceLength, d.packing,
             validation_path=val_path, validation_split=d.validationSplit, seed=t.seed, exclude_paths=held_out,
             redact=d.redact,
+            skip_bad=d.skip_unparseable,
         )
         self.sampler = data_mod.GlobalBatchSampler(len(self.data.train_inputs), t.globalBatchSize, t.seed)
         self.total_steps = t.maxSteps or t.epochs * self.sampler.steps_per_epoch
@@ -485,6 +486,9 @@ class Trainer:
             "parallel": self.layout,
             **({"redactions": self.data.redactions} if cfg.dataset.redact else {}),
         }
+        quality = contract.data_quality_from_env()  # measured by the preflight (launch.py)
+        if quality is not None:
+            summary["dataQuality"] = quality
         if self.rank == 0:
             self._write_output(summary)
             self._write_result(summary)
@@ -527,7 +531,7 @@ class Trainer:
         path = contract.termination_log_path()
         if path is None:
             return
-        keys = ("steps", "finalLoss", "initialValidationLoss", "finalValidationLoss", "evaluation", "datasetDigest")
+        keys = ("steps", "finalLoss", "initialValidationLoss", "finalValidationLoss", "evaluation", "datasetDigest", "dataQuality")
         result = {"kind": contract.RESULT_KIND, **{k: summary.get(k) for k in keys if summary.get(k) is not None}}
         try:
             path.write_text(json.dumps(_finite(result), separators=(",", ":"))[:4000])

@@ -23,7 +23,9 @@ FULL: dict[str, Any] = {
     "kind": "FineTuneJob", "name": "demo", "namespace": "default",
     "model": {"uri": "file:///models/base"},
     "dataset": {"uri": "file:///data/train.jsonl", "format": "chat", "validationUri": None, "validationSplit": 0.1,
-                "sequenceLength": 512, "packing": True, "redact": []},
+                "sequenceLength": 512, "packing": True,
+                "redact": [], "checks": {"maxUnparseableShare": 0.01, "maxDuplicateShare": 0.05, "maxLabelImbalance": 4.0,
+                           "minRecords": 10, "maxOverlongShare": 0.1, "maxPiiShare": 0.02}},
     "method": "lora",
     "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
     "parallelism": {"tensor": 1, "pipeline": 1, "strategy": "fsdp", "pipelineSchedule": "1F1B"},
@@ -69,6 +71,10 @@ def test_full_config_round_trips() -> None:
     ({**MINIMAL, "model": {}}, ["model.uri", "required"]),
     ({**MINIMAL, "method": "full", "output": {"uri": "file:///o", "format": "adapter"}}, ["adapter", "lora"]),
     ({**MINIMAL, "kind": "QuantizeJob"}, ["kind"]),
+    (with_(MINIMAL, "dataset", checks={"maxLabelImbalance": 2}), ["maxLabelImbalance needs labels", "chat"]),
+    (with_(MINIMAL, "dataset", checks={"maxDuplicateShare": 1.5}), ["dataset.checks.maxDuplicateShare", "<= 1"]),
+    (with_(MINIMAL, "dataset", checks={"minRecords": 0.5}), ["dataset.checks.minRecords", "integer"]),
+    (with_(MINIMAL, "dataset", checks={"maxDupes": 0.1}), ["unknown key dataset.checks.maxDupes", "maxDuplicateShare"]),
 ])
 def test_errors_name_the_field(data: dict[str, Any], words: list[str]) -> None:
     with pytest.raises(ConfigError) as err:

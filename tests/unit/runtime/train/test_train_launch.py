@@ -277,3 +277,90 @@ def test_the_trainer_records_its_identity_and_refuses_another_runs_checkpoint(cf
     assert res.returncode == contract.EXIT_CONFIG_ERROR, res.stderr[-3000:]
     assert "job (namespace/name) is 'default/stranger' here but 'default/test' in the checkpoint" in res.stderr
     assert {p: sorted(f.name for f in p.iterdir()) for p in root.iterdir()} == kept
+# --- data red lines (dataset.checks) ----------------------------------------------------------
+
+def _pc_data(tmp_path: Path, yes: int, no: int, bad: int = 0) -> Path:
+    path = tmp_path / "labels.jsonl"
+    lines = [json.dumps({"prompt": f"review {i}: positive?", "completion": "yes" if i < yes else "no"})
+             for i in range(yes + no)] + ["{broken"] * bad
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _checks(cfg: dict[str, Any], path: Path, checks: dict[str, Any]) -> dict[str, Any]:
+    return merge(cfg, {"dataset": {"uri": f"file://{path}", "format": "prompt-completion", "checks": checks}})
+
+
+def test_crossed_data_red_line_exits_78_with_a_report_before_torchrun(cfg: dict[str, Any], tmp_path: Path) -> None:
+    """The pod's real entry point as a process: a red line crossed is exit 78, torchrun (here a
+    command that would leave a marker) never starts, and the termination log holds the
+    DataQualityReport the operator reads."""
+    marker = tmp_path / "worker-started"
+    res = launch(_checks(cfg, _pc_data(tmp_path, yes=10, no=3), {"maxLabelImbalance": 3, "minRecords": 5}),
+                 tmp_path, sys.executable, "-c", f"open({str(marker)!r}, 'w')")
+    assert res.returncode == contract.EXIT_CONFIG_ERROR, res.stderr
+    assert not marker.exists()
+    assert "maxLabelImbalance: labelImbalance 3.33333 is above the threshold 3" in res.stderr
+    report = json.loads((tmp_path / "termination-log").read_text())
+    assert report["kind"] == contract.DATA_QUALITY_REPORT_KIND and report["passed"] is False
+    assert report["thresholds"] == {"maxLabelImbalance": 3, "minRecords": 5}
+    assert report["measurements"]["labelImbalance"] == pytest.approx(10 / 3, abs=1e-6)
+    assert report["measurements"]["records"] == 13 and "overlongShare" in report["measurements"]
+    assert report["violations"] == ["maxLabelImbalance: labelImbalance 3.33333 is above the threshold 3"]
+    assert "labelImbalance 3.33333" in report["message"]
+
+
+def test_passing_data_red_lines_reach_the_execed_command(cfg: dict[str, Any], tmp_path: Path) -> None:
+    """Passing measurements are logged and handed on in $KUBEFORGE_DATA_QUALITY (the trainer puts
+    them in its result and lineage); a value from elsewhere never leaks through."""
+    show = ("import os, sys; sys.stdout.write(os.environ.get('KUBEFORGE_DATA_QUALITY', 'unset'))",)
+    res = launch(_checks(cfg, _pc_data(tmp_path, yes=9, no=3), {"maxLabelImbalance": 3, "maxOverlongShare": 0}),
+                 tmp_path, sys.executable, "-c", *show)
+    assert res.returncode == 0, res.stderr
+    quality = json.loads(res.stdout)
+    assert quality["passed"] is True and quality["violations"] == []
+    assert quality["measurements"]["labelImbalance"] == 3 and quality["measurements"]["overlongShare"] == 0
+    assert quality["measurements"]["sequenceLength"] == 32
+    assert "data checks passed" in res.stderr and "labelImbalance 3" in res.stderr
+    res = launch(cfg, tmp_path, sys.executable, "-c", *show, env={contract.ENV_DATA_QUALITY: '{"passed": true}'})
+    assert res.returncode == 0 and res.stdout == "unset"
+
+
+def test_bad_lines_under_max_unparseable_share_are_skipped_over_it_fail(cfg: dict[str, Any], check: Any,
+                                                                         tmp_path: Path) -> None:
+    # 2 bad lines of 20: a share of 0.1.
+    path = _pc_data(tmp_path, yes=9, no=9, bad=2)
+    with pytest.raises(AssertionError, match="tried to exec"):  # passed the gate (exec is forbidden here)
+        check(_checks(cfg, path, {"maxUnparseableShare": 0.1}), *TORCHRUN)
+    code, err = check(_checks(cfg, path, {"maxUnparseableShare": 0.05}), *TORCHRUN)
+    assert code == contract.EXIT_CONFIG_ERROR
+    assert "maxUnparseableShare: unparseableShare 0.1 is above the threshold 0.05" in err
+    # Without the line, any bad line is still an error (file:line listed), as before.
+    code, err = check(_checks(cfg, path, {"minRecords": 1}), *TORCHRUN)
+    assert code == contract.EXIT_CONFIG_ERROR and f"{path}:19:" in err
+
+
+def test_a_real_run_through_the_gate_trains_on_the_parseable_records_and_reports_the_measurements(
+        launcher: Any, tmp_path: Path) -> None:
+    """launch.py -> trainer, as the pod runs it: maxUnparseableShare lets 1 bad line of 61 through,
+    the trainer skips it, and the preflight's measurements reach the result and the lineage."""
+    from kubeforge_runtime import models
+
+    lines = (DATA / "prompt_completion.jsonl").read_text().splitlines()[:60] + ["{broken"]
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    report = tmp_path / "termination-log"
+    run = launcher("data-gate", {
+        "dataset": {"uri": f"file://{path}", "format": "prompt-completion", "packing": False, "sequenceLength": 32,
+                    "checks": {"maxUnparseableShare": 0.02, "minRecords": 50}},
+        "training": {"maxSteps": 2},
+    }, 0, via_launch=True, dump=False, env={contract.ENV_REPORT_PATH: str(report)})
+    assert "skipping 1 bad record(s)" in run.log()
+    result = json.loads(report.read_text())
+    assert result["kind"] == contract.RESULT_KIND and result["steps"] == 2
+    quality = result["dataQuality"]
+    assert quality["passed"] is True and quality["thresholds"] == {"maxUnparseableShare": 0.02, "minRecords": 50}
+    assert quality["measurements"]["records"] == 60 and quality["measurements"]["unparseableRecords"] == 1
+    lineage = json.loads((run.out / models.LINEAGE_FILE).read_text())
+    assert lineage["dataset"]["quality"] == quality
+    assert lineage["dataset"]["trainRecords"] + lineage["dataset"]["validationRecords"] == 60
