@@ -319,3 +319,31 @@ def test_namespaced_webhook_only_sees_watched_namespaces(namespaced_docs):
 def test_templates_have_a_comment_saying_why():
     for path in (CHART / "templates").glob("*.yaml"):
         assert "#" in path.read_text() or "{{- /*" in path.read_text(), path.name
+
+
+# --- workload policy (issue 17) -----------------------------------------------
+
+def operator_env(docs) -> dict[str, str]:
+    _, c = operator_container(docs)
+    return {e["name"]: e["value"] for e in c["env"] if "value" in e}
+
+
+def test_workload_policy_values_reach_the_operator(default_docs):
+    """The operator parses the Deployment's env exactly as it will at run time: the chart's
+    defaults are the code's defaults, and each value widens what the operator allows."""
+    from kubeforge.api import policy
+
+    assert policy.from_env(operator_env(default_docs)) == policy.WorkloadPolicy()
+    docs = render({"workloadPolicy.allowedVolumeTypes": "{persistentVolumeClaim,nfs}",
+                   "workloadPolicy.allowImageOverride": "true", "workloadPolicy.allowServiceAccount": "true"})
+    assert policy.from_env(operator_env(docs)) == policy.WorkloadPolicy(
+        frozenset({"persistentVolumeClaim", "nfs"}), allow_image_override=True, allow_service_account=True)
+    none = render(extra=["--set-json", "workloadPolicy.allowedVolumeTypes=[]"])
+    assert policy.from_env(operator_env(none)).allowed_volume_types == frozenset()
+
+
+def test_values_schema_rejects_bad_policy_values():
+    for bad in ({"workloadPolicy.allowImageOverride": "maybe"}, {"workloadPolicy.allowImage": "true"}):
+        out = helm("template", "x", str(CHART), "--kube-version", "1.35.4",
+                   *[a for k, v in bad.items() for a in ("--set", f"{k}={v}")], check=False)
+        assert out.returncode != 0, bad
