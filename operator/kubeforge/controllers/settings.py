@@ -1,8 +1,10 @@
 """Operator-wide settings: kopf's, and the platform's policies read from the environment.
 
 The workload policy (:func:`workload_policy`: which ``spec.template`` pass-throughs are
-allowed) comes from ``KUBEFORGE_*`` environment variables, which the Helm chart fills from
-its ``workloadPolicy`` values; unset variables mean the defaults (the narrowest policy). They are read on every call (cheap), so a test
+allowed) and the NetworkPolicy settings (:func:`network_policy_settings`) come from
+``KUBEFORGE_*`` environment variables, which the Helm chart fills from its
+``workloadPolicy`` and ``networkPolicy`` values; unset variables mean the defaults
+(the narrowest policy, NetworkPolicies on). They are read on every call (cheap), so a test
 or a restart with a new environment needs no cache to be cleared.
 
 kopf's own bookkeeping (handler progress, the last-handled spec) goes into annotations under
@@ -22,6 +24,7 @@ import kopf
 from .. import kube
 from ..api import GROUP
 from ..api import policy
+from ..builders import network
 
 
 @kopf.on.startup()
@@ -45,3 +48,7 @@ def workload_policy() -> policy.WorkloadPolicy:
     """The platform's workload policy (``KUBEFORGE_ALLOWED_VOLUME_TYPES``, ``KUBEFORGE_ALLOW_*``)."""
     return policy.from_env(dict(os.environ))
 
+
+def network_policy_settings() -> network.NetworkPolicySettings:
+    """Whether and how workloads get NetworkPolicies (``KUBEFORGE_NETWORK_POLICIES``, ...)."""
+    return network.settings_from_env(dict(os.environ))
