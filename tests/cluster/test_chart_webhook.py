@@ -136,6 +136,22 @@ def test_references_and_adapters(cluster, webhook):
     assert out.returncode == 0 and "Warning" not in out.stderr, out.stderr
 
 
+def test_workload_policy_is_enforced_at_admission(cluster, webhook):
+    """The chart's default workloadPolicy (passed to the operator as env by the Deployment):
+    hostPath volumes, an image override and a ServiceAccount are refused, each field named."""
+    ns = webhook
+    spec = {**FINETUNE, "template": {"volumes": [{"name": "host", "hostPath": {"path": "/"}}],
+                                     "image": "evil/image:1", "serviceAccountName": "builder"}}
+    out = apply(cluster, ns, resource("FineTuneJob", "escape", spec))
+    assert out.returncode != 0, out.stdout
+    assert "spec.template.volumes[0] (host): hostPath volumes are not allowed" in out.stderr, out.stderr
+    assert "spec.template.image:" in out.stderr and "spec.template.serviceAccountName:" in out.stderr
+    assert cluster.kubectl("get", "-n", ns, "finetunejob", "escape").returncode != 0
+    safe = {**FINETUNE, "template": {"volumes": [{"name": "scratch", "emptyDir": {"sizeLimit": "1Gi"}}],
+                                     "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]}}
+    assert apply(cluster, ns, resource("FineTuneJob", "fine", safe), dry_run=True).returncode == 0
+
+
 def test_chart_certificate_is_installed_and_kept_across_upgrades(cluster):
     """The self-signed pair Helm generates is installed, matches the webhook's caBundle and
     survives `helm upgrade` (lookup), so the API server keeps trusting the running pods.

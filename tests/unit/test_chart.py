@@ -28,6 +28,7 @@ NAMESPACED = {"rbac.scope": "namespaces", "watchNamespaces": "{team-a,team-b}"}
 # kind -> API group, for the kinds kubeforge/kube.py can touch.
 _GROUPS = {"/api/v1": "", "/apis/batch/v1": "batch", "/apis/apps/v1": "apps",
            "/apis/autoscaling/v2": "autoscaling", "/apis/policy/v1": "policy",
+           "/apis/networking.k8s.io/v1": "networking.k8s.io",
            "/apis/kubeforge.io/v1alpha1": "kubeforge.io"}
 
 
@@ -319,3 +320,67 @@ def test_namespaced_webhook_only_sees_watched_namespaces(namespaced_docs):
 def test_templates_have_a_comment_saying_why():
     for path in (CHART / "templates").glob("*.yaml"):
         assert "#" in path.read_text() or "{{- /*" in path.read_text(), path.name
+
+
+# --- workload policy and NetworkPolicies (issue 17) -----------------------------------------------
+
+def operator_env(docs) -> dict[str, str]:
+    _, c = operator_container(docs)
+    return {e["name"]: e["value"] for e in c["env"] if "value" in e}
+
+
+def test_workload_policy_values_reach_the_operator(default_docs):
+    """The operator parses the Deployment's env exactly as it will at run time: the chart's
+    defaults are the code's defaults, and each value widens what the operator allows."""
+    from kubeforge.api import policy
+
+    assert policy.from_env(operator_env(default_docs)) == policy.WorkloadPolicy()
+    docs = render({"workloadPolicy.allowedVolumeTypes": "{persistentVolumeClaim,nfs}",
+                   "workloadPolicy.allowImageOverride": "true", "workloadPolicy.allowServiceAccount": "true"})
+    assert policy.from_env(operator_env(docs)) == policy.WorkloadPolicy(
+        frozenset({"persistentVolumeClaim", "nfs"}), allow_image_override=True, allow_service_account=True)
+    none = render(extra=["--set-json", "workloadPolicy.allowedVolumeTypes=[]"])
+    assert policy.from_env(operator_env(none)).allowed_volume_types == frozenset()
+
+
+def test_network_policy_values_reach_the_operator(default_docs):
+    from kubeforge.builders import network
+
+    net = network.settings_from_env(operator_env(default_docs))
+    assert net.enabled is True and net.serving_clients == network.SAME_NAMESPACE
+    assert net.prometheus == ({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+                               "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}},)
+    # The operator's own pods, in the release namespace, by the Deployment's selector.
+    (dep,) = find(default_docs, "Deployment")
+    assert net.operator == ({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kubeforge"}},
+                             "podSelector": dep["spec"]["selector"]},)
+    docs = render({"networkPolicy.workloads": "false", "networkPolicy.prometheus.namespaceSelector": "null"},
+                  extra=["--set-json", 'networkPolicy.servingClients=[{"namespaceSelector":{"matchLabels":{"team":"a"}}}]'])
+    net = network.settings_from_env(operator_env(docs))
+    assert net.enabled is False
+    assert net.prometheus == ({"podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}},)
+    assert net.serving_clients == ({"namespaceSelector": {"matchLabels": {"team": "a"}}},)
+
+
+def test_operator_network_policy(default_docs):
+    (dep,) = find(default_docs, "Deployment")
+    (main,) = find(default_docs, "NetworkPolicy", "kf-kubeforge")
+    (hook,) = find(default_docs, "NetworkPolicy", "kf-kubeforge-webhook")
+    for pol in (main, hook):
+        assert pol["spec"]["podSelector"] == dep["spec"]["selector"] and pol["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = main["spec"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 8080}]
+    assert rule["from"][0]["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}
+    assert hook["spec"]["ingress"] == [{"ports": [{"protocol": "TCP", "port": 9443}]}]
+    # No metrics, no webhook: the operator's pods accept nothing (never an empty `from`).
+    docs = render({"metrics.enabled": "false", "webhook.enabled": "false"})
+    (only,) = find(docs, "NetworkPolicy")
+    assert only["spec"]["ingress"] == []
+    assert find(render({"networkPolicy.operator": "false"}), "NetworkPolicy") == []
+
+
+def test_values_schema_rejects_bad_policy_values():
+    for bad in ({"workloadPolicy.allowImageOverride": "maybe"}, {"networkPolicy.workload": "true"}):
+        out = helm("template", "x", str(CHART), "--kube-version", "1.35.4",
+                   *[a for k, v in bad.items() for a in ("--set", f"{k}={v}")], check=False)
+        assert out.returncode != 0, bad

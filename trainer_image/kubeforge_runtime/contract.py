@@ -100,6 +100,36 @@ apiKeySecretRef, on serving pods only)."""
 RESERVED_ENV = TORCHRUN_ENV + OPERATOR_ENV
 """What a pod template's extra ``env`` may not set: the operator's own values would be
 silently replaced (Kubernetes keeps the container's last definition)."""
+INTERPRETER_ENV = (
+    "PYTHONPATH",
+    "PYTHONHOME",
+    "PYTHONSTARTUP",
+    "PYTHONINSPECT",
+    "PYTHONUSERBASE",
+    "PYTHONPLATLIBDIR",
+    "PYTHONEXECUTABLE",
+    "PYTHONWARNINGS",
+    "PYTHONBREAKPOINT",
+    "PYTHONPYCACHEPREFIX",
+    "BASH_ENV",
+    "ENV",
+    "GCONV_PATH",
+)
+"""Variables that change which code the interpreter, the dynamic loader or a shell runs
+(a module search path, a startup file, an imported warning category, a loaded charset
+converter): a pod template's ``env`` may not set them, nor any name starting with one of
+:data:`LOADER_ENV_PREFIXES`. With them a resource could run code the runtime image never
+shipped, under the runtime's identity."""
+LOADER_ENV_PREFIXES = ("LD_",)
+"""glibc's dynamic loader reads every ``LD_*`` variable (``LD_PRELOAD``, ``LD_LIBRARY_PATH``,
+``LD_AUDIT``, ...): the whole prefix is refused."""
+
+
+def interpreter_env(name: str) -> bool:
+    """Whether ``name`` is one of :data:`INTERPRETER_ENV` or starts with a :data:`LOADER_ENV_PREFIXES` prefix."""
+    return name in INTERPRETER_ENV or name.startswith(LOADER_ENV_PREFIXES)
+
+
 RENDEZVOUS_PORT = 29400
 SERVE_HTTP_PORT = 8000
 SERVE_GRPC_PORT = 8001

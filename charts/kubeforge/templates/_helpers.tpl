@@ -67,3 +67,20 @@ true
 {{- define "kubeforge.webhookSecretName" -}}
 {{- printf "%s-webhook-tls" (include "kubeforge.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
+
+{{/* NetworkPolicyPeers (a JSON list) allowed to scrape metrics: networkPolicy.prometheus's
+selectors; an empty list when neither selector is set. */}}
+{{- define "kubeforge.prometheusPeers" -}}
+{{- $p := .Values.networkPolicy.prometheus | default dict -}}
+{{- $peer := dict -}}
+{{- with $p.namespaceSelector }}{{- $_ := set $peer "namespaceSelector" . -}}{{- end -}}
+{{- with $p.podSelector }}{{- $_ := set $peer "podSelector" . -}}{{- end -}}
+{{- if $peer }}{{ list $peer | toJson }}{{ else }}[]{{ end -}}
+{{- end -}}
+
+{{/* The operator's own pods as a NetworkPolicyPeer list (JSON): they read training progress
+from the trainers' metrics endpoints. */}}
+{{- define "kubeforge.operatorPeers" -}}
+{{- $pods := include "kubeforge.selectorLabels" . | fromYaml -}}
+{{- list (dict "namespaceSelector" (dict "matchLabels" (dict "kubernetes.io/metadata.name" .Release.Namespace)) "podSelector" (dict "matchLabels" $pods)) | toJson -}}
+{{- end -}}

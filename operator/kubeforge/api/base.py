@@ -129,8 +129,59 @@ def reserved_label_message(key: str) -> str:
             f"its pods); remove it or use a label outside {RESERVED_LABEL_DOMAIN}")
 
 
+INTERPRETER_ENV: tuple[str, ...] = contract.INTERPRETER_ENV
+"""Variables that change which code the interpreter or the dynamic loader runs
+(``PYTHONPATH``, ``PYTHONSTARTUP``, ...) plus every ``LD_*`` name
+(``contract.LOADER_ENV_PREFIXES``): ``template.env`` may not set them, so a resource cannot
+make the runtime image load code it never shipped."""
+
+_INTERPRETER_ENV_CEL = (f"self.name in {cel_list(INTERPRETER_ENV)} || "
+                        + " || ".join(f"self.name.startsWith('{p}')" for p in contract.LOADER_ENV_PREFIXES))
+
+
+def interpreter_env_message(name: str) -> str:
+    return (f"template.env: {name} changes which code the interpreter or the dynamic loader runs and is not "
+            f"allowed; remove it (put extra code in the runtime image instead)")
+
+
+SECURITY_PROFILE_ANNOTATIONS: tuple[str, ...] = (
+    "container.apparmor.security.beta.kubernetes.io/",
+    "seccomp.security.alpha.kubernetes.io/",
+    "container.seccomp.security.alpha.kubernetes.io/",
+)
+"""Annotation prefixes (and keys) that choose an AppArmor or seccomp profile: the operator sets
+the pods' profiles (RuntimeDefault) itself, so ``template.annotations`` may not set them."""
+
+_SECURITY_ANNOTATION_CEL = " || ".join(f"k.startsWith('{p.rstrip('/')}')" for p in SECURITY_PROFILE_ANNOTATIONS)
+
+
+def security_annotation(key: str) -> bool:
+    """Whether the annotation ``key`` selects an AppArmor or seccomp profile."""
+    return key.startswith(tuple(p.rstrip("/") for p in SECURITY_PROFILE_ANNOTATIONS))
+
+
+def security_annotation_message(key: str) -> str:
+    return (f"template.annotations: {key} selects an AppArmor/seccomp profile; the operator sets the pods' "
+            f"profiles itself (RuntimeDefault): remove it")
+
+
+def projected_token_volumes(volumes: list[dict[str, Any]]) -> list[str]:
+    """Names of ``volumes`` that project a ServiceAccount token (never allowed: pods get no API token)."""
+    out = []
+    for v in volumes:
+        sources = ((v.get("projected") or {}).get("sources")) or []
+        if any(isinstance(s, dict) and "serviceAccountToken" in s for s in sources):
+            out.append(str(v.get("name", "?")))
+    return out
+
+
+def projected_token_message(index: int, name: str) -> str:
+    return (f"template.volumes[{index}] ({name}): a projected serviceAccountToken gives the pod a Kubernetes API "
+            f"token, which workload pods never get; remove that source")
+
+
 class EnvVar(KFModel):
-    """An extra environment variable for the workload container (not one of RESERVED_ENV)."""
+    """An extra environment variable for the workload container (not one of RESERVED_ENV or INTERPRETER_ENV)."""
 
     name: str = Field(min_length=1, max_length=256, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", description="Variable name.")
     value: str | None = Field(default=None, description="Literal value.")
@@ -145,6 +196,13 @@ class EnvVar(KFModel):
             "template.env: a variable the operator sets cannot be overridden; remove it",
             ".name",
             message_expression="'template.env: ' + self.name + ' is set by the operator and cannot be overridden; remove it'"),
+        cel(f"!({_INTERPRETER_ENV_CEL})",
+            "template.env: a variable that changes which code the interpreter or the dynamic loader runs "
+            "(LD_*, PYTHONPATH, PYTHONSTARTUP, ...) is not allowed; remove it",
+            ".name",
+            message_expression=("'template.env: ' + self.name + ' changes which code the interpreter or the dynamic "
+                                "loader runs and is not allowed; remove it (put extra code in the runtime image "
+                                "instead)'")),
     ]})
 
     @field_validator("name")
@@ -152,6 +210,8 @@ class EnvVar(KFModel):
     def _not_reserved(cls, name: str) -> str:
         if name in RESERVED_ENV:
             raise ValueError(f"template.env: {name} is set by the operator and cannot be overridden; remove it")
+        if contract.interpreter_env(name):
+            raise ValueError(interpreter_env_message(name))
         return name
 
 
@@ -171,7 +231,9 @@ class ResourcesSpec(KFModel):
 class PodTemplateOverride(KFModel):
     """Overrides merged into every workload pod the operator creates."""
 
-    image: str | None = Field(default=None, description="Container image; defaults to the operator's configured runtime image.")
+    image: str | None = Field(default=None, description="Container image; defaults to the operator's configured runtime "
+                                                        "image. Refused unless the platform allows it (the chart's "
+                                                        "workloadPolicy.allowImageOverride).")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
         default=None, description="Image pull policy of the workload container."
     )
@@ -180,18 +242,23 @@ class PodTemplateOverride(KFModel):
         description="Labels added to the Job/Deployment and its pods (e.g. kueue.x-k8s.io/queue-name); "
                     "kubeforge.io/ labels are the operator's and are refused.",
     )
-    annotations: dict[str, str] = Field(default_factory=dict, description="Annotations added to the pods.")
+    annotations: dict[str, str] = Field(default_factory=dict, description="Annotations added to the pods; "
+                                        "AppArmor/seccomp profile annotations are refused.")
     node_selector: dict[str, str] = Field(default_factory=dict, description="Pod nodeSelector.")
     tolerations: list[K8sObject] = Field(default_factory=list, description="Pod tolerations, as in a PodSpec.")
     affinity: K8sObject | None = Field(default=None, description="Pod affinity, as in a PodSpec.")
     priority_class_name: str | None = Field(default=None, description="Pod priorityClassName.")
     scheduler_name: str | None = Field(default=None, description="Pod schedulerName (e.g. a gang scheduler).")
     service_account_name: str | None = Field(
-        default=None, description="ServiceAccount of the pods; its token is never mounted."
+        default=None, description="ServiceAccount of the pods; its token is never mounted. Refused unless the "
+                                  "platform allows it (the chart's workloadPolicy.allowServiceAccount)."
     )
     # Bounded so that the API server can afford the CEL rules over the list.
     env: list[EnvVar] = Field(default_factory=list, max_length=256, description="Extra environment variables.")
-    volumes: list[K8sObject] = Field(default_factory=list, description="Extra pod volumes, as in a PodSpec.")
+    volumes: list[K8sObject] = Field(default_factory=list, description="Extra pod volumes, as in a PodSpec. Only the "
+                                     "types the platform allows (the chart's workloadPolicy.allowedVolumeTypes; by "
+                                     "default persistentVolumeClaim, configMap, secret, emptyDir with a sizeLimit, "
+                                     "downwardAPI, ephemeral, projected); never a projected serviceAccountToken.")
     volume_mounts: list[K8sObject] = Field(
         default_factory=list, description="Extra volume mounts of the workload container, as in a Container."
     )
@@ -205,6 +272,14 @@ class PodTemplateOverride(KFModel):
             message_expression=(f"'template.labels: ' + self.labels.filter(k, {_RESERVED_LABEL_CEL})[0] + "
                                 f"' is reserved for the operator ({RESERVED_LABEL_DOMAIN}/ labels select its pods); "
                                 f"remove it or use a label outside {RESERVED_LABEL_DOMAIN}'")),
+        # A fixed message: naming the key (a filter over the map) would exceed the API server's
+        # CEL cost budget for messageExpression; the pydantic rule below names it.
+        cel(f"!has(self.annotations) || self.annotations.all(k, !({_SECURITY_ANNOTATION_CEL}))",
+            "template.annotations: AppArmor/seccomp profile annotations (container.apparmor.security.beta."
+            "kubernetes.io/*, seccomp.security.alpha.kubernetes.io/pod, container.seccomp.security.alpha."
+            "kubernetes.io/*) are not allowed: the operator sets the pod profiles itself (RuntimeDefault); "
+            "remove them",
+            ".annotations"),
     ]})
 
     @field_validator("labels")
@@ -214,6 +289,24 @@ class PodTemplateOverride(KFModel):
             if reserved_label(key):
                 raise ValueError(reserved_label_message(key))
         return labels
+
+    @field_validator("annotations")
+    @classmethod
+    def _no_security_profiles(cls, annotations: dict[str, str]) -> dict[str, str]:
+        for key in annotations:
+            if security_annotation(key):
+                raise ValueError(security_annotation_message(key))
+        return annotations
+
+    @field_validator("volumes")
+    @classmethod
+    def _no_projected_token(cls, volumes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        # Not CEL: the volumes are schemaless (preserve-unknown-fields), and a nested walk over
+        # them would not fit the API server's cost budget; the webhook and the operator apply it.
+        for i, v in enumerate(volumes):
+            if projected_token_volumes([v]):
+                raise ValueError(projected_token_message(i, str(v.get("name", "?"))))
+        return volumes
 
 
 Phase = Literal["Pending", "WaitingForInput", "Running", "Restarting", "Suspended", "Succeeded", "Failed"]

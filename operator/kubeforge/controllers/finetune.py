@@ -4,7 +4,7 @@ The shared loop is :class:`.reconcile.Reconciler`; this module gives it the Fine
 steps and registers the kopf handlers (on import, by :mod:`kubeforge.controllers`):
 
 * ``on_spec`` on create, on a spec change and on operator start (resume): a sync that also
-  server-side applies the children rendered by :mod:`kubeforge.builders.finetune`
+  server-side applies the children rendered by :mod:`kubeforge.builders.finetune` and its NetworkPolicy (:mod:`kubeforge.builders.network`)
   (deterministic names, one field manager: applying again changes nothing, so an operator
   killed at any point and restarted creates no duplicates);
 * ``job_event``/``pod_event`` on every event of a Job or pod carrying the FineTuneJob label:
@@ -42,10 +42,12 @@ from kubeforge_runtime import contract
 from .. import kube
 from ..api import GROUP, FineTuneJob, FineTuneJobSpec
 from ..builders import finetune as builder
+from ..builders import network
 from . import finetune_status, metrics, scrape
 from .conditions import TERMINAL_PHASES, now
 from .reconcile import ChildConflict, Reconciler, controlled_by, owned_by
 from .reconcile import apply_children as apply_owned
+from .settings import network_policy_settings
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +90,21 @@ def _forget(namespace: str, name: str) -> None:
 
 # --- the reconciler's steps ------------------------------------------------------------------------
 
-def apply_children(owner: dict[str, Any], spec: FineTuneJobSpec) -> None:
-    """Apply the Service, ConfigMap and Job (:func:`.reconcile.apply_children`: never over a foreign object)."""
+def children(owner: dict[str, Any], spec: FineTuneJobSpec) -> list[dict[str, Any]]:
+    """The NetworkPolicy (unless turned off; first, so no worker ever runs unprotected), then
+    the Service, ConfigMap and Job."""
     meta = owner["metadata"]
+    out = builder.build(meta["name"], meta["namespace"], meta["uid"], spec)
+    net = network_policy_settings()
+    if net.enabled:
+        out.insert(0, network.finetune_policy(meta["name"], meta["namespace"], meta["uid"], net))
+    return out
+
+
+def apply_children(owner: dict[str, Any], spec: FineTuneJobSpec) -> None:
+    """Apply :func:`children` (:func:`.reconcile.apply_children`: never over a foreign object)."""
     try:
-        apply_owned(owner, builder.build(meta["name"], meta["namespace"], meta["uid"], spec))
+        apply_owned(owner, children(owner, spec))
     except ApiException as exc:
         if exc.status == 422:
             # A field the API server will not change on an existing object (the Job's pod

@@ -13,6 +13,7 @@ InferenceService's step and registers the kopf handlers (on import, by
    status says ``WaitingForInput`` (or ``InputFailed``) and nothing is deployed - unless an
    earlier output is already being served, which then keeps serving;
 3. the children (:mod:`kubeforge.builders.inference`) are applied by server-side apply: the
+   NetworkPolicy (:mod:`kubeforge.builders.network`, unless turned off), the
    serve ConfigMap, the Deployment, the Service, the HPA (deleted again when ``replicas.max ==
    replicas.min``) and the PDB. A new output of the referenced job has a new *revision*
    (re-created job, new URI, new completion), which changes a pod-template annotation, so
@@ -36,10 +37,12 @@ from .. import kube
 from ..api import FineTuneJob, InferenceService, InferenceServiceSpec, QuantizeJob
 from ..builders import common
 from ..builders import inference as builder
+from ..builders import network
 from . import inference_status
 from .conditions import Outcome, now
 from .reconcile import Reconciler, apply_children, controlled_by, ensure_free
 from .references import resolve_model
+from .settings import network_policy_settings
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,9 @@ def _step(obj: dict[str, Any], spec: InferenceServiceSpec, *, apply: bool = Fals
             current = (deployment or {}).get("spec", {}).get("replicas")
             children = builder.build_children(name, namespace, meta["uid"], spec, model, current)
             to_apply = children.to_apply()
+            net = network_policy_settings()
+            if net.enabled:  # first: no server ever runs unprotected
+                to_apply.insert(0, network.inference_policy(name, namespace, meta["uid"], net))
             for child, applied in zip(to_apply, apply_children(obj, to_apply)):
                 if child["kind"] == "Deployment":
                     deployment = applied

@@ -4,9 +4,10 @@ One :class:`Reconciler` per kind (FineTuneJob, QuantizeJob, InferenceService) do
 object at a time:
 
 1. **read** the object afresh (gone or being deleted: :meth:`~Reconciler.forget` it);
-2. **validate** its spec (the kind's ``validate``); an invalid spec is permanent for its
-   generation: ``Accepted=False/InvalidSpec`` and one Warning event (:func:`.conditions.reject`),
-   nothing else happens and nothing is retried;
+2. **validate** its spec (the kind's ``validate``, then the platform's workload policy on
+   ``spec.template``, :mod:`kubeforge.api.policy`, for clusters without the webhook); an
+   invalid spec is permanent for its generation: ``Accepted=False/InvalidSpec`` and one
+   Warning event (:func:`.conditions.reject`), nothing else happens and nothing is retried;
 3. **step** (the kind's): read the children, apply what the spec says, and call the pure
    ``<kind>_status.compute`` for the new status;
 4. **write** the status with one merge patch guarded by the object's ``resourceVersion`` (a
@@ -49,10 +50,12 @@ from pydantic import BaseModel, ValidationError
 
 from .. import kube
 from ..api import InvalidSpec, Kind, spec_problem
+from ..api import policy
 from ..builders.common import MANAGED_BY, owner_label
 from . import metrics
 from .conditions import Outcome, child_conflict, reject
 from .events import post as post_event
+from .settings import workload_policy
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +118,13 @@ def apply_children(owner: dict[str, Any], children: list[dict[str, Any]]) -> lis
     for child in children:
         ensure_free(owner, child["kind"], child["metadata"]["name"])
     return [kube.server_side_apply(child) for child in children]
+
+
+def check_policy(obj: dict[str, Any]) -> None:
+    """Raise :class:`InvalidSpec` naming every field of ``spec.template`` the workload policy refuses."""
+    problems = policy.problems((obj.get("spec") or {}).get("template"), workload_policy())
+    if problems:
+        raise InvalidSpec("; ".join(problems))
 
 
 def merge_hints(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -217,10 +227,12 @@ class Reconciler(Generic[S]):
         prev = obj.get("status") or {}
         spec: S | None = None
         try:
-            spec = self.validate(obj)
+            validated = self.validate(obj)
+            check_policy(obj)
         except (ValidationError, InvalidSpec) as exc:
-            outcome = reject(obj, spec_problem(exc))
+            outcome = reject(obj, spec_problem(exc))  # spec stays None: nothing to act on
         else:
+            spec = validated
             try:
                 outcome = self.step(obj, spec, **hints)
             except ChildConflict as exc:
@@ -344,5 +356,5 @@ def stop_debouncer(**_: Any) -> None:
             _the_debouncer = None
 
 
-__all__ = ["ChildConflict", "Debouncer", "Reconciler", "apply_children", "controlled_by", "ensure_free",
+__all__ = ["ChildConflict", "Debouncer", "Reconciler", "apply_children", "check_policy", "controlled_by", "ensure_free",
            "merge_hints", "owned_by"]

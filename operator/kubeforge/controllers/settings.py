@@ -1,4 +1,11 @@
-"""Operator-wide kopf settings.
+"""Operator-wide settings: kopf's, and the platform's policies read from the environment.
+
+The workload policy (:func:`workload_policy`: which ``spec.template`` pass-throughs are
+allowed) and the NetworkPolicy settings (:func:`network_policy_settings`) come from
+``KUBEFORGE_*`` environment variables, which the Helm chart fills from its
+``workloadPolicy`` and ``networkPolicy`` values; unset variables mean the defaults
+(the narrowest policy, NetworkPolicies on). They are read on every call (cheap), so a test
+or a restart with a new environment needs no cache to be cleared.
 
 kopf's own bookkeeping (handler progress, the last-handled spec) goes into annotations under
 ``kubeforge.io/`` rather than into ``status``: the CRDs' status schemas are structural and
@@ -9,12 +16,15 @@ writes to ``spec``.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import kopf
 
 from .. import kube
 from ..api import GROUP
+from ..api import policy
+from ..builders import network
 
 
 @kopf.on.startup()
@@ -32,3 +42,13 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.peering.name = "kubeforge"
     settings.peering.mandatory = False
     kube.load_config()
+
+
+def workload_policy() -> policy.WorkloadPolicy:
+    """The platform's workload policy (``KUBEFORGE_ALLOWED_VOLUME_TYPES``, ``KUBEFORGE_ALLOW_*``)."""
+    return policy.from_env(dict(os.environ))
+
+
+def network_policy_settings() -> network.NetworkPolicySettings:
+    """Whether and how workloads get NetworkPolicies (``KUBEFORGE_NETWORK_POLICIES``, ...)."""
+    return network.settings_from_env(dict(os.environ))

@@ -17,6 +17,11 @@ CEL sees one object; these checks need the other KubeForge resources in the name
   from ``valueFrom.secretKeyRef``: a literal value would sit in etcd, in every GitOps
   repository and in ``kubectl get -o yaml`` output. (CEL could express this one; it lives here
   with the other policy checks so that one place explains every admission refusal.)
+* **The platform's workload policy.** ``spec.template`` may pass through only the volume
+  types, image and ServiceAccount the platform allows (:mod:`kubeforge.api.policy`, read from
+  the operator's settings, i.e. the chart's ``workloadPolicy`` values); every refused field
+  is named. The operator applies the same policy again when it reconciles, for clusters
+  without this webhook.
 
 Not here: the API's own rules about one object (adapter names, reserved environment
 variables, the parallel layout) live in the API models and, as CEL, in the CRDs; the API
@@ -45,6 +50,8 @@ from kubeforge_runtime import contract
 
 from .. import kube
 from ..api import KINDS, FineTuneJob, InferenceService, QuantizeJob
+from ..api import policy
+from .settings import workload_policy
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +150,12 @@ def _check_secrets(body: Any) -> None:
             f"valueFrom.secretKeyRef instead of value", code=422)
 
 
+def _check_policy(body: Any) -> None:
+    problems = policy.problems((body.get("spec") or {}).get("template"), workload_policy())
+    if problems:
+        raise kopf.AdmissionError("; ".join(problems), code=422)
+
+
 def _check_outputs(kind: str, body: Any) -> None:
     meta = body["metadata"]
     problems = output_conflicts(kind, meta.get("name", ""), dict(body.get("spec") or {}),
@@ -166,6 +179,7 @@ def validate_finetunejob(body: Any, old: Any, new: Any, operation: str | None, *
     if _skip(operation, body, old, new):
         return
     _check_secrets(body)
+    _check_policy(body)
     _check_outputs("FineTuneJob", body)
 
 
@@ -175,6 +189,7 @@ def validate_quantizejob(body: Any, old: Any, new: Any, operation: str | None,
     if _skip(operation, body, old, new):
         return
     _check_secrets(body)
+    _check_policy(body)
     spec = body.get("spec") or {}
     _check_reference(body["metadata"]["namespace"], "FineTuneJob",
                      (spec.get("model") or {}).get("fineTuneJobRef"), warnings)
@@ -187,6 +202,7 @@ def validate_inferenceservice(body: Any, old: Any, new: Any, operation: str | No
     if _skip(operation, body, old, new):
         return
     _check_secrets(body)
+    _check_policy(body)
     spec = body.get("spec") or {}
     model = spec.get("model") or {}
     namespace = body["metadata"]["namespace"]
