@@ -6,7 +6,8 @@
 * ``kubeforge run -f examples/pipeline.yaml`` - the README's main job - fine-tunes the
   embedded SmolLM2-135M-Instruct with LoRA, quantizes it to int8 and serves it: the held-out
   accuracy rises to at least 90 % and by at least 20 points, the quantized model keeps it,
-  and a positive and a negative review get different, right answers;
+  a positive and a negative review get different, right answers, and the data red lines and
+  redaction counts are reported;
 * each starter (classification, question answering, code generation) runs end to end with
   short settings, and its held-out metric rises.
 """
@@ -102,6 +103,10 @@ def test_main_job_runs_the_whole_chain(tmp_path: Path):
     assert report["task"]["before"] == pytest.approx(tuned["after"], abs=0.02)  # the same model, measured again
     assert report["taskDropPoints"] <= 2 and report["gatePassed"]
     assert "held-out accuracy: base" in out.stderr
+    # The data red lines were measured before training and the redaction counts reported.
+    assert "data red lines passed (5 checked): records 600" in out.stderr, out.stderr[-3000:]
+    assert "dataset.redact: email 0, phone 0, ipAddress 0, creditCard 0, idNumber 0" in out.stderr
+    assert lineage(run_dir, "sentiment-ft")["dataset"]["quality"]["passed"] is True
     # The two sample reviews (one positive, one negative) got different, right answers.
     answers = out.stdout.strip().splitlines()[-2:]
     assert answers == ["positive", "negative"], out.stdout[-2000:]

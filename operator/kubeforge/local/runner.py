@@ -340,6 +340,16 @@ class LocalRunner:
             val = f", validation loss {final['initialValidationLoss']:.3f} → {final['finalValidationLoss']:.3f}"
         self.console.print(f"[green]FineTuneJob/{res.name} succeeded[/]: loss {final.get('loss', float('nan')):.4f} "
                            f"after {final.get('step', '?')} steps{val} → {spec.output.uri}")
+        quality = final.get("dataQuality")
+        if quality:
+            shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                              for k, v in quality.get("measurements", {}).items())
+            self.console.print(f"data red lines passed ({len(quality.get('thresholds', {}))} checked): {shown}",
+                               highlight=False)
+        if "redactions" in final:
+            counts = final["redactions"]
+            self.console.print("dataset.redact: " + (", ".join(f"{k} {n}" for k, n in counts.items()) or "nothing found")
+                               + " (placeholders in what the trainer saw; the file is unchanged)", highlight=False)
         ev = final.get("evaluation")
         if ev:
             self.console.print(f"[bold]held-out {ev['metric']}[/] ({ev['samples']} records): "
