@@ -288,11 +288,20 @@ def s3_client() -> Any:
 
 
 def check_s3_ready(uri: str, what: str) -> None:
-    """Raise :class:`StorageError` (exit 78) when an ``s3://`` URI cannot be written from here:
+    """Raise :class:`StorageError` (exit 78) when an ``s3://`` URI cannot be used from here:
     boto3 missing, or no credentials found; the message says what to set."""
     boto3 = _boto3()
     if boto3.Session().get_credentials() is None:
         raise StorageError(f"{what} {uri!r}: no S3 credentials: {S3_CREDENTIAL_HINT}")
+
+
+def check_output_uri(uri: str, what: str) -> None:
+    """The preflight's check of an output or checkpoint URI: a file/pvc path, or an ``s3://``
+    URI with boto3 installed and credentials present; else :class:`StorageError` saying what to set."""
+    if is_s3(uri):
+        check_s3_ready(uri, what)
+    else:
+        local_path(uri)
 
 
 def _s3_error_kind(exc: BaseException) -> str:
@@ -361,9 +370,10 @@ def list_s3(uri: str) -> list[dict[str, Any]]:
     return with_retries(uri, fetch, _s3_error_kind, verb="listing")
 
 
-def download_s3_dir(uri: str, target: Path, *, last: tuple[str, ...] = ()) -> Path:
-    """Copy every object under ``uri/`` into ``target`` (files named ``last`` are fetched last).
-    Every key is checked (:func:`safe_relative_key`) before the first byte is written."""
+def download_s3_dir(uri: str, target: Path, *, last: tuple[str, ...] = (), skip_existing: bool = False) -> Path:
+    """Copy every object under ``uri/`` into ``target`` (files named ``last`` are fetched last;
+    with ``skip_existing``, files already there are kept). Every key is checked
+    (:func:`safe_relative_key`) before the first byte is written."""
     bucket, prefix = _split(parse_uri(uri).location)
     objects = list_s3(uri)
     if not objects:
@@ -374,6 +384,8 @@ def download_s3_dir(uri: str, target: Path, *, last: tuple[str, ...] = ()) -> Pa
     target.mkdir(parents=True, exist_ok=True)
     for key, rel in rels:
         dest = _inside(target / rel, target)
+        if skip_existing and dest.exists():
+            continue
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(dest.name + ".part")
         with_retries(f"s3://{bucket}/{key}", lambda: client.download_file(bucket, key, str(tmp)), _s3_error_kind)
@@ -395,30 +407,49 @@ def read_s3_object(uri: str) -> bytes | None:
     return with_retries(uri, fetch, _s3_error_kind)
 
 
-def upload_dir(local: Path, uri: str, *, last: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> None:
-    """Copy the files under ``local`` to ``uri/``; files named in ``last`` (a completeness
-    marker) go up after everything else, and are deleted remotely first, so a reader never
-    sees an old marker next to new, partly uploaded files. Top-level names in ``skip`` are not
-    copied. Each file is retried on a transient failure; a failure raises
-    :class:`DownloadFailed` (a runtime error: the pod is retried) and leaves no new marker."""
+def upload_dir(local: Path, uri: str, *, last: tuple[str, ...] = (), skip: tuple[str, ...] = (),
+               replace: bool = False) -> None:
+    """Copy the files under ``local`` to ``uri/``.
+
+    Files named in ``last`` (completeness markers, in that order) go up after everything else
+    and are deleted remotely first, so a reader never sees an old marker next to new, partly
+    uploaded files. With ``replace``, remote objects under ``uri/`` that ``local`` does not hold
+    (an earlier output's other weight files, a stale rejection marker) are deleted too, before
+    the upload. Top-level names in ``skip`` are neither copied nor deleted. Each file is retried
+    on a transient failure; a failure raises :class:`DownloadFailed` (a runtime error: the pod is
+    retried) and leaves no new marker."""
     bucket, prefix = _split(parse_uri(uri).location)
     client = s3_client()
     files = [p for p in sorted(local.rglob("*")) if p.is_file() and p.relative_to(local).parts[0] not in skip
              and not p.name.endswith((".tmp", ".part"))]
-    files.sort(key=lambda p: p.name in last)
+    files.sort(key=lambda p: last.index(p.name) + 1 if p.name in last else 0)
 
     def key_of(p: Path) -> str:
         return "/".join(filter(None, [prefix, p.relative_to(local).as_posix()]))
 
-    markers = [key_of(p) for p in files if p.name in last]
-    if markers:
+    doomed = [key_of(p) for p in files if p.name in last]
+    if replace:
+        keep = {key_of(p) for p in files}
+        for obj in list_s3(uri):
+            rel = obj["Key"][len(prefix):].lstrip("/") if prefix else obj["Key"]
+            if obj["Key"] not in keep and rel.split("/")[0] not in skip:
+                doomed.append(obj["Key"])
+    for i in range(0, len(doomed), 1000):  # markers first: the output stops counting as complete
+        chunk = doomed[i:i + 1000]
         with_retries(uri, lambda: client.delete_objects(
-            Bucket=bucket, Delete={"Objects": [{"Key": k} for k in markers]}), _s3_error_kind, verb="upload")
+            Bucket=bucket, Delete={"Objects": [{"Key": k} for k in chunk]}), _s3_error_kind, verb="upload")
     for p in files:
         key = key_of(p)
         with_retries(f"s3://{bucket}/{key}", lambda: client.upload_file(str(p), bucket, key), _s3_error_kind,
                      verb="upload")
     log.info("uploaded %d files from %s to %s", len(files), local, uri)
+
+
+def upload_file(local: Path, uri: str) -> None:
+    """Copy one file to the object ``uri`` (retried; a failure is :class:`DownloadFailed`)."""
+    bucket, key = _split(parse_uri(uri).location)
+    client = s3_client()
+    with_retries(uri, lambda: client.upload_file(str(local), bucket, key), _s3_error_kind, verb="upload")
 
 
 def delete_s3_prefix(uri: str) -> None:
@@ -436,6 +467,7 @@ def _resolve_s3(parsed: ParsedURI, cache: Path) -> Path:
     """One object (a dataset file) resolves to that file; a prefix to a directory of its objects."""
     bucket, key = _split(parsed.location)
     uri = f"s3://{parsed.location}"
+    check_s3_ready(uri, "input")
     client = s3_client()
     if key:
         def head() -> bool:
