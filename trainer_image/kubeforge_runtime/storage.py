@@ -379,6 +379,8 @@ def download_s3_dir(uri: str, target: Path, *, last: tuple[str, ...] = (), skip_
     if not objects:
         raise StorageError(f"{uri}: no objects under that prefix")
     rels = [(obj["Key"], safe_relative_key(obj["Key"], prefix)) for obj in objects]
+    sizes = {obj["Key"]: (int(obj.get("Size", -1)), obj["LastModified"].timestamp() if obj.get("LastModified") else 0.0)
+             for obj in objects}
     rels.sort(key=lambda kr: Path(kr[1]).name in last)
     client = s3_client()
     target.mkdir(parents=True, exist_ok=True)
@@ -386,11 +388,22 @@ def download_s3_dir(uri: str, target: Path, *, last: tuple[str, ...] = (), skip_
         dest = _inside(target / rel, target)
         if skip_existing and dest.exists():
             continue
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(dest.name + ".part")
-        with_retries(f"s3://{bucket}/{key}", lambda: client.download_file(bucket, key, str(tmp)), _s3_error_kind)
-        tmp.replace(dest)
+        _download_object(client, bucket, key, dest, sizes[key])
     return target
+
+
+def _download_object(client: Any, bucket: str, key: str, dest: Path, meta: tuple[int, float]) -> None:
+    """Fetch one object to ``dest`` unless ``dest`` already has its size and modification time
+    (the preflight and every rank of a node resolve the same URIs: fetch once). A temporary
+    name per process, then an atomic rename: concurrent ranks never see a partial file."""
+    size, mtime = meta
+    if dest.is_file() and dest.stat().st_size == size and abs(dest.stat().st_mtime - mtime) < 1:
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.part")
+    with_retries(f"s3://{bucket}/{key}", lambda: client.download_file(bucket, key, str(tmp)), _s3_error_kind)
+    os.utime(tmp, (mtime, mtime))
+    tmp.replace(dest)
 
 
 def read_s3_object(uri: str) -> bytes | None:
@@ -470,24 +483,23 @@ def _resolve_s3(parsed: ParsedURI, cache: Path) -> Path:
     check_s3_ready(uri, "input")
     client = s3_client()
     if key:
-        def head() -> bool:
+        def head() -> tuple[int, float] | None:
+            """(size, modification time) of the object ``key``, or None (a "directory" prefix)."""
             try:
-                client.head_object(Bucket=bucket, Key=key)
-                return True
-            except Exception as exc:  # 404 on a "directory" prefix
+                meta = client.head_object(Bucket=bucket, Key=key)
+            except Exception as exc:
                 from botocore.exceptions import ClientError  # type: ignore[import-not-found]
 
                 if isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                    return False
+                    return None
                 raise
+            return int(meta["ContentLength"]), meta["LastModified"].timestamp()
 
-        if with_retries(uri, head, _s3_error_kind):
+        found = with_retries(uri, head, _s3_error_kind)
+        if found:
             rel = safe_relative_key(key, "")
             dest = _inside(cache / "s3" / bucket / rel, cache / "s3" / bucket)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(dest.name + ".part")
-            with_retries(uri, lambda: client.download_file(bucket, key, str(tmp)), _s3_error_kind)
-            tmp.replace(dest)
+            _download_object(client, bucket, key, dest, found)
             return dest
     if key:
         safe_relative_key(key, "")  # the prefix itself may not climb out either

@@ -105,3 +105,30 @@ def test_upload_failure_is_a_runtime_error(s3, tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens: connection refused
     with pytest.raises(storage.DownloadFailed, match="upload failed after 4 tries"):
         storage.upload_dir(local, f"s3://{bucket}/out")
+
+
+def test_a_second_resolve_fetches_only_what_changed(s3, monkeypatch):
+    """The preflight and every rank of a node resolve the same URIs: an unchanged object is not
+    fetched again; one rewritten in the bucket is."""
+    client, bucket = s3
+    client.put_object(Bucket=bucket, Key="models/m/config.json", Body=b"{}")
+    client.put_object(Bucket=bucket, Key="models/m/w.bin", Body=b"w1")
+    storage.resolve(f"s3://{bucket}/models/m")
+    fetched: list[str] = []
+    real = storage.s3_client
+
+    def counting_client():
+        c = real()
+        orig = c.download_file
+        c.download_file = lambda b, key, path: (fetched.append(key), orig(b, key, path))[1]
+        return c
+
+    monkeypatch.setattr(storage, "s3_client", counting_client)
+    storage.resolve(f"s3://{bucket}/models/m")
+    assert fetched == []
+    import time
+
+    time.sleep(1.1)  # S3 modification times have one-second resolution
+    client.put_object(Bucket=bucket, Key="models/m/w.bin", Body=b"w2")
+    path = storage.resolve(f"s3://{bucket}/models/m")
+    assert fetched == ["models/m/w.bin"] and (path / "w.bin").read_bytes() == b"w2"

@@ -23,7 +23,7 @@ from kubeforge_runtime.quantize import runner  # noqa: E402
 from kubeforge_runtime.quantize.methods import get_method  # noqa: E402
 from support.s3server import moto_server, s3_env  # noqa: E402
 
-from conftest import GROUP_SIZE  # noqa: E402
+GROUP_SIZE = 64  # as in conftest.py (importing it by name is ambiguous with several conftest.py files)
 
 BUCKET = "kf-quantize"
 
