@@ -465,6 +465,17 @@ def upload_file(local: Path, uri: str) -> None:
     with_retries(uri, lambda: client.upload_file(str(local), bucket, key), _s3_error_kind, verb="upload")
 
 
+def delete_s3_keys(*uris: str) -> None:
+    """Delete the objects ``uris`` (of one bucket); absent ones are no error."""
+    if not uris:
+        return
+    bucket, _ = _split(parse_uri(uris[0]).location)
+    keys = [_split(parse_uri(u).location)[1] for u in uris]
+    client = s3_client()
+    with_retries(uris[0], lambda: client.delete_objects(
+        Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys]}), _s3_error_kind, verb="delete")
+
+
 def delete_s3_prefix(uri: str) -> None:
     """Delete every object under ``uri/`` (pruned checkpoints)."""
     bucket, _ = _split(parse_uri(uri).location)

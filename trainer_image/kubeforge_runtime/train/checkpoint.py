@@ -287,6 +287,9 @@ class CheckpointManager:
             if path.exists():  # an incomplete or stale save of the same step
                 shutil.rmtree(path)
             path.mkdir(parents=True, exist_ok=True)
+        if self.remote and self.rank == 0:
+            # A stale marker of this step (an earlier attempt) must not vouch for the new shards.
+            storage.delete_s3_keys(f"{self.remote.rstrip('/')}/{path.name}/{STATE_FILE}")
         dist.barrier()
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
         dist.barrier()  # every rank's shards are on disk before the checkpoint counts as complete
