@@ -16,7 +16,7 @@ import typing
 import pytest
 
 from kubeforge.api import FineTuneJobSpec, InferenceServiceSpec, QuantizeJobSpec
-from kubeforge.api.base import KFModel, PodTemplateOverride, ResourcesSpec, SecretKeyRef
+from kubeforge.api.base import KFModel, PodTemplateOverride, ResourcesSpec, SecretKeyRef, SecretRef
 from kubeforge.builders import common, inference, quantize
 from kubeforge_runtime import contract
 
@@ -172,4 +172,4 @@ def test_api_has_no_field_for_a_secret_value(spec):
         for name, field in model.model_fields.items():
             if SECRET_NAMES.search(name):
                 types = {field.annotation, *typing.get_args(field.annotation)}
-                assert SecretKeyRef in types, f"{model.__name__}.{name} must be a SecretKeyRef"
+                assert types & {SecretKeyRef, SecretRef}, f"{model.__name__}.{name} must be a SecretKeyRef or SecretRef"

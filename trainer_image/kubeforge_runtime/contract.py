@@ -79,6 +79,16 @@ ENV_DATA_QUALITY = "KUBEFORGE_DATA_QUALITY"
 ``dataset.checks`` is set: the passing data measurements as compact JSON (``passed``,
 ``measurements``, ``thresholds``, ``violations``). The trainer copies it into its result and
 the lineage record. The preflight removes any inherited value when there are no checks."""
+S3_CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+"""Injected from the Secret named by ``spec.storage.s3.credentialsSecretRef`` (``secretKeyRef``,
+the same key names in the Secret; the session token optional). boto3 reads them."""
+S3_ENV = S3_CREDENTIAL_ENV + ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
+"""What ``spec.storage.s3`` sets on workload pods: the credentials, ``endpoint`` as
+``AWS_ENDPOINT_URL`` (an S3-compatible store) and ``region`` as ``AWS_DEFAULT_REGION``. With
+``storage.s3`` set, ``template.env`` may not set them too."""
+ENV_STAGING_DIR = "KUBEFORGE_STAGING_DIR"
+"""Where ``s3://`` outputs and checkpoints are written before they are uploaded (default under
+``$HOME``, i.e. the workspace volume)."""
 ENV_JOB_NAME = "KUBEFORGE_JOB_NAME"
 ENV_NAMESPACE = "KUBEFORGE_NAMESPACE"
 

@@ -17,8 +17,9 @@ change; the Job's podFailurePolicy can then fail the Job at once. Checks:
 * a ``deepspeed-zero*`` strategy finds the deepspeed package;
 * the parallel degrees fit the world size (``--nnodes`` x ``--nproc-per-node`` from the
   torchrun arguments, else ``PET_NNODES`` x ``PET_NPROC_PER_NODE``) and the model's sizes;
-* the output and checkpoint URIs are writable kinds (file:// or pvc://);
-* the newest checkpoint in the checkpoint directory, if any, is this run's (same job, base
+* the output and checkpoint URIs are writable kinds: file:// or pvc://, or s3:// when boto3 is
+  installed and S3 credentials are present (else the message names what to set);
+* the newest checkpoint in the checkpoint directory (for s3://, the newest remote state file), if any, is this run's (same job, base
   model, dataset, method and LoRA shape; ``train/checkpoint.py``): another run's is refused
   before torchrun starts, so nothing is loaded and no checkpoint is pruned.
 * last, the data red lines of ``dataset.checks`` (``datacheck.py``), measured on the training
@@ -107,9 +108,9 @@ def preflight(config_path: str, command: list[str]) -> None:
                 _, counts = data.redact_records(records, cfg.dataset.redact)
                 log.info("dataset %s: %d records; dataset.redact replaces %s", uri, len(records),
                          data.format_redactions(counts, cfg.dataset.redact))
-    storage.local_path(cfg.output.uri)
+    storage.check_output_uri(cfg.output.uri, "output.uri")
     if cfg.checkpoint.uri:
-        storage.local_path(cfg.checkpoint.uri)
+        storage.check_output_uri(cfg.checkpoint.uri, "checkpoint.uri")
     from .train import checkpoint
 
     checkpoint.check_resumable(cfg)  # CheckpointMismatch is a ConfigError

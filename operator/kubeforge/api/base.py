@@ -101,6 +101,50 @@ class SecretKeyRef(KFModel):
     key: str = Field(min_length=1, description="Key inside the Secret.")
 
 
+class SecretRef(KFModel):
+    """A whole Secret in the same namespace, by name (its keys are read into the pods by
+    ``secretKeyRef``); secrets are only ever passed by reference."""
+
+    name: Name = Field(description="Name of the Secret.")
+
+
+class S3Storage(KFModel):
+    """How the pods reach ``s3://`` URIs (models, data, outputs, checkpoints). Credentials come
+    from a Secret, by reference only; nothing secret is ever written in a spec."""
+
+    credentials_secret_ref: SecretRef = Field(
+        description="A Secret in the same namespace with the keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and "
+                    "optionally AWS_SESSION_TOKEN); injected into the pods as those variables (secretKeyRef).")
+    endpoint: str | None = Field(
+        default=None, max_length=2048, pattern=r"^https?://[^\s/]+(/\S*)?$",
+        description="Endpoint URL of an S3-compatible store (MinIO, Ceph, R2, ...), set as AWS_ENDPOINT_URL; unset "
+                    "for AWS S3.")
+    region: str | None = Field(default=None, max_length=64, pattern=r"^[a-z0-9-]+$",
+                               description="Region, set as AWS_DEFAULT_REGION.")
+
+
+class StorageSpec(KFModel):
+    """Access to remote storage for the workload pods."""
+
+    s3: S3Storage | None = Field(default=None, description="S3 (or S3-compatible) access for s3:// URIs.")
+
+
+S3_ENV_CEL_RULE = (
+    f"!has(self.storage) || !has(self.storage.s3) || !has(self.template.env) || "
+    f"self.template.env.all(e, !(e.name in {cel_list(contract.S3_ENV)}))")
+S3_ENV_MESSAGE = (f"template.env: {', '.join(contract.S3_ENV)} are set from storage.s3; remove them from "
+                  "template.env (or remove storage.s3)")
+
+
+def s3_env_conflicts(storage: "StorageSpec | None", template: "PodTemplateOverride") -> None:
+    """The pydantic twin of :data:`S3_ENV_CEL_RULE`."""
+    if storage is not None and storage.s3 is not None:
+        clash = [e.name for e in template.env if e.name in contract.S3_ENV]
+        if clash:
+            raise ValueError(f"template.env: {', '.join(clash)} set from storage.s3; remove them from template.env "
+                             "(or remove storage.s3)")
+
+
 RESERVED_ENV: tuple[str, ...] = contract.RESERVED_ENV
 """Environment variables the operator sets on workload pods (torchrun's ``PET_*``/``MASTER_*``
 configuration and the ``KUBEFORGE_*`` names of ``contract.OPERATOR_ENV``): ``template.env`` may

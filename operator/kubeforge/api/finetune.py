@@ -11,8 +11,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import ConfigDict, Field, model_validator
 
 from .base import (
-    Condition, K8sObject, Kind, KFModel, ObjectReference, Phase, PodTemplateOverride,
-    ResourcesSpec, cel,
+    S3_ENV_CEL_RULE, S3_ENV_MESSAGE, Condition, K8sObject, Kind, KFModel, ObjectReference, Phase, PodTemplateOverride,
+    ResourcesSpec, StorageSpec, cel, s3_env_conflicts,
 )
 
 MODEL_URI_PATTERN = r"^(hf://[^/@\s]+/[^/@\s]+(@[^\s]+)?|pvc://[a-z0-9][-a-z0-9.]*(/\S*)?|s3://[a-z0-9][-a-z0-9.]*(/\S*)?|file:///\S*)$"
@@ -255,6 +255,8 @@ class FineTuneJobSpec(KFModel):
     active_deadline_seconds: int | None = Field(default=None, ge=1, description="Fail with DeadlineExceeded after this long running.")
     ttl_seconds_after_finished: int | None = Field(default=None, ge=0, description="Delete the job this long after it finishes.")
     template: PodTemplateOverride = Field(default_factory=PodTemplateOverride, description="Worker pod overrides.")
+    storage: StorageSpec | None = Field(
+        default=None, description="Remote storage access: storage.s3 for s3:// URIs (credentials by Secret reference).")
 
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
         cel(
@@ -277,6 +279,7 @@ class FineTuneJobSpec(KFModel):
             ".training.precision"),
         cel("self.training.precision != 'fp16' || self.parallelism.pipeline == 1", FP16_WITH_PIPELINE,
             ".training.precision"),
+        cel(S3_ENV_CEL_RULE, S3_ENV_MESSAGE, ".storage"),
     ]})
 
     @model_validator(mode="after")
@@ -306,6 +309,7 @@ class FineTuneJobSpec(KFModel):
                              "or remove evaluation")
         if self.training.global_batch_size % self.training.micro_batch_size:
             raise ValueError("training.globalBatchSize must be a multiple of training.microBatchSize")
+        s3_env_conflicts(self.storage, self.template)
         return self
 
     @property

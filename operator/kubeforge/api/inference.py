@@ -6,7 +6,10 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
-from .base import Condition, Kind, KFModel, Name, ObjectReference, Phase, PodTemplateOverride, ResourcesSpec, SecretKeyRef, cel
+from .base import (
+    S3_ENV_CEL_RULE, S3_ENV_MESSAGE, Condition, Kind, KFModel, Name, ObjectReference, Phase, PodTemplateOverride,
+    ResourcesSpec, SecretKeyRef, StorageSpec, cel, s3_env_conflicts,
+)
 from .finetune import MODEL_URI_PATTERN
 
 
@@ -124,8 +127,11 @@ class InferenceServiceSpec(KFModel):
     adapters: list[AdapterSpec] = Field(default_factory=list, max_length=64, description="LoRA adapters served by name.")
     api_key_secret_ref: SecretKeyRef | None = Field(default=None, description="Require this API key (Bearer token).")
     template: PodTemplateOverride = Field(default_factory=PodTemplateOverride, description="Pod overrides.")
+    storage: StorageSpec | None = Field(
+        default=None, description="Remote storage access: storage.s3 for s3:// URIs (credentials by Secret reference).")
 
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        cel(S3_ENV_CEL_RULE, S3_ENV_MESSAGE, ".storage"),
         cel("!has(self.adapters) || self.adapters.all(a, self.adapters.exists_one(b, b.name == a.name))",
             "spec.adapters: names must be unique",
             ".adapters",
@@ -134,6 +140,11 @@ class InferenceServiceSpec(KFModel):
                 ".filter(n, !self.adapters.exists_one(b, b.name == n))[0]"
             )),
     ]})
+
+    @model_validator(mode="after")
+    def _s3_env(self) -> "InferenceServiceSpec":
+        s3_env_conflicts(self.storage, self.template)
+        return self
 
 
 class ReplicaStatus(KFModel):

@@ -8,7 +8,10 @@ from pydantic import ConfigDict, Field, model_validator
 
 from kubeforge_runtime import contract
 
-from .base import Condition, Kind, KFModel, ObjectReference, Phase, PodTemplateOverride, ResourcesSpec, cel
+from .base import (
+    S3_ENV_CEL_RULE, S3_ENV_MESSAGE, Condition, Kind, KFModel, ObjectReference, Phase, PodTemplateOverride,
+    ResourcesSpec, StorageSpec, cel, s3_env_conflicts,
+)
 from .finetune import (
     DATA_URI_PATTERN, MODEL_URI_PATTERN, OUTPUT_URI_PATTERN, OutputStatus, TaskEvaluationSpec, TaskMetricResult,
 )
@@ -99,6 +102,17 @@ class QuantizeJobSpec(KFModel):
     active_deadline_seconds: int | None = Field(default=None, ge=1, description="Fail with DeadlineExceeded after this long.")
     ttl_seconds_after_finished: int | None = Field(default=None, ge=0, description="Delete the job this long after it finishes.")
     template: PodTemplateOverride = Field(default_factory=PodTemplateOverride, description="Pod overrides.")
+    storage: StorageSpec | None = Field(
+        default=None, description="Remote storage access: storage.s3 for s3:// URIs (credentials by Secret reference).")
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        cel(S3_ENV_CEL_RULE, S3_ENV_MESSAGE, ".storage"),
+    ]})
+
+    @model_validator(mode="after")
+    def _s3_env(self) -> "QuantizeJobSpec":
+        s3_env_conflicts(self.storage, self.template)
+        return self
 
     @model_validator(mode="after")
     def _output_apart_from_input(self) -> "QuantizeJobSpec":

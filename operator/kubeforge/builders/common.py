@@ -24,7 +24,7 @@ from typing import Any
 
 from kubeforge_runtime import contract
 
-from ..api.base import API_VERSION, GROUP, PodTemplateOverride, ResourcesSpec
+from ..api.base import API_VERSION, GROUP, PodTemplateOverride, ResourcesSpec, StorageSpec
 
 MANAGED_BY = "kubeforge"
 DEFAULT_IMAGE = "kubeforge/runtime:0.1.0"  # set the real location with KUBEFORGE_RUNTIME_IMAGE / the chart
@@ -128,6 +128,25 @@ def base_env(kind: str, name: str, namespace: str) -> list[dict[str, Any]]:
         {"name": "TRITON_CACHE_DIR", "value": f"{contract.WORKSPACE_DIR}/triton"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
+
+
+def storage_env(storage: StorageSpec | None) -> list[dict[str, Any]]:
+    """The environment ``spec.storage.s3`` gives a workload container: the credentials from the
+    Secret by reference (``secretKeyRef``; the session token optional), the endpoint and region
+    as values. boto3 in the runtime reads exactly these (``contract.S3_ENV``)."""
+    if storage is None or storage.s3 is None:
+        return []
+    s3 = storage.s3
+    env: list[dict[str, Any]] = [
+        {"name": key, "valueFrom": {"secretKeyRef": {"name": s3.credentials_secret_ref.name, "key": key,
+                                                     **({"optional": True} if key == "AWS_SESSION_TOKEN" else {})}}}
+        for key in contract.S3_CREDENTIAL_ENV
+    ]
+    if s3.endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": s3.endpoint})
+    if s3.region:
+        env.append({"name": "AWS_DEFAULT_REGION", "value": s3.region})
+    return env
 
 
 def workload_pod_spec(

@@ -161,6 +161,7 @@ def worker_env(name: str, namespace: str, uid: str, spec: FineTuneJobSpec) -> li
         {"name": "MASTER_ADDR", "value": f"{n.job}-0.{n.service}"},
         {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
         {"name": contract.ENV_METRICS_PORT, "value": str(contract.DEFAULT_METRICS_PORT)},
+        *common.storage_env(spec.storage),
     ]
 
 

@@ -168,7 +168,7 @@ def build_deployment(name: str, namespace: str, uid: str, spec: InferenceService
                      current_replicas: int | None = None) -> dict[str, Any]:
     config = serve_config(name, namespace, spec, model)
     volumes, mounts = common.pvc_volumes([model.uri, *(a.uri for a in spec.adapters)])
-    env = common.base_env(KIND, name, namespace)
+    env = [*common.base_env(KIND, name, namespace), *common.storage_env(spec.storage)]
     if spec.api_key_secret_ref is not None:
         # By reference only: the key never appears in the Deployment or the ConfigMap.
         env.append({"name": contract.ENV_API_KEY, "valueFrom": {"secretKeyRef": {

@@ -81,7 +81,7 @@ def build_job(name: str, namespace: str, uid: str, spec: QuantizeJobSpec, model_
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
         "command": list(COMMAND),
-        "env": common.base_env(KIND, name, namespace),
+        "env": [*common.base_env(KIND, name, namespace), *common.storage_env(spec.storage)],
         "resources": common.container_resources(spec.resources),
         "volumeMounts": mounts,
         "terminationMessagePath": contract.TERMINATION_LOG,

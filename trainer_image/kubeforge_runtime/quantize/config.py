@@ -117,7 +117,7 @@ class OutputSpec(_Frozen):
     """Where the quantized model is written."""
 
     uri: str = Field(min_length=1)
-    """file:// or pvc:// (a mounted volume)."""
+    """file:// or pvc:// (a mounted volume), or s3:// (staged locally, uploaded with the lineage record last)."""
 
 
 class QuantizeConfig(_Frozen):

@@ -173,7 +173,14 @@ def run(cfg: QuantizeConfig) -> tuple[dict[str, Any], dict[str, Any], int]:
         log.info("calibration.uri is set, but %s needs no calibration data: not read", cfg.method)
 
     try:
-        out_dir = storage.local_path(cfg.output.uri)
+        out_dir = storage.output_path(cfg.output.uri)  # s3://: a staging directory, uploaded at the end
+        if storage.is_s3(cfg.output.uri):
+            storage.check_s3_ready(cfg.output.uri, "output.uri")
+            if contract.uris_overlap(cfg.model.uri, cfg.output.uri):
+                raise _Failure(reporting.REASON_CONFIG_ERROR,
+                               f"output.uri {cfg.output.uri!r} overlaps model.uri {cfg.model.uri!r}: the quantizer "
+                               "replaces the weight files in its output and would delete its own input; choose "
+                               "another output.uri", contract.EXIT_CONFIG_ERROR)
         _check_output_apart(cfg.model.uri, cfg.output.uri, out_dir)
         with tempfile.TemporaryDirectory(prefix="kubeforge-quantize-") as scratch:
             source = _materialize_full_model(cfg.model.uri, Path(scratch))
@@ -320,6 +327,10 @@ def run(cfg: QuantizeConfig) -> tuple[dict[str, Any], dict[str, Any], int]:
     reporting.write_full(full, out_dir)
     if not gate_passed:
         (out_dir / REJECTED_MARKER).write_text(json.dumps({"reason": reason, "message": message}) + "\n")
+    if storage.is_s3(cfg.output.uri):
+        # The rejection marker before the lineage record, the lineage record last: a reader that
+        # finds kubeforge.json finds a complete output, and a rejected one already marked.
+        storage.upload_dir(out_dir, cfg.output.uri, last=(REJECTED_MARKER, models.LINEAGE_FILE), replace=True)
     log.info("[5/5] %s: %s", reason, message)
     return compact, full, code
 
@@ -355,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         compact, code = _failure_report(method_name, reporting.REASON_CONFIG_ERROR, str(exc)), contract.EXIT_CONFIG_ERROR
     except _Failure as exc:
         compact, code = _failure_report(method_name, exc.reason, exc.message), exc.code
+    except storage.StorageError as exc:  # e.g. the s3:// output refused (access denied, no bucket)
+        compact, code = _failure_report(method_name, reporting.REASON_CONFIG_ERROR, str(exc)), contract.EXIT_CONFIG_ERROR
     except Exception as exc:  # report it, then let the Job's backoff decide on a retry
         log.exception("quantization failed")
         compact = _failure_report(method_name, reporting.REASON_INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")

@@ -18,6 +18,14 @@ shared by mistake would otherwise continue a stranger's run and, at the next sav
 its checkpoints. The parallel layout is recorded but not compared: resharding onto another
 layout is a feature.
 
+An ``s3://`` checkpoint URI (or an ``s3://`` output without ``checkpoint.uri``) is written to a
+local staging directory (``storage.staging_path``, node-local: the pod's workspace) and uploaded
+after each complete save: every node's local rank 0 uploads the shards its node wrote, then
+global rank 0 uploads ``kubeforge-state.json`` last and deletes the remote checkpoints pruned
+locally. Resume lists the remote, takes the newest step whose state file exists, and each
+node's local rank 0 downloads it (the state file last) before DCP loads it. An upload
+failure is a runtime error (the pod is retried; the last complete remote checkpoint stands).
+
 A directory without ``kubeforge-state.json`` is incomplete (preempted mid-write) and is
 ignored and cleaned up. Keys are the parameter names of the unwrapped model (the peft model
 for LoRA), identical in every parallel layout - FSDP2 and tensor parallelism keep names,
@@ -60,11 +68,73 @@ class CheckpointMismatch(ConfigError):
     """The checkpoint directory holds another run's checkpoints; the message says what differs."""
 
 
+def uri_for(cfg: TrainConfig) -> str:
+    """The run's checkpoint URI: ``checkpoint.uri``, else ``<output>/checkpoints``."""
+    return cfg.checkpoint.uri or cfg.output.uri.rstrip("/") + "/checkpoints"
+
+
+def remote_for(cfg: TrainConfig) -> str | None:
+    """The ``s3://`` URI checkpoints are uploaded to, or None for a file/pvc directory."""
+    uri = uri_for(cfg)
+    return uri if storage.is_s3(uri) else None
+
+
 def root_for(cfg: TrainConfig) -> Path:
-    """The run's checkpoint directory: ``checkpoint.uri``, else ``<output>/checkpoints``."""
-    if cfg.checkpoint.uri:
-        return storage.local_path(cfg.checkpoint.uri)
-    return storage.local_path(cfg.output.uri) / "checkpoints"
+    """The run's local checkpoint directory (the staging directory of an ``s3://`` one)."""
+    return storage.output_path(uri_for(cfg))
+
+
+def _remote_steps(remote: str) -> tuple[set[int], set[int]]:
+    """(every step with objects, the complete ones: with a state file) under an ``s3://`` URI."""
+    prefix = storage.parse_uri(remote).location.partition("/")[2].strip("/")
+    steps: set[int] = set()
+    complete: set[int] = set()
+    for obj in storage.list_s3(remote):
+        rel = obj["Key"][len(prefix):].lstrip("/") if prefix else obj["Key"]
+        parts = rel.split("/")
+        if len(parts) < 2 or not parts[0].startswith(PREFIX):
+            continue
+        try:
+            step = int(parts[0][len(PREFIX):])
+        except ValueError:
+            continue
+        steps.add(step)
+        if len(parts) == 2 and parts[1] == STATE_FILE:
+            complete.add(step)
+    return steps, complete
+
+
+def remote_step_uri(remote: str, step: int) -> str:
+    return f"{remote.rstrip('/')}/{PREFIX}{step:08d}"
+
+
+def remote_complete(remote: str) -> list[tuple[int, str]]:
+    """Complete checkpoints under an ``s3://`` URI (a ``step-*/kubeforge-state.json`` object), oldest first."""
+    return [(step, remote_step_uri(remote, step)) for step in sorted(_remote_steps(remote)[1])]
+
+
+def _remote_state(remote_step: str) -> dict[str, Any]:
+    raw = storage.read_s3_object(f"{remote_step}/{STATE_FILE}")
+    return json.loads(raw) if raw else {}
+
+
+def fetch_latest(cfg: TrainConfig, leader: bool) -> Path | None:
+    """For an ``s3://`` checkpoint URI: make the newest complete remote checkpoint available
+    locally (``leader``, each node's local rank 0, downloads it unless it is already there,
+    its state file last) and return its local path; None when the remote holds none."""
+    remote = remote_for(cfg)
+    if remote is None:
+        return latest(root_for(cfg))
+    found = remote_complete(remote)
+    if not found:
+        return None
+    step, uri = found[-1]
+    path = step_dir(root_for(cfg), step)
+    if leader and not (path / STATE_FILE).exists():
+        if path.exists():
+            shutil.rmtree(path)
+        storage.download_s3_dir(uri, path, last=(STATE_FILE,))
+    return path
 
 
 def run_identity(cfg: TrainConfig) -> dict[str, Any]:
@@ -87,15 +157,20 @@ def run_identity(cfg: TrainConfig) -> dict[str, Any]:
 def check_identity(path: Path, current: dict[str, Any]) -> None:
     """Raise :class:`CheckpointMismatch` when the checkpoint at ``path`` was written by another
     run. A checkpoint from before identities were recorded is accepted with a warning."""
-    saved = read_state(path).get(IDENTITY_KEY)
+    _check_saved_identity(read_state(path), str(path), str(path.parent), current)
+
+
+def _check_saved_identity(state: dict[str, Any], where: str, directory: str, current: dict[str, Any]) -> None:
+    saved = state.get(IDENTITY_KEY)
+    name = where.rstrip("/").rsplit("/", 1)[-1]
     if saved is None:
-        log.warning("%s records no run identity (written by an older runtime): resuming without checking it", path)
+        log.warning("%s records no run identity (written by an older runtime): resuming without checking it", where)
         return
     diffs = [f"{label} is {current.get(key)!r} here but {saved.get(key)!r} in the checkpoint"
              for key, label in _COMPARED.items() if saved.get(key) != current.get(key)]
     if diffs:
         raise CheckpointMismatch(
-            f"the checkpoint directory {path.parent} holds another run's checkpoints (newest: {path.name}): "
+            f"the checkpoint directory {directory} holds another run's checkpoints (newest: {name}): "
             + "; ".join(diffs) + ". Resuming would continue that run and later delete its checkpoints, so nothing "
             "was loaded or deleted. Use a fresh checkpoint directory (set checkpoint.uri, or another output.uri), "
             "or delete the old checkpoints if that run is no longer needed")
@@ -103,7 +178,17 @@ def check_identity(path: Path, current: dict[str, Any]) -> None:
 
 def check_resumable(cfg: TrainConfig) -> Path | None:
     """The newest complete checkpoint of this run's directory, if any, after checking that it is
-    this run's (:func:`check_identity`). Used by the preflight and by the trainer's resume."""
+    this run's (:func:`check_identity`). Used by the preflight and by the trainer's resume.
+    For an ``s3://`` checkpoint URI only the newest remote state file is read (nothing is
+    written locally) and the remote step URI is returned as a path-like marker."""
+    remote = remote_for(cfg)
+    if remote is not None:
+        found = remote_complete(remote)
+        if not found:
+            return None
+        step, uri = found[-1]
+        _check_saved_identity(_remote_state(uri), uri, remote, current=run_identity(cfg))
+        return step_dir(root_for(cfg), step)
     path = latest(root_for(cfg))
     if path is not None:
         check_identity(path, run_identity(cfg))
@@ -179,10 +264,14 @@ def optimizer_state(top: nn.Module, optim: torch.optim.Optimizer, init: bool = F
 class CheckpointManager:
     """Periodic/forced saves, resume and pruning for one training run."""
 
-    def __init__(self, root: Path, keep_last: int, rank: int) -> None:
+    def __init__(self, root: Path, keep_last: int, rank: int, remote: str | None = None,
+                 local_leader: bool | None = None) -> None:
         self.root = root
         self.keep_last = keep_last
         self.rank = rank
+        self.remote = remote  # s3:// URI the checkpoints are uploaded to, if any
+        # Each node's local rank 0 uploads the shards its node wrote to its (node-local) staging.
+        self.local_leader = (int(os.environ.get("LOCAL_RANK", "0")) == 0) if local_leader is None else local_leader
         self.last_saved_step: int | None = None
 
     def save(self, step: int, model_sd: dict[str, torch.Tensor], optim_sd: dict[str, torch.Tensor],
@@ -193,17 +282,28 @@ class CheckpointManager:
         import torch.distributed.checkpoint as dcp
 
         path = step_dir(self.root, step)
-        if self.rank == 0:
+        # With a remote, the staging directory is node-local: each node's leader prepares its own.
+        if self.rank == 0 or (self.remote and self.local_leader):
             if path.exists():  # an incomplete or stale save of the same step
                 shutil.rmtree(path)
             path.mkdir(parents=True, exist_ok=True)
+        if self.remote and self.rank == 0:
+            # A stale marker of this step (an earlier attempt) must not vouch for the new shards.
+            storage.delete_s3_keys(f"{self.remote.rstrip('/')}/{path.name}/{STATE_FILE}")
         dist.barrier()
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
         dist.barrier()  # every rank's shards are on disk before the checkpoint counts as complete
+        remote_step = f"{self.remote.rstrip('/')}/{path.name}" if self.remote else None
+        if remote_step and self.local_leader:
+            storage.upload_dir(path, remote_step)  # this node's shards (and rank 0's .metadata)
+        if remote_step:
+            dist.barrier()  # every node's shards are up before the state file marks it complete
         if self.rank == 0:
             tmp = path / (STATE_FILE + ".tmp")
             tmp.write_text(json.dumps({"step": step, **state}, indent=1))
             tmp.rename(path / STATE_FILE)
+            if remote_step:
+                storage.upload_file(path / STATE_FILE, f"{remote_step}/{STATE_FILE}")  # complete now
             self._prune()
         dist.barrier()
         self.last_saved_step = step
@@ -211,6 +311,13 @@ class CheckpointManager:
         return path
 
     def _prune(self) -> None:
+        if self.remote:
+            steps, complete = _remote_steps(self.remote)
+            done_steps = sorted(complete)
+            newest_done = done_steps[-1] if done_steps else -1
+            stale = set(done_steps[: -self.keep_last]) | {s for s in steps - complete if s < newest_done}
+            for step in sorted(stale):  # old ones, and older uploads a failure left incomplete
+                storage.delete_s3_prefix(remote_step_uri(self.remote, step))
         done = complete_checkpoints(self.root)
         for _, d in done[: -self.keep_last]:
             shutil.rmtree(d, ignore_errors=True)

@@ -76,7 +76,7 @@ class DataChecksConfig(StrictConfig):
 
 class DatasetConfig(StrictConfig):
     uri: str = Field(min_length=1)
-    """Training data: one JSONL file (file:// or pvc://)."""
+    """Training data: one JSONL file (file://, pvc://, or s3://bucket/key: that one object)."""
     format: DatasetFormat = "text"
     """Record shape: ``text`` ({"text"}), ``prompt-completion`` ({"prompt","completion"}; the
     loss is taken on the completion only) or ``chat`` ({"messages":[{"role","content"}]},
@@ -205,13 +205,15 @@ class CheckpointConfig(StrictConfig):
     keepLast: int = Field(2, ge=1, le=100)
     """Completed checkpoints to keep; older ones are deleted."""
     uri: str | None = None
-    """Where checkpoints go (file:// or pvc://, on a volume every worker can write);
-    null means ``<output path>/checkpoints``."""
+    """Where checkpoints go (file:// or pvc://, on a volume every worker can write; or s3://,
+    staged locally and uploaded after each complete checkpoint); null means
+    ``<output uri>/checkpoints``."""
 
 
 class OutputConfig(StrictConfig):
     uri: str = Field(min_length=1)
-    """Where the trained model is written (file:// or pvc://)."""
+    """Where the trained model is written (file://, pvc://, or s3://: staged locally, then
+    uploaded with the lineage record last)."""
     format: OutputFormat = "merged"
     """``merged``: a full model (LoRA merged into the base weights); ``adapter``: only the peft
     adapter (``method: lora`` only)."""

@@ -11,6 +11,10 @@ plus the tokenizer and ``kubeforge.json`` (``models.LINEAGE_FILE``), the lineage
 quantizer and the server read: base model and revision, dataset digest (and the personal
 data redacted from it, per kind), steps, losses, parallel layout, package versions.
 ``models.load_causal_lm`` loads either kind.
+
+An ``s3://`` output is written to a local staging directory (``storage.output_path``) and
+then uploaded, the lineage record last: a reader that finds ``kubeforge.json`` finds a complete
+model. A failed upload is a runtime error (``storage.DownloadFailed``: the pod is retried).
 """
 
 from __future__ import annotations
@@ -101,12 +105,17 @@ def output_model(top: nn.Module, cfg: TrainConfig) -> nn.Module:
 
 
 def save_output(model: nn.Module, tokenizer: Any, cfg: TrainConfig, base_dir: Path, summary: dict[str, Any]) -> Path:
-    """Write ``output_model(...)`` (merged or adapter), tokenizer and lineage to ``output.uri``."""
-    out = storage.local_path(cfg.output.uri)
+    """Write ``output_model(...)`` (merged or adapter), tokenizer and lineage to ``output.uri``
+    (for ``s3://``: to the staging directory, then uploaded with the lineage record last)."""
+    out = storage.output_path(cfg.output.uri)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
     record = lineage_record(cfg, base_dir, summary)
     (out / models.LINEAGE_FILE).write_text(json.dumps(record, indent=2) + "\n")
     log.info("model written to %s (%s)", out, cfg.output.format)
+    if storage.is_s3(cfg.output.uri):
+        # Checkpoints live beside the output only when checkpoint.uri is unset; they have
+        # their own staging directory and upload (checkpoint.py), never part of this one.
+        storage.upload_dir(out, cfg.output.uri, last=(models.LINEAGE_FILE,), skip=("checkpoints",), replace=True)
     return out

@@ -179,7 +179,8 @@ class Trainer:
         self.total_steps = t.maxSteps or t.epochs * self.sampler.steps_per_epoch
 
         self._build_model()
-        self.checkpoints = ckpt.CheckpointManager(ckpt.root_for(cfg), cfg.checkpoint.keepLast, self.rank)
+        self.checkpoints = ckpt.CheckpointManager(ckpt.root_for(cfg), cfg.checkpoint.keepLast, self.rank,
+                                                  remote=ckpt.remote_for(cfg))
         self.identity = ckpt.run_identity(cfg)
         self.trainable_only = cfg.method == "lora"  # LoRA checkpoints hold the adapter weights only
         self.reporter = metrics_mod.Reporter(enabled=self.rank == 0)
@@ -355,6 +356,10 @@ class Trainer:
         path = ckpt.check_resumable(self.cfg)
         if path is None:
             return 0
+        if self.checkpoints.remote:  # s3://: each node's leader downloads the newest complete one
+            path = ckpt.fetch_latest(self.cfg, self.checkpoints.local_leader)
+            dist.barrier()
+            assert path is not None
         model_sd, optim_sd = self.strategy.load_targets(self.trainable_only)
         state = self.checkpoints.load(path, model_sd, optim_sd)
         self.strategy.restore(model_sd, optim_sd)
@@ -494,7 +499,8 @@ class Trainer:
             self._write_result(summary)
         dist.barrier()
         if self.rank == 0:
-            metrics_mod.emit_event("done", **summary, output=str(storage.local_path(cfg.output.uri)))
+            output = cfg.output.uri if storage.is_s3(cfg.output.uri) else str(storage.local_path(cfg.output.uri))
+            metrics_mod.emit_event("done", **summary, output=output)
         return contract.EXIT_OK
 
     def _write_output(self, summary: dict[str, Any]) -> None:
@@ -502,6 +508,9 @@ class Trainer:
         (the model as it is written), then write it with its lineage record."""
         last = ckpt.latest(self.checkpoints.root)
         assert last is not None
+        if self.checkpoints.remote:  # other nodes' shards are only in the bucket
+            storage.download_s3_dir(ckpt.remote_step_uri(self.checkpoints.remote, int(last.name[len(ckpt.PREFIX):])),
+                                    last, skip_existing=True)
         model = output_mod.output_model(ckpt.load_single_process(last, self.cfg, self.base_dir), self.cfg)
         if self.cfg.evaluation is not None:
             after = self._task_metric("after", model.to(self.device))
