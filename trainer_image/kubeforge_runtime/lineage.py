@@ -244,7 +244,7 @@ def model_card(record: dict[str, Any], license: str | None = None) -> str:
                             if (r.get("quantization") or {}).get("method")}))
     front = _front_matter({
         "license": license,
-        "base_model": _hub_id(base_uri) or base_uri,
+        "base_model": _hub_id(base_uri),  # the Hub expects a repo id; other URIs are in the body
         "library_name": "transformers",
         "pipeline_tag": "text-generation",
         "tags": tags,
