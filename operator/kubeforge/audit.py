@@ -261,7 +261,10 @@ def _lines(node: dict[str, Any], full: bool) -> list[str]:
         return out
     if node.get("outputUri"):
         out.append(f"output {node['outputUri']}")
-    out.append(f"lineage {d(node.get('lineageDigest'))}")
+    if node.get("lineageDigest") or not lin:
+        out.append(f"lineage {d(node.get('lineageDigest'))}")
+    else:
+        out.append("lineage unsealed (a base model's description; covered by the digest of the record below)")
     if lin:
         inp = lin.get("input") or {}
         out.append(f"input {inp.get('uri')} files {d(inp.get('filesDigest'))}")

@@ -178,9 +178,14 @@ def chain(record: dict[str, Any] | None) -> list[dict[str, Any]]:
 
 
 def verify(record: dict[str, Any]) -> list[str]:
-    """Problems with the digests of ``record`` and the records nested in it (empty: all match)."""
+    """Problems with the digests of ``record`` and the records nested in it (empty: all match).
+
+    ``record`` itself must be sealed. A nested record without a ``digest`` (a base model's
+    description, e.g. the embedded model's) is covered by the digest of the record that nests it."""
     problems = []
     for r in chain(record):
+        if r is not record and "digest" not in r:
+            continue
         if r.get("digest") != record_digest(r):
             problems.append(f"{r.get('kind')}/{r.get('name')}: digest {r.get('digest')} does not match its content")
     return problems
@@ -320,9 +325,12 @@ def write_model_card(out_dir: str | Path, record: dict[str, Any], license: str |
 
 
 def base_license(model_dir: str | Path | None) -> str | None:
-    """The ``license`` of a base model's own model card front matter, if it has one."""
+    """The ``license`` of a base model: its own model card's front matter, else its lineage record's."""
     if model_dir is None:
         return None
+    record = read(model_dir) or {}
+    if isinstance(record.get("license"), str):
+        return str(record["license"]).lower()
     try:
         text = (Path(model_dir) / MODEL_CARD_FILE).read_text(errors="replace")
     except OSError:

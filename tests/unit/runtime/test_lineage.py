@@ -127,3 +127,20 @@ def test_code_version_names_the_package_and_a_commit_from_the_environment(monkey
     monkeypatch.setenv(lineage.ENV_GIT_COMMIT, "0123456789abcdef")
     code = lineage.code_version()
     assert code["package"] == "kubeforge" and code["version"] and code["commit"] == "0123456789abcdef"
+
+
+def test_an_unsealed_base_description_nests_covered_by_the_childs_digest(tmp_path: Path) -> None:
+    base = model_dir(tmp_path / "base")
+    (base / lineage.LINEAGE_FILE).write_text(json.dumps(  # as kubeforge_runtime.embedded writes it
+        {"kind": "EmbeddedModel", "name": "SmolLM2-135M-Instruct", "license": "Apache-2.0",
+         "baseModel": {"uri": "hf://HuggingFaceTB/SmolLM2-135M-Instruct", "revision": "gguf"}}))
+    ft = lineage.seal(record(baseModel={"uri": "pvc://models/base", **lineage.model_files_digest(base)}),
+                      input_dir=base)
+    assert ft["input"]["kind"] == "EmbeddedModel" and lineage.verify(ft) == []
+    tampered = json.loads(json.dumps(ft))
+    tampered["input"]["baseModel"]["revision"] = "other"
+    assert [p.split(":")[0] for p in lineage.verify(tampered)] == ["FineTuneJob/ft"]
+    assert lineage.verify({k: v for k, v in ft.items() if k != "digest"}), "the outer record must be sealed"
+    assert lineage.base_license(base) == "apache-2.0"
+    front = yaml.safe_load(lineage.model_card(ft).split("---\n")[1])
+    assert front["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
