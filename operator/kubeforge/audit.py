@@ -261,10 +261,11 @@ def _lines(node: dict[str, Any], full: bool) -> list[str]:
         return out
     if node.get("outputUri"):
         out.append(f"output {node['outputUri']}")
-    if node.get("lineageDigest") or not lin:
-        out.append(f"lineage {d(node.get('lineageDigest'))}")
-    else:
-        out.append("lineage unsealed (a base model's description; covered by the digest of the record below)")
+    if lin and not node.get("lineageDigest"):  # a base model's description (the embedded model's)
+        inp = lin.get("input") or {}
+        return [f"model {inp.get('uri')} revision {inp.get('revision')}",
+                "unsealed description of a base model, covered by the digest of the record below"]
+    out.append(f"lineage {d(node.get('lineageDigest'))}")
     if lin:
         inp = lin.get("input") or {}
         out.append(f"input {inp.get('uri')} files {d(inp.get('filesDigest'))}")
@@ -294,7 +295,8 @@ def _metrics(kind: str, m: dict[str, Any], res: dict[str, Any], lin: dict[str, A
         steps = m.get("steps", res.get("steps"))
         if steps is None and not ev:
             return ""
-        return f"metrics: {steps} steps, validation loss {_num(before)} -> {_num(after)}{task}"
+        loss = f", validation loss {_num(before)} -> {_num(after)}" if before is not None or after is not None else ""
+        return f"metrics: {steps} steps{loss}{task}"
     ppl = m.get("perplexity") or res.get("perplexity") or {}
     gate = lin.get("gatePassed", res.get("gatePassed"))
     if not ppl and gate is None:
@@ -312,8 +314,9 @@ def render(tree: dict[str, Any], full_digests: bool = False) -> Any:
     def label(node: dict[str, Any]) -> str:
         phase = f" [dim]({node['phase']})[/]" if node.get("phase") else ""
         ok = "[red]✗ " + escape("; ".join(node["problems"])) + "[/]" if node.get("problems") else (
-            "[green]✓ digests verified[/]" if node.get("lineage") else "")
-        head = f"[bold]{node['kind']}[/] {escape(str(node.get('namespace')))}/{escape(str(node['name']))}{phase} {ok}"
+            "[green]✓ digests verified[/]" if node.get("lineage") and node.get("lineageDigest") else "")
+        where = f"{node['namespace']}/" if node.get("namespace") else ""
+        head = f"[bold]{node['kind']}[/] {escape(where + str(node['name']))}{phase} {ok}"
         return head + "".join("\n  " + escape(line) for line in _lines(node, full_digests))
 
     def text(node: dict[str, Any]) -> Text:
