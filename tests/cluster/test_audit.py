@@ -86,6 +86,7 @@ def test_audit_prints_the_chain_from_the_cluster(cluster, namespace, operator_pr
         assert f"lineage {FT_DIGEST}" in text and f"lineage {Q_DIGEST}" in text
         assert f"serves lineage {Q_DIGEST}" in text
         assert "accuracy 0.36 -> 0.95" in text and "gate passed" in text
+        print(f"$ kubeforge audit {ref} -n {namespace} --full\n{text}")  # shown with pytest -s
 
     tree = json.loads(audit(cluster, "ftj/ft", "-n", namespace, "--json").stdout)
     q = tree["children"][0]

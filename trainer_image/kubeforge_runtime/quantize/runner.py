@@ -73,9 +73,10 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _materialize_full_model(uri: str, scratch: Path) -> Path:
-    """A directory holding a full model: the input itself, or an adapter merged into its base."""
-    path = models.resolve_model_dir(uri)
+def _materialize_full_model(uri: str, scratch: Path, path: Path | None = None) -> Path:
+    """A directory holding a full model: the input itself, or an adapter merged into its base
+    (``path``: ``uri`` already resolved)."""
+    path = path or models.resolve_model_dir(uri)
     if not models.is_adapter_dir(path):
         return path
     log.info("model.uri is a LoRA adapter: merging it into its base model before quantizing")
@@ -177,8 +178,8 @@ def run(cfg: QuantizeConfig) -> tuple[dict[str, Any], dict[str, Any], int]:
         out_dir = storage.local_path(cfg.output.uri)
         _check_output_apart(cfg.model.uri, cfg.output.uri, out_dir)
         with tempfile.TemporaryDirectory(prefix="kubeforge-quantize-") as scratch:
-            source = _materialize_full_model(cfg.model.uri, Path(scratch))
             input_dir = models.resolve_model_dir(cfg.model.uri)  # as given (an adapter stays an adapter)
+            source = _materialize_full_model(cfg.model.uri, Path(scratch), input_dir)
             input_files = lineage_mod.model_files_digest(input_dir)
             tokenizer = models.load_tokenizer(str(source))
             texts = data.load_texts(cfg.evaluation.uri, cfg.evaluation.max_samples)
