@@ -151,6 +151,7 @@ def build_chain(kind: str, name: str, get: Getter, list_: Lister,
         for child in node["children"]:
             if child["kind"] == "InferenceService":
                 child["servedLineageDigest"] = node.get("lineageDigest")
+                child["modelUri"] = child.get("modelUri") or node.get("outputUri")  # resolved from the reference
         return node
 
     return grow(obj, {_key(obj)})
