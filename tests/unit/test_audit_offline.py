@@ -3,7 +3,7 @@
 The outputs are model directories of plain bytes with sealed lineage records, laid out as
 the local runner lays them out (``<workdir>/<file stem>/pvc/<claim>/<path>``). The chain from
 real trainer and quantizer outputs is in tests/unit/runtime/train/test_train_lineage.py; the
-cluster path in tests/cluster/test_audit.py.
+cluster path in tests/cluster/test_audit_cluster.py.
 """
 
 from __future__ import annotations
