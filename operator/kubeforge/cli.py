@@ -6,6 +6,9 @@
   kubeforge validate -f FILE     check resources against the API models, offline
   kubeforge run -f FILE          run resources locally, no cluster (fine-tune -> quantize -> serve)
   kubeforge data check FILE      measure a JSONL training file against the data red lines
+  kubeforge audit KIND/NAME      the lineage chain FineTuneJob -> QuantizeJob -> InferenceService
+                                 (cluster; or -f FILE --workdir DIR after `kubeforge run`; or
+                                 --dir OUTPUT_DIR for one output's kubeforge.json)
 
 ``kubeforge data check`` uses the runtime's own check (``kubeforge_runtime.datacheck``, the code
 the FineTuneJob preflight runs), imported inside the command; it needs no torch, except that
@@ -206,6 +209,38 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from . import audit
+
+    try:
+        if args.dir:
+            tree = audit.dir_chain(Path(args.dir))
+        elif not args.ref:
+            raise audit.AuditError("give KIND/NAME (or --dir OUTPUT_DIR)")
+        elif args.filename:
+            tree = audit.local_chain(*audit.parse_ref(args.ref), Path(args.filename), Path(args.workdir))
+        else:
+            from .kube import load_config
+
+            load_config()
+            tree = audit.cluster_chain(*audit.parse_ref(args.ref), args.namespace)
+    except audit.AuditError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(audit.to_json(tree))
+    else:
+        console = Console(highlight=False)
+        if not console.is_terminal:  # piped or captured: one line per fact, digests whole
+            console = Console(highlight=False, width=1000)
+        console.print(audit.render(tree, full_digests=args.full))
+    return 1 if audit.has_problems(tree) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kubeforge",
@@ -271,6 +306,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(flag, type=typ, default=None, metavar="N", help=f"fail above (minRecords: below) N ({name})")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_data_check)
+
+    p = sub.add_parser(
+        "audit", help="print the lineage chain FineTuneJob -> QuantizeJob -> InferenceService",
+        description="Print the lineage chain that KIND/NAME belongs to: each output's lineage digest, the digests "
+        "of its inputs (base model files, dataset after redaction, config), code version, metrics and gate. From "
+        "the cluster by default; with -f FILE from a `kubeforge run` of FILE (outputs under --workdir); with --dir "
+        "from one output directory's kubeforge.json. Exit 0: all shown; 1: a digest does not match; 2: not found.")
+    p.add_argument("ref", nargs="?", help="finetunejob/NAME, quantizejob/NAME or inferenceservice/NAME")
+    p.add_argument("-n", "--namespace", default="default", help="namespace on the cluster (default: default)")
+    p.add_argument("-f", "--filename", default=None, help="audit a local run of this YAML instead of the cluster")
+    p.add_argument("--workdir", default="kubeforge-runs", help="the --workdir that `kubeforge run` used")
+    p.add_argument("--dir", default=None, help="audit one output directory (its kubeforge.json), offline")
+    p.add_argument("--full", action="store_true", help="print digests in full")
+    p.add_argument("--json", action="store_true", help="print the chain as JSON")
+    p.set_defaults(func=_cmd_audit)
     return parser
 
 

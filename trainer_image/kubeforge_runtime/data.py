@@ -63,6 +63,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from . import lineage
+
 log = logging.getLogger(__name__)
 
 FORMATS = ("text", "prompt-completion", "chat")
@@ -317,6 +319,9 @@ class TokenizedData:
     redactions: dict[str, int] = field(default_factory=dict)
     """Spans of personal data replaced per kind (training and validation records together);
     empty when nothing was asked to be redacted."""
+    redacted_digest: str = ""
+    """sha256 over the training then validation records as trained on: after redaction and the
+    removal of held-out duplicates (``lineage.records_digest``); ``digest`` is over the files."""
 
 
 # --- duplicates and held-out data -----------------------------------------------------------------
@@ -496,7 +501,8 @@ def prepare(
         raise DataError(f"{train_path}: too little text for one sample of {sequence_length} tokens")
     return TokenizedData(tr_in, tr_lab, tr_pos, va_in, va_lab, va_pos,
                          file_digest(train_path, validation_path, *exclude_paths), len(train), len(val), dropped,
-                         {k: redactions.get(k, 0) for k in redact})
+                         {k: redactions.get(k, 0) for k in redact},
+                         lineage.records_digest(r.data for r in (*train, *val)))
 
 
 # --- order and sharding -------------------------------------------------------------------------

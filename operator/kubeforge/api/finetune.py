@@ -393,6 +393,8 @@ class TrainResult(KFModel):
     dataset_digest: str | None = Field(default=None, description="sha256 of the training data files.")
     data_quality: DataQualityResult | None = Field(
         default=None, description="The data red lines (spec.dataset.checks): measured values, thresholds, violations.")
+    lineage_digest: str | None = Field(
+        default=None, description="sha256 of the output's lineage record (kubeforge.json; `kubeforge audit` shows it).")
 
 
 class FineTuneJobStatus(KFModel):

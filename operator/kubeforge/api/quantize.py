@@ -155,6 +155,8 @@ class QuantizeResult(KFModel):
     task_drop_points: float | None = Field(default=None, description="(before - after) x 100: percentage points lost.")
     latency_path: str | None = Field(default=None, description="How latency was measured (device, batch, eager or compiled).")
     gate_passed: bool | None = Field(default=None, description="Whether the quality gate passed.")
+    lineage_digest: str | None = Field(
+        default=None, description="sha256 of the output's lineage record (kubeforge.json; `kubeforge audit` shows it).")
 
 
 class QuantizeJobStatus(KFModel):

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import contract, models, storage
+from .. import lineage as lineage_mod
 from ..data import DataError, parse_jsonl
 from . import data, methods, metrics
 from . import report as reporting
@@ -72,9 +73,10 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _materialize_full_model(uri: str, scratch: Path) -> Path:
-    """A directory holding a full model: the input itself, or an adapter merged into its base."""
-    path = models.resolve_model_dir(uri)
+def _materialize_full_model(uri: str, scratch: Path, path: Path | None = None) -> Path:
+    """A directory holding a full model: the input itself, or an adapter merged into its base
+    (``path``: ``uri`` already resolved)."""
+    path = path or models.resolve_model_dir(uri)
     if not models.is_adapter_dir(path):
         return path
     log.info("model.uri is a LoRA adapter: merging it into its base model before quantizing")
@@ -183,9 +185,12 @@ def run(cfg: QuantizeConfig) -> tuple[dict[str, Any], dict[str, Any], int]:
                                "another output.uri", contract.EXIT_CONFIG_ERROR)
         _check_output_apart(cfg.model.uri, cfg.output.uri, out_dir)
         with tempfile.TemporaryDirectory(prefix="kubeforge-quantize-") as scratch:
-            source = _materialize_full_model(cfg.model.uri, Path(scratch))
+            input_dir = models.resolve_model_dir(cfg.model.uri)  # as given (an adapter stays an adapter)
+            source = _materialize_full_model(cfg.model.uri, Path(scratch), input_dir)
+            input_files = lineage_mod.model_files_digest(input_dir)
             tokenizer = models.load_tokenizer(str(source))
             texts = data.load_texts(cfg.evaluation.uri, cfg.evaluation.max_samples)
+            texts_digest = lineage_mod.records_digest(texts)
             windows = data.make_windows(tokenizer, texts, cfg.evaluation.sequence_length)
             prompts = data.latency_prompts(windows, LATENCY_PROMPTS, LATENCY_PROMPT_TOKENS)
             log.info("evaluation: %d texts -> %d windows of <= %d tokens", len(texts), len(windows), cfg.evaluation.sequence_length)
@@ -285,7 +290,8 @@ def run(cfg: QuantizeConfig) -> tuple[dict[str, Any], dict[str, Any], int]:
         "kind": "QuantizeJob",
         "name": cfg.name,
         "namespace": cfg.namespace,
-        "baseModel": {"uri": cfg.model.uri},
+        "baseModel": {"uri": cfg.model.uri, **input_files},
+        "evaluationData": {"uri": cfg.evaluation.uri, "texts": len(texts), "digest": texts_digest},
         "quantization": {
             "method": cfg.method,
             "groupSize": cfg.group_size if cfg.method == "int4-weight-only" else None,
@@ -296,9 +302,15 @@ def run(cfg: QuantizeConfig) -> tuple[dict[str, Any], dict[str, Any], int]:
         "gatePassed": gate_passed,
         "perplexity": {"before": before["perplexity"], "after": after["perplexity"]},
         "evaluation": task_report,
+        "size": {"before": before["bytes"], "after": after["bytes"]},
+        "configDigest": lineage_mod.json_digest(cfg.model_dump(mode="json", by_alias=True)),
+        "code": lineage_mod.code_version(),
+        "output": {"uri": cfg.output.uri, **lineage_mod.model_files_digest(out_dir)},
         "createdAt": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    (out_dir / models.LINEAGE_FILE).write_text(json.dumps(lineage, indent=2) + "\n")
+    lineage = lineage_mod.seal(lineage, input_dir=input_dir)
+    compact["lineageDigest"] = lineage_mod.write(out_dir, lineage)
+    lineage_mod.write_model_card(out_dir, lineage, license=lineage_mod.base_license(input_dir))
     full = {
         **compact,
         "before": before,

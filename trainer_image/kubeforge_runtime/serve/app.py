@@ -6,7 +6,10 @@ Routes:
   server-sent events (``data: {chunk}`` lines, then ``data: [DONE]``), as the ``openai``
   client expects; ``usage`` is in every non-streaming answer and, with
   ``stream_options.include_usage``, in a last chunk.
-* ``GET /v1/models`` - the base model and each adapter (``parent`` names the base).
+* ``GET /v1/models`` - the base model and each adapter (``parent`` names the base;
+  ``lineage_digest`` is the ``digest`` of the model directory's ``kubeforge.json``, null
+  without one; OpenAI clients ignore the extra fields). Completions of a model with a lineage
+  record carry it in the ``X-KubeForge-Lineage-Digest`` response header too.
 * ``GET /health`` - liveness: 200 while the process serves HTTP, also while loading;
   503 once loading has failed (the process then exits) or a generation loop has died.
 * ``GET /ready`` - readiness: 200 only when every model is loaded and warmed up.
@@ -54,6 +57,8 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None, par
 
 LOAD_FAILED_MESSAGE = "model failed to load; the reason is in the server log and the pod's termination message"
 INTERNAL_ERROR_MESSAGE = "internal error; the reason is in the server log"
+LINEAGE_HEADER = "X-KubeForge-Lineage-Digest"
+"""Response header naming the served model's lineage digest (``kubeforge audit`` shows it)."""
 
 
 def _public_message(exc: BaseException, status: int) -> str:
@@ -154,6 +159,7 @@ def create_app(runtime: ServingRuntime, api_key: str | None = None, lifespan: An
                 "parent": served.parent,
                 "max_model_len": runtime.max_model_length,
                 "engine": served.engine.name,
+                "lineage_digest": served.lineage_digest,
             }
             for name, served in runtime.models.items()
         ]
@@ -258,6 +264,8 @@ async def _run(
         runtime.clamp(ids, limit)
     tickets = await runtime.admit(body.model, len(jobs))  # every choice's slot together, or none
     params = _params(body, limit)
+    digest = runtime.models[body.model].lineage_digest
+    lineage_header = {LINEAGE_HEADER: digest} if digest else {}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = _sse(runtime, request, tickets, jobs, params, chunk, usage_chunk, first, include_usage)
@@ -267,13 +275,13 @@ async def _run(
         return StreamingResponse(
             events,
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **lineage_header},
         )
     collected = [_collect(runtime, t, ids, params) for t, ids in zip(tickets, jobs)]
     results = await _until_disconnect(request, asyncio.gather(*collected))
     if results is None:  # the client left; the generations were cancelled
         return Response(status_code=499)
-    return JSONResponse(final(results))
+    return JSONResponse(final(results), headers=lineage_header)
 
 
 def _release_all(runtime: ServingRuntime, tickets: list[Ticket]) -> None:

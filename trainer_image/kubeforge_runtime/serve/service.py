@@ -110,6 +110,22 @@ class ServedModel:
     name: str
     engine: Engine
     parent: str | None = None  # the base model's name, for adapters
+    lineage_digest: str | None = None  # ``digest`` of the model directory's kubeforge.json, if any
+
+
+def _lineage_digest(model_dir: Any) -> str | None:
+    """The lineage digest a served model reports (header, ``/v1/models``); a record whose
+    digests do not match its content is still reported, with a warning in the log."""
+    from .. import lineage
+
+    record = lineage.read(model_dir)
+    if record is None:
+        return None
+    problems = lineage.verify(record)
+    if problems:
+        log.warning("lineage record of %s does not verify: %s", model_dir, "; ".join(problems))
+    digest = record.get("digest")
+    return str(digest) if digest else None
 
 
 @dataclass
@@ -244,7 +260,8 @@ class ServingRuntime:
         self.vocab_size = int(getattr(text_config, "vocab_size", None) or len(self.tokenizer))
         self.backend, self.backend_reason = select_backend(cfg.engine.backend, base)
         log.info("engine: %s (%s); maxModelLength %d", self.backend, self.backend_reason, self.max_model_length)
-        engines: list[tuple[str, Any, str | None]] = [(cfg.model_name, base, None)]
+        engines: list[tuple[str, Any, str | None, str | None]] = [
+            (cfg.model_name, base, None, _lineage_digest(model_io.resolve_model_dir(cfg.model.uri)))]
         for adapter in cfg.adapters:
             # A fresh copy of the base per adapter: the adapter is merged into its weights so
             # it runs at base speed in any engine (transformers' batching has no multi-LoRA).
@@ -255,12 +272,13 @@ class ServingRuntime:
                     "a LoRA adapter directory (serve a merged model as its own InferenceService)"
                 )
             copy = model_io.load_causal_lm(cfg.model.uri, dtype=dtype, device=device)
-            engines.append((adapter.name, self._apply_adapter(copy, path, adapter.name), cfg.model_name))
-        for name, model, parent in engines:
+            engines.append((adapter.name, self._apply_adapter(copy, path, adapter.name), cfg.model_name,
+                            _lineage_digest(path)))
+        for name, model, parent, digest in engines:
             engine = create_engine(self.backend, model.eval(), self.tokenizer, cfg.engine, self.max_model_length)
             engine.start()
             engine.warmup()
-            self.models[name] = ServedModel(name, engine, parent)
+            self.models[name] = ServedModel(name, engine, parent, digest)
         log.info("ready: %s in %.1f s", ", ".join(self.models), time.monotonic() - t0)
         self.ready.set()
 

@@ -8,8 +8,11 @@ was trained with) and written to ``output.uri`` as
 * ``adapter``: the peft adapter only (``adapter_config.json`` + ``adapter_model.safetensors``),
 
 plus the tokenizer and ``kubeforge.json`` (``models.LINEAGE_FILE``), the lineage record the
-quantizer and the server read: base model and revision, dataset digest (and the personal
-data redacted from it, per kind), steps, losses, parallel layout, package versions.
+quantizer and the server read: base model, revision and file digest, dataset digests (of the
+files, and of the records after redaction, with the personal data redacted per kind), config
+digest, code version, steps, losses, task metric, data red lines, parallel layout, package
+versions, the base's own lineage record (``input``) when it has one, and ``digest``
+(``lineage.seal``); plus ``README.md``, a Hugging Face model card made from that record.
 ``models.load_causal_lm`` loads either kind.
 
 An ``s3://`` output is written to a local staging directory (``storage.output_path``) and
@@ -21,14 +24,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import importlib.metadata
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from .. import models, storage
+from .. import lineage, models, storage
 from .config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -54,8 +56,8 @@ def base_revision(cfg: TrainConfig, base_dir: Path) -> str | None:
         return parsed.revision
     if "snapshots" in base_dir.parts:
         return base_dir.name
-    lineage = models.read_lineage(base_dir)
-    rev = lineage.get("baseModel", {}).get("revision") if isinstance(lineage.get("baseModel"), dict) else None
+    record = models.read_lineage(base_dir)
+    rev = record.get("baseModel", {}).get("revision") if isinstance(record.get("baseModel"), dict) else None
     return rev
 
 
@@ -65,12 +67,14 @@ def lineage_record(cfg: TrainConfig, base_dir: Path, summary: dict[str, Any]) ->
         "name": cfg.name,
         "namespace": cfg.namespace,
         "createdAt": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "baseModel": {"uri": cfg.model.uri, "revision": base_revision(cfg, base_dir)},
+        "baseModel": {"uri": cfg.model.uri, "revision": base_revision(cfg, base_dir),
+                      **lineage.model_files_digest(base_dir)},
         "dataset": {
             "uri": cfg.dataset.uri,
             "validationUri": cfg.dataset.validationUri,
             "format": cfg.dataset.format,
             "digest": summary.get("datasetDigest"),
+            "redactedDigest": summary.get("datasetRedactedDigest"),
             "trainRecords": summary.get("trainRecords"),
             "validationRecords": summary.get("validationRecords"),
             "sequenceLength": cfg.dataset.sequenceLength,
@@ -91,6 +95,8 @@ def lineage_record(cfg: TrainConfig, base_dir: Path, summary: dict[str, Any]) ->
         "parallel": summary.get("parallel"),
         "training": cfg.to_dict()["training"],
         "packages": package_versions(),
+        "configDigest": lineage.json_digest(cfg.to_dict()),
+        "code": lineage.code_version(),
     }
 
 
@@ -105,14 +111,18 @@ def output_model(top: nn.Module, cfg: TrainConfig) -> nn.Module:
 
 
 def save_output(model: nn.Module, tokenizer: Any, cfg: TrainConfig, base_dir: Path, summary: dict[str, Any]) -> Path:
-    """Write ``output_model(...)`` (merged or adapter), tokenizer and lineage to ``output.uri``
-    (for ``s3://``: to the staging directory, then uploaded with the lineage record last)."""
+    """Write ``output_model(...)`` (merged or adapter), tokenizer, lineage and model card to
+    ``output.uri`` (for ``s3://``: to the staging directory, then uploaded with the lineage
+    record last); the lineage digest goes into ``summary["lineageDigest"]`` (the result)."""
     out = storage.output_path(cfg.output.uri)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
     record = lineage_record(cfg, base_dir, summary)
-    (out / models.LINEAGE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    record["output"] = {"uri": cfg.output.uri, **lineage.model_files_digest(out)}
+    record = lineage.seal(record, input_dir=base_dir)
+    summary["lineageDigest"] = lineage.write(out, record)
+    lineage.write_model_card(out, record, license=lineage.base_license(base_dir))
     log.info("model written to %s (%s)", out, cfg.output.format)
     if storage.is_s3(cfg.output.uri):
         # Checkpoints live beside the output only when checkpoint.uri is unset; they have

@@ -486,7 +486,7 @@ class Trainer:
         summary = {
             "steps": step, "finalLoss": self.losses[-1] if self.losses else None,
             "initialValidationLoss": self.initial_val_loss, "finalValidationLoss": final_val,
-            "datasetDigest": self.data.digest, "trainRecords": self.data.num_train_records,
+            "datasetDigest": self.data.digest, "datasetRedactedDigest": self.data.redacted_digest, "trainRecords": self.data.num_train_records,
             "validationRecords": self.data.num_val_records, "heldOutRecordsRemoved": self.data.dropped_overlap,
             "parallel": self.layout,
             **({"redactions": self.data.redactions} if cfg.dataset.redact else {}),
@@ -540,7 +540,8 @@ class Trainer:
         path = contract.termination_log_path()
         if path is None:
             return
-        keys = ("steps", "finalLoss", "initialValidationLoss", "finalValidationLoss", "evaluation", "datasetDigest", "dataQuality")
+        keys = ("steps", "finalLoss", "initialValidationLoss", "finalValidationLoss", "evaluation", "datasetDigest", "dataQuality",
+                "lineageDigest")
         result = {"kind": contract.RESULT_KIND, **{k: summary.get(k) for k in keys if summary.get(k) is not None}}
         try:
             path.write_text(json.dumps(_finite(result), separators=(",", ":"))[:4000])
