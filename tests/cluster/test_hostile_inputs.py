@@ -216,8 +216,16 @@ def test_hostile_inputs_are_refused_or_explained(cluster, hostile_env, tmp_path)
                 break
             alive(op, liveness)
             time.sleep(1.0)
-        time.sleep(3)  # a child created late (after a verdict) would show up in the listing below
+        # A child created (or refused) late, after a first verdict, shows in what is read now.
+        time.sleep(3)
         alive(op, liveness)
+        for kind in hostile.KINDS:
+            for obj in get_json(cluster, "-n", ns, hostile.PLURALS[kind])["items"]:
+                objects[(kind, obj["metadata"]["name"])] = obj
+        for name, case in admitted.items():
+            got = outcome_of(objects[(case.kind, name)]) if (case.kind, name) in objects else None
+            if got:
+                verdicts[name] = got
 
         # --- children ------------------------------------------------------------------------
         uid_of = {o["metadata"]["uid"]: key for key, o in objects.items()}
@@ -237,7 +245,9 @@ def test_hostile_inputs_are_refused_or_explained(cluster, hostile_env, tmp_path)
         # --- the verdicts ----------------------------------------------------------------------
         table: Counter[tuple[str, str]] = Counter()
         failures: list[str] = []
+        xfailed: dict[str, list[str]] = defaultdict(list)  # known defects: case name -> what went wrong
         for case in all_cases:
+            before_n = len(failures)
             verdict, message = results[case.name]
             if verdict == "refused":
                 # (413: the API server refuses the bytes before it decodes them: no field to name.)
@@ -254,6 +264,9 @@ def test_hostile_inputs_are_refused_or_explained(cluster, hostile_env, tmp_path)
             if verdict not in case.expect:
                 failures.append(f"{case.kind} {case.name} ({case.what}): {verdict}, expected one of "
                                 f"{sorted(case.expect)}: {message[:300]}")
+            if case.known_defect:
+                xfailed[case.name] += failures[before_n:]
+                del failures[before_n:]
         if children_of.get(("FineTuneJob", "invalid-ft")):
             failures.append(f"invalid-ft has children {children_of[('FineTuneJob', 'invalid-ft')]}")
         failures += [f"a child of no existing resource: {s}" for s in strays]
@@ -286,12 +299,32 @@ def test_hostile_inputs_are_refused_or_explained(cluster, hostile_env, tmp_path)
         print("[hostile]   by kind: " + ", ".join(f"{k}={n}" for k, n in sorted(by_kind.items())))
         # An unhandled exception in a handler (a sync that fails and retries) is a defect here.
         log = op.log()[log_offset:]
-        tracebacks = log.count("Traceback (most recent call last)")
         refusals = log.count("failed permanently")
-        print(f"[hostile]   operator log during the cases: {refusals} admission refusals, {tracebacks} tracebacks")
-        if tracebacks:
-            failures.append(f"{tracebacks} tracebacks in the operator log; the first:\n"
-                            + log[log.index("Traceback"):][:3000])
+        blocks = log.split("Traceback (most recent call last)")[1:]
+        defect_names = {c.name for c in all_cases if c.known_defect}
+        unexplained = []
+        about: str | None = None
+        for i, block in enumerate(blocks):
+            chained = i > 0 and "the following exception" in blocks[i - 1][-200:]  # same error, re-raised
+            if not chained:
+                about = next((n for n in defect_names if f"/{n}'" in block[:6000] or f"/{n}]" in block[:6000]), None)
+            if about:
+                xfailed[about].append("a traceback in the operator log")
+            else:
+                unexplained.append(block)
+        print(f"[hostile]   operator log during the cases: {refusals} admission refusals, {len(blocks)} tracebacks "
+              f"({len(blocks) - len(unexplained)} from known defects)")
+        if unexplained:
+            failures.append(f"{len(unexplained)} tracebacks in the operator log; the first:\n{unexplained[0][:3000]}")
+        for case in all_cases:
+            if case.known_defect and not xfailed.get(case.name):
+                failures.append(f"XPASS {case.kind} {case.name} ({case.what}): the known defect is gone; "
+                                f"remove its marker in support/hostile.py")
+            elif case.known_defect:
+                print(f"[hostile]   XFAIL {case.kind} {case.name} ({case.what}): "
+                      f"{'; '.join(sorted(set(x[:120] for x in xfailed[case.name])))}")
+        if defect_names:
+            print(f"[hostile]   known defect: {next(c.known_defect for c in all_cases if c.known_defect)}")
         # Every case with its outcome and the API's or the operator's message, for review.
         report = [{"category": c.category, "kind": c.kind, "name": c.name, "what": c.what,
                    "admission": results[c.name][0], "message": results[c.name][1][:500],

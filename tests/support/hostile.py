@@ -90,6 +90,9 @@ class Case:
     expect: frozenset[str]
     what: str
     labels: dict[str, str] = field(default_factory=dict)
+    known_defect: str = ""
+    """Set for a case that finds a defect not fixed yet: the test reports it as XFAIL (and fails
+    once the case passes, so that the marker is removed)."""
 
     def manifest(self) -> dict[str, Any]:
         meta: dict[str, Any] = {"name": self.name}
@@ -275,15 +278,40 @@ HOSTILE_TEMPLATES: list[tuple[str, dict[str, Any]]] = [
     ("image and serviceAccountName and hostPath", {"image": "evil/image:1", "serviceAccountName": "admin",
                                                    "volumes": [{"name": "h", "hostPath": {"path": "/"}}]}),
     ("imagePullPolicy not in enum", {"imagePullPolicy": "Sometimes"}),
+    ("label value of 64 characters", {"labels": {"team": "x" * 64}}),
+    ("label key with a space", {"labels": {"bad key": "v"}}),
+    ("annotation of 300 KB", {"annotations": {"example.com/blob": "x" * 300_000}}),
+    ("env value of 300 KB", {"env": [{"name": "BLOB", "value": "x" * 300_000}]}),
+    ("nodeSelector value with a slash", {"nodeSelector": {"zone": "a/b"}}),
+    ("toleration with a bad operator", {"tolerations": [{"key": "k", "operator": "Sometimes"}]}),
+    ("volumeMount of a volume that does not exist", {"volumeMounts": [{"name": "ghost", "mountPath": "/g"}]}),
+    ("priorityClassName with capitals", {"priorityClassName": "Not_A_Name"}),
     ("privileged securityContext (unknown field)", {"securityContext": {"privileged": True}}),
     ("hostNetwork (unknown field)", {"hostNetwork": True}),
 ]
 
 
+# Pass-throughs only the Kubernetes API can judge (label syntax, object sizes, the schemaless
+# PodSpec parts): refused at admission, or an InvalidSpec condition once a child is refused.
+PASSED_THROUGH = {"label value of 64 characters", "label key with a space", "annotation of 300 KB",
+                  "env value of 300 KB", "nodeSelector value with a slash", "toleration with a bad operator",
+                  "volumeMount of a volume that does not exist", "priorityClassName with capitals"}
+
+
+KOPF_ANNOTATION_BUDGET = (
+    "kopf keeps the whole spec in its kopf.zalando.org/last-handled-configuration annotation; a spec "
+    "over the API server's 256 KiB annotation budget (here one 300 KB value in spec.template) makes "
+    "every bookkeeping patch kopf tries fail with 422, retried with tracebacks in the operator log "
+    "(and a 300 KB env value is otherwise Accepted). Fix: bound the sizes of template.env values and "
+    "template.annotations in the API model, or keep kopf's diff-base in status")
+KNOWN_DEFECTS = {"annotation of 300 KB": KOPF_ANNOTATION_BUDGET, "env value of 300 KB": KOPF_ANNOTATION_BUDGET}
+
+
 def _template_cases() -> Iterator[tuple[str, Any, str, frozenset[str]]]:
     for kind in KINDS:
         for what, template in HOSTILE_TEMPLATES:
-            yield kind, set_path(BASE[kind], ("template",), template), f"template: {what}", frozenset({REFUSED})
+            yield kind, set_path(BASE[kind], ("template",), template), f"template: {what}", \
+                frozenset({REFUSED, INVALID}) if what in PASSED_THROUGH else frozenset({REFUSED})
     # The reserved env names, one per kind (the full list lives in kubeforge_runtime.contract).
     from kubeforge_runtime import contract
 
@@ -449,11 +477,12 @@ def cases() -> list[Case]:
     raw += [("reference", k, n, s, w, e) for k, n, s, w, e in _reference_cases()]
     out = []
     for i, (category, kind, name, spec, what, expect) in enumerate(raw):
+        defect = next((reason for key, reason in KNOWN_DEFECTS.items() if what == f"template: {key}"), "")
         spec = copy.deepcopy(spec)
         if isinstance(spec, dict) and isinstance(spec.get("output"), dict) and \
                 spec["output"].get("uri") in ("pvc://models/OUT", "pvc://m/OUT"):
             spec["output"]["uri"] = f"pvc://out/h{i:03d}"  # unique: no overlap between cases
-        out.append(Case(category, kind, name or f"h{i:03d}-{SHORT[kind]}", spec, expect, what))
+        out.append(Case(category, kind, name or f"h{i:03d}-{SHORT[kind]}", spec, expect, what, known_defect=defect))
     rng.shuffle(out)  # interleave categories and kinds, deterministically
     return out
 
