@@ -97,13 +97,15 @@ def _call(method: str, url: str, body: Any = None, query: list[tuple[str, Any]] 
     return json.loads(data) if data else {}
 
 
-def server_side_apply(obj: dict[str, Any]) -> dict[str, Any]:
-    """Create or update ``obj`` by server-side apply with the operator's field manager."""
+def server_side_apply(obj: dict[str, Any], dry_run: bool = False) -> dict[str, Any]:
+    """Create or update ``obj`` by server-side apply with the operator's field manager.
+
+    ``dry_run``: the API server validates and admits the object but stores nothing.
+    """
     meta = obj["metadata"]
     url = path(obj["kind"], meta["namespace"], meta["name"])
-    return _call("PATCH", url, body=obj,
-                 query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
-                 content_type="application/apply-patch+yaml")
+    query = [("fieldManager", FIELD_MANAGER), ("force", "true")] + ([("dryRun", "All")] if dry_run else [])
+    return _call("PATCH", url, body=obj, query=query, content_type="application/apply-patch+yaml")
 
 
 def get(kind: str, namespace: str, name: str) -> dict[str, Any] | None:

@@ -184,3 +184,19 @@ def test_a_quantize_job_may_not_write_into_its_own_model(output: str):
     with pytest.raises(ValidationError, match="would delete its own input"):
         QuantizeJobSpec.model_validate({"model": {"uri": "pvc://m/base"}, "output": {"uri": output}})
     QuantizeJobSpec.model_validate({"model": {"uri": "pvc://m/base"}, "output": {"uri": "pvc://m/base-int8"}})
+
+
+@pytest.mark.parametrize("uri", ["pvc://models/x\x00", "pvc://models/a\nb", "hf://acme\x01/tiny", "s3://b/k\x7f",
+                                 "pvc://models/" + "a" * 2048])
+def test_uris_with_control_characters_or_past_the_length_bound_are_refused(uri):
+    """Found by tests/cluster/test_hostile_inputs.py: a NUL passed the CRD's pattern and the model's,
+    and a 300 KB URI was admitted, then broke every apply of the children (annotation budget)."""
+    from pydantic import ValidationError
+
+    from kubeforge.api import InferenceServiceSpec, QuantizeJobSpec
+
+    with pytest.raises(ValidationError):
+        InferenceServiceSpec.model_validate({"model": {"uri": uri}})
+    with pytest.raises(ValidationError):
+        QuantizeJobSpec.model_validate({"model": {"uri": "pvc://models/base"}, "output": {"uri": uri}})
+    InferenceServiceSpec.model_validate({"model": {"uri": "pvc://models/" + "a" * 2000}})  # long but bounded

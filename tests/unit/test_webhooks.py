@@ -34,8 +34,12 @@ def test_output_conflicts_skip_self_and_failed_jobs():
               job("FineTuneJob", "live", "pvc://m/other", checkpoint="pvc://m/o/ckpt")]
     problems = output_conflicts("FineTuneJob", "me", {"output": {"uri": "pvc://m/o"}}, others)
     assert len(problems) == 1 and "pvc://m/o/ckpt, written by FineTuneJob live" in problems[0]
+    assert problems[0].startswith("spec.output.uri: ")  # the refusal names the field
+    ckpt = output_conflicts("FineTuneJob", "new", {"output": {"uri": "pvc://x/y"}, "checkpoint": {"uri": "pvc://m/o"}},
+                            others[:1])
+    assert ckpt and ckpt[0].startswith("spec.checkpoint.uri: pvc://m/o overlaps pvc://m/o")
     assert output_conflicts("QuantizeJob", "me", {"output": {"uri": "pvc://m/o"}}, others[:2]) == [
-        "pvc://m/o overlaps pvc://m/o, written by FineTuneJob me: choose another output location, "
+        "spec.output.uri: pvc://m/o overlaps pvc://m/o, written by FineTuneJob me: choose another output location, "
         "or delete FineTuneJob me first"]  # same name, other kind: a different object
 
 

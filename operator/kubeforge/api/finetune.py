@@ -15,16 +15,27 @@ from .base import (
     ResourcesSpec, StorageSpec, cel, s3_env_conflicts,
 )
 
-MODEL_URI_PATTERN = r"^(hf://[^/@\s]+/[^/@\s]+(@[^\s]+)?|pvc://[a-z0-9][-a-z0-9.]*(/\S*)?|s3://[a-z0-9][-a-z0-9.]*(/\S*)?|file:///\S*)$"
-DATA_URI_PATTERN = r"^(pvc://[a-z0-9][-a-z0-9.]*/\S+|s3://[a-z0-9][-a-z0-9.]*/\S+|file:///\S+)$"
-OUTPUT_URI_PATTERN = r"^(pvc://[a-z0-9][-a-z0-9.]*(/\S*)?|s3://[a-z0-9][-a-z0-9.]*(/\S*)?|file:///\S*)$"
+# No whitespace and no control characters anywhere in a URI (a NUL or a newline would reach
+# the pod's config and arguments; the CRD's RE2 \S alone lets them through).
+_PATH = r"[^\s\x00-\x1f\x7f]"
+MODEL_URI_PATTERN = (r"^(hf://[^/@\s\x00-\x1f\x7f]+/[^/@\s\x00-\x1f\x7f]+(@" + _PATH + r"+)?|pvc://[a-z0-9][-a-z0-9.]*(/"
+                     + _PATH + r"*)?|s3://[a-z0-9][-a-z0-9.]*(/" + _PATH + r"*)?|file:///" + _PATH + r"*)$")
+DATA_URI_PATTERN = (r"^(pvc://[a-z0-9][-a-z0-9.]*/" + _PATH + r"+|s3://[a-z0-9][-a-z0-9.]*/" + _PATH + r"+|file:///"
+                    + _PATH + r"+)$")
+OUTPUT_URI_PATTERN = (r"^(pvc://[a-z0-9][-a-z0-9.]*(/" + _PATH + r"*)?|s3://[a-z0-9][-a-z0-9.]*(/" + _PATH
+                      + r"*)?|file:///" + _PATH + r"*)$")
+URI_MAX_LENGTH = 2048
+"""The longest URI a spec may carry: an S3 key is at most 1024 bytes, and every URI is copied
+into children (pod arguments, config maps, a pod-template annotation with its own 256 KiB
+budget) and into kopf's last-handled annotation; without a bound a 300 KB URI is admitted
+and then breaks every apply of the resource's children."""
 
 
 class ModelSource(KFModel):
     """Where the base model comes from."""
 
     uri: str = Field(
-        pattern=MODEL_URI_PATTERN,
+        pattern=MODEL_URI_PATTERN, max_length=URI_MAX_LENGTH,
         description="hf://org/name@revision, pvc://claim/path, s3://bucket/path or file:///path.",
     )
 
@@ -76,13 +87,13 @@ LABELS_NEED_ANSWERS = ("dataset.checks.maxLabelImbalance needs labels: set datas
 class DatasetSpec(KFModel):
     """Training data: JSON Lines in one of three formats."""
 
-    uri: str = Field(pattern=DATA_URI_PATTERN, description="JSONL file: pvc://claim/path, s3://bucket/key or file:///path.")
+    uri: str = Field(pattern=DATA_URI_PATTERN, max_length=URI_MAX_LENGTH, description="JSONL file: pvc://claim/path, s3://bucket/key or file:///path.")
     format: Literal["text", "prompt-completion", "chat"] = Field(
         default="text",
         description="text: {\"text\"}; prompt-completion: {\"prompt\",\"completion\"}, loss on the completion only; "
         "chat: {\"messages\"} rendered with the tokenizer's chat template.",
     )
-    validation_uri: str | None = Field(default=None, pattern=DATA_URI_PATTERN, description="Separate validation JSONL.")
+    validation_uri: str | None = Field(default=None, pattern=DATA_URI_PATTERN, max_length=URI_MAX_LENGTH, description="Separate validation JSONL.")
     validation_split: float = Field(
         default=0.05, ge=0, lt=1, description="Fraction held out for validation when validationUri is not given."
     )
@@ -120,7 +131,7 @@ class TaskEvaluationSpec(KFModel):
     """A held-out task metric, measured by greedy generation (kubeforge_runtime/evaluate.py)."""
 
     uri: str = Field(
-        pattern=DATA_URI_PATTERN,
+        pattern=DATA_URI_PATTERN, max_length=URI_MAX_LENGTH,
         description="Held-out JSONL in prompt-completion or chat format (passAtOne records also carry \"tests\"). "
         "For a FineTuneJob its records are removed from the training data.",
     )
@@ -217,13 +228,13 @@ class CheckpointSpec(KFModel):
         default=100, ge=0, description="Save every N steps (0: only on SIGTERM and at the end, which always save)."
     )
     keep_last: int = Field(default=2, ge=1, le=100, description="Checkpoints kept; older ones are deleted.")
-    uri: str | None = Field(default=None, pattern=OUTPUT_URI_PATTERN, description="Where checkpoints go; default <output.uri>/checkpoints.")
+    uri: str | None = Field(default=None, pattern=OUTPUT_URI_PATTERN, max_length=URI_MAX_LENGTH, description="Where checkpoints go; default <output.uri>/checkpoints.")
 
 
 class OutputSpec(KFModel):
     """Where the trained model is written."""
 
-    uri: str = Field(pattern=OUTPUT_URI_PATTERN, description="pvc://claim/path, s3://bucket/path or file:///path.")
+    uri: str = Field(pattern=OUTPUT_URI_PATTERN, max_length=URI_MAX_LENGTH, description="pvc://claim/path, s3://bucket/path or file:///path.")
     format: Literal["merged", "adapter"] = Field(
         default="merged", description="merged: full weights; adapter: the LoRA adapter only (method lora)."
     )

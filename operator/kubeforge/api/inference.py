@@ -10,13 +10,13 @@ from .base import (
     S3_ENV_CEL_RULE, S3_ENV_MESSAGE, Condition, Kind, KFModel, Name, ObjectReference, Phase, PodTemplateOverride,
     ResourcesSpec, SecretKeyRef, StorageSpec, cel, s3_env_conflicts,
 )
-from .finetune import MODEL_URI_PATTERN
+from .finetune import MODEL_URI_PATTERN, URI_MAX_LENGTH
 
 
 class ServeModelSource(KFModel):
     """The model to serve: exactly one of uri, fineTuneJobRef, quantizeJobRef."""
 
-    uri: str | None = Field(default=None, pattern=MODEL_URI_PATTERN, description="hf://, pvc://, s3:// or file:/// URI of the model.")
+    uri: str | None = Field(default=None, pattern=MODEL_URI_PATTERN, max_length=URI_MAX_LENGTH, description="hf://, pvc://, s3:// or file:/// URI of the model.")
     fine_tune_job_ref: ObjectReference | None = Field(default=None, description="Serve this FineTuneJob's output.")
     quantize_job_ref: ObjectReference | None = Field(default=None, description="Serve this QuantizeJob's output.")
 
@@ -83,7 +83,7 @@ class AdapterSpec(KFModel):
     """A LoRA adapter served under its own model name."""
 
     name: Name = Field(description="Model name clients use for this adapter.")
-    uri: str = Field(pattern=MODEL_URI_PATTERN, description="URI of the adapter directory.")
+    uri: str = Field(pattern=MODEL_URI_PATTERN, max_length=URI_MAX_LENGTH, description="URI of the adapter directory.")
 
 
 _CLASH = "clashes with the base model, which is served under the name of the InferenceService; rename the adapter"

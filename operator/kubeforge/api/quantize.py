@@ -13,14 +13,15 @@ from .base import (
     ResourcesSpec, StorageSpec, cel, s3_env_conflicts,
 )
 from .finetune import (
-    DATA_URI_PATTERN, MODEL_URI_PATTERN, OUTPUT_URI_PATTERN, OutputStatus, TaskEvaluationSpec, TaskMetricResult,
+    DATA_URI_PATTERN, MODEL_URI_PATTERN, OUTPUT_URI_PATTERN, URI_MAX_LENGTH, OutputStatus, TaskEvaluationSpec,
+    TaskMetricResult,
 )
 
 
 class QuantizeModelSource(KFModel):
     """The model to compress: exactly one of uri or fineTuneJobRef."""
 
-    uri: str | None = Field(default=None, pattern=MODEL_URI_PATTERN, description="hf://, pvc://, s3:// or file:/// URI of the model.")
+    uri: str | None = Field(default=None, pattern=MODEL_URI_PATTERN, max_length=URI_MAX_LENGTH, description="hf://, pvc://, s3:// or file:/// URI of the model.")
     fine_tune_job_ref: ObjectReference | None = Field(
         default=None, description="Use the output of this FineTuneJob once it has succeeded."
     )
@@ -40,7 +41,7 @@ class QuantizeModelSource(KFModel):
 class CalibrationSpec(KFModel):
     """Calibration data, for methods that use it."""
 
-    uri: str | None = Field(default=None, pattern=DATA_URI_PATTERN, description="JSONL calibration data.")
+    uri: str | None = Field(default=None, pattern=DATA_URI_PATTERN, max_length=URI_MAX_LENGTH, description="JSONL calibration data.")
     samples: int = Field(default=128, ge=1, le=100000, description="Samples used for calibration.")
 
 
@@ -48,7 +49,7 @@ class EvaluationSpec(KFModel):
     """How quality is measured and the gate it must pass."""
 
     uri: str | None = Field(
-        default=None, pattern=DATA_URI_PATTERN,
+        default=None, pattern=DATA_URI_PATTERN, max_length=URI_MAX_LENGTH,
         description="JSONL text for perplexity; when unset, the runtime's reference text (real English prose "
         "from other projects' documentation, in no training set).",
     )
@@ -80,7 +81,7 @@ class EvaluationSpec(KFModel):
 class QuantizeOutputSpec(KFModel):
     """Where the compressed model is written."""
 
-    uri: str = Field(pattern=OUTPUT_URI_PATTERN, description="pvc://claim/path, s3://bucket/path or file:///path.")
+    uri: str = Field(pattern=OUTPUT_URI_PATTERN, max_length=URI_MAX_LENGTH, description="pvc://claim/path, s3://bucket/path or file:///path.")
 
 
 class QuantizeJobSpec(KFModel):

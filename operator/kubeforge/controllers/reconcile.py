@@ -37,6 +37,7 @@ whose outcome changed.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -94,6 +95,19 @@ class ChildConflict(Exception):
             f"untouched. Delete or rename that {kind}, or give the {owner_kind} another name")
 
 
+class ChildRefused(InvalidSpec):
+    """The API server refuses a child built from the spec (422): the spec passed something only
+    the Kubernetes API judges (label syntax, object sizes, the schemaless parts of a PodSpec)."""
+
+    def __init__(self, kind: str, name: str, exc: ApiException) -> None:
+        try:
+            detail = json.loads(exc.body or "{}").get("message") or exc.reason
+        except (TypeError, ValueError):
+            detail = exc.reason
+        super().__init__(f"the API server refuses the {kind} {name} built from this spec, so nothing was created: "
+                         f"{detail}. Fix the spec (most often spec.template)")
+
+
 _UNREAD: Any = object()
 
 
@@ -111,12 +125,20 @@ def ensure_free(owner: dict[str, Any], kind: str, name: str, existing: dict[str,
 def apply_children(owner: dict[str, Any], children: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Server-side apply ``children`` of ``owner``, each only if it is absent or already ``owner``'s.
 
-    Every name is checked before anything is applied, so a conflict leaves all children as they
-    were. (A foreign object created between the check and the apply is still taken over: the
-    window is one request long.) Returns the applied objects, in order.
+    Every name is checked, and every child applied as a dry run, before anything is applied, so
+    a conflict (:class:`ChildConflict`) or a child the API server refuses (:class:`ChildRefused`)
+    leaves all children as they were. (A foreign object created between the check and the apply
+    is still taken over: the window is one request long.) Returns the applied objects, in order.
     """
     for child in children:
         ensure_free(owner, child["kind"], child["metadata"]["name"])
+    for child in children:
+        try:
+            kube.server_side_apply(child, dry_run=True)
+        except ApiException as exc:
+            if exc.status == 422:
+                raise ChildRefused(child["kind"], child["metadata"]["name"], exc) from None
+            raise
     return [kube.server_side_apply(child) for child in children]
 
 
@@ -238,6 +260,9 @@ class Reconciler(Generic[S]):
             except ChildConflict as exc:
                 outcome = self._conflict(obj, exc, hints)
                 spec = None  # nothing to act on
+            except ChildRefused as exc:
+                outcome = reject(obj, str(exc))  # permanent for this generation, like any invalid spec
+                spec = None
         changed = self.write(obj, prev, outcome)
         metrics.record_phase(self.kind, namespace, name, outcome.status.get("phase"))
         metrics.RECONCILE_DURATION.labels(self.kind).observe(time.monotonic() - started)
@@ -249,6 +274,10 @@ class Reconciler(Generic[S]):
                 fresh = kube.get(self.kind, namespace, name)
                 if fresh is not None:
                     self.write(fresh, fresh.get("status") or {}, self._conflict(fresh, exc, hints))
+            except ChildRefused as exc:
+                fresh = kube.get(self.kind, namespace, name)
+                if fresh is not None:
+                    self.write(fresh, fresh.get("status") or {}, reject(fresh, str(exc)))
 
     def _conflict(self, obj: dict[str, Any], exc: ChildConflict, hints: dict[str, Any]) -> Outcome:
         """The outcome of a sync stopped by a foreign object; look again later, not at once."""
@@ -356,5 +385,5 @@ def stop_debouncer(**_: Any) -> None:
             _the_debouncer = None
 
 
-__all__ = ["ChildConflict", "Debouncer", "Reconciler", "apply_children", "check_policy", "controlled_by", "ensure_free",
+__all__ = ["ChildConflict", "ChildRefused", "Debouncer", "Reconciler", "apply_children", "check_policy", "controlled_by", "ensure_free",
            "merge_hints", "owned_by"]

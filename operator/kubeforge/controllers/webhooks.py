@@ -76,28 +76,33 @@ uris_overlap = contract.uris_overlap
 first: ``..``, ``.``, ``//``, trailing ``/`` and ``file://`` spellings cannot hide an overlap)."""
 
 
+def output_fields(kind: str, spec: dict[str, Any]) -> list[tuple[str, str]]:
+    """(field, URI) of where a job of ``kind`` writes: its output and, for training, its checkpoints."""
+    out = [("spec.output.uri", (spec.get("output") or {}).get("uri"))]
+    if kind == "FineTuneJob":
+        out.append(("spec.checkpoint.uri", (spec.get("checkpoint") or {}).get("uri")))
+    return [(f, u) for f, u in out if u]
+
+
 def output_uris(kind: str, spec: dict[str, Any]) -> list[str]:
     """Where a job of ``kind`` writes: its output and, for training, its checkpoints."""
-    out = [spec.get("output", {}).get("uri")]
-    if kind == "FineTuneJob":
-        out.append((spec.get("checkpoint") or {}).get("uri"))
-    return [u for u in out if u]
+    return [u for _f, u in output_fields(kind, spec)]
 
 
 def output_conflicts(kind: str, name: str, spec: dict[str, Any],
                      others: Iterable[dict[str, Any]]) -> list[str]:
-    """Messages for every other, not-failed job whose output overlaps this one's."""
-    mine = output_uris(kind, spec)
+    """Messages for every other, not-failed job whose output overlaps this one's, each naming the field."""
+    mine = output_fields(kind, spec)
     problems = []
     for other in others:
         okind, oname = other.get("kind", ""), other.get("metadata", {}).get("name")
         if (okind, oname) == (kind, name) or other.get("status", {}).get("phase") == "Failed":
             continue
-        for uri in mine:
+        for field, uri in mine:
             for theirs in output_uris(okind, other.get("spec", {})):
                 if uris_overlap(uri, theirs):
                     problems.append(
-                        f"{uri} overlaps {theirs}, written by {okind} {oname}: choose another output "
+                        f"{field}: {uri} overlaps {theirs}, written by {okind} {oname}: choose another output "
                         f"location, or delete {okind} {oname} first")
     return problems
 
@@ -169,7 +174,8 @@ def _check_reference(namespace: str, ref_kind: str, ref: dict[str, Any] | None, 
         return
     error, warning = reference_problem(ref_kind, ref["name"], kube.get(ref_kind, namespace, ref["name"]))
     if error:
-        raise kopf.AdmissionError(error, code=422)
+        field = "fineTuneJobRef" if ref_kind == "FineTuneJob" else "quantizeJobRef"
+        raise kopf.AdmissionError(f"spec.model.{field}: {error}", code=422)
     if warning:
         warnings.append(warning)
 

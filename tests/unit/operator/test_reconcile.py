@@ -19,7 +19,7 @@ from kubeforge.controllers import quantize_status
 from kubeforge.controllers.conditions import Event, Outcome, accept, reject
 from kubeforge.controllers import reconcile
 from kubeforge.controllers.reconcile import (
-    ChildConflict, Debouncer, Reconciler, apply_children, controlled_by, merge_hints, owned_by,
+    ChildConflict, ChildRefused, Debouncer, Reconciler, apply_children, controlled_by, merge_hints, owned_by,
 )
 
 AT = "2026-01-01T00:00:00Z"
@@ -32,6 +32,7 @@ class FakeAPI:
         self.objects: dict[tuple[str, str, str], dict] = {}
         self.events: list[dict] = []
         self.applied: list[dict] = []
+        self.refused: set[tuple[str, str]] = set()  # (kind, name) the API server answers 422
         self.status_writes = 0
         self.conflicts = 0
         """Writes still to fail with 409 (another writer got there first)."""
@@ -69,7 +70,11 @@ class FakeAPI:
         self.events.append(obj)
         return obj
 
-    def server_side_apply(self, obj):
+    def server_side_apply(self, obj, dry_run=False):
+        if (obj["kind"], obj["metadata"]["name"]) in self.refused:
+            raise ApiException(status=422, reason="Unprocessable Entity")
+        if dry_run:
+            return obj
         self.applied.append(obj)
         self.put(obj["kind"], obj)
         return self.get(obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
@@ -293,6 +298,32 @@ def test_apply_children_touches_nothing_when_one_name_is_taken(api):
     # Absent or already ours: applied.
     applied = apply_children(owner, [child("ConfigMap", "q-config", data={"a": "1"}), child("Service", "other")])
     assert [a["metadata"]["name"] for a in applied] == ["q-config", "other"]
+
+
+def test_a_child_the_api_server_refuses_leaves_every_child_alone_and_is_an_invalid_spec(api):
+    """Found by tests/cluster/test_hostile_inputs.py: a template label value of 64 characters
+    passed the CRD, then the Job was refused (422) after the Service and ConfigMap existed,
+    and the sync failed and was retried forever with no condition."""
+    owner = {**qj("bad"), "kind": "QuantizeJob"}
+    api.put("QuantizeJob", qj("bad"))
+    api.refused.add(("Job", "bad-quantize"))
+    kids = [child("ConfigMap", "bad-quantize-config"), child("Job", "bad-quantize")]
+    with pytest.raises(ChildRefused) as err:
+        apply_children(owner, kids)
+    assert str(err.value).startswith("the API server refuses the Job bad-quantize built from this spec")
+    assert api.applied == []  # dry-run first: not even the ConfigMap
+
+    def step(obj, spec, **hints):
+        apply_children(obj, kids)
+
+    r = Reconciler(QuantizeJob, validate=quantize_status.validate, step=step)
+    r.request("ns-rec", "bad", apply=True)
+    r.request("ns-rec", "bad", apply=True)
+    cond = api.get("QuantizeJob", "ns-rec", "bad")["status"]["conditions"][0]
+    assert (cond["type"], cond["status"], cond["reason"]) == ("Accepted", "False", "InvalidSpec")
+    assert "Job bad-quantize" in cond["message"] and api.applied == []
+    assert reasons(api) == ["InvalidSpec"]  # once, not per sync
+    r.forget("ns-rec", "bad")
 
 
 def test_a_child_conflict_is_a_condition_and_one_event_and_a_slow_recheck(api, monkeypatch):
