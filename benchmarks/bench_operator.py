@@ -175,7 +175,7 @@ def fresh_namespace(cluster: LocalCluster, name: str) -> None:
 
 def delete_namespace(cluster: LocalCluster, name: str) -> None:
     """Delete the namespace and wait until it (and so every pod of the case) is gone."""
-    cluster.kubectl("delete", "namespace", name, "--wait=true", "--timeout=600s", check=True)
+    cluster.kubectl("delete", "namespace", name, "--wait=true", "--timeout=600s", check=True, timeout=660)
 
 
 def job_names(n: int) -> list[str]:
