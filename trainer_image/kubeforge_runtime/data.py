@@ -388,9 +388,13 @@ def remove_overlap(train: list[Record], heldout: list[Record]) -> tuple[list[Rec
 
 # --- personal data ------------------------------------------------------------------------------
 
+TRAINED_KEYS = ("text", "prompt", "completion")
+"""A record's top-level string keys that are trained on (besides each message's ``content``)."""
+
+
 def trained_strings(record_data: dict[str, Any]) -> list[str]:
     """The strings a record trains on: ``text``; ``prompt`` and ``completion``; each message's ``content``."""
-    out = [record_data[k] for k in ("text", "prompt", "completion") if isinstance(record_data.get(k), str)]
+    out = [record_data[k] for k in TRAINED_KEYS if isinstance(record_data.get(k), str)]
     for m in record_data.get("messages") or ():
         if isinstance(m, dict) and isinstance(m.get("content"), str):
             out.append(m["content"])
@@ -414,7 +418,7 @@ def redact_record(record_data: dict[str, Any], kinds: Iterable[str]) -> tuple[di
         counts.update(n)
         return text
 
-    for key in ("text", "prompt", "completion"):
+    for key in TRAINED_KEYS:
         if key in out:
             out[key] = clean(out[key])
     if isinstance(out.get("messages"), list):
