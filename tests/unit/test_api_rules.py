@@ -200,3 +200,17 @@ def test_uris_with_control_characters_or_past_the_length_bound_are_refused(uri):
     with pytest.raises(ValidationError):
         QuantizeJobSpec.model_validate({"model": {"uri": "pvc://models/base"}, "output": {"uri": uri}})
     InferenceServiceSpec.model_validate({"model": {"uri": "pvc://models/" + "a" * 2000}})  # long but bounded
+
+
+def test_template_sizes_are_bounded_in_the_model():
+    """kopf copies the spec into a 256 KiB annotation: the fields that can grow alone are capped."""
+    from kubeforge.api.base import PodTemplateOverride
+
+    with pytest.raises(ValidationError, match="env.0.value"):
+        PodTemplateOverride.model_validate({"env": [{"name": "BLOB", "value": "x" * 300_000}]})
+    with pytest.raises(ValidationError, match="annotations.`example.com/blob`"):
+        PodTemplateOverride.model_validate({"annotations": {"example.com/blob": "x" * 300_000}})
+    with pytest.raises(ValidationError, match="annotations"):
+        PodTemplateOverride.model_validate({"annotations": {f"k{i}": "v" for i in range(65)}})
+    PodTemplateOverride.model_validate({"env": [{"name": "OK", "value": "x" * 32 * 1024}],
+                                        "annotations": {f"k{i}": "v" for i in range(64)}})

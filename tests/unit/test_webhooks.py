@@ -85,3 +85,41 @@ def test_uris_overlap_sees_through_spellings_of_one_path():
     problems = output_conflicts("QuantizeJob", "q", {"output": {"uri": "pvc://m/a/../o/"}},
                                 [job("FineTuneJob", "ft", "pvc://m/o")])
     assert len(problems) == 1 and "written by FineTuneJob ft" in problems[0]
+
+
+def test_credential_refusal_names_the_full_field():
+    from kubeforge.controllers.webhooks import secret_problem
+
+    msg = secret_problem({"template": {"env": [{"name": "HF_TOKEN", "value": "hf_x"}]}})
+    assert msg.startswith("spec.template.env: HF_TOKEN look like credentials"), msg
+    assert "valueFrom.secretKeyRef" in msg
+    assert secret_problem({"template": {"env": [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {}}}]}}) is None
+
+
+def test_the_checks_use_the_objects_own_namespace():
+    import kopf
+    import pytest
+
+    from kubeforge.controllers.webhooks import object_namespace
+
+    assert object_namespace({"metadata": {"namespace": "team-a"}}) == "team-a"
+    assert object_namespace({"metadata": {"namespace": "team-a"}}, {"metadata": {"namespace": "team-a"}}) == "team-a"
+    with pytest.raises(kopf.AdmissionError, match="metadata.namespace: the object names no namespace"):
+        object_namespace({"metadata": {"name": "x"}})
+    with pytest.raises(kopf.AdmissionError, match="metadata.namespace: team-b differs from the stored object's team-a"):
+        object_namespace({"metadata": {"namespace": "team-b"}}, {"metadata": {"namespace": "team-a"}})
+
+
+def test_a_spec_over_the_annotation_budget_is_refused_naming_spec():
+    from kubeforge.api.size import SPEC_BUDGET_BYTES, size_problem, spec_size
+
+    small = {"metadata": {"annotations": {"a": "b"}}, "spec": {"model": {"uri": "pvc://m/x"}}}
+    assert size_problem(small) is None and spec_size(small) == len('{"model":{"uri":"pvc://m/x"}}') + 2
+    # Many values each under the per-field bound add up past the budget: only the total catches it.
+    env = [{"name": f"V{i}", "value": "x" * 3000} for i in range(80)]
+    big = {"metadata": {}, "spec": {"template": {"env": env}}}
+    msg = size_problem(big)
+    assert msg and msg.startswith("spec: ") and f"over the {SPEC_BUDGET_BYTES // 1024} KiB" in msg
+    # The object's own annotations count too: kopf's copy of the spec joins them.
+    near = {"metadata": {"annotations": {"blob": "y" * (SPEC_BUDGET_BYTES - 100)}}, "spec": {"x": "z" * 200}}
+    assert size_problem(near) is not None

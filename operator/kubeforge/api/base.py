@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSche
 from pydantic.alias_generators import to_camel
 
 from kubeforge_runtime import contract
+from .size import ANNOTATION_VALUE_MAX, ENV_VALUE_MAX, MAP_ENTRIES_MAX
 
 GROUP = "kubeforge.io"
 VERSION = "v1alpha1"
@@ -228,7 +229,9 @@ class EnvVar(KFModel):
     """An extra environment variable for the workload container (not one of RESERVED_ENV or INTERPRETER_ENV)."""
 
     name: str = Field(min_length=1, max_length=256, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", description="Variable name.")
-    value: str | None = Field(default=None, description="Literal value.")
+    value: str | None = Field(default=None, max_length=ENV_VALUE_MAX,
+                              description="Literal value, at most 32 KiB (a larger one belongs in a ConfigMap, "
+                                          "referenced by valueFrom).")
     value_from: K8sObject | None = Field(
         default=None, description="A Kubernetes EnvVarSource (secretKeyRef, configMapKeyRef, fieldRef)."
     )
@@ -282,13 +285,16 @@ class PodTemplateOverride(KFModel):
         default=None, description="Image pull policy of the workload container."
     )
     labels: dict[str, str] = Field(
-        default_factory=dict,
+        default_factory=dict, max_length=MAP_ENTRIES_MAX,
         description="Labels added to the Job/Deployment and its pods (e.g. kueue.x-k8s.io/queue-name); "
                     "kubeforge.io/ labels are the operator's and are refused.",
     )
-    annotations: dict[str, str] = Field(default_factory=dict, description="Annotations added to the pods; "
-                                        "AppArmor/seccomp profile annotations are refused.")
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Pod nodeSelector.")
+    annotations: dict[str, Annotated[str, Field(max_length=ANNOTATION_VALUE_MAX)]] = Field(
+        default_factory=dict, max_length=MAP_ENTRIES_MAX,
+        description="Annotations added to the pods (at most 64, each value at most 32 KiB); AppArmor/seccomp "
+                    "profile annotations are refused.")
+    node_selector: dict[str, str] = Field(default_factory=dict, max_length=MAP_ENTRIES_MAX,
+                                          description="Pod nodeSelector.")
     tolerations: list[K8sObject] = Field(default_factory=list, description="Pod tolerations, as in a PodSpec.")
     affinity: K8sObject | None = Field(default=None, description="Pod affinity, as in a PodSpec.")
     priority_class_name: str | None = Field(default=None, description="Pod priorityClassName.")

@@ -52,6 +52,7 @@ from pydantic import BaseModel, ValidationError
 from .. import kube
 from ..api import InvalidSpec, Kind, spec_problem
 from ..api import policy
+from ..api.size import size_problem
 from ..builders.common import MANAGED_BY, owner_label
 from . import metrics
 from .conditions import Outcome, child_conflict, reject
@@ -143,7 +144,11 @@ def apply_children(owner: dict[str, Any], children: list[dict[str, Any]]) -> lis
 
 
 def check_policy(obj: dict[str, Any]) -> None:
-    """Raise :class:`InvalidSpec` naming every field of ``spec.template`` the workload policy refuses."""
+    """Raise :class:`InvalidSpec` naming every field of ``spec.template`` the workload policy
+    refuses, or the spec when it is over :data:`kubeforge.api.size.SPEC_BUDGET_BYTES`."""
+    too_big = size_problem(obj)
+    if too_big:
+        raise InvalidSpec(too_big)
     problems = policy.problems((obj.get("spec") or {}).get("template"), workload_policy())
     if problems:
         raise InvalidSpec("; ".join(problems))

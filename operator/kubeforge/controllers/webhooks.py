@@ -12,7 +12,7 @@ CEL sees one object; these checks need the other KubeForge resources in the name
   that has Failed is rejected (the operator would wait for an output that never comes). A
   reference to a job that does not exist *yet* is allowed with a warning: GitOps tools
   apply a chain of resources in no particular order, and the operator waits for it.
-* **No secret values in a spec.** An environment variable of ``template.env`` named like a
+* **No secret values in a spec.** An environment variable of ``spec.template.env`` named like a
   credential (``HF_TOKEN``, ``AWS_SECRET_ACCESS_KEY``, ``*_PASSWORD``, ``*_API_KEY``) must come
   from ``valueFrom.secretKeyRef``: a literal value would sit in etcd, in every GitOps
   repository and in ``kubectl get -o yaml`` output. (CEL could express this one; it lives here
@@ -22,6 +22,18 @@ CEL sees one object; these checks need the other KubeForge resources in the name
   the operator's settings, i.e. the chart's ``workloadPolicy`` values); every refused field
   is named. The operator applies the same policy again when it reconciles, for clusters
   without this webhook.
+* **The spec fits kopf's bookkeeping.** kopf keeps a copy of the spec in the object's
+  ``kopf.zalando.org/last-handled-configuration`` annotation, and the API server allows 256 KiB
+  of annotations per object: a bigger spec (the schemaless parts of ``spec.template`` have no
+  size bound of their own) would make every kopf patch of the object fail. The serialised spec
+  plus the object's own annotations must stay within
+  :data:`kubeforge.api.size.SPEC_BUDGET_BYTES` (the operator checks it again, for clusters
+  without this webhook).
+
+Reads go through :mod:`.cache` (a watch per kind and namespace), not a LIST per review. The
+namespace of every check is the object's own ``metadata.namespace`` (:func:`object_namespace`),
+never another field of the review; a review whose object has none, or whose UPDATE moves an
+object between namespaces, is refused.
 
 Not here: the API's own rules about one object (adapter names, reserved environment
 variables, the parallel layout) live in the API models and, as CEL, in the CRDs; the API
@@ -48,9 +60,10 @@ import kopf
 
 from kubeforge_runtime import contract
 
-from .. import kube
 from ..api import KINDS, FineTuneJob, InferenceService, QuantizeJob
 from ..api import policy
+from ..api.size import SPEC_BUDGET_BYTES, size_problem, spec_size  # noqa: F401  (re-exported)
+from . import cache
 from .settings import workload_policy
 
 log = logging.getLogger(__name__)
@@ -63,7 +76,6 @@ FINETUNE_WEBHOOK = WEBHOOK_PATHS[FineTuneJob.plural]
 QUANTIZE_WEBHOOK = WEBHOOK_PATHS[QuantizeJob.plural]
 INFERENCE_WEBHOOK = WEBHOOK_PATHS[InferenceService.plural]
 
-_JOB_KINDS = ("FineTuneJob", "QuantizeJob")
 
 # Whole words of an environment variable name that say it holds a credential.
 SECRET_ENV = re.compile(r"(^|_)(TOKEN|PASSWORD|PASSWD|SECRET|CREDENTIALS?|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY)($|_)", re.I)
@@ -108,9 +120,35 @@ def output_conflicts(kind: str, name: str, spec: dict[str, Any],
 
 
 def secret_literals(spec: dict[str, Any]) -> list[str]:
-    """Names of ``template.env`` entries that look like credentials but carry a literal value."""
+    """Names of ``spec.template.env`` entries that look like credentials but carry a literal value."""
     env = ((spec.get("template") or {}).get("env")) or []
     return [e.get("name", "") for e in env if SECRET_ENV.search(e.get("name", "")) and e.get("value") is not None]
+
+
+def secret_problem(spec: dict[str, Any]) -> str | None:
+    """The refusal for credential-like literals in ``spec.template.env``, naming the field; None when fine."""
+    names = secret_literals(spec)
+    if not names:
+        return None
+    return (f"spec.template.env: {', '.join(names)} look like credentials: put the value in a Secret and use "
+            f"valueFrom.secretKeyRef instead of value")
+
+
+def object_namespace(body: Any, old: Any = None) -> str:
+    """The namespace every check of this review uses: the object's own ``metadata.namespace``.
+
+    The API server fills it in before admission; a review without it, or an UPDATE whose old
+    and new objects disagree, cannot be judged and is refused rather than checked against
+    some other namespace.
+    """
+    namespace = ((body or {}).get("metadata") or {}).get("namespace")
+    if not namespace:
+        raise kopf.AdmissionError("metadata.namespace: the object names no namespace; create it in one", code=400)
+    old_namespace = ((old or {}).get("metadata") or {}).get("namespace")
+    if old_namespace and old_namespace != namespace:
+        raise kopf.AdmissionError(f"metadata.namespace: {namespace} differs from the stored object's "
+                                  f"{old_namespace}; an object cannot move between namespaces", code=400)
+    return str(namespace)
 
 
 def reference_problem(ref_kind: str, ref_name: str, referenced: dict[str, Any] | None) -> tuple[str | None, str | None]:
@@ -138,21 +176,16 @@ def _skip(operation: str | None, body: Any, old: Any, new: Any) -> bool:
     return spec_unchanged(operation, old, new)
 
 
-def _jobs(namespace: str) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    for kind in _JOB_KINDS:
-        for item in kube.list_(kind, namespace):
-            item.setdefault("kind", kind)  # list items carry no kind
-            out.append(item)
-    return out
-
-
 def _check_secrets(body: Any) -> None:
-    names = secret_literals(dict(body.get("spec") or {}))
-    if names:
-        raise kopf.AdmissionError(
-            f"template.env: {', '.join(names)} look like credentials: put the value in a Secret and use "
-            f"valueFrom.secretKeyRef instead of value", code=422)
+    problem = secret_problem(dict(body.get("spec") or {}))
+    if problem:
+        raise kopf.AdmissionError(problem, code=422)
+
+
+def _check_size(body: Any) -> None:
+    problem = size_problem(dict(body))
+    if problem:
+        raise kopf.AdmissionError(problem, code=422)
 
 
 def _check_policy(body: Any) -> None:
@@ -161,10 +194,9 @@ def _check_policy(body: Any) -> None:
         raise kopf.AdmissionError("; ".join(problems), code=422)
 
 
-def _check_outputs(kind: str, body: Any) -> None:
-    meta = body["metadata"]
-    problems = output_conflicts(kind, meta.get("name", ""), dict(body.get("spec") or {}),
-                                _jobs(meta["namespace"]))
+def _check_outputs(kind: str, namespace: str, body: Any) -> None:
+    problems = output_conflicts(kind, body["metadata"].get("name", ""), dict(body.get("spec") or {}),
+                                cache.jobs(namespace))
     if problems:
         raise kopf.AdmissionError("; ".join(problems), code=409)
 
@@ -172,7 +204,7 @@ def _check_outputs(kind: str, body: Any) -> None:
 def _check_reference(namespace: str, ref_kind: str, ref: dict[str, Any] | None, warnings: list[str]) -> None:
     if not ref or not ref.get("name"):
         return
-    error, warning = reference_problem(ref_kind, ref["name"], kube.get(ref_kind, namespace, ref["name"]))
+    error, warning = reference_problem(ref_kind, ref["name"], cache.get(ref_kind, namespace, ref["name"]))
     if error:
         field = "fineTuneJobRef" if ref_kind == "FineTuneJob" else "quantizeJobRef"
         raise kopf.AdmissionError(f"spec.model.{field}: {error}", code=422)
@@ -184,9 +216,11 @@ def _check_reference(namespace: str, ref_kind: str, ref: dict[str, Any] | None, 
 def validate_finetunejob(body: Any, old: Any, new: Any, operation: str | None, **_: Any) -> None:
     if _skip(operation, body, old, new):
         return
+    namespace = object_namespace(body, old)
+    _check_size(body)
     _check_secrets(body)
     _check_policy(body)
-    _check_outputs("FineTuneJob", body)
+    _check_outputs("FineTuneJob", namespace, body)
 
 
 @kopf.on.validate(*QuantizeJob.resource(), id=QUANTIZE_WEBHOOK, operations=OPERATIONS)
@@ -194,12 +228,13 @@ def validate_quantizejob(body: Any, old: Any, new: Any, operation: str | None,
                          warnings: list[str], **_: Any) -> None:
     if _skip(operation, body, old, new):
         return
+    namespace = object_namespace(body, old)
+    _check_size(body)
     _check_secrets(body)
     _check_policy(body)
     spec = body.get("spec") or {}
-    _check_reference(body["metadata"]["namespace"], "FineTuneJob",
-                     (spec.get("model") or {}).get("fineTuneJobRef"), warnings)
-    _check_outputs("QuantizeJob", body)
+    _check_reference(namespace, "FineTuneJob", (spec.get("model") or {}).get("fineTuneJobRef"), warnings)
+    _check_outputs("QuantizeJob", namespace, body)
 
 
 @kopf.on.validate(*InferenceService.resource(), id=INFERENCE_WEBHOOK, operations=OPERATIONS)
@@ -207,10 +242,11 @@ def validate_inferenceservice(body: Any, old: Any, new: Any, operation: str | No
                               warnings: list[str], **_: Any) -> None:
     if _skip(operation, body, old, new):
         return
+    namespace = object_namespace(body, old)
+    _check_size(body)
     _check_secrets(body)
     _check_policy(body)
     spec = body.get("spec") or {}
     model = spec.get("model") or {}
-    namespace = body["metadata"]["namespace"]
     _check_reference(namespace, "FineTuneJob", model.get("fineTuneJobRef"), warnings)
     _check_reference(namespace, "QuantizeJob", model.get("quantizeJobRef"), warnings)
