@@ -268,8 +268,16 @@ class ResourcesSpec(KFModel):
     gpus: int = Field(default=0, ge=0, le=64, description="nvidia.com/gpu per pod (per node for training).")
     cpu: Quantity | None = Field(default=None, description="CPU request and limit, e.g. 8 or 7500m.")
     memory: Quantity | None = Field(default=None, description="Memory request and limit, e.g. 64Gi.")
+    workspace_size: Quantity | None = Field(
+        default=None, description="Size limit of the /workspace scratch emptyDir (downloads, temporary files); a "
+                                  "pod that writes more is evicted. Defaults to the operator's setting (the chart's "
+                                  "workloadDefaults.workspaceSize, 64Gi).")
+    shared_memory_size: Quantity | None = Field(
+        default=None, description="Size limit of training pods' memory-backed /dev/shm (it counts against the "
+                                  "pod's memory). Defaults to the operator's setting (the chart's "
+                                  "workloadDefaults.sharedMemorySize, 8Gi).")
 
-    @field_validator("cpu", "memory", mode="before")
+    @field_validator("cpu", "memory", "workspace_size", "shared_memory_size", mode="before")
     @classmethod
     def _normalise_quantity(cls, v: Any) -> str | None:
         return None if v is None else _quantity_to_str(v)

@@ -9,8 +9,9 @@ Every pod KubeForge creates:
   talk to the API; the operator learns what it needs from metrics endpoints and
   termination messages;
 * has resource requests equal to limits for what the spec names (GPUs are limits only, as
-  the device plugin requires), writable scratch space in an emptyDir at ``/workspace``, and
-  the rendered config mounted read-only at ``/etc/kubeforge``;
+  the device plugin requires), writable scratch space in an emptyDir at ``/workspace`` with a
+  ``sizeLimit`` (``resources.workspaceSize``, else the operator's default: a pod cannot fill
+  its node's disk), and the rendered config mounted read-only at ``/etc/kubeforge``;
 * carries the standard ``app.kubernetes.io`` labels plus ``kubeforge.io/<kind>: <name>``.
 
 The user's ``template`` overrides are merged last; secrets only ever arrive by reference.
@@ -32,11 +33,31 @@ IMAGE_ENV = "KUBEFORGE_RUNTIME_IMAGE"
 RUN_AS_USER = 1000
 CONFIG_VOLUME = "kubeforge-config"
 WORKSPACE_VOLUME = "workspace"
+SHM_VOLUME = "dshm"
+WORKSPACE_SIZE_ENV = "KUBEFORGE_WORKSPACE_SIZE"
+DEFAULT_WORKSPACE_SIZE = "64Gi"
+SHM_SIZE_ENV = "KUBEFORGE_SHARED_MEMORY_SIZE"
+DEFAULT_SHM_SIZE = "8Gi"
 
 
 def runtime_image(template: PodTemplateOverride) -> str:
     """The template's image, else the operator's configured runtime image."""
     return template.image or os.environ.get(IMAGE_ENV, DEFAULT_IMAGE)
+
+
+def workspace_size(res: ResourcesSpec | None) -> str:
+    """The /workspace emptyDir's sizeLimit: the spec's, else the operator's default (the chart's)."""
+    return (res.workspace_size if res else None) or os.environ.get(WORKSPACE_SIZE_ENV) or DEFAULT_WORKSPACE_SIZE
+
+
+def shared_memory_volume(res: ResourcesSpec | None) -> dict[str, Any]:
+    """A memory-backed /dev/shm volume with a sizeLimit (the spec's, else the operator's default).
+
+    Without a limit a pod's shared memory could grow to the node's memory before anything
+    noticed; with one, the kubelet evicts the pod that writes past it.
+    """
+    size = (res.shared_memory_size if res else None) or os.environ.get(SHM_SIZE_ENV) or DEFAULT_SHM_SIZE
+    return {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": size}}
 
 
 def owner_label(kind: str) -> str:
@@ -157,8 +178,10 @@ def workload_pod_spec(
     restart_policy: str,
     extra_volumes: list[dict[str, Any]] | None = None,
     termination_grace_period_seconds: int | None = None,
+    resources: ResourcesSpec | None = None,
 ) -> dict[str, Any]:
-    """A hardened pod spec around ``container`` with the config and workspace volumes mounted."""
+    """A hardened pod spec around ``container`` with the config and workspace volumes mounted
+    (the workspace sized by ``resources.workspaceSize``, else the operator's default)."""
     c = dict(container)
     c["image"] = runtime_image(template)
     if template.image_pull_policy:
@@ -179,7 +202,7 @@ def workload_pod_spec(
         "containers": [c],
         "volumes": [
             {"name": CONFIG_VOLUME, "configMap": {"name": config_map_name}},
-            {"name": WORKSPACE_VOLUME, "emptyDir": {}},
+            {"name": WORKSPACE_VOLUME, "emptyDir": {"sizeLimit": workspace_size(resources)}},
             *(extra_volumes or []),
             *template.volumes,
         ],

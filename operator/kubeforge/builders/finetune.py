@@ -198,7 +198,7 @@ def job(name: str, namespace: str, uid: str, spec: FineTuneJobSpec) -> dict[str,
         # launch.py writes why it refused the config to the termination log; the last log
         # lines stand in when a crash left it empty. The operator quotes it in status.
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "volumeMounts": [*pvc_mounts, {"name": "dshm", "mountPath": "/dev/shm"}],
+        "volumeMounts": [*pvc_mounts, {"name": common.SHM_VOLUME, "mountPath": "/dev/shm"}],
     }
     pod_spec = common.workload_pod_spec(
         container=container,
@@ -206,8 +206,9 @@ def job(name: str, namespace: str, uid: str, spec: FineTuneJobSpec) -> dict[str,
         template=tmpl,
         restart_policy="Never",  # required by podFailurePolicy; the Job controller replaces pods
         # NCCL and data loader workers need more shared memory than the runtime's 64 MiB default.
-        extra_volumes=[*pvc_vols, {"name": "dshm", "emptyDir": {"medium": "Memory"}}],
+        extra_volumes=[*pvc_vols, common.shared_memory_volume(spec.resources)],
         termination_grace_period_seconds=TERMINATION_GRACE_SECONDS,
+        resources=spec.resources,
     )
     pod_spec["subdomain"] = n.service
     pod_meta = common.pod_template_metadata(lbls, tmpl, {"kubectl.kubernetes.io/default-container": CONTAINER})

@@ -192,6 +192,7 @@ def build_deployment(name: str, namespace: str, uid: str, spec: InferenceService
         container=container,
         config_map_name=config_map_name(name),
         template=spec.template,
+        resources=spec.resources,
         restart_policy="Always",
         extra_volumes=volumes,
         # Requests in flight get their deadline to finish after SIGTERM, plus margin.

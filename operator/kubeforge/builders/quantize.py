@@ -91,6 +91,7 @@ def build_job(name: str, namespace: str, uid: str, spec: QuantizeJobSpec, model_
         container=container,
         config_map_name=config_map_name(name),
         template=spec.template,
+        resources=spec.resources,
         restart_policy="Never",  # required by podFailurePolicy; the Job makes the next pod
         extra_volumes=volumes,
     )
