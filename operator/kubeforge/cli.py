@@ -53,7 +53,7 @@ def _cmd_operator(args: argparse.Namespace) -> int:
 
         webhook = WebhookOptions(port=args.webhook_port, cert_file=args.webhook_cert_file,
                                  key_file=args.webhook_key_file, addr=args.webhook_addr,
-                                 host=args.webhook_host)
+                                 host=args.webhook_host, cert_check_seconds=args.webhook_cert_check_seconds)
     run_operator(namespaces, liveness_port=args.liveness_port, standalone=args.standalone,
                  peering=args.peering, verbose=args.verbose, peering_priority=args.peering_priority,
                  peering_lifetime=args.peering_lifetime, webhook=webhook, metrics_port=args.metrics_port)
@@ -271,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--webhook-key-file", default=None, help="PEM private key of the webhook server")
     p.add_argument("--webhook-addr", default="0.0.0.0", help="address the webhook server listens on")
     p.add_argument("--webhook-host", default=None, help="host name the webhook server is reached by")
+    p.add_argument("--webhook-cert-check-seconds", type=float, default=10.0,
+                   help="how often the webhook server re-reads its certificate files; a renewed certificate "
+                        "is served from the next check on, without a restart")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=_cmd_operator)
 

@@ -290,17 +290,35 @@ def test_webhook_self_signed_certificate_matches_its_ca(default_docs, tmp_path):
 
 def test_webhook_with_cert_manager(default_docs):
     docs = render({"webhook.certManager.enabled": "true"})
-    (cert,) = find(docs, "Certificate")
+    (cert,) = find(docs, "Certificate", "kf-kubeforge-webhook")
     assert cert["spec"]["secretName"] == "kf-kubeforge-webhook-tls"
     assert "kf-kubeforge-webhook.kubeforge.svc" in cert["spec"]["dnsNames"]
     assert find(docs, "Issuer") and not find(docs, "Secret")
+    # Renewals keep the trusted CA: the serving certificate comes from a CA Issuer over a CA
+    # certificate of the chart's own (a self-signed serving certificate would be a new CA each time).
+    (issuer,) = find(docs, "Issuer", cert["spec"]["issuerRef"]["name"])
+    (ca,) = find(docs, "Certificate", "kf-kubeforge-webhook-ca")
+    assert issuer["spec"] == {"ca": {"secretName": ca["spec"]["secretName"]}}
+    assert ca["spec"]["isCA"] is True and ca["spec"]["duration"] == "87600h"
+    assert find(docs, "Issuer", ca["spec"]["issuerRef"]["name"])[0]["spec"] == {"selfSigned": {}}
     (vwc,) = find(docs, "ValidatingWebhookConfiguration")
     assert vwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == "kubeforge/kf-kubeforge-webhook"
     assert "caBundle" not in vwc["webhooks"][0]["clientConfig"]
     docs = render({"webhook.certManager.enabled": "true", "webhook.certManager.issuerRef.kind": "ClusterIssuer",
                    "webhook.certManager.issuerRef.name": "corp-ca"})
     assert not find(docs, "Issuer")
-    assert find(docs, "Certificate")[0]["spec"]["issuerRef"] == {"kind": "ClusterIssuer", "name": "corp-ca"}
+    (cert,) = find(docs, "Certificate")
+    assert cert["spec"]["issuerRef"] == {"kind": "ClusterIssuer", "name": "corp-ca"}
+
+
+def test_webhook_skips_metadata_only_updates_and_reloads_its_certificate(default_docs):
+    (vwc,) = find(default_docs, "ValidatingWebhookConfiguration")
+    for hook in vwc["webhooks"]:
+        exprs = {c["name"]: c["expression"] for c in hook["matchConditions"]}
+        assert "object.spec != oldObject.spec" in exprs["spec-changed"]
+        assert exprs["not-being-deleted"] == "!has(object.metadata.deletionTimestamp)"
+    _, c = operator_container(default_docs)
+    assert "--webhook-cert-check-seconds=10" in c["args"]
 
 
 def test_webhook_disabled_renders_no_webhook_parts():

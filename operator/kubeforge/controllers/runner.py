@@ -16,6 +16,9 @@ Besides the reconcilers, two deployment concerns are wired here from command-lin
 * **Metrics** (``--metrics-port``): the Prometheus default registry over HTTP.
 * **The validating admission webhook** (``--webhook-port``): kopf serves
   :mod:`kubeforge.controllers.webhooks` over HTTPS with the certificate the chart mounts.
+  kopf (>= 1.41) re-reads the certificate files every ``--webhook-cert-check-seconds`` and
+  restarts only its HTTPS listener when they change, so a renewed certificate (cert-manager,
+  or a rotated Secret the kubelet has synced) is served without restarting the operator.
   The ValidatingWebhookConfiguration is the chart's (kopf does not manage it), so the
   operator needs no permission on admission configuration.
 """
@@ -38,6 +41,8 @@ class WebhookOptions:
     key_file: str | None = None
     addr: str = "0.0.0.0"
     host: str | None = None
+    cert_check_seconds: float = 10.0
+    """How often the server re-reads the certificate files (kopf's default: 60 s)."""
 
 
 class ObjectFormatter(logging.Formatter):
@@ -109,6 +114,7 @@ def run_operator(namespaces: list[str] | None, *, liveness_port: int | None = No
             settings.admission.server = kopf.WebhookServer(
                 addr=webhook.addr, port=webhook.port, host=webhook.host,
                 certfile=webhook.cert_file, pkeyfile=webhook.key_file,
+                file_check_interval=webhook.cert_check_seconds,
             )
             settings.admission.managed = None  # the chart owns the webhook configuration
 
