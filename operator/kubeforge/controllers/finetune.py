@@ -14,7 +14,8 @@ steps and registers the kopf handlers (on import, by :mod:`kubeforge.controllers
   (the children go by ownerReferences);
 * a background poller (started at operator startup) that reads training progress from the
   rank-0 metrics endpoint of running jobs and deletes finished jobs whose
-  ``ttlSecondsAfterFinished`` has passed.
+  ``ttlSecondsAfterFinished`` has passed; it skips its rounds while kopf peering has paused
+  this replica (:mod:`.peering`).
 
 The operator never talks to the pods through the API and the pods never talk to the API:
 progress comes from the metrics endpoint, which may be unreachable at any time without
@@ -43,7 +44,7 @@ from .. import kube
 from ..api import GROUP, FineTuneJob, FineTuneJobSpec
 from ..builders import finetune as builder
 from ..builders import network
-from . import finetune_status, metrics, scrape
+from . import finetune_status, metrics, peering, scrape
 from .conditions import TERMINAL_PHASES, now
 from .reconcile import ChildConflict, Reconciler, controlled_by, owned_by
 from .reconcile import apply_children as apply_owned
@@ -279,6 +280,8 @@ class Poller:
                 log.exception("FineTuneJob poller round failed")
 
     def tick(self) -> None:
+        if not peering.active():
+            return  # a paused standby neither scrapes nor expires anything (the active replica does)
         with _tracked_lock:
             items = list(_tracked.items())
         nowt = dt.datetime.now(dt.timezone.utc)

@@ -54,7 +54,7 @@ from ..api import InvalidSpec, Kind, spec_problem
 from ..api import policy
 from ..api.size import size_problem
 from ..builders.common import MANAGED_BY, owner_label
-from . import metrics
+from . import metrics, peering
 from .conditions import Outcome, child_conflict, reject
 from .events import post as post_event
 from .settings import workload_policy
@@ -307,7 +307,13 @@ class Reconciler(Generic[S]):
         return changed
 
     def run_scheduled(self, namespace: str, name: str, hints: dict[str, Any]) -> None:
-        """A debounced sync; a failure is logged and the sync scheduled again (never raised)."""
+        """A debounced sync; a failure is logged and the sync scheduled again (never raised).
+
+        Not while peering has paused this replica (:mod:`.peering`): the sync waits and looks again.
+        """
+        if not peering.active():
+            _debouncer().schedule(self, namespace, name, hints, peering.PAUSED_RECHECK_SECONDS)
+            return
         try:
             self.request(namespace, name, **hints)
         except kopf.PermanentError as exc:

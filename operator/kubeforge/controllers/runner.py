@@ -12,7 +12,10 @@ Besides the reconcilers, two deployment concerns are wired here from command-lin
   rescheduled pod) waits behind it instead of pre-empting it. Peering is made mandatory, so a
   replica starts paused and only resumes once it has read the peering object and found no
   live peer above it; a replica that dies without saying goodbye (SIGKILL, node loss) is
-  considered gone after ``--peering-lifetime`` seconds and the next one resumes.
+  considered gone after ``--peering-lifetime`` seconds and the next one resumes. The
+  operator's own threads (the FineTuneJob poller, scheduled syncs) follow the same rule
+  through :mod:`.peering`, which is told this replica's identity (``POD_ID``, else one made
+  here and given to kopf too) and priority.
 * **Metrics** (``--metrics-port``): the Prometheus default registry over HTTP.
 * **The validating admission webhook** (``--webhook-port``): kopf serves
   :mod:`kubeforge.controllers.webhooks` over HTTPS with the certificate the chart mounts.
@@ -25,8 +28,11 @@ Besides the reconcilers, two deployment concerns are wired here from command-lin
 
 from __future__ import annotations
 
+import getpass
 import logging
+import os
 import random
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -72,6 +78,12 @@ def start_time_priority(now: float | None = None) -> int:
     return -(ms * 1000 + random.randrange(1000))
 
 
+def own_identity() -> str:
+    """This replica's peering identity: the pod name (``POD_ID``, set by the chart), else
+    ``user@host/pid`` (kopf's own fallback has a random part this process could not know)."""
+    return os.environ.get("POD_ID") or f"{getpass.getuser()}@{socket.gethostname()}/{os.getpid()}"
+
+
 def run_operator(namespaces: list[str] | None, *, liveness_port: int | None = None,
                  standalone: bool = False, peering: str | None = None, verbose: bool = False,
                  peering_priority: int | None = None, peering_lifetime: int | None = None,
@@ -79,6 +91,7 @@ def run_operator(namespaces: list[str] | None, *, liveness_port: int | None = No
     import kopf
 
     import kubeforge.controllers  # noqa: F401  (registers the handlers)
+    from . import peering as peering_gate
 
     if webhook is not None:
         from . import webhooks  # noqa: F401  (registers the admission handlers)
@@ -95,8 +108,11 @@ def run_operator(namespaces: list[str] | None, *, liveness_port: int | None = No
         prometheus_client.start_http_server(metrics_port)
 
     priority = None
+    identity = own_identity()
     if peering and not standalone:
         priority = peering_priority if peering_priority is not None else start_time_priority()
+        peering_gate.configure(peering_gate.PeeringConfig(name=peering, identity=identity, priority=priority,
+                                                          namespaces=tuple(namespaces or ())))
 
     # Registered after kubeforge.controllers.settings.configure, so it runs after it and the
     # command line wins over the operator-wide defaults set there.
@@ -127,5 +143,6 @@ def run_operator(namespaces: list[str] | None, *, liveness_port: int | None = No
         standalone=standalone,
         peering_name=peering,
         priority=priority,
+        identity=identity,  # type: ignore[arg-type]  (kopf's Identity is a NewType of str)
         **kwargs,
     )

@@ -346,3 +346,39 @@ def test_a_child_conflict_is_a_condition_and_one_event_and_a_slow_recheck(api, m
     assert [(a[1], a[2], a[3], a[4]) for a in rechecks] == [("ns-rec", "taken", {"apply": True},
                                                              reconcile.CHILD_CONFLICT_RECHECK_SECONDS)] * 2
     r.forget("ns-rec", "taken")
+
+
+def test_peering_gate_applies_kopfs_rule():
+    """Paused while another live peer has a higher or equal priority (kopf's own rule)."""
+    import datetime as dt
+
+    from kubeforge.controllers.peering import blocking_peers
+
+    now = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.timezone.utc)
+    fresh = (now - dt.timedelta(seconds=5)).isoformat()
+    stale = (now - dt.timedelta(seconds=120)).isoformat()
+    peers = {"me": {"priority": 5, "lifetime": 60, "lastseen": fresh},
+             "lower": {"priority": 1, "lifetime": 60, "lastseen": fresh},
+             "higher-dead": {"priority": 9, "lifetime": 60, "lastseen": stale},
+             "garbage": "not a peer"}
+    assert blocking_peers(peers, "me", 5, now) == []
+    peers["same"] = {"priority": 5, "lifetime": 60, "lastseen": fresh}
+    peers["higher"] = {"priority": 7, "lifetime": 60, "lastseen": fresh.replace("+00:00", "Z")}
+    assert blocking_peers(peers, "me", 5, now) == ["higher", "same"]
+
+
+def test_a_scheduled_sync_waits_while_the_replica_is_paused(monkeypatch):
+    from kubeforge.controllers import peering, reconcile
+
+    calls, rescheduled = [], []
+    monkeypatch.setattr(peering, "active", lambda: False)
+
+    class Recorder:  # stands in for the debouncer: records instead of running a thread
+        def schedule(self, *args):
+            rescheduled.append(args)
+
+    monkeypatch.setattr(reconcile, "_debouncer", lambda: Recorder())
+    r = reconcile.Reconciler.__new__(reconcile.Reconciler)
+    r.request = lambda *a, **k: calls.append(a)  # type: ignore[method-assign]
+    reconcile.Reconciler.run_scheduled(r, "ns", "x", {})
+    assert calls == [] and rescheduled and rescheduled[0][-1] == peering.PAUSED_RECHECK_SECONDS
