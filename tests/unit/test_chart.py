@@ -402,3 +402,23 @@ def test_values_schema_rejects_bad_policy_values():
         out = helm("template", "x", str(CHART), "--kube-version", "1.35.4",
                    *[a for k, v in bad.items() for a in ("--set", f"{k}={v}")], check=False)
         assert out.returncode != 0, bad
+
+
+def test_admission_policy_fences_the_operator_out_of_system_namespaces(default_docs):
+    (vap,) = find(default_docs, "ValidatingAdmissionPolicy")
+    (binding,) = find(default_docs, "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"] == {"policyName": vap["metadata"]["name"], "validationActions": ["Deny"]}
+    (expr,) = vap["spec"]["matchConstraints"]["namespaceSelector"]["matchExpressions"]
+    assert expr["values"] == ["kube-system", "kube-public", "kube-node-lease", "kubeforge"]  # + the chart's own
+    (rule,) = vap["spec"]["matchConstraints"]["resourceRules"]
+    assert rule["scope"] == "Namespaced" and rule["operations"] == ["CREATE", "UPDATE", "DELETE"]
+    (cond,) = vap["spec"]["matchConditions"]
+    assert cond["expression"] == "request.userInfo.username == 'system:serviceaccount:kubeforge:kf-kubeforge'"
+
+    # The chart's namespace is not fenced when resources live there; a fenced one cannot be watched.
+    docs = render({"rbac.scope": "namespaces", "watchNamespaces": "{kubeforge,team-a}"})
+    (vap,) = find(docs, "ValidatingAdmissionPolicy")
+    assert "kubeforge" not in vap["spec"]["matchConstraints"]["namespaceSelector"]["matchExpressions"][0]["values"]
+    with pytest.raises(AssertionError, match="watchNamespaces: kube-system is in admissionPolicy.fencedNamespaces"):
+        render({"rbac.scope": "namespaces", "watchNamespaces": "{kube-system}"})
+    assert not find(render({"admissionPolicy.enabled": "false"}), "ValidatingAdmissionPolicy")
