@@ -422,3 +422,9 @@ def test_admission_policy_fences_the_operator_out_of_system_namespaces(default_d
     with pytest.raises(AssertionError, match="watchNamespaces: kube-system is in admissionPolicy.fencedNamespaces"):
         render({"rbac.scope": "namespaces", "watchNamespaces": "{kube-system}"})
     assert not find(render({"admissionPolicy.enabled": "false"}), "ValidatingAdmissionPolicy")
+
+
+def test_a_namespace_allow_list_needs_the_namespaced_rbac_mode():
+    """watchNamespaces with a ClusterRole would look restricted and not be: refused with the fix named."""
+    with pytest.raises(AssertionError, match="watchNamespaces is set but rbac.scope is cluster"):
+        render({"watchNamespaces": "{team-a}"})

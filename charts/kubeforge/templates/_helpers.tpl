@@ -53,6 +53,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- fail "rbac.scope=namespaces needs at least one namespace in watchNamespaces" -}}
 {{- end -}}
 true
+{{- else if .Values.watchNamespaces -}}
+{{- fail "watchNamespaces is set but rbac.scope is cluster (a ClusterRole: every namespace): set rbac.scope=namespaces to give the operator Roles in those namespaces only, or empty watchNamespaces" -}}
 {{- end -}}
 {{- end -}}
 
