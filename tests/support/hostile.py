@@ -282,6 +282,11 @@ HOSTILE_TEMPLATES: list[tuple[str, dict[str, Any]]] = [
     ("label key with a space", {"labels": {"bad key": "v"}}),
     ("annotation of 300 KB", {"annotations": {"example.com/blob": "x" * 300_000}}),
     ("env value of 300 KB", {"env": [{"name": "BLOB", "value": "x" * 300_000}]}),
+    # Each part within its own bound, the whole over kopf's annotation budget: the webhook measures it.
+    ("80 env values of 3 KB (240 KB in all)", {"env": [{"name": f"V{i}", "value": "x" * 3000} for i in range(80)]}),
+    ("affinity of 250 KB (schemaless)", {"affinity": {"nodeAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [
+            {"key": f"k{i}", "operator": "In", "values": ["v" * 1000]} for i in range(250)]}]}}}}),
     ("nodeSelector value with a slash", {"nodeSelector": {"zone": "a/b"}}),
     ("toleration with a bad operator", {"tolerations": [{"key": "k", "operator": "Sometimes"}]}),
     ("volumeMount of a volume that does not exist", {"volumeMounts": [{"name": "ghost", "mountPath": "/g"}]}),
@@ -293,18 +298,15 @@ HOSTILE_TEMPLATES: list[tuple[str, dict[str, Any]]] = [
 
 # Pass-throughs only the Kubernetes API can judge (label syntax, object sizes, the schemaless
 # PodSpec parts): refused at admission, or an InvalidSpec condition once a child is refused.
-PASSED_THROUGH = {"label value of 64 characters", "label key with a space", "annotation of 300 KB",
-                  "env value of 300 KB", "nodeSelector value with a slash", "toleration with a bad operator",
+PASSED_THROUGH = {"label value of 64 characters", "label key with a space",
+                  "nodeSelector value with a slash", "toleration with a bad operator",
                   "volumeMount of a volume that does not exist", "priorityClassName with capitals"}
 
 
-KOPF_ANNOTATION_BUDGET = (
-    "kopf keeps the whole spec in its kopf.zalando.org/last-handled-configuration annotation; a spec "
-    "over the API server's 256 KiB annotation budget (here one 300 KB value in spec.template) makes "
-    "every bookkeeping patch kopf tries fail with 422, retried with tracebacks in the operator log "
-    "(and a 300 KB env value is otherwise Accepted). Fix: bound the sizes of template.env values and "
-    "template.annotations in the API model, or keep kopf's diff-base in status")
-KNOWN_DEFECTS = {"annotation of 300 KB": KOPF_ANNOTATION_BUDGET, "env value of 300 KB": KOPF_ANNOTATION_BUDGET}
+# Known defects the suite finds and that are not fixed yet: "template: <what>" -> why (XFAIL).
+# (The 256 KiB kopf annotation budget was one: template env values and annotations are now
+# bounded in the API model, and the webhook and the operator measure the whole spec.)
+KNOWN_DEFECTS: dict[str, str] = {}
 
 
 def _template_cases() -> Iterator[tuple[str, Any, str, frozenset[str]]]:
