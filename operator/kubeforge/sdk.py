@@ -117,12 +117,14 @@ def _submit(manifest: dict[str, Any], namespace: str) -> Submission:
 class FineTuner:
     """Fine-tune ``base_model`` (default: the embedded SmolLM2-135M-Instruct) on
     ``training_data`` (a JSONL file or URI); with ``evaluation_data``, the held-out ``metric``
-    is measured before and after training."""
+    is measured before and after training (on its first ``evaluation_samples`` records, else
+    the API's default)."""
 
     training_data: str
     base_model: str = DEFAULT_BASE_MODEL
     evaluation_data: str | None = None
     metric: str = "accuracy"
+    evaluation_samples: int | None = None
     adapter_type: str | None = "lora"
     output: str | None = None
     name: str | None = None
@@ -168,6 +170,8 @@ class FineTuner:
             spec["dataset"]["validationUri"] = to_uri(self.validation_data)
         if self.evaluation_data:
             spec["evaluation"] = {"uri": to_uri(self.evaluation_data), "metric": self.metric}
+            if self.evaluation_samples is not None:
+                spec["evaluation"]["maxSamples"] = self.evaluation_samples
         doc = {"apiVersion": API_VERSION, "kind": "FineTuneJob", "metadata": {"name": name}, "spec": spec}
         parse_resource(doc, "FineTuner")
         return doc
@@ -186,7 +190,8 @@ class FineTuner:
 class Quantizer:
     """Compress ``model_path`` with ``method`` and measure size, latency and perplexity (on
     ``evaluation_data``, else the runtime's reference text) and, with ``task_data``, the
-    held-out ``metric`` of the input and the output."""
+    held-out ``metric`` of the input and the output (on its first ``task_samples`` records,
+    else the API's default)."""
 
     model_path: str
     method: str = "int8-dynamic"
@@ -194,6 +199,7 @@ class Quantizer:
     evaluation_data: str | None = None
     task_data: str | None = None
     metric: str = "accuracy"
+    task_samples: int | None = None
     max_accuracy_drop_points: float | None = None
     output: str | None = None
     name: str | None = None
@@ -218,6 +224,8 @@ class Quantizer:
             spec["evaluation"]["uri"] = to_uri(self.evaluation_data)
         if self.task_data:
             spec["evaluation"]["task"] = {"uri": to_uri(self.task_data), "metric": self.metric}
+            if self.task_samples is not None:
+                spec["evaluation"]["task"]["maxSamples"] = self.task_samples
         if self.max_accuracy_drop_points is not None:
             spec["evaluation"]["maxAccuracyDropPoints"] = self.max_accuracy_drop_points
         doc = {"apiVersion": API_VERSION, "kind": "QuantizeJob", "metadata": {"name": name}, "spec": spec}

@@ -80,3 +80,17 @@ def test_sample_prompts_annotation():
     assert len(sample_prompts({"metadata": {}})) == 1
     with pytest.raises(LocalRunError, match="JSON list"):
         sample_prompts({"metadata": {"annotations": {"kubeforge.io/sample-prompts": '{"a": 1}'}}})
+
+
+def test_the_sdk_passes_the_evaluation_sample_counts_into_the_specs():
+    from kubeforge.sdk import Quantizer
+
+    ft = FineTuner(training_data="s3://b/train.jsonl", evaluation_data="s3://b/test.jsonl", output="s3://b/out",
+                   data_format="prompt-completion",
+                   evaluation_samples=50).manifest()
+    assert ft["spec"]["evaluation"]["maxSamples"] == 50
+    q = Quantizer(model_path="s3://b/out", output="s3://b/q", task_data="s3://b/test.jsonl", task_samples=40).manifest()
+    assert q["spec"]["evaluation"]["task"]["maxSamples"] == 40
+    # Unset, the API's defaults apply (the key is absent, not None).
+    assert "maxSamples" not in FineTuner(training_data="s3://b/t.jsonl", evaluation_data="s3://b/e.jsonl", data_format="chat",
+                                         output="s3://b/o").manifest()["spec"]["evaluation"]
