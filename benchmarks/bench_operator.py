@@ -178,6 +178,28 @@ def delete_namespace(cluster: LocalCluster, name: str) -> None:
     cluster.kubectl("delete", "namespace", name, "--wait=true", "--timeout=600s", check=True, timeout=660)
 
 
+def api_request_counts(cluster: LocalCluster) -> dict[str, float]:
+    """The API server's own request counters (``apiserver_request_total``), summed by
+    verb, resource, subresource and dry run: ``"POST jobs"``, ``"PATCH finetunejobs/status"``, ..."""
+    out = cluster.kubectl("get", "--raw", "/metrics", check=True)
+    counts: dict[str, float] = {}
+    for line in out.stdout.splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        labels = dict(kv.split("=", 1) for kv in line[line.index("{") + 1:line.rindex("}")].split(",") if "=" in kv)
+        label = {k: v.strip('"') for k, v in labels.items()}
+        key = f"{label.get('verb')} {label.get('resource')}" + (f"/{label['subresource']}" if label.get("subresource") else "") \
+            + (" (dry run)" if label.get("dry_run") else "")
+        counts[key] = counts.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def count_diff(before: dict[str, float], after: dict[str, float]) -> dict[str, int]:
+    """Requests made between two :func:`api_request_counts`, most first (zero rows left out)."""
+    diff = {k: int(after.get(k, 0) - before.get(k, 0)) for k in after}
+    return dict(sorted(((k, v) for k, v in diff.items() if v > 0), key=lambda kv: -kv[1]))
+
+
 def job_names(n: int) -> list[str]:
     return [f"ft-{i:04d}" for i in range(n)]
 
@@ -255,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="20 jobs, 2 rounds")
     parser.add_argument("--json", action="store_true", help="print one JSON object only")
     parser.add_argument("--workdir", default=None, help="keep the cluster's and the operator's logs here")
+    parser.add_argument("--api-calls", action="store_true",
+                        help="also print each case's API requests (the API server's apiserver_request_total, "
+                             "all clients: the difference between the cases is the operator's share)")
     args = parser.parse_args(argv)
     n = 20 if args.quick else args.jobs
     repeats = args.repeats or (2 if args.quick else 3)
@@ -281,10 +306,13 @@ def main(argv: list[str] | None = None) -> int:
                     ns = f"bench-{case}-{r}"
                     fresh_namespace(cluster, ns)
                     log.info("round %d/%d, %s case: %d jobs", r + 1, repeats, case, n)
+                    before = api_request_counts(cluster) if args.api_calls else {}
                     if case == "operator":
                         rounds[case].append(run_operator_case(cluster, n, ns, workdir))
                     else:
                         rounds[case].append(run_baseline_case(cluster, n, ns))
+                    if args.api_calls:
+                        rounds[case][-1]["apiCalls"] = count_diff(before, api_request_counts(cluster))
                     log.info("%s p50 %.2f s", case, rounds[case][-1]["p50"])
                     delete_namespace(cluster, ns)
         finally:
@@ -314,6 +342,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ratio operator/baseline p50: {rt['median']:.2f}x [{rt['min']:.2f}-{rt['max']:.2f}] "
           f"(rounds: {', '.join(f'{x:.2f}' for x in rt['rounds'])})")
     print(f"operator peak memory: {result['operatorPeakRssMiB']:.0f} MiB (idle {result['operatorIdleRssMiB']:.0f} MiB)")
+    if args.api_calls:
+        print(f"API requests per job, round 1, all clients (create -> every worker Ready; {n} jobs):")
+        op, base = rounds["operator"][0]["apiCalls"], rounds["baseline"][0]["apiCalls"]
+        print(f"{'':36}{'operator':>10}{'baseline':>10}")
+        for key in sorted(op.keys() | base.keys(), key=lambda k: -(op.get(k, 0) + base.get(k, 0))):
+            print(f"{key:36}{op.get(key, 0) / n:>10.2f}{base.get(key, 0) / n:>10.2f}")
+        print(f"{'total':36}{sum(op.values()) / n:>10.2f}{sum(base.values()) / n:>10.2f}")
     print(json.dumps(result))
     return 0
 
