@@ -150,6 +150,12 @@ def patch_merge(kind: str, namespace: str, name: str, patch: dict[str, Any], sub
 
 
 def create(kind: str, namespace: str, obj: dict[str, Any], name: str | None = None,
-           subresource: str | None = None) -> dict[str, Any]:
-    """POST ``obj`` (an Event, or to a subresource such as a Pod's ``eviction``)."""
-    return _call("POST", path(kind, namespace, name, subresource), body=obj)
+           subresource: str | None = None, dry_run: bool = False) -> dict[str, Any]:
+    """POST ``obj`` (an Event, or to a subresource such as a Pod's ``eviction``).
+
+    ``dry_run``: the API server validates and admits ``obj`` but stores nothing; like a real
+    create it fails with 409 (AlreadyExists) when an object of that name exists, so one dry
+    run answers both "is the name free?" and "would it be accepted?".
+    """
+    query = [("dryRun", "All")] if dry_run else []
+    return _call("POST", path(kind, namespace, name, subresource), body=obj, query=query)

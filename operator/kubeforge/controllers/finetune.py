@@ -102,10 +102,11 @@ def children(owner: dict[str, Any], spec: FineTuneJobSpec) -> list[dict[str, Any
     return out
 
 
-def apply_children(owner: dict[str, Any], spec: FineTuneJobSpec) -> None:
-    """Apply :func:`children` (:func:`.reconcile.apply_children`: never over a foreign object)."""
+def apply_children(owner: dict[str, Any], spec: FineTuneJobSpec, *, fresh: bool = False) -> dict[str, Any]:
+    """Apply :func:`children` (:func:`.reconcile.apply_children`: never over a foreign object;
+    ``fresh``: none of them was created yet as far as the status says); the Job as applied."""
     try:
-        apply_owned(owner, children(owner, spec))
+        return apply_owned(owner, children(owner, spec), fresh=fresh)[-1]
     except ApiException as exc:
         if exc.status == 422:
             # A field the API server will not change on an existing object (the Job's pod
@@ -138,27 +139,30 @@ def _step(obj: dict[str, Any], spec: FineTuneJobSpec, *, apply: bool = False) ->
     name, namespace = meta["name"], meta["namespace"]
     prev = obj.get("status") or {}
     terminal = prev.get("phase") in TERMINAL_PHASES
+    created = any(c.get("type") == "Created" and c.get("status") == "True" for c in prev.get("conditions") or [])
     if apply and terminal:
         # A finished job is never resurrected: its children stay as they ended.
         log.info("FineTuneJob %s/%s is %s; not touching its children", namespace, name, prev.get("phase"))
-    elif apply:
-        apply_children(obj, spec)
     names = builder.Names.of(name)
-    job = kube.get("Job", namespace, names.job)
+    if apply and not terminal:
+        job: dict[str, Any] | None = apply_children(obj, spec, fresh=not created)  # the answer is the Job now
+    else:
+        job = kube.get("Job", namespace, names.job)
     if job is not None and not controlled_by(job, obj):
         # Never report a foreign Job of that name as ours (a finished job just ignores it).
         if not terminal:
             raise ChildConflict(obj, "Job", names.job)
         job = None
-    if job is None and not terminal and \
-            any(c.get("type") == "Created" and c.get("status") == "True" for c in prev.get("conditions") or []):
+    if job is None and not terminal and created:
         # The Job was there and is gone (deleted by hand?): put it back, the job goes on.
         log.warning("Job %s/%s vanished; applying the children again", namespace, names.job)
-        apply_children(obj, spec)
-        job = kube.get("Job", namespace, names.job)
+        job = apply_children(obj, spec)
     # Only this Job's pods (a deleted and re-created FineTuneJob of the same name has a new Job).
+    # A Job this first sync has just created has none to read yet (the Job controller has not
+    # started it); the events of its pods, when they come, schedule the next sync.
+    just_created = apply and not created and not terminal and not ((job or {}).get("status") or {}).get("startTime")
     pods = [p for p in kube.list_("Pod", namespace, f"{reconciler.owner_label}={name}")
-            if owned_by(p, job)] if job is not None else []
+            if owned_by(p, job)] if job is not None and not just_created else []
     counted = [u for u in (meta.get("annotations") or {}).get(COUNTED_ANNOTATION, "").split(",") if u]
     with _tracked_lock:
         progress = _progress.get((namespace, name))
@@ -209,18 +213,20 @@ def on_spec(name: str, namespace: str, **_: Any) -> None:
     reconciler.request(namespace, name, apply=True)
 
 
+# Event handlers that only mark an object due are coroutines: they run in kopf's event loop,
+# so a burst of pod events never queues the spec handlers behind it for kopf's handler threads.
 @kopf.on.event("batch", "v1", "jobs", labels=reconciler.child_labels)
-def job_event(labels: Any, namespace: str, **_: Any) -> None:
+async def job_event(labels: Any, namespace: str, **_: Any) -> None:
     reconciler.schedule(namespace, labels[reconciler.owner_label])
 
 
 @kopf.on.event("", "v1", "pods", labels=reconciler.child_labels)
-def pod_event(labels: Any, namespace: str, **_: Any) -> None:
+async def pod_event(labels: Any, namespace: str, **_: Any) -> None:
     reconciler.schedule(namespace, labels[reconciler.owner_label])
 
 
 # Deleted: forget it (the children go by ownerReferences, the garbage collector's work).
-kopf.on.event(*FineTuneJob.resource(), id="finetunejob-deleted")(reconciler.on_event)
+kopf.on.event(*FineTuneJob.resource(), id="finetunejob-deleted")(reconciler.on_event_nonblocking)
 
 
 # --- the poller: progress and TTL ----------------------------------------------------------------------

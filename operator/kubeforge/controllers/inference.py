@@ -95,27 +95,27 @@ def on_spec(name: str, namespace: str, **_: Any) -> None:
 
 
 @kopf.on.event("apps", "v1", "deployments", id="inferenceservice-deployments", labels=reconciler.child_labels)
-def on_deployment(namespace: str, labels: Any, type: str | None, **_: Any) -> None:
+async def on_deployment(namespace: str, labels: Any, type: str | None, **_: Any) -> None:
     # Status only, so the HPA's replica changes are never fought; a Deployment deleted from
     # under a live InferenceService is created again.
     reconciler.schedule(namespace, labels[reconciler.owner_label], apply=type == "DELETED")
 
 
 @kopf.on.event("", "v1", "pods", id="inferenceservice-pods", labels=reconciler.child_labels)
-def on_pod(namespace: str, labels: Any, **_: Any) -> None:
+async def on_pod(namespace: str, labels: Any, **_: Any) -> None:
     # A crash-looping server need not change the Deployment's status; its pod does.
     reconciler.schedule(namespace, labels[reconciler.owner_label])
 
 
 @kopf.on.event(*FineTuneJob.resource(), id="inferenceservice-finetune-inputs")
-def on_finetunejob(body: Any, name: str, namespace: str, type: str | None, **_: Any) -> None:
-    reconciler.fan_out("fineTuneJobRef", body, name, namespace, type, apply=True)
+async def on_finetunejob(body: Any, name: str, namespace: str, type: str | None, **_: Any) -> None:
+    await reconciler.fan_out_nonblocking("fineTuneJobRef", body, name, namespace, type, apply=True)
 
 
 @kopf.on.event(*QuantizeJob.resource(), id="inferenceservice-quantize-inputs")
-def on_quantizejob(body: Any, name: str, namespace: str, type: str | None, **_: Any) -> None:
-    reconciler.fan_out("quantizeJobRef", body, name, namespace, type, apply=True)
+async def on_quantizejob(body: Any, name: str, namespace: str, type: str | None, **_: Any) -> None:
+    await reconciler.fan_out_nonblocking("quantizeJobRef", body, name, namespace, type, apply=True)
 
 
 # Deleted: forget it (the children go by ownerReferences, the garbage collector's work).
-kopf.on.event(*InferenceService.resource(), id="inferenceservice-deleted")(reconciler.on_event)
+kopf.on.event(*InferenceService.resource(), id="inferenceservice-deleted")(reconciler.on_event_nonblocking)

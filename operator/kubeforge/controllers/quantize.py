@@ -102,14 +102,14 @@ def on_spec(name: str, namespace: str, status: Any, body: Any, reason: Any, **_:
 
 
 @kopf.on.event("batch", "v1", "jobs", id="quantizejob-child-jobs", labels=reconciler.child_labels)
-def on_child_job(body: Any, namespace: str, labels: Any, **_: Any) -> None:
+async def on_child_job(body: Any, namespace: str, labels: Any, **_: Any) -> None:
     reconciler.schedule(namespace, labels[reconciler.owner_label], job_hint=dict(body))
 
 
 @kopf.on.event(*FineTuneJob.resource(), id="quantizejob-inputs")
-def on_finetunejob(body: Any, name: str, namespace: str, type: str | None, **_: Any) -> None:
-    reconciler.fan_out("fineTuneJobRef", body, name, namespace, type)
+async def on_finetunejob(body: Any, name: str, namespace: str, type: str | None, **_: Any) -> None:
+    await reconciler.fan_out_nonblocking("fineTuneJobRef", body, name, namespace, type)
 
 
 # Deleted: forget it (the children go by ownerReferences, the garbage collector's work).
-kopf.on.event(*QuantizeJob.resource(), id="quantizejob-deleted")(reconciler.on_event)
+kopf.on.event(*QuantizeJob.resource(), id="quantizejob-deleted")(reconciler.on_event_nonblocking)

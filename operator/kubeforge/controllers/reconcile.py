@@ -123,23 +123,49 @@ def ensure_free(owner: dict[str, Any], kind: str, name: str, existing: dict[str,
         raise ChildConflict(owner, kind, name)
 
 
-def apply_children(owner: dict[str, Any], children: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _refused_or_raise(child: dict[str, Any], exc: ApiException) -> None:
+    """A 422 on a dry run is :class:`ChildRefused`; anything else is raised as it is."""
+    if exc.status == 422:
+        raise ChildRefused(child["kind"], child["metadata"]["name"], exc) from None
+    raise exc
+
+
+def _check(owner: dict[str, Any], child: dict[str, Any], fresh: bool) -> None:
+    """Raise unless ``child`` may be applied: its name is free or taken by ``owner``'s own child,
+    and the API server would accept it (a dry run).
+
+    ``fresh``: the owner is new, so the child most likely does not exist yet: one dry-run
+    create answers both questions (it fails with 409 when the name is taken, and only then is
+    the object read to see whose it is). Otherwise the object is read first and the dry run is
+    an apply (the change an existing child would get).
+    """
+    kind, name = child["kind"], child["metadata"]["name"]
+    if fresh:
+        try:
+            kube.create(kind, owner["metadata"]["namespace"], child, dry_run=True)
+            return
+        except ApiException as exc:
+            if exc.status != 409:
+                _refused_or_raise(child, exc)
+    ensure_free(owner, kind, name)
+    try:
+        kube.server_side_apply(child, dry_run=True)
+    except ApiException as exc:
+        _refused_or_raise(child, exc)
+
+
+def apply_children(owner: dict[str, Any], children: list[dict[str, Any]], *, fresh: bool = False) -> list[dict[str, Any]]:
     """Server-side apply ``children`` of ``owner``, each only if it is absent or already ``owner``'s.
 
     Every name is checked, and every child applied as a dry run, before anything is applied, so
     a conflict (:class:`ChildConflict`) or a child the API server refuses (:class:`ChildRefused`)
     leaves all children as they were. (A foreign object created between the check and the apply
-    is still taken over: the window is one request long.) Returns the applied objects, in order.
+    is still taken over: the window is one request long.) ``fresh``: the owner has no children
+    yet as far as it knows (its first sync): each check is then one dry-run create instead of a
+    read and a dry-run apply (:func:`_check`). Returns the applied objects, in order.
     """
     for child in children:
-        ensure_free(owner, child["kind"], child["metadata"]["name"])
-    for child in children:
-        try:
-            kube.server_side_apply(child, dry_run=True)
-        except ApiException as exc:
-            if exc.status == 422:
-                raise ChildRefused(child["kind"], child["metadata"]["name"], exc) from None
-            raise
+        _check(owner, child, fresh)
     return [kube.server_side_apply(child) for child in children]
 
 
@@ -196,6 +222,11 @@ class Reconciler(Generic[S]):
                     # 409: someone else wrote the object since it was read: read it again and redo.
                     if exc.status != 409 or attempt == CONFLICT_RETRIES - 1:
                         raise
+                    # Only the object's own writes answer 409 (children are applied with force,
+                    # checked with dry runs that are caught), and those come after the step has
+                    # applied the children: the redo recomputes the status without applying
+                    # them again. (A spec change behind the 409 brings its own spec handler.)
+                    hints = {k: v for k, v in hints.items() if k != "apply"}
 
     def schedule(self, namespace: str, name: str, **hints: Any) -> None:
         """Sync soon, from the debouncer's pool; requests for one object within the delay are one sync."""
@@ -219,6 +250,11 @@ class Reconciler(Generic[S]):
         if self.on_forget is not None:
             self.on_forget(namespace, name)
 
+    async def on_event_nonblocking(self, type: str | None, name: str, namespace: str, **_: Any) -> None:
+        """:meth:`on_event` as a coroutine, for kopf: it only marks the object due, so it runs in
+        kopf's event loop and never waits for (nor holds) one of kopf's handler threads."""
+        self.on_event(type, name, namespace)
+
     def fan_out(self, ref_field: str, body: Any, name: str, namespace: str, event_type: str | None,
                 **hints: Any) -> None:
         """Schedule every object whose ``spec.model.<ref_field>`` names the job ``name`` that just changed.
@@ -226,21 +262,39 @@ class Reconciler(Generic[S]):
         Only when the job's outcome changed (deleted, re-created, phase, output, completion),
         not on each of a training run's progress updates.
         """
+        if self._news(ref_field, body, name, namespace, event_type):
+            self._schedule_referrers(ref_field, name, namespace, (body.get("status") or {}).get("phase"), hints)
+
+    async def fan_out_nonblocking(self, ref_field: str, body: Any, name: str, namespace: str,
+                                  event_type: str | None, **hints: Any) -> None:
+        """:meth:`fan_out` for kopf's event handlers: the news check runs in kopf's event loop
+        and the listing, only when there is news, on the sync pool, so the referenced job's
+        own handlers (its spec handler above all) never queue behind it for a handler thread."""
+        if self._news(ref_field, body, name, namespace, event_type):
+            _debouncer().submit(self._schedule_referrers, ref_field, name, namespace,
+                                (body.get("status") or {}).get("phase"), hints)
+
+    def _news(self, ref_field: str, body: Any, name: str, namespace: str, event_type: str | None) -> bool:
+        """Whether this event changes what the job ``name`` yields to objects referencing it."""
         status = body.get("status") or {}
         seen = (event_type == "DELETED", (body.get("metadata") or {}).get("uid"), status.get("phase"),
                 (status.get("output") or {}).get("uri"), status.get("completionTime"))
         key = (ref_field, namespace, name)
         with self._guard:
             if self._seen_inputs.get(key) == seen:
-                return
+                return False
             if event_type == "DELETED":
                 self._seen_inputs.pop(key, None)
             else:
                 self._seen_inputs[key] = seen
+        return True
+
+    def _schedule_referrers(self, ref_field: str, name: str, namespace: str, phase: str | None,
+                            hints: dict[str, Any]) -> None:
         for obj in kube.list_(self.kind, namespace):
             if (((obj.get("spec") or {}).get("model") or {}).get(ref_field) or {}).get("name") == name:
                 log.info("%s %s/%s: %s %s changed (%s); reconciling", self.kind, namespace, obj["metadata"]["name"],
-                         ref_field, name, status.get("phase"))
+                         ref_field, name, phase)
                 self.schedule(namespace, obj["metadata"]["name"], **hints)
 
     # --- the sync ------------------------------------------------------------------------------------
@@ -351,6 +405,15 @@ class Debouncer:
             else:
                 self._due[key] = (due, dict(hints))
             self._cv.notify()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` on the pool now (not debounced); a failure is logged."""
+        def run() -> None:
+            try:
+                fn(*args)
+            except Exception:  # noqa: BLE001 - logged; the next event brings the next try
+                log.exception("%s failed", getattr(fn, "__name__", fn))
+        self._pool.submit(run)
 
     def stop(self) -> None:
         with self._cv:

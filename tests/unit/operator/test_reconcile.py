@@ -33,6 +33,8 @@ class FakeAPI:
         self.events: list[dict] = []
         self.applied: list[dict] = []
         self.refused: set[tuple[str, str]] = set()  # (kind, name) the API server answers 422
+        self.dry_creates: list[tuple[str, str]] = []
+        self.reads: list[tuple[str, str]] = []
         self.status_writes = 0
         self.conflicts = 0
         """Writes still to fail with 409 (another writer got there first)."""
@@ -45,6 +47,7 @@ class FakeAPI:
         self.objects[(kind, obj["metadata"]["namespace"], obj["metadata"]["name"])] = obj
 
     def get(self, kind, namespace, name):
+        self.reads.append((kind, name))
         obj = self.objects.get((kind, namespace, name))
         return copy.deepcopy(obj) if obj else None
 
@@ -66,7 +69,14 @@ class FakeAPI:
         self.put(kind, obj)
         return self.get(kind, namespace, name)
 
-    def create(self, kind, namespace, obj, name=None, subresource=None):
+    def create(self, kind, namespace, obj, name=None, subresource=None, dry_run=False):
+        if dry_run:  # a dry-run create of a child: 409 when the name is taken, 422 when refused
+            self.dry_creates.append((kind, obj["metadata"]["name"]))
+            if (kind, obj["metadata"]["name"]) in self.refused:
+                raise ApiException(status=422, reason="Unprocessable Entity")
+            if (kind, namespace, obj["metadata"]["name"]) in self.objects:
+                raise ApiException(status=409, reason="AlreadyExists")
+            return obj
         self.events.append(obj)
         return obj
 
@@ -196,6 +206,17 @@ def test_a_conflicting_write_is_redone_on_a_fresh_read(api):
     r.forget("ns-rec", "busy")
 
 
+def test_a_conflicting_write_recomputes_the_status_without_applying_the_children_again(api):
+    api.put("QuantizeJob", qj("busy2"))
+    steps = Steps()
+    r = Reconciler(QuantizeJob, validate=quantize_status.validate, step=steps)
+    api.conflicts = 1
+    r.request("ns-rec", "busy2", apply=True, job_hint={"j": 1})
+    assert steps.calls == [{"apply": True, "job_hint": {"j": 1}}, {"job_hint": {"j": 1}}]
+    assert api.status_writes == 1
+    r.forget("ns-rec", "busy2")
+
+
 def test_a_deleted_object_is_forgotten(api):
     forgotten = []
     api.put("QuantizeJob", qj("gone"))
@@ -298,6 +319,37 @@ def test_apply_children_touches_nothing_when_one_name_is_taken(api):
     # Absent or already ours: applied.
     applied = apply_children(owner, [child("ConfigMap", "q-config", data={"a": "1"}), child("Service", "other")])
     assert [a["metadata"]["name"] for a in applied] == ["q-config", "other"]
+
+
+def test_a_fresh_owner_checks_each_child_with_one_dry_run_create_and_reads_nothing(api):
+    owner = {**qj(), "kind": "QuantizeJob"}
+    kids = [child("ConfigMap", "q-config", data={"a": "1"}), child("Job", "q")]
+    applied = apply_children(owner, kids, fresh=True)
+    assert [a["metadata"]["name"] for a in applied] == ["q-config", "q"]
+    assert api.dry_creates == [("ConfigMap", "q-config"), ("Job", "q")]
+    assert api.reads == [("ConfigMap", "q-config"), ("Job", "q")]  # only the fake apply reading back its answers
+
+
+def test_a_fresh_owner_still_never_takes_over_a_foreign_object_nor_creates_anything(api):
+    owner = {**qj(), "kind": "QuantizeJob"}
+    api.put("Service", child("Service", "q", owner_uid=None, spec={"selector": {"app": "theirs"}}))
+    with pytest.raises(ChildConflict) as err:
+        apply_children(owner, [child("ConfigMap", "q-config"), child("Service", "q", spec={"selector": {"app": "ours"}})],
+                       fresh=True)
+    assert str(err.value).startswith("Service q already exists and is not controlled by this QuantizeJob")
+    assert api.applied == [] and api.get("Service", "ns-rec", "q")["spec"] == {"selector": {"app": "theirs"}}
+    api.refused.add(("Job", "q"))
+    with pytest.raises(ChildRefused):
+        apply_children(owner, [child("ConfigMap", "q-config"), child("Job", "q")], fresh=True)
+    assert api.applied == []
+
+
+def test_a_fresh_owner_whose_child_exists_already_reads_it_and_applies_its_own(api):
+    """An operator restarted between the apply and the status write: the child is there and ours."""
+    owner = {**qj(), "kind": "QuantizeJob"}
+    api.put("ConfigMap", child("ConfigMap", "q-config", data={"a": "0"}))
+    applied = apply_children(owner, [child("ConfigMap", "q-config", data={"a": "1"})], fresh=True)
+    assert applied[0]["data"] == {"a": "1"} and ("ConfigMap", "q-config") in api.reads
 
 
 def test_a_child_the_api_server_refuses_leaves_every_child_alone_and_is_an_invalid_spec(api):
