@@ -25,7 +25,10 @@ What a training rank holds, as this runtime trains (``train/trainer.py``, ``stra
 * **logits** - the last stage's vocabulary-sized tensors of one micro-batch (logits, their
   log-softmax saved by the loss, and both gradients in backward).
 
-Each rank first loads the whole model in fp32 (``from_pretrained``, then it is split), so the
+Without gradient accumulation the gradients are freed by each optimizer step and grow back
+as backward frees the activations, so only their excess over the activations counts. On CPU
+(``device="cpu"``, the per-process figure) the whole model as loaded stays resident as well
+(:func:`cpu_terms`). Each rank first loads the whole model in fp32 (``from_pretrained``, then it is split), so the
 peak is the larger of that **load** phase and the **train** phase; on GPUs the load is in host
 memory and the device first receives the rank's whole stage (before FSDP/ZeRO shard it).
 
@@ -313,6 +316,10 @@ def train_terms(arch: Architecture, plan: TrainPlan, stage: int) -> dict[str, in
     t["activations"] = act
     if stage == plan.pipeline - 1:
         t["logits"] = tokens * (logits_bytes_per_token(arch, plan.precision) + 12 * arch.hidden_size)
+    if plan.micro_batches == 1 and plan.pipeline == 1 and zero != 2:
+        # The optimizer step frees the gradients (set_to_none); without accumulation they are
+        # created again as backward frees the activations, so only their excess adds up.
+        t["gradients"] = max(0, t["gradients"] - t["activations"] - t.get("logits", 0))
     return t
 
 
@@ -324,6 +331,13 @@ def frozen_model_terms(arch: Architecture, plan: TrainPlan, stage: int, name: st
     shard = plan.dp if plan.dp > 1 and (plan.strategy == "fsdp" or plan.zero_stage == 3) else 1
     tokens = plan.micro_batch * plan.sequence_length
     return {f"{name} weights": 4 * params // shard, f"{name} logits": tokens * 4 * arch.vocab_size}
+
+
+def cpu_terms(arch: Architecture) -> dict[str, int]:
+    """What a CPU process holds besides the training state: the model as it was loaded. The
+    safetensors file stays mapped (its pages count in the resident set) and the allocator
+    keeps what splitting and sharding free, so the whole fp32 model stays in the peak."""
+    return {"loaded model (cpu)": 4 * arch.total_params}
 
 
 def load_terms(arch: Architecture, plan: TrainPlan, stage: int, device: Device) -> dict[str, int]:
@@ -345,6 +359,8 @@ def estimate_training(arch: Architecture, plan: TrainPlan, device: Device = "cud
         terms = train_terms(arch, plan, stage)
         for term in extra:
             terms.update(term(arch, plan, stage))
+        if device == "cpu":
+            terms.update(cpu_terms(arch))
         load = load_terms(arch, plan, stage, device)
         train_total, load_total = sum(terms.values()), sum(load.values())
         phases = {"train": train_total, "load": load_total}

@@ -265,8 +265,14 @@ class ResourcesSpec(KFModel):
     gpus: int = Field(default=0, ge=0, le=64, description="nvidia.com/gpu per pod (per node for training).")
     cpu: Quantity | None = Field(default=None, description="CPU request and limit, e.g. 8 or 7500m.")
     memory: Quantity | None = Field(default=None, description="Memory request and limit, e.g. 64Gi.")
+    gpu_memory: Quantity | None = Field(
+        default=None,
+        description="Memory of one GPU of the type the pods land on, e.g. 80Gi (else the nodeSelector's "
+        "nvidia.com/gpu.memory label, in MiB, is used). With it the fit check refuses, at admission, a layout "
+        "whose estimated peak per GPU exceeds it and names the nearest one that fits (`kubeforge plan`).",
+    )
 
-    @field_validator("cpu", "memory", mode="before")
+    @field_validator("cpu", "memory", "gpu_memory", mode="before")
     @classmethod
     def _normalise_quantity(cls, v: Any) -> str | None:
         return None if v is None else _quantity_to_str(v)
