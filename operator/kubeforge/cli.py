@@ -73,7 +73,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     failed = False
     for res in resources:
-        report = fit.check(res.kind, res.spec.to_api())
+        try:
+            report = fit.check(res.kind, res.spec.to_api())
+        except ValueError as exc:
+            print(f"error: {res.kind}/{res.name}: spec.{exc}", file=sys.stderr)
+            failed = True
+            continue
         if report.checked and not report.fits:
             print(f"error: {res.kind}/{res.name}: {report.message}", file=sys.stderr)
             failed = True

@@ -42,17 +42,21 @@ KNOWN_ARCHITECTURES: dict[str, fit.Architecture] = {
 }
 KNOWN_MAX_POSITIONS = {"hf://HuggingFaceTB/SmolLM2-135M-Instruct": 8192}
 
-_SUFFIX = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
-           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50}
+_SUFFIX = {"": 1, "m": 10**-3, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
 
 
 def quantity_bytes(q: str | int) -> int:
     """Bytes of a Kubernetes quantity (``80Gi``, ``81920Mi``, ``8e10``, ``85899345920``)."""
-    m = re.fullmatch(r"([0-9.]+)([eE][0-9]+)?([a-zA-Z]*)", str(q).strip())
-    if not m or m.group(3) not in _SUFFIX:
-        raise ValueError(f"{q!r} is not a memory quantity (examples: 80Gi, 81920Mi)")
-    value = float(m.group(1) + (m.group(2) or ""))
-    return int(value * _SUFFIX[m.group(3)])
+    m = re.fullmatch(r"\+?([0-9.]+)([eE][0-9]+)?([a-zA-Z]*)", str(q).strip())
+    try:
+        value = float(m.group(1) + (m.group(2) or "")) * _SUFFIX[m.group(3)] if m else 0.0
+    except (KeyError, ValueError):
+        value = 0.0
+    if value < 1:
+        raise ValueError(f"resources.gpuMemory {q!r}: give the memory of one GPU as a positive quantity "
+                         "(examples: 80Gi, 81920Mi)")
+    return int(value)
 
 
 def gpu_limit(spec: Mapping[str, Any]) -> tuple[int, str] | None:

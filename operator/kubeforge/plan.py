@@ -62,9 +62,14 @@ def render_plans(resources: Iterable[Any], limit: str | None = None, count: int 
         if res.kind not in ("FineTuneJob", "InferenceService"):
             continue
         spec, _ = _limit(res.spec.to_api(), limit)
-        report = (fit.check_finetune(spec, with_alternatives=True) if res.kind == "FineTuneJob"
-                  else fit.check_inference(spec))
         head = f"{res.kind}/{res.name}"
+        try:
+            report = (fit.check_finetune(spec, with_alternatives=True) if res.kind == "FineTuneJob"
+                      else fit.check_inference(spec))
+        except ValueError as exc:
+            console.print(f"[red]{head}: spec.{exc}[/red]", soft_wrap=True)
+            misfit = True
+            continue
         if not report.checked:
             console.print(f"{head}: not estimated: " + (report.warning or "no GPU memory given (resources.gpuMemory, "
                           "a nvidia.com/gpu.memory nodeSelector, or --gpu-memory)"))

@@ -25,6 +25,12 @@ def test_quantity_bytes(q, expected):
     assert fit.quantity_bytes(q) == expected
 
 
+@pytest.mark.parametrize("q", ["-1Gi", "0", "500m", "lots"])
+def test_quantity_that_is_no_memory_size_names_the_field(q):
+    with pytest.raises(ValueError, match="resources.gpuMemory"):
+        fit.quantity_bytes(q)
+
+
 def test_limit_from_gpu_memory_or_the_node_label():
     assert fit.gpu_limit({"resources": {"gpuMemory": "40Gi"}}) == (40 * 2**30, "resources.gpuMemory 40Gi")
     by_label = {"template": {"nodeSelector": {"nvidia.com/gpu.memory": "81559"}}}

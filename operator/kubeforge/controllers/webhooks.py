@@ -168,7 +168,10 @@ def _check_policy(body: Any) -> None:
 
 
 def _check_fit(kind: str, body: Any, warnings: list[str]) -> None:
-    report = fit.check(kind, dict(body.get("spec") or {}))
+    try:
+        report = fit.check(kind, dict(body.get("spec") or {}))
+    except ValueError as exc:  # a quantity the schema lets through but that is no memory size
+        raise kopf.AdmissionError(f"spec.{exc}", code=422) from None
     if report.checked and not report.fits:
         raise kopf.AdmissionError(report.message, code=422)
     if report.warning:
