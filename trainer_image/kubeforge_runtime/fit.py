@@ -52,6 +52,8 @@ Device = Literal["cuda", "cpu"]
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "auto": None}
 ZERO_PREFIX = "deepspeed-zero"
+ZERO_REDUCE_BUCKET = 500_000_000
+"""DeepSpeed's default ``reduce_bucket_size`` (elements), which the runtime's ds_config keeps."""
 LORA_SHAPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -281,8 +283,12 @@ def train_terms(arch: Architecture, plan: TrainPlan, stage: int) -> dict[str, in
     t: dict[str, int] = {}
     t["weights"] = 4 * params // (dp if fsdp or zero == 3 else 1)
     grads = 4 * trainable
-    if fsdp or zero == 3:
+    if fsdp:
         t["gradients"] = grads // dp
+    elif zero == 3 and sharded:
+        # This rank's preallocated gradient partition, plus the flat reduction bucket
+        # (DeepSpeed's reduce_bucket_size, 5e8 elements by default, caps it).
+        t["gradients"] = grads // dp + 4 * min(trainable, ZERO_REDUCE_BUCKET)
     elif zero == 2:
         t["gradients"] = grads + grads // dp  # the flat reduction bucket, then this rank's partition
     elif zero == 1:
@@ -292,7 +298,7 @@ def train_terms(arch: Architecture, plan: TrainPlan, stage: int) -> dict[str, in
     else:
         t["gradients"] = grads
     t["optimizer"] = 8 * trainable // (dp if (fsdp or zero) and sharded else 1)
-    if zero in (1, 2) and sharded:
+    if zero and sharded:
         t["optimizer"] += 4 * trainable // dp  # ZeRO's fp32 copy of its partition
     n_layers = stage_layers(arch, plan.pipeline, stage)
     layer_full = 4 * arch.layer_params // plan.tensor
@@ -316,7 +322,7 @@ def train_terms(arch: Architecture, plan: TrainPlan, stage: int) -> dict[str, in
     t["activations"] = act
     if stage == plan.pipeline - 1:
         t["logits"] = tokens * (logits_bytes_per_token(arch, plan.precision) + 12 * arch.hidden_size)
-    if plan.micro_batches == 1 and plan.pipeline == 1 and zero != 2:
+    if plan.micro_batches == 1 and plan.pipeline == 1 and not (zero in (2, 3) and sharded):
         # The optimizer step frees the gradients (set_to_none); without accumulation they are
         # created again as backward frees the activations, so only their excess adds up.
         t["gradients"] = max(0, t["gradients"] - t["activations"] - t.get("logits", 0))
