@@ -54,7 +54,6 @@ DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, 
 ZERO_PREFIX = "deepspeed-zero"
 ZERO_REDUCE_BUCKET = 500_000_000
 """DeepSpeed's default ``reduce_bucket_size`` (elements), which the runtime's ds_config keeps."""
-LORA_SHAPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -168,15 +167,6 @@ class TrainPlan:
             gradient_checkpointing=bool(tr.get("gradientCheckpointing", False)),
             pipeline_schedule=par.get("pipelineSchedule", "1F1B"),
         )
-
-    def spec_changes(self) -> dict[str, Any]:
-        """This plan as FineTuneJob spec fields (camelCase paths -> values), for messages and patches."""
-        out: dict[str, Any] = {
-            "method": self.method, "parallelism.strategy": self.strategy, "parallelism.tensor": self.tensor,
-            "parallelism.pipeline": self.pipeline, "training.microBatchSize": self.micro_batch,
-            "training.gradientCheckpointing": self.gradient_checkpointing,
-        }
-        return out
 
     @property
     def dp(self) -> int:
