@@ -3,7 +3,8 @@
   kubeforge version              versions of KubeForge and the API it serves
   kubeforge crds                 print the CRDs (``kubeforge crds | kubectl apply -f -``)
   kubeforge operator             run the operator against the current kubeconfig / cluster
-  kubeforge validate -f FILE     check resources against the API models, offline
+  kubeforge validate -f FILE     check resources against the API models and the fit check, offline
+  kubeforge plan -f FILE         the fit check's memory estimate per GPU and the layouts around it
   kubeforge run -f FILE          run resources locally, no cluster (fine-tune -> quantize -> serve)
   kubeforge data check FILE      measure a JSONL training file against the data red lines
   kubeforge audit KIND/NAME      the lineage chain FineTuneJob -> QuantizeJob -> InferenceService
@@ -68,9 +69,35 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    from . import fit
+
+    failed = False
     for res in resources:
-        print(f"{res.kind}/{res.name}: valid")
-    return 0
+        try:
+            report = fit.check(res.kind, res.spec.to_api())
+        except ValueError as exc:
+            print(f"error: {res.kind}/{res.name}: spec.{exc}", file=sys.stderr)
+            failed = True
+            continue
+        if report.checked and not report.fits:
+            print(f"error: {res.kind}/{res.name}: {report.message}", file=sys.stderr)
+            failed = True
+            continue
+        print(f"{res.kind}/{res.name}: valid" + (f" (estimated peak {fit.gib(report.estimate.peak)} per GPU)"
+                                                  if report.checked and report.estimate else ""))
+    return 1 if failed else 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from .manifests import ManifestError, load_resources
+    from .plan import render_plans
+
+    try:
+        resources = load_resources(args.filename)
+    except ManifestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return render_plans(resources, limit=args.gpu_memory, count=args.alternatives)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -280,6 +307,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="validate KubeForge resources in a YAML file, offline")
     p.add_argument("-f", "--filename", required=True)
     p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("plan", help="print the fit check's memory estimate per GPU and alternative layouts",
+                       description="For each FineTuneJob and InferenceService in FILE: the estimated peak memory "
+                       "per GPU by term, the limit (resources.gpuMemory, the nodeSelector's nvidia.com/gpu.memory, "
+                       "or --gpu-memory) and, for training, the nearest alternative layouts with their estimates. "
+                       "Exit 0: everything fits or no limit is known; 1: something does not fit.")
+    p.add_argument("-f", "--filename", required=True)
+    p.add_argument("--gpu-memory", default=None, help="compare with this memory per GPU (e.g. 24Gi) when the spec "
+                   "gives none")
+    p.add_argument("--alternatives", type=int, default=8, help="alternative layouts shown (default 8)")
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("run", help="run resources locally, no cluster (fine-tune -> quantize -> serve)")
     p.add_argument("-f", "--filename", required=True, help="YAML with one or more KubeForge resources")

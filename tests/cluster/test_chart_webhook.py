@@ -183,3 +183,43 @@ def test_chart_certificate_is_installed_and_kept_across_upgrades(cluster):
         helm("uninstall", "kfwh", "-n", ns, "--wait=false", env=env, check=False)
         for n in (ns, watched):
             cluster.kubectl("delete", "namespace", n, "--wait=false")
+
+
+SMOLLM = "hf://HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_fit_check_refuses_with_a_layout_that_is_then_admitted(cluster, webhook):
+    """A full fine-tune of the embedded model that cannot fit a 4 GiB GPU is refused with the
+    estimate, the limit and the nearest layout that fits; that layout, applied as the message
+    says, is admitted. The same through the nodeSelector's nvidia.com/gpu.memory label, and for
+    an InferenceService whose KV cache cannot fit."""
+    from kubeforge.fit import apply_changes, suggested_changes
+
+    ns = webhook
+    spec = {**FINETUNE, "model": {"uri": SMOLLM}, "method": "full", "resources": {"gpus": 1, "gpuMemory": "4Gi"},
+            "dataset": {"uri": "pvc://data/train.jsonl", "sequenceLength": 1024},
+            "training": {"microBatchSize": 8, "globalBatchSize": 8}}
+    out = apply(cluster, ns, resource("FineTuneJob", "too-big", spec))
+    assert out.returncode != 0, out.stdout
+    assert "spec.resources: this layout does not fit: estimated peak" in out.stderr, out.stderr
+    assert "exceeds 4.00 GiB (resources.gpuMemory 4Gi)" in out.stderr and "the nearest layout that fits" in out.stderr
+    changes = suggested_changes(out.stderr.strip().rstrip("\n"))
+    assert changes, out.stderr
+    fixed = apply_changes(spec, changes)
+    out = apply(cluster, ns, resource("FineTuneJob", "fits", fixed))
+    assert out.returncode == 0, out.stderr
+
+    by_label = {**spec, "resources": {"gpus": 1}, "template": {"nodeSelector": {"nvidia.com/gpu.memory": "4096"}}}
+    out = apply(cluster, ns, resource("FineTuneJob", "too-big-label", by_label), dry_run=True)
+    assert out.returncode != 0 and "nvidia.com/gpu.memory=4096 MiB" in out.stderr, out.stderr
+
+    # A model the webhook cannot know is admitted, with a warning saying the preflight checks it.
+    unknown = {**spec, "model": {"uri": "hf://acme/unknown"}, "output": {"uri": "pvc://models/unknown"}}
+    out = apply(cluster, ns, resource("FineTuneJob", "unknown", unknown), dry_run=True)
+    assert out.returncode == 0 and "fit not checked at admission" in out.stderr, out.stderr
+
+    serve = {"model": {"uri": SMOLLM}, "resources": {"gpus": 1, "gpuMemory": "1Gi"}}
+    out = apply(cluster, ns, resource("InferenceService", "kv-too-big", serve))
+    assert out.returncode != 0 and "spec.engine: this engine does not fit" in out.stderr, out.stderr
+    fixed_serve = apply_changes(serve, suggested_changes(out.stderr.strip()))
+    assert apply(cluster, ns, resource("InferenceService", "kv-fits", fixed_serve), dry_run=True).returncode == 0

@@ -86,6 +86,11 @@ S3_ENV = S3_CREDENTIAL_ENV + ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
 """What ``spec.storage.s3`` sets on workload pods: the credentials, ``endpoint`` as
 ``AWS_ENDPOINT_URL`` (an S3-compatible store) and ``region`` as ``AWS_DEFAULT_REGION``. With
 ``storage.s3`` set, ``template.env`` may not set them too."""
+ENV_GPU_MEMORY = "KUBEFORGE_GPU_MEMORY"
+"""Bytes of one GPU's memory, set on FineTuneJob workers from ``resources.gpuMemory`` (or the
+nodeSelector's ``nvidia.com/gpu.memory``) followed by the source in parentheses, e.g.
+``85899345920 (resources.gpuMemory 80Gi)``: the preflight's fit check (``fit.py``) compares
+its estimate with it once the model's config.json is local, and exits 78 when it does not fit."""
 ENV_STAGING_DIR = "KUBEFORGE_STAGING_DIR"
 """Where ``s3://`` outputs and checkpoints are written before they are uploaded (default under
 ``$HOME``, i.e. the workspace volume)."""

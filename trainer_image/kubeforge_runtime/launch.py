@@ -22,6 +22,9 @@ change; the Job's podFailurePolicy can then fail the Job at once. Checks:
 * the newest checkpoint in the checkpoint directory (for s3://, the newest remote state file), if any, is this run's (same job, base
   model, dataset, method and LoRA shape; ``train/checkpoint.py``): another run's is refused
   before torchrun starts, so nothing is loaded and no checkpoint is pruned.
+* with ``$KUBEFORGE_GPU_MEMORY``, the fit check (``fit.py``): the layout's estimated peak per
+  GPU, from the model's config.json, within that memory (the webhook checks only the models
+  it knows without downloading them);
 * last, the data red lines of ``dataset.checks`` (``datacheck.py``), measured on the training
   file with the model's tokenizer. A crossed line exits 78 too, but the termination log gets a
   ``DataQualityReport`` JSON (measurements, thresholds, violations, message) that the operator
@@ -124,7 +127,34 @@ def preflight(config_path: str, command: list[str]) -> None:
         ParallelDims(world_size=world, tp=cfg.parallelism.tensor, pp=cfg.parallelism.pipeline,
                      global_batch_size=t.globalBatchSize, micro_batch_size=t.microBatchSize,
                      pipeline_schedule=cfg.parallelism.pipelineSchedule, model=shape)
+    check_fit(cfg, hf_cfg.to_dict(), command)
     check_data(cfg, model_dir)
+
+
+def check_fit(cfg: TrainConfig, hf_config: dict, command: list[str]) -> None:
+    """The fit check the webhook makes for models it knows, here for every model: with
+    ``$KUBEFORGE_GPU_MEMORY``, a layout whose estimated peak per GPU exceeds it is a
+    ConfigError naming the estimate, the limit and the nearest layout that fits."""
+    from . import fit
+    from .train.config import ConfigError
+
+    raw = os.environ.get(contract.ENV_GPU_MEMORY, "").strip()
+    if not raw or not command:
+        return
+    value, _, source = raw.partition(" ")
+    nnodes = (_flag(command, "--nnodes") or os.environ.get("PET_NNODES") or "1").split(":")[0]
+    nproc = _flag(command, "--nproc-per-node", "--nproc_per_node") or os.environ.get("PET_NPROC_PER_NODE") or "1"
+    if not (value.isdigit() and nnodes.isdigit() and nproc.isdigit()):
+        return
+    limit, source = int(value), source.strip("()") or contract.ENV_GPU_MEMORY
+    arch = fit.Architecture.from_hf_config(hf_config)
+    # The fewest nodes shard least: the most memory per GPU (as the webhook judges nodes.min).
+    plan = fit.TrainPlan.from_spec(cfg.model_dump(), world=int(nnodes) * int(nproc))
+    est = fit.estimate_training(arch, plan)
+    if est.peak > limit:
+        raise ConfigError("spec.resources: " + fit.misfit_message("this layout", est, limit, source,
+                                                                 fit.nearest_fit(arch, plan, limit)))
+    log.info("fit check: estimated peak %s per GPU within %s (%s)", fit.gib(est.peak), fit.gib(limit), source)
 
 
 def check_data(cfg: TrainConfig, model_dir: Path) -> None:

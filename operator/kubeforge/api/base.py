@@ -276,8 +276,14 @@ class ResourcesSpec(KFModel):
         default=None, description="Size limit of training pods' memory-backed /dev/shm (it counts against the "
                                   "pod's memory). Defaults to the operator's setting (the chart's "
                                   "workloadDefaults.sharedMemorySize, 8Gi).")
+    gpu_memory: Quantity | None = Field(
+        default=None,
+        description="Memory of one GPU of the type the pods land on, e.g. 80Gi (else the nodeSelector's "
+        "nvidia.com/gpu.memory label, in MiB, is used). With it the fit check refuses, at admission, a layout "
+        "whose estimated peak per GPU exceeds it and names the nearest one that fits (`kubeforge plan`).",
+    )
 
-    @field_validator("cpu", "memory", "workspace_size", "shared_memory_size", mode="before")
+    @field_validator("cpu", "memory", "workspace_size", "shared_memory_size", "gpu_memory", mode="before")
     @classmethod
     def _normalise_quantity(cls, v: Any) -> str | None:
         return None if v is None else _quantity_to_str(v)

@@ -162,7 +162,16 @@ def worker_env(name: str, namespace: str, uid: str, spec: FineTuneJobSpec) -> li
         {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
         {"name": contract.ENV_METRICS_PORT, "value": str(contract.DEFAULT_METRICS_PORT)},
         *common.storage_env(spec.storage),
+        *gpu_memory_env(spec),
     ]
+
+
+def gpu_memory_env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
+    """``$KUBEFORGE_GPU_MEMORY`` for the preflight's fit check, when the spec gives a limit."""
+    from .. import fit
+
+    limit = fit.gpu_limit(spec.to_api())
+    return [{"name": contract.ENV_GPU_MEMORY, "value": f"{limit[0]} ({limit[1]})"}] if limit else []
 
 
 def pod_failure_policy() -> dict[str, Any]:

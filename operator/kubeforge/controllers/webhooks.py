@@ -17,6 +17,12 @@ CEL sees one object; these checks need the other KubeForge resources in the name
   from ``valueFrom.secretKeyRef``: a literal value would sit in etcd, in every GitOps
   repository and in ``kubectl get -o yaml`` output. (CEL could express this one; it lives here
   with the other policy checks so that one place explains every admission refusal.)
+* **The layout fits the GPUs.** With ``resources.gpuMemory`` (or a nodeSelector pinning
+  ``nvidia.com/gpu.memory``) and a model whose architecture the operator knows, a FineTuneJob
+  whose estimated peak per GPU exceeds that memory is refused with the estimate, the limit
+  and the nearest layout that fits; an InferenceService likewise with the engine settings
+  that fit (:mod:`kubeforge.fit`). An unknown model is admitted with a warning (the
+  preflight checks it once the model is local).
 * **The platform's workload policy.** ``spec.template`` may pass through only the volume
   types, image and ServiceAccount the platform allows (:mod:`kubeforge.api.policy`, read from
   the operator's settings, i.e. the chart's ``workloadPolicy`` values); every refused field
@@ -60,6 +66,7 @@ import kopf
 
 from kubeforge_runtime import contract
 
+from .. import fit
 from ..api import KINDS, FineTuneJob, InferenceService, QuantizeJob
 from ..api import policy
 from ..api.size import SPEC_BUDGET_BYTES, size_problem, spec_size  # noqa: F401  (re-exported)
@@ -194,6 +201,17 @@ def _check_policy(body: Any) -> None:
         raise kopf.AdmissionError("; ".join(problems), code=422)
 
 
+def _check_fit(kind: str, body: Any, warnings: list[str]) -> None:
+    try:
+        report = fit.check(kind, dict(body.get("spec") or {}))
+    except ValueError as exc:  # a quantity the schema lets through but that is no memory size
+        raise kopf.AdmissionError(f"spec.{exc}", code=422) from None
+    if report.checked and not report.fits:
+        raise kopf.AdmissionError(report.message, code=422)
+    if report.warning:
+        warnings.append(report.warning)
+
+
 def _check_outputs(kind: str, namespace: str, body: Any) -> None:
     problems = output_conflicts(kind, body["metadata"].get("name", ""), dict(body.get("spec") or {}),
                                 cache.jobs(namespace))
@@ -213,13 +231,15 @@ def _check_reference(namespace: str, ref_kind: str, ref: dict[str, Any] | None, 
 
 
 @kopf.on.validate(*FineTuneJob.resource(), id=FINETUNE_WEBHOOK, operations=OPERATIONS)
-def validate_finetunejob(body: Any, old: Any, new: Any, operation: str | None, **_: Any) -> None:
+def validate_finetunejob(body: Any, old: Any, new: Any, operation: str | None,
+                         warnings: list[str], **_: Any) -> None:
     if _skip(operation, body, old, new):
         return
     namespace = object_namespace(body, old)
     _check_size(body)
     _check_secrets(body)
     _check_policy(body)
+    _check_fit("FineTuneJob", body, warnings)
     _check_outputs("FineTuneJob", namespace, body)
 
 
@@ -250,3 +270,4 @@ def validate_inferenceservice(body: Any, old: Any, new: Any, operation: str | No
     model = spec.get("model") or {}
     _check_reference(namespace, "FineTuneJob", model.get("fineTuneJobRef"), warnings)
     _check_reference(namespace, "QuantizeJob", model.get("quantizeJobRef"), warnings)
+    _check_fit("InferenceService", body, warnings)

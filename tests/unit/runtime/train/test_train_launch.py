@@ -365,3 +365,15 @@ def test_a_real_run_through_the_gate_trains_on_the_parseable_records_and_reports
     lineage = json.loads((run.out / models.LINEAGE_FILE).read_text())
     assert lineage["dataset"]["quality"] == quality
     assert lineage["dataset"]["trainRecords"] + lineage["dataset"]["validationRecords"] == 60
+
+
+def test_fit_check_with_the_gpu_memory_the_operator_passes(check, cfg: dict[str, Any]) -> None:
+    """$KUBEFORGE_GPU_MEMORY: the preflight estimates the peak from the local config.json and
+    refuses (78) a layout that cannot fit, naming the estimate, the limit and a layout that fits."""
+    full = merge(cfg, {"method": "full", "training": {"microBatchSize": 4, "globalBatchSize": 8}})
+    code, err = check(full, *TORCHRUN, env={contract.ENV_GPU_MEMORY: "2000000 (resources.gpuMemory 2000000)"})
+    assert code == contract.EXIT_CONFIG_ERROR, err
+    assert "spec.resources: this layout does not fit: estimated peak" in err
+    assert "exceeds 0.00 GiB (resources.gpuMemory 2000000)" in err and "the nearest layout that fits" in err
+    with pytest.raises(AssertionError, match="tried to exec"):  # fits: the preflight passes on to torchrun
+        check(full, *TORCHRUN, env={contract.ENV_GPU_MEMORY: f"{80 * 2**30} (resources.gpuMemory 80Gi)"})
