@@ -266,6 +266,13 @@ DATACHECK_BACKOFF_LIMIT = 2
 failed after its own retries). Exit 78 fails the gate at once (podFailurePolicy)."""
 
 
+def needs_data_gate(spec: FineTuneJobSpec) -> bool:
+    """Whether ``spec.dataset.checks`` sets any red line. The CRD defaults ``checks`` to ``{}``
+    (every optional object gets its defaults), so "set" means a threshold, not the object."""
+    checks = spec.dataset.checks
+    return checks is not None and any(v is not None for v in checks.model_dump().values())
+
+
 def datacheck_job(name: str, namespace: str, uid: str, spec: FineTuneJobSpec) -> dict[str, Any]:
     """The data gate: one pod running ``launch --data-check`` on the workers' config."""
     n = Names.of(name)

@@ -378,3 +378,10 @@ def test_longest_name_still_gives_a_valid_gate_job_name():
     name = "a" * fb.MAX_NAME_LENGTH
     assert fb.name_problem(name) is None
     assert len(fb.Names.of(name).datacheck) <= 63
+
+
+def test_only_a_set_red_line_needs_the_gate():
+    """The CRD defaults dataset.checks to {} on the cluster: an empty object is no gate."""
+    assert not fb.needs_data_gate(spec())
+    assert not fb.needs_data_gate(spec(dataset={"uri": "s3://d/t.jsonl", "checks": {}}))
+    assert fb.needs_data_gate(spec(dataset={"uri": "s3://d/t.jsonl", "checks": {"minRecords": 1}}))
