@@ -251,7 +251,17 @@ def test_passing_data_gate_records_the_measurements_then_creates_the_workers(env
     checks = {"maxDuplicateShare": 0.5, "maxLabelImbalance": 10, "minRecords": 4}
     env.apply(ftj("cleandata", dataset={"uri": "s3://data/train.jsonl", "format": "prompt-completion",
                                         "checks": checks}))
-    gate_pod = _gate_pod_running(env, "cleandata")
+    first = _gate_pod_running(env, "cleandata")
+    assert env.get("job", "cleandata") is None
+    # A gate Job deleted before it decided is put back (not a job stuck Pending).
+    uid = env.get("job", "cleandata-datacheck")["metadata"]["uid"]
+    env.delete("job", "cleandata-datacheck")
+    wait_for(lambda: (j := env.get("job", "cleandata-datacheck")) and j["metadata"]["uid"] != uid, 60,
+             what="the gate Job re-created")
+    gate_pod = wait_for(lambda: next((p for p in env.gate_pods("cleandata")
+                                      if p["metadata"]["uid"] != first["metadata"]["uid"]
+                                      and p["status"].get("phase") == "Running"), None), 60,
+                        what="the new gate pod running")
     assert env.get("job", "cleandata") is None
     report = datacheck.check_file(_red_line_file(tmp_path), "prompt-completion", checks)
     assert report.passed
@@ -268,7 +278,7 @@ def test_passing_data_gate_records_the_measurements_then_creates_the_workers(env
     # (Events are ordered to the second only; the order within one sync is the unit tests'.)
     assert {"DataCheckPassed", "Created", "Running"} <= set(env.event_reasons("cleandata"))
     # The gate's pod is done; only the workers are running.
-    assert env.gate_pods("cleandata") == [] and len(env.gate_pods("cleandata", active_only=False)) == 1
+    assert env.gate_pods("cleandata") == []
     env.delete("finetunejob", "cleandata")
 
 

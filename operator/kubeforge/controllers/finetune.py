@@ -145,8 +145,9 @@ def _step(obj: dict[str, Any], spec: FineTuneJobSpec, *, apply: bool = False) ->
     if apply and terminal:
         # A finished job is never resurrected: its children stay as they ended.
         log.info("FineTuneJob %s/%s is %s; not touching its children", namespace, name, prev.get("phase"))
-    elif apply or (gate is not None and gate.passed):
+    elif apply or (gate is not None and gate.state in ("Passed", "Pending")):
         # The gate's pass is seen once (then recorded in DataChecked): create the workers now.
+        # A gate Job gone before it decided (deleted by hand?) is put back.
         apply_children(obj, spec, workers=gate is None or gate.passed)
     names = builder.Names.of(name)
     job = kube.get("Job", namespace, names.job)
