@@ -43,6 +43,10 @@ elseif phase == "Suspended" then
   hs.message = "Suspended"
 else
   hs.message = phase
+  local checked = condition(st, "DataChecked")
+  if checked ~= nil and checked.status == "Unknown" and checked.message ~= nil then
+    hs.message = phase .. ": " .. checked.message
+  end
   local p = st.progress
   if p ~= nil and p.step ~= nil then
     hs.message = hs.message .. ": step " .. tostring(p.step)

@@ -8,6 +8,7 @@ with an exit code by annotation, and disruptions go through the real Eviction AP
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -70,6 +71,9 @@ def test_two_node_job_gets_service_configmap_job_and_runs_on_gpu_nodes(env: Env)
     conds = {c["type"]: c for c in st["conditions"]}
     assert conds["Accepted"]["status"] == conds["Created"]["status"] == conds["Running"]["status"] == "True"
     assert {"Created", "Running"} <= set(env.event_reasons("basic"))
+    # Without spec.dataset.checks there is no data gate: nothing to wait for, nothing to pay.
+    assert env.get("job", "basic-datacheck") is None
+    assert not any(c["type"] == "DataChecked" for c in st["conditions"])
     # Give the two whole GPU nodes back (the other tests' workers take one GPU each).
     env.delete("finetunejob", "basic")
 
@@ -174,44 +178,108 @@ def test_configuration_error_exit_code_fails_the_job_at_once(env: Env):
     assert "ConfigurationError" in env.event_reasons("badconfig")
 
 
-def test_crossed_data_red_line_fails_the_job_with_data_quality_failed(env: Env, tmp_path):
-    """kwok plays the kubelet, so the pods never run the preflight: the message a worker ends
-    with is the one the preflight writes, produced here by the runtime's own datacheck on a real
-    file (tests/unit/runtime/train/test_train_launch.py runs the preflight itself as a process)."""
+def _red_line_file(tmp_path) -> str:
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{i % 7}", "completion": "yes" if i % 10 else "no"}) + "\n"
+                            for i in range(10)))
+    return str(path)
+
+
+def _gate_pod_running(env: Env, name: str) -> dict:
+    return wait_for(lambda: (p := env.gate_pods(name)) and p[0]["status"].get("phase") == "Running" and p[0], 60,
+                    what=f"{name}'s data check pod running")
+
+
+def test_crossed_data_red_line_fails_the_job_before_any_worker_is_created(env: Env, tmp_path):
+    """With spec.dataset.checks the operator first runs one small CPU pod, the data gate; a
+    crossed line fails the FineTuneJob with DataQualityFailed and no worker Job, Service or pod
+    ever exists. kwok plays the kubelet, so the pod never runs its command: the message it ends
+    with is the one ``launch --data-check`` writes, produced here by the runtime's own datacheck
+    on a real file (tests/unit/runtime/train/test_train_launch.py runs that entry point itself)."""
     from kubeforge_runtime import datacheck
 
     checks = {"maxDuplicateShare": 0.1, "maxLabelImbalance": 3, "minRecords": 4}
     env.apply(ftj("dirtydata", backoffLimit=5,
                   dataset={"uri": "s3://data/train.jsonl", "format": "prompt-completion", "checks": checks}))
-    env.wait_running("dirtydata")
-    # The thresholds reach the pods' config as the spec has them.
+    gate_pod = _gate_pod_running(env, "dirtydata")
+    st = env.wait_phase("dirtydata", "Pending", 30)
+    checked = next(c for c in st["conditions"] if c["type"] == "DataChecked")
+    assert checked["status"] == "Unknown" and checked["reason"] == "DataCheckRunning"
+    assert next(c for c in st["conditions"] if c["type"] == "Created")["reason"] == "WaitingForDataCheck"
+    # One small pod without a GPU, hardened like the workers, covered by the workers' NetworkPolicy.
+    (c,) = gate_pod["spec"]["containers"]
+    assert c["command"][-1] == "--data-check" and "nvidia.com/gpu" not in json.dumps(c["resources"])
+    assert c["securityContext"]["runAsNonRoot"] is True and gate_pod["spec"]["automountServiceAccountToken"] is False
+    policy = env.get("networkpolicy", "dirtydata")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= gate_pod["metadata"]["labels"].items()
+    # The thresholds reach the gate's config as the spec has them.
     rendered = json.loads(env.get("configmap", "dirtydata-config")["data"]["config.json"])
     assert rendered["dataset"]["checks"] == checks
-    path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"q{i % 7}", "completion": "yes" if i % 10 else "no"}) + "\n"
-                            for i in range(10)))
-    report = datacheck.check_file(path, "prompt-completion", checks)
+    assert env.get("job", "dirtydata") is None and env.get("service", "dirtydata") is None
+
+    report = datacheck.check_file(_red_line_file(tmp_path), "prompt-completion", checks)
     assert [v.check for v in report.violations] == ["maxDuplicateShare", "maxLabelImbalance"]
-    env.exit_pod(env.pods("dirtydata")[0], contract.EXIT_CONFIG_ERROR, report.termination_report())
+    env.exit_pod(gate_pod, contract.EXIT_CONFIG_ERROR, report.termination_report())
 
     st = env.wait_phase("dirtydata", "Failed", 60)
     failed = next(c for c in st["conditions"] if c["type"] == "Failed")
     assert failed["status"] == "True" and failed["reason"] == "DataQualityFailed"
-    assert "exited with code 78 before training" in failed["message"]
+    assert "before any worker was created" in failed["message"]
     assert "duplicateShare 0.2 is above the threshold 0.1" in failed["message"]
     assert "labelImbalance 9 is above the threshold 3" in failed["message"]
     dq = st["result"]["dataQuality"]
     assert dq["passed"] is False and dq["thresholds"] == checks
     assert dq["measurements"]["duplicateShare"] == 0.2 and dq["measurements"]["labelImbalance"] == 9
     assert dq["measurements"]["records"] == 10 and len(dq["violations"]) == 2
-    assert "DataQualityFailed" in env.event_reasons("dirtydata")
-    # The podFailurePolicy failed the Job: no worker is replaced although backoffLimit is 5,
-    # and nothing counts as a restart.
+    reasons = env.event_reasons("dirtydata")
+    assert "DataQualityFailed" in reasons and "Created" not in reasons
+    # The podFailurePolicy failed the gate at once (no retry of exit 78)...
     wait_for(lambda: any(c["type"] == "Failed" and c["status"] == "True"
-                         for c in env.get("job", "dirtydata")["status"].get("conditions", [])), 60, what="Job failed")
-    assert env.pods("dirtydata") == []
-    assert len(env.pods("dirtydata", active_only=False)) <= 2
-    assert not st.get("restarts")
+                         for c in env.get("job", "dirtydata-datacheck")["status"].get("conditions", [])), 60,
+             what="gate Job failed")
+    assert len(env.gate_pods("dirtydata", active_only=False)) == 1
+    # ...and no worker ever: no Job, no Service, no worker pod, then or a while later.
+    time.sleep(2)
+    assert env.get("job", "dirtydata") is None and env.get("service", "dirtydata") is None
+    assert env.pods("dirtydata", active_only=False) == []
+    assert not st.get("restarts") and env.status("dirtydata")["phase"] == "Failed"
+
+
+def test_passing_data_gate_records_the_measurements_then_creates_the_workers(env: Env, tmp_path):
+    from kubeforge_runtime import datacheck
+
+    checks = {"maxDuplicateShare": 0.5, "maxLabelImbalance": 10, "minRecords": 4}
+    env.apply(ftj("cleandata", dataset={"uri": "s3://data/train.jsonl", "format": "prompt-completion",
+                                        "checks": checks}))
+    first = _gate_pod_running(env, "cleandata")
+    assert env.get("job", "cleandata") is None
+    # A gate Job deleted before it decided is put back (not a job stuck Pending).
+    uid = env.get("job", "cleandata-datacheck")["metadata"]["uid"]
+    env.delete("job", "cleandata-datacheck")
+    wait_for(lambda: (j := env.get("job", "cleandata-datacheck")) and j["metadata"]["uid"] != uid, 60,
+             what="the gate Job re-created")
+    gate_pod = wait_for(lambda: next((p for p in env.gate_pods("cleandata")
+                                      if p["metadata"]["uid"] != first["metadata"]["uid"]
+                                      and p["status"].get("phase") == "Running"), None), 60,
+                        what="the new gate pod running")
+    assert env.get("job", "cleandata") is None
+    report = datacheck.check_file(_red_line_file(tmp_path), "prompt-completion", checks)
+    assert report.passed
+    env.exit_pod(gate_pod, 0, report.termination_report())
+
+    st = env.wait_running("cleandata", timeout=90)
+    checked = next(c for c in st["conditions"] if c["type"] == "DataChecked")
+    assert checked["status"] == "True" and checked["reason"] == "DataCheckPassed"
+    assert "labelImbalance 9" in checked["message"]
+    dq = st["result"]["dataQuality"]
+    assert dq["passed"] is True and dq["violations"] == [] and dq["thresholds"] == checks
+    assert dq["measurements"]["records"] == 10 and dq["measurements"]["labelImbalance"] == 9
+    assert env.get("service", "cleandata") is not None and len(env.pods("cleandata")) == 2
+    # (Events are ordered to the second only; the order within one sync is the unit tests'.)
+    assert {"DataCheckPassed", "Created", "Running"} <= set(env.event_reasons("cleandata"))
+    # The gate's pod is done; only the workers are running.
+    assert env.gate_pods("cleandata") == []
+    env.delete("finetunejob", "cleandata")
 
 
 def test_backoff_limit_exceeded_fails_the_job(env: Env):

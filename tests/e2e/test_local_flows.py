@@ -6,8 +6,9 @@
 * ``kubeforge run -f examples/pipeline.yaml`` - the README's main job - fine-tunes the
   embedded SmolLM2-135M-Instruct with LoRA, quantizes it to int8 and serves it: the held-out
   accuracy rises to at least 90 % and by at least 20 points, the quantized model keeps it,
-  a positive and a negative review get different, right answers, and the data red lines and
-  redaction counts are reported;
+  a positive and a negative review get different, right answers, the data red lines and
+  redaction counts are reported, and ``kubeforge audit`` prints the verified chain of the
+  three resources;
 * each starter (classification, question answering, code generation) runs end to end with
   short settings, and its held-out metric rises.
 """
@@ -110,6 +111,15 @@ def test_main_job_runs_the_whole_chain(tmp_path: Path):
     # The two sample reviews (one positive, one negative) got different, right answers.
     answers = out.stdout.strip().splitlines()[-2:]
     assert answers == ["positive", "negative"], out.stdout[-2000:]
+    # The audit chain of the main job's three resources, from this run's outputs (README "Audit").
+    audit = subprocess.run([sys.executable, "-m", "kubeforge", "audit", "inferenceservice/sentiment",
+                            "-f", str(REPO / "examples" / "pipeline.yaml"), "--workdir", str(tmp_path)],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    chain = audit.stdout
+    assert (chain.index("FineTuneJob default/sentiment-ft") < chain.index("QuantizeJob default/sentiment-int8")
+            < chain.index("InferenceService default/sentiment")), chain
+    assert chain.count("digests verified") == 2 and "after redaction sha256:" in chain, chain
 
 
 SHORT = {"maxSteps": 12}

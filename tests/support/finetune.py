@@ -76,11 +76,23 @@ class Env:
         return (obj or {}).get("status") or {}
 
     def pods(self, name: str, active_only: bool = True) -> list[dict[str, Any]]:
+        """The worker pods (they carry a completion index; the data gate's pod does not), by index."""
+        items = [p for p in self._all_pods(name, active_only)
+                 if "batch.kubernetes.io/job-completion-index" in (p["metadata"].get("annotations") or {})]
+        return sorted(items, key=lambda p: int(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]))
+
+    def gate_pods(self, name: str, active_only: bool = True) -> list[dict[str, Any]]:
+        """The pods of the data gate Job ``<name>-datacheck``, oldest first."""
+        items = [p for p in self._all_pods(name, active_only) if (p["metadata"].get("labels") or {}).get("job-name")
+                 == f"{name}-datacheck"]
+        return sorted(items, key=lambda p: p["metadata"]["creationTimestamp"])
+
+    def _all_pods(self, name: str, active_only: bool) -> list[dict[str, Any]]:
         items = get_json(self.cluster, "-n", self.namespace, "pods", "-l", f"kubeforge.io/finetunejob={name}")["items"]
         if active_only:
             items = [p for p in items if p["status"].get("phase") in ("Pending", "Running")
                      and not p["metadata"].get("deletionTimestamp")]
-        return sorted(items, key=lambda p: int(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]))
+        return items
 
     def condition(self, name: str, type_: str) -> dict[str, Any] | None:
         return next((c for c in self.status(name).get("conditions", []) if c["type"] == type_), None)

@@ -73,6 +73,11 @@ def test_finetunejob():
                  progress={"step": 40, "totalSteps": 100, "loss": 1.234567})
     assert health("FineTuneJob", running) == ("Progressing", "Running: step 40/100, loss 1.2346")
     assert health("FineTuneJob", ft(phase="Pending")) == ("Progressing", "Pending")
+    gating = ft(phase="Pending", conditions=[cond("DataChecked", "Unknown", "DataCheckRunning",
+                                                  "checking spec.dataset.checks on the training data")])
+    assert health("FineTuneJob", gating) == ("Progressing", "Pending: checking spec.dataset.checks on the training data")
+    gated = ft(phase="Failed", conditions=[cond("Failed", "True", "DataQualityFailed", "minRecords: records 9 ...")])
+    assert health("FineTuneJob", gated) == ("Degraded", "Failed: minRecords: records 9 ...")
     assert health("FineTuneJob", ft(phase="Restarting"))[0] == "Progressing"
     assert health("FineTuneJob", ft(phase="Suspended")) == ("Suspended", "Suspended")
     done = ft(phase="Succeeded", output={"uri": "pvc://models/out"}, conditions=[cond("Succeeded", "True")])

@@ -173,3 +173,18 @@ def test_api_has_no_field_for_a_secret_value(spec):
             if SECRET_NAMES.search(name):
                 types = {field.annotation, *typing.get_args(field.annotation)}
                 assert types & {SecretKeyRef, SecretRef}, f"{model.__name__}.{name} must be a SecretKeyRef or SecretRef"
+
+
+def test_the_data_gate_pod_is_restricted_tokenless_and_bounded():
+    """The FineTuneJob's data gate (spec.dataset.checks) is a workload pod like the others."""
+    from kubeforge.builders import finetune
+
+    spec = FineTuneJobSpec.model_validate({"model": {"uri": "pvc://models/base"},
+                                           "dataset": {"uri": "pvc://data/t.jsonl", "checks": {"minRecords": 10}},
+                                           "output": {"uri": "pvc://models/out"}, "resources": {"gpus": 8}})
+    pod = finetune.datacheck_job("ft", "ml", "uid-3", spec)["spec"]["template"]["spec"]
+    assert restricted_violations(pod) == []
+    assert pod["automountServiceAccountToken"] is False
+    (c,) = pod["containers"]
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["resources"]["limits"] == {"memory": "2Gi"} and "nvidia.com/gpu" not in c["resources"]["requests"]

@@ -32,6 +32,12 @@ change; the Job's podFailurePolicy can then fail the Job at once. Checks:
   measurements are logged and handed to the trainer in ``$KUBEFORGE_DATA_QUALITY`` (the
   environment survives the exec), which puts them in its result and the lineage record.
 
+``--data-check`` runs only that last check (no command, no model unless ``maxOverlongShare``
+needs its tokenizer): the FineTuneJob's data gate pod (``<name>-datacheck``, one small CPU pod
+the operator runs before it creates any worker). It writes the ``DataQualityReport`` to the
+termination log whether the data passes (exit 0) or not (exit 78); a config or file it cannot
+use exits 78 with the message as any preflight error, a failed download 1.
+
 The message also goes to ``/dev/termination-log`` when it exists (or to
 ``$KUBEFORGE_REPORT_PATH``), so it shows in the pod's status. When everything passes, the process ``os.execvp``s the command after ``--`` (torchrun
 then is PID 1's replacement and receives the pod's signals directly). Without a command it
@@ -51,6 +57,7 @@ from typing import TYPE_CHECKING
 from . import contract
 
 if TYPE_CHECKING:
+    from . import datacheck
     from .train.config import TrainConfig
 
 log = logging.getLogger("kubeforge_runtime.launch")
@@ -157,23 +164,64 @@ def check_fit(cfg: TrainConfig, hf_config: dict, command: list[str]) -> None:
     log.info("fit check: estimated peak %s per GPU within %s (%s)", fit.gib(est.peak), fit.gib(limit), source)
 
 
+def data_report(cfg: TrainConfig, model_dir: Path | None) -> "datacheck.Report":
+    """Measure the training file against ``dataset.checks`` (which must be set).
+
+    ``model_dir``: the model whose tokenizer the trainer will use, so "overlong" means what
+    training will truncate; None loads it only when ``maxOverlongShare`` is set (the data gate,
+    which should not fetch a model it does not need)."""
+    from . import datacheck, models, storage
+
+    checks = cfg.dataset.checks
+    assert checks is not None
+    tokenizer = None
+    if model_dir is not None:
+        tokenizer = models.load_tokenizer(model_dir)
+    elif checks.maxOverlongShare is not None:
+        tokenizer = models.load_tokenizer(cfg.model.uri)
+    return datacheck.check_file(storage.resolve(cfg.dataset.uri), cfg.dataset.format, checks.model_dump(),
+                                tokenizer=tokenizer, sequence_length=cfg.dataset.sequenceLength)
+
+
 def check_data(cfg: TrainConfig, model_dir: Path) -> None:
     """The ``dataset.checks`` red lines on the training file; raise ``DataQualityError`` when
     one is crossed, else log the measurements and hand them to the exec'd trainer."""
-    from . import datacheck, models, storage
+    from . import datacheck
 
     os.environ.pop(contract.ENV_DATA_QUALITY, None)  # never pass on a value from elsewhere
-    checks = cfg.dataset.checks
-    if checks is None:
+    if cfg.dataset.checks is None:
         return
-    # The tokenizer the trainer will use, so "overlong" means what training will truncate.
-    tokenizer = models.load_tokenizer(model_dir)
-    report = datacheck.check_file(storage.resolve(cfg.dataset.uri), cfg.dataset.format, checks.model_dump(),
-                                  tokenizer=tokenizer, sequence_length=cfg.dataset.sequenceLength)
+    report = data_report(cfg, model_dir)
     if not report.passed:
         raise datacheck.DataQualityError(report)
     log.info("%s", report.message())
     os.environ[contract.ENV_DATA_QUALITY] = json.dumps(report.result(), separators=(",", ":"))
+
+
+def data_gate(config_path: str) -> int:
+    """``--data-check``: only the ``dataset.checks`` red lines, for the operator's data gate pod.
+
+    Writes the :data:`contract.DATA_QUALITY_REPORT_KIND` JSON to the termination log either
+    way (``passed`` true or false) and returns 0 when every line holds, EXIT_CONFIG_ERROR when
+    one is crossed. Raises what :func:`preflight` raises for a config or data file it cannot use.
+    """
+    from .train.config import ConfigError, load_config
+
+    cfg = load_config(config_path)
+    if cfg.dataset.checks is None:
+        raise ConfigError("dataset.checks is not set: the data gate has nothing to check")
+    report = data_report(cfg, None)
+    term = contract.termination_log_path()
+    if term is not None:
+        try:
+            term.write_text(report.termination_report())
+        except OSError:
+            pass
+    if not report.passed:
+        sys.stderr.write(f"kubeforge: {report.message()}\n")
+        return contract.EXIT_CONFIG_ERROR
+    log.info("%s", report.message())
+    return contract.EXIT_OK
 
 
 def _report(message: str, body: str | None = None) -> None:
@@ -198,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kubeforge_runtime.launch",
                                      description="Check a FineTuneJob config, then exec the command after --.")
     parser.add_argument("--config", default=os.path.join(contract.CONFIG_DIR, contract.CONFIG_FILE))
+    parser.add_argument("--data-check", action="store_true",
+                        help="only measure the dataset.checks red lines (the operator's data gate pod); no command")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s launch %(levelname)s: %(message)s")
 
@@ -205,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     from .train.config import ConfigError
 
     try:
+        if args.data_check:
+            if command:
+                parser.error("--data-check runs no command")
+            return data_gate(args.config)
         preflight(args.config, command)
     except datacheck.DataQualityError as exc:
         _report(str(exc), exc.report.termination_report())

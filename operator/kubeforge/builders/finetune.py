@@ -1,4 +1,4 @@
-"""FineTuneJob -> child manifests: headless Service, ConfigMap, Indexed batch/v1 Job.
+"""FineTuneJob -> child manifests: headless Service, ConfigMap, Indexed batch/v1 Job, data gate.
 
 Pure functions, no I/O: called by :mod:`kubeforge.controllers.finetune` (which applies the
 result by server-side apply) and by the unit tests (golden manifests). Same spec in, same
@@ -18,6 +18,13 @@ What the workers look like (the pod side of ``trainer_image/CONTRACT.md``):
 * the podFailurePolicy ignores disruptions (preemption, eviction, node drain: the pod gets
   the ``DisruptionTarget`` condition) so they do not count against ``backoffLimit``, and
   fails the Job at once on the configuration-error exit code.
+
+With ``spec.dataset.checks`` the controller first applies only :func:`gate_children`: the
+ConfigMap and the data gate, a one-pod Job ``<name>-datacheck`` (no GPU, small CPU and memory
+requests, the workers' image, security context, S3 credentials, volumes and pod template
+overrides) that runs ``kubeforge_runtime.launch --data-check``. Its pods carry the job's
+selector labels, so the workers' NetworkPolicy covers them too. The workers (:func:`build`)
+come only once it has passed.
 """
 
 from __future__ import annotations
@@ -73,12 +80,14 @@ class Names:
     job: str
     service: str
     config_map: str
+    datacheck: str
+    """The data gate's Job (``spec.dataset.checks``): at most 52 + 10 characters, a valid label."""
 
     @classmethod
     def of(cls, name: str) -> "Names":
         # The Service must be named exactly like the pods' subdomain, and the pods' host
         # names are <job>-<index>, so Job and Service share the FineTuneJob's name.
-        return cls(job=name, service=name, config_map=f"{name}-config")
+        return cls(job=name, service=name, config_map=f"{name}-config", datacheck=f"{name}-datacheck")
 
 
 def rendezvous_endpoint(name: str) -> str:
@@ -251,6 +260,77 @@ def job(name: str, namespace: str, uid: str, spec: FineTuneJobSpec) -> dict[str,
         "metadata": common.metadata(n.job, namespace, owner, {**tmpl.labels, **lbls}),
         "spec": job_spec,
     }
+
+
+# --- the data gate (spec.dataset.checks) -----------------------------------------------------
+
+DATACHECK_CONTAINER = "datacheck"
+DATACHECK_COMPONENT = "datacheck"
+DATACHECK_RESOURCES: dict[str, Any] = {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "2Gi"}}
+"""The gate parses and measures one JSONL file (and loads a tokenizer for maxOverlongShare):
+a fraction of a core and a little memory, never a GPU. The memory limit bounds a runaway
+parse; a training file of more than a few hundred MB needs more (an OOM-killed gate fails the
+FineTuneJob with reason DataCheckFailed naming exit code 137)."""
+DATACHECK_BACKOFF_LIMIT = 2
+"""Retries of a gate pod that failed other than by a crossed line (exit 1: a download that
+failed after its own retries). Exit 78 fails the gate at once (podFailurePolicy)."""
+
+
+def needs_data_gate(spec: FineTuneJobSpec) -> bool:
+    """Whether ``spec.dataset.checks`` sets any red line. The CRD defaults ``checks`` to ``{}``
+    (every optional object gets its defaults), so "set" means a threshold, not the object."""
+    checks = spec.dataset.checks
+    return checks is not None and any(v is not None for v in checks.model_dump().values())
+
+
+def datacheck_job(name: str, namespace: str, uid: str, spec: FineTuneJobSpec) -> dict[str, Any]:
+    """The data gate: one pod running ``launch --data-check`` on the workers' config."""
+    n = Names.of(name)
+    owner = common.owner_reference(KIND, name, uid)
+    lbls = common.labels(KIND, name, DATACHECK_COMPONENT)
+    tmpl = spec.template
+    # Only what the gate reads: the training file, and the model for maxOverlongShare's tokenizer.
+    pvc_vols, pvc_mounts = common.pvc_volumes([spec.model.uri, spec.dataset.uri])
+    container: dict[str, Any] = {
+        "name": DATACHECK_CONTAINER,
+        "command": ["python", "-m", "kubeforge_runtime.launch", "--config",
+                    f"{contract.CONFIG_DIR}/{contract.CONFIG_FILE}", "--data-check"],
+        "env": [*common.base_env(KIND, name, namespace), *common.storage_env(spec.storage)],
+        "resources": {k: dict(v) for k, v in DATACHECK_RESOURCES.items()},
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "volumeMounts": pvc_mounts,
+    }
+    pod_spec = common.workload_pod_spec(container=container, config_map_name=n.config_map, template=tmpl,
+                                        restart_policy="Never", extra_volumes=pvc_vols)
+    # A queue label would make Kueue admit the gate as a workload of its own: the gate is not
+    # what the queue's quota is for, so it is left off the gate's labels.
+    pod_labels = {k: v for k, v in tmpl.labels.items() if k != KUEUE_QUEUE_LABEL}
+    pod_meta = common.pod_template_metadata(lbls, tmpl.model_copy(update={"labels": pod_labels}),
+                                            {"kubectl.kubernetes.io/default-container": DATACHECK_CONTAINER})
+    return {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": common.metadata(n.datacheck, namespace, owner, lbls),
+        "spec": {
+            "completions": 1,
+            "parallelism": 1,
+            "backoffLimit": DATACHECK_BACKOFF_LIMIT,
+            "podFailurePolicy": {"rules": [
+                {"action": "FailJob", "onExitCodes": {"containerName": DATACHECK_CONTAINER, "operator": "In",
+                                                      "values": [contract.EXIT_CONFIG_ERROR]}},
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            ]},
+            "podReplacementPolicy": "Failed",
+            # spec.suspend holds the gate too: a suspended job runs no pod at all.
+            "suspend": spec.suspend,
+            "template": {"metadata": pod_meta, "spec": pod_spec},
+        },
+    }
+
+
+def gate_children(name: str, namespace: str, uid: str, spec: FineTuneJobSpec) -> list[dict[str, Any]]:
+    """What a job with ``spec.dataset.checks`` gets before its gate has passed: the ConfigMap
+    (the gate reads the workers' config) and the gate Job; no Service, no worker Job."""
+    return [config_map(name, namespace, uid, spec), datacheck_job(name, namespace, uid, spec)]
 
 
 def build(name: str, namespace: str, uid: str, spec: FineTuneJobSpec) -> list[dict[str, Any]]:

@@ -7,6 +7,9 @@ steps and registers the kopf handlers (on import, by :mod:`kubeforge.controllers
   server-side applies the children rendered by :mod:`kubeforge.builders.finetune` and its NetworkPolicy (:mod:`kubeforge.builders.network`)
   (deterministic names, one field manager: applying again changes nothing, so an operator
   killed at any point and restarted creates no duplicates);
+* with ``spec.dataset.checks``, the children are first only the ConfigMap and the data gate
+  Job ``<name>-datacheck`` (:func:`_read_gate`); the sync that sees the gate pass creates the
+  workers, a gate that fails leaves the job Failed without ever creating one;
 * ``job_event``/``pod_event`` on every event of a Job or pod carrying the FineTuneJob label:
   a debounced sync of the owner's status (:mod:`.finetune_status`, a pure function), so that
   a burst of events costs one sync;
@@ -45,7 +48,7 @@ from ..api import GROUP, FineTuneJob, FineTuneJobSpec
 from ..builders import finetune as builder
 from ..builders import network
 from . import finetune_status, metrics, peering, scrape
-from .conditions import TERMINAL_PHASES, now
+from .conditions import TERMINAL_PHASES, is_true, now
 from .reconcile import ChildConflict, Reconciler, controlled_by, owned_by
 from .reconcile import apply_children as apply_owned
 from .settings import network_policy_settings
@@ -91,22 +94,26 @@ def _forget(namespace: str, name: str) -> None:
 
 # --- the reconciler's steps ------------------------------------------------------------------------
 
-def children(owner: dict[str, Any], spec: FineTuneJobSpec) -> list[dict[str, Any]]:
+def children(owner: dict[str, Any], spec: FineTuneJobSpec, workers: bool = True) -> list[dict[str, Any]]:
     """The NetworkPolicy (unless turned off; first, so no worker ever runs unprotected), then
-    the Service, ConfigMap and Job."""
+    the Service, ConfigMap and Job; with ``workers`` False, the ConfigMap and the data gate Job."""
     meta = owner["metadata"]
-    out = builder.build(meta["name"], meta["namespace"], meta["uid"], spec)
+    build = builder.build if workers else builder.gate_children
+    out = build(meta["name"], meta["namespace"], meta["uid"], spec)
     net = network_policy_settings()
     if net.enabled:
         out.insert(0, network.finetune_policy(meta["name"], meta["namespace"], meta["uid"], net))
     return out
 
 
-def apply_children(owner: dict[str, Any], spec: FineTuneJobSpec, *, fresh: bool = False) -> dict[str, Any]:
+def apply_children(owner: dict[str, Any], spec: FineTuneJobSpec, workers: bool = True, *,
+                   fresh: bool = False) -> dict[str, Any] | None:
     """Apply :func:`children` (:func:`.reconcile.apply_children`: never over a foreign object;
-    ``fresh``: none of them was created yet as far as the status says); the Job as applied."""
+    ``fresh``: none of them was created yet as far as the status says); the worker Job as
+    applied, or None when only the data gate's children were applied."""
     try:
-        return apply_owned(owner, children(owner, spec), fresh=fresh)[-1]
+        applied = apply_owned(owner, children(owner, spec, workers), fresh=fresh)
+        return applied[-1] if workers else None
     except ApiException as exc:
         if exc.status == 422:
             # A field the API server will not change on an existing object (the Job's pod
@@ -140,13 +147,20 @@ def _step(obj: dict[str, Any], spec: FineTuneJobSpec, *, apply: bool = False) ->
     prev = obj.get("status") or {}
     terminal = prev.get("phase") in TERMINAL_PHASES
     created = any(c.get("type") == "Created" and c.get("status") == "True" for c in prev.get("conditions") or [])
+    gate = None if terminal else _read_gate(obj, spec)
+    names = builder.Names.of(name)
+    job: dict[str, Any] | None = None
+    applied_workers = False
     if apply and terminal:
         # A finished job is never resurrected: its children stay as they ended.
         log.info("FineTuneJob %s/%s is %s; not touching its children", namespace, name, prev.get("phase"))
-    names = builder.Names.of(name)
-    if apply and not terminal:
-        job: dict[str, Any] | None = apply_children(obj, spec, fresh=not created)  # the answer is the Job now
-    else:
+    elif apply or (gate is not None and gate.state in ("Passed", "Pending")):
+        # The gate's pass is seen once (then recorded in DataChecked): create the workers now.
+        # A gate Job gone before it decided (deleted by hand?) is put back.
+        workers = gate is None or gate.passed
+        job = apply_children(obj, spec, workers, fresh=not created)  # the worker Job as applied, if applied
+        applied_workers = workers
+    if not applied_workers:
         job = kube.get("Job", namespace, names.job)
     if job is not None and not controlled_by(job, obj):
         # Never report a foreign Job of that name as ours (a finished job just ignores it).
@@ -167,7 +181,7 @@ def _step(obj: dict[str, Any], spec: FineTuneJobSpec, *, apply: bool = False) ->
     with _tracked_lock:
         progress = _progress.get((namespace, name))
     outcome = finetune_status.compute(obj, spec=spec, job=job, pods=pods, counted=counted, progress=progress,
-                                      now=now())
+                                      now=now(), gate=gate)
     if outcome.counted != counted:
         patched = kube.patch_merge(KIND, namespace, name, {"metadata": {
             "resourceVersion": meta.get("resourceVersion"), "annotations": {COUNTED_ANNOTATION: ",".join(outcome.counted)}}})
@@ -180,6 +194,26 @@ def _step(obj: dict[str, Any], spec: FineTuneJobSpec, *, apply: bool = False) ->
             phase=outcome.status.get("phase") or "Pending", pod_ips=ips, spec=spec,
             ttl_due=finetune_status.ttl_due(outcome.status, spec.ttl_seconds_after_finished))
     return outcome
+
+
+def _read_gate(obj: dict[str, Any], spec: FineTuneJobSpec) -> finetune_status.Gate | None:
+    """The data gate's state while it decides anything, else None without an API call: only
+    with a red line in ``spec.dataset.checks``, before its pass is recorded (``DataChecked``) and before any
+    worker Job was created (``Created``: a job that got checks added while running keeps going)."""
+    if not builder.needs_data_gate(spec):
+        return None
+    conds = (obj.get("status") or {}).get("conditions") or []
+    if is_true(conds, "DataChecked") or is_true(conds, "Created"):
+        return None
+    meta = obj["metadata"]
+    name, namespace = meta["name"], meta["namespace"]
+    gate_name = builder.Names.of(name).datacheck
+    gate_job = kube.get("Job", namespace, gate_name)
+    if gate_job is not None and not controlled_by(gate_job, obj):
+        raise ChildConflict(obj, "Job", gate_name)
+    pods = [p for p in kube.list_("Pod", namespace, f"{reconciler.owner_label}={name}")
+            if owned_by(p, gate_job)] if gate_job is not None else []
+    return finetune_status.gate_state(gate_job, pods)
 
 
 def _after(obj: dict[str, Any], spec: FineTuneJobSpec, outcome: finetune_status.FineTuneOutcome,

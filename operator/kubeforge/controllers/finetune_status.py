@@ -22,6 +22,15 @@ A configuration-error exit whose termination message is the preflight's data-qua
 the job with reason ``DataQualityFailed``, the report's message, and the measurements,
 thresholds and violations in ``status.result.dataQuality``.
 
+With ``spec.dataset.checks`` the workers wait for the data gate (the ``<name>-datacheck``
+Job, :func:`gate_state`): while it runs the job is ``Pending`` with ``DataChecked=Unknown``
+(reason ``DataCheckRunning``) and ``Created=False`` (``WaitingForDataCheck``); when it passes,
+``DataChecked=True`` (``DataCheckPassed``), its measurements go to ``status.result.dataQuality``
+and the controller creates the workers; a crossed line fails the job with ``DataQualityFailed``
+(no worker was ever created); a gate that cannot run (a bad config or data file: exit 78
+without a report; failures beyond its back-off limit) fails it with ``ConfigurationError`` or
+``DataCheckFailed``, saying what the gate pod said.
+
 Restarts are counted per worker pod, once: a pod that failed on its own (any exit code but
 the configuration error) or that was disrupted (the ``DisruptionTarget`` condition:
 eviction, preemption, drain). Pods the Job controller deletes itself (suspend, deadline,
@@ -42,7 +51,8 @@ from kubeforge_runtime import contract
 from ..api import InvalidSpec
 from ..api.finetune import DataQualityResult, FineTuneJobSpec, TrainResult
 from ..builders import finetune as builder
-from .conditions import TERMINAL_PHASES, Event, Outcome, accept, get_condition, set_condition, true_condition
+from .conditions import (TERMINAL_PHASES, Event, Outcome, accept, get_condition, is_true, set_condition,
+                         true_condition)
 
 COMPLETION_INDEX_ANNOTATION = builder.COMPLETION_INDEX_ANNOTATION
 MAX_TERMINATION_MESSAGE = 600
@@ -79,9 +89,9 @@ def pod_index(pod: dict[str, Any]) -> int | None:
         return None
 
 
-def _terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
+def _terminated(pod: dict[str, Any], container: str = builder.CONTAINER) -> dict[str, Any] | None:
     for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-        if cs.get("name") == builder.CONTAINER and "terminated" in (cs.get("state") or {}):
+        if cs.get("name") == container and "terminated" in (cs.get("state") or {}):
             return cs["state"]["terminated"]
     return None
 
@@ -141,11 +151,13 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def data_quality_report(pod: dict[str, Any]) -> dict[str, Any] | None:
-    """The preflight's data-quality report of a worker that exited with the configuration
-    error code, or None (another configuration error, or not exited)."""
-    term = _terminated(pod) or {}
-    if term.get("exitCode") != contract.EXIT_CONFIG_ERROR:
+def data_quality_report(pod: dict[str, Any], container: str = builder.CONTAINER,
+                        exit_code: int = contract.EXIT_CONFIG_ERROR) -> dict[str, Any] | None:
+    """The preflight's data-quality report of a pod whose ``container`` exited with
+    ``exit_code`` (a worker's preflight: the configuration error; the data gate: 78 or 0), or
+    None (another message, another exit code, or not exited)."""
+    term = _terminated(pod, container) or {}
+    if term.get("exitCode") != exit_code:
         return None
     try:
         body = json.loads((term.get("message") or "").strip())
@@ -182,6 +194,110 @@ def trainer_result(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
         if isinstance(body, dict) and body.get("kind") == contract.RESULT_KIND:
             return _finite({k: v for k, v in body.items() if k in fields})
     return None
+
+
+# --- the data gate (spec.dataset.checks) -------------------------------------------------------
+
+@dataclass(frozen=True)
+class Gate:
+    """What the data gate Job shows. ``state``: ``Pending`` (no Job yet), ``Running``,
+    ``Passed``, or a failure reason: ``DataQualityFailed`` (a crossed line),
+    ``ConfigurationError`` (exit 78 without a report: the gate could not use the config or the
+    data file), ``DataCheckFailed`` (failed otherwise, beyond its back-off limit)."""
+
+    state: str
+    message: str
+    report: dict[str, Any] | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.state == "Passed"
+
+    @property
+    def failed(self) -> bool:
+        return self.state not in ("Pending", "Running", "Passed")
+
+
+def _gate_pod_text(pod: dict[str, Any]) -> str:
+    term = _terminated(pod, builder.DATACHECK_CONTAINER) or {}
+    msg = (term.get("message") or "").strip()[-MAX_TERMINATION_MESSAGE:]
+    return f"data check pod {pod['metadata']['name']} exited with code {term.get('exitCode')}" + (
+        f": {msg}" if msg else "")
+
+
+def gate_state(job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> Gate:
+    """The data gate's verdict from its Job and that Job's pods (newest decides)."""
+    if job is None:
+        return Gate("Pending", "creating the data check Job")
+    name = job["metadata"]["name"]
+    by_age = sorted(pods, key=_created, reverse=True)
+    for pod in by_age:
+        report = data_quality_report(pod, builder.DATACHECK_CONTAINER)
+        if report is not None:
+            return Gate("DataQualityFailed", f"the data check (Job {name}) found a red line crossed before any "
+                                             f"worker was created: {report.get('message') or report.get('violations')}",
+                        report)
+        passed = data_quality_report(pod, builder.DATACHECK_CONTAINER, exit_code=0)
+        if passed is not None and passed.get("passed") is True:
+            return Gate("Passed", f"data checks passed (Job {name}): " + ", ".join(
+                f"{k} {v}" for k, v in (passed.get("measurements") or {}).items()), passed)
+        if (_terminated(pod, builder.DATACHECK_CONTAINER) or {}).get("exitCode") == contract.EXIT_CONFIG_ERROR:
+            return Gate("ConfigurationError", f"{_gate_pod_text(pod)}; fix the spec (dataset) and create the job again")
+    done = true_condition(job, "Complete", "SuccessCriteriaMet")
+    if done is not None:
+        # Finished without a report: an image whose runtime has no --data-check, or a lost message.
+        return Gate("DataCheckFailed", f"the data check Job {name} finished without a DataQualityReport in its "
+                                       "termination log; is the runtime image older than the operator?")
+    failed = true_condition(job, "Failed", "FailureTarget")
+    if failed is not None:
+        last = next((p for p in by_age if _terminated(p, builder.DATACHECK_CONTAINER)), None)
+        tail = f"; last: {_gate_pod_text(last)}" if last is not None else ""
+        return Gate("DataCheckFailed", f"the data check Job {name} failed ({failed.get('reason')}: "
+                                       f"{failed.get('message', '')}){tail}")
+    unschedulable = next((c for p in by_age for c in (p.get("status") or {}).get("conditions") or []
+                          if c.get("type") == "PodScheduled" and c.get("reason") == "Unschedulable"), None)
+    if unschedulable:
+        return Gate("Running", f"the data check pod is not schedulable: {unschedulable.get('message', '')}"
+                    [:MAX_TERMINATION_MESSAGE])
+    return Gate("Running", f"checking spec.dataset.checks on the training data (Job {name}) before creating workers")
+
+
+def _gate(out: FineTuneOutcome, status: dict[str, Any], conds: list[dict[str, Any]], prev_phase: str | None,
+          spec: FineTuneJobSpec, gate: Gate, generation: int | None, now: str
+          ) -> tuple[list[dict[str, Any]], FineTuneOutcome | None]:
+    """The gate's part of the status: the conditions so far, and the whole outcome when the
+    gate decides it (still running, or failed); None when the workers' status follows."""
+    if gate.passed:
+        if not is_true(conds, "DataChecked"):
+            out.events.append(Event("Normal", "DataCheckPassed", gate.message))
+        conds = set_condition(conds, "DataChecked", True, "DataCheckPassed", gate.message, generation, now)
+        if gate.report is not None:
+            status["result"] = {**(status.get("result") or {}), "dataQuality": _data_quality_result(gate.report)}
+        return conds, None
+    if gate.failed:
+        conds = set_condition(conds, "DataChecked", False, gate.state, gate.message, generation, now)
+        conds = set_condition(conds, "Failed", True, gate.state, gate.message, generation, now)
+        conds = set_condition(conds, "Running", False, gate.state, "the data check failed; no worker was created",
+                              generation, now)
+        status["completionTime"] = now
+        if gate.report is not None:
+            status["result"] = {"dataQuality": _data_quality_result(gate.report)}
+        out.events.append(Event("Warning", gate.state, gate.message))
+        return conds, _finish(out, status, conds, prev_phase, "Failed", generation, now, None, announce=False)
+    conds = set_condition(conds, "DataChecked", "Unknown", "DataCheckRunning", gate.message, generation, now)
+    conds = set_condition(conds, "Created", False, "WaitingForDataCheck",
+                          "the workers are created once the data check passes", generation, now)
+    if spec.suspend:
+        conds = set_condition(conds, "Suspended", True, "Suspended",
+                              "spec.suspend is true: the data check waits", generation, now)
+        conds = set_condition(conds, "Running", False, "Suspended", "suspended", generation, now)
+        return conds, _finish(out, status, conds, prev_phase, "Suspended", generation, now, None)
+    if get_condition(conds, "Suspended"):
+        conds = set_condition(conds, "Suspended", False, "Resumed", "spec.suspend is false", generation, now)
+    conds = set_condition(conds, "Running", False, "DataCheckRunning", "no workers before the data check passes",
+                          generation, now)
+    return conds, _finish(out, status, conds, prev_phase, "Pending", generation, now,
+                          "checking the data red lines before creating workers")
 
 
 # --- the status ------------------------------------------------------------------------------
@@ -243,9 +359,12 @@ def compute(
     counted: list[str],
     progress: dict[str, Any] | None,
     now: str,
+    gate: Gate | None = None,
 ) -> FineTuneOutcome:
     """The FineTuneJob's next status from ``obj`` (as read, with its current status), its
-    valid ``spec``, its Job and pods, the pod UIDs already counted and the last progress."""
+    valid ``spec``, its Job and pods, the pod UIDs already counted and the last progress.
+    ``gate``: the data gate's state while it matters (``spec.dataset.checks`` set, not yet
+    recorded as passed, no worker Job yet), else None."""
     prev: dict[str, Any] = obj.get("status") or {}
     generation = (obj.get("metadata") or {}).get("generation")
     status: dict[str, Any] = {k: v for k, v in prev.items()}
@@ -277,6 +396,10 @@ def compute(
                 and not p["metadata"].get("deletionTimestamp"))
     status["workers"] = {"ready": ready, "total": total, "min": spec.nodes.min, "max": spec.nodes.max}
 
+    if gate is not None and (job is None or gate.passed):
+        conds, decided = _gate(out, status, conds, prev_phase, spec, gate, generation, now)
+        if decided is not None:
+            return decided
     if job is None:
         phase = "Pending"
         conds = set_condition(conds, "Created", False, "Creating", "creating the Service, ConfigMap and Job", generation, now)
@@ -324,7 +447,9 @@ def compute(
         status["output"] = {"uri": spec.output.uri}
         result = trainer_result(pods)
         if result:
-            status["result"] = result
+            # The trainer reports the preflight's measurements too; the gate's stay otherwise.
+            gated = (status.get("result") or {}).get("dataQuality")
+            status["result"] = {**({"dataQuality": gated} if gated else {}), **result}
         if status.get("progress", {}).get("totalSteps"):
             status["progress"]["step"] = status["progress"]["totalSteps"]
             status["progress"]["percent"] = "100%"

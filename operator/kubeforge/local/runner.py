@@ -6,7 +6,9 @@ children as local processes through :func:`kubeforge.local.pods.localize_contain
 
 * a FineTuneJob's Indexed Job runs ``nodes.max`` "pods" at once, each the exact launch
   command of the cluster (preflight → torchrun → trainer), rendezvousing on the loopback
-  address; the trainer's structured events drive a progress bar with the live loss;
+  address; the trainer's structured events drive a progress bar with the live loss. With a
+  red line in ``spec.dataset.checks`` the data gate pod (``launch --data-check``) runs first,
+  as on a cluster: a crossed line stops the run before any worker starts;
 * a QuantizeJob's pod runs once; its report (the termination message on a cluster) is read
   from a file and printed as a table;
 * an InferenceService's Deployment runs one replica; once ``/ready`` answers, a sample
@@ -306,6 +308,7 @@ class LocalRunner:
         children = b.build(res.name, res.namespace, uid, spec)
         job = next(c for c in children if c["kind"] == "Job")
         pod_dir = self.workdir / "pods" / f"finetunejob-{res.name}"
+        gate = self._run_data_gate(res.name, res.namespace, uid, spec, pod_dir) if b.needs_data_gate(spec) else None
         config_dirs = self._write_config_maps(children, pod_dir)
         pod_spec = job["spec"]["template"]["spec"]
         volume_dirs = self._volume_dirs(pod_spec, config_dirs, pod_dir)
@@ -341,11 +344,8 @@ class LocalRunner:
         self.console.print(f"[green]FineTuneJob/{res.name} succeeded[/]: loss {final.get('loss', float('nan')):.4f} "
                            f"after {final.get('step', '?')} steps{val} → {spec.output.uri}")
         quality = final.get("dataQuality")
-        if quality:
-            shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                              for k, v in quality.get("measurements", {}).items())
-            self.console.print(f"data red lines passed ({len(quality.get('thresholds', {}))} checked): {shown}",
-                               highlight=False)
+        if quality and gate is None:  # (the gate's measurements were shown before training)
+            self._print_data_quality(quality)
         if "redactions" in final:
             counts = final["redactions"]
             self.console.print("dataset.redact: " + (", ".join(f"{k} {n}" for k, n in counts.items()) or "nothing found")
@@ -355,6 +355,44 @@ class LocalRunner:
             self.console.print(f"[bold]held-out {ev['metric']}[/] ({ev['samples']} records): "
                                f"{_pct(ev.get('before'))} before → [bold]{_pct(ev.get('after'))}[/] after fine-tuning")
         return LocalResult("FineTuneJob", res.name, spec.output.uri, out_path, final, logs)
+
+    def _run_data_gate(self, name: str, namespace: str, uid: str, spec: Any, pod_dir: Path) -> dict[str, Any]:
+        """The data gate pod (``<name>-datacheck``), before any worker as on a cluster: its
+        passing report, or :class:`LocalRunError` (a crossed line: ``DataQualityFailed``)."""
+        from ..builders import finetune as b
+
+        children = b.gate_children(name, namespace, uid, spec)
+        gate_job = next(c for c in children if c["kind"] == "Job")
+        pod_spec = gate_job["spec"]["template"]["spec"]
+        volume_dirs = self._volume_dirs(pod_spec, self._write_config_maps(children, pod_dir), pod_dir)
+        report_path = pod_dir / "datacheck-termination-log"
+        report_path.unlink(missing_ok=True)
+        local = localize_container(pod_spec, volume_dirs=volume_dirs,
+                                   extra_env={contract.ENV_REPORT_PATH: str(report_path)})
+        log_path = pod_dir / "datacheck.log"
+        proc = self._spawn(local, log_path)
+        with self.console.status("checking the data red lines (spec.dataset.checks)…"):
+            _drain(proc, log_path)
+        try:
+            report = json.loads(report_path.read_text()) if report_path.exists() else {}
+        except ValueError:
+            report = {}
+        if report.get("kind") != contract.DATA_QUALITY_REPORT_KIND:
+            report = {}
+        if proc.returncode == contract.EXIT_CONFIG_ERROR and report:
+            raise LocalRunError(f"FineTuneJob/{name} failed its data check (DataQualityFailed), no worker started: "
+                                f"{report.get('message', '')}")
+        if proc.returncode != 0 or not report:
+            raise LocalRunError(f"FineTuneJob/{name}: the data check failed (exit {proc.returncode}), no worker "
+                                f"started:\n{_tail(log_path)}")
+        self._print_data_quality(report)
+        return report
+
+    def _print_data_quality(self, quality: dict[str, Any]) -> None:
+        shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                          for k, v in quality.get("measurements", {}).items())
+        self.console.print(f"data red lines passed ({len(quality.get('thresholds', {}))} checked): {shown}",
+                           highlight=False)
 
     def _follow_training(self, name: str, procs: list[subprocess.Popen[bytes]], logs: list[Path]) -> dict[str, Any]:
         """Pump every worker's output to its log; draw the rank-0 events as a progress bar."""

@@ -272,3 +272,116 @@ def test_names_usable_for_children(name, ok):
 def test_checkpoint_uri_defaults_under_the_output():
     assert fb.checkpoint_uri(spec()) == "s3://models/out/checkpoints"
     assert fb.checkpoint_uri(two_node()) == "pvc://scratch/ckpt"
+
+
+# --- the data gate (spec.dataset.checks) ----------------------------------------------------------
+
+CHECKS = {"maxDuplicateShare": 0.1, "minRecords": 100}
+
+
+def gated(**over) -> FineTuneJobSpec:
+    """A GPU job with checks, S3 credentials, a pvc:// dataset and pod overrides (queued by Kueue)."""
+    base = {
+        "model": {"uri": "s3://models/base"},
+        "dataset": {"uri": "pvc://data/train.jsonl", "format": "prompt-completion", "checks": CHECKS},
+        "output": {"uri": "s3://models/out"}, "nodes": {"min": 2, "max": 2}, "resources": {"gpus": 8, "memory": "256Gi"},
+        "storage": {"s3": {"credentialsSecretRef": {"name": "minio-creds"}, "endpoint": "http://minio:9000"}},
+        "template": {"image": "registry.example/kf:1", "labels": {"team": "nlp", fb.KUEUE_QUEUE_LABEL: "gpu"},
+                     "env": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}],
+                     "nodeSelector": {"pool": "gpu"}, "tolerations": [{"key": "gpu", "operator": "Exists"}],
+                     "volumes": [{"name": "ca", "configMap": {"name": "ca-bundle"}}],
+                     "volumeMounts": [{"name": "ca", "mountPath": "/etc/ssl/extra"}]},
+    }
+    base.update(over)
+    return FineTuneJobSpec.model_validate(base)
+
+
+def test_golden_data_gate():
+    _golden("finetune-datacheck.yaml", fb.gate_children("llama-ft", NS, UID, gated()))
+
+
+def test_the_gate_is_one_small_cpu_pod_hardened_and_fed_like_the_workers():
+    sp = gated()
+    gate = fb.datacheck_job("llama-ft", NS, UID, sp)
+    worker = fb.job("llama-ft", NS, UID, sp)
+    assert gate["metadata"]["name"] == "llama-ft-datacheck"
+    assert gate["spec"]["completions"] == gate["spec"]["parallelism"] == 1
+    assert "completionMode" not in gate["spec"] and gate["spec"]["suspend"] is False
+    gp, wp = gate["spec"]["template"]["spec"], worker["spec"]["template"]["spec"]
+    (gc,), (wc,) = gp["containers"], wp["containers"]
+    assert gc["command"] == ["python", "-m", "kubeforge_runtime.launch", "--config",
+                             f"{contract.CONFIG_DIR}/{contract.CONFIG_FILE}", "--data-check"]
+    # No GPU, small requests; the worker asks for 8 GPUs and 256Gi.
+    assert gc["resources"] == fb.DATACHECK_RESOURCES and "nvidia.com/gpu" not in json.dumps(gc["resources"])
+    assert wc["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    # Same image, same hardening, same config, same credentials, same user volumes.
+    assert gc["image"] == wc["image"] == "registry.example/kf:1"
+    assert gc["securityContext"] == wc["securityContext"] and gp["securityContext"] == wp["securityContext"]
+    assert gp["automountServiceAccountToken"] is False and gp["restartPolicy"] == "Never"
+    by_name = {e["name"]: e for e in wc["env"]}
+    for e in gc["env"]:
+        assert by_name[e["name"]] == e, e["name"]
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "HTTPS_PROXY"} <= {e["name"] for e in gc["env"]}
+    assert not any(e["name"].startswith("PET_") for e in gc["env"])
+    gate_vols = {v["name"]: v for v in gp["volumes"]}
+    assert gate_vols[common_config_volume()]["configMap"]["name"] == "llama-ft-config"
+    assert gate_vols["pvc-data"]["persistentVolumeClaim"]["claimName"] == "data" and "ca" in gate_vols
+    assert "dshm" not in gate_vols
+    assert {m["mountPath"] for m in gc["volumeMounts"]} >= {"/etc/ssl/extra", f"{contract.DEFAULT_PVC_ROOT}/data"}
+    assert gp["nodeSelector"] == wp["nodeSelector"] and gp["tolerations"] == wp["tolerations"]
+    # A crossed line (exit 78) fails the gate at once; other failures are retried twice.
+    assert gate["spec"]["backoffLimit"] == fb.DATACHECK_BACKOFF_LIMIT
+    assert gate["spec"]["podFailurePolicy"]["rules"][0] == {
+        "action": "FailJob", "onExitCodes": {"containerName": "datacheck", "operator": "In",
+                                             "values": [contract.EXIT_CONFIG_ERROR]}}
+
+
+def common_config_volume() -> str:
+    from kubeforge.builders import common
+
+    return common.CONFIG_VOLUME
+
+
+def test_the_gate_is_selected_like_the_workers_but_kept_out_of_kueue():
+    """The pod carries the job's selector labels (the workers' NetworkPolicy covers it; the
+    operator hears its events) but not the queue label: the gate is not a queued workload."""
+    from kubeforge.builders import network
+
+    sp = gated()
+    gate = fb.datacheck_job("llama-ft", NS, UID, sp)
+    pod_labels = gate["spec"]["template"]["metadata"]["labels"]
+    pol = network.finetune_policy("llama-ft", NS, UID, network.NetworkPolicySettings())
+    assert pol["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert pod_labels["kubeforge.io/finetunejob"] == "llama-ft" and pod_labels["team"] == "nlp"
+    assert fb.KUEUE_QUEUE_LABEL not in pod_labels and fb.KUEUE_QUEUE_LABEL not in gate["metadata"]["labels"]
+    assert pod_labels["app.kubernetes.io/component"] == "datacheck"
+
+
+def test_the_gate_reads_the_workers_config_and_holds_while_suspended():
+    sp = gated(suspend=True)
+    cm, gate = fb.gate_children("llama-ft", NS, UID, sp)
+    assert cm == fb.config_map("llama-ft", NS, UID, sp)
+    assert json.loads(cm["data"][contract.CONFIG_FILE])["dataset"]["checks"] == CHECKS
+    assert gate["spec"]["suspend"] is True
+
+
+def test_the_gate_mounts_only_what_it_reads():
+    sp = spec(model={"uri": "pvc://models/base"}, dataset={"uri": "pvc://data/t.jsonl", "checks": CHECKS},
+              output={"uri": "pvc://out/o"}, checkpoint={"uri": "pvc://scratch/c"})
+    claims = {v["persistentVolumeClaim"]["claimName"]
+              for v in fb.datacheck_job("x", NS, UID, sp)["spec"]["template"]["spec"]["volumes"]
+              if "persistentVolumeClaim" in v}
+    assert claims == {"models", "data"}
+
+
+def test_longest_name_still_gives_a_valid_gate_job_name():
+    name = "a" * fb.MAX_NAME_LENGTH
+    assert fb.name_problem(name) is None
+    assert len(fb.Names.of(name).datacheck) <= 63
+
+
+def test_only_a_set_red_line_needs_the_gate():
+    """The CRD defaults dataset.checks to {} on the cluster: an empty object is no gate."""
+    assert not fb.needs_data_gate(spec())
+    assert not fb.needs_data_gate(spec(dataset={"uri": "s3://d/t.jsonl", "checks": {}}))
+    assert fb.needs_data_gate(spec(dataset={"uri": "s3://d/t.jsonl", "checks": {"minRecords": 1}}))

@@ -44,9 +44,10 @@ def pod(index: int, phase: str = "Running", ready: bool = True, uid: str | None 
     return {"metadata": meta, "status": st}
 
 
-def run(prev=None, j=None, pods=(), counted=(), s=None, progress=None, now=T1, gen=1):
+def run(prev=None, j=None, pods=(), counted=(), s=None, progress=None, now=T1, gen=1, gate=None):
     obj = {"metadata": {"name": "ft", "namespace": "ns", "generation": gen}, "status": prev or {}}
-    return fs.compute(obj, spec=s or spec(), job=j, pods=list(pods), counted=list(counted), progress=progress, now=now)
+    return fs.compute(obj, spec=s or spec(), job=j, pods=list(pods), counted=list(counted), progress=progress, now=now,
+                      gate=gate)
 
 
 def cond(status: dict, type_: str) -> dict:
@@ -364,3 +365,160 @@ def test_scrape_of_something_that_is_not_prometheus_text_is_none():
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+# --- the data gate (spec.dataset.checks) -------------------------------------------------------------
+
+CHECKS = {"maxDuplicateShare": 0.2, "minRecords": 2}
+
+
+def gate_job(*conds: tuple[str, str]) -> dict:
+    return {"metadata": {"name": "ft-datacheck", "uid": "gate-uid"}, "spec": {},
+            "status": {"conditions": [{"type": t, "status": "True", "reason": r, "message": f"{r} message"}
+                                      for t, r in conds]}}
+
+
+def gate_pod(phase: str = "Running", exit_code: int | None = None, message: str = "", created: str = T0,
+             name: str = "ft-datacheck-abcde", unschedulable: str | None = None) -> dict:
+    st: dict = {"phase": phase, "conditions": []}
+    if unschedulable:
+        st["conditions"].append({"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                 "message": unschedulable})
+    if exit_code is not None:
+        st["containerStatuses"] = [{"name": "datacheck", "state": {"terminated": {"exitCode": exit_code,
+                                                                                  "message": message}}}]
+    return {"metadata": {"name": name, "uid": f"uid-{name}", "creationTimestamp": created}, "status": st}
+
+
+def _report(tmp_path, lines: list[str], checks: dict) -> str:
+    """The termination message of the gate pod, from the runtime's own check on a real file."""
+    from kubeforge_runtime import datacheck
+
+    path = tmp_path / "g.jsonl"
+    path.write_text("".join(line + "\n" for line in lines))
+    return datacheck.check_file(path, "text", checks).termination_report()
+
+
+def _passing(tmp_path) -> str:
+    return _report(tmp_path, ['{"text": "a"}', '{"text": "b"}', '{"text": "c"}'], CHECKS)
+
+
+def _crossed(tmp_path) -> str:
+    return _report(tmp_path, ['{"text": "a"}', '{"text": "a "}', '{"text": "b"}', '{"text": "c"}'], CHECKS)
+
+
+@pytest.mark.parametrize("gj, pods, state, words", [
+    (None, [], "Pending", "creating the data check Job"),
+    ("job", [], "Running", "before creating workers"),
+    ("job", [gate_pod(phase="Pending", unschedulable="0/3 nodes are available: Insufficient cpu")], "Running",
+     "not schedulable: 0/3 nodes are available: Insufficient cpu"),
+    ("job", ["passed"], "Passed", "data checks passed (Job ft-datacheck): records 3"),
+    ("job", ["crossed"], "DataQualityFailed",
+     "maxDuplicateShare: duplicateShare 0.25 is above the threshold 0.2"),
+    ("job", [gate_pod("Failed", 78, "configuration error: dataset 's3://d/t.jsonl': no such key")],
+     "ConfigurationError", "exited with code 78: configuration error: dataset 's3://d/t.jsonl': no such key"),
+    ("failed", [gate_pod("Failed", 1, "boto: connection reset", T0, "a"),
+                gate_pod("Failed", 137, "", T1, "b")],
+     "DataCheckFailed", "(BackoffLimitExceeded: BackoffLimitExceeded message); last: data check pod b exited with code 137"),
+    ("complete", [gate_pod("Succeeded", 0, "")], "DataCheckFailed", "without a DataQualityReport"),
+])
+def test_gate_state_table(tmp_path, gj, pods, state, words):
+    the_job = {None: None, "job": gate_job(), "failed": gate_job(("Failed", "BackoffLimitExceeded")),
+               "complete": gate_job(("Complete", "CompletionsReached"))}[gj]
+    pods = [gate_pod("Succeeded", 0, _passing(tmp_path)) if p == "passed" else
+            gate_pod("Failed", 78, _crossed(tmp_path)) if p == "crossed" else p for p in pods]
+    gate = fs.gate_state(the_job, pods)
+    assert gate.state == state and words in gate.message, gate
+    assert gate.passed == (state == "Passed")
+    assert gate.failed == (state not in ("Pending", "Running", "Passed"))
+
+
+def test_a_passing_gate_report_with_exit_1_or_a_worker_container_is_not_a_pass(tmp_path):
+    assert fs.gate_state(gate_job(), [gate_pod("Failed", 1, _passing(tmp_path))]).state == "Running"
+    worker = pod(0, phase="Succeeded", exit_code=0, message=_passing(tmp_path))
+    assert fs.gate_state(gate_job(), [worker]).state == "Running"
+
+
+def gated_spec(**over) -> FineTuneJobSpec:
+    return spec(dataset={"uri": "s3://d/t.jsonl", "checks": CHECKS}, **over)
+
+
+def test_while_the_gate_runs_the_job_is_pending_with_data_checked_unknown():
+    out = run(s=gated_spec(), gate=fs.gate_state(gate_job(), [gate_pod()]))
+    st = out.status
+    assert st["phase"] == "Pending"
+    assert cond(st, "DataChecked")["status"] == "Unknown" and cond(st, "DataChecked")["reason"] == "DataCheckRunning"
+    assert cond(st, "Created")["status"] == "False" and cond(st, "Created")["reason"] == "WaitingForDataCheck"
+    assert cond(st, "Running")["reason"] == "DataCheckRunning"
+    assert [(e.reason, e.message) for e in out.events] == [
+        ("Accepted", "generation 1 accepted"), ("Pending", "checking the data red lines before creating workers")]
+    again = run(prev=st, s=gated_spec(), gate=fs.gate_state(gate_job(), [gate_pod()]), now=T2)
+    assert again.status == st and again.events == []
+
+
+def test_a_passing_gate_records_the_measurements_and_the_workers_status_follows(tmp_path):
+    waiting = run(s=gated_spec(), gate=fs.gate_state(gate_job(), [gate_pod()])).status
+    gate = fs.gate_state(gate_job(), [gate_pod("Succeeded", 0, _passing(tmp_path))])
+    # The same sync creates the workers (the controller), so their Job is already there.
+    out = run(prev=waiting, s=gated_spec(), j=job(), pods=[pod(0, phase="Pending", ready=False)], gate=gate, now=T2)
+    st = out.status
+    assert st["phase"] == "Pending" and cond(st, "Running")["reason"] == "WaitingForWorkers"
+    dc = cond(st, "DataChecked")
+    assert dc["status"] == "True" and dc["reason"] == "DataCheckPassed" and "duplicateShare 0.0" in dc["message"]
+    assert cond(st, "Created")["status"] == "True"
+    dq = st["result"]["dataQuality"]
+    assert dq["passed"] is True and dq["violations"] == [] and dq["thresholds"] == CHECKS
+    assert dq["measurements"]["records"] == 3 and dq["measurements"]["duplicateShare"] == 0.0
+    assert [e.reason for e in out.events] == ["DataCheckPassed", "Created"]
+    from kubeforge.api.finetune import FineTuneJobStatus
+
+    FineTuneJobStatus.model_validate(st)
+    # Later syncs no longer look at the gate; the measurements and the condition stay.
+    later = run(prev=st, s=gated_spec(), j=job(), pods=[pod(0), pod(1)], now=T2)
+    assert later.status["phase"] == "Running" and later.status["result"] == st["result"]
+    assert cond(later.status, "DataChecked") == dc
+    # The trainer's result keeps the gate's measurements unless it reports its own.
+    done = run(prev=later.status, s=gated_spec(), j=job(("Complete", "CompletionsReached")),
+               pods=[pod(0, phase="Succeeded", exit_code=0, message='{"kind":"FineTuneJobResult","steps":3}')], now=T2)
+    assert done.status["result"] == {"dataQuality": dq, "steps": 3}
+
+
+def test_a_crossed_line_fails_the_job_before_any_worker(tmp_path):
+    waiting = run(s=gated_spec(), gate=fs.gate_state(gate_job(), [gate_pod()])).status
+    gate = fs.gate_state(gate_job(("FailureTarget", "PodFailurePolicy")), [gate_pod("Failed", 78, _crossed(tmp_path))])
+    out = run(prev=waiting, s=gated_spec(), gate=gate, now=T2)
+    st = out.status
+    assert st["phase"] == "Failed" and st["completionTime"] == T2
+    failed = cond(st, "Failed")
+    assert failed["reason"] == "DataQualityFailed" and "before any worker was created" in failed["message"]
+    assert "duplicateShare 0.25 is above the threshold 0.2" in failed["message"]
+    assert cond(st, "DataChecked")["status"] == "False" and cond(st, "DataChecked")["reason"] == "DataQualityFailed"
+    assert cond(st, "Created")["status"] == "False"
+    dq = st["result"]["dataQuality"]
+    assert dq["passed"] is False and dq["measurements"]["duplicateShare"] == 0.25 and dq["thresholds"] == CHECKS
+    assert [e.reason for e in out.events] == ["DataQualityFailed"] and out.events[0].type == "Warning"
+    # Terminal: the gate is not looked at again, nothing changes.
+    again = run(prev=st, s=gated_spec(), gate=fs.gate_state(gate_job(), []), now=T2)
+    assert again.status == st and again.events == []
+
+
+@pytest.mark.parametrize("gate_pods, gj, reason", [
+    ([gate_pod("Failed", 78, "configuration error: dataset: not a file")], (), "ConfigurationError"),
+    ([gate_pod("Failed", 1, "boom")], (("Failed", "BackoffLimitExceeded"),), "DataCheckFailed"),
+])
+def test_a_gate_that_cannot_run_fails_the_job_with_a_clear_reason(gate_pods, gj, reason):
+    out = run(s=gated_spec(), gate=fs.gate_state(gate_job(*gj), gate_pods))
+    assert out.status["phase"] == "Failed" and cond(out.status, "Failed")["reason"] == reason
+    assert "result" not in out.status and [e.reason for e in out.events] == ["Accepted", reason]
+
+
+def test_a_suspended_gate_is_suspended_and_resumes_pending():
+    out = run(s=gated_spec(suspend=True), gate=fs.gate_state(gate_job(), []))
+    assert out.status["phase"] == "Suspended" and cond(out.status, "Suspended")["status"] == "True"
+    resumed = run(prev=out.status, s=gated_spec(), gate=fs.gate_state(gate_job(), []), now=T2)
+    assert resumed.status["phase"] == "Pending" and cond(resumed.status, "Suspended")["reason"] == "Resumed"
+
+
+def test_without_checks_there_is_no_gate_condition():
+    out = run(j=job(), pods=[pod(0), pod(1)])
+    assert not any(c["type"] == "DataChecked" for c in out.status["conditions"])

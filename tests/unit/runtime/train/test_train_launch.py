@@ -377,3 +377,58 @@ def test_fit_check_with_the_gpu_memory_the_operator_passes(check, cfg: dict[str,
     assert "exceeds 0.00 GiB (resources.gpuMemory 2000000)" in err and "the nearest layout that fits" in err
     with pytest.raises(AssertionError, match="tried to exec"):  # fits: the preflight passes on to torchrun
         check(full, *TORCHRUN, env={contract.ENV_GPU_MEMORY: f"{80 * 2**30} (resources.gpuMemory 80Gi)"})
+
+
+# --- the data gate pod (launch --data-check) ----------------------------------------------------
+
+def gate(config: dict[str, Any], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m kubeforge_runtime.launch --config ... --data-check``: the gate pod's command."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    cmd = [sys.executable, "-m", "kubeforge_runtime.launch", "--config", str(path), "--data-check"]
+    env = child_env(**{contract.ENV_REPORT_PATH: str(tmp_path / "termination-log")})
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_data_gate_exits_78_with_the_report_when_a_line_is_crossed(cfg: dict[str, Any], tmp_path: Path) -> None:
+    res = gate(_checks(cfg, _pc_data(tmp_path, yes=10, no=3), {"maxLabelImbalance": 3, "minRecords": 5}), tmp_path)
+    assert res.returncode == contract.EXIT_CONFIG_ERROR, res.stderr
+    assert "maxLabelImbalance: labelImbalance 3.33333 is above the threshold 3" in res.stderr
+    report = json.loads((tmp_path / "termination-log").read_text())
+    assert report["kind"] == contract.DATA_QUALITY_REPORT_KIND and report["passed"] is False
+    assert report["violations"] == ["maxLabelImbalance: labelImbalance 3.33333 is above the threshold 3"]
+    assert report["measurements"]["records"] == 13
+
+
+def test_data_gate_passes_with_the_measurements_in_the_termination_log(cfg: dict[str, Any], tmp_path: Path) -> None:
+    """Exit 0 and a passing report (the operator records it as status.result.dataQuality);
+    maxOverlongShare loads the model's tokenizer, as the trainer tokenises."""
+    res = gate(_checks(cfg, _pc_data(tmp_path, yes=9, no=3), {"maxLabelImbalance": 3, "maxOverlongShare": 0}),
+               tmp_path)
+    assert res.returncode == 0, res.stderr
+    report = json.loads((tmp_path / "termination-log").read_text())
+    assert report["kind"] == contract.DATA_QUALITY_REPORT_KIND and report["passed"] is True
+    assert report["violations"] == [] and report["thresholds"] == {"maxLabelImbalance": 3, "maxOverlongShare": 0}
+    assert report["measurements"]["labelImbalance"] == 3 and report["measurements"]["overlongShare"] == 0
+    assert report["measurements"]["sequenceLength"] == 32
+    assert "data checks passed" in res.stderr
+
+
+def test_data_gate_needs_no_model_without_max_overlong_share(cfg: dict[str, Any], tmp_path: Path) -> None:
+    """The gate pod fetches no model unless maxOverlongShare needs its tokenizer: a model URI
+    that does not exist is not looked at; with maxOverlongShare it is, and the error says so."""
+    missing = merge(cfg, {"model": {"uri": f"file://{tmp_path / 'no-model'}"}})
+    res = gate(_checks(missing, _pc_data(tmp_path, yes=5, no=5), {"maxLabelImbalance": 2}), tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "overlongShare" not in json.loads((tmp_path / "termination-log").read_text())["measurements"]
+    res = gate(_checks(missing, _pc_data(tmp_path, yes=5, no=5), {"maxOverlongShare": 0.1}), tmp_path)
+    assert res.returncode == contract.EXIT_CONFIG_ERROR and "no-model" in res.stderr
+
+
+def test_data_gate_without_checks_or_with_a_missing_file_exits_78_with_a_message(cfg: dict[str, Any],
+                                                                                tmp_path: Path) -> None:
+    res = gate(cfg, tmp_path)
+    assert res.returncode == contract.EXIT_CONFIG_ERROR and "dataset.checks is not set" in res.stderr
+    res = gate(_checks(cfg, tmp_path / "absent.jsonl", {"minRecords": 1}), tmp_path)
+    assert res.returncode == contract.EXIT_CONFIG_ERROR and "absent.jsonl" in res.stderr
+    assert "DataQualityReport" not in (tmp_path / "termination-log").read_text()
