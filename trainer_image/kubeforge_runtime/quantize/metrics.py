@@ -43,6 +43,11 @@ def _storage_key(tensor: Any) -> Any:
 
     if type(tensor) in (torch.Tensor, torch.nn.Parameter):
         return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+    if hasattr(tensor, "__tensor_flatten__"):
+        # A torchao tensor is its parts: a tied lm_head's state-dict entry is another wrapper
+        # object around the same packed data, which must count once.
+        names, _ = tensor.__tensor_flatten__()
+        return tuple(_storage_key(getattr(tensor, n)) for n in names)
     return id(tensor)
 
 
