@@ -6,7 +6,8 @@ QuantizeJob runtime uses (``kubeforge_runtime.quantize.methods``), and measures,
 runtime's own functions (``kubeforge_runtime.quantize.metrics``):
 
 * size: state-dict payload bytes of the whole model, and of the decoder's linear weights
-  alone (what quantization targets; the embedding and ``lm_head`` stay in full precision);
+  alone; the int8/int4 methods also put the embedding and ``lm_head`` in int8 (the API's
+  ``quantizeEmbeddings``, on by default; ``--no-quantize-embeddings`` keeps them as they are);
 * per-token latency: greedy decoding of the same prompts, warm-up excluded, median of
   repeated passes; ``--compile`` also times each model after ``torch.compile``;
 * perplexity on the built-in evaluation text, and its change in percent.
@@ -19,12 +20,14 @@ Run::
     python benchmarks/bench_quantize.py            # all methods, eager
     python benchmarks/bench_quantize.py --quick    # fewer repeats/tokens (CI)
     python benchmarks/bench_quantize.py --compile  # eager and torch.compile'd decode
+    python benchmarks/bench_quantize.py --device cuda   # on a CUDA GPU (not run here: no GPU)
 
 Random weights make perplexity ~ vocabulary size and say nothing about task quality; what
 the column shows is how far each method moves the model's predictions.
 
-Measured on the shared 2-core development machine (torch 2.13 CPU, torchao 0.18,
-transformers 5.24), ``python benchmarks/bench_quantize.py --compile --threads 1``, 395 s,
+Measured before the embeddings were quantized (what ``--no-quantize-embeddings`` does now) on
+the shared 2-core development machine (torch 2.13 CPU, torchao 0.18, transformers 5.24),
+``python benchmarks/bench_quantize.py --preset small --compile --threads 1``, 395 s,
 other engineers' jobs running alongside (hence one thread and interleaved rounds)::
 
     method                   bytes  smaller  linear eager ms/tok  speedup compiled ms/tok  speedup  perplexity    change
@@ -142,7 +145,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         # Everything stays loaded (the small preset is 100 MB in fp32) so latency can be
         # measured in interleaved rounds.
-        original = models.load_causal_lm(model_dir).eval()
+        original = models.load_causal_lm(model_dir, device=args.device).eval()
         params = original.num_parameters()
         log.info("original: %s, %.1f M parameters, %d threads", model_dir, params / 1e6, torch.get_num_threads())
         loaded: dict[str, tuple[Any, dict[str, Any]]] = {
@@ -150,11 +153,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for name in args.methods:
             method = methods.get_method(name)
             try:
-                method.check_supported("cpu", args.group_size)
+                method.check_supported(args.device, args.group_size)
             except methods.UnsupportedMethodError as exc:
                 log.warning("%s skipped: %s", name, exc)
                 continue
-            model = method.load_quantized(model_dir, "cpu", args.group_size)
+            model = method.load_quantized(model_dir, args.device, args.group_size, embeddings=args.embeddings)
             loaded[name] = (model, _static_measurements(model, windows, tokenizer, args))
             log.info("%s: loaded, perplexity %.2f", name, loaded[name][1]["perplexity"])
 
@@ -174,6 +177,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             _latency_rounds(compiled, prompts, args, pad, "compiledMsPerToken")
         rows = {name: row for name, (_model, row) in loaded.items()}
     return {"model": f"{args.preset} preset (random weights)" if args.preset else str(model_dir), "parameters": params, "threads": torch.get_num_threads(), "rows": rows, "settings": {
+        "device": args.device, "quantizeEmbeddings": args.embeddings,
         "groupSize": args.group_size, "prompts": args.prompts, "promptTokens": args.prompt_tokens,
         "newTokens": args.new_tokens, "warmup": args.warmup, "repeats": args.repeats,
         "sequenceLength": args.sequence_length, "evalWindows": len(windows), "compile": args.compile,
@@ -210,6 +214,7 @@ def render(result: dict[str, Any]) -> str:
     s = result["settings"]
     lines.append(
         f"\n{result['model']}, {result['parameters'] / 1e6:.1f} M parameters, {result['threads']} threads; "
+        f"device {s['device']}, embeddings {'int8' if s['quantizeEmbeddings'] else 'full precision'}; "
         f"'smaller' = whole state dict, 'linear' = decoder linear weights only; latency = greedy decode of "
         f"{s['prompts']} prompts x {s['newTokens']} new tokens, median of {s['repeats']} passes after {s['warmup']} "
         f"warm-up, interleaved; speedups against 'original'; int4 group size {s['groupSize']}."
@@ -235,7 +240,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group-size", type=int, default=32, choices=(32, 64, 128))
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="where the models run (cuda: the CUDA kernels of each method, e.g. int4 tinygemm)")
+    parser.add_argument("--no-quantize-embeddings", dest="embeddings", action="store_false",
+                        help="keep the embedding and lm_head in full precision (the API's quantizeEmbeddings: false)")
     args = parser.parse_args(argv)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device is visible here")
     # Batch-1 decoding of SmolLM2 in fp32 takes ~0.1 s per token on a 2-core CPU: 2 prompts x 16
     # tokens, median of 3 interleaved passes keeps a six-model run near two minutes of decoding.
     args.prompts, args.prompt_tokens, args.sequence_length = (1, 16, 128) if args.quick else (2, 32, 256)
