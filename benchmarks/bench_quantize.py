@@ -79,8 +79,10 @@ def _static_measurements(model: Any, windows: list[Any], tokenizer: Any, args: a
         "bytes": metrics.state_dict_bytes(model),
         "linearWeightBytes": metrics.linear_weight_bytes(model),
         "fullPrecisionLinearLayers": len(metrics.unquantized_linear_layers(model)),
-        "perplexity": metrics.perplexity(model, windows).perplexity,
     }
+    if args.size_only:
+        return row
+    row["perplexity"] = metrics.perplexity(model, windows).perplexity
     if args.task:
         fmt = "chat" if '"messages"' in args.task.read_text().split("\n", 1)[0] else "prompt-completion"
         row["task"] = evaluate.evaluate(model, tokenizer, args.task, fmt, args.metric, args.task_samples)["value"]
@@ -159,10 +161,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 continue
             model = method.load_quantized(model_dir, args.device, args.group_size, embeddings=args.embeddings)
             loaded[name] = (model, _static_measurements(model, windows, tokenizer, args))
-            log.info("%s: loaded, perplexity %.2f", name, loaded[name][1]["perplexity"])
+            log.info("%s: loaded, perplexity %s", name, loaded[name][1].get("perplexity", "not measured"))
 
-        _latency_rounds(loaded, prompts, args, pad, "eagerMsPerToken")
-        if args.compile:
+        if not args.size_only:
+            _latency_rounds(loaded, prompts, args, pad, "eagerMsPerToken")
+        if args.compile and not args.size_only:
             for name, (model, row) in loaded.items():
                 started = time.perf_counter()
                 try:
@@ -177,7 +180,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             _latency_rounds(compiled, prompts, args, pad, "compiledMsPerToken")
         rows = {name: row for name, (_model, row) in loaded.items()}
     return {"model": f"{args.preset} preset (random weights)" if args.preset else str(model_dir), "parameters": params, "threads": torch.get_num_threads(), "rows": rows, "settings": {
-        "device": args.device, "quantizeEmbeddings": args.embeddings,
+        "device": args.device, "quantizeEmbeddings": args.embeddings, "sizeOnly": args.size_only,
         "groupSize": args.group_size, "prompts": args.prompts, "promptTokens": args.prompt_tokens,
         "newTokens": args.new_tokens, "warmup": args.warmup, "repeats": args.repeats,
         "sequenceLength": args.sequence_length, "evalWindows": len(windows), "compile": args.compile,
@@ -188,6 +191,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def render(result: dict[str, Any]) -> str:
     rows = result["rows"]
     base = rows["original"]
+    if result["settings"]["sizeOnly"]:
+        lines = [f"{'method':<18} {'bytes':>11} {'of fp32':>8} {'smaller':>8} {'linear':>7}"]
+        for name, row in rows.items():
+            lines.append(f"{name:<18} {row['bytes']:>11,} {row['bytes'] / base['bytes']:>7.3f}x "
+                         f"{base['bytes'] / row['bytes']:>7.2f}x {base['linearWeightBytes'] / row['linearWeightBytes']:>6.2f}x")
+        lines.append(f"\n{result['model']}; sizes only (--size-only); int4 group size {result['settings']['groupSize']}; "
+                     f"embeddings {'int8' if result['settings']['quantizeEmbeddings'] else 'full precision'}.")
+        return "\n".join(lines)
     compiled = result["settings"]["compile"]
     head = f"{'method':<18} {'bytes':>11} {'smaller':>8} {'linear':>7} {'eager ms/tok':>12} {'speedup':>8}"
     if compiled:
@@ -244,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the models run (cuda: the CUDA kernels of each method, e.g. int4 tinygemm)")
     parser.add_argument("--no-quantize-embeddings", dest="embeddings", action="store_false",
                         help="keep the embedding and lm_head in full precision (the API's quantizeEmbeddings: false)")
+    parser.add_argument("--size-only", action="store_true",
+                        help="only the sizes (no perplexity, task or latency): seconds instead of minutes")
     args = parser.parse_args(argv)
     if args.device == "cuda":
         import torch
