@@ -67,8 +67,9 @@ def state_dict_bytes(model: Any) -> int:
 def linear_weight_bytes(model: Any, *, include_output_embeddings: bool = False) -> int:
     """Bytes of the weights of every ``nn.Linear`` (the layers quantization targets).
 
-    The output embedding (``lm_head``) is left out by default because transformers keeps
-    it in full precision under every torchao config.
+    The output embedding (``lm_head``) is left out by default: it is quantized only with
+    ``quantizeEmbeddings`` (``embeddings.py``), and the whole-model figure is
+    :func:`state_dict_bytes`.
     """
     import torch
 
