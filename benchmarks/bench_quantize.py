@@ -6,7 +6,8 @@ QuantizeJob runtime uses (``kubeforge_runtime.quantize.methods``), and measures,
 runtime's own functions (``kubeforge_runtime.quantize.metrics``):
 
 * size: state-dict payload bytes of the whole model, and of the decoder's linear weights
-  alone (what quantization targets; the embedding and ``lm_head`` stay in full precision);
+  alone; the int8/int4 methods also put the embedding and ``lm_head`` in int8 (the API's
+  ``quantizeEmbeddings``, on by default; ``--no-quantize-embeddings`` keeps them as they are);
 * per-token latency: greedy decoding of the same prompts, warm-up excluded, median of
   repeated passes; ``--compile`` also times each model after ``torch.compile``;
 * perplexity on the built-in evaluation text, and its change in percent.
@@ -19,12 +20,14 @@ Run::
     python benchmarks/bench_quantize.py            # all methods, eager
     python benchmarks/bench_quantize.py --quick    # fewer repeats/tokens (CI)
     python benchmarks/bench_quantize.py --compile  # eager and torch.compile'd decode
+    python benchmarks/bench_quantize.py --device cuda   # on a CUDA GPU (not run here: no GPU)
 
 Random weights make perplexity ~ vocabulary size and say nothing about task quality; what
 the column shows is how far each method moves the model's predictions.
 
-Measured on the shared 2-core development machine (torch 2.13 CPU, torchao 0.18,
-transformers 5.24), ``python benchmarks/bench_quantize.py --compile --threads 1``, 395 s,
+Measured before the embeddings were quantized (what ``--no-quantize-embeddings`` does now) on
+the shared 2-core development machine (torch 2.13 CPU, torchao 0.18, transformers 5.24),
+``python benchmarks/bench_quantize.py --preset small --compile --threads 1``, 395 s,
 other engineers' jobs running alongside (hence one thread and interleaved rounds)::
 
     method                   bytes  smaller  linear eager ms/tok  speedup compiled ms/tok  speedup  perplexity    change
@@ -76,8 +79,10 @@ def _static_measurements(model: Any, windows: list[Any], tokenizer: Any, args: a
         "bytes": metrics.state_dict_bytes(model),
         "linearWeightBytes": metrics.linear_weight_bytes(model),
         "fullPrecisionLinearLayers": len(metrics.unquantized_linear_layers(model)),
-        "perplexity": metrics.perplexity(model, windows).perplexity,
     }
+    if args.size_only:
+        return row
+    row["perplexity"] = metrics.perplexity(model, windows).perplexity
     if args.task:
         fmt = "chat" if '"messages"' in args.task.read_text().split("\n", 1)[0] else "prompt-completion"
         row["task"] = evaluate.evaluate(model, tokenizer, args.task, fmt, args.metric, args.task_samples)["value"]
@@ -142,7 +147,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         # Everything stays loaded (the small preset is 100 MB in fp32) so latency can be
         # measured in interleaved rounds.
-        original = models.load_causal_lm(model_dir).eval()
+        original = models.load_causal_lm(model_dir, device=args.device).eval()
         params = original.num_parameters()
         log.info("original: %s, %.1f M parameters, %d threads", model_dir, params / 1e6, torch.get_num_threads())
         loaded: dict[str, tuple[Any, dict[str, Any]]] = {
@@ -150,16 +155,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for name in args.methods:
             method = methods.get_method(name)
             try:
-                method.check_supported("cpu", args.group_size)
+                method.check_supported(args.device, args.group_size)
             except methods.UnsupportedMethodError as exc:
                 log.warning("%s skipped: %s", name, exc)
                 continue
-            model = method.load_quantized(model_dir, "cpu", args.group_size)
+            model = method.load_quantized(model_dir, args.device, args.group_size, embeddings=args.embeddings)
             loaded[name] = (model, _static_measurements(model, windows, tokenizer, args))
-            log.info("%s: loaded, perplexity %.2f", name, loaded[name][1]["perplexity"])
+            log.info("%s: loaded, perplexity %s", name, loaded[name][1].get("perplexity", "not measured"))
 
-        _latency_rounds(loaded, prompts, args, pad, "eagerMsPerToken")
-        if args.compile:
+        if not args.size_only:
+            _latency_rounds(loaded, prompts, args, pad, "eagerMsPerToken")
+        if args.compile and not args.size_only:
             for name, (model, row) in loaded.items():
                 started = time.perf_counter()
                 try:
@@ -174,6 +180,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             _latency_rounds(compiled, prompts, args, pad, "compiledMsPerToken")
         rows = {name: row for name, (_model, row) in loaded.items()}
     return {"model": f"{args.preset} preset (random weights)" if args.preset else str(model_dir), "parameters": params, "threads": torch.get_num_threads(), "rows": rows, "settings": {
+        "device": args.device, "quantizeEmbeddings": args.embeddings, "sizeOnly": args.size_only,
         "groupSize": args.group_size, "prompts": args.prompts, "promptTokens": args.prompt_tokens,
         "newTokens": args.new_tokens, "warmup": args.warmup, "repeats": args.repeats,
         "sequenceLength": args.sequence_length, "evalWindows": len(windows), "compile": args.compile,
@@ -184,6 +191,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def render(result: dict[str, Any]) -> str:
     rows = result["rows"]
     base = rows["original"]
+    if result["settings"]["sizeOnly"]:
+        lines = [f"{'method':<18} {'bytes':>11} {'of fp32':>8} {'smaller':>8} {'linear':>7}"]
+        for name, row in rows.items():
+            lines.append(f"{name:<18} {row['bytes']:>11,} {row['bytes'] / base['bytes']:>7.3f}x "
+                         f"{base['bytes'] / row['bytes']:>7.2f}x {base['linearWeightBytes'] / row['linearWeightBytes']:>6.2f}x")
+        lines.append(f"\n{result['model']}; sizes only (--size-only); int4 group size {result['settings']['groupSize']}; "
+                     f"embeddings {'int8' if result['settings']['quantizeEmbeddings'] else 'full precision'}.")
+        return "\n".join(lines)
     compiled = result["settings"]["compile"]
     head = f"{'method':<18} {'bytes':>11} {'smaller':>8} {'linear':>7} {'eager ms/tok':>12} {'speedup':>8}"
     if compiled:
@@ -210,6 +225,7 @@ def render(result: dict[str, Any]) -> str:
     s = result["settings"]
     lines.append(
         f"\n{result['model']}, {result['parameters'] / 1e6:.1f} M parameters, {result['threads']} threads; "
+        f"device {s['device']}, embeddings {'int8' if s['quantizeEmbeddings'] else 'full precision'}; "
         f"'smaller' = whole state dict, 'linear' = decoder linear weights only; latency = greedy decode of "
         f"{s['prompts']} prompts x {s['newTokens']} new tokens, median of {s['repeats']} passes after {s['warmup']} "
         f"warm-up, interleaved; speedups against 'original'; int4 group size {s['groupSize']}."
@@ -235,7 +251,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group-size", type=int, default=32, choices=(32, 64, 128))
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="where the models run (cuda: the CUDA kernels of each method, e.g. int4 tinygemm)")
+    parser.add_argument("--no-quantize-embeddings", dest="embeddings", action="store_false",
+                        help="keep the embedding and lm_head in full precision (the API's quantizeEmbeddings: false)")
+    parser.add_argument("--size-only", action="store_true",
+                        help="only the sizes (no perplexity, task or latency): seconds instead of minutes")
     args = parser.parse_args(argv)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device is visible here")
     # Batch-1 decoding of SmolLM2 in fp32 takes ~0.1 s per token on a 2-core CPU: 2 prompts x 16
     # tokens, median of 3 interleaved passes keeps a six-model run near two minutes of decoding.
     args.prompts, args.prompt_tokens, args.sequence_length = (1, 16, 128) if args.quick else (2, 32, 256)

@@ -144,7 +144,7 @@ QUANTIZE = Kind(
     dump=lambda cfg: cfg.model_dump(by_alias=True, mode="json"),
     maximal={
         "model": {"uri": "pvc://models/base"},
-        "method": "int4-weight-only", "groupSize": 64,
+        "method": "int4-weight-only", "groupSize": 64, "quantizeEmbeddings": False,
         "calibration": {"uri": "pvc://data/cal.jsonl", "samples": 32},
         "evaluation": {"uri": "pvc://data/eval.jsonl", "maxPerplexityIncreasePercent": 2.5, "maxSamples": 16,
                        "sequenceLength": 128, "task": {"uri": "pvc://data/test.jsonl", "metric": "exactMatch",

@@ -59,6 +59,27 @@ def load_requirements(model_dir: str | Path) -> None:
             log.warning("ignoring loadRequires entry %r: only torchao modules are imported", module)
 
 
+def _prepare_quantized_embeddings(model_dir: Path) -> None:
+    """Register the int8 embedding operators when ``model_dir`` holds quantized embeddings.
+
+    A QuantizeJob output with ``include_input_output_embeddings`` in its torchao
+    ``quantization_config`` has an int8 embedding table; torchao alone would dequantize the
+    whole table for every lookup and cannot compare tied quantized weights while loading
+    (``quantize/embeddings.py`` says more).
+    """
+    config = Path(model_dir) / "config.json"
+    if not config.exists():
+        return
+    try:
+        quant = json.loads(config.read_text()).get("quantization_config") or {}
+    except (ValueError, AttributeError):
+        return
+    if quant.get("quant_method") == "torchao" and quant.get("include_input_output_embeddings"):
+        from .quantize import embeddings
+
+        embeddings.register_ops()
+
+
 def check_servable(model_dir: str | Path) -> None:
     """Refuse a QuantizeJob output that failed its quality gate; import what it needs to load.
 
@@ -129,6 +150,7 @@ def load_causal_lm(uri_or_path: str | Path, *, dtype: Any = None, device: Any = 
             if merge_adapter:
                 model = model.merge_and_unload()
         else:
+            _prepare_quantized_embeddings(path)
             model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load {uri_or_path!r}: {exc}") from exc

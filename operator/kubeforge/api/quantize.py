@@ -95,6 +95,12 @@ class QuantizeJobSpec(KFModel):
     group_size: Literal[32, 64, 128] = Field(
         default=128, description="Group size for int4-weight-only: 32, 64 or 128 (what the int4 kernels support)."
     )
+    quantize_embeddings: bool = Field(
+        default=True,
+        description="int8/int4 methods: also quantize the input embedding and the (tied or untied) output embedding "
+        "(lm_head) to int8, one scale per row; on a small model they are a fifth of the weights. false keeps them "
+        "in full precision.",
+    )
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec, description="Calibration data.")
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Quality measurement and gate.")
     output: QuantizeOutputSpec = Field(description="Where the result is written.")

@@ -46,7 +46,7 @@ def config_map_name(name: str) -> str:
     return child_name(name, "quantize-config", 253)
 
 
-_CONFIG_FIELDS = {"method", "group_size", "calibration", "evaluation", "output"}
+_CONFIG_FIELDS = {"method", "group_size", "quantize_embeddings", "calibration", "evaluation", "output"}
 """The spec's parts the quantizer reads, unchanged in shape (``kubeforge_runtime.quantize.config``);
 ``model`` is rendered as the resolved URI."""
 _ONLY_WHEN_SET = {"evaluation": ("task", "max_accuracy_drop_points")}

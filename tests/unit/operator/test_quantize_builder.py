@@ -20,7 +20,7 @@ def spec(**over) -> QuantizeJobSpec:
 
 
 def test_runtime_config_has_exactly_the_contract_shape_and_parses_in_the_runtime():
-    s = spec(method="int4-weight-only", groupSize=64,
+    s = spec(method="int4-weight-only", groupSize=64, quantizeEmbeddings=False,
              calibration={"uri": "pvc://data/cal.jsonl", "samples": 32},
              evaluation={"uri": "pvc://data/eval.jsonl", "maxPerplexityIncreasePercent": 2.5,
                          "maxSamples": 16, "sequenceLength": 128})
@@ -28,7 +28,7 @@ def test_runtime_config_has_exactly_the_contract_shape_and_parses_in_the_runtime
     assert cfg == {
         "kind": "QuantizeJob", "name": "q", "namespace": "ns",
         "model": {"uri": "pvc://models/ft/final"},
-        "method": "int4-weight-only", "groupSize": 64,
+        "method": "int4-weight-only", "groupSize": 64, "quantizeEmbeddings": False,
         "calibration": {"uri": "pvc://data/cal.jsonl", "samples": 32},
         "evaluation": {"uri": "pvc://data/eval.jsonl", "maxPerplexityIncreasePercent": 2.5,
                        "maxSamples": 16, "sequenceLength": 128},
@@ -37,6 +37,7 @@ def test_runtime_config_has_exactly_the_contract_shape_and_parses_in_the_runtime
     parsed = parse_config(json.loads(json.dumps(cfg)))
     assert (parsed.model.uri, parsed.method, parsed.group_size) == ("pvc://models/ft/final", "int4-weight-only", 64)
     assert parsed.evaluation.max_perplexity_increase_percent == 2.5
+    assert parsed.quantize_embeddings is False
 
 
 def test_defaults_render_nulls_the_runtime_accepts():

@@ -5,7 +5,7 @@ exactly this shape (camelCase, the CRD's field names)::
 
     {"kind": "QuantizeJob", "name": "demo", "namespace": "default",
      "model": {"uri": "file:///models/m"},
-     "method": "int8-dynamic", "groupSize": 128,
+     "method": "int8-dynamic", "groupSize": 128, "quantizeEmbeddings": true,
      "calibration": {"uri": null, "samples": 128},
      "evaluation": {"uri": "file:///data/eval.jsonl", "maxPerplexityIncreasePercent": 1.0,
                     "maxSamples": 64, "sequenceLength": 256,
@@ -136,6 +136,9 @@ class QuantizeConfig(_Frozen):
     group_size: GroupSize = 128
     """int4 group size; it must divide the layers' input widths (layers it does not divide stay
     in full precision)."""
+    quantize_embeddings: bool = True
+    """int8/int4 methods: also quantize the input embedding and the (tied or untied) output
+    embedding ``lm_head`` to int8 (one scale per row); false keeps them in the model's dtype."""
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     """Calibration data (accepted, not read by any current method)."""
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)

@@ -8,8 +8,10 @@ Called by :mod:`kubeforge_runtime.quantize.runner`. Each method knows three thin
 * how to load a model quantized (``load_quantized``): through
   ``AutoModelForCausalLM.from_pretrained(..., quantization_config=TorchAoConfig(...))``,
   transformers' own torchao integration, which applies torchao's ``quantize_`` to every
-  ``nn.Linear`` except the output embedding (``lm_head`` stays in full precision, as
-  transformers does by default: it is the layer most sensitive to quantization);
+  ``nn.Linear`` except the output embedding; then, for the int8 and int4 methods with
+  ``embeddings=True`` (the API's ``quantizeEmbeddings``, on by default), the input
+  embedding and the tied or untied ``lm_head`` are quantized to int8 too (``embeddings.py``):
+  on a small model they are a fifth of the weights;
 * how to save it so that ``kubeforge_runtime.models.load_causal_lm`` loads it back
   (``save``).
 
@@ -36,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from . import embeddings as embedding_quant
+
 log = logging.getLogger(__name__)
 
 
@@ -53,8 +57,9 @@ class QuantMethod(Protocol):
     def check_supported(self, device: str, group_size: int) -> None:
         """Raise UnsupportedMethodError (naming ``alternative``) if ``device`` cannot run it."""
 
-    def load_quantized(self, model_dir: Path, device: str, group_size: int) -> Any:
-        """Load the full-precision model at ``model_dir`` and return it quantized."""
+    def load_quantized(self, model_dir: Path, device: str, group_size: int, embeddings: bool = True) -> Any:
+        """Load the full-precision model at ``model_dir`` and return it quantized; ``embeddings``:
+        also quantize the input and output embeddings where the method supports it."""
 
     def save(self, model: Any, out_dir: Path) -> dict[str, Any]:
         """Save ``model`` to ``out_dir``; return facts for the lineage record."""
@@ -107,7 +112,20 @@ def _save_pretrained(model: Any, out_dir: Path) -> dict[str, Any]:
     # transformers flattens torchao tensor subclasses into plain tensors plus JSON metadata
     # in the safetensors header; from_pretrained reassembles them (pre-quantized path).
     model.save_pretrained(str(out_dir))
-    return {"format": "safetensors", "loadRequires": []}
+    embedding_quant.drop_tied_duplicate(model, out_dir)
+    return {"format": "safetensors", "loadRequires": [], **_embedding_facts(model)}
+
+
+def _with_embeddings(model: Any, quantize: bool) -> Any:
+    """``model`` with its input/output embeddings quantized to int8 when ``quantize``."""
+    if quantize:
+        facts = embedding_quant.quantize_embeddings(model)
+        log.info("embeddings quantized: %s", facts)
+    return model
+
+
+def _embedding_facts(model: Any) -> dict[str, Any]:
+    return {"embeddings": "int8-weight-only" if embedding_quant.embeddings_quantized(model) else "full precision"}
 
 
 def _config_name(quant_type: Any) -> str:
@@ -132,8 +150,8 @@ class TorchAoMethod:
 
         _probe(self.name, self.alternative, device, lambda: self.make_config(group_size), 256, torch.float32)
 
-    def load_quantized(self, model_dir: Path, device: str, group_size: int) -> Any:
-        return _load(model_dir, device, quant_type=self.make_config(group_size))
+    def load_quantized(self, model_dir: Path, device: str, group_size: int, embeddings: bool = True) -> Any:
+        return _with_embeddings(_load(model_dir, device, quant_type=self.make_config(group_size)), embeddings)
 
     def save(self, model: Any, out_dir: Path) -> dict[str, Any]:
         facts = _save_pretrained(model, out_dir)
@@ -202,8 +220,9 @@ class Int4WeightOnlyMethod:
             self._dtype(device),
         )
 
-    def load_quantized(self, model_dir: Path, device: str, group_size: int) -> Any:
-        return _load(model_dir, device, dtype=self._dtype(device), quant_type=self._config(device, group_size))
+    def load_quantized(self, model_dir: Path, device: str, group_size: int, embeddings: bool = True) -> Any:
+        model = _load(model_dir, device, dtype=self._dtype(device), quant_type=self._config(device, group_size))
+        return _with_embeddings(model, embeddings)
 
     def save(self, model: Any, out_dir: Path) -> dict[str, Any]:
         quant_type = model.config.quantization_config.quant_type
@@ -223,15 +242,27 @@ class Int4WeightOnlyMethod:
         # the lineage record names the exact config. Loading never re-quantizes: a
         # pre-quantized checkpoint's weights are taken as they are.
         group_size = quant_type.group_size
-        model.config.quantization_config = TorchAoConfig(quant_type=Int4WeightOnlyConfig(group_size=group_size))
+        with_embeddings = embedding_quant.embeddings_quantized(model)
+        original = model.config.quantization_config
+        model.config.quantization_config = TorchAoConfig(
+            quant_type=Int4WeightOnlyConfig(group_size=group_size), include_input_output_embeddings=with_embeddings
+        )
         try:
             model.config.save_pretrained(str(out_dir))
         finally:
-            model.config.quantization_config = TorchAoConfig(quant_type=quant_type)
+            model.config.quantization_config = original
         if model.generation_config is not None:
             model.generation_config.save_pretrained(str(out_dir))
-        torch.save(model.state_dict(), out_dir / "pytorch_model.bin")
-        return {"format": "pytorch", "loadRequires": [INT4_CPU_MODULE], "torchaoConfig": config_name}
+        state = model.state_dict()
+        head = model.get_output_embeddings()
+        if head is not None and head.weight is model.get_input_embeddings().weight:
+            # A tied lm_head: one copy on disk; transformers ties it again on reload.
+            for name, module in model.named_modules():
+                if module is head:
+                    state.pop(f"{name}.weight", None)
+        torch.save(state, out_dir / "pytorch_model.bin")
+        return {"format": "pytorch", "loadRequires": [INT4_CPU_MODULE], "torchaoConfig": config_name,
+                **_embedding_facts(model)}
 
 
 # --- dtype casts -----------------------------------------------------------------------
@@ -250,9 +281,10 @@ class CastMethod:
 
         _probe(self.name, self.alternative, device, lambda: None, 256, getattr(torch, self.dtype_name))
 
-    def load_quantized(self, model_dir: Path, device: str, group_size: int) -> Any:
+    def load_quantized(self, model_dir: Path, device: str, group_size: int, embeddings: bool = True) -> Any:
         import torch
 
+        # A cast already covers the embeddings; there is nothing more to quantize.
         return _load(model_dir, device, dtype=getattr(torch, self.dtype_name))
 
     def save(self, model: Any, out_dir: Path) -> dict[str, Any]:

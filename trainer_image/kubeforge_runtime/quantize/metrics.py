@@ -43,6 +43,11 @@ def _storage_key(tensor: Any) -> Any:
 
     if type(tensor) in (torch.Tensor, torch.nn.Parameter):
         return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+    if hasattr(tensor, "__tensor_flatten__"):
+        # A torchao tensor is its parts: a tied lm_head's state-dict entry is another wrapper
+        # object around the same packed data, which must count once.
+        names, _ = tensor.__tensor_flatten__()
+        return tuple(_storage_key(getattr(tensor, n)) for n in names)
     return id(tensor)
 
 
@@ -62,8 +67,9 @@ def state_dict_bytes(model: Any) -> int:
 def linear_weight_bytes(model: Any, *, include_output_embeddings: bool = False) -> int:
     """Bytes of the weights of every ``nn.Linear`` (the layers quantization targets).
 
-    The output embedding (``lm_head``) is left out by default because transformers keeps
-    it in full precision under every torchao config.
+    The output embedding (``lm_head``) is left out by default: it is quantized only with
+    ``quantizeEmbeddings`` (``embeddings.py``), and the whole-model figure is
+    :func:`state_dict_bytes`.
     """
     import torch
 

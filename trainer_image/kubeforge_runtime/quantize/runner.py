@@ -171,8 +171,13 @@ def run(cfg: QuantizeConfig) -> tuple[dict[str, Any], dict[str, Any], int]:
         method.check_supported(device, cfg.group_size)
     except methods.UnsupportedMethodError as exc:
         raise _Failure(reporting.REASON_UNSUPPORTED_METHOD, str(exc), contract.EXIT_CONFIG_ERROR) from None
+    calibration_note = ""
     if cfg.calibration.uri is not None:
-        log.info("calibration.uri is set, but %s needs no calibration data: not read", cfg.method)
+        # Said in the report's message (the Succeeded/QualityGateFailed condition), not only in
+        # the log: a setting the user believes applied and is not must be visible.
+        calibration_note = (f"; calibration.uri is set but {cfg.method} does not calibrate: the calibration data "
+                            "was not read")
+        log.warning("calibration.uri is set, but %s does not calibrate: not read", cfg.method)
 
     try:
         out_dir = storage.output_path(cfg.output.uri)  # s3://: a staging directory, uploaded at the end
@@ -209,7 +214,7 @@ def run(cfg: QuantizeConfig) -> tuple[dict[str, Any], dict[str, Any], int]:
 
             log.info("[3/5] quantizing with %s and measuring", cfg.method)
             started = time.perf_counter()
-            quantized = method.load_quantized(source, device, cfg.group_size)
+            quantized = method.load_quantized(source, device, cfg.group_size, embeddings=cfg.quantize_embeddings)
             quantize_seconds = time.perf_counter() - started
             skipped = metrics.unquantized_linear_layers(quantized) if cfg.method.startswith("int") else []
             linear_count = len(metrics.linear_layers(quantized))
@@ -257,6 +262,7 @@ def run(cfg: QuantizeConfig) -> tuple[dict[str, Any], dict[str, Any], int]:
         f"({before['bytes'] / after['bytes']:.2f}x smaller), latency "
         f"{before['latencyMsPerToken']:.3f} -> {after['latencyMsPerToken']:.3f} ms/token"
     )
+    numbers += calibration_note
     if gate_passed:
         reason, message, code = reporting.REASON_SUCCEEDED, f"{cfg.method}: {numbers}", contract.EXIT_OK
     else:
@@ -295,6 +301,7 @@ def run(cfg: QuantizeConfig) -> tuple[dict[str, Any], dict[str, Any], int]:
         "quantization": {
             "method": cfg.method,
             "groupSize": cfg.group_size if cfg.method == "int4-weight-only" else None,
+            "quantizeEmbeddings": cfg.quantize_embeddings,
             "device": device,
             "originalDtype": original_dtype,
             **save_facts,

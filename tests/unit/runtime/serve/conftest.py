@@ -45,13 +45,15 @@ def tiny_adapter(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.fixture(scope="session")
 def tiny_quantized(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A torchao int8 weight-only save_pretrained dir (config.json carries quantization_config)."""
-    from torchao.quantization import Int8WeightOnlyConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TorchAoConfig
+    """What a QuantizeJob writes for int8-weight-only (quantizer's own load and save): int8
+    linear layers, int8 embedding and lm_head; config.json carries the quantization_config."""
+    from transformers import AutoTokenizer
+
+    from kubeforge_runtime.quantize.methods import get_method
 
     out = tmp_path_factory.mktemp("tiny-int8")
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), quantization_config=TorchAoConfig(Int8WeightOnlyConfig()))
-    model.save_pretrained(str(out), safe_serialization=False)
+    method = get_method("int8-weight-only")
+    method.save(method.load_quantized(tiny_model, "cpu", 64, embeddings=True), out)
     AutoTokenizer.from_pretrained(str(tiny_model)).save_pretrained(str(out))
     return out
 

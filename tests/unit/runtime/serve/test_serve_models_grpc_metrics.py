@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -55,6 +56,8 @@ def test_quantized_output_is_served(start_server: Callable[..., ServerThread], t
     client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0)
     out = client.completions.create(model="int8", prompt="hello", max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
     assert out.usage.completion_tokens == 6 and out.choices[0].text
+    quant = json.loads((tiny_quantized / "config.json").read_text())["quantization_config"]
+    assert quant["include_input_output_embeddings"] is True  # the embeddings it served were int8
 
 
 def test_api_key_is_enforced(start_server: Callable[..., ServerThread], tiny_model: Path) -> None:
