@@ -117,7 +117,7 @@ def start_server(model_dir: Path, workdir: Path, args: argparse.Namespace) -> tu
         "model": {"uri": f"file://{model_dir}"},
         "adapters": [],
         "engine": {
-            "backend": args.backend,
+            "batching": args.batching,
             "dtype": "auto",
             "maxBatchTokens": args.max_batch_tokens,
             "maxConcurrentRequests": 32,
@@ -354,7 +354,7 @@ def _fmt_row(c: int, s: dict[str, float], b: dict[str, float]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests and tokens (CI)")
-    parser.add_argument("--backend", default="auto", choices=["auto", "continuous", "dynamic"])
+    parser.add_argument("--batching", default="auto", choices=["auto", "continuous", "dynamic"])
     parser.add_argument("--model", type=Path, help="a model directory (default: build the small preset)")
     parser.add_argument("--levels", default="1,8,32", help="concurrency levels")
     parser.add_argument("--new-tokens", type=int, default=None, help="tokens per request (default 64; quick 32)")
