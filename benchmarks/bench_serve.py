@@ -187,7 +187,7 @@ def start_vllm(model_dir: Path, workdir: Path, args: argparse.Namespace) -> tupl
             "--uvicorn-log-level", "warning"]
     proc = subprocess.Popen(argv, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
-    _wait_http(proc, base + "/health", log_path, 900)
+    _wait_http(proc, base + "/health", log_path, 1800)
     version = subprocess.run([str(python), "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
                              text=True, env=env).stdout.strip()
     return proc, base, f"vllm {version}"

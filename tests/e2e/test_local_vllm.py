@@ -43,7 +43,7 @@ SERVICE = {
 }
 
 
-@pytest.mark.timeout(2400)
+@pytest.mark.timeout(3000)
 def test_kubeforge_run_serves_a_vllm_inference_service(tmp_path: Path):
     from kubeforge.local import vllm_env
 
@@ -59,7 +59,7 @@ def test_kubeforge_run_serves_a_vllm_inference_service(tmp_path: Path):
     threading.Thread(target=lambda: err.extend(iter(proc.stderr.readline, "")), daemon=True).start()
     threading.Thread(target=lambda: out.extend(iter(proc.stdout.readline, "")), daemon=True).start()
     try:
-        deadline = time.monotonic() + 900
+        deadline = time.monotonic() + 2000
         url = None
         while time.monotonic() < deadline and proc.poll() is None:
             found = re.search(r"vLLM serving \S+ on (http://127\.0\.0\.1:\d+/v1)", "".join(err))

@@ -10,7 +10,9 @@ children as local processes through :func:`kubeforge.local.pods.localize_contain
 * a QuantizeJob's pod runs once; its report (the termination message on a cluster) is read
   from a file and printed as a table;
 * an InferenceService's Deployment runs one replica; once ``/ready`` answers, a sample
-  request is sent and the answer printed.
+  request is sent and the answer printed. With ``engine.backend: vllm`` the pod's
+  ``fetch-model`` init container runs first, then vLLM's server with the pod's arguments in
+  the vLLM environment (:mod:`.vllm_env`, created on first use), ready on ``/health``.
 
 ``pvc://claim/...`` lives under ``<workdir>/pvc/claim``, seeded from ``examples/volumes``-style
 directories (``--volumes DIR``). Base models: ``--model DIR`` fills a missing model path with
@@ -66,6 +68,8 @@ EMBEDDED_BASE_URI = "pvc://models/base"
 SAMPLE_MAX_TOKENS = 48
 LOCAL_HOST = "127.0.0.1"
 """The address local servers bind and are reached at."""
+VLLM_READY_TIMEOUT_S = 1800.0
+"""How long a local vLLM server may take to answer /health (the pod's startup probe allows as long)."""
 STOP_GRACE_S = 35.0
 """How long stopped children get before SIGKILL: torchrun itself gives its workers 30 s."""
 
@@ -542,8 +546,9 @@ class LocalRunner:
         threading.Thread(target=_drain, args=(proc, log_path), daemon=True).start()
         self.console.print(f"[bold]InferenceService/{name}[/]: vLLM serving {model_uri} on "
                            f"http://{LOCAL_HOST}:{port}/v1 (log: {log_path})")
-        self._wait_ready(name, proc, f"http://127.0.0.1:{port}/health", log_path, ready_timeout,
-                         "starting vLLM and loading the model…")
+        # vLLM compiles its model on CPU before it serves: many minutes on a loaded machine.
+        self._wait_ready(name, proc, f"http://127.0.0.1:{port}/health", log_path,
+                         max(ready_timeout, VLLM_READY_TIMEOUT_S), "starting vLLM (compiling the model)…")
         return LocalServer(name, proc, port, log_path, name)
 
     def _wait_ready(self, name: str, proc: subprocess.Popen[bytes], url: str, log_path: Path, timeout: float,
