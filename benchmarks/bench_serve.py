@@ -33,7 +33,7 @@ Run::
 
     python benchmarks/bench_serve.py                       # all four engines, 1/8/32 clients
     python benchmarks/bench_serve.py --quick               # fewer requests and tokens (CI)
-    python benchmarks/bench_serve.py --engines kubeforge,vllm --levels 32
+    python benchmarks/bench_serve.py --engines kubeforge,vllm --levels 32   # engines run in the order given
 
 Timings on a shared 2-core machine vary by tens of percent between runs; the ratios within
 one run are the figures to read.
@@ -486,23 +486,13 @@ def main(argv: list[str] | None = None) -> int:
                     rows = results[wl].setdefault(name, {})
                     rows[c] = level(model, workload(wl, count(c), vocab, new_tokens, seed=c), c).row()
 
-        if "generate-1" in engines:
-            run_in_process("generate-1", generate_one_level)
-            about["generate-1"] = "plain generate(), one request at a time, in process"
-        if "generate-static" in engines:
-            run_in_process("generate-static", generate_static_level)
-            about["generate-static"] = "generate() on left-padded batches of the concurrency level, in process"
-        del model
-
-        for name, start in (("vllm", start_vllm), ("kubeforge", start_kubeforge)):
-            if name not in engines:
-                continue
+        def run_server(name: str, start: Callable[..., tuple[subprocess.Popen[bytes], str, str]]) -> None:
             try:
                 proc, base, what = start(Path(model_dir), work, args)
             except (RuntimeError, TimeoutError) as exc:
                 about[name] = f"not measured: {exc}"
                 log.warning("%s cannot run here: %s", name, exc)
-                continue
+                return
             about[name] = what
             try:
                 asyncio.run(http_level(base, workload("fixed", 2, vocab, 4, seed=99), 2))  # warm-up
@@ -517,6 +507,17 @@ def main(argv: list[str] | None = None) -> int:
                     proc.wait(timeout=60)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+
+        for name in engines:  # in the order given
+            if name == "generate-1":
+                run_in_process(name, generate_one_level)
+                about[name] = "plain generate(), one request at a time, in process"
+            elif name == "generate-static":
+                run_in_process(name, generate_static_level)
+                about[name] = "generate() on left-padded batches of the concurrency level, in process"
+            else:
+                run_server(name, start_vllm if name == "vllm" else start_kubeforge)
+        del model
 
         kv = None
         if args.kv_memory:
