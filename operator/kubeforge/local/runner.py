@@ -541,6 +541,9 @@ class LocalRunner:
         argv[argv.index("--port") + 1] = str(port)
         local.argv = argv
         local.env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        # vLLM's compiled model outlives this run here (the pod's cache is its emptyDir):
+        # compiling takes many minutes on CPU, the cached artefacts load in seconds.
+        local.env["VLLM_CACHE_ROOT"] = str(vllm_env.cache_root() / "vllm" / "compile-cache")
         log_path = pod_dir / "server.log"
         proc = self._spawn(local, log_path)
         threading.Thread(target=_drain, args=(proc, log_path), daemon=True).start()
