@@ -15,7 +15,8 @@ def make_config(model: Path, **engine: Any) -> dict[str, Any]:
     adapters = engine.pop("adapters", [])
     name = engine.pop("name", "demo")
     base = {
-        "backend": "auto",
+        "backend": "kubeforge",
+        "batching": "auto",
         "dtype": "auto",
         "maxBatchTokens": 1024,
         "maxConcurrentRequests": 8,

@@ -151,6 +151,12 @@ def test_images_have_no_registry_host_and_runtime_image_is_passed(default_docs):
     _, c = operator_container(docs)
     assert {e["name"]: e.get("value") for e in c["env"]}["KUBEFORGE_RUNTIME_IMAGE"] == "registry.example.com/ml/runtime:v9"
     assert c["image"] == "kubeforge/operator@sha256:" + "a" * 64
+    # The vLLM server image (engine.backend: vllm): pinned by default, settable like the others.
+    _, c = operator_container(default_docs)
+    assert {e["name"]: e.get("value") for e in c["env"]}["KUBEFORGE_VLLM_IMAGE"] == "vllm/vllm-openai:v0.32.0"
+    _, c = operator_container(render({"vllmImage.repository": "registry.example.com/vllm/vllm-openai"}))
+    assert {e["name"]: e.get("value") for e in c["env"]}["KUBEFORGE_VLLM_IMAGE"] == \
+        "registry.example.com/vllm/vllm-openai:v0.32.0"
     text = "".join(p.read_text() for p in (CHART).rglob("*") if p.is_file())
     for host in ("docker.io", "ghcr.io", "quay.io", "nvcr.io", "gcr.io", "registry.k8s.io"):
         assert host not in text, host

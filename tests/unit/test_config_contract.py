@@ -163,7 +163,7 @@ INFERENCE = Kind(
     maximal={
         "model": {"uri": "pvc://models/base"},
         "adapters": [{"name": "sql", "uri": "pvc://adapters/sql"}, {"name": "support", "uri": "s3://adapters/support"}],
-        "engine": {"backend": "continuous", "dtype": "bfloat16", "maxBatchTokens": 2048, "maxConcurrentRequests": 8,
+        "engine": {"backend": "kubeforge", "batching": "continuous", "dtype": "bfloat16", "maxBatchTokens": 2048, "maxConcurrentRequests": 8,
                    "maxQueuedRequests": 32, "kvBlockSize": 32, "maxModelLength": 1024, "requestTimeoutSeconds": 2.5,
                    "maxRequestBodyBytes": 4096},
     },

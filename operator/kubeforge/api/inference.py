@@ -56,13 +56,58 @@ class AutoscalingSpec(KFModel):
     target: float = Field(default=8, gt=0, description="Target average value per pod (kvCacheUsage: a fraction 0-1).")
 
 
-class EngineSpec(KFModel):
-    """Serving engine settings, rendered unchanged into the server's config
-    (``kubeforge_runtime.serve.config.EngineConfig``: same types and bounds, a contract test
-    compares them)."""
+VLLM_ONLY_DEFAULTS: dict[str, Any] = {
+    "batching": "auto",
+    "maxQueuedRequests": 64,
+    "kvBlockSize": 16,
+    "requestTimeoutSeconds": 120.0,
+    "maxRequestBodyBytes": 8 * 2**20,
+}
+"""Engine settings only the KubeForge server has, with their defaults: with ``backend: vllm``
+each must stay at its default (vLLM's OpenAI server has no such setting; a value would be
+silently ignored). The CRD's CEL, the webhook and the operator refuse anything else."""
 
-    backend: Literal["auto", "continuous", "dynamic"] = Field(
-        default="auto", description="continuous: transformers' continuous batching (paged KV cache); dynamic: the fallback; auto: continuous where supported."
+VLLM_ONLY_REASONS = {
+    "batching": "vLLM always batches continuously",
+    "maxQueuedRequests": "vLLM's server has no waiting-queue limit",
+    "kvBlockSize": "vLLM chooses its own KV-cache block size per device",
+    "requestTimeoutSeconds": "vLLM's server has no per-request deadline",
+    "maxRequestBodyBytes": "vLLM's server has no request-body limit",
+}
+
+
+def _vllm_rule(key: str, default: Any) -> dict[str, str]:
+    literal = f"'{default}'" if isinstance(default, str) else repr(default)
+    return cel(f"self.backend != 'vllm' || !has(self.{key}) || self.{key} == {literal}",
+               f"engine.{key}: {VLLM_ONLY_REASONS[key]}; remove it (default {default}) or use engine.backend: kubeforge",
+               f".{key}", reason="FieldValueForbidden")
+
+
+def vllm_engine_problems(engine: "EngineSpec") -> list[str]:
+    """The ``engine`` settings vLLM cannot honour (the CEL rules' messages), empty when none."""
+    data = engine.model_dump(by_alias=True, mode="json")
+    if engine.backend != "vllm":
+        return []
+    return [f"engine.{k}: {VLLM_ONLY_REASONS[k]}; remove it (default {d}) or use engine.backend: kubeforge"
+            for k, d in VLLM_ONLY_DEFAULTS.items() if data[k] != d]
+
+
+class EngineSpec(KFModel):
+    """Serving engine settings. ``backend`` picks the server: ``kubeforge`` (the bundled
+    runtime; every other field is rendered unchanged into its config,
+    ``kubeforge_runtime.serve.config.EngineConfig``, same types and bounds, a contract test
+    compares them) or ``vllm`` (vLLM's OpenAI server: dtype, maxBatchTokens,
+    maxConcurrentRequests and maxModelLength become its flags; the KubeForge-only settings
+    must stay at their defaults)."""
+
+    backend: Literal["kubeforge", "vllm"] = Field(
+        default="kubeforge",
+        description="kubeforge: the bundled KubeForge server; vllm: vLLM's OpenAI-compatible server (image from the "
+        "chart's vllm.image, or template.image where the workload policy allows it).",
+    )
+    batching: Literal["auto", "continuous", "dynamic"] = Field(
+        default="auto", description="KubeForge server only. continuous: transformers' continuous batching (paged KV "
+        "cache); dynamic: the fallback; auto: continuous where supported."
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(default="auto", description="Weights dtype.")
     max_batch_tokens: int = Field(default=4096, ge=16, description="Token budget of one batch.")
@@ -77,6 +122,16 @@ class EngineSpec(KFModel):
         default=8 * 2**20, ge=1024, le=2**30,
         description="Largest request body in bytes (HTTP 413 past it; also the gRPC message limit).",
     )
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        _vllm_rule(k, d) for k, d in VLLM_ONLY_DEFAULTS.items()]})
+
+    @model_validator(mode="after")
+    def _vllm_settings(self) -> "EngineSpec":
+        problems = vllm_engine_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class AdapterSpec(KFModel):

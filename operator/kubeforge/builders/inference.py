@@ -49,7 +49,7 @@ from typing import Any
 from kubeforge_runtime import contract
 
 from ..api.inference import InferenceServiceSpec
-from . import common
+from . import common, vllm
 from .names import child_name
 
 KIND = "InferenceService"
@@ -164,16 +164,15 @@ def _http_probe(path: str, period: int, failures: int, timeout: int) -> dict[str
             "failureThreshold": failures, "timeoutSeconds": timeout}
 
 
-def build_deployment(name: str, namespace: str, uid: str, spec: InferenceServiceSpec, model: ModelRef,
-                     current_replicas: int | None = None) -> dict[str, Any]:
-    config = serve_config(name, namespace, spec, model)
-    volumes, mounts = common.pvc_volumes([model.uri, *(a.uri for a in spec.adapters)])
-    env = [*common.base_env(KIND, name, namespace), *common.storage_env(spec.storage)]
+def _kubeforge_container(spec: InferenceServiceSpec, base_env: list[dict[str, Any]],
+                         mounts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The KubeForge server container (before :func:`common.workload_pod_spec` hardens it)."""
+    env = list(base_env)
     if spec.api_key_secret_ref is not None:
         # By reference only: the key never appears in the Deployment or the ConfigMap.
         env.append({"name": contract.ENV_API_KEY, "valueFrom": {"secretKeyRef": {
             "name": spec.api_key_secret_ref.name, "key": spec.api_key_secret_ref.key}}})
-    container: dict[str, Any] = {
+    return {
         "name": CONTAINER_NAME,
         "command": list(COMMAND),
         "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
@@ -188,6 +187,20 @@ def build_deployment(name: str, namespace: str, uid: str, spec: InferenceService
         "terminationMessagePath": contract.TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+
+
+def build_deployment(name: str, namespace: str, uid: str, spec: InferenceServiceSpec, model: ModelRef,
+                     current_replicas: int | None = None) -> dict[str, Any]:
+    config = serve_config(name, namespace, spec, model)
+    volumes, mounts = common.pvc_volumes([model.uri, *(a.uri for a in spec.adapters)])
+    base_env = [*common.base_env(KIND, name, namespace), *common.storage_env(spec.storage)]
+    init_containers: list[dict[str, Any]] = []
+    if spec.engine.backend == "vllm":
+        container, fetch = vllm.containers(name, spec, model.uri, base_env, mounts, HTTP_PORT)
+        init_containers.append(fetch)
+        volumes = [*volumes, vllm.shm_volume()]
+    else:
+        container = _kubeforge_container(spec, base_env, mounts)
     pod_spec = common.workload_pod_spec(
         container=container,
         config_map_name=config_map_name(name),
@@ -198,6 +211,9 @@ def build_deployment(name: str, namespace: str, uid: str, spec: InferenceService
         # Requests in flight get their deadline to finish after SIGTERM, plus margin.
         termination_grace_period_seconds=min(math.ceil(spec.engine.request_timeout_seconds) + 15, 3600),
     )
+    if init_containers:
+        pod_spec["containers"][0]["image"] = spec.template.image or vllm.vllm_image()
+        pod_spec["initContainers"] = init_containers
     annotations = {
         ANNOTATION_MODEL_URI: model.uri,
         ANNOTATION_MODEL_REVISION: model.revision,
@@ -222,7 +238,12 @@ def build_deployment(name: str, namespace: str, uid: str, spec: InferenceService
     }
 
 
-def build_service(name: str, namespace: str, uid: str) -> dict[str, Any]:
+def build_service(name: str, namespace: str, uid: str, backend: str = "kubeforge") -> dict[str, Any]:
+    """The Service; a ``vllm`` backend serves HTTP only (vLLM's server has no gRPC port)."""
+    ports = [{"name": "http", "port": HTTP_PORT, "targetPort": "http", "protocol": "TCP", "appProtocol": "http"}]
+    if backend != "vllm":
+        ports.append({"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "protocol": "TCP",
+                      "appProtocol": "kubernetes.io/h2c"})
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -230,11 +251,7 @@ def build_service(name: str, namespace: str, uid: str) -> dict[str, Any]:
         "spec": {
             "type": "ClusterIP",
             "selector": common.selector_labels(KIND, name),
-            "ports": [
-                {"name": "http", "port": HTTP_PORT, "targetPort": "http", "protocol": "TCP", "appProtocol": "http"},
-                {"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "protocol": "TCP",
-                 "appProtocol": "kubernetes.io/h2c"},
-            ],
+            "ports": ports,
         },
     }
 
@@ -308,7 +325,7 @@ def build_children(name: str, namespace: str, uid: str, spec: InferenceServiceSp
     return Children(
         config_map=build_config_map(name, namespace, uid, spec, model),
         deployment=build_deployment(name, namespace, uid, spec, model, current_replicas),
-        service=build_service(name, namespace, uid),
+        service=build_service(name, namespace, uid, spec.engine.backend),
         hpa=build_hpa(name, namespace, uid, spec),
         pdb=build_pdb(name, namespace, uid),
     )

@@ -29,7 +29,7 @@ reference the one that changed).
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import kopf
 
@@ -37,16 +37,31 @@ from .. import kube
 from ..api import FineTuneJob, InferenceService, InferenceServiceSpec, QuantizeJob
 from ..builders import common
 from ..builders import inference as builder
-from ..builders import network
+from ..builders import network, vllm
 from . import inference_status
 from .conditions import Outcome, now
 from .reconcile import Reconciler, apply_children, controlled_by, ensure_free
-from .references import resolve_model
+from .references import Resolution, resolve_model
 from .settings import network_policy_settings
 
 log = logging.getLogger(__name__)
 
 KIND = InferenceService.kind
+
+
+def vllm_input_check(spec: InferenceServiceSpec, resolution: Resolution,
+                     get: Callable[[str, str], dict[str, Any] | None]) -> Resolution:
+    """``resolution``, or a failed one when ``backend: vllm`` references a QuantizeJob whose
+    method vLLM cannot load (:func:`kubeforge.builders.vllm.vllm_quantize_problem`; the
+    webhook refuses this at admission when the job already exists)."""
+    ref = spec.model.quantize_job_ref
+    if spec.engine.backend != "vllm" or ref is None:
+        return resolution
+    job = get("QuantizeJob", ref.name)
+    problem = vllm.vllm_quantize_problem(((job or {}).get("spec") or {}).get("method"))
+    if problem is None:
+        return resolution
+    return Resolution("failed", reason="InputFailed", message=f"spec.model.quantizeJobRef: {problem}")
 
 
 def _step(obj: dict[str, Any], spec: InferenceServiceSpec, *, apply: bool = False) -> Outcome:
@@ -56,6 +71,7 @@ def _step(obj: dict[str, Any], spec: InferenceServiceSpec, *, apply: bool = Fals
     deployment = kube.get("Deployment", namespace, name)
     ensure_free(obj, "Deployment", name, deployment)  # never serve or scale a foreign Deployment
     resolution = resolve_model(spec.model, lambda kind, ref: kube.get(kind, namespace, ref))
+    resolution = vllm_input_check(spec, resolution, lambda kind, ref: kube.get(kind, namespace, ref))
     if apply:
         model = (builder.ModelRef(resolution.uri, resolution.revision or "")
                  if resolution.state == "ready" and resolution.uri else inference_status.served_model(deployment))

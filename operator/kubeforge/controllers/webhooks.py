@@ -70,6 +70,7 @@ from .. import fit
 from ..api import KINDS, FineTuneJob, InferenceService, QuantizeJob
 from ..api import policy
 from ..api.size import SPEC_BUDGET_BYTES, size_problem, spec_size  # noqa: F401  (re-exported)
+from ..builders import vllm
 from . import cache
 from .settings import workload_policy
 
@@ -271,3 +272,15 @@ def validate_inferenceservice(body: Any, old: Any, new: Any, operation: str | No
     _check_reference(namespace, "FineTuneJob", model.get("fineTuneJobRef"), warnings)
     _check_reference(namespace, "QuantizeJob", model.get("quantizeJobRef"), warnings)
     _check_fit("InferenceService", body, warnings)
+    _check_backend_input(namespace, spec)
+
+
+def _check_backend_input(namespace: str, spec: dict[str, Any]) -> None:
+    """``engine.backend: vllm`` on a QuantizeJob output vLLM cannot load (by the job's method)."""
+    ref = (spec.get("model") or {}).get("quantizeJobRef") or {}
+    if ((spec.get("engine") or {}).get("backend")) != "vllm" or not ref.get("name"):
+        return
+    job = cache.get("QuantizeJob", namespace, ref["name"])
+    problem = vllm.vllm_quantize_problem(((job or {}).get("spec") or {}).get("method"))
+    if problem:
+        raise kopf.AdmissionError(f"spec.model.quantizeJobRef: {problem}", code=422)

@@ -12,7 +12,9 @@ children as local processes through :func:`kubeforge.local.pods.localize_contain
 * a QuantizeJob's pod runs once; its report (the termination message on a cluster) is read
   from a file and printed as a table;
 * an InferenceService's Deployment runs one replica; once ``/ready`` answers, a sample
-  request is sent and the answer printed.
+  request is sent and the answer printed. With ``engine.backend: vllm`` the pod's
+  ``fetch-model`` init container runs first, then vLLM's server with the pod's arguments in
+  the vLLM environment (:mod:`.vllm_env`, created on first use), ready on ``/health``.
 
 ``pvc://claim/...`` lives under ``<workdir>/pvc/claim``, seeded from ``examples/volumes``-style
 directories (``--volumes DIR``). Base models: ``--model DIR`` fills a missing model path with
@@ -68,6 +70,8 @@ EMBEDDED_BASE_URI = "pvc://models/base"
 SAMPLE_MAX_TOKENS = 48
 LOCAL_HOST = "127.0.0.1"
 """The address local servers bind and are reached at."""
+VLLM_READY_TIMEOUT_S = 1800.0
+"""How long a local vLLM server may take to answer /health (the pod's startup probe allows as long)."""
 STOP_GRACE_S = 35.0
 """How long stopped children get before SIGKILL: torchrun itself gives its workers 30 s."""
 
@@ -512,6 +516,8 @@ class LocalRunner:
                                     b.ModelRef(uri=model_uri, revision="local")).to_apply()
         deployment = next(c for c in children if c["kind"] == "Deployment")
         pod_dir = self.workdir / "pods" / f"inferenceservice-{res.name}"
+        if spec.engine.backend == "vllm":
+            return self._start_vllm(res.name, model_uri, children, deployment, pod_dir, ready_timeout)
         http_port, grpc_port = free_port(), free_port()
 
         def local_ports(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -542,6 +548,66 @@ class LocalRunner:
                 proc.kill()
                 raise LocalRunError(f"InferenceService/{res.name} was not ready within {ready_timeout:.0f}s")
         return LocalServer(res.name, proc, http_port, log_path, res.name)
+
+    def _start_vllm(self, name: str, model_uri: str, children: list[dict[str, Any]], deployment: dict[str, Any],
+                    pod_dir: Path, ready_timeout: float) -> LocalServer:
+        """The vLLM pod of a ``backend: vllm`` InferenceService, run here: its ``fetch-model``
+        init container in this environment, then vLLM's server with the pod's arguments in the
+        vLLM environment (:mod:`.vllm_env`, created on first use), on the loopback address and
+        a free port. vLLM on CPU needs a KV-cache size (``VLLM_CPU_KVCACHE_SPACE``, GiB; 2 unless
+        set)."""
+        from . import vllm_env
+
+        try:
+            python = vllm_env.ensure(say=lambda line: self.console.print(f"[bold]InferenceService/{name}[/]: {line}"))
+        except vllm_env.VllmUnavailable as exc:
+            raise LocalRunError(f"InferenceService/{name}: {exc}") from None
+        pod_spec = deployment["spec"]["template"]["spec"]
+        volume_dirs = self._volume_dirs(pod_spec, self._write_config_maps(children, pod_dir), pod_dir)
+        for init in pod_spec.get("initContainers", []):
+            local = localize_container({**pod_spec, "containers": [init]}, volume_dirs=volume_dirs)
+            log_path = pod_dir / f"{init['name']}.log"
+            proc = self._spawn(local, log_path)
+            _drain(proc, log_path)
+            if proc.wait() != 0:
+                raise LocalRunError(f"InferenceService/{name}: {init['name']} exited ({proc.returncode}):\n"
+                                    f"{_tail(log_path)}")
+        local = localize_container(pod_spec, volume_dirs=volume_dirs)
+        port = free_port()
+        argv = [str(python), *local.argv[1:]]
+        argv[argv.index("--host") + 1] = LOCAL_HOST
+        argv[argv.index("--port") + 1] = str(port)
+        local.argv = argv
+        local.env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        # vLLM's compiled model outlives this run here (the pod's cache is its emptyDir):
+        # compiling takes many minutes on CPU, the cached artefacts load in seconds.
+        local.env["VLLM_CACHE_ROOT"] = str(vllm_env.cache_root() / "vllm" / "compile-cache")
+        log_path = pod_dir / "server.log"
+        proc = self._spawn(local, log_path)
+        threading.Thread(target=_drain, args=(proc, log_path), daemon=True).start()
+        self.console.print(f"[bold]InferenceService/{name}[/]: vLLM serving {model_uri} on "
+                           f"http://{LOCAL_HOST}:{port}/v1 (log: {log_path})")
+        # vLLM compiles its model on CPU before it serves: many minutes on a loaded machine.
+        self._wait_ready(name, proc, f"http://127.0.0.1:{port}/health", log_path,
+                         max(ready_timeout, VLLM_READY_TIMEOUT_S), "starting vLLM (compiling the model)…")
+        return LocalServer(name, proc, port, log_path, name)
+
+    def _wait_ready(self, name: str, proc: subprocess.Popen[bytes], url: str, log_path: Path, timeout: float,
+                    what: str) -> None:
+        deadline = time.monotonic() + timeout
+        with self.console.status(what):
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    raise LocalRunError(f"InferenceService/{name} exited ({proc.returncode}):\n{_tail(log_path)}")
+                try:
+                    with urllib.request.urlopen(url, timeout=2) as r:  # noqa: S310 - loopback only
+                        if r.status == 200:
+                            return
+                except (urllib.error.URLError, OSError):
+                    pass
+                time.sleep(0.5)
+        proc.kill()
+        raise LocalRunError(f"InferenceService/{name} was not ready within {timeout:.0f}s")
 
     def run_file(self, path: Path, keep_serving: bool = False) -> list[LocalResult | LocalServer]:
         resources = load_resources(path)

@@ -72,7 +72,7 @@ def test_a_stopped_run_stops_its_model_server_which_bound_the_loopback_only(
     manifest = tmp_path / "serve.yaml"
     manifest.write_text(yaml.safe_dump({
         "apiVersion": "kubeforge.io/v1alpha1", "kind": "InferenceService", "metadata": {"name": "tiny"},
-        "spec": {"model": {"uri": "pvc://models/tiny"}, "engine": {"backend": "dynamic"}},
+        "spec": {"model": {"uri": "pvc://models/tiny"}, "engine": {"batching": "dynamic"}},
     }))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), str(REPO / "trainer_image")])}
     cli = subprocess.Popen(

@@ -27,7 +27,7 @@ def container(dep: dict) -> dict:
 # --- config ---------------------------------------------------------------------------------------
 def test_serve_config_has_exactly_the_contract_shape_and_parses_in_the_runtime():
     s = spec(adapters=[{"name": "sql", "uri": "pvc://adapters/sql"}],
-             engine={"backend": "continuous", "dtype": "bfloat16", "maxBatchTokens": 2048, "maxConcurrentRequests": 8,
+             engine={"backend": "kubeforge", "batching": "continuous", "dtype": "bfloat16", "maxBatchTokens": 2048, "maxConcurrentRequests": 8,
                      "maxQueuedRequests": 32, "kvBlockSize": 32, "maxModelLength": 1024, "requestTimeoutSeconds": 30,
                      "maxRequestBodyBytes": 1048576})
     cfg = ib.serve_config("chat", "ns", s, ib.ModelRef("pvc://models/ft/final", "r"))
@@ -35,7 +35,7 @@ def test_serve_config_has_exactly_the_contract_shape_and_parses_in_the_runtime()
         "kind": "InferenceService", "name": "chat", "namespace": "ns", "servedModelName": "chat",
         "model": {"uri": "pvc://models/ft/final"},
         "adapters": [{"name": "sql", "uri": "pvc://adapters/sql"}],
-        "engine": {"backend": "continuous", "dtype": "bfloat16", "maxBatchTokens": 2048, "maxConcurrentRequests": 8,
+        "engine": {"backend": "kubeforge", "batching": "continuous", "dtype": "bfloat16", "maxBatchTokens": 2048, "maxConcurrentRequests": 8,
                    "maxQueuedRequests": 32, "kvBlockSize": 32, "maxModelLength": 1024, "requestTimeoutSeconds": 30,
                    "maxRequestBodyBytes": 1048576},
         "port": 8000, "grpcPort": 8001,

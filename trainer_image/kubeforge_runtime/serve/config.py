@@ -43,7 +43,12 @@ class EngineConfig(_Strict):
     """The serving engine's settings; the InferenceService API's ``spec.engine`` renders into this
     unchanged, so the types and bounds here are the API's (a contract test compares them)."""
 
-    backend: Literal["auto", "continuous", "dynamic"] = Field(
+    backend: Literal["kubeforge", "vllm"] = Field(
+        "kubeforge",
+        description="Which server the InferenceService runs; this one is kubeforge (a vllm service runs vLLM's own "
+        "server and never this module, so vllm here is refused).",
+    )
+    batching: Literal["auto", "continuous", "dynamic"] = Field(
         "auto",
         description="continuous: transformers' continuous batching with a paged KV cache; dynamic: the "
         "in-house dynamic-batching fallback; auto: continuous where it supports the model and device.",
@@ -69,6 +74,13 @@ class EngineConfig(_Strict):
         description="Largest HTTP request body (and gRPC message) in bytes; a larger one is refused (HTTP 413) "
         "before it is read.",
     )
+
+    @model_validator(mode="after")
+    def _kubeforge_backend(self) -> "EngineConfig":
+        if self.backend != "kubeforge":
+            raise ValueError("engine.backend: this is the KubeForge server; a backend: vllm service runs vLLM's "
+                             "OpenAI server instead (the operator renders that pod), so use backend: kubeforge here")
+        return self
 
 
 class ServeConfig(_Strict):

@@ -124,7 +124,7 @@ def select_backend(requested: str, model: Any) -> tuple[str, str]:
     ok, why = continuous_supported(model)
     if requested == "continuous":
         if not ok:
-            raise RuntimeError(f"engine.backend is 'continuous' but {why}; use 'auto' or 'dynamic'")
+            raise RuntimeError(f"engine.batching is 'continuous' but {why}; use 'auto' or 'dynamic'")
         return "continuous", "requested in the config"
     return ("continuous", "auto: supported") if ok else ("dynamic", f"auto: {why}")
 

@@ -258,7 +258,7 @@ class ServingRuntime:
         self.max_model_length = self._max_length(base)
         text_config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
         self.vocab_size = int(getattr(text_config, "vocab_size", None) or len(self.tokenizer))
-        self.backend, self.backend_reason = select_backend(cfg.engine.backend, base)
+        self.backend, self.backend_reason = select_backend(cfg.engine.batching, base)
         log.info("engine: %s (%s); maxModelLength %d", self.backend, self.backend_reason, self.max_model_length)
         engines: list[tuple[str, Any, str | None, str | None]] = [
             (cfg.model_name, base, None, _lineage_digest(model_io.resolve_model_dir(cfg.model.uri)))]

@@ -93,7 +93,7 @@ def test_request_deadline(start_server: Callable[..., ServerThread], tiny_model:
 
 
 def test_dead_generation_loop_fails_liveness(start_server: Callable[..., ServerThread], tiny_model: Path) -> None:
-    server = start_server(make_config(tiny_model, name="fragile", backend="dynamic", maxConcurrentRequests=1))
+    server = start_server(make_config(tiny_model, name="fragile", batching="dynamic", maxConcurrentRequests=1))
     assert httpx.get(server.base_url + "/health").status_code == 200
     server.runtime.models["fragile"].engine.stop()  # as if the loop had crashed
     health = httpx.get(server.base_url + "/health")

@@ -68,7 +68,7 @@ def test_continuous_engine_concurrent_equals_sequential_and_generate(server: Ser
 
 @pytest.fixture(scope="module")
 def dynamic_server(start_server: Callable[..., ServerThread], tiny_model: Path) -> ServerThread:
-    return start_server(make_config(tiny_model, backend="dynamic", maxConcurrentRequests=8))
+    return start_server(make_config(tiny_model, batching="dynamic", maxConcurrentRequests=8))
 
 
 def test_dynamic_engine_concurrent_equals_sequential(dynamic_server: ServerThread, tiny_model: Path) -> None:

@@ -29,7 +29,8 @@ OPERATOR_EXAMPLE = {
     "model": {"uri": "file:///models/m"},
     "adapters": [{"name": "support-bot", "uri": "file:///adapters/a"}],
     "engine": {
-        "backend": "auto",
+        "backend": "kubeforge",
+        "batching": "auto",
         "dtype": "auto",
         "maxBatchTokens": 4096,
         "maxConcurrentRequests": 16,
@@ -168,5 +169,5 @@ def test_auto_backend_falls_back_to_dynamic_where_continuous_cannot_run() -> Non
     assert name == "dynamic" and "flex_attention" in why
     assert select_backend("auto", fake("sdpa", has_cb=False))[0] == "dynamic"
     assert select_backend("dynamic", fake("sdpa"))[0] == "dynamic"
-    with pytest.raises(RuntimeError, match="backend is 'continuous'"):
+    with pytest.raises(RuntimeError, match="batching is 'continuous'"):
         select_backend("continuous", fake("flex_attention"))

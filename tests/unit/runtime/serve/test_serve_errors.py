@@ -45,7 +45,7 @@ def test_a_failed_load_is_not_described_to_the_probes(tmp_path: Path, monkeypatc
 def faulty(start_server: Callable[..., ServerThread], tiny_model: Path) -> ServerThread:
     """A server whose model raises on every forward pass after warm-up (fault injection in the
     real model, so the failure takes the real engine path to a 500)."""
-    server = start_server(make_config(tiny_model, name="faulty", backend="dynamic", maxConcurrentRequests=2))
+    server = start_server(make_config(tiny_model, name="faulty", batching="dynamic", maxConcurrentRequests=2))
     model = server.runtime.models["faulty"].engine._model
 
     def broken_forward(*args: Any, **kwargs: Any) -> None:

@@ -113,7 +113,7 @@ def test_a_large_request_is_not_starved_by_small_ones() -> None:
 @pytest.fixture(scope="module")
 def dynamic(start_server: Callable[..., ServerThread], tiny_model: Path) -> ServerThread:
     """The dynamic engine batches requests that wait together: a bad one once failed them all."""
-    return start_server(make_config(tiny_model, name="dyn", backend="dynamic", maxConcurrentRequests=4))
+    return start_server(make_config(tiny_model, name="dyn", batching="dynamic", maxConcurrentRequests=4))
 
 
 def _post_raw(server: ServerThread, body: dict) -> httpx.Response:
