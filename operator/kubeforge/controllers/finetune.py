@@ -45,6 +45,7 @@ from ..builders import finetune as builder
 from ..builders import network
 from . import finetune_status, metrics, scrape
 from .conditions import TERMINAL_PHASES, now
+from .references import Resolution, resolve_model
 from .reconcile import ChildConflict, Reconciler, controlled_by, owned_by
 from .reconcile import apply_children as apply_owned
 from .settings import network_policy_settings
@@ -90,21 +91,21 @@ def _forget(namespace: str, name: str) -> None:
 
 # --- the reconciler's steps ------------------------------------------------------------------------
 
-def children(owner: dict[str, Any], spec: FineTuneJobSpec) -> list[dict[str, Any]]:
+def children(owner: dict[str, Any], spec: FineTuneJobSpec, teacher: str | None = None) -> list[dict[str, Any]]:
     """The NetworkPolicy (unless turned off; first, so no worker ever runs unprotected), then
-    the Service, ConfigMap and Job."""
+    the Service, ConfigMap and Job (``teacher``: a resolved distillation.teacher.fineTuneJobRef)."""
     meta = owner["metadata"]
-    out = builder.build(meta["name"], meta["namespace"], meta["uid"], spec)
+    out = builder.build(meta["name"], meta["namespace"], meta["uid"], spec, teacher)
     net = network_policy_settings()
     if net.enabled:
         out.insert(0, network.finetune_policy(meta["name"], meta["namespace"], meta["uid"], net))
     return out
 
 
-def apply_children(owner: dict[str, Any], spec: FineTuneJobSpec) -> None:
+def apply_children(owner: dict[str, Any], spec: FineTuneJobSpec, teacher: str | None = None) -> None:
     """Apply :func:`children` (:func:`.reconcile.apply_children`: never over a foreign object)."""
     try:
-        apply_owned(owner, children(owner, spec))
+        apply_owned(owner, children(owner, spec, teacher))
     except ApiException as exc:
         if exc.status == 422:
             # A field the API server will not change on an existing object (the Job's pod
@@ -137,12 +138,17 @@ def _step(obj: dict[str, Any], spec: FineTuneJobSpec, *, apply: bool = False) ->
     name, namespace = meta["name"], meta["namespace"]
     prev = obj.get("status") or {}
     terminal = prev.get("phase") in TERMINAL_PHASES
+    names = builder.Names.of(name)
+    # A distillation teacher named by fineTuneJobRef: its output, once it has succeeded.
+    teacher = teacher_resolution(spec, namespace) if not terminal else None
+    teacher_ready = teacher is None or teacher.state == "ready"
+    teacher_uri = teacher.uri if teacher is not None else None
     if apply and terminal:
         # A finished job is never resurrected: its children stay as they ended.
         log.info("FineTuneJob %s/%s is %s; not touching its children", namespace, name, prev.get("phase"))
-    elif apply:
-        apply_children(obj, spec)
-    names = builder.Names.of(name)
+    elif teacher_ready and (apply or (teacher is not None and kube.get("Job", namespace, names.job) is None)):
+        # (the second case: a teacher this job waited for has just succeeded)
+        apply_children(obj, spec, teacher_uri)
     job = kube.get("Job", namespace, names.job)
     if job is not None and not controlled_by(job, obj):
         # Never report a foreign Job of that name as ours (a finished job just ignores it).
@@ -153,7 +159,7 @@ def _step(obj: dict[str, Any], spec: FineTuneJobSpec, *, apply: bool = False) ->
             any(c.get("type") == "Created" and c.get("status") == "True" for c in prev.get("conditions") or []):
         # The Job was there and is gone (deleted by hand?): put it back, the job goes on.
         log.warning("Job %s/%s vanished; applying the children again", namespace, names.job)
-        apply_children(obj, spec)
+        apply_children(obj, spec, teacher_uri)
         job = kube.get("Job", namespace, names.job)
     # Only this Job's pods (a deleted and re-created FineTuneJob of the same name has a new Job).
     pods = [p for p in kube.list_("Pod", namespace, f"{reconciler.owner_label}={name}")
@@ -162,7 +168,7 @@ def _step(obj: dict[str, Any], spec: FineTuneJobSpec, *, apply: bool = False) ->
     with _tracked_lock:
         progress = _progress.get((namespace, name))
     outcome = finetune_status.compute(obj, spec=spec, job=job, pods=pods, counted=counted, progress=progress,
-                                      now=now())
+                                      now=now(), teacher=teacher)
     if outcome.counted != counted:
         patched = kube.patch_merge(KIND, namespace, name, {"metadata": {
             "resourceVersion": meta.get("resourceVersion"), "annotations": {COUNTED_ANNOTATION: ",".join(outcome.counted)}}})
@@ -175,6 +181,14 @@ def _step(obj: dict[str, Any], spec: FineTuneJobSpec, *, apply: bool = False) ->
             phase=outcome.status.get("phase") or "Pending", pod_ips=ips, spec=spec,
             ttl_due=finetune_status.ttl_due(outcome.status, spec.ttl_seconds_after_finished))
     return outcome
+
+
+def teacher_resolution(spec: FineTuneJobSpec, namespace: str) -> Resolution | None:
+    """What ``distillation.teacher.fineTuneJobRef`` yields now (:mod:`.references`, as a
+    QuantizeJob's model reference); None without one (no distillation, or a teacher URI)."""
+    if spec.distillation is None or spec.distillation.teacher.fine_tune_job_ref is None:
+        return None
+    return resolve_model(spec.distillation.teacher, lambda kind, ref: kube.get(kind, namespace, ref))
 
 
 def _after(obj: dict[str, Any], spec: FineTuneJobSpec, outcome: finetune_status.FineTuneOutcome,
@@ -220,6 +234,12 @@ def pod_event(labels: Any, namespace: str, **_: Any) -> None:
 
 # Deleted: forget it (the children go by ownerReferences, the garbage collector's work).
 kopf.on.event(*FineTuneJob.resource(), id="finetunejob-deleted")(reconciler.on_event)
+
+
+@kopf.on.event(*FineTuneJob.resource(), id="finetunejob-teachers")
+def on_teacher(body: Any, name: str, namespace: str, type: str | None, **_: Any) -> None:
+    """A FineTuneJob changed: sync the jobs that distil from it (they may be waiting for it)."""
+    reconciler.fan_out("fineTuneJobRef", body, name, namespace, type, spec_path=("distillation", "teacher"))
 
 
 # --- the poller: progress and TTL ----------------------------------------------------------------------

@@ -42,6 +42,7 @@ from kubeforge_runtime import contract
 from ..api import InvalidSpec
 from ..api.finetune import DataQualityResult, FineTuneJobSpec, TrainResult
 from ..builders import finetune as builder
+from .references import Resolution
 from .conditions import TERMINAL_PHASES, Event, Outcome, accept, get_condition, set_condition, true_condition
 
 COMPLETION_INDEX_ANNOTATION = builder.COMPLETION_INDEX_ANNOTATION
@@ -243,9 +244,11 @@ def compute(
     counted: list[str],
     progress: dict[str, Any] | None,
     now: str,
+    teacher: Resolution | None = None,
 ) -> FineTuneOutcome:
     """The FineTuneJob's next status from ``obj`` (as read, with its current status), its
-    valid ``spec``, its Job and pods, the pod UIDs already counted and the last progress."""
+    valid ``spec``, its Job and pods, the pod UIDs already counted and the last progress;
+    ``teacher``: what a ``distillation.teacher.fineTuneJobRef`` yields now (None without one)."""
     prev: dict[str, Any] = obj.get("status") or {}
     generation = (obj.get("metadata") or {}).get("generation")
     status: dict[str, Any] = {k: v for k, v in prev.items()}
@@ -277,6 +280,22 @@ def compute(
                 and not p["metadata"].get("deletionTimestamp"))
     status["workers"] = {"ready": ready, "total": total, "min": spec.nodes.min, "max": spec.nodes.max}
 
+    if teacher is not None:
+        conds = set_condition(conds, "InputReady", teacher.state == "ready", teacher.reason,
+                              f"distillation teacher: {teacher.message}", generation, now)
+    if job is None and teacher is not None and teacher.state == "failed":
+        message = f"distillation teacher: {teacher.message}"
+        conds = set_condition(conds, "Failed", True, "InputFailed", message, generation, now)
+        status["completionTime"] = now
+        out.events.append(Event("Warning", "InputFailed", message))
+        return _finish(out, status, conds, prev_phase, "Failed", generation, now, None, announce=False)
+    if job is None and teacher is not None and teacher.state != "ready":
+        conds = set_condition(conds, "Created", False, "WaitingForInput", f"distillation teacher: {teacher.message}",
+                              generation, now)
+        conds = set_condition(conds, "Running", False, "Pending", "no workers yet", generation, now)
+        if (get_condition(prev.get("conditions") or [], "InputReady") or {}).get("reason") != teacher.reason:
+            out.events.append(Event("Normal", "WaitingForInput", f"distillation teacher: {teacher.message}"))
+        return _finish(out, status, conds, prev_phase, "Pending", generation, now, None)
     if job is None:
         phase = "Pending"
         conds = set_condition(conds, "Created", False, "Creating", "creating the Service, ConfigMap and Job", generation, now)

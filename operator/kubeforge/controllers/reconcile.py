@@ -215,8 +215,9 @@ class Reconciler(Generic[S]):
             self.on_forget(namespace, name)
 
     def fan_out(self, ref_field: str, body: Any, name: str, namespace: str, event_type: str | None,
-                **hints: Any) -> None:
-        """Schedule every object whose ``spec.model.<ref_field>`` names the job ``name`` that just changed.
+                spec_path: tuple[str, ...] = ("model",), **hints: Any) -> None:
+        """Schedule every object whose ``spec.<spec_path>.<ref_field>`` (default ``spec.model``) names
+        the job ``name`` that just changed.
 
         Only when the job's outcome changed (deleted, re-created, phase, output, completion),
         not on each of a training run's progress updates.
@@ -224,7 +225,7 @@ class Reconciler(Generic[S]):
         status = body.get("status") or {}
         seen = (event_type == "DELETED", (body.get("metadata") or {}).get("uid"), status.get("phase"),
                 (status.get("output") or {}).get("uri"), status.get("completionTime"))
-        key = (ref_field, namespace, name)
+        key = (".".join(spec_path), ref_field, namespace, name)
         with self._guard:
             if self._seen_inputs.get(key) == seen:
                 return
@@ -233,7 +234,10 @@ class Reconciler(Generic[S]):
             else:
                 self._seen_inputs[key] = seen
         for obj in kube.list_(self.kind, namespace):
-            if (((obj.get("spec") or {}).get("model") or {}).get(ref_field) or {}).get("name") == name:
+            source: Any = obj.get("spec") or {}
+            for part in spec_path:
+                source = (source or {}).get(part) or {}
+            if (source.get(ref_field) or {}).get("name") == name:
                 log.info("%s %s/%s: %s %s changed (%s); reconciling", self.kind, namespace, obj["metadata"]["name"],
                          ref_field, name, status.get("phase"))
                 self.schedule(namespace, obj["metadata"]["name"], **hints)
