@@ -22,6 +22,7 @@ from kubeforge_runtime import data as data_mod
 from kubeforge_runtime.train.distill import DistillLoss, distillation_loss_sums, with_rows
 
 IGN = data_mod.IGNORE_INDEX
+LAUNCH_TIMEOUT = 1200  # each launch also loads a teacher; on a crowded 2-core machine 240 s was not enough
 
 
 # --- the loss -------------------------------------------------------------------------------------
@@ -116,7 +117,7 @@ def _distill(teacher: Path, **extra: Any) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def distill_reference(launcher: Callable[..., Run], teacher_model: Path) -> Run:
     """One process, whole global batch, through the preflight (which compares the tokenizers)."""
-    return launcher("distill-reference", _distill(teacher_model), via_launch=True)
+    return launcher("distill-reference", _distill(teacher_model), via_launch=True, timeout=LAUNCH_TIMEOUT)
 
 
 DISTILL_LAYOUTS: dict[str, tuple[int, dict[str, Any], dict[str, int]]] = {
@@ -144,7 +145,7 @@ def test_distillation_learns_from_the_teacher(distill_reference: Run, launcher: 
 def test_distillation_layout_equals_single_process(name: str, launcher: Callable[..., Run], teacher_model: Path,
                                                    distill_reference: Run) -> None:
     nproc, overrides, degrees = DISTILL_LAYOUTS[name]
-    got = launcher(f"distill-{name}", {**_distill(teacher_model), **overrides}, nproc).dump()
+    got = launcher(f"distill-{name}", {**_distill(teacher_model), **overrides}, nproc, timeout=LAUNCH_TIMEOUT).dump()
     for key, value in degrees.items():
         assert got["layout"][key] == value
     ref = distill_reference.dump()
@@ -162,7 +163,8 @@ def test_teacher_with_another_tokenizer_is_refused_by_the_preflight(launcher: Ca
     for f in other.glob("tokenizer*"):
         f.unlink()
     build_tokenizer(other, vocab_size=400)  # same model shape and vocab_size, another vocabulary
-    run = launcher("distill-tokenizer-mismatch", _distill(other), via_launch=True, expect=78, dump=False)
+    run = launcher("distill-tokenizer-mismatch", _distill(other), via_launch=True, expect=78, dump=False,
+                   timeout=LAUNCH_TIMEOUT)
     log = run.log()
     assert "do not share a tokenizer" in log and "vocabularies differ" in log
     assert f"model.uri 'file://{run.config['model']['uri'][len('file://'):]}'" in log
