@@ -81,6 +81,11 @@ def accuracy(model_dir: Path, samples: int) -> float:
 
 def train(work: Path, name: str, config: dict[str, Any]) -> dict[str, Any]:
     """Run the trainer on ``config``; return its output directory, final loss and wall time."""
+    return finish(start(work, name, config))
+
+
+def start(work: Path, name: str, config: dict[str, Any]) -> tuple[str, dict[str, Any], Path, subprocess.Popen[bytes], float]:
+    """Start the trainer on ``config`` (``python -m kubeforge_runtime.train``, one process)."""
     run_dir = work / name
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = run_dir / "config.json"
@@ -89,10 +94,17 @@ def train(work: Path, name: str, config: dict[str, Any]) -> dict[str, Any]:
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "trainer_image"), env.get("PYTHONPATH", "")])
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    began = time.perf_counter()
-    with (run_dir / "log.txt").open("w") as log:
-        proc = subprocess.run([sys.executable, "-m", "kubeforge_runtime.train", "--config", str(cfg_path)],
-                              env=env, stdout=log, stderr=subprocess.STDOUT)
+    log = (run_dir / "log.txt").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "kubeforge_runtime.train", "--config", str(cfg_path)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    return name, config, run_dir, proc, time.perf_counter()
+
+
+def finish(started: tuple[str, dict[str, Any], Path, subprocess.Popen[bytes], float]) -> dict[str, Any]:
+    """Wait for a started run; its output directory, final loss and wall time."""
+    name, config, run_dir, proc, began = started
+    proc.wait()
     seconds = time.perf_counter() - began
     if proc.returncode != 0:
         tail = (run_dir / "log.txt").read_text(errors="replace")[-4000:]
@@ -113,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alpha", type=float, default=0.5, help="weight of the label loss in the distilled run")
     parser.add_argument("--samples", type=int, default=100, help="held-out test records scored")
     parser.add_argument("--base-accuracy", action="store_true", help="also score the teacher's base model")
+    parser.add_argument("--together", action="store_true",
+                        help="train the two students at the same time (same results; wall times overlap)")
     parser.add_argument("--quick", action="store_true", help="4 layers, 10 steps, 40 test records")
     parser.add_argument("--model", default=None, help="teacher's base model directory (default: the embedded copy)")
     parser.add_argument("--teacher", default=None,
@@ -151,13 +165,17 @@ def main(argv: list[str] | None = None) -> int:
         kept = json.loads((student_dir / "kubeforge-student.json").read_text())["layers"]
         print(f"student: {len(kept)} of the teacher's 30 layers {kept}; {args.steps} steps, lr {args.lr}", flush=True)
         student_before = accuracy(student_dir, args.samples)
-        labels = train(work, "student-labels",
-                       base_config("student-labels", student_dir, work / "labels-out", args.steps, args.lr))
-        labels["accuracy"] = accuracy(Path(labels["output"]), args.samples)
+        lcfg = base_config("student-labels", student_dir, work / "labels-out", args.steps, args.lr)
         dcfg = base_config("student-distill", student_dir, work / "distill-out", args.steps, args.lr)
         dcfg.update(method="distill", distillation={"teacher": {"uri": f"file://{teacher_dir}"},
                                                     "temperature": args.temperature, "alpha": args.alpha})
-        distilled = train(work, "student-distill", dcfg)
+        if args.together:  # both at once: wall times then include each other's load
+            runs = [start(work, "student-labels", lcfg), start(work, "student-distill", dcfg)]
+            labels, distilled = (finish(r) for r in runs)
+        else:
+            labels = train(work, "student-labels", lcfg)
+            distilled = train(work, "student-distill", dcfg)
+        labels["accuracy"] = accuracy(Path(labels["output"]), args.samples)
         distilled["accuracy"] = accuracy(Path(distilled["output"]), args.samples)
     finally:
         if not args.work:

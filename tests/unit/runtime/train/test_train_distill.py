@@ -131,6 +131,7 @@ DISTILL_LAYOUTS: dict[str, tuple[int, dict[str, Any], dict[str, int]]] = {
 
 
 @pytest.mark.torchrun
+@pytest.mark.timeout(LAUNCH_TIMEOUT * 2)
 def test_distillation_learns_from_the_teacher(distill_reference: Run, launcher: Callable[..., Run]) -> None:
     """The teacher term is really there: the losses are not the plain run's, and pure
     distillation (alpha 0) lowers the distance to the teacher step by step."""
@@ -141,6 +142,7 @@ def test_distillation_learns_from_the_teacher(distill_reference: Run, launcher: 
 
 
 @pytest.mark.torchrun
+@pytest.mark.timeout(LAUNCH_TIMEOUT * 2)
 @pytest.mark.parametrize("name", list(DISTILL_LAYOUTS))
 def test_distillation_layout_equals_single_process(name: str, launcher: Callable[..., Run], teacher_model: Path,
                                                    distill_reference: Run) -> None:
@@ -154,6 +156,7 @@ def test_distillation_layout_equals_single_process(name: str, launcher: Callable
 
 
 @pytest.mark.torchrun
+@pytest.mark.timeout(LAUNCH_TIMEOUT * 2)
 def test_teacher_with_another_tokenizer_is_refused_by_the_preflight(launcher: Callable[..., Run], teacher_model: Path,
                                                                     tmp_path: Path) -> None:
     from kubeforge_runtime.tiny import build_tokenizer
