@@ -36,6 +36,9 @@ Where the teacher lives (:func:`place_teacher`):
   loss; the other stages hold no teacher. Input ids are on every rank (each rank tokenises
   the whole data set), so the last stage needs no extra communication. The limit: the last
   stage holds the whole teacher (divided by dp x tp with fsdp), plus its own layers.
+
+Verified (tests/unit/runtime/train/test_train_distill.py): DP=2 with FSDP2 and TP=2 equal one
+process; the pipeline, ddp and ZeRO paths are not yet verified by a run.
 """
 
 from __future__ import annotations
