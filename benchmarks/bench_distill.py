@@ -25,6 +25,10 @@ Run::
 
 Writes a JSON summary with ``--json FILE``. Timings vary with other work on the machine;
 the metric does not (greedy decoding, fixed seeds).
+
+Measured on the shared 2-core machine (load average ~20 from other work), teacher = the main
+job's output, ``--layers 6 --steps 8 --samples 60 --together``: teacher 0.983, student before
+training 0.000, labels only 0.450 (663 s), distilled 0.583 (815 s): distillation +0.133.
 """
 
 from __future__ import annotations
