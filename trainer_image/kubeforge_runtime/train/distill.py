@@ -37,8 +37,8 @@ Where the teacher lives (:func:`place_teacher`):
   the whole data set), so the last stage needs no extra communication. The limit: the last
   stage holds the whole teacher (divided by dp x tp with fsdp), plus its own layers.
 
-Verified (tests/unit/runtime/train/test_train_distill.py): DP=2 with FSDP2 and TP=2 equal one
-process; the pipeline, ddp and ZeRO paths are not yet verified by a run.
+Verified (tests/unit/runtime/train/test_train_distill.py): DP=2 with FSDP2, DDP and ZeRO-2,
+TP=2 and PP=2 (1F1B) equal one process. Not run: ZeRO-3 and GPipe with distillation.
 """
 
 from __future__ import annotations
