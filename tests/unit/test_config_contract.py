@@ -113,9 +113,11 @@ class Kind:
 
 FINETUNE = Kind(
     api=FineTuneJobSpec, rendered=frozenset(fb._CONFIG_FIELDS), runtime=tconfig.TrainConfig,
-    runtime_only=frozenset({"kind", "name", "namespace"}),
+    # distillation: the builder writes the teacher as a URI (a fineTuneJobRef resolved), so it
+    # is compared on its own below (test_distillation_renders_with_the_resolved_teacher).
+    runtime_only=frozenset({"kind", "name", "namespace", "distillation"}),
     render=lambda spec: fb.render_config("ft", "ns", spec), parse=tconfig.parse_config,
-    dump=lambda cfg: cfg.model_dump(mode="json"),
+    dump=lambda cfg: cfg.model_dump(mode="json", exclude={"distillation"} if cfg.distillation is None else None),
     maximal={
         "model": {"uri": "pvc://models/base"},
         "dataset": {"uri": "pvc://data/train.jsonl", "format": "chat", "validationUri": "pvc://data/val.jsonl",
@@ -236,3 +238,23 @@ def test_a_drifted_runtime_field_fails_the_comparison():
     assert "engine.requestTimeoutSeconds: exclusiveMinimum 0 (API) != None (runtime)" in found
     assert "engine.maxModelLength: minimum 8 (API) != 2 (runtime)" in found
     assert "engine.kvBlockSize: maximum 1024 (API) != None (runtime)" in found
+
+
+def test_distillation_renders_with_the_resolved_teacher():
+    """The API's teacher (uri or fineTuneJobRef) reaches the runtime as a URI; temperature and
+    alpha have the same bounds on both sides."""
+    from kubeforge.api.finetune import DistillationSpec
+
+    api = schema_facts(DistillationSpec, drop={"teacher"})
+    runtime = schema_facts(tconfig.DistillationConfig, drop={"teacher"})
+    assert differences(api, runtime) == []
+    by_ref = FineTuneJobSpec.model_validate({**FINETUNE.minimal, "method": "distill", "distillation": {
+        "teacher": {"fineTuneJobRef": {"name": "big"}}, "temperature": 3.0, "alpha": 0.25}})
+    rendered = json.loads(json.dumps(fb.render_config("ft", "ns", by_ref, "pvc://models/big")))
+    cfg = tconfig.parse_config(rendered)
+    assert cfg.distillation.model_dump() == {"teacher": {"uri": "pvc://models/big"}, "temperature": 3.0, "alpha": 0.25}
+    with pytest.raises(ValueError, match="not resolved yet"):
+        fb.render_config("ft", "ns", by_ref)
+    by_uri = by_ref.model_copy(update={"distillation": by_ref.distillation.model_copy(
+        update={"teacher": type(by_ref.distillation.teacher).model_validate({"uri": "s3://m/teacher"})})})
+    assert fb.render_config("ft", "ns", by_uri)["distillation"]["teacher"] == {"uri": "s3://m/teacher"}

@@ -15,6 +15,9 @@ change; the Job's podFailurePolicy can then fail the Job at once. Checks:
 * the data files exist and every record parses (bad records listed as file:line); with
   ``dataset.redact`` the personal data found per kind is logged;
 * a ``deepspeed-zero*`` strategy finds the deepspeed package;
+* with ``distillation``: the teacher directory holds a transformers config and shares the
+  student's tokenizer (vocabulary, special tokens, output vocabulary size), else exit 78
+  naming both models (``train/distill.py``);
 * the parallel degrees fit the world size (``--nnodes`` x ``--nproc-per-node`` from the
   torchrun arguments, else ``PET_NNODES`` x ``PET_NPROC_PER_NODE``) and the model's sizes;
 * the output and checkpoint URIs are writable kinds: file:// or pvc://, or s3:// when boto3 is
@@ -106,6 +109,21 @@ def preflight(config_path: str, command: list[str]) -> None:
         hf_cfg = AutoConfig.from_pretrained(str(model_dir))
     except (OSError, ValueError) as exc:
         raise models.ModelLoadError(f"model.uri {cfg.model.uri!r}: unreadable config.json ({exc})") from exc
+    teacher_cfg = None
+    if cfg.distillation is not None:
+        # Downloaded here like the model (hf://, s3:// into the cache), then compared with it.
+        from .train import distill
+
+        teacher_uri = cfg.distillation.teacher.uri
+        teacher_dir = models.resolve_model_dir(teacher_uri)
+        if not (teacher_dir / "config.json").exists():
+            raise ConfigError(f"distillation.teacher.uri {teacher_uri!r}: {teacher_dir} has no config.json (an adapter "
+                              "cannot be a teacher; point at a merged model)")
+        try:
+            teacher_cfg = AutoConfig.from_pretrained(str(teacher_dir))
+        except (OSError, ValueError) as exc:
+            raise models.ModelLoadError(f"distillation.teacher.uri {teacher_uri!r}: unreadable config.json ({exc})") from exc
+        distill.check_same_tokenizer(cfg.model.uri, model_dir, teacher_uri, teacher_dir)
     for uri in (cfg.dataset.uri, cfg.dataset.validationUri):
         if uri:
             path = storage.resolve(uri)
@@ -134,6 +152,14 @@ def preflight(config_path: str, command: list[str]) -> None:
         ParallelDims(world_size=world, tp=cfg.parallelism.tensor, pp=cfg.parallelism.pipeline,
                      global_batch_size=t.globalBatchSize, micro_batch_size=t.microBatchSize,
                      pipeline_schedule=cfg.parallelism.pipelineSchedule, model=shape)
+        if teacher_cfg is not None and cfg.parallelism.tensor > 1:
+            # The teacher is tensor-parallelised like the student: its sizes must divide too.
+            try:
+                ParallelDims(world_size=cfg.parallelism.tensor, tp=cfg.parallelism.tensor, pp=1,
+                             global_batch_size=t.microBatchSize, micro_batch_size=t.microBatchSize,
+                             model=ModelShape.from_hf_config(teacher_cfg))
+            except ConfigError as exc:
+                raise ConfigError(f"distillation.teacher: {exc}") from None
     check_fit(cfg, hf_cfg.to_dict(), command)
     check_data(cfg, model_dir)
 

@@ -156,6 +156,46 @@ class LoraSpec(KFModel):
     )
 
 
+class TeacherSource(KFModel):
+    """The teacher of a distillation: exactly one of uri or fineTuneJobRef."""
+
+    uri: str | None = Field(
+        default=None, pattern=MODEL_URI_PATTERN, max_length=URI_MAX_LENGTH,
+        description="hf://org/name@revision, pvc://claim/path, s3://bucket/path or file:///path of a full (or merged) "
+        "model.",
+    )
+    fine_tune_job_ref: ObjectReference | None = Field(
+        default=None, description="Use the output of this FineTuneJob (output.format merged) once it has succeeded; "
+        "the job waits for it (phase Pending, condition InputReady=False).",
+    )
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        cel("has(self.uri) != has(self.fineTuneJobRef)",
+            "distillation.teacher: give exactly one of uri or fineTuneJobRef", reason="FieldValueInvalid"),
+    ]})
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "TeacherSource":
+        if (self.uri is None) == (self.fine_tune_job_ref is None):
+            raise ValueError("distillation.teacher: give exactly one of uri or fineTuneJobRef")
+        return self
+
+
+class DistillationSpec(KFModel):
+    """Knowledge distillation (method: distill): the model (the student) learns from the teacher's
+    token distributions as well as from the labels."""
+
+    teacher: TeacherSource = Field(description="The teacher; it must share the model's tokenizer (checked before "
+                                   "training starts, exit code 78 naming both).")
+    temperature: float = Field(default=2.0, gt=0, le=100, description="Softmax temperature T of both distributions "
+                               "in the KL term, which is scaled by T^2.")
+    alpha: float = Field(default=0.5, ge=0, le=1, description="Weight of the ordinary (label) loss: loss = alpha * CE "
+                         "+ (1 - alpha) * T^2 * KL(teacher || student), over the tokens the ordinary loss is taken on.")
+
+
+DISTILL_NEEDS_TEACHER = ("method distill needs spec.distillation (its teacher), and distillation is only used with "
+                         "method distill: set both, or neither")
+
 DDP_WITH_TENSOR = ("parallelism.strategy ddp cannot be combined with parallelism.tensor > 1 (ddp replicates whole "
                    "layers, tensor parallelism shards them): use strategy fsdp, or set parallelism.tensor to 1")
 FP16_WITH_PIPELINE = ("training.precision fp16 is not supported with pipeline parallelism (its loss scaling is not "
@@ -245,7 +285,9 @@ class FineTuneJobSpec(KFModel):
 
     model: ModelSource = Field(description="The base model.")
     dataset: DatasetSpec = Field(description="Training (and validation) data.")
-    method: Literal["full", "lora"] = Field(default="lora", description="full: all weights; lora: adapters only.")
+    method: Literal["full", "lora", "distill"] = Field(
+        default="lora", description="full: all weights; lora: adapters only; distill: all weights, learning from "
+        "distillation.teacher as well as from the labels.")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings, used when method is lora.")
     parallelism: ParallelismSpec = Field(default_factory=ParallelismSpec, description="Model and data parallelism.")
     nodes: NodesSpec = Field(default_factory=NodesSpec, description="Elastic range of worker nodes (pods).")
@@ -260,6 +302,8 @@ class FineTuneJobSpec(KFModel):
         default=None,
         description="A held-out task metric measured before and after training; reported in status.result.",
     )
+    distillation: DistillationSpec | None = Field(
+        default=None, description="The teacher and the loss mix of method distill.")
     max_restarts: int = Field(default=3, ge=0, le=100, description="Elastic restarts torchrun attempts inside a pod.")
     backoff_limit: int = Field(default=3, ge=0, le=100, description="Pod failures (not disruptions) before the job fails.")
     suspend: bool = Field(default=False, description="Stop the workers, keep the job; resuming continues from the last checkpoint.")
@@ -290,6 +334,7 @@ class FineTuneJobSpec(KFModel):
             ".training.precision"),
         cel("self.training.precision != 'fp16' || self.parallelism.pipeline == 1", FP16_WITH_PIPELINE,
             ".training.precision"),
+        cel("(self.method == 'distill') == has(self.distillation)", DISTILL_NEEDS_TEACHER, ".distillation"),
         cel(S3_ENV_CEL_RULE, S3_ENV_MESSAGE, ".storage"),
     ]})
 
@@ -320,6 +365,8 @@ class FineTuneJobSpec(KFModel):
                              "or remove evaluation")
         if self.training.global_batch_size % self.training.micro_batch_size:
             raise ValueError("training.globalBatchSize must be a multiple of training.microBatchSize")
+        if (self.method == "distill") != (self.distillation is not None):
+            raise ValueError(DISTILL_NEEDS_TEACHER)
         s3_env_conflicts(self.storage, self.template)
         return self
 

@@ -105,18 +105,34 @@ def checkpoint_uri(spec: FineTuneJobSpec) -> str:
 _CONFIG_FIELDS = ("model", "dataset", "method", "lora", "parallelism", "training", "checkpoint", "output", "evaluation")
 
 
-def render_config(name: str, namespace: str, spec: FineTuneJobSpec) -> dict[str, Any]:
+def teacher_uri(spec: FineTuneJobSpec, resolved: str | None = None) -> str | None:
+    """The teacher's URI: ``distillation.teacher.uri``, or ``resolved`` (the output of its
+    ``fineTuneJobRef``, which the controller resolves); None without distillation."""
+    if spec.distillation is None:
+        return None
+    uri = spec.distillation.teacher.uri or resolved
+    if uri is None:
+        raise ValueError("distillation.teacher.fineTuneJobRef is not resolved yet; the controller waits for it")
+    return uri
+
+
+def render_config(name: str, namespace: str, spec: FineTuneJobSpec, teacher: str | None = None) -> dict[str, Any]:
     """The trainer's config: the training-relevant subset of the spec, camelCase, every default
     written out (the trainer's own defaults are not the API's, so nothing is left implicit);
-    unset optional values (validationUri, maxSteps, checkpoint.uri) are omitted."""
+    unset optional values (validationUri, maxSteps, checkpoint.uri) are omitted. A teacher is
+    written as a URI (``teacher``: a fineTuneJobRef's resolved output)."""
     body = spec.model_dump(by_alias=True, exclude_none=True, mode="json", include=set(_CONFIG_FIELDS))
+    if spec.distillation is not None:
+        d = spec.distillation
+        body["distillation"] = {"teacher": {"uri": teacher_uri(spec, teacher)}, "temperature": d.temperature,
+                                "alpha": d.alpha}
     return {"kind": KIND, "name": name, "namespace": namespace, **body}
 
 
-def config_map(name: str, namespace: str, uid: str, spec: FineTuneJobSpec) -> dict[str, Any]:
+def config_map(name: str, namespace: str, uid: str, spec: FineTuneJobSpec, teacher: str | None = None) -> dict[str, Any]:
     owner = common.owner_reference(KIND, name, uid)
     return common.config_map(Names.of(name).config_map, namespace, owner,
-                             common.labels(KIND, name, "config"), render_config(name, namespace, spec))
+                             common.labels(KIND, name, "config"), render_config(name, namespace, spec, teacher))
 
 
 # --- the headless Service ----------------------------------------------------------------------
@@ -194,7 +210,7 @@ def pod_failure_policy() -> dict[str, Any]:
     ]}
 
 
-def job(name: str, namespace: str, uid: str, spec: FineTuneJobSpec) -> dict[str, Any]:
+def job(name: str, namespace: str, uid: str, spec: FineTuneJobSpec, teacher: str | None = None) -> dict[str, Any]:
     n = Names.of(name)
     owner = common.owner_reference(KIND, name, uid)
     lbls = common.labels(KIND, name, COMPONENT)
@@ -202,7 +218,7 @@ def job(name: str, namespace: str, uid: str, spec: FineTuneJobSpec) -> dict[str,
 
     pvc_vols, pvc_mounts = common.pvc_volumes([
         spec.model.uri, spec.dataset.uri, spec.dataset.validation_uri, spec.checkpoint.uri, spec.output.uri,
-        spec.evaluation.uri if spec.evaluation else None,
+        spec.evaluation.uri if spec.evaluation else None, teacher_uri(spec, teacher),
     ])
     container: dict[str, Any] = {
         "name": CONTAINER,
@@ -327,13 +343,16 @@ def datacheck_job(name: str, namespace: str, uid: str, spec: FineTuneJobSpec) ->
     }
 
 
-def gate_children(name: str, namespace: str, uid: str, spec: FineTuneJobSpec) -> list[dict[str, Any]]:
+def gate_children(name: str, namespace: str, uid: str, spec: FineTuneJobSpec,
+                  teacher: str | None = None) -> list[dict[str, Any]]:
     """What a job with ``spec.dataset.checks`` gets before its gate has passed: the ConfigMap
     (the gate reads the workers' config) and the gate Job; no Service, no worker Job."""
-    return [config_map(name, namespace, uid, spec), datacheck_job(name, namespace, uid, spec)]
+    return [config_map(name, namespace, uid, spec, teacher), datacheck_job(name, namespace, uid, spec)]
 
 
-def build(name: str, namespace: str, uid: str, spec: FineTuneJobSpec) -> list[dict[str, Any]]:
+def build(name: str, namespace: str, uid: str, spec: FineTuneJobSpec, teacher: str | None = None) -> list[dict[str, Any]]:
     """All children, in the order they should be applied (the Job last: its pods mount the
-    ConfigMap and resolve each other through the Service)."""
-    return [service(name, namespace, uid), config_map(name, namespace, uid, spec), job(name, namespace, uid, spec)]
+    ConfigMap and resolve each other through the Service). ``teacher``: the resolved output of
+    ``distillation.teacher.fineTuneJobRef`` (not needed for a teacher given by URI)."""
+    return [service(name, namespace, uid), config_map(name, namespace, uid, spec, teacher),
+            job(name, namespace, uid, spec, teacher)]

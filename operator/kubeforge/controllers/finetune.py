@@ -49,6 +49,7 @@ from ..builders import finetune as builder
 from ..builders import network
 from . import finetune_status, metrics, peering, scrape
 from .conditions import TERMINAL_PHASES, is_true, now
+from .references import Resolution, resolve_model
 from .reconcile import ChildConflict, Reconciler, controlled_by, owned_by
 from .reconcile import apply_children as apply_owned
 from .settings import network_policy_settings
@@ -94,25 +95,27 @@ def _forget(namespace: str, name: str) -> None:
 
 # --- the reconciler's steps ------------------------------------------------------------------------
 
-def children(owner: dict[str, Any], spec: FineTuneJobSpec, workers: bool = True) -> list[dict[str, Any]]:
+def children(owner: dict[str, Any], spec: FineTuneJobSpec, workers: bool = True,
+             teacher: str | None = None) -> list[dict[str, Any]]:
     """The NetworkPolicy (unless turned off; first, so no worker ever runs unprotected), then
-    the Service, ConfigMap and Job; with ``workers`` False, the ConfigMap and the data gate Job."""
+    the Service, ConfigMap and Job; with ``workers`` False, the ConfigMap and the data gate Job
+    (``teacher``: a resolved distillation.teacher.fineTuneJobRef)."""
     meta = owner["metadata"]
     build = builder.build if workers else builder.gate_children
-    out = build(meta["name"], meta["namespace"], meta["uid"], spec)
+    out = build(meta["name"], meta["namespace"], meta["uid"], spec, teacher)
     net = network_policy_settings()
     if net.enabled:
         out.insert(0, network.finetune_policy(meta["name"], meta["namespace"], meta["uid"], net))
     return out
 
 
-def apply_children(owner: dict[str, Any], spec: FineTuneJobSpec, workers: bool = True, *,
-                   fresh: bool = False) -> dict[str, Any] | None:
+def apply_children(owner: dict[str, Any], spec: FineTuneJobSpec, workers: bool = True,
+                   teacher: str | None = None, *, fresh: bool = False) -> dict[str, Any] | None:
     """Apply :func:`children` (:func:`.reconcile.apply_children`: never over a foreign object;
     ``fresh``: none of them was created yet as far as the status says); the worker Job as
     applied, or None when only the data gate's children were applied."""
     try:
-        applied = apply_owned(owner, children(owner, spec, workers), fresh=fresh)
+        applied = apply_owned(owner, children(owner, spec, workers, teacher), fresh=fresh)
         return applied[-1] if workers else None
     except ApiException as exc:
         if exc.status == 422:
@@ -147,18 +150,24 @@ def _step(obj: dict[str, Any], spec: FineTuneJobSpec, *, apply: bool = False) ->
     prev = obj.get("status") or {}
     terminal = prev.get("phase") in TERMINAL_PHASES
     created = any(c.get("type") == "Created" and c.get("status") == "True" for c in prev.get("conditions") or [])
-    gate = None if terminal else _read_gate(obj, spec)
     names = builder.Names.of(name)
+    # A distillation teacher named by fineTuneJobRef: its output, once it has succeeded.
+    teacher = teacher_resolution(spec, namespace) if not terminal else None
+    teacher_ready = teacher is None or teacher.state == "ready"
+    teacher_uri = teacher.uri if teacher is not None else None
+    gate = _read_gate(obj, spec) if not terminal and teacher_ready else None
     job: dict[str, Any] | None = None
     applied_workers = False
     if apply and terminal:
         # A finished job is never resurrected: its children stay as they ended.
         log.info("FineTuneJob %s/%s is %s; not touching its children", namespace, name, prev.get("phase"))
-    elif apply or (gate is not None and gate.state in ("Passed", "Pending")):
+    elif teacher_ready and (apply or (gate is not None and gate.state in ("Passed", "Pending"))
+                            or (teacher is not None and gate is None and not created)):
         # The gate's pass is seen once (then recorded in DataChecked): create the workers now.
-        # A gate Job gone before it decided (deleted by hand?) is put back.
+        # A gate Job gone before it decided (deleted by hand?) is put back. A teacher this job
+        # waited for has just succeeded: create the children now.
         workers = gate is None or gate.passed
-        job = apply_children(obj, spec, workers, fresh=not created)  # the worker Job as applied, if applied
+        job = apply_children(obj, spec, workers, teacher_uri, fresh=not created)  # the worker Job, if applied
         applied_workers = workers
     if not applied_workers:
         job = kube.get("Job", namespace, names.job)
@@ -170,7 +179,7 @@ def _step(obj: dict[str, Any], spec: FineTuneJobSpec, *, apply: bool = False) ->
     if job is None and not terminal and created:
         # The Job was there and is gone (deleted by hand?): put it back, the job goes on.
         log.warning("Job %s/%s vanished; applying the children again", namespace, names.job)
-        job = apply_children(obj, spec)
+        job = apply_children(obj, spec, teacher=teacher_uri)
     # Only this Job's pods (a deleted and re-created FineTuneJob of the same name has a new Job).
     # A Job this first sync has just created has none to read yet (the Job controller has not
     # started it); the events of its pods, when they come, schedule the next sync.
@@ -181,7 +190,7 @@ def _step(obj: dict[str, Any], spec: FineTuneJobSpec, *, apply: bool = False) ->
     with _tracked_lock:
         progress = _progress.get((namespace, name))
     outcome = finetune_status.compute(obj, spec=spec, job=job, pods=pods, counted=counted, progress=progress,
-                                      now=now(), gate=gate)
+                                      now=now(), gate=gate, teacher=teacher)
     if outcome.counted != counted:
         patched = kube.patch_merge(KIND, namespace, name, {"metadata": {
             "resourceVersion": meta.get("resourceVersion"), "annotations": {COUNTED_ANNOTATION: ",".join(outcome.counted)}}})
@@ -214,6 +223,14 @@ def _read_gate(obj: dict[str, Any], spec: FineTuneJobSpec) -> finetune_status.Ga
     pods = [p for p in kube.list_("Pod", namespace, f"{reconciler.owner_label}={name}")
             if owned_by(p, gate_job)] if gate_job is not None else []
     return finetune_status.gate_state(gate_job, pods)
+
+
+def teacher_resolution(spec: FineTuneJobSpec, namespace: str) -> Resolution | None:
+    """What ``distillation.teacher.fineTuneJobRef`` yields now (:mod:`.references`, as a
+    QuantizeJob's model reference); None without one (no distillation, or a teacher URI)."""
+    if spec.distillation is None or spec.distillation.teacher.fine_tune_job_ref is None:
+        return None
+    return resolve_model(spec.distillation.teacher, lambda kind, ref: kube.get(kind, namespace, ref))
 
 
 def _after(obj: dict[str, Any], spec: FineTuneJobSpec, outcome: finetune_status.FineTuneOutcome,
@@ -261,6 +278,13 @@ async def pod_event(labels: Any, namespace: str, **_: Any) -> None:
 
 # Deleted: forget it (the children go by ownerReferences, the garbage collector's work).
 kopf.on.event(*FineTuneJob.resource(), id="finetunejob-deleted")(reconciler.on_event_nonblocking)
+
+
+@kopf.on.event(*FineTuneJob.resource(), id="finetunejob-teachers")
+async def on_teacher(body: Any, name: str, namespace: str, type: str | None, **_: Any) -> None:
+    """A FineTuneJob changed: sync the jobs that distil from it (they may be waiting for it)."""
+    await reconciler.fan_out_nonblocking("fineTuneJobRef", body, name, namespace, type,
+                                         spec_path=("distillation", "teacher"))
 
 
 # --- the poller: progress and TTL ----------------------------------------------------------------------

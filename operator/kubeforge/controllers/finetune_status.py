@@ -53,6 +53,7 @@ from ..api.finetune import DataQualityResult, FineTuneJobSpec, TrainResult
 from ..builders import finetune as builder
 from .conditions import (TERMINAL_PHASES, Event, Outcome, accept, get_condition, is_true, set_condition,
                          true_condition)
+from .references import Resolution
 
 COMPLETION_INDEX_ANNOTATION = builder.COMPLETION_INDEX_ANNOTATION
 MAX_TERMINATION_MESSAGE = 600
@@ -360,11 +361,13 @@ def compute(
     progress: dict[str, Any] | None,
     now: str,
     gate: Gate | None = None,
+    teacher: Resolution | None = None,
 ) -> FineTuneOutcome:
     """The FineTuneJob's next status from ``obj`` (as read, with its current status), its
     valid ``spec``, its Job and pods, the pod UIDs already counted and the last progress.
     ``gate``: the data gate's state while it matters (``spec.dataset.checks`` set, not yet
-    recorded as passed, no worker Job yet), else None."""
+    recorded as passed, no worker Job yet), else None; ``teacher``: what a
+    ``distillation.teacher.fineTuneJobRef`` yields now (None without one)."""
     prev: dict[str, Any] = obj.get("status") or {}
     generation = (obj.get("metadata") or {}).get("generation")
     status: dict[str, Any] = {k: v for k, v in prev.items()}
@@ -396,6 +399,22 @@ def compute(
                 and not p["metadata"].get("deletionTimestamp"))
     status["workers"] = {"ready": ready, "total": total, "min": spec.nodes.min, "max": spec.nodes.max}
 
+    if teacher is not None:
+        conds = set_condition(conds, "InputReady", teacher.state == "ready", teacher.reason,
+                              f"distillation teacher: {teacher.message}", generation, now)
+    if job is None and teacher is not None and teacher.state == "failed":
+        message = f"distillation teacher: {teacher.message}"
+        conds = set_condition(conds, "Failed", True, "InputFailed", message, generation, now)
+        status["completionTime"] = now
+        out.events.append(Event("Warning", "InputFailed", message))
+        return _finish(out, status, conds, prev_phase, "Failed", generation, now, None, announce=False)
+    if job is None and teacher is not None and teacher.state != "ready":
+        conds = set_condition(conds, "Created", False, "WaitingForInput", f"distillation teacher: {teacher.message}",
+                              generation, now)
+        conds = set_condition(conds, "Running", False, "Pending", "no workers yet", generation, now)
+        if (get_condition(prev.get("conditions") or [], "InputReady") or {}).get("reason") != teacher.reason:
+            out.events.append(Event("Normal", "WaitingForInput", f"distillation teacher: {teacher.message}"))
+        return _finish(out, status, conds, prev_phase, "Pending", generation, now, None)
     if gate is not None and (job is None or gate.passed):
         conds, decided = _gate(out, status, conds, prev_phase, spec, gate, generation, now)
         if decided is not None:

@@ -206,7 +206,7 @@ class Reconciler(Generic[S]):
         """kopf label filter for the children of this kind's objects."""
         self._guard = threading.Lock()
         self._locks: dict[Key, threading.Lock] = {}
-        self._seen_inputs: dict[tuple[str, str, str], tuple[Any, ...]] = {}
+        self._seen_inputs: dict[tuple[str, str, str, str], tuple[Any, ...]] = {}
 
     # --- ways in ---------------------------------------------------------------------------------
     def request(self, namespace: str, name: str, **hints: Any) -> None:
@@ -256,30 +256,34 @@ class Reconciler(Generic[S]):
         self.on_event(type, name, namespace)
 
     def fan_out(self, ref_field: str, body: Any, name: str, namespace: str, event_type: str | None,
-                **hints: Any) -> None:
-        """Schedule every object whose ``spec.model.<ref_field>`` names the job ``name`` that just changed.
+                spec_path: tuple[str, ...] = ("model",), **hints: Any) -> None:
+        """Schedule every object whose ``spec.<spec_path>.<ref_field>`` (default ``spec.model``) names
+        the job ``name`` that just changed.
 
         Only when the job's outcome changed (deleted, re-created, phase, output, completion),
         not on each of a training run's progress updates.
         """
-        if self._news(ref_field, body, name, namespace, event_type):
-            self._schedule_referrers(ref_field, name, namespace, (body.get("status") or {}).get("phase"), hints)
+        if self._news(ref_field, body, name, namespace, event_type, spec_path):
+            self._schedule_referrers(ref_field, name, namespace, (body.get("status") or {}).get("phase"),
+                                     spec_path, hints)
 
     async def fan_out_nonblocking(self, ref_field: str, body: Any, name: str, namespace: str,
-                                  event_type: str | None, **hints: Any) -> None:
+                                  event_type: str | None, spec_path: tuple[str, ...] = ("model",),
+                                  **hints: Any) -> None:
         """:meth:`fan_out` for kopf's event handlers: the news check runs in kopf's event loop
         and the listing, only when there is news, on the sync pool, so the referenced job's
         own handlers (its spec handler above all) never queue behind it for a handler thread."""
-        if self._news(ref_field, body, name, namespace, event_type):
+        if self._news(ref_field, body, name, namespace, event_type, spec_path):
             _debouncer().submit(self._schedule_referrers, ref_field, name, namespace,
-                                (body.get("status") or {}).get("phase"), hints)
+                                (body.get("status") or {}).get("phase"), spec_path, hints)
 
-    def _news(self, ref_field: str, body: Any, name: str, namespace: str, event_type: str | None) -> bool:
+    def _news(self, ref_field: str, body: Any, name: str, namespace: str, event_type: str | None,
+              spec_path: tuple[str, ...]) -> bool:
         """Whether this event changes what the job ``name`` yields to objects referencing it."""
         status = body.get("status") or {}
         seen = (event_type == "DELETED", (body.get("metadata") or {}).get("uid"), status.get("phase"),
                 (status.get("output") or {}).get("uri"), status.get("completionTime"))
-        key = (ref_field, namespace, name)
+        key = (".".join(spec_path), ref_field, namespace, name)
         with self._guard:
             if self._seen_inputs.get(key) == seen:
                 return False
@@ -290,9 +294,12 @@ class Reconciler(Generic[S]):
         return True
 
     def _schedule_referrers(self, ref_field: str, name: str, namespace: str, phase: str | None,
-                            hints: dict[str, Any]) -> None:
+                            spec_path: tuple[str, ...], hints: dict[str, Any]) -> None:
         for obj in kube.list_(self.kind, namespace):
-            if (((obj.get("spec") or {}).get("model") or {}).get(ref_field) or {}).get("name") == name:
+            source: Any = obj.get("spec") or {}
+            for part in spec_path:
+                source = (source or {}).get(part) or {}
+            if (source.get(ref_field) or {}).get("name") == name:
                 log.info("%s %s/%s: %s %s changed (%s); reconciling", self.kind, namespace, obj["metadata"]["name"],
                          ref_field, name, phase)
                 self.schedule(namespace, obj["metadata"]["name"], **hints)

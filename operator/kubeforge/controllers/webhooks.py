@@ -12,6 +12,10 @@ CEL sees one object; these checks need the other KubeForge resources in the name
   that has Failed is rejected (the operator would wait for an output that never comes). A
   reference to a job that does not exist *yet* is allowed with a warning: GitOps tools
   apply a chain of resources in no particular order, and the operator waits for it.
+* **A distillation teacher can be one.** ``distillation.teacher.fineTuneJobRef`` may not name
+  the job itself, a job that has Failed, or a job writing a LoRA adapter (a teacher is a
+  whole model: its ``output.format`` must be ``merged``); a teacher job that does not exist
+  yet is allowed with a warning, as above.
 * **No secret values in a spec.** An environment variable of ``spec.template.env`` named like a
   credential (``HF_TOKEN``, ``AWS_SECRET_ACCESS_KEY``, ``*_PASSWORD``, ``*_API_KEY``) must come
   from ``valueFrom.secretKeyRef``: a literal value would sit in etcd, in every GitOps
@@ -220,15 +224,39 @@ def _check_outputs(kind: str, namespace: str, body: Any) -> None:
         raise kopf.AdmissionError("; ".join(problems), code=409)
 
 
-def _check_reference(namespace: str, ref_kind: str, ref: dict[str, Any] | None, warnings: list[str]) -> None:
+def _check_reference(namespace: str, ref_kind: str, ref: dict[str, Any] | None, warnings: list[str],
+                     where: str = "spec.model") -> None:
     if not ref or not ref.get("name"):
         return
     error, warning = reference_problem(ref_kind, ref["name"], cache.get(ref_kind, namespace, ref["name"]))
     if error:
         field = "fineTuneJobRef" if ref_kind == "FineTuneJob" else "quantizeJobRef"
-        raise kopf.AdmissionError(f"spec.model.{field}: {error}", code=422)
+        raise kopf.AdmissionError(f"{where}.{field}: {error}", code=422)
     if warning:
         warnings.append(warning)
+
+
+def teacher_problem(name: str, ref_name: str, teacher: dict[str, Any] | None) -> str | None:
+    """Why a FineTuneJob's ``distillation.teacher.fineTuneJobRef`` can never give a teacher, or None."""
+    where = "spec.distillation.teacher.fineTuneJobRef"
+    if ref_name == name:
+        return f"{where}: a job cannot be its own teacher; name the FineTuneJob that trains the teacher"
+    out = ((teacher or {}).get("spec") or {}).get("output") or {}
+    if out.get("format") == "adapter":
+        return (f"{where}: FineTuneJob {ref_name} writes a LoRA adapter (output.format adapter); a teacher must be a "
+                "whole model: set its output.format to merged")
+    return None
+
+
+def _check_teacher(namespace: str, body: Any, warnings: list[str]) -> None:
+    ref = ((((body.get("spec") or {}).get("distillation") or {}).get("teacher")) or {}).get("fineTuneJobRef")
+    if not ref or not ref.get("name"):
+        return
+    problem = teacher_problem(body["metadata"].get("name", ""), ref["name"],
+                              cache.get("FineTuneJob", namespace, ref["name"]))
+    if problem:
+        raise kopf.AdmissionError(problem, code=422)
+    _check_reference(namespace, "FineTuneJob", ref, warnings, where="spec.distillation.teacher")
 
 
 @kopf.on.validate(*FineTuneJob.resource(), id=FINETUNE_WEBHOOK, operations=OPERATIONS)
@@ -241,6 +269,7 @@ def validate_finetunejob(body: Any, old: Any, new: Any, operation: str | None,
     _check_secrets(body)
     _check_policy(body)
     _check_fit("FineTuneJob", body, warnings)
+    _check_teacher(namespace, body, warnings)
     _check_outputs("FineTuneJob", namespace, body)
 
 

@@ -309,7 +309,11 @@ class LocalRunner:
         if model_uri != spec.model.uri:
             spec = spec.model_copy(update={"model": spec.model.model_copy(update={"uri": model_uri})})
         uid = str(uuid.uuid4())
-        children = b.build(res.name, res.namespace, uid, spec)
+        teacher = None  # a distillation teacher by fineTuneJobRef: that earlier job's output
+        if spec.distillation is not None and spec.distillation.teacher.fine_tune_job_ref is not None:
+            teacher = self._resolve_ref("FineTuneJob", spec.distillation.teacher.fine_tune_job_ref.name,
+                                        f"FineTuneJob/{res.name} (distillation.teacher)")
+        children = b.build(res.name, res.namespace, uid, spec, teacher)
         job = next(c for c in children if c["kind"] == "Job")
         pod_dir = self.workdir / "pods" / f"finetunejob-{res.name}"
         gate = self._run_data_gate(res.name, res.namespace, uid, spec, pod_dir) if b.needs_data_gate(spec) else None

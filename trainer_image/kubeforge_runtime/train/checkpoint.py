@@ -61,7 +61,7 @@ IDENTITY_KEY = "identity"
 # id, which the operator sets to it) is recorded only: a FineTuneJob re-created under the same
 # name to continue its run, and every `kubeforge run`, get a new uid.
 _COMPARED = {"job": "job (namespace/name)", "model": "model.uri", "dataset": "dataset.uri", "method": "method",
-             "lora": "lora (r, alpha, targetModules)"}
+             "lora": "lora (r, alpha, targetModules)", "teacher": "distillation.teacher.uri"}
 
 
 class CheckpointMismatch(ConfigError):
@@ -148,6 +148,8 @@ def run_identity(cfg: TrainConfig) -> dict[str, Any]:
     }
     if cfg.method == "lora":
         identity["lora"] = {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "targetModules": sorted(cfg.lora.targetModules)}
+    if cfg.distillation is not None:
+        identity["teacher"] = contract.normalize_uri(cfg.distillation.teacher.uri)
     uid = os.environ.get("PET_RDZV_ID")
     if uid:
         identity["jobUid"] = uid

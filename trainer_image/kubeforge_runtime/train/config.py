@@ -35,7 +35,7 @@ class ConfigError(ValueError):
 
 
 DatasetFormat = Literal["text", "prompt-completion", "chat"]
-Method = Literal["full", "lora"]
+Method = Literal["full", "lora", "distill"]
 Strategy = Literal["fsdp", "ddp", "deepspeed-zero1", "deepspeed-zero2", "deepspeed-zero3"]
 PipelineSchedule = Literal["1F1B", "GPipe"]
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -159,6 +159,24 @@ class ParallelismConfig(StrictConfig):
         return self
 
 
+class TeacherConfig(StrictConfig):
+    uri: str = Field(min_length=1)
+    """The teacher model (a directory written by ``save_pretrained``, any URI ``model.uri``
+    takes); the operator writes the resolved output of a ``fineTuneJobRef`` here."""
+
+
+class DistillationConfig(StrictConfig):
+    """Knowledge distillation (``method: distill``): the student (``model``) learns from the
+    teacher's token distributions as well as from the labels (``train/distill.py``)."""
+
+    teacher: TeacherConfig
+    """The teacher; it must share the student's tokenizer (checked by the preflight)."""
+    temperature: float = Field(2.0, gt=0, le=100)
+    """Softmax temperature T of both distributions in the KL term (scaled by T^2)."""
+    alpha: float = Field(0.5, ge=0, le=1)
+    """Weight of the ordinary (label) loss: loss = alpha * CE + (1 - alpha) * T^2 * KL(teacher || student)."""
+
+
 class TrainingConfig(StrictConfig):
     epochs: int = Field(1, ge=1, le=1000)
     """Passes over the training set (ignored when ``maxSteps`` is set)."""
@@ -244,7 +262,8 @@ class TrainConfig(StrictConfig):
     dataset: DatasetConfig
     """Training (and validation) data."""
     method: Method = "full"
-    """``full`` fine-tuning or ``lora`` adapters."""
+    """``full`` fine-tuning, ``lora`` adapters, or ``distill`` (all weights, learning from
+    ``distillation.teacher`` too)."""
     lora: LoraConfig = Field(default_factory=LoraConfig)
     """LoRA settings (used when method is lora)."""
     parallelism: ParallelismConfig = Field(default_factory=ParallelismConfig)
@@ -257,6 +276,8 @@ class TrainConfig(StrictConfig):
     """Where and how the result is written."""
     evaluation: EvaluationConfig | None = None
     """A held-out task metric measured before and after training, or null."""
+    distillation: DistillationConfig | None = None
+    """The teacher and the loss mix; required with (and only with) ``method: distill``."""
 
     @model_validator(mode="after")
     def _cross_section_rules(self) -> "TrainConfig":
@@ -268,6 +289,9 @@ class TrainConfig(StrictConfig):
             raise ValueError("evaluation needs prompts and answers: dataset.format must be prompt-completion or chat")
         if self.output.format == "adapter" and self.method != "lora":
             raise ValueError("output.format: 'adapter' needs method 'lora'; use 'merged' for full fine-tuning")
+        if (self.method == "distill") != (self.distillation is not None):
+            raise ValueError("distillation: set it together with method 'distill' (and only then): "
+                             "give distillation.teacher.uri, or change method")
         if t.precision == "fp16" and p.pipeline > 1:
             raise ValueError("training.precision: fp16 loss scaling is not supported with pipeline parallelism; use bf16")
         return self

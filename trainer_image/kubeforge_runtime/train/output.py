@@ -85,6 +85,7 @@ def lineage_record(cfg: TrainConfig, base_dir: Path, summary: dict[str, Any]) ->
         },
         "method": cfg.method,
         "lora": cfg.to_dict()["lora"] if cfg.method == "lora" else None,
+        "distillation": cfg.to_dict()["distillation"],
         "format": cfg.output.format,
         "steps": summary.get("steps"),
         "finalLoss": summary.get("finalLoss"),

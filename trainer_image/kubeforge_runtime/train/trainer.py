@@ -50,6 +50,7 @@ from torch import nn
 
 from .. import contract, data as data_mod, models, storage
 from . import checkpoint as ckpt
+from . import distill as distill_mod
 from . import metrics as metrics_mod
 from . import model as model_mod
 from . import output as output_mod
@@ -213,7 +214,9 @@ class Trainer:
         stage = CausalLMStage(self.lm, self.is_first, self.is_last)
         # The strategy builds the optimizer when its wrapping allows (DeepSpeed needs it to wrap).
         self.module, self.optimizer = self.strategy.wrap(self.top, stage, self._build_optimizer)
-        self.loss_fn = TokenLoss()
+        self.loss_fn: TokenLoss | distill_mod.DistillLoss = TokenLoss()
+        if cfg.distillation is not None:
+            self.loss_fn = self._build_distillation()
         self.schedule = None
         if dims.pp > 1:
             from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
@@ -223,6 +226,20 @@ class Trainer:
             # scale_grads=False: TokenLoss already normalises by the global token count.
             self.schedule = cls(pstage, n_microbatches=dims.grad_accum, loss_fn=self.loss_fn, scale_grads=False)
         self.module.train()
+
+    def _build_distillation(self) -> distill_mod.DistillLoss:
+        """The teacher (on the ranks that compute the loss: the last pipeline stage) and the
+        distillation loss (``distill.py`` says where the teacher runs in each layout)."""
+        d = self.cfg.distillation
+        assert d is not None
+        teacher = None
+        if self.is_last:
+            lm = distill_mod.load_teacher(distill_mod.teacher_dir(self.cfg))
+            stage = distill_mod.place_teacher(lm, strategy=self.cfg.parallelism.strategy, mesh=self.mesh,
+                                              tp=self.dims.tp, device=self.device)
+            teacher = distill_mod.teacher_forward(stage)
+            self.teacher_module = stage
+        return distill_mod.DistillLoss(teacher, d.temperature, d.alpha, self._autocast)
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         from torch.distributed.tensor import DTensor
@@ -264,6 +281,10 @@ class Trainer:
         x = self.data.train_inputs[idx].to(self.device)
         y = self.data.train_labels[idx].to(self.device)
         pos = self.data.train_positions[idx].to(self.device)
+        if isinstance(self.loss_fn, distill_mod.DistillLoss):
+            # The loss computes the teacher's logits for the rows the target names (distill.py).
+            self.loss_fn.inputs, self.loss_fn.positions = x, pos
+            y = distill_mod.with_rows(y)
         if self.schedule is not None:
             losses: list[torch.Tensor] = []
             with self._autocast():

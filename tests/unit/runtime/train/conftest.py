@@ -46,13 +46,13 @@ def base_config(tiny_model: Path) -> dict[str, Any]:
 
 @pytest.fixture(scope="session")
 def launcher(tmp_path_factory: pytest.TempPathFactory, base_config: dict[str, Any]) -> Callable[..., Run]:
-    """launcher(name, overrides, nproc=0 (plain process) | N (torchrun), env=..., expect=0)."""
+    """launcher(name, overrides, nproc=0 (plain process) | N (torchrun), env=..., expect=0, timeout=240 s)."""
     root = tmp_path_factory.mktemp("runs")
     cache: dict[str, Run] = {}
 
     def launch(name: str, overrides: dict[str, Any] | None = None, nproc: int = 0, *, env: dict[str, str] | None = None,
                expect: int | None = 0, torchrun_args: tuple[str, ...] = (), via_launch: bool = False,
-               dump: bool = True) -> Run:
+               dump: bool = True, timeout: float = 240) -> Run:
         if name in cache:  # several tests look at one launch (launches are the slow part)
             return cache[name]
         run = Run(root, name, merge(base_config, overrides or {}))
@@ -64,7 +64,7 @@ def launcher(tmp_path_factory: pytest.TempPathFactory, base_config: dict[str, An
             cmd = torchrun_cmd(nproc, run.config_path, *torchrun_args)
         if via_launch:
             cmd = [sys.executable, "-m", "kubeforge_runtime.launch", "--config", str(run.config_path), "--", *cmd]
-        cache[name] = run.execute(cmd, child_env(**extra), expect=expect)
+        cache[name] = run.execute(cmd, child_env(**extra), timeout=timeout, expect=expect)
         return run
 
     return launch

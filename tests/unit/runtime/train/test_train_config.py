@@ -35,6 +35,7 @@ FULL: dict[str, Any] = {
     "checkpoint": {"intervalSteps": 100, "keepLast": 2, "uri": None},
     "output": {"uri": "file:///out/model", "format": "adapter"},
     "evaluation": {"uri": "file:///data/test.jsonl", "metric": "exactMatch", "maxSamples": 200},
+    "distillation": None,
 }
 
 
@@ -168,3 +169,14 @@ def test_lr_schedule_warmup_then_cosine_to_ten_percent() -> None:
     assert lrs[0] == 0.5 and lrs[1] == 1.0 and lrs[2] == 1.0
     assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
     assert lrs[10] == pytest.approx(0.1)
+
+
+def test_distillation_goes_with_method_distill_only() -> None:
+    teacher = {"teacher": {"uri": "file:///models/teacher"}, "temperature": 2.0, "alpha": 0.5}
+    cfg = parse_config({**MINIMAL, "method": "distill", "distillation": teacher})
+    assert cfg.distillation.teacher.uri == "file:///models/teacher" and cfg.distillation.alpha == 0.5
+    for bad in ({**MINIMAL, "method": "distill"}, {**MINIMAL, "distillation": teacher}):
+        with pytest.raises(ConfigError, match="distillation: set it together with method 'distill'"):
+            parse_config(bad)
+    with pytest.raises(ConfigError, match="distillation.alpha"):
+        parse_config({**MINIMAL, "method": "distill", "distillation": {**teacher, "alpha": 2}})
