@@ -109,10 +109,11 @@ class FakeAPI:
     def list_(self, kind: str, namespace: str, selector: str | None = None) -> list[dict[str, Any]]:
         return []
 
-    def apply(self, owner: dict[str, Any], children: list[dict[str, Any]]) -> None:
+    def apply(self, owner: dict[str, Any], children: list[dict[str, Any]], *, fresh: bool = False) -> list[dict[str, Any]]:
         for child in children:
             self.applied.append(child)
             self.objects[(child["kind"], child["metadata"]["name"])] = {**child, "status": {}}
+        return [self.objects[(c["kind"], c["metadata"]["name"])] for c in children]
 
 
 @pytest.fixture
