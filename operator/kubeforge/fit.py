@@ -115,12 +115,22 @@ def check_finetune(spec: Mapping[str, Any], *, with_alternatives: bool = False,
         return FitReport(checked=False, warning=(
             f"fit not checked at admission: the architecture of {uri or 'the referenced model'} is known only "
             f"once it is downloaded; the preflight checks it against {limit[1]} before training starts"))
+    teacher = (spec.get("distillation") or {}).get("teacher") or {}
+    extra: list[fit.ExtraTerm] = []
+    if spec.get("method") == "distill" and teacher:
+        teacher_arch = known_architecture(teacher.get("uri"))
+        if teacher_arch is None:
+            return FitReport(checked=False, warning=(
+                f"fit not checked at admission: the architecture of the distillation teacher "
+                f"{teacher.get('uri') or 'of the referenced FineTuneJob'} is known only once it is downloaded; "
+                f"the preflight checks student and teacher against {limit[1]} before training starts"))
+        extra.append(fit.teacher_term(teacher_arch))
     plan = fit.TrainPlan.from_spec(spec, world=training_world(spec))
-    est = fit.estimate_training(arch, plan)
+    est = fit.estimate_training(arch, plan, extra=extra)
     report = FitReport(checked=True, fits=est.peak <= limit[0], estimate=est, limit=limit[0], source=limit[1],
                        plan=plan)
     if not report.fits or with_alternatives:
-        report.alternatives = fit.alternatives(arch, plan, limit[0])
+        report.alternatives = fit.alternatives(arch, plan, limit[0], extra=extra)
         report.nearest = next((a for a in report.alternatives if a.estimate.peak <= limit[0]), None)
     if not report.fits:
         report.message = "spec.resources: " + fit.misfit_message("this layout", est, limit[0], limit[1],

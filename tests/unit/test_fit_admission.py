@@ -99,3 +99,24 @@ def test_validate_and_plan_commands(tmp_path, capsys):
     path.write_text(yaml.safe_dump({**doc, "spec": {**TOO_BIG, "resources": {"gpus": 1}}}))
     assert cli.main(["plan", "-f", str(path), "--gpu-memory", "80Gi"]) == 0
     assert "fits in 80.00 GiB" in capsys.readouterr().out
+
+
+def test_a_distillation_teacher_is_counted_and_can_make_a_job_not_fit():
+    """The same student layout: it fits alone, the teacher (another SmolLM2 held whole beside
+    it, with its logits) pushes it over; a teacher only known once downloaded is left to the
+    preflight with a warning."""
+    student = {**TOO_BIG, "method": "full", "training": {"microBatchSize": 1, "globalBatchSize": 1},
+               "dataset": {"uri": "pvc://d/t.jsonl", "sequenceLength": 256}}
+    alone = fit.check_finetune(_spec(student), with_alternatives=False)
+    limit = alone.estimate.peak + 200 * 2**20  # room for the student, not for a second model
+    sized = {**student, "resources": {"gpus": 1, "gpuMemory": str(limit)}}
+    assert fit.check_finetune(_spec(sized)).fits
+    distilled = {**sized, "method": "distill",
+                 "distillation": {"teacher": {"uri": SMOLLM}, "temperature": 2.0, "alpha": 0.5}}
+    report = fit.check_finetune(_spec(distilled))
+    assert report.checked and not report.fits
+    assert "teacher weights" in report.estimate.terms and "teacher logits" in report.estimate.terms
+    assert report.estimate.peak - alone.estimate.peak >= 4 * 134_000_000  # the teacher's fp32 weights at least
+    by_ref = {**distilled, "distillation": {"teacher": {"fineTuneJobRef": {"name": "big"}}}}
+    unknown = fit.check_finetune(_spec(by_ref))
+    assert not unknown.checked and "distillation teacher" in unknown.warning

@@ -329,6 +329,25 @@ def frozen_model_terms(arch: Architecture, plan: TrainPlan, stage: int, name: st
     return {f"{name} weights": 4 * params // shard, f"{name} logits": tokens * 4 * arch.vocab_size}
 
 
+def teacher_terms(teacher: Architecture, plan: TrainPlan, stage: int) -> dict[str, int]:
+    """A distillation teacher (``method: distill``) where the trainer puts it
+    (``kubeforge_runtime/train/distill.py``): split over tensor-parallel ranks like the
+    student, sharded over the data-parallel ranks only by ``fsdp`` (DDP and every ZeRO stage
+    keep a whole copy per rank), and whole on the last pipeline stage (the loss computes the
+    teacher's logits there), with its fp32 logits for one micro-batch. Nothing on other stages."""
+    if stage != plan.pipeline - 1:
+        return {}
+    params, _, _ = stage_params(teacher, plan.replace(method="full", pipeline=1), 0)
+    shard = plan.dp if plan.dp > 1 and plan.strategy == "fsdp" else 1
+    tokens = plan.micro_batch * plan.sequence_length
+    return {"teacher weights": 4 * params // shard, "teacher logits": tokens * 4 * teacher.vocab_size}
+
+
+def teacher_term(teacher: Architecture) -> ExtraTerm:
+    """:func:`teacher_terms` as an :data:`ExtraTerm` of :func:`estimate_training`."""
+    return lambda _student, plan, stage: teacher_terms(teacher, plan, stage)
+
+
 def cpu_terms(arch: Architecture) -> dict[str, int]:
     """What a CPU process holds besides the training state: the model as it was loaded. The
     safetensors file stays mapped (its pages count in the resident set) and the allocator

@@ -160,14 +160,15 @@ def preflight(config_path: str, command: list[str]) -> None:
                              model=ModelShape.from_hf_config(teacher_cfg))
             except ConfigError as exc:
                 raise ConfigError(f"distillation.teacher: {exc}") from None
-    check_fit(cfg, hf_cfg.to_dict(), command)
+    check_fit(cfg, hf_cfg.to_dict(), command, teacher_cfg.to_dict() if teacher_cfg is not None else None)
     check_data(cfg, model_dir)
 
 
-def check_fit(cfg: TrainConfig, hf_config: dict, command: list[str]) -> None:
+def check_fit(cfg: TrainConfig, hf_config: dict, command: list[str], teacher_config: dict | None = None) -> None:
     """The fit check the webhook makes for models it knows, here for every model: with
     ``$KUBEFORGE_GPU_MEMORY``, a layout whose estimated peak per GPU exceeds it is a
-    ConfigError naming the estimate, the limit and the nearest layout that fits."""
+    ConfigError naming the estimate, the limit and the nearest layout that fits (a
+    distillation teacher's ``teacher_config`` counted where the trainer holds it)."""
     from . import fit
     from .train.config import ConfigError
 
@@ -183,10 +184,11 @@ def check_fit(cfg: TrainConfig, hf_config: dict, command: list[str]) -> None:
     arch = fit.Architecture.from_hf_config(hf_config)
     # The fewest nodes shard least: the most memory per GPU (as the webhook judges nodes.min).
     plan = fit.TrainPlan.from_spec(cfg.model_dump(), world=int(nnodes) * int(nproc))
-    est = fit.estimate_training(arch, plan)
+    extra = [fit.teacher_term(fit.Architecture.from_hf_config(teacher_config))] if teacher_config else []
+    est = fit.estimate_training(arch, plan, extra=extra)
     if est.peak > limit:
         raise ConfigError("spec.resources: " + fit.misfit_message("this layout", est, limit, source,
-                                                                 fit.nearest_fit(arch, plan, limit)))
+                                                                 fit.nearest_fit(arch, plan, limit, extra=extra)))
     log.info("fit check: estimated peak %s per GPU within %s (%s)", fit.gib(est.peak), fit.gib(limit), source)
 
 

@@ -175,3 +175,20 @@ def test_serving_kv_cache_as_the_engine_preallocates_it():
     blocks = -(-4 * 1000 // 16)
     assert est.terms["kv cache"] == blocks * 16 * 2 * SMALL.num_layers * SMALL.kv_width * 2
     assert est.terms["weights"] == 2 * SMALL.total_params
+
+
+def test_teacher_terms_follow_where_the_trainer_holds_the_teacher():
+    """Whole per rank under DDP/ZeRO, sharded by fsdp, split by TP, only on the last PP stage."""
+    teacher = fit.Architecture(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, intermediate_size=1376,
+                               vocab_size=1024)
+    base = fit.TrainPlan(method="full", strategy="ddp", world=2, global_batch=2, micro_batch=1, sequence_length=64)
+    whole = fit.teacher_terms(teacher, base, 0)["teacher weights"]
+    assert whole == 4 * teacher.total_params
+    assert fit.teacher_terms(teacher, base.replace(strategy="deepspeed-zero3"), 0)["teacher weights"] == whole
+    assert fit.teacher_terms(teacher, base.replace(strategy="fsdp"), 0)["teacher weights"] == whole // 2
+    tp = fit.teacher_terms(teacher, base.replace(strategy="fsdp", tensor=2, global_batch=1), 0)["teacher weights"]
+    assert tp < whole  # decoder linears split over the two tensor-parallel ranks
+    pp = base.replace(pipeline=2, global_batch=2)
+    assert fit.teacher_terms(teacher, pp, 0) == {} and fit.teacher_terms(teacher, pp, 1)["teacher weights"] == whole
+    est = fit.estimate_training(SMALL, base, extra=[fit.teacher_term(teacher)])
+    assert est.terms["teacher weights"] == whole
