@@ -59,13 +59,22 @@ API_KEY_ENV = "VLLM_API_KEY"
 VLLM_QUANTIZE_METHODS = ("fp16", "bf16", "int8-weight-only")
 
 
-def vllm_quantize_problem(method: str | None) -> str | None:
-    """Why vLLM cannot serve a QuantizeJob output made with ``method``, or None."""
-    if method is None or method in VLLM_QUANTIZE_METHODS:
+def vllm_quantize_problem(job_spec: dict[str, Any] | None) -> str | None:
+    """Why vLLM cannot serve the output of a QuantizeJob with this spec (camelCase, as stored),
+    or None. int8 and int4 also quantize the embedding and lm_head by default
+    (``quantizeEmbeddings``) through operators only KubeForge's runtime registers
+    (kubeforge_runtime/quantize/embeddings.py), so vLLM needs ``quantizeEmbeddings: false``."""
+    method = (job_spec or {}).get("method")
+    if method is None:
         return None
-    return (f"engine.backend: vllm cannot load a {method} QuantizeJob output; quantize with "
-            f"{', '.join(VLLM_QUANTIZE_METHODS)} (int8-weight-only loads through vLLM's torchao support), "
-            f"or use engine.backend: kubeforge")
+    if method not in VLLM_QUANTIZE_METHODS:
+        return (f"engine.backend: vllm cannot load a {method} QuantizeJob output; quantize with "
+                f"{', '.join(VLLM_QUANTIZE_METHODS)} (int8-weight-only with quantizeEmbeddings: false loads "
+                f"through vLLM's torchao support), or use engine.backend: kubeforge")
+    if method.startswith("int") and (job_spec or {}).get("quantizeEmbeddings", True):
+        return (f"engine.backend: vllm cannot load a {method} output whose embedding is quantized too: set "
+                f"quantizeEmbeddings: false on the QuantizeJob, or use engine.backend: kubeforge")
+    return None
 
 
 def vllm_image() -> str:

@@ -58,7 +58,7 @@ def vllm_input_check(spec: InferenceServiceSpec, resolution: Resolution,
     if spec.engine.backend != "vllm" or ref is None:
         return resolution
     job = get("QuantizeJob", ref.name)
-    problem = vllm.vllm_quantize_problem(((job or {}).get("spec") or {}).get("method"))
+    problem = vllm.vllm_quantize_problem((job or {}).get("spec"))
     if problem is None:
         return resolution
     return Resolution("failed", reason="InputFailed", message=f"spec.model.quantizeJobRef: {problem}")

@@ -310,6 +310,6 @@ def _check_backend_input(namespace: str, spec: dict[str, Any]) -> None:
     if ((spec.get("engine") or {}).get("backend")) != "vllm" or not ref.get("name"):
         return
     job = cache.get("QuantizeJob", namespace, ref["name"])
-    problem = vllm.vllm_quantize_problem(((job or {}).get("spec") or {}).get("method"))
+    problem = vllm.vllm_quantize_problem((job or {}).get("spec"))
     if problem:
         raise kopf.AdmissionError(f"spec.model.quantizeJobRef: {problem}", code=422)

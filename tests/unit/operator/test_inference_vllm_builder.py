@@ -150,16 +150,26 @@ def test_the_crd_carries_one_cel_rule_per_kubeforge_only_setting():
 @pytest.mark.parametrize(("method", "ok"), [("fp16", True), ("bf16", True), ("int8-weight-only", True),
                                             ("int8-dynamic", False), ("int4-weight-only", False)])
 def test_quantize_methods_vllm_loads(method: str, ok: bool):
-    problem = vllm.vllm_quantize_problem(method)
+    job_spec = {"method": method, "quantizeEmbeddings": False}
+    problem = vllm.vllm_quantize_problem(job_spec)
     assert (problem is None) == ok
     if not ok:
         assert method in problem and "int8-weight-only" in problem and "engine.backend: kubeforge" in problem
     # The operator turns the problem into a failed input (the webhook refuses it earlier).
     s = spec(model={"quantizeJobRef": {"name": "q"}})
-    res = vllm_input_check(s, resolve_uri("pvc://m/q"), lambda kind, name: {"spec": {"method": method}})
+    res = vllm_input_check(s, resolve_uri("pvc://m/q"), lambda kind, name: {"spec": job_spec})
     assert (res.state == "ready") == ok
     if not ok:
         assert res.message.startswith("spec.model.quantizeJobRef: engine.backend: vllm cannot load")
+
+
+def test_quantized_embeddings_are_refused_for_vllm_with_the_field_to_change():
+    """int8/int4 quantize the embedding too by default, with operators only KubeForge's runtime
+    registers: vLLM needs quantizeEmbeddings: false (the default, unset, counts as true)."""
+    for job_spec in ({"method": "int8-weight-only"}, {"method": "int8-weight-only", "quantizeEmbeddings": True}):
+        problem = vllm.vllm_quantize_problem(job_spec)
+        assert problem and "quantizeEmbeddings: false" in problem
+    assert vllm.vllm_quantize_problem({"method": "bf16"}) is None  # nothing quantized to int
 
 
 def test_the_kubeforge_backend_serves_any_quantize_output():

@@ -126,6 +126,8 @@ DISTILL_LAYOUTS: dict[str, tuple[int, dict[str, Any], dict[str, int]]] = {
     "pp2-1f1b": (2, {"parallelism": {"pipeline": 2, "pipelineSchedule": "1F1B"}}, {"pipeline": 2}),
     "dp2-ddp": (2, {"parallelism": {"strategy": "ddp"}}, {"data": 2}),
     "dp2-zero2": (2, {"parallelism": {"strategy": "deepspeed-zero2"}}, {"data": 2}),
+    "dp2-zero3": (2, {"parallelism": {"strategy": "deepspeed-zero3"}}, {"data": 2}),
+    "pp2-gpipe": (2, {"parallelism": {"pipeline": 2, "pipelineSchedule": "GPipe"}}, {"pipeline": 2}),
 }
 
 
