@@ -37,8 +37,9 @@ Where the teacher lives (:func:`place_teacher`):
   the whole data set), so the last stage needs no extra communication. The limit: the last
   stage holds the whole teacher (divided by dp x tp with fsdp), plus its own layers.
 
-Verified (tests/unit/runtime/train/test_train_distill.py): DP=2 with FSDP2, DDP and ZeRO-2,
-TP=2 and PP=2 (1F1B) equal one process. Not run: ZeRO-3 and GPipe with distillation.
+Verified (tests/unit/runtime/train/test_train_distill.py): DP=2 with FSDP2, DDP, ZeRO-2 and
+ZeRO-3 (the student partitioned, the teacher whole), TP=2, and PP=2 with 1F1B and GPipe equal
+one process.
 """
 
 from __future__ import annotations
