@@ -169,6 +169,12 @@ def apply_children(owner: dict[str, Any], children: list[dict[str, Any]], *, fre
     return [kube.server_side_apply(child) for child in children]
 
 
+def namespace_terminating(exc: ApiException) -> bool:
+    """Whether the API server refused a write because the namespace is being deleted (403,
+    ``unable to create new content in namespace ... because it is being terminated``)."""
+    return exc.status == 403 and "because it is being terminated" in (exc.body or "")
+
+
 def check_policy(obj: dict[str, Any]) -> None:
     """Raise :class:`InvalidSpec` naming every field of ``spec.template`` the workload policy
     refuses, or the spec when it is over :data:`kubeforge.api.size.SPEC_BUDGET_BYTES`."""
@@ -219,6 +225,13 @@ class Reconciler(Generic[S]):
                     self.sync(namespace, name, **hints)
                     return
                 except ApiException as exc:
+                    if namespace_terminating(exc):
+                        # The namespace is being deleted: its garbage collection removes the
+                        # children first (the step sees them "vanish"), and nothing may be
+                        # created there any more. The object goes with its namespace.
+                        log.info("%s %s/%s: namespace %s is being deleted; not syncing", self.kind, namespace,
+                                 name, namespace)
+                        return
                     # 409: someone else wrote the object since it was read: read it again and redo.
                     if exc.status != 409 or attempt == CONFLICT_RETRIES - 1:
                         raise

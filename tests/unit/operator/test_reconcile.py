@@ -5,6 +5,8 @@ apply path that never takes over a foreign object of a child's name."""
 
 from __future__ import annotations
 
+import json
+
 import copy
 import threading
 import time
@@ -215,6 +217,36 @@ def test_a_conflicting_write_recomputes_the_status_without_applying_the_children
     assert steps.calls == [{"apply": True, "job_hint": {"j": 1}}, {"job_hint": {"j": 1}}]
     assert api.status_writes == 1
     r.forget("ns-rec", "busy2")
+
+
+def test_a_namespace_being_deleted_ends_the_sync_quietly(api, caplog):
+    """Namespace deletion removes the children first; the step's re-apply is then refused with
+    403 "being terminated" (a fault caused here by a step that raises it, as the API server
+    answers): the sync ends without an error and is not retried. Any other 403 still raises."""
+    from kubernetes.client.exceptions import ApiException
+
+    def refused(message):
+        exc = ApiException(status=403, reason="Forbidden")
+        exc.body = json.dumps({"kind": "Status", "reason": "Forbidden", "message": message})
+        return exc
+
+    api.put("QuantizeJob", qj("gone-ns"))
+
+    def step(obj, spec, **hints):
+        raise refused('networkpolicies "x" is forbidden: unable to create new content in namespace ns-rec '
+                      'because it is being terminated')
+
+    r = Reconciler(QuantizeJob, validate=quantize_status.validate, step=step)
+    with caplog.at_level("INFO"):
+        r.request("ns-rec", "gone-ns")
+    assert "namespace ns-rec is being deleted" in caplog.text and api.status_writes == 0
+
+    def other(obj, spec, **hints):
+        raise refused("jobs.batch is forbidden: User cannot create resource")
+
+    with pytest.raises(ApiException):
+        Reconciler(QuantizeJob, validate=quantize_status.validate, step=other).request("ns-rec", "gone-ns")
+    r.forget("ns-rec", "gone-ns")
 
 
 def test_a_deleted_object_is_forgotten(api):
