@@ -103,6 +103,12 @@ def training_world(spec: Mapping[str, Any]) -> int:
     return ppn * int((spec.get("nodes") or {}).get("min", 1))
 
 
+def _unknown(model: str, then: str = "") -> FitReport:
+    """Not checked: the webhook cannot download a model to read its architecture."""
+    return FitReport(checked=False, warning=f"fit not checked at admission: the architecture of {model} is known "
+                                            f"only once it is downloaded{then}")
+
+
 def check_finetune(spec: Mapping[str, Any], *, with_alternatives: bool = False,
                    arch: fit.Architecture | None = None) -> FitReport:
     """The fit check of a FineTuneJob spec (camelCase); ``arch`` overrides the known table."""
@@ -112,18 +118,15 @@ def check_finetune(spec: Mapping[str, Any], *, with_alternatives: bool = False,
     if limit is None:
         return FitReport(checked=False)
     if arch is None:
-        return FitReport(checked=False, warning=(
-            f"fit not checked at admission: the architecture of {uri or 'the referenced model'} is known only "
-            f"once it is downloaded; the preflight checks it against {limit[1]} before training starts"))
+        return _unknown(uri or "the referenced model",
+                        f"; the preflight checks it against {limit[1]} before training starts")
     teacher = (spec.get("distillation") or {}).get("teacher") or {}
     extra: list[fit.ExtraTerm] = []
     if spec.get("method") == "distill" and teacher:
         teacher_arch = known_architecture(teacher.get("uri"))
         if teacher_arch is None:
-            return FitReport(checked=False, warning=(
-                f"fit not checked at admission: the architecture of the distillation teacher "
-                f"{teacher.get('uri') or 'of the referenced FineTuneJob'} is known only once it is downloaded; "
-                f"the preflight checks student and teacher against {limit[1]} before training starts"))
+            return _unknown(f"the distillation teacher {teacher.get('uri') or 'of the referenced FineTuneJob'}",
+                            f"; the preflight checks student and teacher against {limit[1]} before training starts")
         extra.append(fit.teacher_term(teacher_arch))
     plan = fit.TrainPlan.from_spec(spec, world=training_world(spec))
     est = fit.estimate_training(arch, plan, extra=extra)
@@ -146,9 +149,7 @@ def check_inference(spec: Mapping[str, Any], *, arch: fit.Architecture | None = 
     if limit is None:
         return FitReport(checked=False)
     if arch is None:
-        return FitReport(checked=False, warning=(
-            f"fit not checked at admission: the architecture of {uri or 'the referenced model'} is known only "
-            "once it is downloaded"))
+        return _unknown(uri or "the referenced model")
     serve = fit.ServePlan.from_spec(spec, KNOWN_MAX_POSITIONS.get(_base_uri(uri) or "", 2048))
     est = fit.estimate_serving(arch, serve)
     report = FitReport(checked=True, fits=est.peak <= limit[0], estimate=est, limit=limit[0], source=limit[1],

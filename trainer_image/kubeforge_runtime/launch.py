@@ -55,7 +55,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import contract
 
@@ -99,30 +99,16 @@ def preflight(config_path: str, command: list[str]) -> None:
 
     cfg = load_config(config_path)
     strategy.check_available(cfg.parallelism.strategy)  # e.g. ZeRO in an image without DeepSpeed
-    model_dir = models.resolve_model_dir(cfg.model.uri)
-    if not (model_dir / "config.json").exists():
-        raise ConfigError(f"model.uri {cfg.model.uri!r}: {model_dir} has no config.json (an adapter cannot be fine-tuned; "
-                          "point at the base or merged model)")
-    from transformers import AutoConfig
-
-    try:
-        hf_cfg = AutoConfig.from_pretrained(str(model_dir))
-    except (OSError, ValueError) as exc:
-        raise models.ModelLoadError(f"model.uri {cfg.model.uri!r}: unreadable config.json ({exc})") from exc
+    model_dir, hf_cfg = _model_config("model.uri", cfg.model.uri,
+                                      "an adapter cannot be fine-tuned; point at the base or merged model")
     teacher_cfg = None
     if cfg.distillation is not None:
         # Downloaded here like the model (hf://, s3:// into the cache), then compared with it.
         from .train import distill
 
         teacher_uri = cfg.distillation.teacher.uri
-        teacher_dir = models.resolve_model_dir(teacher_uri)
-        if not (teacher_dir / "config.json").exists():
-            raise ConfigError(f"distillation.teacher.uri {teacher_uri!r}: {teacher_dir} has no config.json (an adapter "
-                              "cannot be a teacher; point at a merged model)")
-        try:
-            teacher_cfg = AutoConfig.from_pretrained(str(teacher_dir))
-        except (OSError, ValueError) as exc:
-            raise models.ModelLoadError(f"distillation.teacher.uri {teacher_uri!r}: unreadable config.json ({exc})") from exc
+        teacher_dir, teacher_cfg = _model_config("distillation.teacher.uri", teacher_uri,
+                                                 "an adapter cannot be a teacher; point at a merged model")
         distill.check_same_tokenizer(cfg.model.uri, model_dir, teacher_uri, teacher_dir)
     for uri in (cfg.dataset.uri, cfg.dataset.validationUri):
         if uri:
@@ -162,6 +148,23 @@ def preflight(config_path: str, command: list[str]) -> None:
                 raise ConfigError(f"distillation.teacher: {exc}") from None
     check_fit(cfg, hf_cfg.to_dict(), command, teacher_cfg.to_dict() if teacher_cfg is not None else None)
     check_data(cfg, model_dir)
+
+
+def _model_config(field: str, uri: str, adapter_hint: str) -> tuple[Path, Any]:
+    """The local directory of the model at ``uri`` (downloaded if remote) and its transformers
+    config; a ConfigError/ModelLoadError naming ``field`` when there is none or it is unreadable."""
+    from transformers import AutoConfig
+
+    from . import models
+    from .train.config import ConfigError
+
+    model_dir = models.resolve_model_dir(uri)
+    if not (model_dir / "config.json").exists():
+        raise ConfigError(f"{field} {uri!r}: {model_dir} has no config.json ({adapter_hint})")
+    try:
+        return model_dir, AutoConfig.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as exc:
+        raise models.ModelLoadError(f"{field} {uri!r}: unreadable config.json ({exc})") from exc
 
 
 def check_fit(cfg: TrainConfig, hf_config: dict, command: list[str], teacher_config: dict | None = None) -> None:
