@@ -24,7 +24,7 @@ import yaml
 from pydantic import ValidationError
 
 from kubeforge.api import FineTuneJobSpec, InferenceServiceSpec, QuantizeJobSpec
-from kubeforge.api.crd import all_crds
+from support.crds import cel_rules
 from kubeforge.api.inference import InferenceService
 from kubeforge.controllers import inference_status as ic
 from kubeforge.manifests import ManifestError, parse_resource
@@ -43,25 +43,6 @@ CLASH = {"model": {"uri": "pvc://m/base"}, "adapters": [{"name": "chat", "uri": 
 
 def doc(kind: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
     return {"apiVersion": "kubeforge.io/v1alpha1", "kind": kind, "metadata": {"name": name}, "spec": spec}
-
-
-def cel_rules(kind: str) -> str:
-    """Every CEL rule and message of ``kind``'s CRD, one per line."""
-    (crd,) = [c for c in all_crds() if c["spec"]["names"]["kind"] == kind]
-    out: list[str] = []
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            for rule in node.get("x-kubernetes-validations", []):
-                out.extend(str(v) for v in rule.values())
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-
-    walk(crd)
-    return "\n".join(out)
 
 
 # --- ddp with tensor parallelism, fp16 with pipeline parallelism -------------------------------

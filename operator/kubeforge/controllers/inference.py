@@ -70,8 +70,14 @@ def _step(obj: dict[str, Any], spec: InferenceServiceSpec, *, apply: bool = Fals
     name, namespace = meta["name"], meta["namespace"]
     deployment = kube.get("Deployment", namespace, name)
     ensure_free(obj, "Deployment", name, deployment)  # never serve or scale a foreign Deployment
-    resolution = resolve_model(spec.model, lambda kind, ref: kube.get(kind, namespace, ref))
-    resolution = vllm_input_check(spec, resolution, lambda kind, ref: kube.get(kind, namespace, ref))
+    read: dict[tuple[str, str], dict[str, Any] | None] = {}  # the referenced job, read once for both checks
+
+    def get(kind: str, ref: str) -> dict[str, Any] | None:
+        if (kind, ref) not in read:
+            read[(kind, ref)] = kube.get(kind, namespace, ref)
+        return read[(kind, ref)]
+
+    resolution = vllm_input_check(spec, resolve_model(spec.model, get), get)
     if apply:
         model = (builder.ModelRef(resolution.uri, resolution.revision or "")
                  if resolution.state == "ready" and resolution.uri else inference_status.served_model(deployment))

@@ -26,29 +26,11 @@ from kubeforge.builders import finetune as fb
 from kubeforge.controllers import finetune as controller
 from kubeforge.controllers import finetune_status, webhooks
 from kubeforge.controllers.references import resolve
-from kubeforge.api.crd import all_crds
+from support.crds import cel_rules
 from kubeforge_runtime import contract
 
 FTJ = {"model": {"uri": "hf://a/b"}, "dataset": {"uri": "pvc://d/t.jsonl"}, "output": {"uri": "pvc://m/o"}}
 DISTILL = {**FTJ, "method": "distill", "distillation": {"teacher": {"fineTuneJobRef": {"name": "big"}}}}
-
-
-def cel_rules(kind: str) -> str:
-    """Every CEL rule and message of ``kind``'s CRD, one per line."""
-    (crd,) = [c for c in all_crds() if c["spec"]["names"]["kind"] == kind]
-    out: list[str] = []
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            out.extend(str(v) for rule in node.get("x-kubernetes-validations", []) for v in rule.values())
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-
-    walk(crd)
-    return "\n".join(out)
 
 
 # --- the rules ---------------------------------------------------------------------------------------
