@@ -189,6 +189,7 @@ def main() -> None:
             if proc.returncode != 0 or line is None:
                 sys.exit(f"{mode} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
             results[mode] = json.loads(line[len("RESULT "):])
+            log.info("%s: %s", mode, json.dumps(results[mode]))
         log.info("-- decode speed")
         results["speed"] = decode_speed(model_dir, adapters[0], args.new_tokens, args.rounds)
     report(results, args)
