@@ -97,7 +97,7 @@ class EngineSpec(KFModel):
     runtime; every other field is rendered unchanged into its config,
     ``kubeforge_runtime.serve.config.EngineConfig``, same types and bounds, a contract test
     compares them) or ``vllm`` (vLLM's OpenAI server: dtype, maxBatchTokens,
-    maxConcurrentRequests and maxModelLength become its flags; the KubeForge-only settings
+    maxConcurrentRequests, maxModelLength and prefixCaching become its flags; the KubeForge-only settings
     must stay at their defaults)."""
 
     backend: Literal["kubeforge", "vllm"] = Field(
@@ -114,6 +114,12 @@ class EngineSpec(KFModel):
     max_concurrent_requests: int = Field(default=16, ge=1, le=4096, description="Requests decoded at once.")
     max_queued_requests: int = Field(default=64, ge=0, le=100000, description="Waiting requests before 429.")
     kv_block_size: int = Field(default=16, ge=4, le=1024, description="Tokens per KV-cache block (at least 4, the server's minimum).")
+    prefix_caching: bool = Field(
+        default=True,
+        description="Reuse the KV cache of a prompt prefix another request already computed (a shared chat system "
+        "prompt) instead of computing it again; hits are counted in vllm:prefix_cache_hits_total. KubeForge server: "
+        "continuous engine only; vLLM: --enable-prefix-caching / --no-enable-prefix-caching.",
+    )
     max_model_length: int | None = Field(default=None, ge=8, description="Longest prompt+completion; default the model's.")
     request_timeout_seconds: float = Field(
         default=120, gt=0, le=86400, description="Per-request deadline in seconds (fractions allowed), queueing included."

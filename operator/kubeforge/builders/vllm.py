@@ -14,7 +14,8 @@ engines. The pod:
   overrides it where the workload policy allows): ``python3 -m
   vllm.entrypoints.openai.api_server`` with ``--served-model-name <name>``, ``--dtype``,
   ``--max-num-seqs`` (``maxConcurrentRequests``), ``--max-num-batched-tokens``
-  (``maxBatchTokens``), ``--max-model-len``, ``--enable-lora --lora-modules name=path`` per
+  (``maxBatchTokens``), ``--enable-prefix-caching`` or ``--no-enable-prefix-caching``
+  (``prefixCaching``), ``--max-model-len``, ``--enable-lora --lora-modules name=path`` per
   adapter and ``--tensor-parallel-size`` = ``resources.gpus`` when more than one. The API
   key reaches vLLM as ``VLLM_API_KEY`` from the Secret (never an argument: arguments are
   visible in the pod spec and the process table);
@@ -101,6 +102,7 @@ def server_args(name: str, spec: InferenceServiceSpec, port: int) -> list[str]:
         "--dtype", engine.dtype,
         "--max-num-seqs", str(engine.max_concurrent_requests),
         "--max-num-batched-tokens", str(engine.max_batch_tokens),
+        "--enable-prefix-caching" if engine.prefix_caching else "--no-enable-prefix-caching",
     ]
     if engine.max_model_length is not None:
         args += ["--max-model-len", str(engine.max_model_length)]

@@ -36,8 +36,8 @@ def test_serve_config_has_exactly_the_contract_shape_and_parses_in_the_runtime()
         "model": {"uri": "pvc://models/ft/final"},
         "adapters": [{"name": "sql", "uri": "pvc://adapters/sql"}],
         "engine": {"backend": "kubeforge", "batching": "continuous", "dtype": "bfloat16", "maxBatchTokens": 2048, "maxConcurrentRequests": 8,
-                   "maxQueuedRequests": 32, "kvBlockSize": 32, "maxModelLength": 1024, "requestTimeoutSeconds": 30,
-                   "maxRequestBodyBytes": 1048576},
+                   "maxQueuedRequests": 32, "kvBlockSize": 32, "prefixCaching": True, "maxModelLength": 1024,
+                   "requestTimeoutSeconds": 30, "maxRequestBodyBytes": 1048576},
         "port": 8000, "grpcPort": 8001,
     }
     parsed = parse_config(json.loads(json.dumps(cfg)))

@@ -47,7 +47,8 @@ def test_golden_vllm_pod():
     assert c["command"] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
     assert c["args"] == [
         "--model", "/workspace/models/base", "--served-model-name", "chat", "--host", "0.0.0.0", "--port", "8000",
-        "--dtype", "bfloat16", "--max-num-seqs", "32", "--max-num-batched-tokens", "8192", "--max-model-len", "2048",
+        "--dtype", "bfloat16", "--max-num-seqs", "32", "--max-num-batched-tokens", "8192", "--enable-prefix-caching",
+        "--max-model-len", "2048",
         "--enable-lora", "--max-loras", "2", "--lora-modules", "sql=/workspace/models/sql",
         "support=/workspace/models/support",
         "--tensor-parallel-size", "4",
@@ -94,6 +95,13 @@ def test_no_adapters_no_lora_flags_and_defaults_rendered():
     args = pod(spec())["containers"][0]["args"]
     assert "--enable-lora" not in args and "--max-model-len" not in args
     assert args[args.index("--dtype") + 1] == "auto" and args[args.index("--max-num-seqs") + 1] == "16"
+
+
+def test_prefix_caching_is_vllms_flag_both_ways():
+    """vLLM's default for prefix caching depends on its platform; the spec's value is always passed."""
+    assert "--enable-prefix-caching" in pod(spec(engine={"backend": "vllm"}))["containers"][0]["args"]
+    args = pod(spec(engine={"backend": "vllm", "prefixCaching": False}))["containers"][0]["args"]
+    assert "--no-enable-prefix-caching" in args and "--enable-prefix-caching" not in args
 
 
 def test_image_from_the_operator_setting_and_the_template_override(monkeypatch):

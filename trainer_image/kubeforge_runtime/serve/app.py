@@ -135,6 +135,8 @@ def create_app(runtime: ServingRuntime, api_key: str | None = None, lifespan: An
                     "models": list(runtime.models),
                     "maxModelLength": runtime.max_model_length,
                     "kvCache": {name: m.engine.kv_cache_info() for name, m in runtime.models.items()},
+                    # Weight bytes each model adds: the base its own, an adapter only its LoRA matrices.
+                    "weightBytes": runtime.weight_bytes,
                 }
             )
         reason = LOAD_FAILED_MESSAGE if runtime.load_error else "loading"

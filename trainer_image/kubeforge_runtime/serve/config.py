@@ -62,6 +62,11 @@ class EngineConfig(_Strict):
         64, ge=0, le=100000, description="Requests allowed to wait; past this the server answers 429."
     )
     kv_block_size: int = Field(16, ge=4, le=1024, description="Tokens per KV-cache block (page) of the paged cache.")
+    prefix_caching: bool = Field(
+        True,
+        description="Reuse the cached KV blocks of a prompt prefix another request already computed (a shared system "
+        "prompt) instead of computing them again; continuous engine only (the dynamic engine has no prefix cache).",
+    )
     max_model_length: int | None = Field(
         None, ge=8, description="Prompt + completion limit in tokens; default and ceiling: the model's own."
     )

@@ -16,6 +16,17 @@ token for token (a test checks this). A per-request ``seed`` cannot be honoured 
 Sizing on CPU matters: left to itself the manager would size the cache from 90 % of free
 *system* memory. We always pass ``num_blocks`` (enough for ``maxConcurrentRequests``
 sequences of ``maxModelLength`` tokens) and ``max_batch_tokens`` explicitly.
+
+Prefix caching (``engine.prefixCaching``, on by default) is the manager's block sharing: every
+completely written block is hashed (chained over the blocks before it), and a new request
+whose prompt starts with the same blocks - a chat's system prompt, a few-shot preamble -
+reuses them instead of computing them again (at least one prompt token is always computed).
+Blocks of finished requests stay cached until the scheduler needs the room and evicts them.
+Two consequences we handle here: the KV-usage figure counts only blocks that running
+requests hold (cached-but-unreferenced blocks are free capacity, not load, or an idle server
+would report a full cache to the autoscaler), and the prefix-cache counters of vLLM
+(``vllm:prefix_cache_queries`` / ``_hits``, in tokens) are kept by wrapping the cache's
+``search_prefix_match`` - the one place the manager looks a prompt up - on our instance.
 """
 
 from __future__ import annotations
@@ -76,9 +87,8 @@ class ContinuousEngine:
             max_batch_tokens=self.max_batch_tokens,
             max_requests_per_batch=config.max_concurrent_requests,
             per_request_processors=True,
-            # Prefix sharing reorders nothing for single requests but keeps blocks alive after a
-            # request ends, which would make kv_cache_usage_perc report cached prefixes as load.
-            allow_block_sharing=False,
+            # Prefix caching; kv_cache_usage() below counts cached-but-unreferenced blocks as free.
+            allow_block_sharing=config.prefix_caching,
             auto_switch_to_flash=True,
         )
         self._manager = model.init_continuous_batching(
@@ -86,12 +96,16 @@ class ContinuousEngine:
         )
         self._sinks: dict[str, EventSink] = {}
         self._lock = threading.Lock()
+        self._prefix_queries = 0  # prompt tokens looked up in the prefix cache
+        self._prefix_hits = 0  # of which found cached
+        self._looked_up: set[str] = set()  # requests counted already (the scheduler may look one up twice)
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
         self._manager.warmup()  # builds the paged cache (and captures CUDA graphs on GPUs)
-        self._manager.start()
         cache = self._manager.batch_processor.cache
+        self._count_prefix_lookups(cache)  # the manager keeps this cache object across start()
+        self._manager.start()
         log.info(
             "continuous engine: paged KV cache of %d blocks x %d tokens (%.1f MiB), max %d batch tokens, "
             "%d requests per batch, attention %s",
@@ -113,6 +127,9 @@ class ContinuousEngine:
             if out is not None and out.is_finished():
                 if out.error:
                     raise RuntimeError(f"warm-up generation failed: {out.error}")
+                with self._lock:  # the warm-up's lookup is not a client's
+                    self._prefix_queries = self._prefix_hits = 0
+                    self._looked_up.discard(rid)
                 return
         raise RuntimeError("warm-up generation did not finish within 120 s")
 
@@ -133,6 +150,7 @@ class ContinuousEngine:
                 target = self._sinks.get(output.request_id)
                 if output.is_finished():
                     self._sinks.pop(output.request_id, None)
+                    self._looked_up.discard(output.request_id)
             if target is None:  # cancelled: drop whatever was already in flight
                 return
             target(
@@ -164,6 +182,7 @@ class ContinuousEngine:
     def cancel(self, request_id: str) -> None:
         with self._lock:
             known = self._sinks.pop(request_id, None) is not None
+            self._looked_up.discard(request_id)
         if not known:
             return
         self._manager.cancel_request(request_id)
@@ -186,12 +205,44 @@ class ContinuousEngine:
         except queue.Empty:
             pass
 
+    # -- prefix cache ---------------------------------------------------------------------
+    def _count_prefix_lookups(self, cache: Any) -> None:
+        """Count the tokens each request looks up in the prefix cache and the tokens found.
+
+        ``search_prefix_match(request_id, prompt_ids) -> matched tokens`` runs on the manager's
+        thread once per pending request and scheduling round; a request that is not scheduled
+        in a round is looked up again in the next, so each request counts once.
+        """
+        search = cache.search_prefix_match
+
+        def counted(request_id: str, prompt_ids: list[int]) -> int:
+            matched = int(search(request_id, prompt_ids))
+            with self._lock:
+                if request_id not in self._looked_up:
+                    self._looked_up.add(request_id)
+                    self._prefix_queries += len(prompt_ids)
+                    self._prefix_hits += matched
+            return matched
+
+        cache.search_prefix_match = counted
+
+    def prefix_cache_stats(self) -> tuple[int, int]:
+        """Prompt tokens looked up in the prefix cache and tokens found there, since start."""
+        with self._lock:
+            return self._prefix_queries, self._prefix_hits
+
     # -- introspection --------------------------------------------------------------------
     def kv_cache_usage(self) -> float:
+        """Share of the cache that running requests hold.
+
+        The manager's own ``compute_free_capacity`` counts blocks kept only for prefix reuse
+        (referenced by no request) as taken; they are given back the moment room is needed,
+        so here they count as free.
+        """
         bp = self._manager.batch_processor
         if bp is None:
             return 0.0
-        return max(0.0, min(1.0, 1.0 - float(bp.cache.compute_free_capacity(relative=True))))
+        return kv_used_fraction(bp.cache)
 
     def kv_cache_info(self) -> dict[str, Any]:
         bp = self._manager.batch_processor
@@ -208,4 +259,20 @@ class ContinuousEngine:
             "bytes": int(data_bytes),
             "bytesPerToken": data_bytes / max(1, capacity_tokens),
             "usage": self.kv_cache_usage(),
+            "prefixCaching": bool(getattr(cache, "use_prefix_sharing", False)),
         }
+
+
+def kv_used_fraction(cache: Any) -> float:
+    """Bytes of the paged cache held by requests over its capacity, 0..1.
+
+    Free: whole free sectors, free blocks inside sectors already handed to an allocator, and
+    blocks in an allocator's ledger kept only for prefix reuse (``cached_blocks``: no request
+    references them; the scheduler evicts them before it would refuse work).
+    """
+    total = cache.num_sectors * cache.bytes_per_sector
+    free = len(cache.pool.free_sectors) * cache.bytes_per_sector
+    for allocator in cache.cache_allocators.values():
+        reusable = allocator.pool.count_free_blocks(allocator.index) + len(allocator.ledger.cached_blocks)
+        free += reusable * allocator.bytes_per_block
+    return max(0.0, min(1.0, 1.0 - free / max(1, total)))

@@ -122,6 +122,9 @@ class DynamicBatchingEngine:
     def kv_cache_usage(self) -> float:
         return min(1.0, self._cache_tokens / max(1, self.capacity_tokens))
 
+    def prefix_cache_stats(self) -> tuple[int, int]:
+        return 0, 0  # no prefix cache: every prompt is prefilled in full
+
     def kv_cache_info(self) -> dict[str, Any]:
         return {
             "kind": "contiguous",

@@ -78,6 +78,10 @@ class Engine(Protocol):
     def kv_cache_info(self) -> dict[str, Any]:
         """Facts about the cache for /v1/models and benchmarks (block size, blocks, bytes per token)."""
 
+    def prefix_cache_stats(self) -> tuple[int, int]:
+        """Prompt tokens looked up in the prefix cache and tokens found there, since start
+        (vllm:prefix_cache_queries / vllm:prefix_cache_hits); (0, 0) for an engine without one."""
+
     def healthy(self) -> bool:
         """Whether the generation loop is alive (a dead loop fails the liveness probe)."""
 

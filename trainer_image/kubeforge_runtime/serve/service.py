@@ -1,7 +1,8 @@
 """The serving core shared by the HTTP and gRPC front ends: models, admission, generation.
 
 ``ServingRuntime`` loads the base model and each LoRA adapter (one engine per served model
-name), then answers ``generate()`` calls. It owns everything both front ends must agree on:
+name; every adapter runs on the base model's own weight tensors, see :mod:`.adapters`), then
+answers ``generate()`` calls. It owns everything both front ends must agree on:
 
 * **Tokenizing.** ``tokenize`` and ``tokenize_chat`` run the tokenizer and the chat template
   on one worker thread, never on the event loop, so probes and streams keep answering while
@@ -42,6 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from .adapters import attach_adapter, weight_bytes
 from .config import ServeConfig
 from .engine import Engine, EngineEvent, EngineRequest, create_engine, select_backend
 from .limits import longest_token_chars, prompt_char_limit
@@ -225,6 +227,7 @@ class ServingRuntime:
         self.tokenizer: Any = None
         self.max_model_length = 0
         self.vocab_size = 0
+        self.weight_bytes: dict[str, int] = {}  # per served model: weight bytes it adds (adapters: beyond the base)
         self.backend = "unloaded"
         self.backend_reason = ""
         self.ready = threading.Event()
@@ -233,7 +236,7 @@ class ServingRuntime:
         self.admission = Admission(
             engine.max_concurrent_requests, engine.max_queued_requests, BACKFILL_SHARE * engine.request_timeout_seconds
         )
-        self.metrics = ServeMetrics(self._kv_usage)
+        self.metrics = ServeMetrics(self._kv_usage, self._prefix_stats)
         self.started_at = time.time()
         self.chars_per_token = 1  # the longest vocabulary entry, in characters (set by load)
         self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="kubeforge-tokenizer")
@@ -263,17 +266,19 @@ class ServingRuntime:
         engines: list[tuple[str, Any, str | None, str | None]] = [
             (cfg.model_name, base, None, _lineage_digest(model_io.resolve_model_dir(cfg.model.uri)))]
         for adapter in cfg.adapters:
-            # A fresh copy of the base per adapter: the adapter is merged into its weights so
-            # it runs at base speed in any engine (transformers' batching has no multi-LoRA).
+            # One copy of the base weights for every adapter: each adapter's module tree shares
+            # the base's tensors and carries its LoRA layers unmerged (see adapters.py). Built
+            # before any engine starts, so no engine state on the base is copied.
             path = model_io.resolve_model_dir(adapter.uri)
             if not (path / "adapter_config.json").exists():
                 raise model_io.ModelLoadError(
                     f"adapter {adapter.name!r}: {adapter.uri} holds no adapter_config.json; adapters[].uri must be "
                     "a LoRA adapter directory (serve a merged model as its own InferenceService)"
                 )
-            copy = model_io.load_causal_lm(cfg.model.uri, dtype=dtype, device=device)
-            engines.append((adapter.name, self._apply_adapter(copy, path, adapter.name), cfg.model_name,
+            engines.append((adapter.name, attach_adapter(base, path, adapter.name), cfg.model_name,
                             _lineage_digest(path)))
+        self.weight_bytes = weight_bytes({name: model for name, model, _, _ in engines}, cfg.model_name)
+        log.info("weights: %s", ", ".join(f"{n} {b / 2**20:.1f} MiB" for n, b in self.weight_bytes.items()))
         for name, model, parent, digest in engines:
             engine = create_engine(self.backend, model.eval(), self.tokenizer, cfg.engine, self.max_model_length)
             engine.start()
@@ -281,19 +286,6 @@ class ServingRuntime:
             self.models[name] = ServedModel(name, engine, parent, digest)
         log.info("ready: %s in %.1f s", ", ".join(self.models), time.monotonic() - t0)
         self.ready.set()
-
-    @staticmethod
-    def _apply_adapter(model: Any, path: Any, name: str) -> Any:
-        from peft import PeftModel
-
-        peft_model = PeftModel.from_pretrained(model, str(path), adapter_name=name)
-        try:
-            return peft_model.merge_and_unload()
-        except Exception as exc:  # e.g. quantized base weights cannot absorb the delta
-            log.warning("adapter %s cannot be merged (%s); serving it unmerged", name, exc)
-            # peft injected the LoRA layers into the base model's modules, so its forward
-            # already applies the adapter; the engines drive that module directly.
-            return peft_model.get_base_model()
 
     def _max_length(self, model: Any) -> int:
         """``engine.maxModelLength`` (at most the model's own); when unset, the model's own
@@ -337,6 +329,9 @@ class ServingRuntime:
         if not self.models:
             return 0.0
         return sum(m.engine.kv_cache_usage() for m in self.models.values()) / len(self.models)
+
+    def _prefix_stats(self) -> dict[str, tuple[int, int]]:
+        return {name: m.engine.prefix_cache_stats() for name, m in list(self.models.items())}
 
     # -- requests --------------------------------------------------------------------------
     def model(self, name: str) -> ServedModel:
