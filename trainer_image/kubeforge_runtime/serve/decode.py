@@ -57,7 +57,7 @@ class DecodePlan:
     """Why the plan differs from what the setting asks, if it does."""
 
     def describe(self) -> str:
-        """One line for reports and logs, e.g. ``cpu, compiled (engine.compile: on)``."""
+        """One line for reports and logs, e.g. ``cpu, torch.compile (engine.compile: on)``."""
         parts = []
         if self.compile:
             parts.append("torch.compile")
@@ -91,7 +91,8 @@ class DecodePlan:
         config = self.compile_config()
         if config is not None:
             kwargs["varlen_compile_config"] = config
-            kwargs["decode_compile_config"] = config  # used only where the fast decode path exists (flash on CUDA)
+            if self.device == "cuda":  # the fast decode path exists only with flash attention on CUDA
+                kwargs["decode_compile_config"] = config
         if self.compile or self.cuda_graphs:
             # Compiled and graphed steps are padded to these multiples (tokens); transformers'
             # defaults (64 query tokens, 16384 KV tokens) are sized for GPUs and would make a CPU

@@ -82,6 +82,11 @@ def test_auto_plan_per_device() -> None:
     assert decode_plan("off", "cuda").cuda_graphs is False and decode_plan("off", "cuda").compile is False
     assert decode_plan("on", "cpu").compile is True and decode_plan("on", "cpu").cuda_graphs is False
     assert decode_plan("auto", "cpu").describe().startswith("cpu, ")
+    cpu = decode_plan("on", "cpu").continuous_batching_kwargs()
+    assert cpu["use_cuda_graph"] is False and cpu["varlen_compile_config"].dynamic is True
+    assert "decode_compile_config" not in cpu and cpu["q_padding_interval_size"] == 1  # a CPU decode step stays 1 token
+    assert decode_plan("off", "cpu").continuous_batching_kwargs() == {"use_cuda_graph": False}
+    assert decode_plan("auto", "cuda").continuous_batching_kwargs()["use_cuda_graph"] is True
     eager = decode_plan("on", "cpu").without_compile("the dynamic engine runs eager")
     assert not eager.compile and eager.describe() == "cpu, eager (engine.compile: on; the dynamic engine runs eager)"
     with pytest.raises(ValueError, match="engine.compile"):
