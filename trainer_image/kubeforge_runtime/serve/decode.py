@@ -21,9 +21,10 @@ graphs of transformers' continuous batching (nothing else changed) took a 0.5 B 
 H200 from 41 to 128 tokens/s at one client and from 954 to 3,739 at 64 (issue 14; not
 re-measured here: no GPU in this session), so they are on. On CPU, compiling the batch step
 (transformers compiles the varlen path; its paged attention stays a graph break, and the
-fast decode path needs flash attention on CUDA) was not faster than eager for the fp32 model
-on the loaded 2-core development machine (README "Measured", serving: compiled decode), so
-``auto`` stays eager there and ``on`` compiles anyway.
+fast decode path needs flash attention on CUDA) measured between no gain and 1.57x at batch 1
+for fp32, 1.06x at batch 8, and slower for int8 weight-only, on the heavily loaded 2-core
+development machine (README "Measured", serving: compiled decode), while the compiled
+warm-up took 4-18 minutes there; so ``auto`` stays eager on CPU and ``on`` compiles anyway.
 """
 
 from __future__ import annotations
