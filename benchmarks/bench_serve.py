@@ -34,6 +34,10 @@ Run::
     python benchmarks/bench_serve.py                       # all four engines, 1/8/32 clients
     python benchmarks/bench_serve.py --quick               # fewer requests and tokens (CI)
     python benchmarks/bench_serve.py --engines kubeforge,vllm --levels 32   # engines run in the order given
+    python benchmarks/bench_serve.py --engines kubeforge,kubeforge-compiled --compile off  # eager vs compiled
+
+``kubeforge`` is the server with ``engine.compile`` from ``--compile`` (default ``auto``, what an
+InferenceService gets); ``kubeforge-compiled`` is the same server with ``engine.compile: on``.
 
 Timings on a shared 2-core machine vary by tens of percent between runs; the ratios within
 one run are the figures to read.
@@ -64,7 +68,7 @@ sys.path.insert(0, str(REPO / "operator"))
 from kubeforge_runtime import embedded, tiny  # noqa: E402
 
 log = logging.getLogger("bench_serve")
-ENGINES = ("generate-1", "generate-static", "vllm", "kubeforge")
+ENGINES = ("generate-1", "generate-static", "vllm", "kubeforge", "kubeforge-compiled")
 WORKLOADS = ("fixed", "mixed")
 
 
@@ -146,26 +150,28 @@ def _wait_http(proc: subprocess.Popen[bytes], url: str, log_path: Path, timeout:
     raise TimeoutError(f"not ready in {timeout:.0f} s; see {log_path}")
 
 
-def start_kubeforge(model_dir: Path, workdir: Path, args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str, str]:
+def start_kubeforge(model_dir: Path, workdir: Path, args: argparse.Namespace,
+                    compile: str | None = None) -> tuple[subprocess.Popen[bytes], str, str]:
     config = {
         "kind": "InferenceService", "name": "bench", "namespace": "default", "servedModelName": "bench",
         "model": {"uri": f"file://{model_dir}"}, "adapters": [],
         "engine": {"batching": args.batching, "dtype": "auto", "maxBatchTokens": args.max_batch_tokens,
                    "maxConcurrentRequests": 32, "maxQueuedRequests": 256, "kvBlockSize": args.kv_block_size,
-                   "maxModelLength": args.max_model_length, "requestTimeoutSeconds": 600},
+                   "maxModelLength": args.max_model_length, "requestTimeoutSeconds": 600,
+                   "compile": compile or args.compile},
         "port": _free_port(), "grpcPort": None,
     }
-    path = workdir / "config.json"
+    path = workdir / f"config-{config['engine']['compile']}.json"
     path.write_text(json.dumps(config))
-    log_path = workdir / "kubeforge-server.log"
+    log_path = workdir / f"kubeforge-server-{config['engine']['compile']}.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "kubeforge_runtime.serve", "--config", str(path), "--host", "127.0.0.1",
          "--log-level", "WARNING"],
         stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONPATH": str(REPO / "trainer_image") + os.pathsep + os.environ.get("PYTHONPATH", "")})
     base = f"http://127.0.0.1:{config['port']}"
-    ready = _wait_http(proc, base + "/ready", log_path, 600).json()
-    return proc, base, f"{ready['engine']} ({ready.get('engineReason', '')})"
+    ready = _wait_http(proc, base + "/ready", log_path, 1800).json()  # a compiled warm-up takes minutes on 2 cores
+    return proc, base, f"{ready['engine']} ({ready.get('engineReason', '')}), engine.compile {config['engine']['compile']}"
 
 
 def start_vllm(model_dir: Path, workdir: Path, args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str, str]:
@@ -442,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="requests per level (default: max(4, concurrency); quick: the concurrency)")
     parser.add_argument("--max-batch-tokens", type=int, default=2048)
     parser.add_argument("--kv-block-size", type=int, default=16)
+    parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                        help="the 'kubeforge' server's engine.compile ('kubeforge-compiled' is always on)")
     parser.add_argument("--max-model-length", type=int, default=512)
     parser.add_argument("--vllm-kv-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE for vLLM on CPU")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
@@ -516,7 +524,8 @@ def main(argv: list[str] | None = None) -> int:
                 run_in_process(name, generate_static_level)
                 about[name] = "generate() on left-padded batches of the concurrency level, in process"
             else:
-                run_server(name, start_vllm if name == "vllm" else start_kubeforge)
+                run_server(name, start_vllm if name == "vllm" else (
+                    (lambda *a: start_kubeforge(*a, compile="on")) if name == "kubeforge-compiled" else start_kubeforge))
         del model
 
         kv = None

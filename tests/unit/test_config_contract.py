@@ -168,7 +168,7 @@ INFERENCE = Kind(
         "engine": {"backend": "kubeforge", "batching": "continuous", "dtype": "bfloat16", "maxBatchTokens": 2048, "maxConcurrentRequests": 8,
                    "maxQueuedRequests": 32, "kvBlockSize": 32, "prefixCaching": False, "maxModelLength": 1024,
                    "requestTimeoutSeconds": 2.5,
-                   "maxRequestBodyBytes": 4096},
+                   "maxRequestBodyBytes": 4096, "compile": "off"},
     },
     minimal={"model": {"uri": "s3://models/base"}},
 )

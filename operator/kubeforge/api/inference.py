@@ -62,6 +62,7 @@ VLLM_ONLY_DEFAULTS: dict[str, Any] = {
     "kvBlockSize": 16,
     "requestTimeoutSeconds": 120.0,
     "maxRequestBodyBytes": 8 * 2**20,
+    "compile": "auto",
 }
 """Engine settings only the KubeForge server has, with their defaults: with ``backend: vllm``
 each must stay at its default (vLLM's OpenAI server has no such setting; a value would be
@@ -73,6 +74,7 @@ VLLM_ONLY_REASONS = {
     "kvBlockSize": "vLLM chooses its own KV-cache block size per device",
     "requestTimeoutSeconds": "vLLM's server has no per-request deadline",
     "maxRequestBodyBytes": "vLLM's server has no request-body limit",
+    "compile": "vLLM compiles and captures CUDA graphs by its own rules",
 }
 
 
@@ -127,6 +129,11 @@ class EngineSpec(KFModel):
     max_request_body_bytes: int = Field(
         default=8 * 2**20, ge=1024, le=2**30,
         description="Largest request body in bytes (HTTP 413 past it; also the gRPC message limit).",
+    )
+    compile: Literal["auto", "on", "off"] = Field(
+        default="auto", description="KubeForge server only. on: torch.compile the forward pass (and CUDA graphs on "
+        "GPUs), compiled during warm-up before the pod is ready; off: eager; auto: on where it measured faster "
+        "(CUDA: CUDA graphs; CPU: eager, see the README). QuantizeJobs time latency through the same setting.",
     )
 
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [

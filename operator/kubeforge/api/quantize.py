@@ -160,7 +160,10 @@ class QuantizeResult(KFModel):
     perplexity_increase_percent: float | None = Field(default=None, description="Relative perplexity change in percent.")
     task: TaskMetricResult | None = Field(default=None, description="The task metric of the input and the output.")
     task_drop_points: float | None = Field(default=None, description="(before - after) x 100: percentage points lost.")
-    latency_path: str | None = Field(default=None, description="How latency was measured (device, batch, eager or compiled).")
+    latency_path: str | None = Field(default=None, description="How latency was measured: the serving engine, device, "
+                                     "eager or compiled (the InferenceService default engine.compile), batch.")
+    latency_note: str | None = Field(default=None, description="Why the method is not fast on this device and path, "
+                                     "or that it measured slower than the original; absent when there is nothing to say.")
     gate_passed: bool | None = Field(default=None, description="Whether the quality gate passed.")
     lineage_digest: str | None = Field(
         default=None, description="sha256 of the output's lineage record (kubeforge.json; `kubeforge audit` shows it).")

@@ -125,7 +125,7 @@ def success_message(result: dict[str, Any] | None, spec: QuantizeJobSpec) -> str
     return (f"{spec.method}: {_fmt(result.get('compressionRatio'), 3)}x smaller, "
             f"{_fmt(lat.get('before'))} -> {_fmt(lat.get('after'))} ms/token, perplexity "
             f"{'+' if isinstance(ppl, (int, float)) and ppl >= 0 else ''}{_fmt(ppl)}%{task_text}; "
-            f"written to {spec.output.uri}")
+            f"written to {spec.output.uri}" + (f"; {result['latencyNote']}" if result.get("latencyNote") else ""))
 
 
 def _pct(value: Any) -> str:

@@ -29,7 +29,7 @@ def test_serve_config_has_exactly_the_contract_shape_and_parses_in_the_runtime()
     s = spec(adapters=[{"name": "sql", "uri": "pvc://adapters/sql"}],
              engine={"backend": "kubeforge", "batching": "continuous", "dtype": "bfloat16", "maxBatchTokens": 2048, "maxConcurrentRequests": 8,
                      "maxQueuedRequests": 32, "kvBlockSize": 32, "maxModelLength": 1024, "requestTimeoutSeconds": 30,
-                     "maxRequestBodyBytes": 1048576})
+                     "maxRequestBodyBytes": 1048576, "compile": "on"})
     cfg = ib.serve_config("chat", "ns", s, ib.ModelRef("pvc://models/ft/final", "r"))
     assert cfg == {
         "kind": "InferenceService", "name": "chat", "namespace": "ns", "servedModelName": "chat",
@@ -37,7 +37,7 @@ def test_serve_config_has_exactly_the_contract_shape_and_parses_in_the_runtime()
         "adapters": [{"name": "sql", "uri": "pvc://adapters/sql"}],
         "engine": {"backend": "kubeforge", "batching": "continuous", "dtype": "bfloat16", "maxBatchTokens": 2048, "maxConcurrentRequests": 8,
                    "maxQueuedRequests": 32, "kvBlockSize": 32, "prefixCaching": True, "maxModelLength": 1024,
-                   "requestTimeoutSeconds": 30, "maxRequestBodyBytes": 1048576},
+                   "requestTimeoutSeconds": 30, "maxRequestBodyBytes": 1048576, "compile": "on"},
         "port": 8000, "grpcPort": 8001,
     }
     parsed = parse_config(json.loads(json.dumps(cfg)))

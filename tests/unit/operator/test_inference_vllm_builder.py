@@ -136,6 +136,7 @@ def test_a_new_model_revision_changes_the_pod_template():
     ({"kvBlockSize": 32}, "engine.kvBlockSize"),
     ({"requestTimeoutSeconds": 30}, "engine.requestTimeoutSeconds"),
     ({"maxRequestBodyBytes": 4096}, "engine.maxRequestBodyBytes"),
+    ({"compile": "on"}, "engine.compile"),
 ])
 def test_kubeforge_only_settings_are_refused_with_vllm_naming_the_field(engine: dict, field: str):
     with pytest.raises(ValidationError, match=f"{field}: .*use engine.backend: kubeforge"):
@@ -151,7 +152,7 @@ def test_the_crd_carries_one_cel_rule_per_kubeforge_only_setting():
     engine = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["engine"]
     rules = engine["x-kubernetes-validations"]
     assert {r["fieldPath"] for r in rules} == {".batching", ".maxQueuedRequests", ".kvBlockSize",
-                                              ".requestTimeoutSeconds", ".maxRequestBodyBytes"}
+                                              ".requestTimeoutSeconds", ".maxRequestBodyBytes", ".compile"}
     assert engine["properties"]["backend"]["enum"] == ["kubeforge", "vllm"]
 
 

@@ -161,6 +161,16 @@ def test_success_puts_the_report_into_result_and_output():
     assert cond(st, "Running")["status"] == "False"
 
 
+def test_a_latency_note_reaches_the_result_and_the_succeeded_message():
+    note = "int8-dynamic run eagerly on CPU ... expect it slower than the original"
+    report = {**REPORT, "latencyPath": "continuous engine, cpu, eager (engine.compile: auto), batch 1",
+              "latencyNote": note}
+    j = job([("SuccessCriteriaMet", "", ""), ("Complete", "", "")])
+    st = decide(qj(status={"phase": "Running"}), None, j, [pod(0, json.dumps(report))], AT).status
+    assert st["result"]["latencyNote"] == note and st["result"]["latencyPath"].startswith("continuous engine, cpu")
+    assert cond(st, "Succeeded")["message"].endswith(f"; {note}")
+
+
 def test_success_without_a_report_still_succeeds():
     d = decide(qj(), None, job([("Complete", "", "")]), [pod(0, "some log line\n")], AT)
     assert d.status["phase"] == "Succeeded" and "result" not in d.status

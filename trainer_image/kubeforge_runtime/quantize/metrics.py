@@ -13,11 +13,15 @@ Called by the runner (before and after quantization, on the same data) and by
   the model's own loss, so the test can check it against ``model(labels=...)``.
 * **latency** - greedy decoding of a fixed number of new tokens from the same prompts;
   milliseconds per generated token of one full pass over the prompts; warm-up passes are
-  run first and excluded; the median over repeated passes is reported.
+  run first and excluded; the median over repeated passes is reported. The QuantizeJob uses
+  :func:`served_latency`: the same decoding through the server's own engine and
+  ``engine.compile`` plan, at batch 1 and 8, so its report predicts the server;
+  :func:`latency` is plain eager ``generate()``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import statistics
@@ -204,3 +208,106 @@ def latency(
         new_tokens=new_tokens,
         warmup=warmup,
     )
+
+
+@dataclass
+class ServedLatency:
+    """Decode latency through the serving engine, per concurrent batch size."""
+
+    path: str
+    """The serving path measured (engine and :meth:`~kubeforge_runtime.serve.decode.DecodePlan.describe`)."""
+    compile: str
+    """The ``engine.compile`` setting the engine was built with (the server's default unless asked)."""
+    compiled: bool = False
+    """Whether that path compiled the forward or captured CUDA graphs (False: eager)."""
+    batches: dict[int, LatencyResult] = field(default_factory=dict)
+    """Batch size -> ms per generated token as one client sees it (wall time of the batch / new tokens)."""
+
+
+def served_latency(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Any],
+    *,
+    compile: str | None = None,
+    batch_sizes: Sequence[int] = (1,),
+    new_tokens: int = 16,
+    warmup: int = 1,
+    repeats: int = 3,
+) -> ServedLatency:
+    """Per-token decoding latency of ``model`` through the server's own engine.
+
+    The engine is built exactly as ``ServingRuntime.load`` builds it: the backend ``auto``
+    picks (``serve.engine.select_backend``) and the ``engine.compile`` plan
+    (``serve.decode.decode_plan``; default: the server's default setting), started and warmed
+    up the same way, so compilation is excluded as it is before a server's ``/ready``. For
+    each batch size ``b``, ``b`` copies of each prompt run concurrently, greedy, exactly
+    ``new_tokens`` tokens each (no EOS stop); a pass is all prompts one after the other. The
+    figure is the median over passes of wall time / ``new_tokens``, prefill included: the
+    per-token latency a client of a server running ``b`` requests at once sees.
+    """
+    from ..serve.config import EngineConfig
+    from ..serve.engine import EngineEvent, EngineRequest, create_engine, select_backend
+
+    setting = compile if compile is not None else EngineConfig.model_fields["compile"].default
+    longest = max(len(p) for p in prompts) + new_tokens + 1
+    most = max(batch_sizes)
+    config = EngineConfig.model_validate({"compile": setting, "maxConcurrentRequests": most, "maxModelLength": max(8, longest),
+                                          "maxBatchTokens": max(16, most * longest), "maxQueuedRequests": most})
+    backend, _why = select_backend("auto", model)
+    engine = create_engine(backend, model, tokenizer, config, config.max_model_length or longest)
+    engine.start()
+    try:
+        engine.warmup()
+
+        async def run_prompt(batch: int, tag: str, ids: list[int]) -> None:
+            # Submitted from an event loop, as the server does (the continuous engine delivers
+            # its events on the submitting loop).
+            loop = asyncio.get_running_loop()
+            done = asyncio.Event()
+            finished: list[EngineEvent] = []
+
+            def note(ev: EngineEvent) -> None:
+                finished.append(ev)
+                if len(finished) == batch:
+                    done.set()
+
+            def sink(ev: EngineEvent) -> None:
+                if ev.finished:
+                    loop.call_soon_threadsafe(note, ev)
+
+            for i in range(batch):
+                engine.submit(EngineRequest(f"latency-{tag}-{i}", ids, new_tokens, [], temperature=0.0), sink)
+            await asyncio.wait_for(done.wait(), 600)
+            errors = [ev.error for ev in finished if ev.error]
+            if errors:
+                raise RuntimeError(f"latency pass at batch {batch} failed: {errors[0]}")
+
+        async def timed_pass(batch: int, tag: str) -> float:
+            start = time.perf_counter()
+            for p, prompt in enumerate(prompts):
+                await run_prompt(batch, f"{tag}-{p}", [int(t) for t in prompt])
+            _sync(model)
+            return (time.perf_counter() - start) * 1000.0 / (len(prompts) * new_tokens)
+
+        def one_pass(batch: int, tag: str) -> float:
+            return asyncio.run(timed_pass(batch, tag))
+
+        plan = engine.plan
+        result = ServedLatency(path=f"{engine.name} engine, {plan.describe()}", compile=setting,
+                               compiled=plan.compile or plan.cuda_graphs)
+        for batch in batch_sizes:
+            for w in range(warmup):
+                one_pass(batch, f"w{w}")
+            runs = [one_pass(batch, f"r{r}") for r in range(repeats)]
+            result.batches[batch] = LatencyResult(statistics.median(runs), runs, len(prompts), new_tokens, warmup)
+        return result
+    finally:
+        engine.stop()
+
+
+def _sync(model: Any) -> None:
+    import torch
+
+    if next(model.parameters()).device.type == "cuda":
+        torch.cuda.synchronize()

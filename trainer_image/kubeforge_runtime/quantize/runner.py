@@ -35,7 +35,7 @@ from typing import Any
 from .. import contract, models, storage
 from .. import lineage as lineage_mod
 from ..data import DataError, parse_jsonl
-from . import data, methods, metrics
+from . import data, methods, metrics, speed
 from . import report as reporting
 from .config import ConfigError, QuantizeConfig, load_config
 
@@ -53,6 +53,10 @@ LATENCY_PROMPT_TOKENS = 32
 LATENCY_NEW_TOKENS = 16
 LATENCY_WARMUP = 1
 LATENCY_REPEATS = 3
+LATENCY_BATCHES = (1, 8)
+"""Concurrent requests per latency pass: one client, and eight at once (the compact report's
+``latencyMsPerToken`` is batch 1). Timed through the server's engine and ``engine.compile``
+plan (``metrics.served_latency``), so the report predicts what the server does."""
 
 # Files a previous attempt of this Job may have left in the output; removed before saving so
 # a retried pod never leaves, say, an int4 pytorch_model.bin next to a new model.safetensors.
@@ -88,16 +92,18 @@ def _materialize_full_model(uri: str, scratch: Path, path: Path | None = None) -
     return target
 
 
-def _measure(model: Any, windows: list[Any], prompts: list[Any], pad_token_id: int | None) -> dict[str, Any]:
+def _measure(model: Any, windows: list[Any], prompts: list[Any], tokenizer: Any) -> dict[str, Any]:
     ppl = metrics.perplexity(model, windows)
-    lat = metrics.latency(
+    served = metrics.served_latency(
         model,
+        tokenizer,
         prompts,
+        batch_sizes=LATENCY_BATCHES,
         new_tokens=LATENCY_NEW_TOKENS,
         warmup=LATENCY_WARMUP,
         repeats=LATENCY_REPEATS,
-        pad_token_id=pad_token_id,
     )
+    lat = served.batches[1]
     return {
         "bytes": metrics.state_dict_bytes(model),
         "linearWeightBytes": metrics.linear_weight_bytes(model),
@@ -106,6 +112,9 @@ def _measure(model: Any, windows: list[Any], prompts: list[Any], pad_token_id: i
         "evalTokens": ppl.tokens,
         "latencyMsPerToken": lat.ms_per_token,
         "latencyRunsMsPerToken": lat.runs_ms_per_token,
+        "latencyByBatch": {str(b): r.ms_per_token for b, r in served.batches.items()},
+        "latencyPath": served.path,
+        "latencyCompiled": served.compiled,
     }
 
 
@@ -202,7 +211,7 @@ def run(cfg: QuantizeConfig) -> tuple[dict[str, Any], dict[str, Any], int]:
 
             log.info("[2/5] measuring the original model")
             original = models.load_causal_lm(str(source), device=device).eval()
-            before = _measure(original, windows, prompts, tokenizer.pad_token_id)
+            before = _measure(original, windows, prompts, tokenizer)
             task_before = _task_metric(original, tokenizer, cfg, "original")
             original_dtype = str(next(original.parameters()).dtype).replace("torch.", "")
             del original
@@ -233,7 +242,7 @@ def run(cfg: QuantizeConfig) -> tuple[dict[str, Any], dict[str, Any], int]:
                     "input width), e.g. %s; a smaller groupSize quantizes them",
                     len(skipped), linear_count, cfg.group_size, skipped[0],
                 )
-            after = _measure(quantized, windows, prompts, tokenizer.pad_token_id)
+            after = _measure(quantized, windows, prompts, tokenizer)
             task_after = _task_metric(quantized, tokenizer, cfg, "quantized")
             log.info(
                 "quantized: %d bytes, perplexity %.4f, %.3f ms/token",
@@ -263,6 +272,10 @@ def run(cfg: QuantizeConfig) -> tuple[dict[str, Any], dict[str, Any], int]:
         f"{before['latencyMsPerToken']:.3f} -> {after['latencyMsPerToken']:.3f} ms/token"
     )
     numbers += calibration_note
+    latency_note = speed.latency_note(cfg.method, device, after["latencyCompiled"], before["latencyMsPerToken"],
+                                      after["latencyMsPerToken"])
+    if latency_note:
+        numbers += f"; {latency_note}"
     if gate_passed:
         reason, message, code = reporting.REASON_SUCCEEDED, f"{cfg.method}: {numbers}", contract.EXIT_OK
     else:
@@ -285,7 +298,8 @@ def run(cfg: QuantizeConfig) -> tuple[dict[str, Any], dict[str, Any], int]:
         "perplexityIncreasePercent": increase,
         "maxPerplexityIncreasePercent": cfg.evaluation.max_perplexity_increase_percent,
         **({"task": task_report, "taskDropPoints": drop} if task_report else {}),
-        "latencyPath": f"{device}, batch 1, eager",
+        "latencyPath": f"{after['latencyPath']}, batch 1",
+        **({"latencyNote": latency_note} if latency_note else {}),
         "gatePassed": gate_passed,
         "method": cfg.method,
         "reason": reason,
@@ -323,7 +337,9 @@ def run(cfg: QuantizeConfig) -> tuple[dict[str, Any], dict[str, Any], int]:
         "before": before,
         "after": after,
         "latency": {
-            "mode": "eager",
+            "path": after["latencyPath"],
+            "batches": list(LATENCY_BATCHES),
+            "msPerTokenByBatch": {"before": before["latencyByBatch"], "after": after["latencyByBatch"]},
             "prompts": len(prompts),
             "promptTokens": LATENCY_PROMPT_TOKENS,
             "newTokens": LATENCY_NEW_TOKENS,

@@ -79,6 +79,11 @@ class EngineConfig(_Strict):
         description="Largest HTTP request body (and gRPC message) in bytes; a larger one is refused (HTTP 413) "
         "before it is read.",
     )
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="on: torch.compile the forward pass (and CUDA graphs on GPUs), compiled during warm-up before "
+        "/ready; off: eager; auto: what measured faster on the device (see serve/decode.py).",
+    )
 
     @model_validator(mode="after")
     def _kubeforge_backend(self) -> "EngineConfig":

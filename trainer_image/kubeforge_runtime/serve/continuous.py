@@ -61,8 +61,11 @@ class ContinuousEngine:
         except ImportError:  # older 5.x kept it in configuration_utils only
             from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
+        from .decode import decode_plan
+
         self._model = model
         self._config = config
+        self.plan = decode_plan(config.compile, model.device.type)
         self.max_model_length = max_model_length
         # Capacity for every admitted request at full length: admission (not the cache) is then
         # the only place requests wait, and the manager never has to evict and re-prefill.
@@ -90,6 +93,7 @@ class ContinuousEngine:
             # Prefix caching; kv_cache_usage() below counts cached-but-unreferenced blocks as free.
             allow_block_sharing=config.prefix_caching,
             auto_switch_to_flash=True,
+            **self.plan.continuous_batching_kwargs(),
         )
         self._manager = model.init_continuous_batching(
             generation_config=generation_config, continuous_batching_config=cb_config
@@ -102,26 +106,32 @@ class ContinuousEngine:
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
-        self._manager.warmup()  # builds the paged cache (and captures CUDA graphs on GPUs)
+        # Builds the paged cache, and with a compiled or graphed plan compiles the batch step and
+        # captures the CUDA graphs for every padded size: before /ready, never on a request.
+        self._manager.warmup()
         cache = self._manager.batch_processor.cache
         self._count_prefix_lookups(cache)  # the manager keeps this cache object across start()
         self._manager.start()
         log.info(
             "continuous engine: paged KV cache of %d blocks x %d tokens (%.1f MiB), max %d batch tokens, "
-            "%d requests per batch, attention %s",
+            "%d requests per batch, attention %s, %s",
             cache.num_blocks,
             self._config.kv_block_size,
             cache.cache_tensor.nbytes / 2**20,
             cache.max_batch_tokens,
             self._config.max_concurrent_requests,
             self._model.config._attn_implementation,
+            self.plan.describe(),
         )
 
     def warmup(self) -> None:
         # Without a registered handler the manager routes outputs to its shared queue.
         rid = "kubeforge-warmup"
         self._manager.add_request([1, 2, 3, 4], request_id=rid, max_new_tokens=4, eos_token_id=-1, top_k=1, temperature=1.0, top_p=1.0)
-        deadline = time.monotonic() + 120
+        # A compiled plan compiles the shapes of a real request here (a one-token decode step),
+        # which takes minutes on a busy CPU.
+        limit = 600 if self.plan.compile else 120
+        deadline = time.monotonic() + limit
         while time.monotonic() < deadline:
             out = self._manager.get_result(request_id=rid, timeout=1.0)
             if out is not None and out.is_finished():
@@ -131,7 +141,7 @@ class ContinuousEngine:
                     self._prefix_queries = self._prefix_hits = 0
                     self._looked_up.discard(rid)
                 return
-        raise RuntimeError("warm-up generation did not finish within 120 s")
+        raise RuntimeError(f"warm-up generation did not finish within {limit} s")
 
     def healthy(self) -> bool:
         return self._manager.is_running() and self._manager.background_thread_status.fatal_error is None

@@ -76,6 +76,12 @@ class DynamicBatchingEngine:
 
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        from .decode import decode_plan
+
+        # Eager always: see serve/decode.py for why this engine does not compile.
+        self.plan = decode_plan(config.compile, model.device.type).without_compile("the dynamic engine runs eager")
+        if self.plan.note:
+            log.warning("engine.compile is %s, but %s", config.compile, self.plan.note)
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -83,9 +89,10 @@ class DynamicBatchingEngine:
         self._thread = threading.Thread(target=self._loop, name="kubeforge-dynamic-engine", daemon=True)
         self._thread.start()
         log.info(
-            "dynamic engine: contiguous KV cache, up to %d requests and %d prompt tokens per batch",
+            "dynamic engine: contiguous KV cache, up to %d requests and %d prompt tokens per batch, %s",
             self._config.max_concurrent_requests,
             self._config.max_batch_tokens,
+            self.plan.describe(),
         )
 
     def warmup(self) -> None:

@@ -17,6 +17,8 @@ import torch
 from kubeforge_runtime import contract, models
 from kubeforge_runtime.quantize import data, runner
 from kubeforge_runtime.quantize.methods import get_method
+from kubeforge_runtime.serve.config import EngineConfig
+from kubeforge_runtime.serve.decode import decode_plan
 
 GROUP_SIZE = 64  # as in conftest.py
 COMPACT_KEYS = {
@@ -84,7 +86,15 @@ def test_int8_dynamic_reports_saves_and_round_trips(
     out = Path(report["outputUri"].removeprefix("file://"))
     full = json.loads((out / "quantization-report.json").read_text())
     assert full["before"]["linearWeightBytes"] > full["after"]["linearWeightBytes"]
-    assert full["latency"]["repeats"] == runner.LATENCY_REPEATS and full["latency"]["mode"] == "eager"
+    assert full["latency"]["repeats"] == runner.LATENCY_REPEATS
+    # The latency path is the server's: the engine and engine.compile plan a default
+    # InferenceService would run on this device (same function, same default setting).
+    served_plan = decode_plan(EngineConfig().compile, "cpu")
+    assert report["latencyPath"] == f"continuous engine, {served_plan.describe()}, batch 1"
+    assert full["latency"]["path"] == f"continuous engine, {served_plan.describe()}"
+    # int8-dynamic eager on CPU cannot be fast: the report and its message say so.
+    assert "_int_scaled_matmul_cpu" in report["latencyNote"] and report["latencyNote"] in report["message"]
+    assert set(full["latency"]["msPerTokenByBatch"]["after"]) == {str(b) for b in runner.LATENCY_BATCHES} == {"1", "8"}
     lineage = json.loads((out / models.LINEAGE_FILE).read_text())
     assert lineage["baseModel"]["uri"] == f"file://{tiny_model}" and lineage["quantization"]["format"] == "safetensors"
     assert not (out / runner.REJECTED_MARKER).exists()
