@@ -88,7 +88,7 @@ def test_the_report_shows_the_uncalibrated_method_on_the_same_data(
 ) -> None:
     calibration = tmp_path / "calibration.jsonl"
     calibration.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS_B))
-    config = write_config("int4-weight-only-awq", calibration={"uri": f"file://{calibration}", "samples": 6},
+    config = write_config("int4-weight-only-awq", calibration={"uri": f"file://{calibration}", "samples": 3},
                           evaluation={"uri": f"file://{eval_jsonl}", "maxPerplexityIncreasePercent": 100.0,
                                       "maxSamples": 64, "sequenceLength": 64})
     assert runner.main(["--config", str(config)]) == contract.EXIT_OK
@@ -101,5 +101,5 @@ def test_the_report_shows_the_uncalibrated_method_on_the_same_data(
     out = Path(report["outputUri"].removeprefix("file://"))
     lineage = json.loads((out / models.LINEAGE_FILE).read_text())
     assert lineage["calibrationData"]["uri"] == f"file://{calibration}"
-    assert lineage["calibrationData"]["texts"] == 6 and lineage["calibrationData"]["tokens"] > 0
+    assert lineage["calibrationData"]["texts"] == 3 and lineage["calibrationData"]["tokens"] > 0
     assert lineage["quantization"]["groupSize"] == GROUP_SIZE
