@@ -1,53 +1,40 @@
 """Benchmark: every quantization method side by side with the original model, in one run.
 
-For the ``small`` preset (Llama-style, ~26 M parameters, random weights) built on the fly,
-this loads the original once and each method's quantized model through the same code the
-QuantizeJob runtime uses (``kubeforge_runtime.quantize.methods``), and measures, with the
-runtime's own functions (``kubeforge_runtime.quantize.metrics``):
+For SmolLM2-135M-Instruct (the embedded real model, default), a model directory
+(``--model``) or a random-weight preset (``--preset``, speed only), this loads the original
+once and each method's quantized model through the same code the QuantizeJob runtime uses
+(``kubeforge_runtime.quantize.methods``), and measures, with the runtime's own functions
+(``kubeforge_runtime.quantize.metrics``):
 
-* size: state-dict payload bytes of the whole model, and of the decoder's linear weights
-  alone; the int8/int4 methods also put the embedding and ``lm_head`` in int8 (the API's
-  ``quantizeEmbeddings``, on by default; ``--no-quantize-embeddings`` keeps them as they are);
-* per-token latency: greedy decoding of the same prompts, warm-up excluded, median of
-  repeated passes; ``--compile`` also times each model after ``torch.compile``;
-* perplexity on the built-in evaluation text, and its change in percent.
+* size: state-dict payload bytes of the whole model against the original's, and of the
+  decoder's linear weights alone; the int8/int4 methods also put the embedding and
+  ``lm_head`` in int8 (the API's ``quantizeEmbeddings``, on by default;
+  ``--no-quantize-embeddings`` keeps them as they are);
+* decode latency at batch 1 and batch 8 (``--batches``): through ``metrics.served_latency``
+  (the server's own engine and compile plan) where the runtime has it, else eager greedy
+  ``generate()`` (``metrics.latency`` at batch 1; the same loop over 8 copies of each prompt
+  at batch 8); the path measured is printed under the table. Eager paths are timed in
+  interleaved rounds (each model once per round, median per model) so a shared machine's slow
+  moments hit all models alike;
+* perplexity on real text (the first ``--eval-paragraphs`` paragraphs of the runtime's
+  reference text) and the task metric (``--task``) with their change against the original;
+* ``int4-weight-only-awq`` is calibrated on data the evaluation does not see: ``--calibration``
+  (JSONL), else the reference-text paragraphs after the evaluation ones; its row sits next to
+  ``int4-weight-only``, the same method uncalibrated, measured on the same data.
 
-Latency is measured in interleaved rounds (each model once per round, median per model),
-so a shared machine's slow moments hit all models alike; compare within one run.
+int8-dynamic's eager CPU forward over a batched prefill goes through torchao's
+``_int_scaled_matmul_cpu`` and is very slow: its task metric is measured on the first
+``--dynamic-task-samples`` records only, against the original's score on the same records
+(the row says so).
 
 Run::
 
-    python benchmarks/bench_quantize.py            # all methods, eager
-    python benchmarks/bench_quantize.py --quick    # fewer repeats/tokens (CI)
-    python benchmarks/bench_quantize.py --compile  # eager and torch.compile'd decode
+    python benchmarks/bench_quantize.py --task examples/volumes/data/text-classification-test.jsonl
+    python benchmarks/bench_quantize.py --quick      # fewer windows, tokens and repeats (CI)
+    python benchmarks/bench_quantize.py --size-only  # sizes only, seconds
     python benchmarks/bench_quantize.py --device cuda   # on a CUDA GPU (not run here: no GPU)
 
-Random weights make perplexity ~ vocabulary size and say nothing about task quality; what
-the column shows is how far each method moves the model's predictions.
-
-Measured before the embeddings were quantized (what ``--no-quantize-embeddings`` does now) on
-the shared 2-core development machine (torch 2.13 CPU, torchao 0.18, transformers 5.24),
-``python benchmarks/bench_quantize.py --preset small --compile --threads 1``, 395 s,
-other engineers' jobs running alongside (hence one thread and interleaved rounds)::
-
-    method                   bytes  smaller  linear eager ms/tok  speedup compiled ms/tok  speedup  perplexity    change
-    original           102,393,856    1.00x   1.00x        20.31    1.00x           16.66    1.00x     8574.55   +0.000%
-    int8-dynamic        50,338,432    2.03x   3.97x        40.37    0.50x            6.37    2.61x     8565.32   -0.108%
-    int8-weight-only    50,338,432    2.03x   3.97x        22.15    0.92x           12.42    1.34x     8569.47   -0.059%
-    int4-weight-only    27,272,192    3.75x   6.40x        13.39    1.52x            6.36    2.62x     8481.48   -1.085%
-    fp16                51,196,928    2.00x   2.00x        20.02    1.01x           15.76    1.06x     8574.40   -0.002%
-    bf16                51,196,928    2.00x   2.00x        19.80    1.03x           14.60    1.14x     8574.65   +0.001%
-
-Against the public reference (int8: 4x smaller, ~3x lower latency, <1 % quality loss):
-int8 linear weights are 3.97x smaller, but the whole model only 2.03x, because this small
-model's embedding and ``lm_head`` (32 % of its parameters; ~4 % in a 7 B Llama) stay in
-fp32; int8-dynamic decodes 2.6x faster than compiled fp32 (3.2x than eager fp32) once
-compiled with a static cache and inductor freezing, and 2x *slower* in eager mode, where
-torchao dequantizes per call; the perplexity change is -0.1 %. The QuantizeJob runtime
-reports eager latency (what transformers' ``generate`` runs without compilation).
-A second run with the default 2 threads (891 s, heavier load: eager figures unusable)
-gave compiled speedups of 2.39x (int8-dynamic), 0.98x (int8-weight-only) and 3.03x (int4);
-expect tens of percent between runs on a shared machine.
+The README's "Measured" section holds the last full run with its command.
 """
 
 from __future__ import annotations
@@ -71,10 +58,16 @@ from kubeforge_runtime.quantize import data, methods, metrics  # noqa: E402
 
 log = logging.getLogger("bench_quantize")
 
-METHOD_ORDER = ("int8-dynamic", "int8-weight-only", "int4-weight-only", "fp16", "bf16")
+METHOD_ORDER = ("int8-dynamic", "int8-weight-only", "int4-weight-only", "int4-weight-only-awq", "fp16", "bf16")
 
 
-def _static_measurements(model: Any, windows: list[Any], tokenizer: Any, args: argparse.Namespace) -> dict[str, Any]:
+def _task(model: Any, tokenizer: Any, args: argparse.Namespace, samples: int) -> float:
+    fmt = "chat" if '"messages"' in args.task.read_text().split("\n", 1)[0] else "prompt-completion"
+    return evaluate.evaluate(model, tokenizer, args.task, fmt, args.metric, samples)["value"]
+
+
+def _static_measurements(model: Any, windows: list[Any], tokenizer: Any, args: argparse.Namespace,
+                         task_samples: int | None = None) -> dict[str, Any]:
     row = {
         "bytes": metrics.state_dict_bytes(model),
         "linearWeightBytes": metrics.linear_weight_bytes(model),
@@ -84,8 +77,8 @@ def _static_measurements(model: Any, windows: list[Any], tokenizer: Any, args: a
         return row
     row["perplexity"] = metrics.perplexity(model, windows).perplexity
     if args.task:
-        fmt = "chat" if '"messages"' in args.task.read_text().split("\n", 1)[0] else "prompt-completion"
-        row["task"] = evaluate.evaluate(model, tokenizer, args.task, fmt, args.metric, args.task_samples)["value"]
+        row["taskSamples"] = task_samples or args.task_samples
+        row["task"] = _task(model, tokenizer, args, row["taskSamples"])
     return row
 
 
@@ -105,10 +98,34 @@ def _compile(model: Any) -> None:
     model.forward = torch.compile(model.forward, dynamic=False)
 
 
+def _eager_latency(model: Any, prompts: list[Any], batch: int, args: argparse.Namespace, pad: int | None,
+                   repeats: int) -> list[float]:
+    """ms/token of eager greedy decoding at ``batch``: ``metrics.latency`` at batch 1; at
+    batch b the same prompts, each repeated b times in one ``generate()`` (equal lengths, no
+    padding), exactly ``new_tokens`` new tokens; the figure is wall time / new tokens, what one
+    of b concurrent clients sees."""
+    if batch == 1:
+        return metrics.latency(model, prompts, new_tokens=args.new_tokens, warmup=0, repeats=repeats,
+                               pad_token_id=pad).runs_ms_per_token
+    import torch
+
+    device = next(model.parameters()).device
+    runs = []
+    with torch.inference_mode():
+        for _ in range(repeats):
+            started = time.perf_counter()
+            for prompt in prompts:
+                ids = prompt.unsqueeze(0).repeat(batch, 1).to(device)
+                model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
+                               min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=pad)
+            runs.append((time.perf_counter() - started) * 1000.0 / (len(prompts) * args.new_tokens))
+    return runs
+
+
 def _latency_rounds(
-    loaded: dict[str, Any], prompts: list[Any], args: argparse.Namespace, pad: int | None, key: str
+    loaded: dict[str, Any], prompts: list[Any], args: argparse.Namespace, pad: int | None, key: str, batch: int = 1
 ) -> None:
-    """Time all models in interleaved rounds; store the median under ``key``.
+    """Time all models in interleaved rounds at ``batch``; store the median under ``key``.
 
     Interleaving (every model once per round) spreads a shared machine's slow moments over
     all models instead of charging them to whichever model ran then.
@@ -116,16 +133,40 @@ def _latency_rounds(
     runs: dict[str, list[float]] = {name: [] for name in loaded}
     for name, (model, _row) in loaded.items():
         started = time.perf_counter()
-        metrics.latency(model, prompts, new_tokens=args.new_tokens, warmup=0, repeats=args.warmup, pad_token_id=pad)
+        _eager_latency(model, prompts, batch, args, pad, args.warmup)
         log.info("%s %s warm-up: %.1f s", name, key, time.perf_counter() - started)
     for round_ in range(args.repeats):
         for name, (model, _row) in loaded.items():
-            result = metrics.latency(model, prompts, new_tokens=args.new_tokens, warmup=0, repeats=1, pad_token_id=pad)
-            runs[name].append(result.ms_per_token)
+            runs[name].extend(_eager_latency(model, prompts, batch, args, pad, 1))
         log.info("%s round %d/%d done", key, round_ + 1, args.repeats)
     for name, (_model, row) in loaded.items():
         row[key] = statistics.median(runs[name])
         row[key + "Runs"] = runs[name]
+
+
+def _served_latencies(loaded: dict[str, Any], prompts: list[Any], tokenizer: Any, args: argparse.Namespace) -> str:
+    """Latency through the server's engine (``metrics.served_latency``), per model; the path."""
+    path = ""
+    for name, (model, row) in loaded.items():
+        started = time.perf_counter()
+        served = metrics.served_latency(model, tokenizer, prompts, batch_sizes=tuple(args.batches),
+                                        new_tokens=args.new_tokens, warmup=args.warmup, repeats=args.repeats)
+        for batch, result in served.batches.items():
+            row[f"b{batch}MsPerToken"] = result.ms_per_token
+            row[f"b{batch}MsPerTokenRuns"] = result.runs_ms_per_token
+        path = served.path
+        log.info("%s served latency in %.0f s", name, time.perf_counter() - started)
+    return path
+
+
+def _decode_latencies(loaded: dict[str, Any], prompts: list[Any], tokenizer: Any, args: argparse.Namespace,
+                      pad: int | None) -> str:
+    """Decode latency of every model at every ``--batches`` size; returns the path measured."""
+    if hasattr(metrics, "served_latency") and not args.eager:
+        return "server engine: " + _served_latencies(loaded, prompts, tokenizer, args)
+    for batch in args.batches:
+        _latency_rounds(loaded, prompts, args, pad, f"b{batch}MsPerToken", batch)
+    return "eager generate(), interleaved rounds"
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -140,8 +181,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else:
             model_dir = args.model or embedded.ensure()
         tokenizer = models.load_tokenizer(model_dir)
-        texts = data.load_texts(None, 64)
+        reference = data.reference_texts()
+        texts = reference[: args.eval_paragraphs]
         windows = data.make_windows(tokenizer, texts, args.sequence_length)
+        if args.calibration:
+            calibration_texts = data.load_texts(f"file://{args.calibration.resolve()}", args.calibration_samples)
+        else:  # the reference paragraphs the evaluation does not read
+            calibration_texts = reference[args.eval_paragraphs:][: args.calibration_samples]
+        calibration = data.make_windows(tokenizer, calibration_texts, args.sequence_length) if calibration_texts else []
         prompts = data.latency_prompts(windows, args.prompts, args.prompt_tokens)
         pad = tokenizer.pad_token_id
 
@@ -159,12 +206,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             except methods.UnsupportedMethodError as exc:
                 log.warning("%s skipped: %s", name, exc)
                 continue
-            model = method.load_quantized(model_dir, args.device, args.group_size, embeddings=args.embeddings)
-            loaded[name] = (model, _static_measurements(model, windows, tokenizer, args))
+            if method.calibrates and not calibration:
+                log.warning("%s skipped: no calibration data (--calibration, or fewer --eval-paragraphs)", name)
+                continue
+            started = time.perf_counter()
+            model = method.load_quantized(model_dir, args.device, args.group_size, embeddings=args.embeddings,
+                                          calibration=calibration if method.calibrates else None)
+            quantize_seconds = time.perf_counter() - started
+            capped = args.dynamic_task_samples if name == "int8-dynamic" and args.task else None
+            row = _static_measurements(model, windows, tokenizer, args, capped)
+            row["quantizeSeconds"] = quantize_seconds
+            if capped:  # the original on the same capped records, as this row's own baseline
+                row["taskBase"] = _task(original, tokenizer, args, capped)
+            loaded[name] = (model, row)
             log.info("%s: loaded, perplexity %s", name, loaded[name][1].get("perplexity", "not measured"))
 
+        latency_path = ""
         if not args.size_only:
-            _latency_rounds(loaded, prompts, args, pad, "eagerMsPerToken")
+            latency_path = _decode_latencies(loaded, prompts, tokenizer, args, pad)
         if args.compile and not args.size_only:
             for name, (model, row) in loaded.items():
                 started = time.perf_counter()
@@ -177,7 +236,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 row["compileSeconds"] = time.perf_counter() - started
                 log.info("%s compiled in %.0f s", name, row["compileSeconds"])
             compiled = {n: v for n, v in loaded.items() if "compiledMsPerToken" not in v[1]}
-            _latency_rounds(compiled, prompts, args, pad, "compiledMsPerToken")
+            _latency_rounds(compiled, prompts, args, pad, "compiledMsPerToken")  # batch 1
         rows = {name: row for name, (_model, row) in loaded.items()}
     return {"model": f"{args.preset} preset (random weights)" if args.preset else str(model_dir), "parameters": params, "threads": torch.get_num_threads(), "rows": rows, "settings": {
         "device": args.device, "quantizeEmbeddings": args.embeddings, "sizeOnly": args.size_only,
@@ -185,6 +244,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "newTokens": args.new_tokens, "warmup": args.warmup, "repeats": args.repeats,
         "sequenceLength": args.sequence_length, "evalWindows": len(windows), "compile": args.compile,
         "task": str(args.task) if args.task else None, "metric": args.metric, "taskSamples": args.task_samples,
+        "batches": args.batches, "latencyPath": latency_path, "evalParagraphs": len(texts),
+        "evalTokens": sum(len(w) for w in windows), "calibration": str(args.calibration) if args.calibration else
+        f"reference text paragraphs {args.eval_paragraphs + 1}-{args.eval_paragraphs + len(calibration_texts)}",
+        "calibrationTokens": sum(len(w) for w in calibration),
     }}
 
 
@@ -199,37 +262,49 @@ def render(result: dict[str, Any]) -> str:
         lines.append(f"\n{result['model']}; sizes only (--size-only); int4 group size {result['settings']['groupSize']}; "
                      f"embeddings {'int8' if result['settings']['quantizeEmbeddings'] else 'full precision'}.")
         return "\n".join(lines)
-    compiled = result["settings"]["compile"]
-    head = f"{'method':<18} {'bytes':>11} {'smaller':>8} {'linear':>7} {'eager ms/tok':>12} {'speedup':>8}"
-    if compiled:
+    s = result["settings"]
+    batches = s["batches"]
+    head = f"{'method':<22} {'of fp32':>8} {'linear':>7}"
+    for batch in batches:
+        head += f" {f'b{batch} ms/tok':>11} {'speedup':>8}"
+    if s["compile"]:
         head += f" {'compiled ms/tok':>15} {'speedup':>8}"
     head += f" {'perplexity':>11} {'change':>9}"
-    task = result["settings"]["task"]
-    if task:
-        head += f" {result['settings']['metric']:>10} {'change':>8}"
+    if s["task"]:
+        head += f" {s['metric']:>10} {'change':>8}"
     lines = [head, "-" * len(head)]
+    notes = []
     for name, row in rows.items():
-        line = (
-            f"{name:<18} {row['bytes']:>11,} {base['bytes'] / row['bytes']:>7.2f}x "
-            f"{base['linearWeightBytes'] / row['linearWeightBytes']:>6.2f}x "
-            f"{row['eagerMsPerToken']:>12.2f} {base['eagerMsPerToken'] / row['eagerMsPerToken']:>7.2f}x"
-        )
-        if compiled:
+        line = (f"{name:<22} {row['bytes'] / base['bytes']:>7.3f}x "
+                f"{base['linearWeightBytes'] / row['linearWeightBytes']:>6.2f}x")
+        for batch in batches:
+            v, b = row.get(f"b{batch}MsPerToken"), base.get(f"b{batch}MsPerToken")
+            line += f" {v:>11.2f} {b / v:>7.2f}x" if v and b else f" {'n/a':>11} {'':>8}"
+        if s["compile"]:
             c, b = row.get("compiledMsPerToken"), base.get("compiledMsPerToken")
             line += f" {c:>15.2f} {b / c:>7.2f}x" if c and b else f" {'n/a':>15} {'':>8}"
         change = (row["perplexity"] - base["perplexity"]) / base["perplexity"] * 100
         line += f" {row['perplexity']:>11.2f} {change:>+8.3f}%"
-        if task:
-            line += f" {row['task'] * 100:>9.1f}% {(row['task'] - base['task']) * 100:>+7.1f}pt"
+        if s["task"]:
+            task_base = row.get("taskBase", base["task"])
+            mark = "*" if "taskBase" in row else " "
+            line += f" {row['task'] * 100:>9.1f}%{mark}{(row['task'] - task_base) * 100:>+6.1f}pt"
+            if "taskBase" in row:
+                notes.append(f"* {name}: {s['metric']} on the first {row['taskSamples']} records only (its eager "
+                             f"batched prefill is very slow on CPU); change against the original's "
+                             f"{task_base * 100:.1f}% on the same records.")
         lines.append(line)
-    s = result["settings"]
     lines.append(
         f"\n{result['model']}, {result['parameters'] / 1e6:.1f} M parameters, {result['threads']} threads; "
         f"device {s['device']}, embeddings {'int8' if s['quantizeEmbeddings'] else 'full precision'}; "
-        f"'smaller' = whole state dict, 'linear' = decoder linear weights only; latency = greedy decode of "
-        f"{s['prompts']} prompts x {s['newTokens']} new tokens, median of {s['repeats']} passes after {s['warmup']} "
-        f"warm-up, interleaved; speedups against 'original'; int4 group size {s['groupSize']}."
+        f"'of fp32' = whole state dict against the original, 'linear' = decoder linear weights smaller; "
+        f"latency ({s['latencyPath']}) = greedy decode of {s['prompts']} prompt(s) of {s['promptTokens']} tokens x "
+        f"{s['newTokens']} new tokens at batch b, median of {s['repeats']} passes after {s['warmup']} warm-up; "
+        f"speedups against 'original'; int4 group size {s['groupSize']}; perplexity on {s['evalParagraphs']} "
+        f"reference paragraphs ({s['evalTokens']} tokens); int4-weight-only-awq calibrated on {s['calibration']} "
+        f"({s['calibrationTokens']} tokens)" + (f"; {s['metric']} on {s['taskSamples']} records of {s['task']}." if s["task"] else ".")
     )
+    lines.extend(notes)
     return "\n".join(lines)
 
 
@@ -245,10 +320,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="held-out JSONL (prompt-completion or chat) to measure a task metric on every model")
     parser.add_argument("--metric", default="accuracy", choices=evaluate.METRICS)
     parser.add_argument("--task-samples", type=int, default=100)
+    parser.add_argument("--dynamic-task-samples", type=int, default=20,
+                        help="int8-dynamic's task metric on this many records only (its eager CPU prefill is slow)")
+    parser.add_argument("--eval-paragraphs", type=int, default=20,
+                        help="perplexity on this many reference-text paragraphs (of 40); the rest calibrate AWQ")
+    parser.add_argument("--calibration", type=Path, default=None,
+                        help="JSONL calibration data for int4-weight-only-awq (default: the reference paragraphs "
+                        "after the evaluation ones)")
+    parser.add_argument("--calibration-samples", type=int, default=128, help="calibration records read")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="decode batch sizes timed")
+    parser.add_argument("--eager", action="store_true",
+                        help="time eager generate() even where the runtime has the server's path")
     parser.add_argument("--methods", nargs="+", default=list(METHOD_ORDER), choices=METHOD_ORDER)
     # 32: the small preset's down_proj is 1376 wide, which 64 and 128 do not divide (torchao
     # would leave those layers in fp32 and the int4 row would understate the compression).
-    parser.add_argument("--group-size", type=int, default=32, choices=(32, 64, 128))
+    parser.add_argument("--group-size", type=int, default=32, choices=(32, 64, 128))  # SmolLM2: 576 wide, not /128
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
@@ -263,9 +349,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if not torch.cuda.is_available():
             parser.error("--device cuda: no CUDA device is visible here")
-    # Batch-1 decoding of SmolLM2 in fp32 takes ~0.1 s per token on a 2-core CPU: 2 prompts x 16
-    # tokens, median of 3 interleaved passes keeps a six-model run near two minutes of decoding.
-    args.prompts, args.prompt_tokens, args.sequence_length = (1, 16, 128) if args.quick else (2, 32, 256)
+    # Batch-1 decoding of SmolLM2 in fp32 takes ~0.1 s per token on an idle 2-core CPU: one prompt
+    # x 16 tokens, median of 3 interleaved passes, keeps seven models near a minute per batch size.
+    args.prompts, args.prompt_tokens, args.sequence_length = (1, 16, 128) if args.quick else (1, 32, 256)
     args.new_tokens, args.warmup, args.repeats = (8, 1, 3) if args.quick else (16, 1, 3)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "torch", "torchao"):

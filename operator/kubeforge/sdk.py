@@ -35,6 +35,7 @@ _METHOD_ALIASES = {
     "dynamic_int8": "int8-dynamic", "int8_dynamic": "int8-dynamic", "int8-dynamic": "int8-dynamic",
     "int8": "int8-weight-only", "int8_weight_only": "int8-weight-only", "int8-weight-only": "int8-weight-only",
     "int4": "int4-weight-only", "int4_weight_only": "int4-weight-only", "int4-weight-only": "int4-weight-only",
+    "awq": "int4-weight-only-awq", "int4_awq": "int4-weight-only-awq", "int4-weight-only-awq": "int4-weight-only-awq",
     "fp16": "fp16", "float16": "fp16", "bf16": "bf16", "bfloat16": "bf16",
 }
 _ADAPTERS = {"lora": "lora", None: "full", "none": "full", "full": "full"}

@@ -195,3 +195,13 @@ def test_template_sizes_are_bounded_in_the_model():
         PodTemplateOverride.model_validate({"annotations": {f"k{i}": "v" for i in range(65)}})
     PodTemplateOverride.model_validate({"env": [{"name": "OK", "value": "x" * 32 * 1024}],
                                         "annotations": {f"k{i}": "v" for i in range(64)}})
+
+
+def test_a_calibrating_quantize_method_needs_calibration_data():
+    spec = {"model": {"uri": "pvc://m/base"}, "output": {"uri": "pvc://m/q"}, "method": "int4-weight-only-awq"}
+    with pytest.raises(ValidationError, match="int4-weight-only-awq calibrates on your data: set calibration.uri"):
+        QuantizeJobSpec.model_validate(spec)
+    ok = QuantizeJobSpec.model_validate({**spec, "calibration": {"uri": "pvc://data/cal.jsonl"}})
+    assert ok.calibration.samples == 128
+    # The same rule in the CRD, so the API server refuses it first (tests/cluster/test_api_server.py).
+    assert "int4-weight-only-awq calibrates on your data: set calibration.uri" in cel_rules("QuantizeJob")

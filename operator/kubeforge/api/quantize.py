@@ -10,7 +10,7 @@ from kubeforge_runtime import contract
 
 from .base import (
     S3_ENV_CEL_RULE, S3_ENV_MESSAGE, Condition, Kind, KFModel, ObjectReference, Phase, PodTemplateOverride,
-    ResourcesSpec, StorageSpec, cel, s3_env_conflicts,
+    ResourcesSpec, StorageSpec, cel, cel_list, s3_env_conflicts,
 )
 from .finetune import (
     DATA_URI_PATTERN, MODEL_URI_PATTERN, OUTPUT_URI_PATTERN, URI_MAX_LENGTH, OutputStatus, TaskEvaluationSpec,
@@ -39,10 +39,16 @@ class QuantizeModelSource(KFModel):
 
 
 class CalibrationSpec(KFModel):
-    """Calibration data, for methods that use it."""
+    """Calibration data, read by the calibrating method (int4-weight-only-awq) and by no other."""
 
-    uri: str | None = Field(default=None, pattern=DATA_URI_PATTERN, max_length=URI_MAX_LENGTH, description="JSONL calibration data.")
-    samples: int = Field(default=128, ge=1, le=100000, description="Samples used for calibration.")
+    uri: str | None = Field(
+        default=None, pattern=DATA_URI_PATTERN, max_length=URI_MAX_LENGTH,
+        description="JSONL calibration data (records with \"text\", or \"prompt\" and \"completion\"): required by "
+        "int4-weight-only-awq; any other method does not read it and says so in its condition message.")
+    samples: int = Field(
+        default=128, ge=1, le=100000,
+        description="Records read for calibration, cut into windows of evaluation.sequenceLength tokens. AWQ keeps "
+        "every layer's inputs in memory: about 300 KB per token on a 135 M-parameter model.")
 
 
 class EvaluationSpec(KFModel):
@@ -84,13 +90,21 @@ class QuantizeOutputSpec(KFModel):
     uri: str = Field(pattern=OUTPUT_URI_PATTERN, max_length=URI_MAX_LENGTH, description="pvc://claim/path, s3://bucket/path or file:///path.")
 
 
+CALIBRATED_METHODS = ("int4-weight-only-awq",)
+"""Methods that read calibration data (kubeforge_runtime.quantize.config.CALIBRATED_METHODS)."""
+CALIBRATION_MESSAGE = ("method int4-weight-only-awq calibrates on your data: set calibration.uri (JSONL with 'text', "
+                       "or 'prompt' and 'completion' records), or choose int4-weight-only")
+
+
 class QuantizeJobSpec(KFModel):
     """Desired state of a QuantizeJob."""
 
     model: QuantizeModelSource = Field(description="The model to compress.")
-    method: Literal["int8-dynamic", "int8-weight-only", "int4-weight-only", "fp16", "bf16"] = Field(
+    method: Literal["int8-dynamic", "int8-weight-only", "int4-weight-only", "int4-weight-only-awq", "fp16", "bf16"] = Field(
         default="int8-dynamic",
-        description="int8-dynamic: int8 weights and dynamically quantized activations; int8/int4-weight-only; fp16; bf16.",
+        description="int8-dynamic: int8 weights and dynamically quantized activations; int8/int4-weight-only; "
+        "int4-weight-only-awq: int4 weight-only with AWQ scales calibrated on calibration.uri (the report shows "
+        "int4-weight-only's quality on the same data next to it); fp16; bf16.",
     )
     group_size: Literal[32, 64, 128] = Field(
         default=128, description="Group size for int4-weight-only: 32, 64 or 128 (what the int4 kernels support)."
@@ -114,7 +128,16 @@ class QuantizeJobSpec(KFModel):
 
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
         cel(S3_ENV_CEL_RULE, S3_ENV_MESSAGE, ".storage"),
+        cel(f"!has(self.method) || !({cel_list(CALIBRATED_METHODS)}.exists(m, m == self.method)) || "
+            "(has(self.calibration) && has(self.calibration.uri))",
+            CALIBRATION_MESSAGE, ".calibration.uri", reason="FieldValueRequired"),
     ]})
+
+    @model_validator(mode="after")
+    def _calibration_data(self) -> "QuantizeJobSpec":
+        if self.method in CALIBRATED_METHODS and self.calibration.uri is None:
+            raise ValueError(CALIBRATION_MESSAGE)
+        return self
 
     @model_validator(mode="after")
     def _s3_env(self) -> "QuantizeJobSpec":
@@ -148,6 +171,22 @@ class PerplexityResult(KFModel):
     after: float | None = Field(default=None, description="Quantized model.")
 
 
+class UncalibratedTask(KFModel):
+    """A task metric of one model (a fraction: 0.9 is 90 %)."""
+
+    metric: str | None = Field(default=None, description="accuracy, exactMatch, f1 or passAtOne.")
+    value: float | None = Field(default=None, description="The score.")
+
+
+class UncalibratedResult(KFModel):
+    """A calibrating method's report: the same method without calibration, on the same data."""
+
+    method: str | None = Field(default=None, description="The method without calibration (e.g. int4-weight-only).")
+    perplexity: float | None = Field(default=None, description="Its perplexity on the evaluation set.")
+    perplexity_increase_percent: float | None = Field(default=None, description="Its perplexity change in percent.")
+    task: UncalibratedTask | None = Field(default=None, description="Its task metric, when evaluation.task is set.")
+
+
 class QuantizeResult(KFModel):
     """What compression cost, as measured by the quantizer."""
 
@@ -160,6 +199,8 @@ class QuantizeResult(KFModel):
     perplexity_increase_percent: float | None = Field(default=None, description="Relative perplexity change in percent.")
     task: TaskMetricResult | None = Field(default=None, description="The task metric of the input and the output.")
     task_drop_points: float | None = Field(default=None, description="(before - after) x 100: percentage points lost.")
+    uncalibrated: UncalibratedResult | None = Field(
+        default=None, description="A calibrating method only: the same method without calibration on the same data.")
     latency_path: str | None = Field(default=None, description="How latency was measured: the serving engine, device, "
                                      "eager or compiled (the InferenceService default engine.compile), batch.")
     latency_note: str | None = Field(default=None, description="Why the method is not fast on this device and path, "

@@ -22,7 +22,7 @@ from typing import Any
 from kubeforge_runtime import contract
 from pydantic import ValidationError
 
-from ..api.quantize import QuantizeJobSpec, QuantizeResult
+from ..api.quantize import CALIBRATED_METHODS, QuantizeJobSpec, QuantizeResult
 from ..builders import quantize as builder
 from .conditions import TERMINAL_PHASES, Event, Outcome, accept, get_condition, set_condition, true_condition
 from .references import Resolution
@@ -112,7 +112,8 @@ def gate_message(result: dict[str, Any] | None, spec: QuantizeJobSpec) -> str:
         reasons.append(f"{task.get('metric', 'the task metric')} fell {drop:.1f} points ({_pct(task.get('before'))} -> "
                        f"{_pct(task.get('after'))}), more than the {ev.max_accuracy_drop_points:g} allowed "
                        f"(evaluation.maxAccuracyDropPoints)")
-    return "; ".join(reasons or [perplexity]) + f"; {kept}; try a gentler method (e.g. int8-weight-only) or raise the limit"
+    return ("; ".join(reasons or [perplexity]) + _uncalibrated_text(result) + calibration_note(spec)
+            + f"; {kept}; try a gentler method (e.g. int8-weight-only) or raise the limit")
 
 
 def success_message(result: dict[str, Any] | None, spec: QuantizeJobSpec) -> str:
@@ -124,8 +125,27 @@ def success_message(result: dict[str, Any] | None, spec: QuantizeJobSpec) -> str
     task_text = f", {task.get('metric')} {_pct(task.get('before'))} -> {_pct(task.get('after'))}" if task else ""
     return (f"{spec.method}: {_fmt(result.get('compressionRatio'), 3)}x smaller, "
             f"{_fmt(lat.get('before'))} -> {_fmt(lat.get('after'))} ms/token, perplexity "
-            f"{'+' if isinstance(ppl, (int, float)) and ppl >= 0 else ''}{_fmt(ppl)}%{task_text}; "
-            f"written to {spec.output.uri}" + (f"; {result['latencyNote']}" if result.get("latencyNote") else ""))
+            f"{'+' if isinstance(ppl, (int, float)) and ppl >= 0 else ''}{_fmt(ppl)}%{task_text}"
+            f"{_uncalibrated_text(result)}{calibration_note(spec)}; written to {spec.output.uri}"
+            + (f"; {result['latencyNote']}" if result.get("latencyNote") else ""))
+
+
+def calibration_note(spec: QuantizeJobSpec) -> str:
+    """Said in the condition message when calibration data is given to a method that does not read it."""
+    if spec.calibration.uri is None or spec.method in CALIBRATED_METHODS:
+        return ""
+    return f"; calibration.uri is set but {spec.method} does not calibrate: the calibration data was not read"
+
+
+def _uncalibrated_text(result: dict[str, Any]) -> str:
+    """A calibrating method's comparison: the same method without calibration, same data."""
+    other = result.get("uncalibrated") or {}
+    if not other:
+        return ""
+    ppl, task = other.get("perplexityIncreasePercent"), other.get("task") or {}
+    sign = "+" if isinstance(ppl, (int, float)) and ppl >= 0 else ""
+    task_text = f", {task.get('metric')} {_pct(task.get('value'))}" if task else ""
+    return f" (without calibration, {other.get('method')}: perplexity {sign}{_fmt(ppl)}%{task_text})"
 
 
 def _pct(value: Any) -> str:

@@ -318,3 +318,24 @@ def test_status_table(prev_phase, resolution, j, pods, phase, conditions, events
         again = qc.compute(qj(status=out.status), spec=qc.validate(obj), resolution=resolution, job=j, pods=pods,
                            now="2026-03-03T00:00:00Z")
         assert again.status == out.status and again.events == []
+
+
+def test_calibration_data_a_method_does_not_read_is_said_in_the_condition():
+    d = decide(qj(calibration={"uri": "s3://b/cal.jsonl"}), None, job([("Complete", "", "")]),
+               [pod(0, json.dumps(REPORT))], AT)
+    message = cond(d.status, "Succeeded")["message"]
+    assert "calibration.uri is set but int8-dynamic does not calibrate" in message, message
+    d = decide(qj(), None, job([("Complete", "", "")]), [pod(0, json.dumps(REPORT))], AT)
+    assert "calibrat" not in cond(d.status, "Succeeded")["message"]
+
+
+def test_a_calibrated_method_shows_the_uncalibrated_one_next_to_it():
+    report = {**REPORT, "method": "int4-weight-only-awq",
+              "uncalibrated": {"method": "int4-weight-only", "perplexity": 21.0, "perplexityIncreasePercent": 5.0,
+                               "task": {"metric": "accuracy", "value": 0.9}}}
+    spec = {"method": "int4-weight-only-awq", "calibration": {"uri": "s3://b/cal.jsonl"}}
+    d = decide(qj(**spec), None, job([("Complete", "", "")]), [pod(0, json.dumps(report))], AT)
+    message = cond(d.status, "Succeeded")["message"]
+    assert "(without calibration, int4-weight-only: perplexity +5%, accuracy 90.0%)" in message, message
+    assert "does not calibrate" not in message
+    assert d.status["result"]["uncalibrated"]["perplexity"] == 21.0

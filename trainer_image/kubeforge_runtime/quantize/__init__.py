@@ -5,14 +5,15 @@ the QuantizeJob pod. Modules:
 
 * ``config``  - the rendered config file (strict pydantic models, camelCase) -> ``QuantizeConfig``;
 * ``methods`` - the method registry (int8-dynamic, int8-weight-only, int4-weight-only,
-  fp16, bf16), each a torchao ``quantize_`` config applied through transformers;
+  int4-weight-only-awq, fp16, bf16), each a torchao ``quantize_`` config applied through transformers;
 * ``metrics`` - bytes, perplexity, per-token latency;
 * ``data``    - evaluation texts, token windows, latency prompts;
 * ``report``  - the compact termination-message report and the full on-disk report;
 * ``runner``  - the steps, the quality gate and the exit codes.
 
-Calibration data is accepted in the config but none of these methods needs it: weight-only
-methods use only the weights and int8-dynamic scales activations per token at run time.
+Calibration data is read by ``int4-weight-only-awq`` only (torchao's AWQ, ``methods.Int4AwqMethod``);
+the other methods do not need it: weight-only methods use only the weights and int8-dynamic
+scales activations per token at run time.
 """
 
 from __future__ import annotations

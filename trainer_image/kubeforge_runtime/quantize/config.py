@@ -38,9 +38,13 @@ from .. import configmodel
 from ..configfile import read_config_object
 from ..configmodel import CamelConfig
 
-Method = Literal["int8-dynamic", "int8-weight-only", "int4-weight-only", "fp16", "bf16"]
+Method = Literal["int8-dynamic", "int8-weight-only", "int4-weight-only", "int4-weight-only-awq", "fp16", "bf16"]
 METHODS: tuple[str, ...] = typing.get_args(Method)
 """Method names accepted in ``method``; the registry in ``methods.py`` implements each."""
+
+CALIBRATED_METHODS: dict[str, str] = {"int4-weight-only-awq": "int4-weight-only"}
+"""Methods that read ``calibration`` -> the same method without calibration, which the report
+measures on the same data next to it."""
 
 GroupSize = Literal[32, 64, 128]
 GROUP_SIZES: tuple[int, ...] = typing.get_args(GroupSize)
@@ -68,14 +72,15 @@ class ModelSource(_Frozen):
 
 
 class CalibrationSpec(_Frozen):
-    """Calibration data. None of the torchao methods offered here uses it (they are
-    weight-only or quantize activations dynamically at run time); it is accepted so that a
-    future static method (e.g. SmoothQuant/AWQ) needs no contract change."""
+    """Calibration data, read by the calibrating methods (``CALIBRATED_METHODS``: AWQ) and
+    by no other; a non-calibrating method given a ``uri`` says so in its report message."""
 
     uri: str | None = None
-    """Dataset URI (JSONL), or null."""
+    """Dataset URI (JSONL with "text", or "prompt" + "completion"), or null; required by a
+    calibrating method."""
     samples: int = Field(128, ge=1, le=100000)
-    """How many records a calibrating method would read."""
+    """How many records a calibrating method reads (tokenized, cut into windows of
+    ``evaluation.sequenceLength`` tokens)."""
 
 
 class TaskSpec(_Frozen):
@@ -140,11 +145,18 @@ class QuantizeConfig(_Frozen):
     """int8/int4 methods: also quantize the input embedding and the (tied or untied) output
     embedding ``lm_head`` to int8 (one scale per row); false keeps them in the model's dtype."""
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
-    """Calibration data (accepted, not read by any current method)."""
+    """Calibration data (read by the methods in ``CALIBRATED_METHODS`` only)."""
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     """Quality measurement and gates."""
     output: OutputSpec
     """Where the result is written."""
+
+    @model_validator(mode="after")
+    def _calibrating_method_needs_data(self) -> "QuantizeConfig":
+        if self.method in CALIBRATED_METHODS and self.calibration.uri is None:
+            raise ValueError(f"method {self.method!r} calibrates on your data: set 'calibration.uri' (JSONL with "
+                             "'text', or 'prompt' and 'completion' records)")
+        return self
 
 
 def parse_config(data: Any) -> QuantizeConfig:

@@ -16,7 +16,9 @@ Called by :mod:`kubeforge_runtime.quantize.runner`. Each method knows three thin
   (``save``).
 
 All methods are built on torchao's ``quantize_`` configs, never on the deprecated
-``torch.ao.quantization.quantize_dynamic``. None of them uses calibration data: int8/int4
+``torch.ao.quantization.quantize_dynamic``. One method calibrates: ``int4-weight-only-awq``
+(torchao's AWQ around the int4 config, ``Int4AwqMethod``) runs the calibration windows
+through the model to choose per-channel scales; the others ignore calibration data: int8/int4
 weight-only and fp16/bf16 need only the weights, and int8-dynamic computes activation scales
 per token at run time. torchao and transformers are imported lazily inside the methods, so
 importing the registry (e.g. to list names) costs nothing.
@@ -36,7 +38,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 from . import embeddings as embedding_quant
 
@@ -57,9 +59,15 @@ class QuantMethod(Protocol):
     def check_supported(self, device: str, group_size: int) -> None:
         """Raise UnsupportedMethodError (naming ``alternative``) if ``device`` cannot run it."""
 
-    def load_quantized(self, model_dir: Path, device: str, group_size: int, embeddings: bool = True) -> Any:
+    calibrates: bool
+    """Whether ``load_quantized`` reads ``calibration`` (the runner passes None otherwise)."""
+
+    def load_quantized(self, model_dir: Path, device: str, group_size: int, embeddings: bool = True,
+                       calibration: Sequence[Any] | None = None) -> Any:
         """Load the full-precision model at ``model_dir`` and return it quantized; ``embeddings``:
-        also quantize the input and output embeddings where the method supports it."""
+        also quantize the input and output embeddings where the method supports it;
+        ``calibration``: token-id windows (1-D LongTensors) a calibrating method runs through
+        the model to observe its activations."""
 
     def save(self, model: Any, out_dir: Path) -> dict[str, Any]:
         """Save ``model`` to ``out_dir``; return facts for the lineage record."""
@@ -144,13 +152,15 @@ class TorchAoMethod:
     alternative: str
     make_config: Callable[[int], Any]
     """group_size -> torchao AOBaseConfig (imports torchao when called)."""
+    calibrates: bool = False
 
     def check_supported(self, device: str, group_size: int) -> None:
         import torch
 
         _probe(self.name, self.alternative, device, lambda: self.make_config(group_size), 256, torch.float32)
 
-    def load_quantized(self, model_dir: Path, device: str, group_size: int, embeddings: bool = True) -> Any:
+    def load_quantized(self, model_dir: Path, device: str, group_size: int, embeddings: bool = True,
+                       calibration: Sequence[Any] | None = None) -> Any:
         return _with_embeddings(_load(model_dir, device, quant_type=self.make_config(group_size)), embeddings)
 
     def save(self, model: Any, out_dir: Path) -> dict[str, Any]:
@@ -187,6 +197,7 @@ class Int4WeightOnlyMethod:
 
     name: str = "int4-weight-only"
     alternative: str = "int8-weight-only"
+    calibrates: bool = False
 
     def _config(self, device: str, group_size: int) -> Any:
         if device == "cpu":
@@ -220,7 +231,8 @@ class Int4WeightOnlyMethod:
             self._dtype(device),
         )
 
-    def load_quantized(self, model_dir: Path, device: str, group_size: int, embeddings: bool = True) -> Any:
+    def load_quantized(self, model_dir: Path, device: str, group_size: int, embeddings: bool = True,
+                       calibration: Sequence[Any] | None = None) -> Any:
         model = _load(model_dir, device, dtype=self._dtype(device), quant_type=self._config(device, group_size))
         return _with_embeddings(model, embeddings)
 
@@ -265,6 +277,58 @@ class Int4WeightOnlyMethod:
                 **_embedding_facts(model)}
 
 
+@dataclass
+class Int4AwqMethod(Int4WeightOnlyMethod):
+    """int4 weight-only with AWQ (activation-aware weight quantization) calibrated on your data.
+
+    torchao's ``torchao.prototype.awq.AWQConfig`` around the same int4 config as
+    ``int4-weight-only`` (so the same kernel runs it, on CPU and CUDA): step ``prepare`` wraps
+    every linear layer (``lm_head`` excepted, and layers whose input width ``groupSize`` does
+    not divide, which stay in full precision as in ``int4-weight-only``) in an observer; the
+    calibration windows are run through the model one at a time; step ``convert`` then picks,
+    per layer, the per-input-channel scale ``s = mean|x|^r`` (``r`` searched over a grid) that
+    minimises the output error of ``quantize(W * s) @ (x / s)`` on the observed inputs, and
+    stores ``1/s`` in the int4 weight as its activation pre-scale. Different calibration data
+    gives different scales and so different int4 weights.
+
+    The observers keep every calibration input of every layer in memory (bfloat16): about
+    300 KB per calibration token for SmolLM2-135M (30 layers), so 8 k tokens need ~2.4 GB;
+    the scale search costs ~20 matmuls per layer over all of them.
+    """
+
+    name: str = "int4-weight-only-awq"
+    alternative: str = "int4-weight-only"
+    calibrates: bool = True
+
+    def load_quantized(self, model_dir: Path, device: str, group_size: int, embeddings: bool = True,
+                       calibration: Sequence[Any] | None = None) -> Any:
+        import torch
+        from torchao.prototype.awq import AWQConfig
+        from torchao.quantization import quantize_
+        from transformers import TorchAoConfig
+
+        if not calibration:
+            raise ValueError(f"{self.name} needs calibration windows (calibration.uri)")
+        base = self._config(device, group_size)
+        model = _load(model_dir, device, dtype=self._dtype(device))
+        head = model.get_output_embeddings()
+
+        def quantizable(module: Any, _fqn: str) -> bool:
+            return isinstance(module, torch.nn.Linear) and module is not head and module.in_features % group_size == 0
+
+        quantize_(model, AWQConfig(base, step="prepare"), filter_fn=quantizable)
+        tokens = 0
+        with torch.no_grad():
+            for window in calibration:
+                model(input_ids=window.unsqueeze(0).to(model.device))
+                tokens += len(window)
+        log.info("AWQ: observed %d calibration windows (%d tokens)", len(calibration), tokens)
+        quantize_(model, AWQConfig(base, step="convert"))  # converts the observed layers only
+        # What save() and the lineage read: the int4 config the weights were quantized with.
+        model.config.quantization_config = TorchAoConfig(quant_type=base)
+        return _with_embeddings(model, embeddings)
+
+
 # --- dtype casts -----------------------------------------------------------------------
 
 
@@ -275,13 +339,15 @@ class CastMethod:
     name: str
     alternative: str
     dtype_name: str
+    calibrates: bool = False
 
     def check_supported(self, device: str, group_size: int) -> None:
         import torch
 
         _probe(self.name, self.alternative, device, lambda: None, 256, getattr(torch, self.dtype_name))
 
-    def load_quantized(self, model_dir: Path, device: str, group_size: int, embeddings: bool = True) -> Any:
+    def load_quantized(self, model_dir: Path, device: str, group_size: int, embeddings: bool = True,
+                       calibration: Sequence[Any] | None = None) -> Any:
         import torch
 
         # A cast already covers the embeddings; there is nothing more to quantize.
@@ -298,6 +364,7 @@ REGISTRY: dict[str, Callable[[], QuantMethod]] = {
     "int8-dynamic": lambda: TorchAoMethod("int8-dynamic", "int8-weight-only", _int8_dynamic),
     "int8-weight-only": lambda: TorchAoMethod("int8-weight-only", "bf16", _int8_weight_only),
     "int4-weight-only": lambda: Int4WeightOnlyMethod(),
+    "int4-weight-only-awq": lambda: Int4AwqMethod(),
     # fp16 matmuls are slow or missing on many CPUs; bf16 has the same size and fp32's range.
     "fp16": lambda: CastMethod("fp16", "bf16", "float16"),
     "bf16": lambda: CastMethod("bf16", "int8-weight-only", "bfloat16"),

@@ -14,6 +14,7 @@ Compact keys (camelCase; the operator copies them into ``status.result``)::
     latencyMsPerToken: {before, after}, perplexity: {before, after},
     perplexityIncreasePercent, maxPerplexityIncreasePercent, gatePassed,
     method, reason, message, outputUri
+    (a calibrating method also: uncalibrated: {method, perplexity, perplexityIncreasePercent, task?})
 
 On a failure before measuring (bad config, unsupported method, unreadable model) only
 ``method``, ``reason``, ``message`` and ``gatePassed: false`` are present.

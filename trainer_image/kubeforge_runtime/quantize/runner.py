@@ -7,8 +7,10 @@ Run in the QuantizeJob pod as ``python -m kubeforge_runtime.quantize --config PA
    (``methods.py``) - before any model is loaded;
 2. load the original model (a LoRA adapter is merged into its base first) and measure its
    size, per-token latency and perplexity on the evaluation set;
-3. load it again quantized through transformers' torchao integration, measure the same
-   things on the same windows and prompts;
+3. load it again quantized through transformers' torchao integration (a calibrating method
+   first reads ``calibration.uri`` and runs it through the model), measure the same things on
+   the same windows and prompts; for a calibrating method, also the same method without
+   calibration (quality only), so the report shows what the calibration bought;
 4. save the quantized model, tokenizer, ``kubeforge.json`` lineage and the full report to the
    output; if the perplexity rose more than ``maxPerplexityIncreasePercent`` the output is
    still saved but marked rejected (a ``REJECTED`` file, ``"gatePassed": false``);
@@ -28,6 +30,7 @@ import logging
 import math
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -37,7 +40,7 @@ from .. import lineage as lineage_mod
 from ..data import DataError, parse_jsonl
 from . import data, methods, metrics, speed
 from . import report as reporting
-from .config import ConfigError, QuantizeConfig, load_config
+from .config import CALIBRATED_METHODS, ConfigError, QuantizeConfig, load_config
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +169,48 @@ def _check_output_apart(model_uri: str, output_uri: str, out_dir: Path) -> None:
         )
 
 
+@dataclass
+class _Calibration:
+    """The calibration set a calibrating method reads: windows and where they came from."""
+
+    uri: str
+    texts: int
+    digest: str
+    windows: list[Any]
+
+    def lineage(self) -> dict[str, Any]:
+        return {"uri": self.uri, "texts": self.texts, "windows": len(self.windows),
+                "tokens": sum(len(w) for w in self.windows), "digest": self.digest}
+
+
+def _calibration_windows(cfg: QuantizeConfig, tokenizer: Any) -> _Calibration:
+    """The first ``calibration.samples`` records at ``calibration.uri``, tokenized and cut into
+    windows of ``evaluation.sequenceLength`` tokens (the config guarantees a uri)."""
+    uri = cfg.calibration.uri
+    assert uri is not None, "a calibrating method's config has calibration.uri (config.py)"
+    texts = data.load_texts(uri, cfg.calibration.samples)
+    windows = data.make_windows(tokenizer, texts, cfg.evaluation.sequence_length)
+    log.info("calibration: %d texts -> %d windows (%d tokens) from %s", len(texts), len(windows),
+             sum(len(w) for w in windows), uri)
+    return _Calibration(uri=uri, texts=len(texts), digest=lineage_mod.records_digest(texts), windows=windows)
+
+
+def _uncalibrated(cfg: QuantizeConfig, source: Path, device: str, windows: list[Any], tokenizer: Any,
+                  before: dict[str, Any]) -> dict[str, Any]:
+    """Quality of the same method without calibration on the same evaluation data: what the
+    calibration bought (perplexity, and the task metric when one is asked for)."""
+    name = CALIBRATED_METHODS[cfg.method]
+    log.info("measuring %s without calibration on the same data, for comparison", name)
+    model = methods.get_method(name).load_quantized(source, device, cfg.group_size, embeddings=cfg.quantize_embeddings)
+    ppl = metrics.perplexity(model, windows).perplexity
+    task = _task_metric(model, tokenizer, cfg, "uncalibrated")
+    del model
+    gc.collect()
+    return {"method": name, "perplexity": ppl,
+            "perplexityIncreasePercent": (ppl - before["perplexity"]) / before["perplexity"] * 100.0,
+            **({"task": {"metric": task["metric"], "value": task["value"]}} if task else {})}
+
+
 def run(cfg: QuantizeConfig) -> tuple[dict[str, Any], dict[str, Any], int]:
     """Quantize per ``cfg``; return (compact report, full report, exit code)."""
     import torch
@@ -181,7 +226,7 @@ def run(cfg: QuantizeConfig) -> tuple[dict[str, Any], dict[str, Any], int]:
     except methods.UnsupportedMethodError as exc:
         raise _Failure(reporting.REASON_UNSUPPORTED_METHOD, str(exc), contract.EXIT_CONFIG_ERROR) from None
     calibration_note = ""
-    if cfg.calibration.uri is not None:
+    if cfg.calibration.uri is not None and not method.calibrates:
         # Said in the report's message (the Succeeded/QualityGateFailed condition), not only in
         # the log: a setting the user believes applied and is not must be visible.
         calibration_note = (f"; calibration.uri is set but {cfg.method} does not calibrate: the calibration data "
@@ -208,6 +253,7 @@ def run(cfg: QuantizeConfig) -> tuple[dict[str, Any], dict[str, Any], int]:
             windows = data.make_windows(tokenizer, texts, cfg.evaluation.sequence_length)
             prompts = data.latency_prompts(windows, LATENCY_PROMPTS, LATENCY_PROMPT_TOKENS)
             log.info("evaluation: %d texts -> %d windows of <= %d tokens", len(texts), len(windows), cfg.evaluation.sequence_length)
+            calibration = _calibration_windows(cfg, tokenizer) if method.calibrates else None
 
             log.info("[2/5] measuring the original model")
             original = models.load_causal_lm(str(source), device=device).eval()
@@ -223,7 +269,8 @@ def run(cfg: QuantizeConfig) -> tuple[dict[str, Any], dict[str, Any], int]:
 
             log.info("[3/5] quantizing with %s and measuring", cfg.method)
             started = time.perf_counter()
-            quantized = method.load_quantized(source, device, cfg.group_size, embeddings=cfg.quantize_embeddings)
+            quantized = method.load_quantized(source, device, cfg.group_size, embeddings=cfg.quantize_embeddings,
+                                              calibration=calibration.windows if calibration else None)
             quantize_seconds = time.perf_counter() - started
             skipped = metrics.unquantized_linear_layers(quantized) if cfg.method.startswith("int") else []
             linear_count = len(metrics.linear_layers(quantized))
@@ -248,6 +295,7 @@ def run(cfg: QuantizeConfig) -> tuple[dict[str, Any], dict[str, Any], int]:
                 "quantized: %d bytes, perplexity %.4f, %.3f ms/token",
                 after["bytes"], after["perplexity"], after["latencyMsPerToken"],
             )
+            uncalibrated = _uncalibrated(cfg, source, device, windows, tokenizer, before) if calibration else None
     except (models.ModelLoadError, storage.StorageError, data.EvaluationDataError, DataError) as exc:
         raise _Failure(reporting.REASON_CONFIG_ERROR, str(exc), contract.EXIT_CONFIG_ERROR) from None
 
@@ -271,6 +319,11 @@ def run(cfg: QuantizeConfig) -> tuple[dict[str, Any], dict[str, Any], int]:
         f"({before['bytes'] / after['bytes']:.2f}x smaller), latency "
         f"{before['latencyMsPerToken']:.3f} -> {after['latencyMsPerToken']:.3f} ms/token"
     )
+    if uncalibrated is not None:
+        task = uncalibrated.get("task")
+        numbers += (f"; {uncalibrated['method']} without calibration, same data: perplexity "
+                    f"{uncalibrated['perplexity']:.4f} ({uncalibrated['perplexityIncreasePercent']:+.3f}%)"
+                    + (f", {task['metric']} {task['value']:.1%}" if task else ""))
     numbers += calibration_note
     latency_note = speed.latency_note(cfg.method, device, after["latencyCompiled"], before["latencyMsPerToken"],
                                       after["latencyMsPerToken"])
@@ -298,6 +351,7 @@ def run(cfg: QuantizeConfig) -> tuple[dict[str, Any], dict[str, Any], int]:
         "perplexityIncreasePercent": increase,
         "maxPerplexityIncreasePercent": cfg.evaluation.max_perplexity_increase_percent,
         **({"task": task_report, "taskDropPoints": drop} if task_report else {}),
+        **({"uncalibrated": uncalibrated} if uncalibrated is not None else {}),
         "latencyPath": f"{after['latencyPath']}, batch 1",
         **({"latencyNote": latency_note} if latency_note else {}),
         "gatePassed": gate_passed,
@@ -312,9 +366,10 @@ def run(cfg: QuantizeConfig) -> tuple[dict[str, Any], dict[str, Any], int]:
         "namespace": cfg.namespace,
         "baseModel": {"uri": cfg.model.uri, **input_files},
         "evaluationData": {"uri": cfg.evaluation.uri, "texts": len(texts), "digest": texts_digest},
+        **({"calibrationData": calibration.lineage()} if calibration else {}),
         "quantization": {
             "method": cfg.method,
-            "groupSize": cfg.group_size if cfg.method == "int4-weight-only" else None,
+            "groupSize": cfg.group_size if cfg.method.startswith("int4") else None,
             "quantizeEmbeddings": cfg.quantize_embeddings,
             "device": device,
             "originalDtype": original_dtype,
