@@ -42,7 +42,7 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, Callable, Generic, TypeVar
 
 import kopf
@@ -154,6 +154,46 @@ def _check(owner: dict[str, Any], child: dict[str, Any], fresh: bool) -> None:
         _refused_or_raise(child, exc)
 
 
+WORKLOAD_KINDS = frozenset({"Job", "Deployment"})
+"""Children that run pods: each waits for every child listed before it (the NetworkPolicy that
+guards its pods, the ConfigMap they mount, the Service they resolve each other through)."""
+
+CHILD_REQUEST_THREADS = 16
+_child_pool: ThreadPoolExecutor | None = None
+_child_pool_lock = threading.Lock()
+
+
+def waves(children: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """``children`` in the order they must reach the API server: a run of children that run no
+    pods is one wave (sent at once), a workload (:data:`WORKLOAD_KINDS`) a wave of its own
+    between the children listed before and after it."""
+    out: list[list[dict[str, Any]]] = []
+    run: list[dict[str, Any]] = []
+    for child in children:
+        if child["kind"] in WORKLOAD_KINDS:
+            out += [run] if run else []
+            out.append([child])
+            run = []
+        else:
+            run.append(child)
+    return out + ([run] if run else [])
+
+
+def _all(fn: Callable[[dict[str, Any]], Any], wave: list[dict[str, Any]]) -> list[Any]:
+    """``fn`` on every child of ``wave`` at once (a wave of one in this thread); the results in
+    order. Every call finishes before the first failure, in list order, is raised: a check wave
+    raises what a serial check would have raised first."""
+    global _child_pool
+    if len(wave) == 1:
+        return [fn(wave[0])]
+    with _child_pool_lock:
+        if _child_pool is None:
+            _child_pool = ThreadPoolExecutor(CHILD_REQUEST_THREADS, thread_name_prefix="kubeforge-child")
+    futures = [_child_pool.submit(fn, child) for child in wave]
+    wait(futures)
+    return [f.result() for f in futures]
+
+
 def apply_children(owner: dict[str, Any], children: list[dict[str, Any]], *, fresh: bool = False) -> list[dict[str, Any]]:
     """Server-side apply ``children`` of ``owner``, each only if it is absent or already ``owner``'s.
 
@@ -163,10 +203,15 @@ def apply_children(owner: dict[str, Any], children: list[dict[str, Any]], *, fre
     is still taken over: the window is one request long.) ``fresh``: the owner has no children
     yet as far as it knows (its first sync): each check is then one dry-run create instead of a
     read and a dry-run apply (:func:`_check`). Returns the applied objects, in order.
+
+    Checks and applies go out in :func:`waves`, the requests of one wave at once: a
+    FineTuneJob's NetworkPolicy, Service and ConfigMap, then its Job, is four round trips to the
+    API server instead of eight (on the path from a new FineTuneJob to its running workers).
     """
-    for child in children:
-        _check(owner, child, fresh)
-    return [kube.server_side_apply(child) for child in children]
+    groups = waves(children)
+    for group in groups:
+        _all(lambda child: _check(owner, child, fresh), group)
+    return [applied for group in groups for applied in _all(kube.server_side_apply, group)]
 
 
 def namespace_terminating(exc: ApiException) -> bool:
@@ -479,5 +524,5 @@ def stop_debouncer(**_: Any) -> None:
             _the_debouncer = None
 
 
-__all__ = ["ChildConflict", "ChildRefused", "Debouncer", "Reconciler", "apply_children", "check_policy", "controlled_by", "ensure_free",
+__all__ = ["ChildConflict", "ChildRefused", "Debouncer", "Reconciler", "apply_children", "waves", "check_policy", "controlled_by", "ensure_free",
            "merge_hints", "owned_by"]
