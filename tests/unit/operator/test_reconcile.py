@@ -515,3 +515,37 @@ def test_a_wave_raises_the_first_failure_in_list_order_and_applies_nothing(api):
         apply_children(owner, kids, fresh=True)
     assert str(err.value).startswith("ConfigMap q-config already exists")
     assert api.applied == [] and ("Job", "q") not in api.dry_creates  # the Job's wave never started
+
+
+def test_fan_out_with_the_kinds_kopf_index_schedules_the_referrers_without_listing(api, monkeypatch):
+    from kubeforge.controllers import finetune, inference, quantize
+
+    # The index as kopf builds it from every object's reference_keys (key -> names).
+    index: dict = {}
+    for fn, name, spec in [
+        (quantize.quantizejob_references, "q1", {"model": {"fineTuneJobRef": {"name": "ft"}}}),
+        (quantize.quantizejob_references, "q2", {"model": {"fineTuneJobRef": {"name": "other"}}}),
+        (quantize.quantizejob_references, "q3", {"model": {"uri": "s3://b/m"}}),
+        (inference.inferenceservice_references, "svc", {"model": {"quantizeJobRef": {"name": "q1"}}}),
+        (finetune.finetunejob_references, "student", {"distillation": {"teacher": {"fineTuneJobRef": {"name": "ft"}}}}),
+    ]:
+        for key, value in fn(name=name, namespace="ns-rec", spec=spec).items():
+            index.setdefault(key, []).append(value)
+    assert quantize.quantizejob_references(name="q3", namespace="ns-rec", spec={"model": {"uri": "s3://b/m"}}) == {}
+    monkeypatch.setattr(kube, "list_", lambda *a, **k: pytest.fail("listed although the index was given"))
+    r = Reconciler(QuantizeJob, validate=quantize_status.validate, step=Steps())
+    scheduled = []
+    monkeypatch.setattr(r, "schedule", lambda ns, name, **hints: scheduled.append((ns, name, hints)))
+    ft = {"metadata": {"uid": "f1"}, "status": {"phase": "Running"}}
+    r.fan_out("fineTuneJobRef", ft, "ft", "ns-rec", "MODIFIED", index=index, apply=True)
+    assert scheduled == [("ns-rec", "q1", {"apply": True})]
+    r.fan_out("fineTuneJobRef", ft, "ft", "ns-rec", "MODIFIED", index=index)
+    assert len(scheduled) == 1  # no news
+    r.fan_out("quantizeJobRef", {"metadata": {"uid": "x"}, "status": {"phase": "Succeeded"}}, "q1", "ns-rec", "MODIFIED",
+              index=index)
+    assert scheduled[-1] == ("ns-rec", "svc", {})
+    r.fan_out("fineTuneJobRef", {**ft, "status": {"phase": "Succeeded"}}, "ft", "ns-rec", "MODIFIED",
+              spec_path=("distillation", "teacher"), index=index)
+    assert scheduled[-1] == ("ns-rec", "student", {})
+    r.fan_out("fineTuneJobRef", {**ft, "status": {"phase": "Failed"}}, "ft", "other-ns", "MODIFIED", index=index)
+    assert len(scheduled) == 3  # another namespace's job of that name is no news to these
