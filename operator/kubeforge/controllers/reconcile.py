@@ -431,7 +431,9 @@ class Reconciler(Generic[S]):
         started = time.monotonic()
         if self.cache is not None and not hints.get("apply") and self._settled_from_cache(namespace, name, hints):
             return
-        obj = kube.get(self.kind, namespace, name)
+        obj = self._spec_handlers_copy(namespace, name) if hints.get("apply") else None
+        if obj is None:
+            obj = kube.get(self.kind, namespace, name)
         if obj is None or obj["metadata"].get("deletionTimestamp"):
             self.forget(namespace, name)
             return
@@ -475,6 +477,23 @@ class Reconciler(Generic[S]):
             fresh = kube.get(self.kind, namespace, name)
             if fresh is not None:
                 self.write(fresh, fresh.get("status") or {}, reject(fresh, str(exc)))
+
+    def _spec_handlers_copy(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The object for a spec handler's sync from the cache, None without it (then it is read).
+
+        kopf runs an event's watching handlers, which fill the cache, before its change handlers,
+        so the cache holds at least the version whose spec the handler was called for: its
+        children are applied from that spec without a read first (one round trip less on the way
+        from a new FineTuneJob to its workers). A status it shows that is already outdated only
+        makes the status write meet a newer resourceVersion: 409, and the write is redone on a
+        fresh read (:meth:`request`).
+        """
+        if self.cache is None:
+            return None
+        try:
+            return copy.deepcopy(self.cache.get(self.kind, namespace, name))
+        except NeedFresh:
+            return None
 
     def _settled_from_cache(self, namespace: str, name: str, hints: dict[str, Any]) -> bool:
         """The sync computed from the cache alone; True when that found nothing to do.

@@ -174,7 +174,11 @@ def test_what_the_cache_does_not_hold_is_read_fresh(api: CountingAPI) -> None:
     assert api.requests[:2] == ["GET FineTuneJob", "GET Job"]
 
 
-def test_a_spec_handlers_sync_never_reads_the_cache(api: CountingAPI, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_spec_handlers_sync_applies_from_the_cached_object_and_decides_nothing_from_the_cache(
+        api: CountingAPI, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kopf fills the cache (watching handlers) before it calls the spec handler for the same
+    event, so the spec handler applies from the cached object without reading it; it never
+    ends early on the cache: the children are always applied and the status computed."""
     job, pods = setup_job(api)
     for kind, obj in [("FineTuneJob", api.objects[("FineTuneJob", NAME)]), ("Job", job), ("Pod", pods[0]),
                       ("Pod", pods[1])]:
@@ -183,7 +187,30 @@ def test_a_spec_handlers_sync_never_reads_the_cache(api: CountingAPI, monkeypatc
     monkeypatch.setattr(controller, "apply_children", lambda *a, **k: applied.append(True) or job)
     api.requests.clear()
     controller.reconciler.request(NS, NAME, apply=True)
-    assert applied == [True] and api.requests[0] == "GET FineTuneJob"
+    assert applied == [True] and "GET FineTuneJob" not in api.requests
+
+    # A cached object behind the server's: the status write meets a newer resourceVersion (409)
+    # and is redone on a fresh read, without applying the children again.
+    stale = copy.deepcopy(api.objects[("FineTuneJob", NAME)])
+    stale["metadata"]["resourceVersion"] = "1"
+    stale["status"] = {}
+    seen("FineTuneJob", stale)
+    conflicts = []
+    patch = api.patch_merge
+
+    def guarded(kind, namespace, name, body, subresource=None):
+        if body.get("metadata", {}).get("resourceVersion") != api.objects[(kind, name)]["metadata"]["resourceVersion"]:
+            conflicts.append(name)
+            from kubernetes.client.rest import ApiException
+            raise ApiException(status=409, reason="Conflict")
+        return patch(kind, namespace, name, body, subresource)
+
+    monkeypatch.setattr(kube, "patch_merge", guarded)
+    applied.clear()
+    api.requests.clear()
+    controller.reconciler.request(NS, NAME, apply=True)
+    assert conflicts == [NAME] and applied == [True]  # applied once, before the 409
+    assert "GET FineTuneJob" in api.requests  # the redo read it
 
 
 def test_the_cache_keeps_the_last_object_by_name_and_owner_and_drops_deleted_ones() -> None:
