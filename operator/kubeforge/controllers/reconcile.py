@@ -32,7 +32,12 @@ them); :meth:`~Reconciler.schedule` syncs soon from a small pool, after a short 
 coalesces a burst of child events into one sync (a pod going Pending -> Running -> Ready is
 half a dozen events within a second); a failed scheduled sync is scheduled again.
 :meth:`~Reconciler.fan_out` schedules the objects that reference a FineTuneJob or QuantizeJob
-whose outcome changed.
+whose outcome changed (looked up in the kind's kopf index, :func:`reference_keys`).
+
+A kind built with ``cached=True`` (FineTuneJob) keeps what its event handlers saw in a
+:class:`.watched.WatchCache`: a sync with nothing to apply is first computed from it and ends
+there when it finds nothing to write or post (no request at all); a spec handler's sync takes
+the object from it instead of reading it. Everything that writes is decided on fresh reads.
 """
 
 from __future__ import annotations
