@@ -35,3 +35,25 @@ def test_operator_flags_the_chart_passes_parse():
         "--webhook-key-file=/c/tls.key"])
     assert (args.peering, args.peering_lifetime, args.namespace) == ("kubeforge", 30, ["a", "b"])
     assert (args.webhook_port, args.webhook_cert_file, args.metrics_port) == (9443, "/c/tls.crt", 8080)
+
+
+def test_event_handler_success_lines_are_dropped_and_change_handler_lines_kept():
+    import kopf
+
+    from kubeforge.controllers.runner import QuietEventHandlers, event_handler_ids
+
+    import kubeforge.controllers  # noqa: F401  (registers the handlers)
+
+    ids = event_handler_ids(kopf.get_default_registry())
+    assert {"pod_event", "job_event", "finetunejob-deleted", "finetunejob_references"} <= ids
+    assert "on_spec" not in ids and not any(i.endswith("on_spec") for i in ids)
+    quiet = QuietEventHandlers(ids)
+
+    def line(msg: str, level: int = logging.INFO) -> logging.LogRecord:
+        return logging.LogRecord("kopf.objects", level, __file__, 1, msg, None, None)
+
+    assert not quiet.filter(line("Handler 'pod_event' succeeded."))
+    assert not quiet.filter(line("Indexer 'finetunejob_references' succeeded."))
+    assert quiet.filter(line("Handler 'on_spec' succeeded."))
+    assert quiet.filter(line("Creation is processed: 1 succeeded; 0 failed."))
+    assert quiet.filter(line("Handler 'pod_event' succeeded.", logging.WARNING))

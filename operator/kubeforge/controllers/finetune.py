@@ -12,7 +12,9 @@ steps and registers the kopf handlers (on import, by :mod:`kubeforge.controllers
   workers, a gate that fails leaves the job Failed without ever creating one;
 * ``job_event``/``pod_event`` on every event of a Job or pod carrying the FineTuneJob label:
   a debounced sync of the owner's status (:mod:`.finetune_status`, a pure function), so that
-  a burst of events costs one sync;
+  a burst of events costs one sync; the event's object is kept in the reconciler's watch cache
+  first (:mod:`.watched`, as is every FineTuneJob's), and a sync that finds nothing to change
+  there makes no request at all;
 * ``finetunejob-deleted`` on the FineTuneJob's DELETED event: forget its in-memory state
   (the children go by ownerReferences);
 * a background poller (started at operator startup) that reads training progress from the
@@ -50,9 +52,10 @@ from ..builders import network
 from . import finetune_status, metrics, peering, scrape
 from .conditions import TERMINAL_PHASES, is_true, now
 from .references import Resolution, resolve_model
-from .reconcile import ChildConflict, Reconciler, controlled_by, owned_by
+from .reconcile import ChildConflict, Reconciler, controlled_by, owned_by, reference_keys
 from .reconcile import apply_children as apply_owned
 from .settings import network_policy_settings
+from .watched import fresh_only
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +146,13 @@ def _age_seconds(obj: dict[str, Any]) -> float:
     return (dt.datetime.now(dt.timezone.utc) - t).total_seconds()
 
 
-def _step(obj: dict[str, Any], spec: FineTuneJobSpec, *, apply: bool = False) -> finetune_status.FineTuneOutcome:
-    """Apply the children (``apply``: a spec handler), read the Job and its pods, compute the status."""
+def _step(obj: dict[str, Any], spec: FineTuneJobSpec, *, apply: bool = False,
+          reads: Any = kube) -> finetune_status.FineTuneOutcome:
+    """Apply the children (``apply``: a spec handler), read the Job and its pods, compute the status.
+
+    ``reads``: where the Job, pods and teacher are read, the API (:mod:`kubeforge.kube`) or the
+    reconciler's watch cache (:mod:`.watched`), from which nothing is ever written: a child to
+    apply or an annotation to write raises :class:`.watched.NeedFresh` instead."""
     meta = obj["metadata"]
     name, namespace = meta["name"], meta["namespace"]
     prev = obj.get("status") or {}
@@ -152,10 +160,10 @@ def _step(obj: dict[str, Any], spec: FineTuneJobSpec, *, apply: bool = False) ->
     created = any(c.get("type") == "Created" and c.get("status") == "True" for c in prev.get("conditions") or [])
     names = builder.Names.of(name)
     # A distillation teacher named by fineTuneJobRef: its output, once it has succeeded.
-    teacher = teacher_resolution(spec, namespace) if not terminal else None
+    teacher = teacher_resolution(spec, namespace, reads) if not terminal else None
     teacher_ready = teacher is None or teacher.state == "ready"
     teacher_uri = teacher.uri if teacher is not None else None
-    gate = _read_gate(obj, spec) if not terminal and teacher_ready else None
+    gate = _read_gate(obj, spec, reads) if not terminal and teacher_ready else None
     job: dict[str, Any] | None = None
     applied_workers = False
     if apply and terminal:
@@ -166,11 +174,12 @@ def _step(obj: dict[str, Any], spec: FineTuneJobSpec, *, apply: bool = False) ->
         # The gate's pass is seen once (then recorded in DataChecked): create the workers now.
         # A gate Job gone before it decided (deleted by hand?) is put back. A teacher this job
         # waited for has just succeeded: create the children now.
+        fresh_only(reads, "apply the children")
         workers = gate is None or gate.passed
         job = apply_children(obj, spec, workers, teacher_uri, fresh=not created)  # the worker Job, if applied
         applied_workers = workers
     if not applied_workers:
-        job = kube.get("Job", namespace, names.job)
+        job = reads.get("Job", namespace, names.job)
     if job is not None and not controlled_by(job, obj):
         # Never report a foreign Job of that name as ours (a finished job just ignores it).
         if not terminal:
@@ -178,13 +187,14 @@ def _step(obj: dict[str, Any], spec: FineTuneJobSpec, *, apply: bool = False) ->
         job = None
     if job is None and not terminal and created:
         # The Job was there and is gone (deleted by hand?): put it back, the job goes on.
+        fresh_only(reads, "apply the children again")
         log.warning("Job %s/%s vanished; applying the children again", namespace, names.job)
         job = apply_children(obj, spec, teacher=teacher_uri)
     # Only this Job's pods (a deleted and re-created FineTuneJob of the same name has a new Job).
     # A Job this first sync has just created has none to read yet (the Job controller has not
     # started it); the events of its pods, when they come, schedule the next sync.
     just_created = apply and not created and not terminal and not ((job or {}).get("status") or {}).get("startTime")
-    pods = [p for p in kube.list_("Pod", namespace, f"{reconciler.owner_label}={name}")
+    pods = [p for p in reads.list_("Pod", namespace, f"{reconciler.owner_label}={name}")
             if owned_by(p, job)] if job is not None and not just_created else []
     counted = [u for u in (meta.get("annotations") or {}).get(COUNTED_ANNOTATION, "").split(",") if u]
     with _tracked_lock:
@@ -192,6 +202,7 @@ def _step(obj: dict[str, Any], spec: FineTuneJobSpec, *, apply: bool = False) ->
     outcome = finetune_status.compute(obj, spec=spec, job=job, pods=pods, counted=counted, progress=progress,
                                       now=now(), gate=gate, teacher=teacher)
     if outcome.counted != counted:
+        fresh_only(reads, "write the counted failures")
         patched = kube.patch_merge(KIND, namespace, name, {"metadata": {
             "resourceVersion": meta.get("resourceVersion"), "annotations": {COUNTED_ANNOTATION: ",".join(outcome.counted)}}})
         meta["resourceVersion"] = patched["metadata"]["resourceVersion"]  # the status write follows this one
@@ -205,7 +216,7 @@ def _step(obj: dict[str, Any], spec: FineTuneJobSpec, *, apply: bool = False) ->
     return outcome
 
 
-def _read_gate(obj: dict[str, Any], spec: FineTuneJobSpec) -> finetune_status.Gate | None:
+def _read_gate(obj: dict[str, Any], spec: FineTuneJobSpec, reads: Any = kube) -> finetune_status.Gate | None:
     """The data gate's state while it decides anything, else None without an API call: only
     with a red line in ``spec.dataset.checks``, before its pass is recorded (``DataChecked``) and before any
     worker Job was created (``Created``: a job that got checks added while running keeps going)."""
@@ -217,20 +228,20 @@ def _read_gate(obj: dict[str, Any], spec: FineTuneJobSpec) -> finetune_status.Ga
     meta = obj["metadata"]
     name, namespace = meta["name"], meta["namespace"]
     gate_name = builder.Names.of(name).datacheck
-    gate_job = kube.get("Job", namespace, gate_name)
+    gate_job = reads.get("Job", namespace, gate_name)
     if gate_job is not None and not controlled_by(gate_job, obj):
         raise ChildConflict(obj, "Job", gate_name)
-    pods = [p for p in kube.list_("Pod", namespace, f"{reconciler.owner_label}={name}")
+    pods = [p for p in reads.list_("Pod", namespace, f"{reconciler.owner_label}={name}")
             if owned_by(p, gate_job)] if gate_job is not None else []
     return finetune_status.gate_state(gate_job, pods)
 
 
-def teacher_resolution(spec: FineTuneJobSpec, namespace: str) -> Resolution | None:
+def teacher_resolution(spec: FineTuneJobSpec, namespace: str, reads: Any = kube) -> Resolution | None:
     """What ``distillation.teacher.fineTuneJobRef`` yields now (:mod:`.references`, as a
     QuantizeJob's model reference); None without one (no distillation, or a teacher URI)."""
     if spec.distillation is None or spec.distillation.teacher.fine_tune_job_ref is None:
         return None
-    return resolve_model(spec.distillation.teacher, lambda kind, ref: kube.get(kind, namespace, ref))
+    return resolve_model(spec.distillation.teacher, lambda kind, ref: reads.get(kind, namespace, ref))
 
 
 def _after(obj: dict[str, Any], spec: FineTuneJobSpec, outcome: finetune_status.FineTuneOutcome,
@@ -252,7 +263,7 @@ def _after(obj: dict[str, Any], spec: FineTuneJobSpec, outcome: finetune_status.
 
 
 reconciler: Reconciler[FineTuneJobSpec] = Reconciler(
-    FineTuneJob, validate=finetune_status.validate, step=_step, after=_after, on_forget=_forget)
+    FineTuneJob, validate=finetune_status.validate, step=_step, after=_after, on_forget=_forget, cached=True)
 
 
 # --- kopf handlers ---------------------------------------------------------------------------------
@@ -264,15 +275,23 @@ def on_spec(name: str, namespace: str, **_: Any) -> None:
     reconciler.request(namespace, name, apply=True)
 
 
+def _observe(kind: str, event: Any) -> None:
+    """Keep a child's watch event in the reconciler's cache (:mod:`.watched`)."""
+    if reconciler.cache is not None:
+        reconciler.cache.observe(kind, event)
+
+
 # Event handlers that only mark an object due are coroutines: they run in kopf's event loop,
 # so a burst of pod events never queues the spec handlers behind it for kopf's handler threads.
 @kopf.on.event("batch", "v1", "jobs", labels=reconciler.child_labels)
-async def job_event(labels: Any, namespace: str, **_: Any) -> None:
+async def job_event(labels: Any, namespace: str, event: Any, **_: Any) -> None:
+    _observe("Job", event)  # before the sync is scheduled: it finds at least this state
     reconciler.schedule(namespace, labels[reconciler.owner_label])
 
 
 @kopf.on.event("", "v1", "pods", labels=reconciler.child_labels)
-async def pod_event(labels: Any, namespace: str, **_: Any) -> None:
+async def pod_event(labels: Any, namespace: str, event: Any, **_: Any) -> None:
+    _observe("Pod", event)
     reconciler.schedule(namespace, labels[reconciler.owner_label])
 
 
@@ -280,11 +299,22 @@ async def pod_event(labels: Any, namespace: str, **_: Any) -> None:
 kopf.on.event(*FineTuneJob.resource(), id="finetunejob-deleted")(reconciler.on_event_nonblocking)
 
 
+REFERENCES = ((("distillation", "teacher"), "fineTuneJobRef"),)
+"""Where a FineTuneJob names another: ``spec.distillation.teacher.fineTuneJobRef``."""
+
+
+@kopf.index(*FineTuneJob.resource(), id="finetunejob_references")
+def finetunejob_references(name: str, namespace: str, spec: Any, **_: Any) -> dict[Any, str]:
+    """kopf's index of the FineTuneJobs by the teacher they distil from (:func:`.reconcile.reference_keys`)."""
+    return reference_keys(namespace, name, spec, REFERENCES)
+
+
 @kopf.on.event(*FineTuneJob.resource(), id="finetunejob-teachers")
-async def on_teacher(body: Any, name: str, namespace: str, type: str | None, **_: Any) -> None:
+async def on_teacher(body: Any, name: str, namespace: str, type: str | None,
+                     finetunejob_references: kopf.Index[Any, str], **_: Any) -> None:
     """A FineTuneJob changed: sync the jobs that distil from it (they may be waiting for it)."""
     await reconciler.fan_out_nonblocking("fineTuneJobRef", body, name, namespace, type,
-                                         spec_path=("distillation", "teacher"))
+                                         spec_path=("distillation", "teacher"), index=finetunejob_references)
 
 
 # --- the poller: progress and TTL ----------------------------------------------------------------------

@@ -40,7 +40,7 @@ from ..builders import inference as builder
 from ..builders import network, vllm
 from . import inference_status
 from .conditions import Outcome, now
-from .reconcile import Reconciler, apply_children, controlled_by, ensure_free
+from .reconcile import Reconciler, apply_children, controlled_by, ensure_free, reference_keys
 from .references import Resolution, resolve_model
 from .settings import network_policy_settings
 
@@ -129,14 +129,28 @@ async def on_pod(namespace: str, labels: Any, **_: Any) -> None:
     reconciler.schedule(namespace, labels[reconciler.owner_label])
 
 
+REFERENCES = ((("model",), "fineTuneJobRef"), (("model",), "quantizeJobRef"))
+"""Where an InferenceService names a job: ``spec.model.fineTuneJobRef`` or ``spec.model.quantizeJobRef``."""
+
+
+@kopf.index(*InferenceService.resource(), id="inferenceservice_references")
+def inferenceservice_references(name: str, namespace: str, spec: Any, **_: Any) -> dict[Any, str]:
+    """kopf's index of the InferenceServices by the job they name (:func:`.reconcile.reference_keys`)."""
+    return reference_keys(namespace, name, spec, REFERENCES)
+
+
 @kopf.on.event(*FineTuneJob.resource(), id="inferenceservice-finetune-inputs")
-async def on_finetunejob(body: Any, name: str, namespace: str, type: str | None, **_: Any) -> None:
-    await reconciler.fan_out_nonblocking("fineTuneJobRef", body, name, namespace, type, apply=True)
+async def on_finetunejob(body: Any, name: str, namespace: str, type: str | None,
+                         inferenceservice_references: kopf.Index[Any, str], **_: Any) -> None:
+    await reconciler.fan_out_nonblocking("fineTuneJobRef", body, name, namespace, type,
+                                         index=inferenceservice_references, apply=True)
 
 
 @kopf.on.event(*QuantizeJob.resource(), id="inferenceservice-quantize-inputs")
-async def on_quantizejob(body: Any, name: str, namespace: str, type: str | None, **_: Any) -> None:
-    await reconciler.fan_out_nonblocking("quantizeJobRef", body, name, namespace, type, apply=True)
+async def on_quantizejob(body: Any, name: str, namespace: str, type: str | None,
+                         inferenceservice_references: kopf.Index[Any, str], **_: Any) -> None:
+    await reconciler.fan_out_nonblocking("quantizeJobRef", body, name, namespace, type,
+                                         index=inferenceservice_references, apply=True)
 
 
 # Deleted: forget it (the children go by ownerReferences, the garbage collector's work).

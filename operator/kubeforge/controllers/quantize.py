@@ -35,7 +35,7 @@ from ..builders import quantize as builder
 from . import quantize_status
 from .conditions import TERMINAL_PHASES, Event, now, true_condition
 from .events import post as post_event
-from .reconcile import Reconciler, apply_children, ensure_free, owned_by
+from .reconcile import Reconciler, apply_children, ensure_free, owned_by, reference_keys
 from .references import resolve_model
 
 log = logging.getLogger(__name__)
@@ -106,9 +106,20 @@ async def on_child_job(body: Any, namespace: str, labels: Any, **_: Any) -> None
     reconciler.schedule(namespace, labels[reconciler.owner_label], job_hint=dict(body))
 
 
+REFERENCES = ((("model",), "fineTuneJobRef"),)
+"""Where a QuantizeJob names another job: ``spec.model.fineTuneJobRef``."""
+
+
+@kopf.index(*QuantizeJob.resource(), id="quantizejob_references")
+def quantizejob_references(name: str, namespace: str, spec: Any, **_: Any) -> dict[Any, str]:
+    """kopf's index of the QuantizeJobs by the FineTuneJob they name (:func:`.reconcile.reference_keys`)."""
+    return reference_keys(namespace, name, spec, REFERENCES)
+
+
 @kopf.on.event(*FineTuneJob.resource(), id="quantizejob-inputs")
-async def on_finetunejob(body: Any, name: str, namespace: str, type: str | None, **_: Any) -> None:
-    await reconciler.fan_out_nonblocking("fineTuneJobRef", body, name, namespace, type)
+async def on_finetunejob(body: Any, name: str, namespace: str, type: str | None,
+                         quantizejob_references: kopf.Index[Any, str], **_: Any) -> None:
+    await reconciler.fan_out_nonblocking("fineTuneJobRef", body, name, namespace, type, index=quantizejob_references)
 
 
 # Deleted: forget it (the children go by ownerReferences, the garbage collector's work).

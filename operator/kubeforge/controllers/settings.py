@@ -27,6 +27,9 @@ from ..api import policy
 from ..builders import network
 
 
+CONSISTENCY_TIMEOUT_SECONDS = 60.0
+
+
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
@@ -39,6 +42,12 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.batching.error_delays = [1, 2, 5, 10, 30, 60]
+    # After its own annotation patch, kopf holds an object's change handlers until the watch
+    # brings the patched version back, for at most this long; then it takes the older version it
+    # has for current, finds no last-handled configuration there and runs the creation handler
+    # again (a second apply of every child). Under load the watch lags by more than kopf's 5 s
+    # default: most of 40 FineTuneJobs created at once were "created" twice on a busy machine.
+    settings.persistence.consistency_timeout = CONSISTENCY_TIMEOUT_SECONDS
     settings.peering.name = "kubeforge"
     settings.peering.mandatory = False
     kube.load_config()

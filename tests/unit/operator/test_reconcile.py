@@ -466,3 +466,86 @@ def test_a_scheduled_sync_waits_while_the_replica_is_paused(monkeypatch):
     r.request = lambda *a, **k: calls.append(a)  # type: ignore[method-assign]
     reconcile.Reconciler.run_scheduled(r, "ns", "x", {})
     assert calls == [] and rescheduled and rescheduled[0][-1] == peering.PAUSED_RECHECK_SECONDS
+
+
+# --- children: in waves, the requests of a wave at once ---------------------------------------------
+def test_waves_put_each_workload_after_everything_listed_before_it():
+    kinds = ["NetworkPolicy", "Service", "ConfigMap", "Job"]
+    assert [[c["kind"] for c in w] for w in reconcile.waves([child(k, k.lower()) for k in kinds])] == \
+        [["NetworkPolicy", "Service", "ConfigMap"], ["Job"]]
+    kinds = ["NetworkPolicy", "ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"]
+    assert [[c["kind"] for c in w] for w in reconcile.waves([child(k, k.lower()) for k in kinds])] == \
+        [["NetworkPolicy", "ConfigMap"], ["Deployment"], ["Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"]]
+    assert reconcile.waves([]) == []
+
+
+def test_a_waves_checks_and_applies_go_out_at_once_and_the_workload_after_them(api, monkeypatch):
+    """Each request of the first wave waits at a barrier for the other two: sent one after the
+    other, they would never meet (BrokenBarrierError). The Job comes only after all three."""
+    owner = {**qj(), "kind": "QuantizeJob"}
+    kids = [child("NetworkPolicy", "q"), child("Service", "q"), child("ConfigMap", "q-config"), child("Job", "q")]
+    together = {"dry": threading.Barrier(3, timeout=5), "apply": threading.Barrier(3, timeout=5)}
+    order: list[str] = []
+    create, ssa = api.create, api.server_side_apply
+
+    def dry_create(kind, namespace, obj, name=None, subresource=None, dry_run=False):
+        if kind != "Job":
+            together["dry"].wait()
+        return create(kind, namespace, obj, name, subresource, dry_run)
+
+    def apply(obj, dry_run=False):
+        if obj["kind"] != "Job":
+            together["apply"].wait()
+        order.append(obj["kind"])
+        return ssa(obj, dry_run)
+
+    monkeypatch.setattr(kube, "create", dry_create)
+    monkeypatch.setattr(kube, "server_side_apply", apply)
+    applied = apply_children(owner, kids, fresh=True)
+    assert [a["kind"] for a in applied] == ["NetworkPolicy", "Service", "ConfigMap", "Job"]  # in list order
+    assert order[-1] == "Job" and sorted(order[:3]) == ["ConfigMap", "NetworkPolicy", "Service"]
+
+
+def test_a_wave_raises_the_first_failure_in_list_order_and_applies_nothing(api):
+    owner = {**qj(), "kind": "QuantizeJob"}
+    api.put("ConfigMap", child("ConfigMap", "q-config", owner_uid=None))
+    api.refused.add(("NetworkPolicy", "q"))
+    kids = [child("Service", "q"), child("ConfigMap", "q-config"), child("NetworkPolicy", "q"), child("Job", "q")]
+    with pytest.raises(ChildConflict) as err:  # the ConfigMap is listed before the refused NetworkPolicy
+        apply_children(owner, kids, fresh=True)
+    assert str(err.value).startswith("ConfigMap q-config already exists")
+    assert api.applied == [] and ("Job", "q") not in api.dry_creates  # the Job's wave never started
+
+
+def test_fan_out_with_the_kinds_kopf_index_schedules_the_referrers_without_listing(api, monkeypatch):
+    from kubeforge.controllers import finetune, inference, quantize
+
+    # The index as kopf builds it from every object's reference_keys (key -> names).
+    index: dict = {}
+    for fn, name, spec in [
+        (quantize.quantizejob_references, "q1", {"model": {"fineTuneJobRef": {"name": "ft"}}}),
+        (quantize.quantizejob_references, "q2", {"model": {"fineTuneJobRef": {"name": "other"}}}),
+        (quantize.quantizejob_references, "q3", {"model": {"uri": "s3://b/m"}}),
+        (inference.inferenceservice_references, "svc", {"model": {"quantizeJobRef": {"name": "q1"}}}),
+        (finetune.finetunejob_references, "student", {"distillation": {"teacher": {"fineTuneJobRef": {"name": "ft"}}}}),
+    ]:
+        for key, value in fn(name=name, namespace="ns-rec", spec=spec).items():
+            index.setdefault(key, []).append(value)
+    assert quantize.quantizejob_references(name="q3", namespace="ns-rec", spec={"model": {"uri": "s3://b/m"}}) == {}
+    monkeypatch.setattr(kube, "list_", lambda *a, **k: pytest.fail("listed although the index was given"))
+    r = Reconciler(QuantizeJob, validate=quantize_status.validate, step=Steps())
+    scheduled = []
+    monkeypatch.setattr(r, "schedule", lambda ns, name, **hints: scheduled.append((ns, name, hints)))
+    ft = {"metadata": {"uid": "f1"}, "status": {"phase": "Running"}}
+    r.fan_out("fineTuneJobRef", ft, "ft", "ns-rec", "MODIFIED", index=index, apply=True)
+    assert scheduled == [("ns-rec", "q1", {"apply": True})]
+    r.fan_out("fineTuneJobRef", ft, "ft", "ns-rec", "MODIFIED", index=index)
+    assert len(scheduled) == 1  # no news
+    r.fan_out("quantizeJobRef", {"metadata": {"uid": "x"}, "status": {"phase": "Succeeded"}}, "q1", "ns-rec", "MODIFIED",
+              index=index)
+    assert scheduled[-1] == ("ns-rec", "svc", {})
+    r.fan_out("fineTuneJobRef", {**ft, "status": {"phase": "Succeeded"}}, "ft", "ns-rec", "MODIFIED",
+              spec_path=("distillation", "teacher"), index=index)
+    assert scheduled[-1] == ("ns-rec", "student", {})
+    r.fan_out("fineTuneJobRef", {**ft, "status": {"phase": "Failed"}}, "ft", "other-ns", "MODIFIED", index=index)
+    assert len(scheduled) == 3  # another namespace's job of that name is no news to these

@@ -1,0 +1,229 @@
+"""FineTuneJob status syncs from the watch cache (controllers/watched.py): a sync that finds
+nothing to change makes no API request; anything else (a change, a cache behind the last
+write, an object missing from the cache, an apply) is done on fresh reads, as before.
+
+The FineTuneJob reconciler runs for real; the API is an in-memory stand-in (``kube.get``,
+``list_``, ``patch_merge``, ``create``) that counts every request, the one thing under test.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from kubeforge import kube
+from kubeforge.api import FineTuneJobSpec
+from kubeforge.builders import finetune as fb
+from kubeforge.controllers import finetune as controller
+from kubeforge.controllers.watched import NeedFresh, WatchCache
+
+NS, NAME = "ns-wc", "wc"
+LABEL = controller.reconciler.owner_label
+
+
+class CountingAPI:
+    """Objects by (kind, name); every request is counted as ``"VERB Kind"``."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
+        self.requests: list[str] = []
+        self._rv = 10
+
+    def put(self, obj: dict[str, Any]) -> dict[str, Any]:
+        self._rv += 1
+        obj = copy.deepcopy(obj)
+        obj["metadata"]["resourceVersion"] = str(self._rv)
+        self.objects[(obj["kind"], obj["metadata"]["name"])] = obj
+        return copy.deepcopy(obj)
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        self.requests.append(f"GET {kind}")
+        found = self.objects.get((kind, name))
+        return copy.deepcopy(found) if found else None
+
+    def list_(self, kind: str, namespace: str, label_selector: str | None = None) -> list[dict[str, Any]]:
+        self.requests.append(f"LIST {kind}")
+        return [copy.deepcopy(o) for (k, _n), o in self.objects.items() if k == kind]
+
+    def patch_merge(self, kind: str, namespace: str, name: str, patch: dict[str, Any],
+                    subresource: str | None = None) -> dict[str, Any]:
+        self.requests.append(f"PATCH {kind}" + (f"/{subresource}" if subresource else ""))
+        obj = copy.deepcopy(self.objects[(kind, name)])
+        if subresource == "status":
+            obj["status"] = patch["status"]
+        return self.put(obj)
+
+    def create(self, kind: str, namespace: str, obj: dict[str, Any], **_: Any) -> dict[str, Any]:
+        self.requests.append(f"POST {kind}")
+        return obj
+
+
+@pytest.fixture
+def api(monkeypatch: pytest.MonkeyPatch) -> CountingAPI:
+    fake = CountingAPI()
+    for fn in ("get", "list_", "patch_merge", "create"):
+        monkeypatch.setattr(kube, fn, getattr(fake, fn))
+    cache = WatchCache(LABEL)
+    monkeypatch.setattr(controller.reconciler, "cache", cache)
+    yield fake
+    controller.reconciler.forget(NS, NAME)
+
+
+def seen(kind: str, obj: dict[str, Any], type: str | None = "MODIFIED") -> None:
+    """What a kopf event handler does with a watch event of ``obj``."""
+    assert controller.reconciler.cache is not None
+    controller.reconciler.cache.observe(kind, {"type": type, "object": copy.deepcopy(obj)})
+
+
+def ftj() -> dict[str, Any]:
+    return {"apiVersion": "kubeforge.io/v1alpha1", "kind": "FineTuneJob",
+            "metadata": {"name": NAME, "namespace": NS, "uid": "u-wc", "generation": 1},
+            "spec": {"model": {"uri": "hf://a/b"}, "dataset": {"uri": "pvc://d/t.jsonl"},
+                     "output": {"uri": "pvc://m/o"}, "nodes": {"min": 2, "max": 2}}}
+
+
+def pod(index: int, job: dict[str, Any], ready: bool) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": f"{NAME}-{index}-x", "namespace": NS, "uid": f"p{index}",
+                         "creationTimestamp": "2026-01-01T00:00:00Z", "labels": {LABEL: NAME},
+                         "annotations": {fb.COMPLETION_INDEX_ANNOTATION: str(index)},
+                         "ownerReferences": [{"uid": job["metadata"]["uid"], "controller": True}]},
+            "status": {"phase": "Running", "podIP": f"10.0.0.{index}",
+                       "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}}
+
+
+def setup_job(api: CountingAPI) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A FineTuneJob whose children exist (its first sync's status written), one worker Ready."""
+    obj = api.put(ftj())
+    job = fb.job(NAME, NS, "u-wc", FineTuneJobSpec.model_validate(obj["spec"]))
+    job["metadata"]["uid"] = "j-uid"
+    job["status"] = {"startTime": "2026-01-01T00:00:00Z", "active": 2}
+    job = api.put(job)
+    pods = [api.put(pod(0, job, True)), api.put(pod(1, job, False))]
+    controller.reconciler.request(NS, NAME)  # fresh: the cache is empty
+    return job, pods
+
+
+def test_a_sync_that_changes_nothing_is_decided_from_the_cache_without_a_request(api: CountingAPI) -> None:
+    job, pods = setup_job(api)
+    assert api.requests[:4] == ["GET FineTuneJob", "GET Job", "LIST Pod", "PATCH FineTuneJob/status"]
+    assert api.objects[("FineTuneJob", NAME)]["status"]["phase"] == "Pending"
+    for kind, obj in [("FineTuneJob", api.objects[("FineTuneJob", NAME)]), ("Job", job), ("Pod", pods[0]),
+                      ("Pod", pods[1])]:
+        seen(kind, obj)
+    api.requests.clear()
+    controller.reconciler.request(NS, NAME)  # a pod event that changed nothing the status shows
+    assert api.requests == []
+
+
+def test_a_change_is_computed_again_on_fresh_reads_and_written(api: CountingAPI) -> None:
+    job, pods = setup_job(api)
+    for kind, obj in [("FineTuneJob", api.objects[("FineTuneJob", NAME)]), ("Job", job), ("Pod", pods[0])]:
+        seen(kind, obj)
+    ready = api.put(pod(1, job, True))
+    seen("Pod", ready)  # the event that schedules this sync
+    api.requests.clear()
+    controller.reconciler.request(NS, NAME)
+    assert api.requests[:4] == ["GET FineTuneJob", "GET Job", "LIST Pod", "PATCH FineTuneJob/status"]
+    assert api.objects[("FineTuneJob", NAME)]["status"]["phase"] == "Running"
+
+    # The cache has not seen that write yet: its FineTuneJob still shows Pending. A sync now must
+    # not take "Running computed, Pending shown" for news, nor "Pending" for current: fresh reads.
+    api.requests.clear()
+    controller.reconciler.request(NS, NAME)
+    assert api.requests == ["GET FineTuneJob", "GET Job", "LIST Pod"]  # and nothing to write
+    # Once the watch has delivered the write, the same sync costs nothing.
+    seen("FineTuneJob", api.objects[("FineTuneJob", NAME)])
+    api.requests.clear()
+    controller.reconciler.request(NS, NAME)
+    assert api.requests == []
+
+
+def test_a_cache_behind_the_last_write_never_passes_for_current(api: CountingAPI) -> None:
+    """Written Running, the cache still shows Pending, and a worker drops out: the cache alone
+    would compute Pending == Pending and write nothing; the status on the server says Running."""
+    job, pods = setup_job(api)
+    stale = copy.deepcopy(api.objects[("FineTuneJob", NAME)])  # Pending
+    seen("FineTuneJob", stale)
+    seen("Job", job)
+    seen("Pod", pods[0])
+    seen("Pod", api.put(pod(1, job, True)))
+    controller.reconciler.request(NS, NAME)
+    assert api.objects[("FineTuneJob", NAME)]["status"]["phase"] == "Running"
+    seen("Pod", api.put(pod(1, job, False)))  # not ready again; the FineTuneJob's event still pending
+    api.requests.clear()
+    controller.reconciler.request(NS, NAME)
+    assert "PATCH FineTuneJob/status" in api.requests
+    assert api.objects[("FineTuneJob", NAME)]["status"]["phase"] == "Restarting"
+
+
+def test_what_the_cache_does_not_hold_is_read_fresh(api: CountingAPI) -> None:
+    job, pods = setup_job(api)
+    seen("FineTuneJob", api.objects[("FineTuneJob", NAME)])
+    seen("Pod", pods[0])
+    seen("Pod", pods[1])
+    api.requests.clear()
+    controller.reconciler.request(NS, NAME)  # the Job's event has not come yet
+    assert api.requests[:3] == ["GET FineTuneJob", "GET Job", "LIST Pod"]
+    seen("Job", job)
+    seen("Job", job, type="DELETED")  # deleted by hand: gone from the cache, so read fresh again
+    api.requests.clear()
+    controller.reconciler.request(NS, NAME)
+    assert api.requests[:2] == ["GET FineTuneJob", "GET Job"]
+
+
+def test_a_spec_handlers_sync_applies_from_the_cached_object_and_decides_nothing_from_the_cache(
+        api: CountingAPI, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kopf fills the cache (watching handlers) before it calls the spec handler for the same
+    event, so the spec handler applies from the cached object without reading it; it never
+    ends early on the cache: the children are always applied and the status computed."""
+    job, pods = setup_job(api)
+    for kind, obj in [("FineTuneJob", api.objects[("FineTuneJob", NAME)]), ("Job", job), ("Pod", pods[0]),
+                      ("Pod", pods[1])]:
+        seen(kind, obj)
+    applied: list[bool] = []
+    monkeypatch.setattr(controller, "apply_children", lambda *a, **k: applied.append(True) or job)
+    api.requests.clear()
+    controller.reconciler.request(NS, NAME, apply=True)
+    assert applied == [True] and "GET FineTuneJob" not in api.requests
+
+    # A cached object behind the server's: the status write meets a newer resourceVersion (409)
+    # and is redone on a fresh read, without applying the children again.
+    stale = copy.deepcopy(api.objects[("FineTuneJob", NAME)])
+    stale["metadata"]["resourceVersion"] = "1"
+    stale["status"] = {}
+    seen("FineTuneJob", stale)
+    conflicts = []
+    patch = api.patch_merge
+
+    def guarded(kind, namespace, name, body, subresource=None):
+        if body.get("metadata", {}).get("resourceVersion") != api.objects[(kind, name)]["metadata"]["resourceVersion"]:
+            conflicts.append(name)
+            from kubernetes.client.rest import ApiException
+            raise ApiException(status=409, reason="Conflict")
+        return patch(kind, namespace, name, body, subresource)
+
+    monkeypatch.setattr(kube, "patch_merge", guarded)
+    applied.clear()
+    api.requests.clear()
+    controller.reconciler.request(NS, NAME, apply=True)
+    assert conflicts == [NAME] and applied == [True]  # applied once, before the 409
+    assert "GET FineTuneJob" in api.requests  # the redo read it
+
+
+def test_the_cache_keeps_the_last_object_by_name_and_owner_and_drops_deleted_ones() -> None:
+    cache = WatchCache(LABEL)
+    a = {"metadata": {"namespace": NS, "name": "p", "labels": {LABEL: "one"}}, "v": 1}
+    cache.observe("Pod", {"type": None, "object": a})
+    assert cache.list_("Pod", NS, f"{LABEL}=one") == [a] and cache.get("Pod", NS, "p") is a
+    b = {"metadata": {"namespace": NS, "name": "p", "labels": {LABEL: "two"}}, "v": 2}
+    cache.observe("Pod", {"type": "MODIFIED", "object": b})  # relabelled: moves to its new owner
+    assert cache.list_("Pod", NS, f"{LABEL}=one") == [] and cache.list_("Pod", NS, f"{LABEL}=two") == [b]
+    cache.observe("Pod", {"type": "DELETED", "object": b})
+    assert cache.list_("Pod", NS, f"{LABEL}=two") == []
+    with pytest.raises(NeedFresh):
+        cache.get("Pod", NS, "p")
+    with pytest.raises(NeedFresh):
+        cache.list_("Pod", NS, "app=x")  # only the owner label is answered
