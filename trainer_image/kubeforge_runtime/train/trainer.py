@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import contract, data as data_mod, models, storage
+from . import attention as attention_mod
 from . import checkpoint as ckpt
 from . import distill as distill_mod
 from . import metrics as metrics_mod
@@ -205,6 +206,8 @@ class Trainer:
     def _build_model(self) -> None:
         cfg, dims = self.cfg, self.dims
         self.top, self.lm = model_mod.build(cfg, self.base_dir)
+        self.attention = attention_mod.resolve(cfg.training.attention, self.device.type)
+        attention_mod.apply(self.lm, self.attention)
         self.num_params = model_mod.num_parameters(self.top)
         if dims.tp > 1:
             apply_tensor_parallel(self.lm, self.mesh["tp"])
@@ -445,6 +448,7 @@ class Trainer:
         tokens_per_step = t.globalBatchSize * cfg.dataset.sequenceLength
         if self.rank == 0:
             metrics_mod.emit_event("start", totalSteps=self.total_steps, startStep=start, layout=self.layout,
+                                   attention=self.attention,
                                    parameters=self.num_params, trainSamples=len(self.data.train_inputs),
                                    validationSamples=len(self.data.val_inputs),
                                    **({"redactions": self.data.redactions} if cfg.dataset.redact else {}))
