@@ -9,7 +9,7 @@ tokens, same weights; the two are interleaved, ``--repeat`` times each, and the 
 each is compared (on a shared machine the best run is the least disturbed one). Prints both
 times and the overhead; a benchmark, not a test.
 
-    python benchmarks/bench_attention.py [--attention sdpa] [--seq-len 256] [--repeat 8]
+    python benchmarks/bench_attention.py [--attention sdpa] [--seq-len 256] [--repeat 8] [--compile]
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=8)
+    parser.add_argument("--compile", action="store_true", help="compile each decoder block (training.compile)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -52,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         lm = models.load_causal_lm(model_dir).to(args.device).train()
     lm.config.use_cache = False
     attention.apply(lm, attention.resolve(args.attention, args.device))
+    if args.compile:
+        from kubeforge_runtime.train import compiled
+
+        compiled.compile_blocks(lm)
     stage = CausalLMStage(lm, True, True)
     n = args.micro_batch
     x = prepared.train_inputs[:n].to(args.device)
@@ -78,12 +83,13 @@ def main(argv: list[str] | None = None) -> int:
         log.info("repeat %d: plain %.3f s, packed %.3f s", i + 1, times["plain"][-1], times["packed"][-1])
     best = {k: min(v) for k, v in times.items()}
     overhead = best["packed"] / best["plain"] - 1
-    log.info("attention %s, micro-batch %d x %d tokens, %d records packed in it", lm.config._attn_implementation,
-             n, args.seq_len, records)
+    log.info("attention %s%s, micro-batch %d x %d tokens, %d records packed in it", lm.config._attn_implementation,
+             " (compiled blocks)" if args.compile else "", n, args.seq_len, records)
     log.info("plain causal:   best %.3f s  (all: %s)", best["plain"], " ".join(f"{t:.3f}" for t in times["plain"]))
     log.info("packed records: best %.3f s  (all: %s)", best["packed"], " ".join(f"{t:.3f}" for t in times["packed"]))
     log.info("packed-mask overhead: %+.1f %%", 100 * overhead)
-    sys.stdout.write(json.dumps({"attention": lm.config._attn_implementation, "seqLen": args.seq_len, "microBatch": n, "records": records,
+    sys.stdout.write(json.dumps({"attention": lm.config._attn_implementation, "compile": args.compile,
+                                 "seqLen": args.seq_len, "microBatch": n, "records": records,
                                  "plainSeconds": round(best["plain"], 4), "packedSeconds": round(best["packed"], 4),
                                  "overhead": round(overhead, 4)}) + "\n")
     return 0

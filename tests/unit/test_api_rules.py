@@ -68,7 +68,7 @@ def test_gpu_only_attention_kernels_without_gpus_are_refused_by_the_model_and_ce
     with pytest.raises(ValidationError, match="training.attention flex_attention and flash_attention_2 train on CUDA"):
         FineTuneJobSpec.model_validate(FLEX_CPU)
     FineTuneJobSpec.model_validate({**FLEX_CPU, "resources": {"gpus": 2}})
-    FineTuneJobSpec.model_validate({**FTJ, "training": {"attention": "sdpa"}})
+    FineTuneJobSpec.model_validate({**FTJ, "training": {"attention": "sdpa", "compile": "on"}})
     assert ("!(self.training.attention in ['flex_attention', 'flash_attention_2']) || self.resources.gpus > 0"
             in cel_rules("FineTuneJob"))
 

@@ -256,6 +256,11 @@ class TrainingSpec(KFModel):
     seed: int = Field(default=42, ge=0, description="Seed for initialisation, data order and dropout.")
     precision: Literal["fp32", "bf16", "fp16"] = Field(default="bf16", description="Training precision.")
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations to save memory.")
+    compile: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="torch.compile each decoder block: on, off, or auto (on for CUDA GPUs, off on CPU where "
+                    "compilation takes minutes that a short job does not earn back).",
+    )
     attention: Literal["auto", "sdpa", "flex_attention", "flash_attention_2", "eager"] = Field(
         default="auto",
         description="Attention kernel. Packed records reach it as boundaries, not a dense mask, where it can: "

@@ -50,6 +50,7 @@ from torch import nn
 
 from .. import contract, data as data_mod, models, storage
 from . import attention as attention_mod
+from . import compiled as compiled_mod
 from . import checkpoint as ckpt
 from . import distill as distill_mod
 from . import metrics as metrics_mod
@@ -214,6 +215,9 @@ class Trainer:
         if dims.pp > 1:
             prune_to_stage(self.lm, dims.stage_layers(self.pp_rank), self.is_first, self.is_last)
         self.lm.to(self.device)
+        self.compiled = compiled_mod.resolve(cfg.training.compile, self.device.type)
+        if self.compiled:
+            compiled_mod.compile_blocks(self.lm)
         stage = CausalLMStage(self.lm, self.is_first, self.is_last)
         # The strategy builds the optimizer when its wrapping allows (DeepSpeed needs it to wrap).
         self.module, self.optimizer = self.strategy.wrap(self.top, stage, self._build_optimizer)
@@ -448,7 +452,7 @@ class Trainer:
         tokens_per_step = t.globalBatchSize * cfg.dataset.sequenceLength
         if self.rank == 0:
             metrics_mod.emit_event("start", totalSteps=self.total_steps, startStep=start, layout=self.layout,
-                                   attention=self.attention,
+                                   attention=self.attention, compiled=self.compiled,
                                    parameters=self.num_params, trainSamples=len(self.data.train_inputs),
                                    validationSamples=len(self.data.val_inputs),
                                    **({"redactions": self.data.redactions} if cfg.dataset.redact else {}))

@@ -121,6 +121,21 @@ def test_tp2_dp2_checkpoint_loads_in_one_process(launcher: Callable[..., Run]) -
     assert rel(out_logits, got["probe_logits"]) < 1e-5
 
 
+@pytest.mark.timeout(2400)  # compilation in two processes: minutes on a loaded 2-core machine
+def test_compiled_layout_equals_single_process(launcher: Callable[..., Run]) -> None:
+    """training.compile: on (torch.compile per decoder block) under DP=2 FSDP2 computes what
+    the eager single process computes, within the layout tolerances above."""
+    reference = launcher("reference-full", timeout=900)  # the `reference` fixture's run, with more time
+    run = launcher("dp2-fsdp-compiled", {"training": {"compile": "on"}}, 2, timeout=1200)
+    start = next(json.loads(line.split(" ", 1)[1]) for line in run.log().splitlines()
+                 if line.startswith("KUBEFORGE_EVENT ") and '"event": "start"' in line)
+    assert start["compiled"] is True and start["attention"] == "sdpa"
+    got, ref = run.dump(), reference.dump()
+    assert_same(got, ref)
+    assert rel(got["grad_norms"], ref["grad_norms"]) < 1e-5
+    assert rel(got["probe_logits"], ref["probe_logits"]) < 1e-5
+
+
 # --- LoRA -----------------------------------------------------------------------------------
 
 def test_lora_changes_only_adapter_weights(lora_reference: Run, tiny_model) -> None:
