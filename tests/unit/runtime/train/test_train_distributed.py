@@ -209,6 +209,33 @@ def test_sigterm_checkpoint_then_resume_on_other_dp_equals_uninterrupted(launche
     assert_same(second.dump(), reference.dump(), grads=False)
 
 
+@pytest.mark.timeout(2400)
+def test_async_checkpoint_interrupted_by_sigterm_resumes_to_the_uninterrupted_result(
+        launcher: Callable[..., Run]) -> None:
+    """Interval checkpoints are written in the background (dcp.async_save) and completed after
+    the next step. DP=2, a checkpoint every step, SIGTERM to rank 0 right after the step-2
+    checkpoint started: step 3 runs while step 2's is still pending, then the ranks complete
+    it, save step 3 synchronously and exit 143; a resumed run then ends where 4 uninterrupted
+    steps end."""
+    from kubeforge_runtime.train import checkpoint as ckpt
+
+    reference = launcher("reference-full", timeout=900)  # the `reference` fixture's run, with more time
+    first = launcher("async-first", {"checkpoint": {"intervalSteps": 1}}, 2,
+                     env={"KUBEFORGE_FAULT_SIGTERM_AT_STEP": "2", "KUBEFORGE_FAULT_RANK": "0"}, expect=None, dump=False,
+                     timeout=900)
+    assert first.returncode != 0, "a worker stopped by SIGTERM must not report success"
+    events = [json.loads(line.split(" ", 1)[1]) for line in first.log().splitlines()
+              if line.startswith("KUBEFORGE_EVENT ")]
+    saves = [(e["step"], e.get("asynchronous", False)) for e in events if e["event"] == "checkpoint"]
+    assert saves == [(1, True), (2, True), (3, False)], saves
+    assert all(e["stallSeconds"] >= 0 for e in events if e["event"] == "checkpoint" and e.get("asynchronous"))
+    assert [e["step"] for e in events if e["event"] == "stopped"] == [3]
+    assert [s for s, _ in ckpt.complete_checkpoints(first.out / "checkpoints")] == [2, 3]
+    second = launcher("async-resume", {"checkpoint": {"uri": f"file://{first.out / 'checkpoints'}"}}, 2, timeout=900)
+    assert '"event": "resume"' in second.log() and '"step": 3' in second.log()
+    assert_same(second.dump(), reference.dump(), grads=False)
+
+
 def test_elastic_restart_after_killed_worker_equals_uninterrupted(launcher: Callable[..., Run],
                                                                   reference: Run) -> None:
     """The pod command (launch.py -> torchrun --max-restarts=1): rank 1 is SIGKILLed after
