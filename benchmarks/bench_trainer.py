@@ -9,6 +9,10 @@ What it runs (each in its own process, one after the other, on the same CPU):
 4. ``kf-zero2``, ``kf-zero3`` - the same DP=2 with ``strategy: deepspeed-zero2`` / ``-zero3``
    (skipped when deepspeed is not installed), compared with the FSDP2 DP=2 run.
 
+``--compile`` sets ``training.compile: on`` for the KubeForge runs (each decoder block
+compiled); ``--hf-compile`` sets the HF Trainer's ``torch_compile=True`` (the whole model); the
+result says which side compiled. ``--runs hf,kf`` limits the runs (default: all).
+
 Each process gets the same total number of CPU threads (``--threads``, default: all cores,
 split between the DP=2 workers). Tokens/s is the median over steps after the first two
 (warm-up), the best of ``--repeat`` interleaved repeats; it prints every number and the
@@ -17,6 +21,7 @@ test: it reports, it does not assert. ``--quick`` uses the ``tiny`` preset and 6
 (seconds, for CI).
 
     python benchmarks/bench_trainer.py [--quick] [--steps N] [--seq-len N] [--threads N] [--repeat N]
+                                       [--compile] [--hf-compile] [--runs hf,kf,kf-dp2]
 """
 
 from __future__ import annotations
@@ -48,7 +53,8 @@ def _env(threads: int) -> dict[str, str]:
     return env
 
 
-def _config(model: Path, out: Path, steps: int, seq_len: int, strategy: str = "fsdp") -> dict:
+def _config(model: Path, out: Path, steps: int, seq_len: int, strategy: str = "fsdp", compile_: bool = False,
+            hf_compile: bool = False) -> dict:
     return {
         "kind": "FineTuneJob", "name": "bench", "namespace": "default",
         "model": {"uri": f"file://{model}"},
@@ -56,7 +62,9 @@ def _config(model: Path, out: Path, steps: int, seq_len: int, strategy: str = "f
                     "validationSplit": 0.0},
         "method": "full",
         "parallelism": {"strategy": strategy},
-        "training": {"maxSteps": steps, "globalBatchSize": 8, "microBatchSize": 4, "learningRate": 1e-4, "seed": 0},
+        "training": {"maxSteps": steps, "globalBatchSize": 8, "microBatchSize": 4, "learningRate": 1e-4, "seed": 0,
+                     "compile": "on" if compile_ else "off"},
+        "hfCompile": hf_compile,  # read by hf_worker only (the HF run's config is never given to our trainer)
         "checkpoint": {"intervalSteps": 0, "keepLast": 1},
         "output": {"uri": f"file://{out}", "format": "merged"},
     }
@@ -118,6 +126,7 @@ def hf_worker(config_path: str) -> None:
         gradient_accumulation_steps=t["globalBatchSize"] // t["microBatchSize"], max_steps=t["maxSteps"],
         learning_rate=t["learningRate"], lr_scheduler_type="cosine", warmup_steps=0, logging_strategy="no",
         save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, seed=0, disable_tqdm=True,
+        torch_compile=bool(cfg.get("hfCompile")),
     )
     Trainer(model=model, args=args, train_dataset=samples, callbacks=[Timer()]).train()
     tokens = t["globalBatchSize"] * d["sequenceLength"]
@@ -140,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--repeat", type=int, default=1, help="interleaved repeats; the best of each is reported")
+    parser.add_argument("--compile", action="store_true", help="training.compile: on for the KubeForge runs")
+    parser.add_argument("--hf-compile", action="store_true", help="torch_compile=True for the HF Trainer")
+    parser.add_argument("--runs", default="hf,kf,kf-dp2,kf-zero2,kf-zero3", help="comma-separated subset (hf and kf needed)")
     parser.add_argument("--hf-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.hf_worker:
@@ -157,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         model = build_tiny_llama(root / "model", preset=preset, seed=0)
         # One config (and output/checkpoint directory) per run: a shared one would make the
         # second run resume from the first run's final checkpoint and train nothing.
+        wanted = set(args.runs.split(","))
         runs = {"hf": "fsdp", "kf": "fsdp", "kf-dp2": "fsdp"}
         try:
             import deepspeed  # noqa: F401
@@ -164,12 +177,16 @@ def main(argv: list[str] | None = None) -> int:
             runs.update({"kf-zero2": "deepspeed-zero2", "kf-zero3": "deepspeed-zero3"})
         except ImportError:
             log.info("deepspeed is not installed: no ZeRO runs (pip install -e .[deepspeed])")
+        runs = {name: strategy for name, strategy in runs.items() if name in wanted | {"hf", "kf"}}
         configs = {}
         for name, strategy in runs.items():
             configs[name] = root / f"{name}.json"
-            configs[name].write_text(json.dumps(_config(model, root / name, steps, seq_len, strategy)))
-        log.info("preset %s, %d steps, sequence %d, global batch 8 (micro 4), fp32, %d threads", preset, steps,
-                 seq_len, args.threads)
+            cfg = _config(model, root / name, steps, seq_len, strategy, args.compile, args.hf_compile)
+            if name != "hf":
+                cfg.pop("hfCompile")
+            configs[name].write_text(json.dumps(cfg))
+        log.info("preset %s, %d steps, sequence %d, global batch 8 (micro 4), fp32, %d threads; compiled: KubeForge %s, "
+                 "HF %s", preset, steps, seq_len, args.threads, args.compile, args.hf_compile)
         hf = kf = dp2 = 0.0
         zero = {name: 0.0 for name in configs if name.startswith("kf-zero")}
         # Interleaved repeats, best of each: on a shared machine the load changes between
@@ -179,17 +196,21 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(root / name, ignore_errors=True)
             hf = max(hf, run_hf(configs["hf"], args.threads))
             kf = max(kf, run_kubeforge(configs["kf"], 1, args.threads))
-            dp2 = max(dp2, run_kubeforge(configs["kf-dp2"], 2, args.threads))
+            if "kf-dp2" in configs:
+                dp2 = max(dp2, run_kubeforge(configs["kf-dp2"], 2, args.threads))
             for name in zero:
                 zero[name] = max(zero[name], run_kubeforge(configs[name], 2, args.threads))
             log.info("after repeat %d: HF %.1f, KubeForge %.1f, KubeForge DP=2 %.1f tokens/s%s", rep + 1, hf, kf, dp2,
                      "".join(f", {name} {v:.1f}" for name, v in zero.items()))
         log.info("HF Trainer, 1 process:          %10.1f tokens/s", hf)
         log.info("KubeForge trainer, 1 process:   %10.1f tokens/s", kf)
-        log.info("KubeForge trainer, DP=2 (FSDP): %10.1f tokens/s", dp2)
+        if "kf-dp2" in configs:
+            log.info("KubeForge trainer, DP=2 (FSDP): %10.1f tokens/s", dp2)
         for name, v in zero.items():
             log.info("KubeForge trainer, DP=2 (ZeRO-%s): %8.1f tokens/s  (%.2fx FSDP2 DP=2)", name[-1], v, v / dp2)
+    dp2 = dp2 or float("nan")
     result = {"preset": preset, "steps": steps, "sequenceLength": seq_len, "threads": args.threads,
+              "kubeforgeCompiled": args.compile, "hfCompiled": args.hf_compile,
               "hfTrainerTokensPerSecond": round(hf, 1), "kubeforgeTokensPerSecond": round(kf, 1),
               "kubeforgeDp2TokensPerSecond": round(dp2, 1),
               "ratioKubeforgeVsHf": round(kf / hf, 3), "ratioDp2VsDp1": round(dp2 / kf, 3),

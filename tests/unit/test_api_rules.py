@@ -7,6 +7,7 @@ operator refuse what the API server refuses:
 * ``parallelism.strategy: ddp`` with ``parallelism.tensor > 1`` (also refused by the trainer's
   own config, so the preflight exits 78: tests/unit/runtime/train/test_train_launch.py);
 * ``training.precision: fp16`` with ``parallelism.pipeline > 1``;
+* ``training.attention: flex_attention | flash_attention_2`` without GPUs;
 * ``template.env`` setting a variable the operator sets (torchrun's, KUBEFORGE_*);
 * ``template.labels`` setting a ``kubeforge.io/`` label (the operator's selectors use them);
 * InferenceService adapter names: unique, and none equal to the service's name.
@@ -36,6 +37,7 @@ FTJ = {"model": {"uri": "hf://a/b"}, "dataset": {"uri": "pvc://d/t.jsonl"}, "out
        "procsPerNode": 2}
 DDP_TP = {**FTJ, "parallelism": {"strategy": "ddp", "tensor": 2}}
 FP16_PP = {**FTJ, "parallelism": {"pipeline": 2}, "training": {"precision": "fp16", "globalBatchSize": 8}}
+FLEX_CPU = {**FTJ, "training": {"attention": "flex_attention"}}
 DUP_ADAPTERS = {"model": {"uri": "pvc://m/base"},
                 "adapters": [{"name": "sql", "uri": "pvc://m/a1"}, {"name": "sql", "uri": "pvc://m/a2"}]}
 CLASH = {"model": {"uri": "pvc://m/base"}, "adapters": [{"name": "chat", "uri": "pvc://m/a1"}]}
@@ -60,6 +62,15 @@ def test_fp16_with_pipeline_parallelism_is_refused_by_the_model_and_cel():
         FineTuneJobSpec.model_validate(FP16_PP)
     FineTuneJobSpec.model_validate({**FP16_PP, "parallelism": {"pipeline": 1}})
     assert "self.training.precision != 'fp16' || self.parallelism.pipeline == 1" in cel_rules("FineTuneJob")
+
+
+def test_gpu_only_attention_kernels_without_gpus_are_refused_by_the_model_and_cel():
+    with pytest.raises(ValidationError, match="training.attention flex_attention and flash_attention_2 train on CUDA"):
+        FineTuneJobSpec.model_validate(FLEX_CPU)
+    FineTuneJobSpec.model_validate({**FLEX_CPU, "resources": {"gpus": 2}})
+    FineTuneJobSpec.model_validate({**FTJ, "training": {"attention": "sdpa", "compile": "on"}})
+    assert ("!(self.training.attention in ['flex_attention', 'flash_attention_2']) || self.resources.gpus > 0"
+            in cel_rules("FineTuneJob"))
 
 
 def test_the_sdk_defaults_to_fsdp_and_refuses_ddp_with_tensor_parallelism():
@@ -142,6 +153,7 @@ def test_adapter_names_are_refused_by_validate_the_sdk_and_the_operator():
 @pytest.mark.parametrize("resource, message", [
     (doc("FineTuneJob", "ddp", DDP_TP), "use strategy fsdp"),
     (doc("FineTuneJob", "fp16", FP16_PP), "fp16 is not supported with pipeline parallelism"),
+    (doc("FineTuneJob", "flex", FLEX_CPU), "training.attention flex_attention and flash_attention_2 train on CUDA"),
     (doc("InferenceService", "env", {"model": {"uri": "pvc://m/a"},
                                      "template": {"env": [{"name": "MASTER_ADDR", "value": "x"}]}}),
      "template.env: MASTER_ADDR is set by the operator"),

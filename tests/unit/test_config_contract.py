@@ -130,7 +130,7 @@ FINETUNE = Kind(
         "procsPerNode": 4,
         "training": {"epochs": 2, "maxSteps": 50, "globalBatchSize": 16, "microBatchSize": 2, "learningRate": 2e-4,
                      "warmupSteps": 5, "weightDecay": 0.01, "maxGradNorm": 0.5, "seed": 7, "precision": "bf16",
-                     "gradientCheckpointing": True, "evalIntervalSteps": 10},
+                     "gradientCheckpointing": True, "evalIntervalSteps": 10, "attention": "sdpa", "compile": "on"},
         "checkpoint": {"intervalSteps": 0, "keepLast": 3, "uri": "pvc://scratch/ckpt"},
         "output": {"uri": "pvc://models/out", "format": "adapter"},
         "evaluation": {"uri": "pvc://data/test.jsonl", "metric": "f1", "maxSamples": 50},

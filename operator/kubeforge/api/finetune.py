@@ -198,6 +198,9 @@ DISTILL_NEEDS_TEACHER = ("method distill needs spec.distillation (its teacher), 
 
 DDP_WITH_TENSOR = ("parallelism.strategy ddp cannot be combined with parallelism.tensor > 1 (ddp replicates whole "
                    "layers, tensor parallelism shards them): use strategy fsdp, or set parallelism.tensor to 1")
+GPU_ATTENTION = ("training.attention flex_attention and flash_attention_2 train on CUDA GPUs only (flex attention has "
+                 "no CPU backward; flash-attention is CUDA-only): set resources.gpus, or use training.attention auto "
+                 "or sdpa")
 FP16_WITH_PIPELINE = ("training.precision fp16 is not supported with pipeline parallelism (its loss scaling is not "
                       "implemented across stages): use bf16, or set parallelism.pipeline to 1")
 
@@ -253,6 +256,18 @@ class TrainingSpec(KFModel):
     seed: int = Field(default=42, ge=0, description="Seed for initialisation, data order and dropout.")
     precision: Literal["fp32", "bf16", "fp16"] = Field(default="bf16", description="Training precision.")
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations to save memory.")
+    compile: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="torch.compile each decoder block: on, off, or auto (on for CUDA GPUs, off on CPU where "
+                    "compilation takes minutes that a short job does not earn back).",
+    )
+    attention: Literal["auto", "sdpa", "flex_attention", "flash_attention_2", "eager"] = Field(
+        default="auto",
+        description="Attention kernel. Packed records reach it as boundaries, not a dense mask, where it can: "
+                    "flash_attention_2 (varlen; CUDA with flash_attn installed), flex_attention (block mask; CUDA), "
+                    "sdpa (causal fast path; a dense mask only for packed batches), eager (reference). "
+                    "auto picks the first of these that can train on the device.",
+    )
     eval_interval_steps: int = Field(default=0, ge=0, description="Validate every N steps (0: at the end only).")
 
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
@@ -335,6 +350,8 @@ class FineTuneJobSpec(KFModel):
         cel("self.training.precision != 'fp16' || self.parallelism.pipeline == 1", FP16_WITH_PIPELINE,
             ".training.precision"),
         cel("(self.method == 'distill') == has(self.distillation)", DISTILL_NEEDS_TEACHER, ".distillation"),
+        cel("!(self.training.attention in ['flex_attention', 'flash_attention_2']) || self.resources.gpus > 0",
+            GPU_ATTENTION, ".training.attention"),
         cel(S3_ENV_CEL_RULE, S3_ENV_MESSAGE, ".storage"),
     ]})
 
@@ -360,6 +377,8 @@ class FineTuneJobSpec(KFModel):
                              "or use strategy fsdp")
         if self.training.precision == "fp16" and self.parallelism.pipeline > 1:
             raise ValueError(FP16_WITH_PIPELINE)
+        if self.training.attention in ("flex_attention", "flash_attention_2") and self.resources.gpus == 0:
+            raise ValueError(GPU_ATTENTION)
         if self.evaluation is not None and self.dataset.format == "text":
             raise ValueError("evaluation needs prompts and answers: set dataset.format to prompt-completion or chat, "
                              "or remove evaluation")

@@ -264,7 +264,17 @@ def optimizer_state(top: nn.Module, optim: torch.optim.Optimizer, init: bool = F
 
 
 class CheckpointManager:
-    """Periodic/forced saves, resume and pruning for one training run."""
+    """Periodic/forced saves, resume and pruning for one training run.
+
+    :meth:`save` writes a checkpoint and returns when it is complete (SIGTERM, the end).
+    :meth:`save_async` (interval checkpoints) returns once every rank's state is copied to
+    CPU memory (``dcp.async_save``'s staging): the files are written by a background thread
+    while training goes on, with its collectives on a separate gloo group so they never
+    interleave with the training's. The trainer completes it (:meth:`wait`: the state file,
+    upload and pruning) at the end of the next step, so the write overlaps one step's compute
+    and a checkpoint is never more than one step from complete; until then it has no state
+    file and resume ignores it, as it ignores a preempted save.
+    """
 
     def __init__(self, root: Path, keep_last: int, rank: int, remote: str | None = None,
                  local_leader: bool | None = None) -> None:
@@ -275,13 +285,11 @@ class CheckpointManager:
         # Each node's local rank 0 uploads the shards its node wrote to its (node-local) staging.
         self.local_leader = (int(os.environ.get("LOCAL_RANK", "0")) == 0) if local_leader is None else local_leader
         self.last_saved_step: int | None = None
+        self.pending: tuple[Any, int, Path, dict[str, Any]] | None = None  # (future, step, path, state)
+        self._async_group: Any = None
 
-    def save(self, step: int, model_sd: dict[str, torch.Tensor], optim_sd: dict[str, torch.Tensor],
-             state: dict[str, Any]) -> Path:
-        """Write one checkpoint: every rank passes its part of the model and optimizer state
-        (:func:`model_state` / :func:`optimizer_state`, or their ZeRO versions in zero.py)."""
+    def _prepare(self, step: int) -> Path:
         import torch.distributed as dist
-        import torch.distributed.checkpoint as dcp
 
         path = step_dir(self.root, step)
         # With a remote, the staging directory is node-local: each node's leader prepares its own.
@@ -293,7 +301,51 @@ class CheckpointManager:
             # A stale marker of this step (an earlier attempt) must not vouch for the new shards.
             storage.delete_s3_keys(f"{self.remote.rstrip('/')}/{path.name}/{STATE_FILE}")
         dist.barrier()
+        return path
+
+    def save(self, step: int, model_sd: dict[str, torch.Tensor], optim_sd: dict[str, torch.Tensor],
+             state: dict[str, Any]) -> Path:
+        """Write one checkpoint: every rank passes its part of the model and optimizer state
+        (:func:`model_state` / :func:`optimizer_state`, or their ZeRO versions in zero.py).
+        A pending asynchronous save is completed first."""
+        import torch.distributed.checkpoint as dcp
+
+        self.wait()
+        path = self._prepare(step)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+        self._complete(step, path, state)
+        return path
+
+    def save_async(self, step: int, model_sd: dict[str, torch.Tensor], optim_sd: dict[str, torch.Tensor],
+                   state: dict[str, Any]) -> Path:
+        """Start writing one checkpoint in the background (see the class docstring); returns
+        its path, which is complete only after :meth:`wait`."""
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        self.wait()
+        if self._async_group is None:  # every rank gets here at the same save
+            self._async_group = dist.new_group(backend="gloo")
+        path = self._prepare(step)
+        future = dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path),
+                                process_group=self._async_group)
+        # The run state as of this step (the trainer keeps appending to its lists).
+        self.pending = (future, step, path, json.loads(json.dumps(state)))
+        return path
+
+    def wait(self) -> None:
+        """Complete the pending asynchronous save, if any (every rank calls this together)."""
+        if self.pending is None:
+            return
+        future, step, path, state = self.pending
+        self.pending = None
+        future.result()  # re-raises a failed write here, on the training thread
+        self._complete(step, path, state)
+
+    def _complete(self, step: int, path: Path, state: dict[str, Any]) -> None:
+        """After every rank's shards are written: upload, mark complete, prune."""
+        import torch.distributed as dist
+
         dist.barrier()  # every rank's shards are on disk before the checkpoint counts as complete
         remote_step = f"{self.remote.rstrip('/')}/{path.name}" if self.remote else None
         if remote_step and self.local_leader:
@@ -310,7 +362,6 @@ class CheckpointManager:
         dist.barrier()
         self.last_saved_step = step
         log.info("checkpoint saved: %s", path)
-        return path
 
     def _prune(self) -> None:
         if self.remote:

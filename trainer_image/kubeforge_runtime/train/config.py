@@ -202,6 +202,11 @@ class TrainingConfig(StrictConfig):
     (autocast plus loss scaling: CUDA only, and only without pipeline parallelism)."""
     gradientCheckpointing: bool = False
     """Recompute decoder-layer activations in backward to save memory."""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """torch.compile each decoder block (``train/compiled.py``); ``auto``: on CUDA only."""
+    attention: Literal["auto", "sdpa", "flex_attention", "flash_attention_2", "eager"] = "auto"
+    """Attention kernel (``train/attention.py``): ``auto`` is flash_attention_2 (varlen) on CUDA
+    with flash_attn installed, else flex_attention (block mask) on CUDA, else sdpa."""
     evalIntervalSteps: int = Field(0, ge=0)
     """Evaluate on the validation set every N steps (0: only before the first and after the
     last step)."""

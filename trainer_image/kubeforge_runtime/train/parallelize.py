@@ -116,7 +116,9 @@ class CausalLMStage(nn.Module):
     uses this same forward, so they compute the same thing. Attention is causal with no
     padding mask: samples are right-padded and padding is never a target (see data.py).
     ``position_ids`` (every stage gets them) restart at each packed record, which makes
-    the mask block-diagonal: packed records do not attend to each other.
+    attention document-causal: packed records do not attend to each other. How the record
+    boundaries reach the kernel (varlen lengths, a flex block mask, or a dense mask) depends
+    on the attention implementation (``attention.py``).
     """
 
     def __init__(self, lm: nn.Module, is_first: bool, is_last: bool) -> None:
@@ -126,15 +128,13 @@ class CausalLMStage(nn.Module):
         self.is_last = is_last
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        from transformers.masking_utils import create_causal_mask
+        from .attention import stage_mask
 
         dec = decoder(self.lm)
         h = dec.embed_tokens(x) if self.is_first else x
         if position_ids is None:
             position_ids = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
-        mask = create_causal_mask(
-            config=dec.config, inputs_embeds=h, attention_mask=None, cache=None, position_ids=position_ids
-        )
+        mask = stage_mask(dec.config, h, position_ids)
         position_embeddings = dec.rotary_emb(h, position_ids=position_ids)
         for _, layer in layer_items(self.lm):
             h = layer(h, attention_mask=mask, position_embeddings=position_embeddings, position_ids=position_ids)

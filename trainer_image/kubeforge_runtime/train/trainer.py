@@ -49,6 +49,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import contract, data as data_mod, models, storage
+from . import attention as attention_mod
+from . import compiled as compiled_mod
 from . import checkpoint as ckpt
 from . import distill as distill_mod
 from . import metrics as metrics_mod
@@ -190,6 +192,7 @@ class Trainer:
             self.num_params["total"], hf_cfg.num_hidden_layers, hf_cfg.hidden_size, d.sequenceLength)
         self.stop_requested = False
         self.stop_agreed = False
+        self.checkpoint_stall = 0.0  # seconds the last asynchronous checkpoint held training up
         self.losses: list[float] = []
         self.grad_norms: list[float] = []  # this attempt's steps only (for the verification dump)
         self.val_losses: dict[int, float] = {}
@@ -205,12 +208,17 @@ class Trainer:
     def _build_model(self) -> None:
         cfg, dims = self.cfg, self.dims
         self.top, self.lm = model_mod.build(cfg, self.base_dir)
+        self.attention = attention_mod.resolve(cfg.training.attention, self.device.type)
+        attention_mod.apply(self.lm, self.attention)
         self.num_params = model_mod.num_parameters(self.top)
         if dims.tp > 1:
             apply_tensor_parallel(self.lm, self.mesh["tp"])
         if dims.pp > 1:
             prune_to_stage(self.lm, dims.stage_layers(self.pp_rank), self.is_first, self.is_last)
         self.lm.to(self.device)
+        self.compiled = compiled_mod.resolve(cfg.training.compile, self.device.type)
+        if self.compiled:
+            compiled_mod.compile_blocks(self.lm)
         stage = CausalLMStage(self.lm, self.is_first, self.is_last)
         # The strategy builds the optimizer when its wrapping allows (DeepSpeed needs it to wrap).
         self.module, self.optimizer = self.strategy.wrap(self.top, stage, self._build_optimizer)
@@ -363,13 +371,35 @@ class Trainer:
                 ckpt.IDENTITY_KEY: self.identity,
                 "sampler": {**self.sampler.state_dict(), "step": step}}
 
-    def save_checkpoint(self, step: int) -> None:
+    def save_checkpoint(self, step: int, asynchronous: bool = False) -> None:
+        """Checkpoint ``step``: synchronously (SIGTERM, the end), or started in the background
+        (interval checkpoints: ``CheckpointManager.save_async``), completed by
+        :meth:`_finish_checkpoint` after the next step. A pending one completes first."""
+        self._finish_checkpoint()
         self.strategy.reshard()
         model_sd, optim_sd = self.strategy.checkpoint_state(self.trainable_only)
+        if asynchronous:
+            began = time.perf_counter()
+            self.checkpoints.save_async(step, model_sd, optim_sd, self._state(step))
+            self.checkpoint_stall = time.perf_counter() - began  # what training waited for: the CPU copy
+            return
         path = self.checkpoints.save(step, model_sd, optim_sd, self._state(step))
+        self._report_checkpoint(step, path)
+
+    def _finish_checkpoint(self) -> None:
+        """Complete the pending asynchronous checkpoint, if any (every rank, at the same step)."""
+        pending = self.checkpoints.pending
+        if pending is None:
+            return
+        began = time.perf_counter()
+        self.checkpoints.wait()
+        stall = self.checkpoint_stall + time.perf_counter() - began
+        self._report_checkpoint(pending[1], pending[2], stallSeconds=round(stall, 4), asynchronous=True)
+
+    def _report_checkpoint(self, step: int, path: Any, **extra: Any) -> None:
         self.reporter.update(last_checkpoint=step)
         if self.rank == 0:
-            metrics_mod.emit_event("checkpoint", step=step, path=str(path))
+            metrics_mod.emit_event("checkpoint", step=step, path=str(path), **extra)
 
     def resume(self) -> int:
         # Another run's checkpoint is refused (CheckpointMismatch, exit 78) before anything is
@@ -445,6 +475,7 @@ class Trainer:
         tokens_per_step = t.globalBatchSize * cfg.dataset.sequenceLength
         if self.rank == 0:
             metrics_mod.emit_event("start", totalSteps=self.total_steps, startStep=start, layout=self.layout,
+                                   attention=self.attention, compiled=self.compiled,
                                    parameters=self.num_params, trainSamples=len(self.data.train_inputs),
                                    validationSamples=len(self.data.val_inputs),
                                    **({"redactions": self.data.redactions} if cfg.dataset.redact else {}))
@@ -481,6 +512,8 @@ class Trainer:
                 metrics_mod.emit_event("step", step=step, totalSteps=self.total_steps, epoch=epoch, loss=loss,
                                        tokensPerSecond=round(tps, 2), learningRate=lr, gradNorm=grad_norm,
                                        **({"mfu": mfu} if mfu is not None else {}))
+            # The previous step's interval checkpoint was written while this step computed.
+            self._finish_checkpoint()
             if t.evalIntervalSteps and step % t.evalIntervalSteps == 0 and step < self.total_steps:
                 val = self.evaluate()
                 if val is not None:
@@ -488,8 +521,10 @@ class Trainer:
                     if self.rank == 0:
                         metrics_mod.emit_event("eval", step=step, validationLoss=val)
             interval = cfg.checkpoint.intervalSteps
-            if self.stop_agreed or (interval and step % interval == 0 and step < self.total_steps):
+            if self.stop_agreed:  # the step in flight, synchronously (after a pending one)
                 self.save_checkpoint(step)
+            elif interval and step % interval == 0 and step < self.total_steps:
+                self.save_checkpoint(step, asynchronous=True)
             if self.stop_agreed:
                 if self.rank == 0:
                     metrics_mod.emit_event("stopped", step=step, reason="SIGTERM")
@@ -500,6 +535,7 @@ class Trainer:
             self.val_losses[step] = final_val
             if self.rank == 0:
                 metrics_mod.emit_event("eval", step=step, validationLoss=final_val)
+        self._finish_checkpoint()
         if self.checkpoints.last_saved_step != step:
             self.save_checkpoint(step)
         if dump_path:

@@ -121,6 +121,21 @@ def test_tp2_dp2_checkpoint_loads_in_one_process(launcher: Callable[..., Run]) -
     assert rel(out_logits, got["probe_logits"]) < 1e-5
 
 
+@pytest.mark.timeout(2400)  # compilation in two processes: minutes on a loaded 2-core machine
+def test_compiled_layout_equals_single_process(launcher: Callable[..., Run]) -> None:
+    """training.compile: on (torch.compile per decoder block) under DP=2 FSDP2 computes what
+    the eager single process computes, within the layout tolerances above."""
+    reference = launcher("reference-full", timeout=900)  # the `reference` fixture's run, with more time
+    run = launcher("dp2-fsdp-compiled", {"training": {"compile": "on"}}, 2, timeout=1200)
+    start = next(json.loads(line.split(" ", 1)[1]) for line in run.log().splitlines()
+                 if line.startswith("KUBEFORGE_EVENT ") and '"event": "start"' in line)
+    assert start["compiled"] is True and start["attention"] == "sdpa"
+    got, ref = run.dump(), reference.dump()
+    assert_same(got, ref)
+    assert rel(got["grad_norms"], ref["grad_norms"]) < 1e-5
+    assert rel(got["probe_logits"], ref["probe_logits"]) < 1e-5
+
+
 # --- LoRA -----------------------------------------------------------------------------------
 
 def test_lora_changes_only_adapter_weights(lora_reference: Run, tiny_model) -> None:
@@ -191,6 +206,33 @@ def test_sigterm_checkpoint_then_resume_on_other_dp_equals_uninterrupted(launche
     assert not (first.out / "config.json").exists(), "no output may be written by a stopped run"
     second = launcher("ckpt-resume", {"checkpoint": {"uri": f"file://{first.out / 'checkpoints'}"}}, 0)
     assert '"event": "resume"' in second.log() and '"step": 2' in second.log()
+    assert_same(second.dump(), reference.dump(), grads=False)
+
+
+@pytest.mark.timeout(2400)
+def test_async_checkpoint_interrupted_by_sigterm_resumes_to_the_uninterrupted_result(
+        launcher: Callable[..., Run]) -> None:
+    """Interval checkpoints are written in the background (dcp.async_save) and completed after
+    the next step. DP=2, a checkpoint every step, SIGTERM to rank 0 right after the step-2
+    checkpoint started: step 3 runs while step 2's is still pending, then the ranks complete
+    it, save step 3 synchronously and exit 143; a resumed run then ends where 4 uninterrupted
+    steps end."""
+    from kubeforge_runtime.train import checkpoint as ckpt
+
+    reference = launcher("reference-full", timeout=900)  # the `reference` fixture's run, with more time
+    first = launcher("async-first", {"checkpoint": {"intervalSteps": 1}}, 2,
+                     env={"KUBEFORGE_FAULT_SIGTERM_AT_STEP": "2", "KUBEFORGE_FAULT_RANK": "0"}, expect=None, dump=False,
+                     timeout=900)
+    assert first.returncode != 0, "a worker stopped by SIGTERM must not report success"
+    events = [json.loads(line.split(" ", 1)[1]) for line in first.log().splitlines()
+              if line.startswith("KUBEFORGE_EVENT ")]
+    saves = [(e["step"], e.get("asynchronous", False)) for e in events if e["event"] == "checkpoint"]
+    assert saves == [(1, True), (2, True), (3, False)], saves
+    assert all(e["stallSeconds"] >= 0 for e in events if e["event"] == "checkpoint" and e.get("asynchronous"))
+    assert [e["step"] for e in events if e["event"] == "stopped"] == [3]
+    assert [s for s, _ in ckpt.complete_checkpoints(first.out / "checkpoints")] == [2, 3]
+    second = launcher("async-resume", {"checkpoint": {"uri": f"file://{first.out / 'checkpoints'}"}}, 2, timeout=900)
+    assert '"event": "resume"' in second.log() and '"step": 3' in second.log()
     assert_same(second.dump(), reference.dump(), grads=False)
 
 
