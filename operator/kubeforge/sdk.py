@@ -37,7 +37,7 @@ _METHOD_ALIASES = {
     "int4": "int4-weight-only", "int4_weight_only": "int4-weight-only", "int4-weight-only": "int4-weight-only",
     "fp16": "fp16", "float16": "fp16", "bf16": "bf16", "bfloat16": "bf16",
 }
-_ADAPTERS = {"lora": "lora", None: "full", "none": "full", "full": "full"}
+_ADAPTERS = {"lora": "lora", "qlora": "qlora", None: "full", "none": "full", "full": "full"}
 
 
 def to_uri(location: str | Path) -> str:
@@ -142,7 +142,7 @@ class FineTuner:
                  max_steps: int | None = None, micro_batch_size: int | None = None, seed: int = 42) -> dict[str, Any]:
         """The FineTuneJob these arguments describe (validated)."""
         if self.adapter_type not in _ADAPTERS:
-            raise ValueError(f"adapter_type {self.adapter_type!r}: use 'lora' or None for full fine-tuning")
+            raise ValueError(f"adapter_type {self.adapter_type!r}: use 'lora', 'qlora' or None for full fine-tuning")
         method = _ADAPTERS[self.adapter_type]
         name = self.name or _slug(f"ft-{Path(str(self.training_data)).stem}")
         world = self.nodes * self.procs_per_node
