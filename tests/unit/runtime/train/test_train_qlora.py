@@ -74,6 +74,7 @@ def test_nf4_group_size_keeps_eight_groups() -> None:
 
 # --- training ---------------------------------------------------------------------------------
 
+@pytest.mark.torchrun
 def test_qlora_trains_only_adapters_and_loss_falls(qlora_reference: Run) -> None:
     dump = qlora_reference.dump()
     losses = dump["losses"]
@@ -86,6 +87,7 @@ def test_qlora_trains_only_adapters_and_loss_falls(qlora_reference: Run) -> None
     assert start["parameters"]["trainable"] < start["parameters"]["total"] / 10
 
 
+@pytest.mark.torchrun
 def test_qlora_under_dp2_fsdp_equals_single_process(launcher: Callable[..., Run], qlora_reference: Run) -> None:
     got = launcher("qlora-dp2", {**QLORA, "parallelism": {"strategy": "fsdp"}}, 2).dump()
     assert got["layout"]["data"] == 2
@@ -110,6 +112,7 @@ def _merged(run: Run, tmp_path: Path) -> Path:
     return tmp_path / "merged"
 
 
+@pytest.mark.torchrun
 def test_qlora_outputs_load_with_plain_transformers_and_peft(qlora_reference: Run, tiny_model: Path,
                                                              tmp_path: Path) -> None:
     import torch
@@ -134,6 +137,7 @@ def test_qlora_outputs_load_with_plain_transformers_and_peft(qlora_reference: Ru
     assert rel(_probe_logits(merged, dump), dump["probe_logits"]) < 1e-5
 
 
+@pytest.mark.torchrun
 def test_qlora_outputs_serve(qlora_reference: Run, tiny_model: Path, tmp_path: Path) -> None:
     """Both outputs through the production server (real HTTP, the openai client): greedy
     completions equal greedy ``generate`` of the same model loaded with plain transformers/peft."""
