@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from kubeforge_runtime import embedded
 from train_support import LORA_ALL, STEPS, Run, assert_same, rel
 
 QLORA = {"method": "qlora", "lora": {"r": 4, "alpha": 8, "targetModules": LORA_ALL}, "output": {"format": "adapter"}}
@@ -61,6 +62,28 @@ def test_nf4_base_is_about_a_quarter_of_bf16(tiny_model: Path) -> None:
         assert qlora.dequantize_base(lm) == 28
         d_logits = top(input_ids=x).logits
     assert rel(q_logits, d_logits) < 1e-6
+
+
+@pytest.mark.skipif(not embedded.is_ready(), reason="the embedded model is converted by hack/setup-python.sh")
+def test_real_models_nf4_base_is_a_quarter_of_bf16() -> None:
+    """SmolLM2-135M-Instruct as the trainer builds it for qlora: its 210 decoder linears
+    (106 M weights) take 0.26x of bf16; with its 28 M embedding weights (not quantized) the
+    whole frozen base is 0.42x of an all-bf16 base."""
+    from kubeforge_runtime.train import model as model_mod
+    from kubeforge_runtime.train import qlora
+    from kubeforge_runtime.train.config import parse_config
+
+    cfg = parse_config({"model": {"uri": f"file://{embedded.cache_dir()}"}, "dataset": {"uri": "file:///x.jsonl"},
+                        **QLORA, "output": {"uri": "file:///unset", "format": "adapter"}})
+    top, _ = model_mod.build(cfg)
+    linears = [p for p in top.parameters() if qlora.is_nf4(p)]
+    assert len(linears) == 30 * 7
+    ratio = sum(qlora.storage_bytes(p) for p in linears) / sum(2 * p.numel() for p in linears)
+    assert 0.255 < ratio < 0.27, ratio
+    other = [p for p in top.parameters() if not p.requires_grad and not qlora.is_nf4(p)]
+    whole = (sum(qlora.storage_bytes(p) for p in linears) + sum(2 * p.numel() for p in other)) / sum(
+        2 * p.numel() for p in top.parameters() if not p.requires_grad)
+    assert 0.40 < whole < 0.43, whole
 
 
 def test_nf4_group_size_keeps_eight_groups() -> None:
