@@ -38,7 +38,7 @@ _METHOD_ALIASES = {
     "awq": "int4-weight-only-awq", "int4_awq": "int4-weight-only-awq", "int4-weight-only-awq": "int4-weight-only-awq",
     "fp16": "fp16", "float16": "fp16", "bf16": "bf16", "bfloat16": "bf16",
 }
-_ADAPTERS = {"lora": "lora", None: "full", "none": "full", "full": "full"}
+_ADAPTERS = {"lora": "lora", "qlora": "qlora", None: "full", "none": "full", "full": "full"}
 
 
 def to_uri(location: str | Path) -> str:
@@ -143,7 +143,7 @@ class FineTuner:
                  max_steps: int | None = None, micro_batch_size: int | None = None, seed: int = 42) -> dict[str, Any]:
         """The FineTuneJob these arguments describe (validated)."""
         if self.adapter_type not in _ADAPTERS:
-            raise ValueError(f"adapter_type {self.adapter_type!r}: use 'lora' or None for full fine-tuning")
+            raise ValueError(f"adapter_type {self.adapter_type!r}: use 'lora', 'qlora' or None for full fine-tuning")
         method = _ADAPTERS[self.adapter_type]
         name = self.name or _slug(f"ft-{Path(str(self.training_data)).stem}")
         world = self.nodes * self.procs_per_node

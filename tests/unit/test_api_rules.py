@@ -8,6 +8,8 @@ operator refuse what the API server refuses:
   own config, so the preflight exits 78: tests/unit/runtime/train/test_train_launch.py);
 * ``training.precision: fp16`` with ``parallelism.pipeline > 1``;
 * ``training.attention: flex_attention | flash_attention_2`` without GPUs;
+* ``method: qlora`` with anything but FSDP data parallelism (the trainer's config refuses it
+  too); ``output.format: adapter`` with a method other than lora or qlora;
 * ``template.env`` setting a variable the operator sets (torchrun's, KUBEFORGE_*);
 * ``template.labels`` setting a ``kubeforge.io/`` label (the operator's selectors use them);
 * InferenceService adapter names: unique, and none equal to the service's name.
@@ -36,6 +38,7 @@ REPO = Path(__file__).resolve().parents[2]
 FTJ = {"model": {"uri": "hf://a/b"}, "dataset": {"uri": "pvc://d/t.jsonl"}, "output": {"uri": "pvc://m/o"},
        "procsPerNode": 2}
 DDP_TP = {**FTJ, "parallelism": {"strategy": "ddp", "tensor": 2}}
+QLORA_TP = {**FTJ, "method": "qlora", "parallelism": {"tensor": 2}}
 FP16_PP = {**FTJ, "parallelism": {"pipeline": 2}, "training": {"precision": "fp16", "globalBatchSize": 8}}
 FLEX_CPU = {**FTJ, "training": {"attention": "flex_attention"}}
 DUP_ADAPTERS = {"model": {"uri": "pvc://m/base"},
@@ -71,6 +74,28 @@ def test_gpu_only_attention_kernels_without_gpus_are_refused_by_the_model_and_ce
     FineTuneJobSpec.model_validate({**FTJ, "training": {"attention": "sdpa", "compile": "on"}})
     assert ("!(self.training.attention in ['flex_attention', 'flash_attention_2']) || self.resources.gpus > 0"
             in cel_rules("FineTuneJob"))
+
+
+@pytest.mark.parametrize("parallelism", [{"tensor": 2}, {"pipeline": 2}, {"strategy": "ddp"},
+                                         {"strategy": "deepspeed-zero3"}])
+def test_qlora_outside_fsdp_data_parallelism_is_refused_by_the_model_cel_and_trainer(parallelism):
+    from kubeforge_runtime.train.config import ConfigError, parse_config
+
+    with pytest.raises(ValidationError, match="method qlora runs data parallel with FSDP2 only"):
+        FineTuneJobSpec.model_validate({**FTJ, "method": "qlora", "parallelism": parallelism})
+    spec = FineTuneJobSpec.model_validate({**FTJ, "method": "qlora", "output": {"uri": "pvc://m/o", "format": "adapter"}})
+    assert spec.method == "qlora" and spec.output.format == "adapter"
+    assert ("self.method != 'qlora' || (self.parallelism.strategy == 'fsdp' && self.parallelism.tensor == 1 && "
+            "self.parallelism.pipeline == 1)") in cel_rules("FineTuneJob")
+    assert "self.output.format != 'adapter' || self.method == 'lora' || self.method == 'qlora'" in cel_rules("FineTuneJob")
+    with pytest.raises(ConfigError, match="method qlora runs data parallel with FSDP2 only"):
+        parse_config({"model": {"uri": "file:///m"}, "dataset": {"uri": "file:///d.jsonl"}, "output": {"uri": "file:///o"},
+                      "method": "qlora", "parallelism": parallelism})
+
+
+def test_the_sdk_offers_qlora():
+    ft = FineTuner(training_data="pvc://d/t.jsonl", base_model="hf://a/b", adapter_type="qlora")
+    assert ft.manifest()["spec"]["method"] == "qlora"
 
 
 def test_the_sdk_defaults_to_fsdp_and_refuses_ddp_with_tensor_parallelism():
@@ -154,6 +179,7 @@ def test_adapter_names_are_refused_by_validate_the_sdk_and_the_operator():
     (doc("FineTuneJob", "ddp", DDP_TP), "use strategy fsdp"),
     (doc("FineTuneJob", "fp16", FP16_PP), "fp16 is not supported with pipeline parallelism"),
     (doc("FineTuneJob", "flex", FLEX_CPU), "training.attention flex_attention and flash_attention_2 train on CUDA"),
+    (doc("FineTuneJob", "qlora", QLORA_TP), "method qlora runs data parallel with FSDP2 only"),
     (doc("InferenceService", "env", {"model": {"uri": "pvc://m/a"},
                                      "template": {"env": [{"name": "MASTER_ADDR", "value": "x"}]}}),
      "template.env: MASTER_ADDR is set by the operator"),

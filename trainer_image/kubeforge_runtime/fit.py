@@ -25,6 +25,11 @@ What a training rank holds, as this runtime trains (``train/trainer.py``, ``stra
 * **logits** - the last stage's vocabulary-sized tensors of one micro-batch (logits, their
   log-softmax saved by the loss, and both gradients in backward).
 
+``method: qlora`` (``train/qlora.py``) holds the decoder layers' frozen linear weights in NF4,
+:data:`NF4_BYTES_PER_PARAM` bytes each instead of 4 (embeddings, norms, ``lm_head`` and the
+adapters stay fp32); those weights have no autocast copy (each linear dequantizes its weight
+on the fly, one at a time: the **dequantized weight** term), and FSDP gathers the 4-bit codes.
+
 Without gradient accumulation the gradients are freed by each optimizer step and grow back
 as backward frees the activations, so only their excess over the activations counts. On CPU
 (``device="cpu"``, the per-process figure) the whole model as loaded stays resident as well
@@ -52,6 +57,9 @@ Device = Literal["cuda", "cpu"]
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "auto": None}
 ZERO_PREFIX = "deepspeed-zero"
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+"""Bytes per weight of torchao's NF4 (``train/qlora.py``): a 4-bit code, an int8 scale per
+block of 64, an fp32 factor per 256 block scales - 0.516, 0.258x of bf16's 2 bytes."""
 ZERO_REDUCE_BUCKET = 500_000_000
 """DeepSpeed's default ``reduce_bucket_size`` (elements), which the runtime's ds_config keeps."""
 
@@ -249,10 +257,20 @@ def stage_params(arch: Architecture, plan: TrainPlan, stage: int) -> tuple[int, 
     if last:
         other += arch.hidden_size + (arch.head_params or (arch.embedding_params if not first else 0))
     head_linear = arch.vocab_size * arch.hidden_size if last else 0  # lm_head is a linear (autocast copy)
-    if plan.method == "lora":
+    if plan.method in ("lora", "qlora"):
         trainable = n * arch.lora_params_per_layer(plan.lora_r, plan.lora_targets) // plan.tensor
         return linear + other + trainable, trainable, linear + head_linear
     return linear + other, linear + other, linear + head_linear
+
+
+def weight_bytes(arch: Architecture, plan: TrainPlan, stage: int) -> int:
+    """Bytes of one rank's whole (unsharded) stage: fp32, with QLoRA's frozen decoder-layer
+    linears in NF4."""
+    params, _, _ = stage_params(arch, plan, stage)
+    if plan.method != "qlora":
+        return 4 * params
+    frozen_linear = stage_layers(arch, plan.pipeline, stage) * arch.layer_linear_params // plan.tensor
+    return int(4 * (params - frozen_linear) + NF4_BYTES_PER_PARAM * frozen_linear)
 
 
 def in_flight(plan: TrainPlan, stage: int) -> int:
@@ -271,7 +289,7 @@ def train_terms(arch: Architecture, plan: TrainPlan, stage: int) -> dict[str, in
     sharded = dp > 1
     fsdp = sharded and plan.strategy == "fsdp"
     t: dict[str, int] = {}
-    t["weights"] = 4 * params // (dp if fsdp or zero == 3 else 1)
+    t["weights"] = weight_bytes(arch, plan, stage) // (dp if fsdp or zero == 3 else 1)
     grads = 4 * trainable
     if fsdp:
         t["gradients"] = grads // dp
@@ -292,16 +310,25 @@ def train_terms(arch: Architecture, plan: TrainPlan, stage: int) -> dict[str, in
         t["optimizer"] += 4 * trainable // dp  # ZeRO's fp32 copy of its partition
     n_layers = stage_layers(arch, plan.pipeline, stage)
     layer_full = 4 * arch.layer_params // plan.tensor
+    if plan.method == "qlora":  # FSDP gathers the NF4 codes (and the layer's adapters)
+        layer_full = int(NF4_BYTES_PER_PARAM * arch.layer_linear_params + 8 * arch.hidden_size
+                         + 4 * arch.lora_params_per_layer(plan.lora_r, plan.lora_targets))
     if fsdp or (zero == 3 and sharded):
         # One layer computing and one prefetched, plus one layer's unsharded gradients in
         # backward; pipelining keeps the whole stage gathered between forward and backward.
-        gathered = 4 * params - t["weights"] if plan.pipeline > 1 else 2 * layer_full
+        gathered = weight_bytes(arch, plan, stage) - t["weights"] if plan.pipeline > 1 else 2 * layer_full
         t["gathered"] = gathered + (layer_full if plan.method == "full" else 0)
     if plan.precision in ("bf16", "fp16"):
         copies = 2 * linear
         if plan.method == "lora" and plan.gradient_checkpointing:
             copies = 2 * arch.layer_linear_params // plan.tensor  # frozen weights: not cached, one layer recomputed
+        if plan.method == "qlora":
+            copies = 2 * (linear - n_layers * arch.layer_linear_params // plan.tensor)  # lm_head only
         t["autocast copies"] = copies
+    if plan.method == "qlora":
+        # The one linear being computed: its weight dequantized to fp32 (and cast under autocast).
+        widest = max(a * b for a, b in arch.linear_shapes().values()) // plan.tensor
+        t["dequantized weight"] = (4 + (2 if plan.precision in ("bf16", "fp16") else 0)) * widest
     tokens = plan.micro_batch * plan.sequence_length
     per_layer = layer_activation_bytes(arch, plan.precision, plan.tensor)
     if plan.gradient_checkpointing:
@@ -361,8 +388,7 @@ def load_terms(arch: Architecture, plan: TrainPlan, stage: int, device: Device) 
     FSDP/ZeRO shard it)."""
     if device == "cpu":
         return {"whole model (load)": 4 * arch.total_params}
-    params, _, _ = stage_params(arch, plan, stage)
-    return {"stage before sharding": 4 * params}
+    return {"stage before sharding": weight_bytes(arch, plan, stage)}  # qlora: quantized on the host
 
 
 def estimate_training(arch: Architecture, plan: TrainPlan, device: Device = "cuda",
@@ -441,6 +467,8 @@ def valid_plan(arch: Architecture, plan: TrainPlan) -> bool:
         return False
     if plan.strategy == "ddp" and plan.tensor > 1:
         return False
+    if plan.method == "qlora" and (plan.strategy != "fsdp" or mp != 1):
+        return False  # the API's rule: QLoRA runs FSDP data parallel only
     return plan.global_batch % (plan.micro_batch * plan.dp) == 0
 
 

@@ -144,7 +144,7 @@ class TaskEvaluationSpec(KFModel):
 
 
 class LoraSpec(KFModel):
-    """LoRA adapter settings (method: lora)."""
+    """LoRA adapter settings (method: lora or qlora)."""
 
     r: int = Field(default=8, ge=1, le=1024, description="Rank of the low-rank update.")
     alpha: int = Field(default=16, ge=1, le=4096, description="Scaling numerator (scale = alpha / r).")
@@ -201,6 +201,10 @@ DDP_WITH_TENSOR = ("parallelism.strategy ddp cannot be combined with parallelism
 GPU_ATTENTION = ("training.attention flex_attention and flash_attention_2 train on CUDA GPUs only (flex attention has "
                  "no CPU backward; flash-attention is CUDA-only): set resources.gpus, or use training.attention auto "
                  "or sdpa")
+QLORA_LAYOUT = ("method qlora runs data parallel with FSDP2 only (its NF4 base shards with fully_shard): set "
+                "parallelism.strategy fsdp, parallelism.tensor 1 and parallelism.pipeline 1, or use method lora")
+ADAPTER_NEEDS_LORA = ("output.format adapter needs method lora or qlora; use output.format merged for full "
+                      "fine-tuning")
 FP16_WITH_PIPELINE = ("training.precision fp16 is not supported with pipeline parallelism (its loss scaling is not "
                       "implemented across stages): use bf16, or set parallelism.pipeline to 1")
 
@@ -291,7 +295,8 @@ class OutputSpec(KFModel):
 
     uri: str = Field(pattern=OUTPUT_URI_PATTERN, max_length=URI_MAX_LENGTH, description="pvc://claim/path, s3://bucket/path or file:///path.")
     format: Literal["merged", "adapter"] = Field(
-        default="merged", description="merged: full weights; adapter: the LoRA adapter only (method lora)."
+        default="merged", description="merged: full weights (for qlora: the adapter merged into the dequantized "
+        "4-bit base, in the base's dtype); adapter: the LoRA adapter only (method lora or qlora).",
     )
 
 
@@ -300,10 +305,12 @@ class FineTuneJobSpec(KFModel):
 
     model: ModelSource = Field(description="The base model.")
     dataset: DatasetSpec = Field(description="Training (and validation) data.")
-    method: Literal["full", "lora", "distill"] = Field(
-        default="lora", description="full: all weights; lora: adapters only; distill: all weights, learning from "
-        "distillation.teacher as well as from the labels.")
-    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings, used when method is lora.")
+    method: Literal["full", "lora", "qlora", "distill"] = Field(
+        default="lora", description="full: all weights; lora: adapters only; qlora: adapters only, on a base whose "
+        "decoder-layer linear weights are held in 4-bit NF4 (about a quarter of their bf16 memory; strategy fsdp, "
+        "no tensor or pipeline parallelism); distill: all weights, learning from distillation.teacher as well as "
+        "from the labels.")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings, used when method is lora or qlora.")
     parallelism: ParallelismSpec = Field(default_factory=ParallelismSpec, description="Model and data parallelism.")
     nodes: NodesSpec = Field(default_factory=NodesSpec, description="Elastic range of worker nodes (pods).")
     procs_per_node: int | None = Field(
@@ -339,8 +346,10 @@ class FineTuneJobSpec(KFModel):
             "node count from nodes.min to nodes.max: make procsPerNode a multiple of it, or fix nodes.min == nodes.max",
             ".parallelism",
         ),
-        cel("self.output.format != 'adapter' || self.method == 'lora'",
-            "output.format adapter needs method lora; use output.format merged for full fine-tuning", ".output.format"),
+        cel("self.output.format != 'adapter' || self.method == 'lora' || self.method == 'qlora'",
+            ADAPTER_NEEDS_LORA, ".output.format"),
+        cel("self.method != 'qlora' || (self.parallelism.strategy == 'fsdp' && self.parallelism.tensor == 1 && "
+            "self.parallelism.pipeline == 1)", QLORA_LAYOUT, ".parallelism"),
         cel("!has(self.evaluation) || self.dataset.format != 'text'",
             "evaluation needs prompts and answers: set dataset.format to prompt-completion or chat, or remove "
             "evaluation", ".evaluation"),
@@ -368,8 +377,11 @@ class FineTuneJobSpec(KFModel):
                 f"parallelism.tensor × parallelism.pipeline ({mp}) must divide the world size (procsPerNode {ppn} × "
                 f"nodes {self.nodes.min}..{self.nodes.max}): make procsPerNode a multiple of {mp}, or fix nodes.min == nodes.max"
             )
-        if self.output.format == "adapter" and self.method != "lora":
-            raise ValueError("output.format adapter needs method lora; use output.format merged for full fine-tuning")
+        if self.output.format == "adapter" and self.method not in ("lora", "qlora"):
+            raise ValueError(ADAPTER_NEEDS_LORA)
+        p = self.parallelism
+        if self.method == "qlora" and (p.strategy != "fsdp" or p.tensor != 1 or p.pipeline != 1):
+            raise ValueError(QLORA_LAYOUT)
         if self.parallelism.strategy.startswith("deepspeed") and mp != 1:
             raise ValueError("DeepSpeed ZeRO strategies run data parallel only: set tensor and pipeline to 1")
         if self.parallelism.strategy.startswith("deepspeed") and self.training.precision == "fp16":

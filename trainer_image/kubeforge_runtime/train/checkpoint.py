@@ -146,7 +146,7 @@ def run_identity(cfg: TrainConfig) -> dict[str, Any]:
         "dataset": contract.normalize_uri(cfg.dataset.uri),
         "method": cfg.method,
     }
-    if cfg.method == "lora":
+    if cfg.method in ("lora", "qlora"):
         identity["lora"] = {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "targetModules": sorted(cfg.lora.targetModules)}
     if cfg.distillation is not None:
         identity["teacher"] = contract.normalize_uri(cfg.distillation.teacher.uri)
@@ -405,7 +405,7 @@ def load_single_process(path: str | Path, cfg: Any, model_path: Path | None = No
     """Rebuild one plain (unsharded) model from a checkpoint written by any layout.
 
     ``cfg`` is the run's TrainConfig (base model, LoRA settings). Returns the peft model for
-    LoRA runs, else the causal LM, in eval mode. Works inside or outside a process group.
+    LoRA and QLoRA runs (QLoRA's base NF4-quantized as in training), else the causal LM, in eval mode. Works inside or outside a process group.
     """
     import torch.distributed.checkpoint as dcp
 

@@ -30,12 +30,18 @@ from ..configfile import read_config_object
 from ..configmodel import StrictConfig
 
 
+QLORA_LAYOUT = ("method qlora runs data parallel with FSDP2 only (the NF4 base shards with fully_shard): set "
+                "parallelism.strategy fsdp, tensor 1 and pipeline 1, or use method lora")
+
+
 class ConfigError(ValueError):
     """The config is invalid; the message names the field and says what to change."""
 
 
 DatasetFormat = Literal["text", "prompt-completion", "chat"]
-Method = Literal["full", "lora", "distill"]
+Method = Literal["full", "lora", "qlora", "distill"]
+ADAPTER_METHODS = ("lora", "qlora")
+"""Methods that train LoRA adapters (on a frozen base: plain for lora, NF4-quantized for qlora)."""
 Strategy = Literal["fsdp", "ddp", "deepspeed-zero1", "deepspeed-zero2", "deepspeed-zero3"]
 PipelineSchedule = Literal["1F1B", "GPipe"]
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -238,8 +244,9 @@ class OutputConfig(StrictConfig):
     """Where the trained model is written (file://, pvc://, or s3://: staged locally, then
     uploaded with the lineage record last)."""
     format: OutputFormat = "merged"
-    """``merged``: a full model (LoRA merged into the base weights); ``adapter``: only the peft
-    adapter (``method: lora`` only)."""
+    """``merged``: a full model (LoRA merged into the base weights; for qlora into the
+    dequantized NF4 base, in the base's dtype); ``adapter``: only the peft adapter
+    (``method: lora`` or ``qlora``)."""
 
 
 class EvaluationConfig(StrictConfig):
@@ -267,10 +274,11 @@ class TrainConfig(StrictConfig):
     dataset: DatasetConfig
     """Training (and validation) data."""
     method: Method = "full"
-    """``full`` fine-tuning, ``lora`` adapters, or ``distill`` (all weights, learning from
-    ``distillation.teacher`` too)."""
+    """``full`` fine-tuning, ``lora`` adapters, ``qlora`` (LoRA adapters on a base whose
+    decoder-layer linear weights are quantized to 4-bit NF4, ``train/qlora.py``), or
+    ``distill`` (all weights, learning from ``distillation.teacher`` too)."""
     lora: LoraConfig = Field(default_factory=LoraConfig)
-    """LoRA settings (used when method is lora)."""
+    """LoRA settings (used when method is lora or qlora)."""
     parallelism: ParallelismConfig = Field(default_factory=ParallelismConfig)
     """Tensor/pipeline degrees and the data-parallel strategy."""
     training: TrainingConfig = Field(default_factory=TrainingConfig)
@@ -292,8 +300,10 @@ class TrainConfig(StrictConfig):
             raise ValueError(f"training.precision fp16 is not supported with {p.strategy!r}; use bf16 or fp32")
         if self.evaluation is not None and self.dataset.format == "text":
             raise ValueError("evaluation needs prompts and answers: dataset.format must be prompt-completion or chat")
-        if self.output.format == "adapter" and self.method != "lora":
-            raise ValueError("output.format: 'adapter' needs method 'lora'; use 'merged' for full fine-tuning")
+        if self.output.format == "adapter" and self.method not in ADAPTER_METHODS:
+            raise ValueError("output.format: 'adapter' needs method 'lora' or 'qlora'; use 'merged' for full fine-tuning")
+        if self.method == "qlora" and (p.strategy != "fsdp" or p.tensor > 1 or p.pipeline > 1):
+            raise ValueError(QLORA_LAYOUT)
         if (self.method == "distill") != (self.distillation is not None):
             raise ValueError("distillation: set it together with method 'distill' (and only then): "
                              "give distillation.teacher.uri, or change method")

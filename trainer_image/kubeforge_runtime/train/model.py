@@ -1,4 +1,5 @@
-"""Build the model to train: the base causal LM from its directory, plus LoRA adapters.
+"""Build the model to train: the base causal LM from its directory, plus LoRA adapters
+(on an NF4-quantized base for ``method: qlora``, ``qlora.py``).
 
 Called by the trainer (every rank, before parallelisation), by the checkpoint loader that
 rebuilds a single-process model from a distributed checkpoint (final output, tests) and by
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from .. import models
-from .config import TrainConfig
+from .config import ADAPTER_METHODS, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +65,17 @@ def apply_lora(lm: nn.Module, cfg: TrainConfig) -> nn.Module:
 
 def build(cfg: TrainConfig, path: Path | None = None) -> tuple[nn.Module, nn.Module]:
     """(top, lm): the object whose ``state_dict`` names are the checkpoint's keys (the peft
-    model for LoRA, else the causal LM) and the underlying ``*ForCausalLM``."""
+    model for LoRA and QLoRA, else the causal LM) and the underlying ``*ForCausalLM``."""
     lm = load_base(path or model_dir(cfg))
     if cfg.training.gradientCheckpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm.config.use_cache = False
-    if cfg.method == "lora":
+    if cfg.method in ADAPTER_METHODS:
         top = apply_lora(lm, cfg)
+        if cfg.method == "qlora":
+            from . import qlora
+
+            qlora.quantize_base(lm)  # after peft: only frozen weights are quantized
         return top, top.get_base_model()
     return lm, lm
 

@@ -4,7 +4,8 @@ Called by the trainer on global rank 0 after the final checkpoint: the model is 
 one process from that checkpoint (so the output is independent of the parallel layout it
 was trained with) and written to ``output.uri`` as
 
-* ``merged``: a full model directory (LoRA, if any, merged into the base weights), or
+* ``merged``: a full model directory (LoRA, if any, merged into the base weights; for QLoRA
+  into the dequantized NF4 base, in the base's dtype, so it computes what was trained), or
 * ``adapter``: the peft adapter only (``adapter_config.json`` + ``adapter_model.safetensors``),
 
 plus the tokenizer and ``kubeforge.json`` (``models.LINEAGE_FILE``), the lineage record the
@@ -31,11 +32,14 @@ from typing import Any
 from torch import nn
 
 from .. import lineage, models, storage
-from .config import TrainConfig
+from .config import ADAPTER_METHODS, TrainConfig
 
 log = logging.getLogger(__name__)
 
-PACKAGES = ("torch", "transformers", "peft", "tokenizers", "safetensors", "accelerate", "kubeforge")
+QLORA_LINEAGE = {"format": "nf4", "library": "torchao", "blockSize": 64, "scope": "decoder-layer linear weights"}
+"""How a QLoRA run held its frozen base (``qlora.py``), for the lineage record."""
+
+PACKAGES = ("torch", "torchao", "transformers", "peft", "tokenizers", "safetensors", "accelerate", "kubeforge")
 
 
 def package_versions() -> dict[str, str]:
@@ -84,7 +88,8 @@ def lineage_record(cfg: TrainConfig, base_dir: Path, summary: dict[str, Any]) ->
             "quality": summary.get("dataQuality"),
         },
         "method": cfg.method,
-        "lora": cfg.to_dict()["lora"] if cfg.method == "lora" else None,
+        "lora": cfg.to_dict()["lora"] if cfg.method in ADAPTER_METHODS else None,
+        "baseQuantization": QLORA_LINEAGE if cfg.method == "qlora" else None,
         "distillation": cfg.to_dict()["distillation"],
         "format": cfg.output.format,
         "steps": summary.get("steps"),
@@ -102,9 +107,14 @@ def lineage_record(cfg: TrainConfig, base_dir: Path, summary: dict[str, Any]) ->
 
 
 def output_model(top: nn.Module, cfg: TrainConfig) -> nn.Module:
-    """The model as it will be written: LoRA merged into the base for ``merged`` output, the
-    peft model for ``adapter`` output, the model itself for full fine-tuning."""
-    if cfg.method == "lora" and cfg.output.format == "merged":
+    """The model as it will be written: LoRA merged into the base for ``merged`` output (a
+    QLoRA base dequantized first), the peft model for ``adapter`` output, the model itself
+    for full fine-tuning."""
+    if cfg.method in ADAPTER_METHODS and cfg.output.format == "merged":
+        if cfg.method == "qlora":
+            from . import qlora
+
+            qlora.dequantize_base(top)
         top = top.merge_and_unload()
     if cfg.output.format == "merged":
         top.config.use_cache = True  # the trainer turned it off; inference (and evaluation) want it

@@ -64,6 +64,7 @@ from . import gradients, zero
 from .config import ConfigError, TrainConfig
 from .parallel_dims import ParallelDims
 from .parallelize import CausalLMStage, layer_items
+from .qlora import is_nf4
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +203,8 @@ class _TorchStrategy:
             if tensor is None:
                 continue
             full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+            if is_nf4(full):  # a QLoRA base weight: its dequantized value
+                full = full.get_original_weight()
             local[name] = full.detach().to("cpu", copy=True)
         rank = dist.get_rank()
         gathered: list[Any] = [None] * dist.get_world_size() if rank == 0 else None  # type: ignore[assignment]

@@ -57,7 +57,7 @@ from . import metrics as metrics_mod
 from . import model as model_mod
 from . import output as output_mod
 from . import strategy as strategy_mod
-from .config import TrainConfig
+from .config import ADAPTER_METHODS, TrainConfig
 from .parallel_dims import ModelShape, ParallelDims
 from .parallelize import CausalLMStage, apply_tensor_parallel, prune_to_stage
 
@@ -185,7 +185,8 @@ class Trainer:
         self.checkpoints = ckpt.CheckpointManager(ckpt.root_for(cfg), cfg.checkpoint.keepLast, self.rank,
                                                   remote=ckpt.remote_for(cfg))
         self.identity = ckpt.run_identity(cfg)
-        self.trainable_only = cfg.method == "lora"  # LoRA checkpoints hold the adapter weights only
+        # LoRA and QLoRA checkpoints hold the adapter weights only
+        self.trainable_only = cfg.method in ADAPTER_METHODS
         self.reporter = metrics_mod.Reporter(enabled=self.rank == 0)
         self.peak_flops = metrics_mod.peak_flops_per_device(t.precision)
         self.flops_per_token = metrics_mod.flops_per_token(
