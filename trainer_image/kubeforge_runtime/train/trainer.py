@@ -5,10 +5,11 @@ starts once per process. Every rank:
 
 1. joins the process group (gloo on CPU, NCCL on GPU) and builds the ("pp", "dp", "tp") mesh
    from a validated :class:`ParallelDims`;
-2. tokenizes the data (deterministically, so every rank has the same samples) and loads the
-   model (plus LoRA), then tensor-parallelises it and cuts out its pipeline stage
-   (``parallelize.py``) and wraps it for data parallelism (``strategy.py``: FSDP2, DDP or
-   DeepSpeed ZeRO, one object the loop calls wherever they differ);
+2. tokenizes the data (deterministically, so every rank has the same samples) and builds the
+   model (plus LoRA) on the meta device, then tensor-parallelises it and cuts out its
+   pipeline stage (``parallelize.py``) and wraps it for data parallelism (``strategy.py``:
+   FSDP2, DDP or DeepSpeed ZeRO, one object the loop calls wherever they differ); each rank
+   then reads only its own part of the weights from the safetensors files (``loading.py``);
 3. resumes from the newest complete checkpoint, if any (any layout: DCP reshards);
 4. runs optimizer steps: each data-parallel rank takes its slice of the step's global batch,
    splits it into micro-batches (gradient accumulation, or pipeline micro-batches) and sums
@@ -179,6 +180,7 @@ class Trainer:
         self.sampler = data_mod.GlobalBatchSampler(len(self.data.train_inputs), t.globalBatchSize, t.seed)
         self.total_steps = t.maxSteps or t.epochs * self.sampler.steps_per_epoch
 
+        self.dump: dict[str, Any] = {}
         self._build_model()
         self.checkpoints = ckpt.CheckpointManager(ckpt.root_for(cfg), cfg.checkpoint.keepLast, self.rank,
                                                   remote=ckpt.remote_for(cfg))
@@ -195,7 +197,6 @@ class Trainer:
         self.val_losses: dict[int, float] = {}
         self.initial_val_loss: float | None = None
         self.task_before: dict[str, Any] | None = None  # the base model's task metric (spec.evaluation)
-        self.dump: dict[str, Any] = {}
         if t.precision == "fp16" and self.device.type != "cuda":
             from .config import ConfigError
 
@@ -204,16 +205,25 @@ class Trainer:
     # --- setup ---------------------------------------------------------------------------
     def _build_model(self) -> None:
         cfg, dims = self.cfg, self.dims
-        self.top, self.lm = model_mod.build(cfg, self.base_dir)
+        # On the meta device: no rank holds more than its own part (loading.py).
+        self.top, self.lm = model_mod.build_meta(cfg, self.base_dir)
         self.num_params = model_mod.num_parameters(self.top)
         if dims.tp > 1:
             apply_tensor_parallel(self.lm, self.mesh["tp"])
         if dims.pp > 1:
             prune_to_stage(self.lm, dims.stage_layers(self.pp_rank), self.is_first, self.is_last)
-        self.lm.to(self.device)
         stage = CausalLMStage(self.lm, self.is_first, self.is_last)
+        late = self.strategy.shards_on_meta  # FSDP2 shards the meta model first, then each rank reads its shard
+
+        def make_optimizer() -> torch.optim.Optimizer:
+            if late:
+                self._materialize()
+            return self._build_optimizer()
+
+        if not late:
+            self._materialize()
         # The strategy builds the optimizer when its wrapping allows (DeepSpeed needs it to wrap).
-        self.module, self.optimizer = self.strategy.wrap(self.top, stage, self._build_optimizer)
+        self.module, self.optimizer = self.strategy.wrap(self.top, stage, make_optimizer)
         self.loss_fn: TokenLoss | distill_mod.DistillLoss = TokenLoss()
         if cfg.distillation is not None:
             self.loss_fn = self._build_distillation()
@@ -226,6 +236,14 @@ class Trainer:
             # scale_grads=False: TokenLoss already normalises by the global token count.
             self.schedule = cls(pstage, n_microbatches=dims.grad_accum, loss_fn=self.loss_fn, scale_grads=False)
         self.module.train()
+
+    def _materialize(self) -> None:
+        """Allocate and read this rank's part of the base model (``loading.materialize``)."""
+        from . import loading
+
+        loading.materialize(self.top, self.lm, self.base_dir, self.device, self.cfg.training.seed)
+        if os.environ.get(ENV_DUMP):
+            self.dump["initial_params"] = strategy_mod.gather_named(list(self.top.named_parameters()), self.mesh)
 
     def _build_distillation(self) -> distill_mod.DistillLoss:
         """The teacher (on the ranks that compute the loss: the last pipeline stage) and the
