@@ -19,7 +19,9 @@ What each parameter becomes (the precision policy, :func:`param_dtype`): trainab
 parameters are fp32 master weights (the optimizer steps them; bf16/fp16 is autocast, as
 before); frozen ones (a LoRA base) keep the dtype they are stored in when the run computes
 in bf16/fp16 (a bf16 base stays bf16: half the memory of fp32) and are fp32 under fp32
-training, where a bf16 weight could not meet an fp32 activation.
+training, where a bf16 weight could not meet an fp32 activation. DeepSpeed ZeRO keeps every
+weight fp32 (it flattens the model's parameters) and, as before, each rank reads the whole
+model before DeepSpeed partitions it (no meta-device ZeRO-3 init here).
 
 Tied embeddings: ``lm_head.weight`` is the embedding; files store it once (as
 ``model.embed_tokens.weight``), so a stage that holds the head but not the embedding (the
@@ -79,12 +81,15 @@ def build_meta(path: Path, cfg: TrainConfig) -> tuple[nn.Module, nn.Module]:
         config = AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError) as exc:
         raise models.ModelLoadError(f"could not read the base model's config from {path}: {exc}") from exc
+    # Read before from_config, which records the dtype it builds in into the config.
+    stored = stored_dtype(config)
+    if cfg.parallelism.strategy.startswith("deepspeed-"):
+        stored = torch.float32  # DeepSpeed partitions and flattens the whole model: one dtype, fp32
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
     from . import model as model_mod
 
     top, lm = model_mod.prepare(lm, cfg)
-    stored = stored_dtype(config)
     for p in top.parameters():
         want = param_dtype(p.requires_grad, cfg.training.precision, stored)
         if p.dtype != want:
@@ -148,7 +153,9 @@ def materialize(top: nn.Module, lm: nn.Module, path: Path, device: torch.device,
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
-    top.to_empty(device=device)
+    shared = _shared_names(top)
+    top.to_empty(device=device)  # allocates new tensors per module: ties are restored below
+    _retie(top, shared)
     _rebuild_rotary(lm, device)
     tied = bool(getattr(lm.config, "tie_word_embeddings", False))
     targets = load_targets(top, tied)
@@ -165,6 +172,23 @@ def materialize(top: nn.Module, lm: nn.Module, path: Path, device: torch.device,
                 _local_of(p).copy_(_local_part(full, p))
     log.info("loaded this rank's part of %s: %d tensors, %.1f MiB", path, len(targets),
              sum(_local_of(t).numel() * t.element_size() for t in targets.values()) / 2**20)
+
+
+def _shared_names(module: nn.Module) -> list[list[str]]:
+    """Names of parameters shared between modules (tied embeddings), grouped."""
+    groups: dict[int, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def _retie(module: nn.Module, shared: list[list[str]]) -> None:
+    """Point every name of a shared group at the first name's parameter again."""
+    for first, *others in shared:
+        param = module.get_parameter(first)
+        for name in others:
+            owner, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(owner) if owner else module, attr, param)
 
 
 def _full_shape(p: torch.Tensor) -> torch.Size:
