@@ -16,8 +16,9 @@ starts once per process. Every rank:
    token losses normalised by the number of target tokens in the whole global batch, so the
    gradient is the same as one process on the whole batch, whatever the layout;
 5. checkpoints every N steps, on SIGTERM (all ranks agree to stop at the same step) and at
-   the end; rank 0 then rebuilds the model in one process from the last checkpoint and
-   writes the output (``output.py``).
+   the end; then every rank writes its part of the output (``shard_output.py``), or, where
+   that is not supported, rank 0 rebuilds the model in one process from the last
+   checkpoint and writes it (``output.py``).
 
 Rank 0 reports progress (``metrics.py``). Exit codes: 0 done, 78 configuration error,
 143 stopped by SIGTERM after checkpointing, anything else a crash (torchrun restarts the
@@ -55,6 +56,7 @@ from . import distill as distill_mod
 from . import metrics as metrics_mod
 from . import model as model_mod
 from . import output as output_mod
+from . import shard_output
 from . import strategy as strategy_mod
 from .config import TrainConfig
 from .parallel_dims import ModelShape, ParallelDims
@@ -533,8 +535,16 @@ class Trainer:
         quality = contract.data_quality_from_env()  # measured by the preflight (launch.py)
         if quality is not None:
             summary["dataQuality"] = quality
-        if self.rank == 0:
+        why_not = shard_output.supported(cfg)
+        if why_not is None:  # every rank writes its part of the output (shard_output.py)
+            self.strategy.reshard()
+            shard_output.write(self.top, self.lm, cfg, self.base_dir)
+            if self.rank == 0:
+                output_mod.save_output(None, self.tokenizer, cfg, self.base_dir, summary)
+        elif self.rank == 0:
+            log.info("output written from one process (%s)", why_not)
             self._write_output(summary)
+        if self.rank == 0:
             self._write_result(summary)
         dist.barrier()
         if self.rank == 0:
