@@ -14,7 +14,7 @@ a pod runs it), LoRA r=16 on q/k/v/o with bf16 autocast (the frozen base stays b
 adapters fp32), sequence 64, 2 optimizer steps, under FSDP DP=4, TP=2 x DP=2 and
 PP=2 x DP=2 (GPipe); every worker's ``VmHWM`` when the last step is reported (so the load
 and the training steps are in it; the final checkpoint and output are not), the largest
-worker reported. The fixed overhead is the same layout's peak on a ~0.1 M-parameter model
+worker reported, and the same when training starts (after loading: the load phase alone). The fixed overhead is the same layout's peak on a ~0.1 M-parameter model
 (Python, torch, transformers, peft, gloo, the data): what a rank holds whatever the model.
 
 One torch thread per rank (the machine has 2 cores); the timing column is slowed by
@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "trainer_image"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_fit import BASE, _vm_hwm, measure  # noqa: E402  (same launch and RSS reading)
+from bench_fit import BASE, _vm_hwm, _workers  # noqa: E402  (same RSS reading)
 
 BIG = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=20, num_attention_heads=32,
            num_key_value_heads=8, vocab_size=32000)
@@ -95,6 +95,49 @@ def one_process_load(model: Path, threads: int) -> tuple[int, float]:
     return hwm, seconds
 
 
+def measure(spec: dict[str, Any], nproc: int, workdir: Path, threads: int) -> tuple[int, int, float]:
+    """(peak RSS of the largest worker when training starts - the load phase -, the same at
+    the last training step - load and training -, seconds): the runtime's train command
+    under torchrun, killed after its last step (the output phase is not measured)."""
+    import signal
+    import threading
+
+    config = workdir / "config.json"
+    config.write_text(json.dumps(spec))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), KUBEFORGE_METRICS_PORT="0", HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join([str(REPO / "trainer_image"), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "kubeforge_runtime.train", "--config", str(config)]
+    started = time.time()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    errors: list[str] = []
+    threading.Thread(target=lambda: errors.extend(proc.stderr), daemon=True).start()  # type: ignore[arg-type]
+    load = train = None
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if not line.startswith("KUBEFORGE_EVENT "):
+                continue
+            event = json.loads(line.split(" ", 1)[1])
+            peak = max((v for v in (_vm_hwm(p) for p in _workers(proc.pid)) if v), default=None)
+            if event.get("event") == "start":
+                load = peak
+            if event.get("event") == "step" and event.get("step") == spec["training"]["maxSteps"]:
+                train = peak
+                break
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    if load is None or train is None:
+        raise RuntimeError("trainer ended before its last step:\n" + "".join(errors[-40:]))
+    return load, train, time.time() - started
+
+
 def spec_for(model: Path, out: Path, parallelism: dict[str, Any]) -> dict[str, Any]:
     return {
         "kind": "FineTuneJob", "name": "bench-load", "namespace": "default", "model": {"uri": f"file://{model}"},
@@ -133,15 +176,14 @@ def main(argv: list[str] | None = None) -> int:
         nproc, par = LAYOUTS[name]
         work = root / name
         work.mkdir()
-        t0 = time.time()
-        peak = measure(spec_for(big, work / "out", par), nproc, work, args.threads)
-        seconds = time.time() - t0
+        load, peak, seconds = measure(spec_for(big, work / "out", par), nproc, work, args.threads)
         (work / "small").mkdir()
-        overhead = measure(spec_for(small, work / "small" / "out", par), nproc, work / "small", args.threads)
-        rows.append({"name": name, "peak": peak, "overhead": overhead, "seconds": seconds})
-        print(f"{name:<9} peak per rank {peak / 2**30:.2f} GiB = {peak / base_peak:.2f}x the one-process load; "
-              f"fixed overhead {overhead / 2**30:.2f} GiB; above it {(peak - overhead) / fp32_size:.3f}x "
-              f"the fp32 model ({seconds:.0f} s for load + 2 steps)", flush=True)
+        _, overhead, _ = measure(spec_for(small, work / "small" / "out", par), nproc, work / "small", args.threads)
+        rows.append({"name": name, "loadPeak": load, "peak": peak, "overhead": overhead, "seconds": seconds})
+        print(f"{name:<9} per rank: load {load / 2**30:.2f} GiB = {load / base_peak:.2f}x, load + 2 steps "
+              f"{peak / 2**30:.2f} GiB = {peak / base_peak:.2f}x the one-process load; fixed overhead "
+              f"{overhead / 2**30:.2f} GiB; above it: load {(load - overhead) / fp32_size:.3f}x, training "
+              f"{(peak - overhead) / fp32_size:.3f}x the fp32 model ({seconds:.0f} s)", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"parameters": arch.total_params, "fp32Bytes": fp32_size,
                                                "oneProcessLoadPeak": base_peak, "layouts": rows}, indent=1))
