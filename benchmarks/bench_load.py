@@ -11,7 +11,7 @@ loading (``AutoModelForCausalLM.from_pretrained(dir, dtype=float32)``, ``train/m
 
 Measured: the runtime's own train command (``torchrun ... -m kubeforge_runtime.train``, as
 a pod runs it), LoRA r=16 on q/k/v/o with bf16 autocast (the frozen base stays bf16, the
-adapters fp32), sequence 64, 2 optimizer steps, under FSDP DP=4, TP=2 x DP=2 and
+adapters fp32), sequence 64, one optimizer step, under FSDP DP=4, TP=2 x DP=2 and
 PP=2 x DP=2 (GPipe); every worker's ``VmHWM`` when the last step is reported (so the load
 and the training steps are in it; the final checkpoint and output are not), the largest
 worker reported, and the same when training starts (after loading: the load phase alone). The fixed overhead is the same layout's peak on a ~0.1 M-parameter model
@@ -145,7 +145,7 @@ def spec_for(model: Path, out: Path, parallelism: dict[str, Any]) -> dict[str, A
                     "validationSplit": 0.0},
         "method": "lora", "lora": {"r": 16, "alpha": 32, "targetModules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
         "parallelism": {"strategy": "fsdp", "tensor": 1, "pipeline": 1, **parallelism},
-        "training": {"maxSteps": 2, "globalBatchSize": 4, "microBatchSize": 1, "seed": 0, "precision": "bf16",
+        "training": {"maxSteps": 1, "globalBatchSize": 4, "microBatchSize": 1, "seed": 0, "precision": "bf16",
                      "learningRate": 1e-4},
         "checkpoint": {"intervalSteps": 0, "keepLast": 1},
         "output": {"uri": f"file://{out}", "format": "adapter"},
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         (work / "small").mkdir()
         _, overhead, _ = measure(spec_for(small, work / "small" / "out", par), nproc, work / "small", args.threads)
         rows.append({"name": name, "loadPeak": load, "peak": peak, "overhead": overhead, "seconds": seconds})
-        print(f"{name:<9} per rank: load {load / 2**30:.2f} GiB = {load / base_peak:.2f}x, load + 2 steps "
+        print(f"{name:<9} per rank: load {load / 2**30:.2f} GiB = {load / base_peak:.2f}x, load + 1 step "
               f"{peak / 2**30:.2f} GiB = {peak / base_peak:.2f}x the one-process load; fixed overhead "
               f"{overhead / 2**30:.2f} GiB; above it: load {(load - overhead) / fp32_size:.3f}x, training "
               f"{(peak - overhead) / fp32_size:.3f}x the fp32 model ({seconds:.0f} s)", flush=True)
