@@ -7,10 +7,12 @@ model's ``config.json`` is local. ``benchmarks/bench_fit.py`` compares it with m
 
 What a training rank holds, as this runtime trains (``train/trainer.py``, ``strategy.py``):
 
-* **weights** - fp32 master weights of its pipeline stage (embedding on the first stage,
-  final norm and ``lm_head`` on the last), the decoder layers' linear weights split over the
+* **weights** - the weights of its pipeline stage (embedding on the first stage, final norm
+  and ``lm_head`` on the last), the decoder layers' linear weights split over the
   tensor-parallel ranks (embedding, norms and ``lm_head`` stay replicated, ``parallelize.py``),
-  sharded over the data-parallel ranks by ``fsdp`` and ZeRO-3;
+  sharded over the data-parallel ranks by ``fsdp`` and ZeRO-3; fp32 master weights for what
+  is trained, and a frozen (LoRA) base in its stored dtype under bf16/fp16 autocast
+  (``train/loading.py``'s precision policy, :func:`frozen_bytes`);
 * **gradients** (fp32, trainable parameters only) - sharded by ``fsdp``, ZeRO-2 and ZeRO-3;
   DDP keeps a second copy in its reduction buckets; ZeRO-2 flattens them into a bucket;
 * **optimizer** - AdamW's two fp32 moments of the trainable parameters (8 bytes each),
@@ -32,10 +34,13 @@ on the fly, one at a time: the **dequantized weight** term), and FSDP gathers th
 
 Without gradient accumulation the gradients are freed by each optimizer step and grow back
 as backward frees the activations, so only their excess over the activations counts. On CPU
-(``device="cpu"``, the per-process figure) the whole model as loaded stays resident as well
-(:func:`cpu_terms`). Each rank first loads the whole model in fp32 (``from_pretrained``, then it is split), so the
-peak is the larger of that **load** phase and the **train** phase; on GPUs the load is in host
-memory and the device first receives the rank's whole stage (before FSDP/ZeRO shard it).
+(``device="cpu"``, the per-process figure) under ZeRO the whole model as loaded stays
+resident as well (:func:`cpu_terms`). Loading (``train/loading.py``): the model is built on
+the meta device and laid out first, then each rank reads only its part from the safetensors
+files - with ``fsdp`` its shard of its stage's tensor-parallel slice, with ``ddp`` its
+stage's slice whole, with ZeRO the whole model (DeepSpeed partitions real tensors) - so the
+**load** phase is that part (:func:`load_terms`) and the peak is the larger of it and the
+**train** phase.
 
 Other terms (the teacher of a distillation, say) plug in as :data:`ExtraTerm` functions
 passed to :func:`estimate_training`; :func:`frozen_model_terms` is the building block for a
@@ -263,16 +268,6 @@ def stage_params(arch: Architecture, plan: TrainPlan, stage: int) -> tuple[int, 
     return linear + other, linear + other, linear + head_linear
 
 
-def weight_bytes(arch: Architecture, plan: TrainPlan, stage: int) -> int:
-    """Bytes of one rank's whole (unsharded) stage: fp32, with QLoRA's frozen decoder-layer
-    linears in NF4."""
-    params, _, _ = stage_params(arch, plan, stage)
-    if plan.method != "qlora":
-        return 4 * params
-    frozen_linear = stage_layers(arch, plan.pipeline, stage) * arch.layer_linear_params // plan.tensor
-    return int(4 * (params - frozen_linear) + NF4_BYTES_PER_PARAM * frozen_linear)
-
-
 def in_flight(plan: TrainPlan, stage: int) -> int:
     """Micro-batches whose activations a stage holds at once (GPipe: all; 1F1B: pp - stage)."""
     if plan.pipeline == 1:
@@ -282,9 +277,28 @@ def in_flight(plan: TrainPlan, stage: int) -> int:
     return min(plan.pipeline - stage, plan.micro_batches)
 
 
+def frozen_bytes(arch: Architecture, plan: TrainPlan) -> int:
+    """Bytes per frozen weight (``train/loading.py``'s policy): the stored dtype under bf16/fp16
+    autocast (a bf16 LoRA base stays bf16), fp32 under fp32 training and with ZeRO."""
+    if plan.precision == "fp32" or plan.zero_stage:
+        return 4
+    return arch.dtype_bytes
+
+
+def weight_bytes(arch: Architecture, plan: TrainPlan, stage: int) -> int:
+    """Bytes of one rank's whole (unsharded) stage: trained weights as fp32 master weights,
+    frozen ones per :func:`frozen_bytes`; QLoRA's frozen decoder-layer linears in NF4 (the
+    rest of its base fp32, as loaded)."""
+    params, trainable, _ = stage_params(arch, plan, stage)
+    if plan.method == "qlora":
+        frozen_linear = stage_layers(arch, plan.pipeline, stage) * arch.layer_linear_params // plan.tensor
+        return int(4 * (params - frozen_linear) + NF4_BYTES_PER_PARAM * frozen_linear)
+    return 4 * trainable + frozen_bytes(arch, plan) * (params - trainable)
+
+
 def train_terms(arch: Architecture, plan: TrainPlan, stage: int) -> dict[str, int]:
     """Bytes of the train phase on one rank of pipeline stage ``stage`` (module docstring)."""
-    params, trainable, linear = stage_params(arch, plan, stage)
+    _, trainable, linear = stage_params(arch, plan, stage)
     dp, zero = plan.dp, plan.zero_stage
     sharded = dp > 1
     fsdp = sharded and plan.strategy == "fsdp"
@@ -309,7 +323,8 @@ def train_terms(arch: Architecture, plan: TrainPlan, stage: int) -> dict[str, in
     if zero and sharded:
         t["optimizer"] += 4 * trainable // dp  # ZeRO's fp32 copy of its partition
     n_layers = stage_layers(arch, plan.pipeline, stage)
-    layer_full = 4 * arch.layer_params // plan.tensor
+    per_weight = frozen_bytes(arch, plan) if plan.method == "lora" else 4  # the bulk of the weights
+    layer_full = per_weight * arch.layer_params // plan.tensor
     if plan.method == "qlora":  # FSDP gathers the NF4 codes (and the layer's adapters)
         layer_full = int(NF4_BYTES_PER_PARAM * arch.layer_linear_params + 8 * arch.hidden_size
                          + 4 * arch.lora_params_per_layer(plan.lora_r, plan.lora_targets))
@@ -320,7 +335,9 @@ def train_terms(arch: Architecture, plan: TrainPlan, stage: int) -> dict[str, in
         t["gathered"] = gathered + (layer_full if plan.method == "full" else 0)
     if plan.precision in ("bf16", "fp16"):
         copies = 2 * linear
-        if plan.method == "lora" and plan.gradient_checkpointing:
+        if plan.method == "lora" and frozen_bytes(arch, plan) == 2:
+            copies = 0  # the frozen base is stored in 16 bits already: autocast makes no copies
+        elif plan.method == "lora" and plan.gradient_checkpointing:
             copies = 2 * arch.layer_linear_params // plan.tensor  # frozen weights: not cached, one layer recomputed
         if plan.method == "qlora":
             copies = 2 * (linear - n_layers * arch.layer_linear_params // plan.tensor)  # lm_head only
@@ -375,20 +392,26 @@ def teacher_term(teacher: Architecture) -> ExtraTerm:
     return lambda _student, plan, stage: teacher_terms(teacher, plan, stage)
 
 
-def cpu_terms(arch: Architecture) -> dict[str, int]:
-    """What a CPU process holds besides the training state: the model as it was loaded. The
-    safetensors file stays mapped (its pages count in the resident set) and the allocator
-    keeps what splitting and sharding free, so the whole fp32 model stays in the peak."""
-    return {"loaded model (cpu)": 4 * arch.total_params}
+def cpu_terms(arch: Architecture, plan: TrainPlan) -> dict[str, int]:
+    """What a CPU process holds besides the training state: under ZeRO, the whole model as it
+    was loaded (the allocator keeps what DeepSpeed's partitioning frees). With ``fsdp`` and
+    ``ddp`` a rank only ever allocated its own part (``train/loading.py``), already counted
+    in the weights."""
+    if plan.zero_stage:
+        return {"loaded model (cpu)": 4 * arch.total_params}
+    return {}
 
 
 def load_terms(arch: Architecture, plan: TrainPlan, stage: int, device: Device) -> dict[str, int]:
-    """The load phase: every process reads the whole model in fp32 and then splits it; on GPUs
-    the device first receives the rank's whole stage (after tensor/pipeline split, before
-    FSDP/ZeRO shard it)."""
-    if device == "cpu":
+    """The load phase (``train/loading.py``): what a rank reads from the files. ZeRO: the whole
+    model in fp32, then partitioned; ``fsdp``: the rank's shard of its stage (tensor-parallel
+    slice and pipeline stage cut out on the meta device first); ``ddp``: its stage whole."""
+    if plan.zero_stage:
         return {"whole model (load)": 4 * arch.total_params}
-    return {"stage before sharding": weight_bytes(arch, plan, stage)}  # qlora: quantized on the host
+    if plan.method == "qlora":  # loaded whole in fp32, then its decoder linears quantized to NF4
+        return {"whole model (load, fp32 before NF4)": 4 * arch.total_params}
+    shard = plan.dp if plan.dp > 1 and plan.strategy == "fsdp" else 1
+    return {"this rank's part (load)": weight_bytes(arch, plan, stage) // shard}
 
 
 def estimate_training(arch: Architecture, plan: TrainPlan, device: Device = "cuda",
@@ -401,7 +424,7 @@ def estimate_training(arch: Architecture, plan: TrainPlan, device: Device = "cud
         for term in extra:
             terms.update(term(arch, plan, stage))
         if device == "cpu":
-            terms.update(cpu_terms(arch))
+            terms.update(cpu_terms(arch, plan))
         load = load_terms(arch, plan, stage, device)
         train_total, load_total = sum(terms.values()), sum(load.values())
         phases = {"train": train_total, "load": load_total}

@@ -6,6 +6,8 @@ The measured comparison with whole training runs is benchmarks/bench_fit.py (REA
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from pathlib import Path
 
@@ -183,10 +185,27 @@ def test_extra_terms_are_added_per_stage():
     assert with_teacher.peak == base.peak + with_teacher.terms["teacher weights"] + with_teacher.terms["teacher logits"]
 
 
-def test_load_phase_dominates_many_way_sharding():
-    """Each rank loads its stage whole before FSDP shards it: with enough ranks that is the peak."""
-    est = fit.estimate_training(SMALL, _plan(world=64, global_batch=64, micro_batch=1, sequence_length=8))
-    assert est.phase == "load" and est.peak == 4 * SMALL.total_params
+def test_load_phase_is_the_ranks_own_part():
+    """Sharded loading (train/loading.py): an FSDP rank reads only its shard, so with many
+    ranks the load is 1/dp of the model; ZeRO ranks still read the whole fp32 model first."""
+    plan = _plan(world=64, global_batch=64, micro_batch=1, sequence_length=8)
+    est = fit.estimate_training(SMALL, plan)
+    assert est.phases["load"] == 4 * SMALL.total_params // 64
+    zero = fit.estimate_training(SMALL, plan.replace(strategy="deepspeed-zero3"))
+    assert zero.phases["load"] == 4 * SMALL.total_params
+
+
+def test_bf16_base_stays_bf16_for_lora_under_autocast():
+    """The frozen base keeps its stored dtype under bf16 autocast: half the weights of fp32,
+    no autocast copies; fp32 training (or ZeRO) holds it in fp32."""
+    bf16_arch = dataclasses.replace(SMALL, dtype_bytes=2)
+    lora = _plan(world=1, method="lora", precision="bf16")
+    t16 = fit.train_terms(bf16_arch, lora, 0)
+    t32 = fit.train_terms(SMALL, lora, 0)
+    trainable = fit.stage_params(SMALL, lora, 0)[1]
+    assert t16["weights"] - 4 * trainable == (t32["weights"] - 4 * trainable) // 2
+    assert "autocast copies" not in t16 or t16["autocast copies"] == 0
+    assert fit.train_terms(bf16_arch, lora.replace(precision="fp32"), 0)["weights"] == t32["weights"]
 
 
 def test_nearest_fit_fits_and_is_a_valid_layout():

@@ -1,7 +1,8 @@
 """Build the model to train: the base causal LM from its directory, plus LoRA adapters
 (on an NF4-quantized base for ``method: qlora``, ``qlora.py``).
 
-Called by the trainer (every rank, before parallelisation), by the checkpoint loader that
+Called by the trainer (every rank, on the ``meta`` device through :func:`build_meta`, see
+``loading.py``), by the checkpoint loader that
 rebuilds a single-process model from a distributed checkpoint (final output, tests) and by
 ``launch.py`` (config checks only). Loading goes through ``AutoModelForCausalLM`` so a
 user's Hugging Face model takes the same road as the tiny test model.
@@ -66,7 +67,21 @@ def apply_lora(lm: nn.Module, cfg: TrainConfig) -> nn.Module:
 def build(cfg: TrainConfig, path: Path | None = None) -> tuple[nn.Module, nn.Module]:
     """(top, lm): the object whose ``state_dict`` names are the checkpoint's keys (the peft
     model for LoRA and QLoRA, else the causal LM) and the underlying ``*ForCausalLM``."""
-    lm = load_base(path or model_dir(cfg))
+    return prepare(load_base(path or model_dir(cfg)), cfg)
+
+
+def build_meta(cfg: TrainConfig, path: Path | None = None) -> tuple[nn.Module, nn.Module]:
+    """Like :func:`build`, on the ``meta`` device: the trainer lays it out, then
+    ``loading.materialize`` reads each rank's part (``loading.py``). Not for QLoRA, whose
+    NF4 quantization needs the real weights."""
+    from . import loading
+
+    return loading.build_meta(path or model_dir(cfg), cfg)
+
+
+def prepare(lm: nn.Module, cfg: TrainConfig) -> tuple[nn.Module, nn.Module]:
+    """(top, lm) from a loaded (or meta) causal LM: checkpointing, no KV cache, LoRA (and the
+    NF4 base for QLoRA, which needs a loaded model)."""
     if cfg.training.gradientCheckpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm.config.use_cache = False

@@ -1,8 +1,10 @@
 """The trained model on disk: save_pretrained (safetensors), tokenizer and lineage record.
 
-Called by the trainer on global rank 0 after the final checkpoint: the model is rebuilt in
-one process from that checkpoint (so the output is independent of the parallel layout it
-was trained with) and written to ``output.uri`` as
+Called by the trainer on global rank 0 after the final checkpoint. The weights are written
+either shard by shard by every rank (``shard_output.py``: no process holds the whole model)
+or, where that is not supported (a task evaluation, an ``s3://`` output, ZeRO), by rebuilding
+the model in one process from that checkpoint (so the output is independent of the parallel
+layout it was trained with), to ``output.uri`` as
 
 * ``merged``: a full model directory (LoRA, if any, merged into the base weights; for QLoRA
   into the dequantized NF4 base, in the base's dtype, so it computes what was trained), or
@@ -121,13 +123,15 @@ def output_model(top: nn.Module, cfg: TrainConfig) -> nn.Module:
     return top
 
 
-def save_output(model: nn.Module, tokenizer: Any, cfg: TrainConfig, base_dir: Path, summary: dict[str, Any]) -> Path:
+def save_output(model: nn.Module | None, tokenizer: Any, cfg: TrainConfig, base_dir: Path, summary: dict[str, Any]) -> Path:
     """Write ``output_model(...)`` (merged or adapter), tokenizer, lineage and model card to
     ``output.uri`` (for ``s3://``: to the staging directory, then uploaded with the lineage
-    record last); the lineage digest goes into ``summary["lineageDigest"]`` (the result)."""
+    record last); the lineage digest goes into ``summary["lineageDigest"]`` (the result).
+    ``model`` None: the weights are already there (written shard by shard, ``shard_output.py``)."""
     out = storage.output_path(cfg.output.uri)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out), safe_serialization=True)
+    if model is not None:
+        model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
     record = lineage_record(cfg, base_dir, summary)
     record["output"] = {"uri": cfg.output.uri, **lineage.model_files_digest(out)}

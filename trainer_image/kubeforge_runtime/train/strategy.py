@@ -76,6 +76,9 @@ class DataParallelStrategy(Protocol):
     """What the trainer needs from a data-parallel strategy (see the module docstring)."""
 
     name: str
+    shards_on_meta: bool
+    """Whether ``wrap`` takes the model still on the meta device (the weights are read inside
+    ``make_optimizer``, after sharding) or already loaded."""
 
     def wrap(self, top: nn.Module, stage: CausalLMStage,
              make_optimizer: OptimizerFactory) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -115,6 +118,32 @@ class DataParallelStrategy(Protocol):
         """More entries for the verification dump."""
 
 
+def gather_named(named: list[tuple[str, torch.Tensor | None]], mesh: Any) -> dict[str, torch.Tensor] | None:
+    """Full (unsharded) copies of named tensors from all ranks, merged on rank 0 (a collective;
+    plain tensors are taken as they are, DTensors gathered)."""
+    from torch.distributed.tensor import DTensor
+
+    local = {}
+    for name, tensor in named:
+        if tensor is None:
+            continue
+        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        if is_nf4(full):  # a QLoRA base weight: its dequantized value
+            full = full.get_original_weight()
+        local[name] = full.detach().to("cpu", copy=True)
+    rank = dist.get_rank()
+    gathered: list[Any] = [None] * dist.get_world_size() if rank == 0 else None  # type: ignore[assignment]
+    # One copy per pipeline stage: the stage's dp 0 / tp 0 rank holds all of it whole.
+    first = mesh["dp"].get_local_rank() == 0 and mesh["tp"].get_local_rank() == 0
+    dist.gather_object(local if first else {}, gathered, dst=0)
+    if rank != 0:
+        return None
+    merged: dict[str, torch.Tensor] = {}
+    for part in gathered:
+        merged.update(part)
+    return merged
+
+
 class _TorchStrategy:
     """What FSDP2 and DDP share: autograd backward, the trainer's own clipping
     (:mod:`gradients`, correct in any (pp, dp, tp) layout), fp16 loss scaling with a
@@ -122,6 +151,10 @@ class _TorchStrategy:
     sharded; DCP writes each rank's part)."""
 
     name = ""
+    shards_on_meta = False
+    """True: ``wrap`` shards a meta-device model and the weights are read after it (FSDP2);
+    False: the trainer reads the weights before ``wrap`` (DDP broadcasts them, DeepSpeed
+    partitions real tensors)."""
 
     def __init__(self, cfg: TrainConfig, dims: ParallelDims, mesh: Any) -> None:
         self.cfg, self.dims, self.mesh = cfg, dims, mesh
@@ -195,28 +228,7 @@ class _TorchStrategy:
         return {}
 
     def _gather_named(self, named: list[tuple[str, torch.Tensor | None]]) -> dict[str, torch.Tensor] | None:
-        """Full (unsharded) copies of named tensors from all ranks, merged on rank 0."""
-        from torch.distributed.tensor import DTensor
-
-        local = {}
-        for name, tensor in named:
-            if tensor is None:
-                continue
-            full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-            if is_nf4(full):  # a QLoRA base weight: its dequantized value
-                full = full.get_original_weight()
-            local[name] = full.detach().to("cpu", copy=True)
-        rank = dist.get_rank()
-        gathered: list[Any] = [None] * dist.get_world_size() if rank == 0 else None  # type: ignore[assignment]
-        # One copy per pipeline stage: the stage's dp 0 / tp 0 rank holds all of it whole.
-        first = self.mesh["dp"].get_local_rank() == 0 and self.mesh["tp"].get_local_rank() == 0
-        dist.gather_object(local if first else {}, gathered, dst=0)
-        if rank != 0:
-            return None
-        merged: dict[str, torch.Tensor] = {}
-        for part in gathered:
-            merged.update(part)
-        return merged
+        return gather_named(named, self.mesh)
 
 
 class FSDPStrategy(_TorchStrategy):
@@ -224,6 +236,7 @@ class FSDPStrategy(_TorchStrategy):
     dimension: parameters, gradients and optimizer state sharded (the ZeRO-3 equivalent)."""
 
     name = "fsdp"
+    shards_on_meta = True
 
     def _wrap(self, stage: CausalLMStage, dp_mesh: Any) -> nn.Module:
         from torch.distributed.fsdp import fully_shard
@@ -274,6 +287,8 @@ class ZeROStrategy:
     optimizer state (plus gradients, plus parameters), reduces, clips and steps; checkpoints
     stay in the runtime's DCP format (see ``zero.py`` for what ZeRO gets and what stays the
     trainer's)."""
+
+    shards_on_meta = False  # each rank reads the whole model, then DeepSpeed partitions it
 
     def __init__(self, cfg: TrainConfig, dims: ParallelDims, mesh: Any) -> None:
         self.cfg, self.dims, self.mesh = cfg, dims, mesh

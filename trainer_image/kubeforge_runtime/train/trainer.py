@@ -5,18 +5,20 @@ starts once per process. Every rank:
 
 1. joins the process group (gloo on CPU, NCCL on GPU) and builds the ("pp", "dp", "tp") mesh
    from a validated :class:`ParallelDims`;
-2. tokenizes the data (deterministically, so every rank has the same samples) and loads the
-   model (plus LoRA), then tensor-parallelises it and cuts out its pipeline stage
-   (``parallelize.py``) and wraps it for data parallelism (``strategy.py``: FSDP2, DDP or
-   DeepSpeed ZeRO, one object the loop calls wherever they differ);
+2. tokenizes the data (deterministically, so every rank has the same samples) and builds the
+   model (plus LoRA) on the meta device, then tensor-parallelises it and cuts out its
+   pipeline stage (``parallelize.py``) and wraps it for data parallelism (``strategy.py``:
+   FSDP2, DDP or DeepSpeed ZeRO, one object the loop calls wherever they differ); each rank
+   then reads only its own part of the weights from the safetensors files (``loading.py``);
 3. resumes from the newest complete checkpoint, if any (any layout: DCP reshards);
 4. runs optimizer steps: each data-parallel rank takes its slice of the step's global batch,
    splits it into micro-batches (gradient accumulation, or pipeline micro-batches) and sums
    token losses normalised by the number of target tokens in the whole global batch, so the
    gradient is the same as one process on the whole batch, whatever the layout;
 5. checkpoints every N steps, on SIGTERM (all ranks agree to stop at the same step) and at
-   the end; rank 0 then rebuilds the model in one process from the last checkpoint and
-   writes the output (``output.py``).
+   the end; then every rank writes its part of the output (``shard_output.py``), or, where
+   that is not supported, rank 0 rebuilds the model in one process from the last
+   checkpoint and writes it (``output.py``).
 
 Rank 0 reports progress (``metrics.py``). Exit codes: 0 done, 78 configuration error,
 143 stopped by SIGTERM after checkpointing, anything else a crash (torchrun restarts the
@@ -56,6 +58,7 @@ from . import distill as distill_mod
 from . import metrics as metrics_mod
 from . import model as model_mod
 from . import output as output_mod
+from . import shard_output
 from . import strategy as strategy_mod
 from .config import ADAPTER_METHODS, TrainConfig
 from .parallel_dims import ModelShape, ParallelDims
@@ -181,6 +184,7 @@ class Trainer:
         self.sampler = data_mod.GlobalBatchSampler(len(self.data.train_inputs), t.globalBatchSize, t.seed)
         self.total_steps = t.maxSteps or t.epochs * self.sampler.steps_per_epoch
 
+        self.dump: dict[str, Any] = {}
         self._build_model()
         self.checkpoints = ckpt.CheckpointManager(ckpt.root_for(cfg), cfg.checkpoint.keepLast, self.rank,
                                                   remote=ckpt.remote_for(cfg))
@@ -199,7 +203,6 @@ class Trainer:
         self.val_losses: dict[int, float] = {}
         self.initial_val_loss: float | None = None
         self.task_before: dict[str, Any] | None = None  # the base model's task metric (spec.evaluation)
-        self.dump: dict[str, Any] = {}
         if t.precision == "fp16" and self.device.type != "cuda":
             from .config import ConfigError
 
@@ -208,7 +211,14 @@ class Trainer:
     # --- setup ---------------------------------------------------------------------------
     def _build_model(self) -> None:
         cfg, dims = self.cfg, self.dims
-        self.top, self.lm = model_mod.build(cfg, self.base_dir)
+        if cfg.method == "qlora":
+            # QLoRA quantizes real weights to NF4 before FSDP shards them, so it loads the base
+            # whole (model.build); every other method is built on the meta device, and no rank
+            # holds more than its own part (loading.py).
+            self.top, self.lm = model_mod.build(cfg, self.base_dir)
+        else:
+            self.top, self.lm = model_mod.build_meta(cfg, self.base_dir)
+        self.on_meta = cfg.method != "qlora"
         self.attention = attention_mod.resolve(cfg.training.attention, self.device.type)
         attention_mod.apply(self.lm, self.attention)
         self.num_params = model_mod.num_parameters(self.top)
@@ -216,13 +226,21 @@ class Trainer:
             apply_tensor_parallel(self.lm, self.mesh["tp"])
         if dims.pp > 1:
             prune_to_stage(self.lm, dims.stage_layers(self.pp_rank), self.is_first, self.is_last)
-        self.lm.to(self.device)
         self.compiled = compiled_mod.resolve(cfg.training.compile, self.device.type)
         if self.compiled:
-            compiled_mod.compile_blocks(self.lm)
+            compiled_mod.compile_blocks(self.lm)  # lazy: traced at the first step, after loading
         stage = CausalLMStage(self.lm, self.is_first, self.is_last)
+        late = self.strategy.shards_on_meta and self.on_meta  # FSDP2 shards the meta model first, then each rank reads its shard
+
+        def make_optimizer() -> torch.optim.Optimizer:
+            if late:
+                self._materialize()
+            return self._build_optimizer()
+
+        if not late:
+            self._materialize()
         # The strategy builds the optimizer when its wrapping allows (DeepSpeed needs it to wrap).
-        self.module, self.optimizer = self.strategy.wrap(self.top, stage, self._build_optimizer)
+        self.module, self.optimizer = self.strategy.wrap(self.top, stage, make_optimizer)
         self.loss_fn: TokenLoss | distill_mod.DistillLoss = TokenLoss()
         if cfg.distillation is not None:
             self.loss_fn = self._build_distillation()
@@ -235,6 +253,17 @@ class Trainer:
             # scale_grads=False: TokenLoss already normalises by the global token count.
             self.schedule = cls(pstage, n_microbatches=dims.grad_accum, loss_fn=self.loss_fn, scale_grads=False)
         self.module.train()
+
+    def _materialize(self) -> None:
+        """Allocate and read this rank's part of the base model (``loading.materialize``)."""
+        from . import loading
+
+        if self.on_meta:
+            loading.materialize(self.top, self.lm, self.base_dir, self.device, self.cfg.training.seed)
+        else:  # loaded whole already (qlora)
+            self.lm.to(self.device)
+        if os.environ.get(ENV_DUMP):
+            self.dump["initial_params"] = strategy_mod.gather_named(list(self.top.named_parameters()), self.mesh)
 
     def _build_distillation(self) -> distill_mod.DistillLoss:
         """The teacher (on the ranks that compute the loss: the last pipeline stage) and the
@@ -552,8 +581,16 @@ class Trainer:
         quality = contract.data_quality_from_env()  # measured by the preflight (launch.py)
         if quality is not None:
             summary["dataQuality"] = quality
-        if self.rank == 0:
+        why_not = shard_output.supported(cfg)
+        if why_not is None:  # every rank writes its part of the output (shard_output.py)
+            self.strategy.reshard()
+            shard_output.write(self.top, self.lm, cfg, self.base_dir)
+            if self.rank == 0:
+                output_mod.save_output(None, self.tokenizer, cfg, self.base_dir, summary)
+        elif self.rank == 0:
+            log.info("output written from one process (%s)", why_not)
             self._write_output(summary)
+        if self.rank == 0:
             self._write_result(summary)
         dist.barrier()
         if self.rank == 0:

@@ -3,7 +3,8 @@
 Each test launches the trainer as the pod would and compares the numbers rank 0 dumped
 (losses of all 4 steps, every first-step gradient, every parameter after 4 AdamW steps,
 logits on a probe batch) against the single-process reference on the whole global batch.
-The tolerance is 1e-5 relative (L2 norm per tensor); differences seen are ~1e-7 (data and
+Before training, the weights every rank read for itself (sharded loading, ``loading.py``) are
+compared with one process's ``from_pretrained``, exactly. The tolerance is 1e-5 relative (L2 norm per tensor); differences seen are ~1e-7 (data and
 pipeline parallel) and ~4e-6 (tensor parallel, where matmuls are split and summed). The
 layouts: DP=2 (FSDP2, DDP), TP=2, PP=2 (GPipe, 1F1B), the 2-D TP2xDP2 and PP2xDP2, and
 the 3-D PP2xDP2xTP2 (eight processes).
@@ -44,6 +45,20 @@ def _probe_logits(model: Any, dump: dict[str, Any]) -> Any:
         return model(dump["probe_input"], position_ids=dump["probe_positions"], use_cache=False).logits
 
 
+def _assert_loaded_as_from_pretrained(dump: dict[str, Any], model_dir: Any) -> None:
+    """What the ranks read for themselves (train/loading.py: meta device, layout, then each
+    rank's slices from the safetensors file), gathered whole, is exactly what one process gets
+    from ``from_pretrained`` - every tensor, bit for bit."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    whole = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).state_dict()
+    init = dump["initial_params"]
+    assert set(init) == set(whole)
+    for key, value in init.items():
+        assert torch.equal(value, whole[key]), key
+
+
 def test_gradient_clipping_is_on_by_default_and_matters(reference: Run, launcher: Callable[..., Run]) -> None:
     """training.maxGradNorm defaults to 1.0 and the reference's gradients are larger, so every
     layout below is also compared on how it clips; without clipping the run differs."""
@@ -66,12 +81,13 @@ def test_reference_learns(reference: Run, tiny_model) -> None:
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_equals_single_process(name: str, launcher: Callable[..., Run], reference: Run) -> None:
+def test_layout_equals_single_process(name: str, launcher: Callable[..., Run], reference: Run, tiny_model) -> None:
     nproc, overrides, degrees = LAYOUTS[name]
     got = launcher(name, overrides, nproc).dump()
     for key, value in degrees.items():
         assert got["layout"][key] == value
     ref = reference.dump()
+    _assert_loaded_as_from_pretrained(got, tiny_model)
     assert_same(got, ref)
     # The whole gradient's norm, which clipping (training.maxGradNorm) scales by, is the same too.
     assert rel(got["grad_norms"], ref["grad_norms"]) < 1e-5

@@ -1,0 +1,214 @@
+"""Sharded loading: build the model on the ``meta`` device, lay it out, then read each rank's part.
+
+Called by the trainer (``trainer.py``, every rank) through ``model.build_meta`` and
+:func:`materialize`, so that no process ever holds the whole model unless its layout
+needs it whole (one process, DDP, ZeRO):
+
+1. :func:`build_meta` - the ``*ForCausalLM`` (and its peft LoRA wrapper) on the ``meta``
+   device: shapes and dtypes only, no storage. The pipeline stage is then pruned and the
+   tensor-parallel plan applied on meta too (``parallelize.py``), and FSDP2 shards it
+   (``strategy.py``): every parameter becomes a DTensor that describes only the rank's slice.
+2. :func:`materialize` - ``to_empty`` allocates exactly those slices, then
+   ``torch.distributed.checkpoint`` with its ``HuggingFaceStorageReader`` reads them straight
+   out of the model's ``*.safetensors`` files (``safe_open(...).get_slice(...)[...]``:
+   memory-mapped, only the rows/columns the rank owns, any number of shard files). The
+   same planner that reshards checkpoints computes which slice a DTensor needs, so FSDP2,
+   tensor parallel, their 2-D combination and pipeline stages all take this one road.
+
+What each parameter becomes (the precision policy, :func:`param_dtype`): trainable
+parameters are fp32 master weights (the optimizer steps them; bf16/fp16 is autocast, as
+before); frozen ones (a LoRA base) keep the dtype they are stored in when the run computes
+in bf16/fp16 (a bf16 base stays bf16: half the memory of fp32) and are fp32 under fp32
+training, where a bf16 weight could not meet an fp32 activation. DeepSpeed ZeRO keeps every
+weight fp32 (it flattens the model's parameters) and, as before, each rank reads the whole
+model before DeepSpeed partitions it (no meta-device ZeRO-3 init here).
+
+Tied embeddings: ``lm_head.weight`` is the embedding; files store it once (as
+``model.embed_tokens.weight``), so a stage that holds the head but not the embedding (the
+last pipeline stage) reads the head from that key.
+
+LoRA adapters do not come from the files: they are initialised here as peft initialises
+them (``lora_A`` Kaiming-uniform with a=sqrt(5), ``lora_B`` zeros), each from its own
+generator seeded by the run's seed and the parameter's name, whole, then cut to the rank's
+slice - so the initial adapters are the same in every layout, including one process.
+
+Non-persistent buffers (the rotary embedding's ``inv_freq``) are not in any file: the
+rotary module is rebuilt from the config on the target device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import models
+from .config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+PEFT_PREFIX = "base_model.model."
+TIED_KEY = "model.embed_tokens.weight"
+HEAD_KEY = "lm_head.weight"
+
+
+def stored_dtype(config: Any) -> torch.dtype:
+    """The dtype the base model's weights are stored in (``config.json``'s dtype), fp32 if unsaid."""
+    name = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(name, torch.dtype):
+        return name
+    return getattr(torch, str(name), torch.float32) if name else torch.float32
+
+
+def param_dtype(trainable: bool, precision: str, stored: torch.dtype) -> torch.dtype:
+    """Precision policy: fp32 master weights for what is trained; a frozen weight keeps its
+    stored dtype under bf16/fp16 autocast (which casts it anyway), else fp32."""
+    if trainable or precision == "fp32":
+        return torch.float32
+    return stored
+
+
+def build_meta(path: Path, cfg: TrainConfig) -> tuple[nn.Module, nn.Module]:
+    """(top, lm) as ``model.build`` returns them, on the ``meta`` device, in the policy's dtypes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise models.ModelLoadError(f"could not read the base model's config from {path}: {exc}") from exc
+    # Read before from_config, which records the dtype it builds in into the config.
+    stored = stored_dtype(config)
+    if cfg.parallelism.strategy.startswith("deepspeed-"):
+        stored = torch.float32  # DeepSpeed partitions and flattens the whole model: one dtype, fp32
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    from . import model as model_mod
+
+    top, lm = model_mod.prepare(lm, cfg)
+    for p in top.parameters():
+        want = param_dtype(p.requires_grad, cfg.training.precision, stored)
+        if p.dtype != want:
+            p.data = p.data.to(want)
+    return top, lm
+
+
+def file_key(name: str) -> str:
+    """The safetensors key of a parameter of the (possibly peft-wrapped) model."""
+    return name.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")
+
+
+def is_adapter(name: str) -> bool:
+    return ".lora_" in name
+
+
+def _adapter_init(name: str, shape: torch.Size, seed: int) -> torch.Tensor:
+    """The whole initial value of an adapter weight (peft's default init, per-name generator)."""
+    if ".lora_B." in name:
+        return torch.zeros(shape, dtype=torch.float32)
+    if ".lora_A." not in name:
+        raise ValueError(f"{name}: unknown adapter parameter (expected lora_A or lora_B)")
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    out = torch.empty(shape, dtype=torch.float32)
+    nn.init.kaiming_uniform_(out, a=math.sqrt(5), generator=gen)
+    return out
+
+
+def _local_part(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``full`` cut to the slice ``like`` (a DTensor, or a plain tensor) holds on this rank."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(like, DTensor):
+        return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None).to_local()
+    return full.to(like.device)
+
+
+def load_targets(top: nn.Module, tied: bool) -> dict[str, torch.Tensor]:
+    """The tensors to fill from the files, by safetensors key (adapters excluded)."""
+    sd = {file_key(k): v for k, v in top.state_dict().items() if not is_adapter(k)}
+    if tied and HEAD_KEY in sd:
+        head = sd.pop(HEAD_KEY)
+        sd.setdefault(TIED_KEY, head)  # the same tensor when the rank holds both
+    return sd
+
+
+def _rebuild_rotary(lm: nn.Module, device: torch.device) -> None:
+    dec = lm.model
+    rotary = getattr(dec, "rotary_emb", None)
+    if rotary is not None:
+        with torch.device(device):
+            dec.rotary_emb = type(rotary)(config=lm.config)
+
+
+def materialize(top: nn.Module, lm: nn.Module, path: Path, device: torch.device, seed: int) -> None:
+    """Allocate this rank's slices (after tensor/pipeline/FSDP layout) and fill them from
+    ``path``'s safetensors files and the adapters' initialisation. A collective: every rank
+    calls it (DCP plans the reads together)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    shared = _shared_names(top)
+    top.to_empty(device=device)  # allocates new tensors per module: ties are restored below
+    _retie(top, shared)
+    _rebuild_rotary(lm, device)
+    tied = bool(getattr(lm.config, "tie_word_embeddings", False))
+    targets = load_targets(top, tied)
+    stored = _stored_keys(path)
+    missing = sorted(set(targets) - stored)
+    if missing:
+        raise models.ModelLoadError(f"{path}: the safetensors files lack {missing[:5]} ({len(missing)} tensors); "
+                                    "point model.uri at the directory save_pretrained wrote for this model")
+    dcp.load(targets, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=not dist.is_initialized())
+    with torch.no_grad():
+        for name, p in top.named_parameters():
+            if is_adapter(name):
+                full = _adapter_init(name, _full_shape(p), seed)
+                _local_of(p).copy_(_local_part(full, p))
+    log.info("loaded this rank's part of %s: %d tensors, %.1f MiB", path, len(targets),
+             sum(_local_of(t).numel() * t.element_size() for t in targets.values()) / 2**20)
+
+
+def _shared_names(module: nn.Module) -> list[list[str]]:
+    """Names of parameters shared between modules (tied embeddings), grouped."""
+    groups: dict[int, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def _retie(module: nn.Module, shared: list[list[str]]) -> None:
+    """Point every name of a shared group at the first name's parameter again."""
+    for first, *others in shared:
+        param = module.get_parameter(first)
+        for name in others:
+            owner, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(owner) if owner else module, attr, param)
+
+
+def _full_shape(p: torch.Tensor) -> torch.Size:
+    return p.shape  # a DTensor's shape is the global one
+
+
+def _local_of(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _stored_keys(path: Path) -> set[str]:
+    from safetensors import safe_open
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise models.ModelLoadError(f"{path} holds no *.safetensors files; save the model with safe_serialization")
+    keys: set[str] = set()
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            keys.update(h.keys())
+    return keys
