@@ -133,7 +133,7 @@ class EngineSpec(KFModel):
     compile: Literal["auto", "on", "off"] = Field(
         default="auto", description="KubeForge server only. on: torch.compile the forward pass (and CUDA graphs on "
         "GPUs), compiled during warm-up before the pod is ready; off: eager; auto: on where it measured faster "
-        "(CUDA: CUDA graphs; CPU: eager, see the README). QuantizeJobs time latency through the same setting.",
+        "(CUDA: CUDA graphs; CPU: eager, see the README). A QuantizeJob times its latency through the default, auto.",
     )
 
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
