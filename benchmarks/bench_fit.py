@@ -126,8 +126,9 @@ def _workers(root: int) -> list[int]:
     return pids
 
 
-def measure(spec: dict[str, Any], nproc: int, workdir: Path, threads: int) -> int:
-    """Peak RSS (bytes) of the largest worker when the last training step is reported."""
+def train_command(spec: dict[str, Any], nproc: int, workdir: Path, threads: int) -> tuple[list[str], dict[str, str]]:
+    """(command, environment) of the runtime's train command under torchrun, ``spec`` written
+    to ``workdir/config.json``."""
     config = workdir / "config.json"
     config.write_text(json.dumps(spec))
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), KUBEFORGE_METRICS_PORT="0", HF_HUB_OFFLINE="1",
@@ -135,6 +136,12 @@ def measure(spec: dict[str, Any], nproc: int, workdir: Path, threads: int) -> in
                PYTHONPATH=os.pathsep.join([str(REPO / "trainer_image"), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "kubeforge_runtime.train", "--config", str(config)]
+    return cmd, env
+
+
+def measure(spec: dict[str, Any], nproc: int, workdir: Path, threads: int) -> int:
+    """Peak RSS (bytes) of the largest worker when the last training step is reported."""
+    cmd, env = train_command(spec, nproc, workdir, threads)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     errors: list[str] = []

@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "trainer_image"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_fit import BASE, _vm_hwm, _workers  # noqa: E402  (same RSS reading)
+from bench_fit import BASE, _vm_hwm, _workers, train_command  # noqa: E402  (same launch and RSS reading)
 
 BIG = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=20, num_attention_heads=32,
            num_key_value_heads=8, vocab_size=32000)
@@ -102,13 +102,7 @@ def measure(spec: dict[str, Any], nproc: int, workdir: Path, threads: int) -> tu
     import signal
     import threading
 
-    config = workdir / "config.json"
-    config.write_text(json.dumps(spec))
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), KUBEFORGE_METRICS_PORT="0", HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join([str(REPO / "trainer_image"), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "kubeforge_runtime.train", "--config", str(config)]
+    cmd, env = train_command(spec, nproc, workdir, threads)
     started = time.time()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
