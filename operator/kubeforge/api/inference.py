@@ -62,7 +62,6 @@ VLLM_ONLY_DEFAULTS: dict[str, Any] = {
     "kvBlockSize": 16,
     "requestTimeoutSeconds": 120.0,
     "maxRequestBodyBytes": 8 * 2**20,
-    "compile": "auto",
 }
 """Engine settings only the KubeForge server has, with their defaults: with ``backend: vllm``
 each must stay at its default (vLLM's OpenAI server has no such setting; a value would be
@@ -74,7 +73,6 @@ VLLM_ONLY_REASONS = {
     "kvBlockSize": "vLLM chooses its own KV-cache block size per device",
     "requestTimeoutSeconds": "vLLM's server has no per-request deadline",
     "maxRequestBodyBytes": "vLLM's server has no request-body limit",
-    "compile": "vLLM compiles and captures CUDA graphs by its own rules",
 }
 
 
@@ -99,7 +97,7 @@ class EngineSpec(KFModel):
     runtime; every other field is rendered unchanged into its config,
     ``kubeforge_runtime.serve.config.EngineConfig``, same types and bounds, a contract test
     compares them) or ``vllm`` (vLLM's OpenAI server: dtype, maxBatchTokens,
-    maxConcurrentRequests, maxModelLength and prefixCaching become its flags; the KubeForge-only settings
+    maxConcurrentRequests, maxModelLength, prefixCaching and compile: off become its flags; the KubeForge-only settings
     must stay at their defaults)."""
 
     backend: Literal["kubeforge", "vllm"] = Field(
@@ -131,9 +129,11 @@ class EngineSpec(KFModel):
         description="Largest request body in bytes (HTTP 413 past it; also the gRPC message limit).",
     )
     compile: Literal["auto", "on", "off"] = Field(
-        default="auto", description="KubeForge server only. on: torch.compile the forward pass (and CUDA graphs on "
+        default="auto", description="KubeForge server: on: torch.compile the forward pass (and CUDA graphs on "
         "GPUs), compiled during warm-up before the pod is ready; off: eager; auto: on where it measured faster "
-        "(CUDA: CUDA graphs; CPU: eager, see the README). A QuantizeJob times its latency through the default, auto.",
+        "(CUDA: CUDA graphs; CPU: eager, see the README). A QuantizeJob times its latency through the default, auto. "
+        "vLLM: off starts it in eager mode (--enforce-eager --optimization-level 0: no torch.compile, no CUDA "
+        "graphs; ready in seconds instead of minutes, slower decoding); auto and on leave vLLM's own compilation.",
     )
 
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [

@@ -15,7 +15,7 @@ engines. The pod:
   vllm.entrypoints.openai.api_server`` with ``--served-model-name <name>``, ``--dtype``,
   ``--max-num-seqs`` (``maxConcurrentRequests``), ``--max-num-batched-tokens``
   (``maxBatchTokens``), ``--enable-prefix-caching`` or ``--no-enable-prefix-caching``
-  (``prefixCaching``), ``--max-model-len``, ``--enable-lora --lora-modules name=path`` per
+  (``prefixCaching``), ``--max-model-len``, :data:`EAGER_ARGS` for ``compile: off``, ``--enable-lora --lora-modules name=path`` per
   adapter and ``--tensor-parallel-size`` = ``resources.gpus`` when more than one. The API
   key reaches vLLM as ``VLLM_API_KEY`` from the Secret (never an argument: arguments are
   visible in the pod spec and the process table);
@@ -49,6 +49,9 @@ STARTUP_PERIOD_S, STARTUP_FAILURES = 10, 180
 STARTUP_BUDGET_S = STARTUP_PERIOD_S * STARTUP_FAILURES
 """30 minutes for vLLM to load the weights (and capture CUDA graphs) before liveness counts."""
 API_KEY_ENV = "VLLM_API_KEY"
+EAGER_ARGS = ["--enforce-eager", "--optimization-level", "0"]
+"""``engine.compile: off``: vLLM without torch.compile and CUDA graphs (``--enforce-eager``) and
+without its other start-up optimisations (level O0, "just starting up immediately")."""
 
 # Which QuantizeJob outputs vLLM loads (README "Serving on vLLM"). fp16/bf16 outputs are
 # plain checkpoints in that dtype. int8-weight-only is the case vLLM's TorchAO page documents
@@ -106,6 +109,8 @@ def server_args(name: str, spec: InferenceServiceSpec, port: int) -> list[str]:
     ]
     if engine.max_model_length is not None:
         args += ["--max-model-len", str(engine.max_model_length)]
+    if engine.compile == "off":
+        args += EAGER_ARGS
     if spec.adapters:
         args += ["--enable-lora", "--max-loras", str(len(spec.adapters)), "--lora-modules",
                  *(f"{a.name}={MODELS_DIR}/{a.name}" for a in spec.adapters)]

@@ -136,7 +136,6 @@ def test_a_new_model_revision_changes_the_pod_template():
     ({"kvBlockSize": 32}, "engine.kvBlockSize"),
     ({"requestTimeoutSeconds": 30}, "engine.requestTimeoutSeconds"),
     ({"maxRequestBodyBytes": 4096}, "engine.maxRequestBodyBytes"),
-    ({"compile": "on"}, "engine.compile"),
 ])
 def test_kubeforge_only_settings_are_refused_with_vllm_naming_the_field(engine: dict, field: str):
     with pytest.raises(ValidationError, match=f"{field}: .*use engine.backend: kubeforge"):
@@ -152,8 +151,21 @@ def test_the_crd_carries_one_cel_rule_per_kubeforge_only_setting():
     engine = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["engine"]
     rules = engine["x-kubernetes-validations"]
     assert {r["fieldPath"] for r in rules} == {".batching", ".maxQueuedRequests", ".kvBlockSize",
-                                              ".requestTimeoutSeconds", ".maxRequestBodyBytes", ".compile"}
+                                              ".requestTimeoutSeconds", ".maxRequestBodyBytes"}
     assert engine["properties"]["backend"]["enum"] == ["kubeforge", "vllm"]
+
+
+@pytest.mark.parametrize(("compile_", "eager"), [("off", True), ("auto", False), ("on", False)])
+def test_compile_off_starts_vllm_eager_and_the_others_leave_its_compilation(compile_: str, eager: bool):
+    args = pod(spec(engine={"backend": "vllm", "compile": compile_}))["containers"][0]["args"]
+    assert ("--enforce-eager" in args) == eager
+    assert (args[args.index("--optimization-level") + 1] == "0") if eager else "--optimization-level" not in args
+    # Accepted by the CRD's rules too: no CEL rule names engine.compile.
+    from kubeforge.api.crd import all_crds
+
+    crd = next(c for c in all_crds() if c["spec"]["names"]["kind"] == "InferenceService")
+    engine = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["engine"]
+    assert not any("compile" in r["rule"] for r in engine["x-kubernetes-validations"])
 
 
 @pytest.mark.parametrize(("method", "ok"), [("fp16", True), ("bf16", True), ("int8-weight-only", True),
