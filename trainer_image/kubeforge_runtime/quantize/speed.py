@@ -87,7 +87,7 @@ _KNOWN_LIMITS: dict[tuple[str, str, bool], str] = {
     ),
     ("int8-weight-only", "cpu", False): (
         "int8-weight-only run eagerly on CPU dequantizes the weights in every call: expect little or no speed-up "
-        "over the original unless served with engine.compile: on"
+        "over the original"
     ),
     ("int8-dynamic", "cuda", False): (
         "int8-dynamic run eagerly on CUDA quantizes every activation per call: at batch 1 it measured about 10x "
