@@ -149,8 +149,12 @@ def _served_latencies(loaded: dict[str, Any], prompts: list[Any], tokenizer: Any
     path = ""
     for name, (model, row) in loaded.items():
         started = time.perf_counter()
-        served = metrics.served_latency(model, tokenizer, prompts, batch_sizes=tuple(args.batches),
-                                        new_tokens=args.new_tokens, warmup=args.warmup, repeats=args.repeats)
+        try:
+            served = metrics.served_latency(model, tokenizer, prompts, batch_sizes=tuple(args.batches),
+                                            new_tokens=args.new_tokens, warmup=args.warmup, repeats=args.repeats)
+        except Exception:  # keep the other models' figures; the row shows n/a
+            log.exception("%s: served latency failed after %.0f s", name, time.perf_counter() - started)
+            continue
         for batch, result in served.batches.items():
             row[f"b{batch}MsPerToken"] = result.ms_per_token
             row[f"b{batch}MsPerTokenRuns"] = result.runs_ms_per_token
@@ -197,6 +201,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         original = models.load_causal_lm(model_dir, device=args.device).eval()
         params = original.num_parameters()
         log.info("original: %s, %.1f M parameters, %d threads", model_dir, params / 1e6, torch.get_num_threads())
+        failed: dict[str, str] = {}
         loaded: dict[str, tuple[Any, dict[str, Any]]] = {
             "original": (original, _static_measurements(original, windows, tokenizer, args))}
         for name in args.methods:
@@ -210,11 +215,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 log.warning("%s skipped: no calibration data (--calibration, or fewer --eval-paragraphs)", name)
                 continue
             started = time.perf_counter()
-            model = method.load_quantized(model_dir, args.device, args.group_size, embeddings=args.embeddings,
-                                          calibration=calibration if method.calibrates else None)
-            quantize_seconds = time.perf_counter() - started
             capped = args.dynamic_task_samples if name == "int8-dynamic" and args.task else None
-            row = _static_measurements(model, windows, tokenizer, args, capped)
+            try:
+                model = method.load_quantized(model_dir, args.device, args.group_size, embeddings=args.embeddings,
+                                              calibration=calibration if method.calibrates else None)
+                quantize_seconds = time.perf_counter() - started
+                row = _static_measurements(model, windows, tokenizer, args, capped)
+            except Exception as exc:  # one method failing must not lose the others' figures: say so, go on
+                log.exception("%s failed after %.0f s; its row is left out", name, time.perf_counter() - started)
+                failed[name] = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+                continue
             row["quantizeSeconds"] = quantize_seconds
             if capped:  # the original on the same capped records, as this row's own baseline
                 row["taskBase"] = _task(original, tokenizer, args, capped)
@@ -238,7 +248,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             compiled = {n: v for n, v in loaded.items() if "compiledMsPerToken" not in v[1]}
             _latency_rounds(compiled, prompts, args, pad, "compiledMsPerToken")  # batch 1
         rows = {name: row for name, (_model, row) in loaded.items()}
-    return {"model": f"{args.preset} preset (random weights)" if args.preset else str(model_dir), "parameters": params, "threads": torch.get_num_threads(), "rows": rows, "settings": {
+    return {"model": f"{args.preset} preset (random weights)" if args.preset else str(model_dir), "parameters": params, "threads": torch.get_num_threads(), "rows": rows, "failed": failed, "settings": {
         "device": args.device, "quantizeEmbeddings": args.embeddings, "sizeOnly": args.size_only,
         "groupSize": args.group_size, "prompts": args.prompts, "promptTokens": args.prompt_tokens,
         "newTokens": args.new_tokens, "warmup": args.warmup, "repeats": args.repeats,
@@ -305,6 +315,7 @@ def render(result: dict[str, Any]) -> str:
         f"({s['calibrationTokens']} tokens)" + (f"; {s['metric']} on {s['taskSamples']} records of {s['task']}." if s["task"] else ".")
     )
     lines.extend(notes)
+    lines.extend(f"{name}: FAILED, no row: {why}" for name, why in result.get("failed", {}).items())
     return "\n".join(lines)
 
 

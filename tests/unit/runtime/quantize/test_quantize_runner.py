@@ -94,6 +94,10 @@ def test_int8_dynamic_reports_saves_and_round_trips(
     assert full["latency"]["path"] == f"continuous engine, {served_plan.describe()}"
     # int8-dynamic eager on CPU cannot be fast: the report and its message say so.
     assert "_int_scaled_matmul_cpu" in report["latencyNote"] and report["latencyNote"] in report["message"]
+    # ... and, on a CPU without int8 dot-product instructions (this one's real flags), why.
+    from kubeforge_runtime.quantize.speed import host_cpu
+
+    assert ("no int8 dot-product instructions" in report["latencyNote"]) == (not host_cpu().int8_dot)
     assert set(full["latency"]["msPerTokenByBatch"]["after"]) == {str(b) for b in runner.LATENCY_BATCHES} == {"1", "8"}
     lineage = json.loads((out / models.LINEAGE_FILE).read_text())
     assert lineage["baseModel"]["uri"] == f"file://{tiny_model}" and lineage["quantization"]["format"] == "safetensors"
