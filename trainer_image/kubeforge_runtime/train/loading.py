@@ -21,7 +21,8 @@ before); frozen ones (a LoRA base) keep the dtype they are stored in when the ru
 in bf16/fp16 (a bf16 base stays bf16: half the memory of fp32) and are fp32 under fp32
 training, where a bf16 weight could not meet an fp32 activation. DeepSpeed ZeRO keeps every
 weight fp32 (it flattens the model's parameters) and, as before, each rank reads the whole
-model before DeepSpeed partitions it (no meta-device ZeRO-3 init here).
+model before DeepSpeed partitions it (no meta-device ZeRO-3 init here). QLoRA reads tensor by tensor and
+quantizes as it reads (:func:`materialize_qlora`), before FSDP2 shards the NF4 codes.
 
 Tied embeddings: ``lm_head.weight`` is the embedding; files store it once (as
 ``model.embed_tokens.weight``), so a stage that holds the head but not the embedding (the
@@ -85,6 +86,8 @@ def build_meta(path: Path, cfg: TrainConfig) -> tuple[nn.Module, nn.Module]:
     stored = stored_dtype(config)
     if cfg.parallelism.strategy.startswith("deepspeed-"):
         stored = torch.float32  # DeepSpeed partitions and flattens the whole model: one dtype, fp32
+    if cfg.method == "qlora":
+        stored = torch.float32  # what is not quantized stays fp32, as model.build loads it
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
     from . import model as model_mod
@@ -212,3 +215,50 @@ def _stored_keys(path: Path) -> set[str]:
         with safe_open(str(f), framework="pt") as h:
             keys.update(h.keys())
     return keys
+
+
+# --- QLoRA: quantize as it reads -----------------------------------------------------------
+
+def materialize_qlora(top: nn.Module, lm: nn.Module, path: Path, device: torch.device, seed: int) -> None:
+    """QLoRA's counterpart of :func:`materialize`, before FSDP2 shards the model (the NF4
+    codes are what it shards): each frozen decoder-layer linear is read from the files in
+    fp32, quantized to NF4 and put in place one at a time (``qlora.quantize_base`` with a
+    source), so the whole base is never held unquantized; then the rest (embedding, norms,
+    ``lm_head``: fp32) is allocated and read, and the adapters initialised as in every
+    layout. Numerically the same weights as ``from_pretrained(dtype=float32)`` followed by
+    ``quantize_base``."""
+    from safetensors import safe_open
+
+    from . import qlora
+
+    shared = _shared_names(top)
+    names = {id(p): n for n, p in top.named_parameters(remove_duplicate=False)}
+    tied = bool(getattr(lm.config, "tie_word_embeddings", False))
+    keys = {n: (TIED_KEY if tied and file_key(n) == HEAD_KEY else file_key(n)) for n in names.values() if not is_adapter(n)}
+    missing = sorted(set(keys.values()) - _stored_keys(path))
+    if missing:
+        raise models.ModelLoadError(f"{path}: the safetensors files lack {missing[:5]} ({len(missing)} tensors); "
+                                    "point model.uri at the directory save_pretrained wrote for this model")
+    files = sorted(Path(path).glob("*.safetensors"))
+    handles = {str(f): safe_open(str(f), framework="pt") for f in files}
+    index = {k: name for name, h in handles.items() for k in h.keys()}
+
+    def read(name: str) -> torch.Tensor:
+        key = keys[name]
+        return handles[index[key]].get_tensor(key).to(device=device, dtype=torch.float32)
+
+    report = qlora.quantize_base(lm, source=lambda module: read(names[id(module.weight)]))
+    with torch.no_grad():
+        for name, p in list(top.named_parameters()):
+            if not p.is_meta:
+                continue
+            owner, _, attr = name.rpartition(".")
+            value = _adapter_init(name, p.shape, seed) if is_adapter(name) else read(name)
+            new = nn.Parameter(value.to(device=device, dtype=p.dtype), requires_grad=p.requires_grad)
+            setattr(top.get_submodule(owner) if owner else top, attr, new)
+    _retie(top, shared)
+    _rebuild_rotary(lm, device)
+    leftover = [n for n, t in [*top.named_parameters(), *top.named_buffers()] if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"QLoRA loading left tensors unallocated: {leftover[:5]}")
+    log.info("loaded %s for QLoRA tensor by tensor: %d linears quantized to NF4 as read", path, len(report.quantized))
