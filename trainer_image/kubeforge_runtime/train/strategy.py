@@ -307,7 +307,7 @@ class ZeROStrategy:
     stay in the runtime's DCP format (see ``zero.py`` for what ZeRO gets and what stays the
     trainer's)."""
 
-    shards_on_meta = False  # each rank reads the whole model, then DeepSpeed partitions it
+    shards_on_meta = False  # read before wrapping: ZeRO-3 into partitions, unit by unit (loading.materialize_zero3)
 
     def __init__(self, cfg: TrainConfig, dims: ParallelDims, mesh: Any) -> None:
         self.cfg, self.dims, self.mesh = cfg, dims, mesh

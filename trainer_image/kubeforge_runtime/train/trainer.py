@@ -60,6 +60,7 @@ from . import model as model_mod
 from . import output as output_mod
 from . import shard_output
 from . import strategy as strategy_mod
+from . import zero as zero_mod
 from .config import ADAPTER_METHODS, TrainConfig
 from .parallel_dims import ModelShape, ParallelDims
 from .parallelize import CausalLMStage, apply_tensor_parallel, prune_to_stage
@@ -254,12 +255,20 @@ class Trainer:
         """Allocate and read this rank's part of the base model (``loading.materialize``)."""
         from . import loading
 
-        if self.cfg.method == "qlora":
+        zero3 = zero_mod.stage_of(self.cfg.parallelism.strategy) == 3 and self.dims.dp > 1
+        if zero3:  # partitioned unit by unit: no rank holds the whole model
+            loading.materialize_zero3(self.top, self.lm, self.base_dir, self.device, self.cfg.training.seed,
+                                      zero_mod.ds_config(self.cfg, self.dims))
+        elif self.cfg.method == "qlora":
             loading.materialize_qlora(self.top, self.lm, self.base_dir, self.device, self.cfg.training.seed)
         else:
             loading.materialize(self.top, self.lm, self.base_dir, self.device, self.cfg.training.seed)
         if os.environ.get(ENV_DUMP):
-            self.dump["initial_params"] = strategy_mod.gather_named(list(self.top.named_parameters()), self.mesh)
+            if zero3:
+                full = zero_mod.full_parameters(self.top)
+                self.dump["initial_params"] = full if self.rank == 0 else None
+            else:
+                self.dump["initial_params"] = strategy_mod.gather_named(list(self.top.named_parameters()), self.mesh)
 
     def _build_distillation(self) -> distill_mod.DistillLoss:
         """The teacher (on the ranks that compute the loss: the last pipeline stage) and the
