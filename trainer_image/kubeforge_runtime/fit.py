@@ -17,8 +17,9 @@ What a training rank holds, as this runtime trains (``train/trainer.py``, ``stra
   DDP keeps a second copy in its reduction buckets; ZeRO-2 flattens them into a bucket;
 * **optimizer** - AdamW's two fp32 moments of the trainable parameters (8 bytes each),
   sharded by ``fsdp`` and every ZeRO stage; ZeRO-1/2 add an fp32 copy of their partition;
-* **gathered** - what a sharded strategy unshards while computing: FSDP/ZeRO-3 one layer
-  being used and one prefetched (the whole stage with pipelining, which keeps it gathered);
+* **gathered** - what a sharded strategy unshards while computing: FSDP/ZeRO-3 one unit
+  being used and one prefetched (a decoder layer, the embedding, or the norm with
+  ``lm_head``: FSDP wraps each as a unit of its own, pipeline stages included);
 * **autocast copies** - under bf16/fp16 autocast the low-precision copy of every linear
   weight is saved for backward (2 bytes per linear parameter);
 * **activations** - what autograd saves per token of one micro-batch for each decoder layer
@@ -34,11 +35,12 @@ on the fly, one at a time: the **dequantized weight** term), and FSDP gathers th
 
 Without gradient accumulation the gradients are freed by each optimizer step and grow back
 as backward frees the activations, so only their excess over the activations counts. On CPU
-(``device="cpu"``, the per-process figure) under ZeRO the whole model as loaded stays
+(``device="cpu"``, the per-process figure) under ZeRO-1/2 the whole model as loaded stays
 resident as well (:func:`cpu_terms`). Loading (``train/loading.py``): the model is built on
 the meta device and laid out first, then each rank reads only its part from the safetensors
 files - with ``fsdp`` its shard of its stage's tensor-parallel slice, with ``ddp`` its
-stage's slice whole, with ZeRO the whole model (DeepSpeed partitions real tensors) - so the
+stage's slice whole, with ZeRO-3 its partition plus one unit whole (read unit by unit and
+partitioned at once), with ZeRO-1/2 the whole model - so the
 **load** phase is that part (:func:`load_terms`) and the peak is the larger of it and the
 **train** phase.
 
@@ -296,6 +298,16 @@ def weight_bytes(arch: Architecture, plan: TrainPlan, stage: int) -> int:
     return 4 * trainable + frozen_bytes(arch, plan) * (params - trainable)
 
 
+def _end_unit_bytes(arch: Architecture, plan: TrainPlan, stage: int) -> int:
+    """Bytes of the largest non-layer unit ``stage`` gathers whole: its embedding or its
+    ``lm_head`` (frozen under LoRA/QLoRA, trained in a full fine-tune)."""
+    per = 4 if plan.method == "full" else frozen_bytes(arch, plan)
+    first, last = stage == 0, stage == plan.pipeline - 1
+    sizes = [arch.vocab_size * arch.hidden_size if first else 0,
+             (arch.head_params or (arch.embedding_params if not first else 0)) if last else 0]
+    return per * max(sizes)
+
+
 def train_terms(arch: Architecture, plan: TrainPlan, stage: int) -> dict[str, int]:
     """Bytes of the train phase on one rank of pipeline stage ``stage`` (module docstring)."""
     _, trainable, linear = stage_params(arch, plan, stage)
@@ -329,10 +341,11 @@ def train_terms(arch: Architecture, plan: TrainPlan, stage: int) -> dict[str, in
         layer_full = int(NF4_BYTES_PER_PARAM * arch.layer_linear_params + 8 * arch.hidden_size
                          + 4 * arch.lora_params_per_layer(plan.lora_r, plan.lora_targets))
     if fsdp or (zero == 3 and sharded):
-        # One layer computing and one prefetched, plus one layer's unsharded gradients in
-        # backward; pipelining keeps the whole stage gathered between forward and backward.
-        gathered = weight_bytes(arch, plan, stage) - t["weights"] if plan.pipeline > 1 else 2 * layer_full
-        t["gathered"] = gathered + (layer_full if plan.method == "full" else 0)
+        # One unit computing and one prefetched (a decoder layer, or the embedding / the norm
+        # and lm_head, which are units of their own), plus one layer's unsharded gradients in
+        # backward; pipeline stages reshard after each forward too.
+        unit_full = max(layer_full, _end_unit_bytes(arch, plan, stage))
+        t["gathered"] = layer_full + unit_full + (layer_full if plan.method == "full" else 0)
     if plan.precision in ("bf16", "fp16"):
         copies = 2 * linear
         if plan.method == "lora" and frozen_bytes(arch, plan) == 2:
@@ -397,7 +410,7 @@ def cpu_terms(arch: Architecture, plan: TrainPlan) -> dict[str, int]:
     was loaded (the allocator keeps what DeepSpeed's partitioning frees). With ``fsdp`` and
     ``ddp`` a rank only ever allocated its own part (``train/loading.py``), already counted
     in the weights."""
-    if plan.zero_stage:
+    if plan.zero_stage and not (plan.zero_stage == 3 and plan.dp > 1):
         return {"loaded model (cpu)": 4 * arch.total_params}
     return {}
 
@@ -406,10 +419,14 @@ def load_terms(arch: Architecture, plan: TrainPlan, stage: int, device: Device) 
     """The load phase (``train/loading.py``): what a rank reads from the files. ZeRO: the whole
     model in fp32, then partitioned; ``fsdp``: the rank's shard of its stage (tensor-parallel
     slice and pipeline stage cut out on the meta device first); ``ddp``: its stage whole."""
+    if plan.zero_stage == 3 and plan.dp > 1:  # read unit by unit into partitions (loading.materialize_zero3)
+        unit = 4 * max(arch.layer_params, arch.vocab_size * arch.hidden_size)
+        return {"this rank's partition (load)": weight_bytes(arch, plan, stage) // plan.dp, "one unit whole (load)": unit}
     if plan.zero_stage:
         return {"whole model (load)": 4 * arch.total_params}
-    if plan.method == "qlora":  # loaded whole in fp32, then its decoder linears quantized to NF4
-        return {"whole model (load, fp32 before NF4)": 4 * arch.total_params}
+    if plan.method == "qlora":  # read tensor by tensor, each decoder linear quantized as read, before FSDP shards it
+        widest = max(a * b for a, b in arch.linear_shapes().values())
+        return {"quantized stage (load)": weight_bytes(arch, plan, stage), "one fp32 tensor (load)": 4 * widest}
     shard = plan.dp if plan.dp > 1 and plan.strategy == "fsdp" else 1
     return {"this rank's part (load)": weight_bytes(arch, plan, stage) // shard}
 

@@ -187,12 +187,21 @@ def test_extra_terms_are_added_per_stage():
 
 def test_load_phase_is_the_ranks_own_part():
     """Sharded loading (train/loading.py): an FSDP rank reads only its shard, so with many
-    ranks the load is 1/dp of the model; ZeRO ranks still read the whole fp32 model first."""
+    ranks the load is 1/dp of the model; ZeRO-3 ranks read unit by unit into their partition
+    (their 1/dp plus one unit whole); ZeRO-1/2 ranks still read the whole fp32 model first."""
     plan = _plan(world=64, global_batch=64, micro_batch=1, sequence_length=8)
     est = fit.estimate_training(SMALL, plan)
     assert est.phases["load"] == 4 * SMALL.total_params // 64
-    zero = fit.estimate_training(SMALL, plan.replace(strategy="deepspeed-zero3"))
-    assert zero.phases["load"] == 4 * SMALL.total_params
+    zero3 = fit.load_terms(SMALL, plan.replace(strategy="deepspeed-zero3"), 0, "cuda")
+    unit = 4 * max(SMALL.layer_params, SMALL.vocab_size * SMALL.hidden_size)
+    assert zero3 == {"this rank's partition (load)": 4 * SMALL.total_params // 64, "one unit whole (load)": unit}
+    assert sum(zero3.values()) < 4 * SMALL.total_params / 2
+    for stage in ("deepspeed-zero1", "deepspeed-zero2"):
+        zero = fit.estimate_training(SMALL, plan.replace(strategy=stage))
+        assert zero.phases["load"] == 4 * SMALL.total_params
+    # On CPU, ZeRO-3 no longer keeps the whole loaded model resident; ZeRO-1/2 do.
+    assert "loaded model (cpu)" not in fit.cpu_terms(SMALL, plan.replace(strategy="deepspeed-zero3"))
+    assert "loaded model (cpu)" in fit.cpu_terms(SMALL, plan.replace(strategy="deepspeed-zero2"))
 
 
 def test_bf16_base_stays_bf16_for_lora_under_autocast():
@@ -242,3 +251,13 @@ def test_teacher_terms_follow_where_the_trainer_holds_the_teacher():
     assert fit.teacher_terms(teacher, pp, 0) == {} and fit.teacher_terms(teacher, pp, 1)["teacher weights"] == whole
     est = fit.estimate_training(SMALL, base, extra=[fit.teacher_term(teacher)])
     assert est.terms["teacher weights"] == whole
+
+
+def test_qlora_load_phase_is_the_quantized_base_plus_one_tensor():
+    """QLoRA reads the base tensor by tensor and quantizes each decoder linear as it is read
+    (train/loading.py materialize_qlora): the load never holds the whole base in fp32."""
+    plan = _plan(world=1, method="qlora", precision="bf16")
+    load = fit.load_terms(SMALL, plan, 0, "cuda")
+    widest = max(a * b for a, b in SMALL.linear_shapes().values())
+    assert load == {"quantized stage (load)": fit.weight_bytes(SMALL, plan, 0), "one fp32 tensor (load)": 4 * widest}
+    assert sum(load.values()) < 0.6 * 4 * SMALL.total_params

@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging()
     log = logging.getLogger("kubeforge_runtime.train")
+    from .allocator import limit_malloc_caching
+
+    limit_malloc_caching()  # before any weight is allocated (allocator.py says why)
 
     from .. import data, models, storage
     from .config import ConfigError, load_config

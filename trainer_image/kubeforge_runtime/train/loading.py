@@ -20,8 +20,10 @@ parameters are fp32 master weights (the optimizer steps them; bf16/fp16 is autoc
 before); frozen ones (a LoRA base) keep the dtype they are stored in when the run computes
 in bf16/fp16 (a bf16 base stays bf16: half the memory of fp32) and are fp32 under fp32
 training, where a bf16 weight could not meet an fp32 activation. DeepSpeed ZeRO keeps every
-weight fp32 (it flattens the model's parameters) and, as before, each rank reads the whole
-model before DeepSpeed partitions it (no meta-device ZeRO-3 init here).
+weight fp32 (it flattens the model's parameters). ZeRO-3 with more than one rank is read unit
+by unit straight into DeepSpeed's partitions (:func:`materialize_zero3`); ZeRO-1/2 ranks read
+the whole model (they replicate the weights anyway). QLoRA reads tensor by tensor and
+quantizes as it reads (:func:`materialize_qlora`), before FSDP2 shards the NF4 codes.
 
 Tied embeddings: ``lm_head.weight`` is the embedding; files store it once (as
 ``model.embed_tokens.weight``), so a stage that holds the head but not the embedding (the
@@ -85,6 +87,8 @@ def build_meta(path: Path, cfg: TrainConfig) -> tuple[nn.Module, nn.Module]:
     stored = stored_dtype(config)
     if cfg.parallelism.strategy.startswith("deepspeed-"):
         stored = torch.float32  # DeepSpeed partitions and flattens the whole model: one dtype, fp32
+    if cfg.method == "qlora":
+        stored = torch.float32  # what is not quantized stays fp32, as model.build loads it
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
     from . import model as model_mod
@@ -212,3 +216,135 @@ def _stored_keys(path: Path) -> set[str]:
         with safe_open(str(f), framework="pt") as h:
             keys.update(h.keys())
     return keys
+
+
+# --- ZeRO-3: partition unit by unit ------------------------------------------------------
+
+def zero3_units(lm: nn.Module) -> list[nn.Module]:
+    """The pieces :func:`materialize_zero3` reads and partitions one at a time: the embedding,
+    each decoder layer, the final norm and ``lm_head`` (skipped when it is the tied embedding)."""
+    from .parallelize import decoder, layer_items
+
+    dec = decoder(lm)
+    units: list[nn.Module] = [dec.embed_tokens, *(layer for _, layer in layer_items(lm)), dec.norm]
+    head = getattr(lm, "lm_head", None)
+    if head is not None and head.weight is not dec.embed_tokens.weight:
+        units.append(head)
+    return units
+
+
+def _read_unit(unit: nn.Module, names: dict[int, str], handles: dict[str, Any], index: dict[str, str],
+               tied: bool, seed: int) -> None:
+    """Fill ``unit``'s (already allocated, whole) parameters: base weights from the files, one
+    tensor at a time, adapters from their initialisation."""
+    with torch.no_grad():
+        for p in unit.parameters():
+            name = names[id(p)]
+            if is_adapter(name):
+                p.copy_(_adapter_init(name, p.shape, seed))
+                continue
+            key = file_key(name)
+            if tied and key == HEAD_KEY:
+                key = TIED_KEY
+            p.copy_(handles[index[key]].get_tensor(key))
+
+
+def materialize_zero3(top: nn.Module, lm: nn.Module, path: Path, device: torch.device, seed: int,
+                      ds_config: dict[str, Any]) -> None:
+    """DeepSpeed ZeRO-3's counterpart of :func:`materialize`: no rank ever holds the whole model.
+
+    For each unit (:func:`zero3_units`), in order: allocate it whole, rank 0 reads its tensors
+    from the safetensors files (the other ranks receive them), and ``deepspeed.zero.Init(module=
+    unit)`` - DeepSpeed's public way to partition an existing module as if it had been built
+    inside ``zero.Init`` - broadcasts each parameter from rank 0 and keeps this rank's
+    partition only. At most one unit (a decoder layer, or the embedding) is whole at a time.
+    ``deepspeed.initialize`` then finds the parameters partitioned already and leaves them so.
+    """
+    import deepspeed
+    import torch.distributed as dist
+    from safetensors import safe_open
+
+    names = {id(p): n for n, p in top.named_parameters(remove_duplicate=False)}
+    tied = bool(getattr(lm.config, "tie_word_embeddings", False))
+    stored = _stored_keys(path)
+    wanted = {file_key(n) for n in names.values() if not is_adapter(n)}
+    if tied:
+        wanted = {TIED_KEY if k == HEAD_KEY else k for k in wanted}
+    missing = sorted(wanted - stored)
+    if missing:
+        raise models.ModelLoadError(f"{path}: the safetensors files lack {missing[:5]} ({len(missing)} tensors); "
+                                    "point model.uri at the directory save_pretrained wrote for this model")
+    # DeepSpeed's own communication layer over the run's process group (deepspeed.initialize
+    # would do the same later; zero.Init needs it now to know the world size).
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, dist_init_required=False,
+                               verbose=False)
+    reader = dist.get_rank() == 0
+    files = sorted(Path(path).glob("*.safetensors"))
+    handles = {str(f): safe_open(str(f), framework="pt") for f in files} if reader else {}
+    index = {k: str(f) for f in files for k in (handles[str(f)].keys() if reader else ())}
+    _rebuild_rotary(lm, device)
+    dec = lm.model
+    for unit in zero3_units(lm):
+        unit.to_empty(device=device)
+        if unit is dec.embed_tokens and tied and getattr(lm, "lm_head", None) is not None:
+            lm.lm_head.weight = dec.embed_tokens.weight  # to_empty broke the tie: restore it
+        if reader:
+            _read_unit(unit, names_of(unit, names, top), handles, index, tied, seed)
+        deepspeed.zero.Init(module=unit, config_dict_or_path=ds_config, dtype=torch.float32)
+    leftover = [n for n, p in top.named_parameters() if p.is_meta]
+    if leftover:
+        raise RuntimeError(f"ZeRO-3 loading left parameters unallocated: {leftover[:5]}")
+    log.info("loaded %s partitioned for ZeRO-3 over %d ranks, one unit at a time", path, dist.get_world_size())
+
+
+def names_of(unit: nn.Module, names: dict[int, str], top: nn.Module) -> dict[int, str]:
+    """Parameter id -> name in ``top`` for ``unit``'s parameters (to_empty made new ones)."""
+    by_param = {id(p): n for n, p in top.named_parameters(remove_duplicate=False)}
+    return {id(p): by_param[id(p)] for p in unit.parameters()}
+
+
+# --- QLoRA: quantize as it reads -----------------------------------------------------------
+
+def materialize_qlora(top: nn.Module, lm: nn.Module, path: Path, device: torch.device, seed: int) -> None:
+    """QLoRA's counterpart of :func:`materialize`, before FSDP2 shards the model (the NF4
+    codes are what it shards): each frozen decoder-layer linear is read from the files in
+    fp32, quantized to NF4 and put in place one at a time (``qlora.quantize_base`` with a
+    source), so the whole base is never held unquantized; then the rest (embedding, norms,
+    ``lm_head``: fp32) is allocated and read, and the adapters initialised as in every
+    layout. Numerically the same weights as ``from_pretrained(dtype=float32)`` followed by
+    ``quantize_base``."""
+    from safetensors import safe_open
+
+    from . import qlora
+
+    shared = _shared_names(top)
+    names = {id(p): n for n, p in top.named_parameters(remove_duplicate=False)}
+    tied = bool(getattr(lm.config, "tie_word_embeddings", False))
+    keys = {n: (TIED_KEY if tied and file_key(n) == HEAD_KEY else file_key(n)) for n in names.values() if not is_adapter(n)}
+    missing = sorted(set(keys.values()) - _stored_keys(path))
+    if missing:
+        raise models.ModelLoadError(f"{path}: the safetensors files lack {missing[:5]} ({len(missing)} tensors); "
+                                    "point model.uri at the directory save_pretrained wrote for this model")
+    files = sorted(Path(path).glob("*.safetensors"))
+    handles = {str(f): safe_open(str(f), framework="pt") for f in files}
+    index = {k: name for name, h in handles.items() for k in h.keys()}
+
+    def read(name: str) -> torch.Tensor:
+        key = keys[name]
+        return handles[index[key]].get_tensor(key).to(device=device, dtype=torch.float32)
+
+    report = qlora.quantize_base(lm, source=lambda module: read(names[id(module.weight)]))
+    with torch.no_grad():
+        for name, p in list(top.named_parameters()):
+            if not p.is_meta:
+                continue
+            owner, _, attr = name.rpartition(".")
+            value = _adapter_init(name, p.shape, seed) if is_adapter(name) else read(name)
+            new = nn.Parameter(value.to(device=device, dtype=p.dtype), requires_grad=p.requires_grad)
+            setattr(top.get_submodule(owner) if owner else top, attr, new)
+    _retie(top, shared)
+    _rebuild_rotary(lm, device)
+    leftover = [n for n, t in [*top.named_parameters(), *top.named_buffers()] if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"QLoRA loading left tensors unallocated: {leftover[:5]}")
+    log.info("loaded %s for QLoRA tensor by tensor: %d linears quantized to NF4 as read", path, len(report.quantized))

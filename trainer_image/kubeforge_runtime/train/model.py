@@ -90,7 +90,8 @@ def prepare(lm: nn.Module, cfg: TrainConfig) -> tuple[nn.Module, nn.Module]:
         if cfg.method == "qlora":
             from . import qlora
 
-            qlora.quantize_base(lm)  # after peft: only frozen weights are quantized
+            if not next(lm.parameters()).is_meta:  # on meta: loading.materialize_qlora quantizes as it reads
+                qlora.quantize_base(lm)  # after peft: only frozen weights are quantized
         return top, top.get_base_model()
     return lm, lm
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -109,19 +109,24 @@ def _frozen_linears(lm: nn.Module) -> list[tuple[str, nn.Linear]]:
 
 
 @torch.no_grad()
-def quantize_base(lm: nn.Module) -> QuantizeReport:
+def quantize_base(lm: nn.Module, source: Callable[[nn.Linear], torch.Tensor] | None = None) -> QuantizeReport:
     """Quantize the frozen linear weights of ``lm``'s decoder layers to NF4, in place.
 
     A weight whose size is not a multiple of BLOCK_SIZE stays as it is (listed in
     ``skipped``); biases, adapters, embeddings, norms and ``lm_head`` are never quantized.
+    ``source`` (``loading.materialize_qlora``): where each linear's weight comes from, read
+    one at a time while ``lm`` is still on the meta device - so the whole base is never held
+    unquantized; without it, the weights ``lm`` holds.
     """
     report = QuantizeReport()
     for name, module in _frozen_linears(lm):
-        w = module.weight
+        w = module.weight if source is None else source(module)
         if is_nf4(w):
             continue
         if w.dim() != 2 or w.numel() % BLOCK_SIZE:
             report.skipped.append(name)
+            if source is not None:
+                module.weight = nn.Parameter(w, requires_grad=False)
             continue
         q = to_nf4(w)
         module.weight = nn.Parameter(q, requires_grad=False)

@@ -63,7 +63,7 @@ from . import checkpoint as ckpt
 from . import gradients, zero
 from .config import ConfigError, TrainConfig
 from .parallel_dims import ParallelDims
-from .parallelize import CausalLMStage, layer_items
+from .parallelize import CausalLMStage, decoder, layer_items
 from .qlora import is_nf4
 
 log = logging.getLogger(__name__)
@@ -231,9 +231,31 @@ class _TorchStrategy:
         return gather_named(named, self.mesh)
 
 
+def fsdp_units(stage: CausalLMStage) -> list[nn.Module | list[nn.Module]]:
+    """The modules FSDP2 gathers one at a time, before the stage's root (torchtitan's units):
+    each decoder layer, the embedding, and the final norm with ``lm_head`` - so that no rank
+    holds a whole embedding or head longer than its own forward and backward. A tied head
+    (``lm_head.weight`` is the embedding) stays in the root unit with the embedding: one
+    parameter cannot belong to two units."""
+    lm = stage.lm
+    units: list[nn.Module | list[nn.Module]] = [layer for _, layer in layer_items(lm)]
+    dec = decoder(lm)
+    embed, norm, head = dec.embed_tokens, dec.norm, getattr(lm, "lm_head", None)
+    if embed is not None and head is not None and head.weight is embed.weight:
+        return units
+    if embed is not None:
+        units.append(embed)
+    if head is not None:
+        units.append([norm, head] if norm is not None else head)
+    return units
+
+
 class FSDPStrategy(_TorchStrategy):
-    """FSDP2 ``fully_shard`` per decoder layer plus the stage root over the mesh's "dp"
-    dimension: parameters, gradients and optimizer state sharded (the ZeRO-3 equivalent)."""
+    """FSDP2 ``fully_shard`` per unit (:func:`fsdp_units`) plus the stage root over the mesh's
+    "dp" dimension: parameters, gradients and optimizer state sharded (the ZeRO-3
+    equivalent). Every unit is resharded after its forward, pipeline stages included: a
+    stage re-gathers a layer for each micro-batch's backward instead of holding its whole
+    stage gathered (memory first: this is what lets a model larger than one process train)."""
 
     name = "fsdp"
     shards_on_meta = True
@@ -241,12 +263,9 @@ class FSDPStrategy(_TorchStrategy):
     def _wrap(self, stage: CausalLMStage, dp_mesh: Any) -> nn.Module:
         from torch.distributed.fsdp import fully_shard
 
-        # With pipelining each layer runs once per micro-batch: keep it gathered between
-        # forward and backward instead of re-gathering it per micro-batch.
-        reshard = self.dims.pp == 1
-        for _, layer in layer_items(stage.lm):
-            fully_shard(layer, mesh=dp_mesh, reshard_after_forward=reshard)
-        fully_shard(stage, mesh=dp_mesh, reshard_after_forward=reshard)
+        for unit in fsdp_units(stage):
+            fully_shard(unit, mesh=dp_mesh, reshard_after_forward=True)
+        fully_shard(stage, mesh=dp_mesh, reshard_after_forward=True)
         return stage
 
     def sync_gradients(self, enabled: bool) -> AbstractContextManager[Any]:
@@ -288,7 +307,7 @@ class ZeROStrategy:
     stay in the runtime's DCP format (see ``zero.py`` for what ZeRO gets and what stays the
     trainer's)."""
 
-    shards_on_meta = False  # each rank reads the whole model, then DeepSpeed partitions it
+    shards_on_meta = False  # read before wrapping: ZeRO-3 into partitions, unit by unit (loading.materialize_zero3)
 
     def __init__(self, cfg: TrainConfig, dims: ParallelDims, mesh: Any) -> None:
         self.cfg, self.dims, self.mesh = cfg, dims, mesh

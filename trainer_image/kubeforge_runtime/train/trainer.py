@@ -60,6 +60,7 @@ from . import model as model_mod
 from . import output as output_mod
 from . import shard_output
 from . import strategy as strategy_mod
+from . import zero as zero_mod
 from .config import ADAPTER_METHODS, TrainConfig
 from .parallel_dims import ModelShape, ParallelDims
 from .parallelize import CausalLMStage, apply_tensor_parallel, prune_to_stage
@@ -211,14 +212,9 @@ class Trainer:
     # --- setup ---------------------------------------------------------------------------
     def _build_model(self) -> None:
         cfg, dims = self.cfg, self.dims
-        if cfg.method == "qlora":
-            # QLoRA quantizes real weights to NF4 before FSDP shards them, so it loads the base
-            # whole (model.build); every other method is built on the meta device, and no rank
-            # holds more than its own part (loading.py).
-            self.top, self.lm = model_mod.build(cfg, self.base_dir)
-        else:
-            self.top, self.lm = model_mod.build_meta(cfg, self.base_dir)
-        self.on_meta = cfg.method != "qlora"
+        # Built on the meta device; no rank holds more than its own part (loading.py). QLoRA
+        # reads tensor by tensor, quantizing as it reads, before FSDP shards the NF4 codes.
+        self.top, self.lm = model_mod.build_meta(cfg, self.base_dir)
         self.attention = attention_mod.resolve(cfg.training.attention, self.device.type)
         attention_mod.apply(self.lm, self.attention)
         self.num_params = model_mod.num_parameters(self.top)
@@ -230,7 +226,8 @@ class Trainer:
         if self.compiled:
             compiled_mod.compile_blocks(self.lm)  # lazy: traced at the first step, after loading
         stage = CausalLMStage(self.lm, self.is_first, self.is_last)
-        late = self.strategy.shards_on_meta and self.on_meta  # FSDP2 shards the meta model first, then each rank reads its shard
+        # FSDP2 shards the meta model first, then each rank reads its shard (QLoRA: reads, then shards)
+        late = self.strategy.shards_on_meta and cfg.method != "qlora"
 
         def make_optimizer() -> torch.optim.Optimizer:
             if late:
@@ -258,12 +255,20 @@ class Trainer:
         """Allocate and read this rank's part of the base model (``loading.materialize``)."""
         from . import loading
 
-        if self.on_meta:
+        zero3 = zero_mod.stage_of(self.cfg.parallelism.strategy) == 3 and self.dims.dp > 1
+        if zero3:  # partitioned unit by unit: no rank holds the whole model
+            loading.materialize_zero3(self.top, self.lm, self.base_dir, self.device, self.cfg.training.seed,
+                                      zero_mod.ds_config(self.cfg, self.dims))
+        elif self.cfg.method == "qlora":
+            loading.materialize_qlora(self.top, self.lm, self.base_dir, self.device, self.cfg.training.seed)
+        else:
             loading.materialize(self.top, self.lm, self.base_dir, self.device, self.cfg.training.seed)
-        else:  # loaded whole already (qlora)
-            self.lm.to(self.device)
         if os.environ.get(ENV_DUMP):
-            self.dump["initial_params"] = strategy_mod.gather_named(list(self.top.named_parameters()), self.mesh)
+            if zero3:
+                full = zero_mod.full_parameters(self.top)
+                self.dump["initial_params"] = full if self.rank == 0 else None
+            else:
+                self.dump["initial_params"] = strategy_mod.gather_named(list(self.top.named_parameters()), self.mesh)
 
     def _build_distillation(self) -> distill_mod.DistillLoss:
         """The teacher (on the ranks that compute the loss: the last pipeline stage) and the

@@ -114,6 +114,30 @@ def test_qlora_trains_only_adapters_and_loss_falls(qlora_reference: Run) -> None
 
 
 @pytest.mark.torchrun
+def test_qlora_reads_tensor_by_tensor_as_a_whole_load_would_quantize(qlora_reference: Run, tiny_model: Path) -> None:
+    """The base is read one tensor at a time and each decoder linear quantized as it is read
+    (``loading.materialize_qlora``), never whole in fp32: the base it starts from is exactly
+    ``from_pretrained(dtype=float32)`` with those linears through NF4."""
+    import torch
+    from kubeforge_runtime.train import loading, qlora
+    from transformers import AutoModelForCausalLM
+
+    assert "for QLoRA tensor by tensor" in qlora_reference.log()
+    whole = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).state_dict()
+    init = qlora_reference.dump()["initial_params"]
+    base = {k: v for k, v in init.items() if not loading.is_adapter(k)}
+    assert {loading.file_key(k) for k in base} == set(whole)
+    quantized = 0
+    for name, value in base.items():
+        expected = whole[loading.file_key(name)]
+        if ".layers." in name and expected.dim() == 2:
+            expected = qlora.to_nf4(expected).get_original_weight()
+            quantized += 1
+        assert torch.equal(value, expected.to(value.dtype)), name
+    assert quantized > 0
+
+
+@pytest.mark.torchrun
 def test_qlora_under_dp2_fsdp_equals_single_process(launcher: Callable[..., Run], qlora_reference: Run) -> None:
     got = launcher("qlora-dp2", {**QLORA, "parallelism": {"strategy": "fsdp"}}, 2).dump()
     assert got["layout"]["data"] == 2
