@@ -35,9 +35,12 @@ half a dozen events within a second); a failed scheduled sync is scheduled again
 whose outcome changed (looked up in the kind's kopf index, :func:`reference_keys`).
 
 A kind built with ``cached=True`` (FineTuneJob) keeps what its event handlers saw in a
-:class:`.watched.WatchCache`: a sync with nothing to apply is first computed from it and ends
-there when it finds nothing to write or post (no request at all); a spec handler's sync takes
-the object from it instead of reading it. Everything that writes is decided on fresh reads.
+:class:`.watched.WatchCache`: a sync with nothing to apply is first computed from it, and when
+the cached object shows the status this operator last left, that sync ends there: with no
+request when nothing changed, with one status patch guarded by the cached object's
+``resourceVersion`` when the status changed (a 409 sends it to fresh reads). A spec handler's
+sync takes the object from it instead of reading it. Children and annotations are written on
+fresh reads only.
 """
 
 from __future__ import annotations
@@ -186,8 +189,8 @@ def waves(children: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     return out + ([run] if run else [])
 
 
-def _all(fn: Callable[[dict[str, Any]], Any], wave: list[dict[str, Any]]) -> list[Any]:
-    """``fn`` on every child of ``wave`` at once (a wave of one in this thread); the results in
+def _all(fn: Callable[[Any], Any], wave: list[Any]) -> list[Any]:
+    """``fn`` on every item of ``wave`` at once (a wave of one in this thread); the results in
     order. Every call finishes before the first failure, in list order, is raised: a check wave
     raises what a serial check would have raised first."""
     global _child_pool
@@ -211,13 +214,13 @@ def apply_children(owner: dict[str, Any], children: list[dict[str, Any]], *, fre
     yet as far as it knows (its first sync): each check is then one dry-run create instead of a
     read and a dry-run apply (:func:`_check`). Returns the applied objects, in order.
 
-    Checks and applies go out in :func:`waves`, the requests of one wave at once: a
-    FineTuneJob's NetworkPolicy, Service and ConfigMap, then its Job, is four round trips to the
-    API server instead of eight (on the path from a new FineTuneJob to its running workers).
+    The checks all go out at once (dry runs create nothing, so their order does not matter), the
+    applies in :func:`waves`, the requests of one wave at once: a FineTuneJob's four checks,
+    then its NetworkPolicy, Service and ConfigMap, then its Job, is three round trips to the API
+    server instead of eight (on the path from a new FineTuneJob to its running workers).
     """
     groups = waves(children)
-    for group in groups:
-        _all(lambda child: _check(owner, child, fresh), group)
+    _all(lambda child: _check(owner, child, fresh), children)  # a check applies nothing: all at once
     return [applied for group in groups for applied in _all(kube.server_side_apply, group)]
 
 
@@ -501,13 +504,23 @@ class Reconciler(Generic[S]):
             return None
 
     def _settled_from_cache(self, namespace: str, name: str, hints: dict[str, Any]) -> bool:
-        """The sync computed from the cache alone; True when that found nothing to do.
+        """The sync computed and written from the cache alone; True when that finished it.
 
-        Nothing to do: the status computed equals the one the cached object shows *and* the one
-        this operator last left on it (so a cache still behind the last write never passes for
-        current), and there is no event to post; ``after`` then runs as after any unchanged sync
-        (a TTL that has passed still deletes the job). Anything the step cannot decide from the
-        cache raises :class:`.watched.NeedFresh`: False, and the caller syncs on fresh reads.
+        The status is computed from the cached object, Job and pods. It finishes the sync when
+        the object the cache shows is the one this operator last left (its status equals the
+        last one written or found, so a cache still behind the last write never passes for
+        current) and either
+
+        * the computed status equals it and there is no event to post: nothing to do, no request;
+        * or the status changed: one merge patch guarded by the cached object's
+          ``resourceVersion`` (a newer object on the server, a spec or annotation change of
+          anyone's, answers 409: False, and the sync is redone on fresh reads), then its events.
+
+        A child behind the cache is at worst one watch event old, and that event schedules the
+        next sync. ``after`` then runs as after any sync (a TTL that has passed still deletes
+        the job). Anything the step cannot decide from the cache (a child missing from it, a
+        child to apply, a failure to count, an invalid spec) raises :class:`.watched.NeedFresh`
+        or is refused here: False, and the caller syncs on fresh reads.
         """
         assert self.cache is not None
         started = time.monotonic()
@@ -520,17 +533,29 @@ class Reconciler(Generic[S]):
         prev = obj.get("status") or {}
         with self._guard:
             shown = self._shown.get((namespace, name), prev)
+        if shown != prev:
+            return False
         try:
             spec = self.validate(obj)
             check_policy(obj)
             outcome = self.step(obj, spec, reads=self.cache, **hints)
         except (NeedFresh, ValidationError, InvalidSpec, ChildConflict):
             return False
-        if outcome.status != prev or shown != prev or outcome.events:
-            return False
+        changed = outcome.status != prev
+        if outcome.events and not changed:
+            return False  # events without a guarded write to tie them to: decide on fresh reads
+        if changed:
+            try:
+                self.write(obj, prev, outcome)
+            except ApiException as exc:
+                if exc.status == 409:
+                    return False  # the cached object is behind the server's
+                raise
+            with self._guard:
+                self._shown[(namespace, name)] = outcome.status
         metrics.record_phase(self.kind, namespace, name, outcome.status.get("phase"))
         metrics.RECONCILE_DURATION.labels(self.kind).observe(time.monotonic() - started)
-        self._after(obj, spec, outcome, False, hints)
+        self._after(obj, spec, outcome, changed, hints)
         return True
 
     def _conflict(self, obj: dict[str, Any], exc: ChildConflict, hints: dict[str, Any]) -> Outcome:
@@ -541,7 +566,7 @@ class Reconciler(Generic[S]):
         return child_conflict(obj, str(exc))
 
     def write(self, obj: dict[str, Any], prev: dict[str, Any], outcome: Outcome) -> bool:
-        """Write ``outcome.status`` if it differs from ``prev``, then post its events; True if written."""
+        """Write ``outcome.status`` if it differs from ``prev``, then post its events (at once); True if written."""
         meta = obj["metadata"]
         changed = outcome.status != prev
         if changed:
@@ -551,8 +576,8 @@ class Reconciler(Generic[S]):
             if outcome.status.get("phase") != prev.get("phase"):
                 log.info("%s %s/%s: phase %s -> %s", self.kind, meta["namespace"], meta["name"], prev.get("phase"),
                          outcome.status.get("phase"))
-        for ev in outcome.events:
-            post_event(obj, ev)
+        # One round trip for all of them (a new job's first sync has three): they are independent.
+        _all(lambda ev: post_event(obj, ev), outcome.events)
         return changed
 
     def run_scheduled(self, namespace: str, name: str, hints: dict[str, Any]) -> None:
