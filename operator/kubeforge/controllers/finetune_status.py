@@ -551,6 +551,10 @@ def _finish(out: FineTuneOutcome, status: dict[str, Any], conds: list[dict[str, 
             announce: bool = True) -> FineTuneOutcome:
     status["conditions"] = conds
     status["phase"] = phase
+    if phase == "Pending" and prev_phase is None and not detail:
+        # A new job starts Pending: its Accepted (and Created) events say so already; a Pending
+        # event more would be one API write per job that tells nobody anything.
+        announce = False
     if phase != prev_phase and announce and phase in _PHASE_EVENTS:
         type_, reason, message = _PHASE_EVENTS[phase]
         if phase == "Running":
