@@ -78,6 +78,12 @@ Key = tuple[str, str]
 DEBOUNCE_ENV = "KUBEFORGE_DEBOUNCE_SECONDS"
 DEFAULT_DEBOUNCE_SECONDS = 0.3
 CONFLICT_RETRIES = 5
+CACHE_CATCH_UP_SECONDS = 0.5
+CACHE_CATCH_UP_TRIES = 3
+"""A cached FineTuneJob behind the server's (this operator's last status write, or kopf's own
+annotation patch, not delivered by the watch yet) defers the sync this long, at most this many
+times in a row, before it is done on fresh reads: under load the watch is a moment behind, and
+three reads to learn what the watch is about to deliver cost the API server more than the wait."""
 CHILD_CONFLICT_RECHECK_SECONDS = 30.0
 """How long a sync that found a foreign object under a child's name waits before looking again."""
 
@@ -294,6 +300,8 @@ class Reconciler(Generic[S]):
         """With ``cached``: what the kind's event handlers saw (:mod:`.watched`); a sync that is
         not to apply anything is first computed from it (:meth:`sync`), and ``step`` then gets it
         as ``reads=``."""
+        self._behind: dict[Key, int] = {}
+        """Syncs deferred in a row because the cached object was behind the server's."""
         self._shown: dict[Key, dict[str, Any]] = {}
         """The status each object held after this operator's last fresh sync of it (written or found)."""
         self.child_labels = {"app.kubernetes.io/managed-by": MANAGED_BY, self.owner_label: kopf.PRESENT}
@@ -348,6 +356,7 @@ class Reconciler(Generic[S]):
         with self._guard:
             self._locks.pop((namespace, name), None)
             self._shown.pop((namespace, name), None)
+            self._behind.pop((namespace, name), None)
         if self.cache is not None:
             self.cache.forget(self.kind, namespace, name)
         metrics.forget(self.kind, namespace, name)
@@ -433,12 +442,17 @@ class Reconciler(Generic[S]):
     def sync(self, namespace: str, name: str, **hints: Any) -> None:
         """One read -> validate -> step -> write -> after round (callers hold the object's lock).
 
-        With a cache and nothing to apply, the round is first computed from the cache; when it
-        finds nothing to write or post (:meth:`_settled_from_cache`), it ends there.
+        With a cache and nothing to apply, the round is first computed from the cache and ends
+        there when the cache decides it (:meth:`_settled_from_cache`); a cached object behind the
+        server's defers the round a little (:meth:`_defer`) before it is done on fresh reads.
         """
         started = time.monotonic()
-        if self.cache is not None and not hints.get("apply") and self._settled_from_cache(namespace, name, hints):
-            return
+        if self.cache is not None and not hints.get("apply"):
+            settled = self._settled_from_cache(namespace, name, hints)
+            if settled is None and self._defer(namespace, name, hints):
+                return
+            if settled:
+                return
         obj = self._spec_handlers_copy(namespace, name) if hints.get("apply") else None
         if obj is None:
             obj = kube.get(self.kind, namespace, name)
@@ -503,8 +517,22 @@ class Reconciler(Generic[S]):
         except NeedFresh:
             return None
 
-    def _settled_from_cache(self, namespace: str, name: str, hints: dict[str, Any]) -> bool:
-        """The sync computed and written from the cache alone; True when that finished it.
+    def _defer(self, namespace: str, name: str, hints: dict[str, Any]) -> bool:
+        """Schedule the sync again in :data:`CACHE_CATCH_UP_SECONDS` (True), unless it has been
+        deferred :data:`CACHE_CATCH_UP_TRIES` times in a row already (False: sync fresh now)."""
+        key = (namespace, name)
+        with self._guard:
+            tries = self._behind.get(key, 0)
+            if tries >= CACHE_CATCH_UP_TRIES:
+                self._behind.pop(key, None)
+                return False
+            self._behind[key] = tries + 1
+        _debouncer().schedule(self, namespace, name, hints, CACHE_CATCH_UP_SECONDS)
+        return True
+
+    def _settled_from_cache(self, namespace: str, name: str, hints: dict[str, Any]) -> bool | None:
+        """The sync computed and written from the cache alone; True when that finished it, None
+        when the cached object is behind the server's (:meth:`_defer`), False for fresh reads.
 
         The status is computed from the cached object, Job and pods. It finishes the sync when
         the object the cache shows is the one this operator last left (its status equals the
@@ -514,7 +542,9 @@ class Reconciler(Generic[S]):
         * the computed status equals it and there is no event to post: nothing to do, no request;
         * or the status changed: one merge patch guarded by the cached object's
           ``resourceVersion`` (a newer object on the server, a spec or annotation change of
-          anyone's, answers 409: False, and the sync is redone on fresh reads), then its events.
+          anyone's, answers 409: None), then its events.
+
+        A cached object that does not show the status last written is behind too (None).
 
         A child behind the cache is at worst one watch event old, and that event schedules the
         next sync. ``after`` then runs as after any sync (a TTL that has passed still deletes
@@ -534,7 +564,7 @@ class Reconciler(Generic[S]):
         with self._guard:
             shown = self._shown.get((namespace, name), prev)
         if shown != prev:
-            return False
+            return None
         try:
             spec = self.validate(obj)
             check_policy(obj)
@@ -549,10 +579,12 @@ class Reconciler(Generic[S]):
                 self.write(obj, prev, outcome)
             except ApiException as exc:
                 if exc.status == 409:
-                    return False  # the cached object is behind the server's
+                    return None  # the cached object is behind the server's
                 raise
             with self._guard:
                 self._shown[(namespace, name)] = outcome.status
+        with self._guard:
+            self._behind.pop((namespace, name), None)
         metrics.record_phase(self.kind, namespace, name, outcome.status.get("phase"))
         metrics.RECONCILE_DURATION.labels(self.kind).observe(time.monotonic() - started)
         self._after(obj, spec, outcome, changed, hints)

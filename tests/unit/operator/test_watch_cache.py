@@ -1,8 +1,8 @@
 """FineTuneJob status syncs from the watch cache (controllers/watched.py): a sync that finds
 nothing to change makes no API request, one that changes the status makes only its status
-patch, guarded by the cached object's resourceVersion (a 409 sends it to fresh reads);
-anything else (a cache behind the last write, an object missing from the cache, an apply) is
-done on fresh reads, as before.
+patch, guarded by the cached object's resourceVersion; a cached object behind the server's
+(a 409, or not showing the last write) defers the sync a few times, then reads fresh; anything
+else (an object missing from the cache, an apply) is done on fresh reads, as before.
 
 The FineTuneJob reconciler runs for real; the API is an in-memory stand-in (``kube.get``,
 ``list_``, ``patch_merge``, ``create``) that counts every request, the one thing under test.
@@ -20,6 +20,7 @@ from kubeforge import kube
 from kubeforge.api import FineTuneJobSpec
 from kubeforge.builders import finetune as fb
 from kubeforge.controllers import finetune as controller
+from kubeforge.controllers import reconcile
 from kubeforge.controllers.watched import NeedFresh, WatchCache
 
 NS, NAME = "ns-wc", "wc"
@@ -66,8 +67,26 @@ class CountingAPI:
         return obj
 
 
+class Deferred:
+    """The debouncer, as far as a deferred sync goes: what was scheduled, with which delay."""
+
+    def __init__(self) -> None:
+        self.scheduled: list[float | None] = []
+
+    def schedule(self, reconciler: Any, namespace: str, name: str, hints: dict[str, Any],
+                 delay: float | None = None) -> None:
+        self.scheduled.append(delay)
+
+
 @pytest.fixture
-def api(monkeypatch: pytest.MonkeyPatch) -> CountingAPI:
+def deferred(monkeypatch: pytest.MonkeyPatch) -> Deferred:
+    later = Deferred()
+    monkeypatch.setattr(reconcile, "_debouncer", lambda: later)
+    return later
+
+
+@pytest.fixture
+def api(monkeypatch: pytest.MonkeyPatch, deferred: Deferred) -> CountingAPI:
     fake = CountingAPI()
     for fn in ("get", "list_", "patch_merge", "create"):
         monkeypatch.setattr(kube, fn, getattr(fake, fn))
@@ -124,7 +143,8 @@ def test_a_sync_that_changes_nothing_is_decided_from_the_cache_without_a_request
     assert api.requests == []
 
 
-def test_a_change_is_computed_from_the_cache_and_written_with_one_guarded_patch(api: CountingAPI) -> None:
+def test_a_change_is_computed_from_the_cache_and_written_with_one_guarded_patch(
+        api: CountingAPI, deferred: Deferred) -> None:
     job, pods = setup_job(api)
     for kind, obj in [("FineTuneJob", api.objects[("FineTuneJob", NAME)]), ("Job", job), ("Pod", pods[0])]:
         seen(kind, obj)
@@ -136,8 +156,13 @@ def test_a_change_is_computed_from_the_cache_and_written_with_one_guarded_patch(
     assert api.objects[("FineTuneJob", NAME)]["status"]["phase"] == "Running"
 
     # The cache has not seen that write yet: its FineTuneJob still shows Pending. A sync now must
-    # not take "Running computed, Pending shown" for news, nor "Pending" for current: fresh reads.
-    api.requests.clear()
+    # not take "Running computed, Pending shown" for news, nor "Pending" for current: it waits
+    # for the watch (deferred, no request), and after a few tries reads fresh.
+    for _ in range(reconcile.CACHE_CATCH_UP_TRIES):
+        api.requests.clear()
+        controller.reconciler.request(NS, NAME)
+        assert api.requests == []
+    assert deferred.scheduled == [reconcile.CACHE_CATCH_UP_SECONDS] * reconcile.CACHE_CATCH_UP_TRIES
     controller.reconciler.request(NS, NAME)
     assert api.requests == ["GET FineTuneJob", "GET Job", "LIST Pod"]  # and nothing to write
     # Once the watch has delivered the write, the same sync costs nothing.
@@ -147,10 +172,10 @@ def test_a_change_is_computed_from_the_cache_and_written_with_one_guarded_patch(
     assert api.requests == []
 
 
-def test_a_cached_write_that_meets_a_newer_object_is_redone_on_fresh_reads(api: CountingAPI) -> None:
+def test_a_cached_write_that_meets_a_newer_object_waits_for_the_watch(api: CountingAPI, deferred: Deferred) -> None:
     """The cached FineTuneJob shows the last status written, but the server's has moved on (an
     annotation, a label: anyone's write the watch has not delivered yet): the guarded patch
-    answers 409, nothing is posted, and the sync is redone on fresh reads."""
+    answers 409, nothing is posted, and the sync is done again once the watch has it."""
     job, pods = setup_job(api)
     for kind, obj in [("FineTuneJob", api.objects[("FineTuneJob", NAME)]), ("Job", job), ("Pod", pods[0])]:
         seen(kind, obj)
@@ -158,8 +183,11 @@ def test_a_cached_write_that_meets_a_newer_object_is_redone_on_fresh_reads(api: 
     seen("Pod", api.put(pod(1, job, True)))
     api.requests.clear()
     controller.reconciler.request(NS, NAME)
-    assert api.requests == ["PATCH FineTuneJob/status", "GET FineTuneJob", "GET Job", "LIST Pod",
-                            "PATCH FineTuneJob/status", "POST Event"]  # one Running event, after the write
+    assert api.requests == ["PATCH FineTuneJob/status"] and deferred.scheduled == [reconcile.CACHE_CATCH_UP_SECONDS]
+    seen("FineTuneJob", api.objects[("FineTuneJob", NAME)])  # the watch delivers it
+    api.requests.clear()
+    controller.reconciler.request(NS, NAME)  # the deferred sync
+    assert api.requests == ["PATCH FineTuneJob/status", "POST Event"]  # one Running event, after the write
     assert api.objects[("FineTuneJob", NAME)]["status"]["phase"] == "Running"
 
 
@@ -175,8 +203,10 @@ def test_a_cache_behind_the_last_write_never_passes_for_current(api: CountingAPI
     controller.reconciler.request(NS, NAME)
     assert api.objects[("FineTuneJob", NAME)]["status"]["phase"] == "Running"
     seen("Pod", api.put(pod(1, job, False)))  # not ready again; the FineTuneJob's event still pending
+    for _ in range(reconcile.CACHE_CATCH_UP_TRIES):  # waits for the watch, which never delivers
+        controller.reconciler.request(NS, NAME)
     api.requests.clear()
-    controller.reconciler.request(NS, NAME)
+    controller.reconciler.request(NS, NAME)  # then reads fresh
     assert "PATCH FineTuneJob/status" in api.requests
     assert api.objects[("FineTuneJob", NAME)]["status"]["phase"] == "Restarting"
 
@@ -197,7 +227,7 @@ def test_what_the_cache_does_not_hold_is_read_fresh(api: CountingAPI) -> None:
 
 
 def test_a_spec_handlers_sync_applies_from_the_cached_object_and_decides_nothing_from_the_cache(
-        api: CountingAPI, monkeypatch: pytest.MonkeyPatch) -> None:
+        api: CountingAPI, monkeypatch: pytest.MonkeyPatch, deferred: Deferred) -> None:
     """kopf fills the cache (watching handlers) before it calls the spec handler for the same
     event, so the spec handler applies from the cached object without reading it; it never
     ends early on the cache: the children are always applied and the status computed."""
@@ -212,7 +242,8 @@ def test_a_spec_handlers_sync_applies_from_the_cached_object_and_decides_nothing
     assert applied == [True] and "GET FineTuneJob" not in api.requests
 
     # A cached object behind the server's: the status write meets a newer resourceVersion (409)
-    # and is redone on a fresh read, without applying the children again.
+    # and is redone once the watch has delivered the newer object, without applying the
+    # children again.
     stale = copy.deepcopy(api.objects[("FineTuneJob", NAME)])
     stale["metadata"]["resourceVersion"] = "1"
     stale["status"] = {}
@@ -232,7 +263,10 @@ def test_a_spec_handlers_sync_applies_from_the_cached_object_and_decides_nothing
     api.requests.clear()
     controller.reconciler.request(NS, NAME, apply=True)
     assert conflicts == [NAME] and applied == [True]  # applied once, before the 409
-    assert "GET FineTuneJob" in api.requests  # the redo read it
+    assert "GET FineTuneJob" not in api.requests and deferred.scheduled  # the redo waits for the watch
+    seen("FineTuneJob", api.objects[("FineTuneJob", NAME)])
+    controller.reconciler.request(NS, NAME)  # the deferred redo
+    assert applied == [True] and "GET FineTuneJob" not in api.requests
 
 
 def test_the_cache_keeps_the_last_object_by_name_and_owner_and_drops_deleted_ones() -> None:
