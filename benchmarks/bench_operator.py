@@ -252,12 +252,17 @@ def api_request_counts(cluster: LocalCluster) -> dict[str, float]:
     out = cluster.kubectl("get", "--raw", "/metrics", check=True)
     counts: dict[str, float] = {}
     for line in out.stdout.splitlines():
-        if not line.startswith("apiserver_request_total{"):
+        if line.startswith("apiserver_request_duration_seconds_sum{"):
+            prefix = "seconds "  # the time the API server spent answering, by the same key
+        elif line.startswith("apiserver_request_total{"):
+            prefix = ""
+        else:
             continue
         labels = dict(kv.split("=", 1) for kv in line[line.index("{") + 1:line.rindex("}")].split(",") if "=" in kv)
         label = {k: v.strip('"') for k, v in labels.items()}
         key = f"{label.get('verb')} {label.get('resource')}" + (f"/{label['subresource']}" if label.get("subresource") else "") \
             + (" (dry run)" if label.get("dry_run") else "")
+        key = prefix + key
         counts[key] = counts.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
     return counts
 
@@ -276,8 +281,16 @@ def event_reasons(cluster: LocalCluster, namespace: str) -> dict[str, int]:
 
 def count_diff(before: dict[str, float], after: dict[str, float]) -> dict[str, int]:
     """Requests made between two :func:`api_request_counts`, most first (zero rows left out)."""
-    diff = {k: int(after.get(k, 0) - before.get(k, 0)) for k in after}
+    diff = {k: int(after.get(k, 0) - before.get(k, 0)) for k in after if not k.startswith("seconds ")}
     return dict(sorted(((k, v) for k, v in diff.items() if v > 0), key=lambda kv: -kv[1]))
+
+
+def server_seconds(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Seconds the API server spent answering, by request key, between two :func:`api_request_counts`
+    (long-running WATCHes left out)."""
+    out = {k[len("seconds "):]: after[k] - before.get(k, 0.0) for k in after
+           if k.startswith("seconds ") and not k.startswith("seconds WATCH")}
+    return {k: v for k, v in out.items() if v > 0}
 
 
 def job_names(n: int) -> list[str]:
@@ -421,7 +434,9 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         rounds[case].append(run_baseline_case(cluster, n, ns))
                     if args.api_calls:
-                        rounds[case][-1]["apiCalls"] = count_diff(before, api_request_counts(cluster))
+                        after = api_request_counts(cluster)
+                        rounds[case][-1]["apiCalls"] = count_diff(before, after)
+                        rounds[case][-1]["apiSeconds"] = server_seconds(before, after)
                         rounds[case][-1]["events"] = event_reasons(cluster, ns)
                     log.info("%s p50 %.2f s", case, rounds[case][-1]["p50"])
                     delete_namespace(cluster, ns)
@@ -463,9 +478,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.api_calls:
         print(f"API requests per job, round 1, all clients (create -> every worker Ready; {n} jobs):")
         op, base = rounds["operator"][0]["apiCalls"], rounds["baseline"][0]["apiCalls"]
-        print(f"{'':36}{'operator':>10}{'baseline':>10}")
+        secs = rounds["operator"][0]["apiSeconds"], rounds["baseline"][0]["apiSeconds"]
+        print(f"{'':36}{'operator':>10}{'baseline':>10}   mean ms in the API server (operator, baseline)")
         for key in sorted(op.keys() | base.keys(), key=lambda k: -(op.get(k, 0) + base.get(k, 0))):
-            print(f"{key:36}{op.get(key, 0) / n:>10.2f}{base.get(key, 0) / n:>10.2f}")
+            mean = [f"{1000 * sec.get(key, 0) / c[key]:.0f}" if c.get(key) else "-" for sec, c in zip(secs, (op, base))]
+            print(f"{key:36}{op.get(key, 0) / n:>10.2f}{base.get(key, 0) / n:>10.2f}   {mean[0]:>6} {mean[1]:>6}")
         print(f"{'total':36}{sum(op.values()) / n:>10.2f}{sum(base.values()) / n:>10.2f}")
         print("Events per job, round 1, by poster and reason (as listed at the end of the case):")
         op, base = rounds["operator"][0]["events"], rounds["baseline"][0]["events"]

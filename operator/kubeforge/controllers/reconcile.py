@@ -12,8 +12,8 @@ object at a time:
    ``<kind>_status.compute`` for the new status;
 4. **write** the status with one merge patch guarded by the object's ``resourceVersion`` (a
    concurrent change makes it fail with 409 and the whole sync runs again on a fresh read),
-   then post the outcome's events and record the phase and the duration
-   (``kubeforge_jobs{kind,phase}``, ``kubeforge_reconcile_duration_seconds{kind}``);
+   then post the outcome's events (in the background, :func:`.events.post_later`) and record
+   the phase and the duration (``kubeforge_jobs{kind,phase}``, ``kubeforge_reconcile_duration_seconds{kind}``);
 5. **after** (the kind's, optional): act on what the written status says (create the Job it
    announces, delete an object whose TTL has passed).
 
@@ -65,7 +65,7 @@ from ..api.size import size_problem
 from ..builders.common import MANAGED_BY, owner_label
 from . import metrics, peering
 from .conditions import Outcome, child_conflict, reject
-from .events import post as post_event
+from .events import post_later as post_events_later
 from .settings import workload_policy
 from .watched import NeedFresh, WatchCache
 
@@ -598,7 +598,8 @@ class Reconciler(Generic[S]):
         return child_conflict(obj, str(exc))
 
     def write(self, obj: dict[str, Any], prev: dict[str, Any], outcome: Outcome) -> bool:
-        """Write ``outcome.status`` if it differs from ``prev``, then post its events (at once); True if written."""
+        """Write ``outcome.status`` if it differs from ``prev``, then hand its events to the posting
+    pool (:func:`.events.post_later`); True if written."""
         meta = obj["metadata"]
         changed = outcome.status != prev
         if changed:
@@ -608,8 +609,7 @@ class Reconciler(Generic[S]):
             if outcome.status.get("phase") != prev.get("phase"):
                 log.info("%s %s/%s: phase %s -> %s", self.kind, meta["namespace"], meta["name"], prev.get("phase"),
                          outcome.status.get("phase"))
-        # One round trip for all of them (a new job's first sync has three): they are independent.
-        _all(lambda ev: post_event(obj, ev), outcome.events)
+        post_events_later(obj, outcome.events)  # after the write; this sync does not wait for them
         return changed
 
     def run_scheduled(self, namespace: str, name: str, hints: dict[str, Any]) -> None:

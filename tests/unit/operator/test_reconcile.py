@@ -19,7 +19,7 @@ from kubeforge import kube
 from kubeforge.api import QuantizeJob
 from kubeforge.controllers import quantize_status
 from kubeforge.controllers.conditions import Event, Outcome, accept, reject
-from kubeforge.controllers import reconcile
+from kubeforge.controllers import events, reconcile
 from kubeforge.controllers.reconcile import (
     ChildConflict, ChildRefused, Debouncer, Reconciler, apply_children, controlled_by, merge_hints, owned_by,
 )
@@ -133,6 +133,7 @@ def sample(name: str, **labels: str) -> float:
 
 
 def reasons(api: FakeAPI) -> list[str]:
+    events.drain()  # posted in the background
     return [e["reason"] for e in api.events]
 
 
