@@ -263,7 +263,8 @@ def _after(obj: dict[str, Any], spec: FineTuneJobSpec, outcome: finetune_status.
 
 
 reconciler: Reconciler[FineTuneJobSpec] = Reconciler(
-    FineTuneJob, validate=finetune_status.validate, step=_step, after=_after, on_forget=_forget, cached=True)
+    FineTuneJob, validate=finetune_status.validate, step=_step, after=_after, on_forget=_forget, cached=True,
+    cache_can_tell=finetune_status.cache_can_tell)
 
 
 # --- kopf handlers ---------------------------------------------------------------------------------

@@ -351,6 +351,18 @@ def _failed_reason(job: dict[str, Any], pods: list[dict[str, Any]]) -> tuple[str
     return reason, message
 
 
+def cache_can_tell(prev: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether ``new``, a status computed from the watch cache, may be written without fresh
+    reads: only good news. A pod the cache has not seen yet (after an operator start, while its
+    pod watch's first listing is still coming in) can only lower the worker counts, never raise
+    them, so fewer workers than ``prev`` shows, or a Restarting phase, is confirmed on fresh
+    reads first (a worker really lost is then reported a moment later, never a lost one invented)."""
+    old_w, new_w = prev.get("workers") or {}, new.get("workers") or {}
+    return (new.get("phase") != "Restarting"
+            and int(new_w.get("ready") or 0) >= int(old_w.get("ready") or 0)
+            and int(new_w.get("total") or 0) >= int(old_w.get("total") or 0))
+
+
 def compute(
     obj: dict[str, Any],
     *,

@@ -292,10 +292,14 @@ class Reconciler(Generic[S]):
     def __init__(self, kind: type[Kind], *, validate: Callable[[dict[str, Any]], S],
                  step: Callable[..., Outcome],
                  after: Callable[[dict[str, Any], S, Any, bool], None] | None = None,
-                 on_forget: Callable[[str, str], None] | None = None, cached: bool = False) -> None:
+                 on_forget: Callable[[str, str], None] | None = None, cached: bool = False,
+                 cache_can_tell: Callable[[dict[str, Any], dict[str, Any]], bool] | None = None) -> None:
         self.kind = kind.kind
         self.validate, self.step, self.after, self.on_forget = validate, step, after, on_forget
         self.owner_label = owner_label(self.kind)
+        self.cache_can_tell = cache_can_tell
+        """``(prev, new) -> bool``: whether a status change computed from the cache may be written
+        as it is (without it, none may: every change is decided on fresh reads)."""
         self.cache: WatchCache | None = WatchCache(self.owner_label) if cached else None
         """With ``cached``: what the kind's event handlers saw (:mod:`.watched`); a sync that is
         not to apply anything is first computed from it (:meth:`sync`), and ``step`` then gets it
@@ -540,7 +544,9 @@ class Reconciler(Generic[S]):
         current) and either
 
         * the computed status equals it and there is no event to post: nothing to do, no request;
-        * or the status changed: one merge patch guarded by the cached object's
+        * or the status changed in a way the cache can tell (the kind's ``cache_can_tell``: for
+          a FineTuneJob only good news, as an object the cache has not seen yet can only hide
+          workers): one merge patch guarded by the cached object's
           ``resourceVersion`` (a newer object on the server, a spec or annotation change of
           anyone's, answers 409: None), then its events.
 
@@ -574,6 +580,8 @@ class Reconciler(Generic[S]):
         changed = outcome.status != prev
         if outcome.events and not changed:
             return False  # events without a guarded write to tie them to: decide on fresh reads
+        if changed and not (self.cache_can_tell and self.cache_can_tell(prev, outcome.status)):
+            return False  # news the cache may be wrong about (a worker lost?): fresh reads
         if changed:
             try:
                 self.write(obj, prev, outcome)

@@ -286,3 +286,35 @@ def test_the_cache_keeps_the_last_object_by_name_and_owner_and_drops_deleted_one
         cache.get("Pod", NS, "p")
     with pytest.raises(NeedFresh):
         cache.list_("Pod", NS, "app=x")  # only the owner label is answered
+
+
+def test_bad_news_from_the_cache_is_confirmed_on_fresh_reads(api: CountingAPI) -> None:
+    """After an operator start the pod watch's first listing may still be coming in: a cache
+    that holds one of two ready workers must not report the job Restarting from that alone."""
+    job, pods = setup_job(api)
+    seen("Pod", api.put(pod(1, job, True)))
+    controller.reconciler.request(NS, NAME)  # Running (fresh: the cache had no FineTuneJob yet)
+    assert api.objects[("FineTuneJob", NAME)]["status"]["phase"] == "Running"
+    events.drain()
+    controller.reconciler.forget(NS, NAME)  # as a restarted operator: nothing in memory
+    controller.reconciler.cache = WatchCache(LABEL)
+    for kind, obj in [("FineTuneJob", api.objects[("FineTuneJob", NAME)]), ("Job", job), ("Pod", pods[0])]:
+        seen(kind, obj)  # the second worker's pod not seen yet
+    api.requests.clear()
+    controller.reconciler.request(NS, NAME)
+    assert api.requests == ["GET FineTuneJob", "GET Job", "LIST Pod"]  # fresh, and nothing to write
+    assert api.objects[("FineTuneJob", NAME)]["status"]["phase"] == "Running"
+
+
+@pytest.mark.parametrize("prev, new, ok", [
+    ({"phase": "Pending", "workers": {"ready": 0, "total": 1}}, {"phase": "Pending", "workers": {"ready": 0, "total": 2}}, True),
+    ({"phase": "Pending", "workers": {"ready": 1, "total": 2}}, {"phase": "Running", "workers": {"ready": 2, "total": 2}}, True),
+    ({}, {"phase": "Pending", "workers": {"ready": 0, "total": 0}}, True),
+    ({"phase": "Running", "workers": {"ready": 2, "total": 2}}, {"phase": "Restarting", "workers": {"ready": 1, "total": 2}}, False),
+    ({"phase": "Pending", "workers": {"ready": 1, "total": 2}}, {"phase": "Pending", "workers": {"ready": 0, "total": 2}}, False),
+    ({"phase": "Pending", "workers": {"ready": 0, "total": 2}}, {"phase": "Pending", "workers": {"ready": 0, "total": 1}}, False),
+], ids=["a pod more", "workers ready", "first status", "worker lost", "fewer ready", "fewer pods"])
+def test_the_cache_tells_only_good_news(prev: dict[str, Any], new: dict[str, Any], ok: bool) -> None:
+    from kubeforge.controllers.finetune_status import cache_can_tell
+
+    assert cache_can_tell(prev, new) is ok
