@@ -22,7 +22,10 @@ scheduler and (fake) kubelet.
 
 Reported per case: p50/p99/max create -> all workers Ready and total wall time, each as the
 median over rounds with the spread (min-max) of the rounds; the p50 ratio per round and its
-median; the operator's peak memory (VmHWM of its process) and idle memory.
+median; per round, the median job's stages (create -> its Job seen on a Job watch -> its first
+pod seen -> every worker Ready), which split the operator's share from Kubernetes'; the
+operator's peak memory (VmHWM of its process), idle memory and CPU seconds while timed (on a
+machine of few cores, the operator's CPU is taken from the control plane it waits for).
 
 Run::
 
@@ -114,22 +117,42 @@ def create_all(objs: list[tuple[str, dict[str, Any]]], post) -> dict[str, float]
 class ReadyPods:
     """One pod watch on a namespace: the time each Job first had all its workers Ready.
 
-    The same code times both cases, so they stop their clocks on the same event.
+    The same code times both cases, so they stop their clocks on the same event. On the way it
+    notes when each Job was first seen (a Job watch beside the pod watch) and when its first pod
+    was, for the stage breakdown (:func:`stages`).
     """
 
     def __init__(self, cluster: LocalCluster, namespace: str, expected: set[str]) -> None:
         from kubernetes import client, watch
 
         self._core = client.CoreV1Api(api(cluster))
+        self._batch = client.BatchV1Api(api(cluster))
         self._new_watch = watch.Watch
         self._watch = watch.Watch()
+        self._job_watch = watch.Watch()
         self._expected = expected
         self._ready_pods: dict[str, set[str]] = {}
         self.done: dict[str, float] = {}
+        self.job_seen: dict[str, float] = {}
+        self.first_pod: dict[str, float] = {}
         self._all = threading.Event()
         self._stopped = False
         self._thread = threading.Thread(target=self._run, args=(namespace,), daemon=True)
         self._thread.start()
+        threading.Thread(target=self._run_jobs, args=(namespace,), daemon=True).start()
+
+    def _run_jobs(self, namespace: str) -> None:
+        """Note when each expected Job first shows up (the operator's part ends there)."""
+        while not self._all.is_set() and not self._stopped:
+            try:
+                for event in self._job_watch.stream(self._batch.list_namespaced_job, namespace, timeout_seconds=0):
+                    self.job_seen.setdefault(event["object"].metadata.name, time.monotonic())
+                    if len(self.job_seen) >= len(self._expected):
+                        self._job_watch.stop()
+                        return
+            except Exception as exc:  # noqa: BLE001 - logged, watched again
+                log.warning("job watch on %s failed (%s); watching again", namespace, exc)
+            self._job_watch = self._new_watch()
 
     def _run(self, namespace: str) -> None:
         # A watch the API server ends (or that fails) under load is started again: its fresh
@@ -153,6 +176,7 @@ class ReadyPods:
         job = (pod.metadata.labels or {}).get("batch.kubernetes.io/job-name")
         if job not in self._expected or job in self.done:
             return False
+        self.first_pod.setdefault(job, time.monotonic())
         ready = any(c.type == "Ready" and c.status == "True" for c in (pod.status.conditions or []))
         pods = self._ready_pods.setdefault(job, set())
         (pods.add if ready else pods.discard)(pod.metadata.name)
@@ -173,6 +197,15 @@ class ReadyPods:
         return dict(self.done)
 
 
+def stages(started: dict[str, float], watcher: ReadyPods) -> dict[str, float]:
+    """Median seconds of each stage over the jobs: create -> the Job is seen (bare Jobs: the
+    create's own round trip and watch delay), -> its first pod is seen, -> every worker Ready."""
+    def med(a: dict[str, float], b: dict[str, float]) -> float:
+        return statistics.median(b[n] - a[n] for n in started if n in a and n in b)
+    return {"createToJob": med(started, watcher.job_seen), "jobToFirstPod": med(watcher.job_seen, watcher.first_pod),
+            "firstPodToReady": med(watcher.first_pod, watcher.done)}
+
+
 def summarize(started: dict[str, float], ready: dict[str, float]) -> dict[str, float]:
     lat = sorted(ready[n] - started[n] for n in started)
     q = statistics.quantiles(lat, n=100, method="inclusive") if len(lat) > 1 else [lat[0]] * 99
@@ -185,6 +218,12 @@ def peak_rss_mib(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds the process ``pid`` has used so far (``/proc/<pid>/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def fresh_namespace(cluster: LocalCluster, name: str) -> None:
@@ -213,20 +252,45 @@ def api_request_counts(cluster: LocalCluster) -> dict[str, float]:
     out = cluster.kubectl("get", "--raw", "/metrics", check=True)
     counts: dict[str, float] = {}
     for line in out.stdout.splitlines():
-        if not line.startswith("apiserver_request_total{"):
+        if line.startswith("apiserver_request_duration_seconds_sum{"):
+            prefix = "seconds "  # the time the API server spent answering, by the same key
+        elif line.startswith("apiserver_request_total{"):
+            prefix = ""
+        else:
             continue
         labels = dict(kv.split("=", 1) for kv in line[line.index("{") + 1:line.rindex("}")].split(",") if "=" in kv)
         label = {k: v.strip('"') for k, v in labels.items()}
         key = f"{label.get('verb')} {label.get('resource')}" + (f"/{label['subresource']}" if label.get("subresource") else "") \
             + (" (dry run)" if label.get("dry_run") else "")
+        key = prefix + key
         counts[key] = counts.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
     return counts
 
 
+def event_reasons(cluster: LocalCluster, namespace: str) -> dict[str, int]:
+    """The namespace's Events by ``component reason`` (who posted what), most first; an Event
+    counted again by its poster (``count`` > 1) counts once, as one request made it."""
+    out = cluster.kubectl("get", "events", "-n", namespace, "-o", "json", check=True)
+    counts: dict[str, int] = {}
+    for ev in json.loads(out.stdout).get("items", []):
+        who = ev.get("reportingComponent") or (ev.get("source") or {}).get("component") or "?"
+        key = f"{who} {ev.get('reason')}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def count_diff(before: dict[str, float], after: dict[str, float]) -> dict[str, int]:
     """Requests made between two :func:`api_request_counts`, most first (zero rows left out)."""
-    diff = {k: int(after.get(k, 0) - before.get(k, 0)) for k in after}
+    diff = {k: int(after.get(k, 0) - before.get(k, 0)) for k in after if not k.startswith("seconds ")}
     return dict(sorted(((k, v) for k, v in diff.items() if v > 0), key=lambda kv: -kv[1]))
+
+
+def server_seconds(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Seconds the API server spent answering, by request key, between two :func:`api_request_counts`
+    (long-running WATCHes left out)."""
+    out = {k[len("seconds "):]: after[k] - before.get(k, 0.0) for k in after
+           if k.startswith("seconds ") and not k.startswith("seconds WATCH")}
+    return {k: v for k, v in out.items() if v > 0}
 
 
 def job_names(n: int) -> list[str]:
@@ -281,12 +345,15 @@ def run_operator_case(cluster: LocalCluster, n: int, ns: str, workdir: Path) -> 
         co = client.CustomObjectsApi(api(cluster))
         out_warm = warm_up(co, ns)
         rss_idle = peak_rss_mib(op.pid)
+        cpu_before = cpu_seconds(op.pid)
         names = job_names(n)
         watcher = ReadyPods(cluster, ns, set(names))
         started = create_all([(nm, ftj(nm)) for nm in names],
                              lambda o: co.create_namespaced_custom_object("kubeforge.io", "v1alpha1", ns, "finetunejobs", o))
         out = summarize(started, watcher.wait(timeout=900))
+        out["stages"] = stages(started, watcher)
         out["operatorWarmUpSeconds"] = out_warm
+        out["operatorCpuSeconds"] = cpu_seconds(op.pid) - cpu_before
         out["operatorPeakRssMiB"] = peak_rss_mib(op.pid)
         out["operatorIdleRssMiB"] = rss_idle
         return out
@@ -315,7 +382,9 @@ def run_baseline_case(cluster: LocalCluster, n: int, ns: str) -> dict[str, Any]:
         jobs.append((nm, job))
     watcher = ReadyPods(cluster, ns, set(names))
     started = create_all(jobs, lambda j: batch.create_namespaced_job(ns, j))
-    return summarize(started, watcher.wait(timeout=900))
+    out = summarize(started, watcher.wait(timeout=900))
+    out["stages"] = stages(started, watcher)
+    return out
 
 
 def _spread(rounds: list[dict[str, Any]], key: str) -> dict[str, float]:
@@ -365,7 +434,10 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         rounds[case].append(run_baseline_case(cluster, n, ns))
                     if args.api_calls:
-                        rounds[case][-1]["apiCalls"] = count_diff(before, api_request_counts(cluster))
+                        after = api_request_counts(cluster)
+                        rounds[case][-1]["apiCalls"] = count_diff(before, after)
+                        rounds[case][-1]["apiSeconds"] = server_seconds(before, after)
+                        rounds[case][-1]["events"] = event_reasons(cluster, ns)
                     log.info("%s p50 %.2f s", case, rounds[case][-1]["p50"])
                     delete_namespace(cluster, ns)
         finally:
@@ -394,16 +466,28 @@ def main(argv: list[str] | None = None) -> int:
     rt = result["ratioP50"]
     print(f"ratio operator/baseline p50: {rt['median']:.2f}x [{rt['min']:.2f}-{rt['max']:.2f}] "
           f"(rounds: {', '.join(f'{x:.2f}' for x in rt['rounds'])})")
+    print("median stages per round, s (create -> Job seen / -> first pod seen / -> every worker Ready):")
+    for case in rounds:
+        print(f"  {case:10}" + "   ".join(f"{r['stages']['createToJob']:.2f} / {r['stages']['jobToFirstPod']:.2f} / "
+                                          f"{r['stages']['firstPodToReady']:.2f}" for r in rounds[case]))
     print(f"operator peak memory: {result['operatorPeakRssMiB']:.0f} MiB (idle {result['operatorIdleRssMiB']:.0f} MiB)")
+    print("operator CPU while timed (user + system): "
+          + ", ".join(f"{o['operatorCpuSeconds']:.1f}" for o in rounds["operator"]) + " s")
     print("operator start -> warm-up FineTuneJob reconciled (not timed): "
           + ", ".join(f"{o['operatorWarmUpSeconds']:.1f}" for o in rounds["operator"]) + " s")
     if args.api_calls:
         print(f"API requests per job, round 1, all clients (create -> every worker Ready; {n} jobs):")
         op, base = rounds["operator"][0]["apiCalls"], rounds["baseline"][0]["apiCalls"]
-        print(f"{'':36}{'operator':>10}{'baseline':>10}")
+        secs = rounds["operator"][0]["apiSeconds"], rounds["baseline"][0]["apiSeconds"]
+        print(f"{'':36}{'operator':>10}{'baseline':>10}   mean ms in the API server (operator, baseline)")
         for key in sorted(op.keys() | base.keys(), key=lambda k: -(op.get(k, 0) + base.get(k, 0))):
-            print(f"{key:36}{op.get(key, 0) / n:>10.2f}{base.get(key, 0) / n:>10.2f}")
+            mean = [f"{1000 * sec.get(key, 0) / c[key]:.0f}" if c.get(key) else "-" for sec, c in zip(secs, (op, base))]
+            print(f"{key:36}{op.get(key, 0) / n:>10.2f}{base.get(key, 0) / n:>10.2f}   {mean[0]:>6} {mean[1]:>6}")
         print(f"{'total':36}{sum(op.values()) / n:>10.2f}{sum(base.values()) / n:>10.2f}")
+        print("Events per job, round 1, by poster and reason (as listed at the end of the case):")
+        op, base = rounds["operator"][0]["events"], rounds["baseline"][0]["events"]
+        for key in sorted(op.keys() | base.keys(), key=lambda k: -(op.get(k, 0) + base.get(k, 0))):
+            print(f"  {key:34}{op.get(key, 0) / n:>10.2f}{base.get(key, 0) / n:>10.2f}")
     print(json.dumps(result))
     return 0
 

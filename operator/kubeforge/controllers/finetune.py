@@ -13,8 +13,8 @@ steps and registers the kopf handlers (on import, by :mod:`kubeforge.controllers
 * ``job_event``/``pod_event`` on every event of a Job or pod carrying the FineTuneJob label:
   a debounced sync of the owner's status (:mod:`.finetune_status`, a pure function), so that
   a burst of events costs one sync; the event's object is kept in the reconciler's watch cache
-  first (:mod:`.watched`, as is every FineTuneJob's), and a sync that finds nothing to change
-  there makes no request at all;
+  first (:mod:`.watched`, as is every FineTuneJob's): a sync that finds nothing to change
+  there makes no request at all, one that changes the status only its guarded status patch;
 * ``finetunejob-deleted`` on the FineTuneJob's DELETED event: forget its in-memory state
   (the children go by ownerReferences);
 * a background poller (started at operator startup) that reads training progress from the
@@ -263,7 +263,8 @@ def _after(obj: dict[str, Any], spec: FineTuneJobSpec, outcome: finetune_status.
 
 
 reconciler: Reconciler[FineTuneJobSpec] = Reconciler(
-    FineTuneJob, validate=finetune_status.validate, step=_step, after=_after, on_forget=_forget, cached=True)
+    FineTuneJob, validate=finetune_status.validate, step=_step, after=_after, on_forget=_forget, cached=True,
+    cache_can_tell=finetune_status.cache_can_tell)
 
 
 # --- kopf handlers ---------------------------------------------------------------------------------

@@ -351,6 +351,18 @@ def _failed_reason(job: dict[str, Any], pods: list[dict[str, Any]]) -> tuple[str
     return reason, message
 
 
+def cache_can_tell(prev: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether ``new``, a status computed from the watch cache, may be written without fresh
+    reads: only good news. A pod the cache has not seen yet (after an operator start, while its
+    pod watch's first listing is still coming in) can only lower the worker counts, never raise
+    them, so fewer workers than ``prev`` shows, or a Restarting phase, is confirmed on fresh
+    reads first (a worker really lost is then reported a moment later, never a lost one invented)."""
+    old_w, new_w = prev.get("workers") or {}, new.get("workers") or {}
+    return (new.get("phase") != "Restarting"
+            and int(new_w.get("ready") or 0) >= int(old_w.get("ready") or 0)
+            and int(new_w.get("total") or 0) >= int(old_w.get("total") or 0))
+
+
 def compute(
     obj: dict[str, Any],
     *,
@@ -551,6 +563,10 @@ def _finish(out: FineTuneOutcome, status: dict[str, Any], conds: list[dict[str, 
             announce: bool = True) -> FineTuneOutcome:
     status["conditions"] = conds
     status["phase"] = phase
+    if phase == "Pending" and prev_phase is None and not detail:
+        # A new job starts Pending: its Accepted (and Created) events say so already; a Pending
+        # event more would be one API write per job that tells nobody anything.
+        announce = False
     if phase != prev_phase and announce and phase in _PHASE_EVENTS:
         type_, reason, message = _PHASE_EVENTS[phase]
         if phase == "Running":

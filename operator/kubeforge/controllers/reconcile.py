@@ -12,8 +12,8 @@ object at a time:
    ``<kind>_status.compute`` for the new status;
 4. **write** the status with one merge patch guarded by the object's ``resourceVersion`` (a
    concurrent change makes it fail with 409 and the whole sync runs again on a fresh read),
-   then post the outcome's events and record the phase and the duration
-   (``kubeforge_jobs{kind,phase}``, ``kubeforge_reconcile_duration_seconds{kind}``);
+   then post the outcome's events (in the background, :func:`.events.post_later`) and record
+   the phase and the duration (``kubeforge_jobs{kind,phase}``, ``kubeforge_reconcile_duration_seconds{kind}``);
 5. **after** (the kind's, optional): act on what the written status says (create the Job it
    announces, delete an object whose TTL has passed).
 
@@ -35,9 +35,12 @@ half a dozen events within a second); a failed scheduled sync is scheduled again
 whose outcome changed (looked up in the kind's kopf index, :func:`reference_keys`).
 
 A kind built with ``cached=True`` (FineTuneJob) keeps what its event handlers saw in a
-:class:`.watched.WatchCache`: a sync with nothing to apply is first computed from it and ends
-there when it finds nothing to write or post (no request at all); a spec handler's sync takes
-the object from it instead of reading it. Everything that writes is decided on fresh reads.
+:class:`.watched.WatchCache`: a sync with nothing to apply is first computed from it, and when
+the cached object shows the status this operator last left, that sync ends there: with no
+request when nothing changed, with one status patch guarded by the cached object's
+``resourceVersion`` when the status changed (a 409 sends it to fresh reads). A spec handler's
+sync takes the object from it instead of reading it. Children and annotations are written on
+fresh reads only.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ from ..api.size import size_problem
 from ..builders.common import MANAGED_BY, owner_label
 from . import metrics, peering
 from .conditions import Outcome, child_conflict, reject
-from .events import post as post_event
+from .events import post_later as post_events_later
 from .settings import workload_policy
 from .watched import NeedFresh, WatchCache
 
@@ -75,6 +78,12 @@ Key = tuple[str, str]
 DEBOUNCE_ENV = "KUBEFORGE_DEBOUNCE_SECONDS"
 DEFAULT_DEBOUNCE_SECONDS = 0.3
 CONFLICT_RETRIES = 5
+CACHE_CATCH_UP_SECONDS = 0.5
+CACHE_CATCH_UP_TRIES = 3
+"""A cached FineTuneJob behind the server's (this operator's last status write, or kopf's own
+annotation patch, not delivered by the watch yet) defers the sync this long, at most this many
+times in a row, before it is done on fresh reads: under load the watch is a moment behind, and
+three reads to learn what the watch is about to deliver cost the API server more than the wait."""
 CHILD_CONFLICT_RECHECK_SECONDS = 30.0
 """How long a sync that found a foreign object under a child's name waits before looking again."""
 
@@ -186,8 +195,8 @@ def waves(children: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     return out + ([run] if run else [])
 
 
-def _all(fn: Callable[[dict[str, Any]], Any], wave: list[dict[str, Any]]) -> list[Any]:
-    """``fn`` on every child of ``wave`` at once (a wave of one in this thread); the results in
+def _all(fn: Callable[[Any], Any], wave: list[Any]) -> list[Any]:
+    """``fn`` on every item of ``wave`` at once (a wave of one in this thread); the results in
     order. Every call finishes before the first failure, in list order, is raised: a check wave
     raises what a serial check would have raised first."""
     global _child_pool
@@ -211,13 +220,13 @@ def apply_children(owner: dict[str, Any], children: list[dict[str, Any]], *, fre
     yet as far as it knows (its first sync): each check is then one dry-run create instead of a
     read and a dry-run apply (:func:`_check`). Returns the applied objects, in order.
 
-    Checks and applies go out in :func:`waves`, the requests of one wave at once: a
-    FineTuneJob's NetworkPolicy, Service and ConfigMap, then its Job, is four round trips to the
-    API server instead of eight (on the path from a new FineTuneJob to its running workers).
+    The checks all go out at once (dry runs create nothing, so their order does not matter), the
+    applies in :func:`waves`, the requests of one wave at once: a FineTuneJob's four checks,
+    then its NetworkPolicy, Service and ConfigMap, then its Job, is three round trips to the API
+    server instead of eight (on the path from a new FineTuneJob to its running workers).
     """
     groups = waves(children)
-    for group in groups:
-        _all(lambda child: _check(owner, child, fresh), group)
+    _all(lambda child: _check(owner, child, fresh), children)  # a check applies nothing: all at once
     return [applied for group in groups for applied in _all(kube.server_side_apply, group)]
 
 
@@ -283,14 +292,20 @@ class Reconciler(Generic[S]):
     def __init__(self, kind: type[Kind], *, validate: Callable[[dict[str, Any]], S],
                  step: Callable[..., Outcome],
                  after: Callable[[dict[str, Any], S, Any, bool], None] | None = None,
-                 on_forget: Callable[[str, str], None] | None = None, cached: bool = False) -> None:
+                 on_forget: Callable[[str, str], None] | None = None, cached: bool = False,
+                 cache_can_tell: Callable[[dict[str, Any], dict[str, Any]], bool] | None = None) -> None:
         self.kind = kind.kind
         self.validate, self.step, self.after, self.on_forget = validate, step, after, on_forget
         self.owner_label = owner_label(self.kind)
+        self.cache_can_tell = cache_can_tell
+        """``(prev, new) -> bool``: whether a status change computed from the cache may be written
+        as it is (without it, none may: every change is decided on fresh reads)."""
         self.cache: WatchCache | None = WatchCache(self.owner_label) if cached else None
         """With ``cached``: what the kind's event handlers saw (:mod:`.watched`); a sync that is
         not to apply anything is first computed from it (:meth:`sync`), and ``step`` then gets it
         as ``reads=``."""
+        self._behind: dict[Key, int] = {}
+        """Syncs deferred in a row because the cached object was behind the server's."""
         self._shown: dict[Key, dict[str, Any]] = {}
         """The status each object held after this operator's last fresh sync of it (written or found)."""
         self.child_labels = {"app.kubernetes.io/managed-by": MANAGED_BY, self.owner_label: kopf.PRESENT}
@@ -345,6 +360,7 @@ class Reconciler(Generic[S]):
         with self._guard:
             self._locks.pop((namespace, name), None)
             self._shown.pop((namespace, name), None)
+            self._behind.pop((namespace, name), None)
         if self.cache is not None:
             self.cache.forget(self.kind, namespace, name)
         metrics.forget(self.kind, namespace, name)
@@ -430,12 +446,17 @@ class Reconciler(Generic[S]):
     def sync(self, namespace: str, name: str, **hints: Any) -> None:
         """One read -> validate -> step -> write -> after round (callers hold the object's lock).
 
-        With a cache and nothing to apply, the round is first computed from the cache; when it
-        finds nothing to write or post (:meth:`_settled_from_cache`), it ends there.
+        With a cache and nothing to apply, the round is first computed from the cache and ends
+        there when the cache decides it (:meth:`_settled_from_cache`); a cached object behind the
+        server's defers the round a little (:meth:`_defer`) before it is done on fresh reads.
         """
         started = time.monotonic()
-        if self.cache is not None and not hints.get("apply") and self._settled_from_cache(namespace, name, hints):
-            return
+        if self.cache is not None and not hints.get("apply"):
+            settled = self._settled_from_cache(namespace, name, hints)
+            if settled is None and self._defer(namespace, name, hints):
+                return
+            if settled:
+                return
         obj = self._spec_handlers_copy(namespace, name) if hints.get("apply") else None
         if obj is None:
             obj = kube.get(self.kind, namespace, name)
@@ -500,14 +521,42 @@ class Reconciler(Generic[S]):
         except NeedFresh:
             return None
 
-    def _settled_from_cache(self, namespace: str, name: str, hints: dict[str, Any]) -> bool:
-        """The sync computed from the cache alone; True when that found nothing to do.
+    def _defer(self, namespace: str, name: str, hints: dict[str, Any]) -> bool:
+        """Schedule the sync again in :data:`CACHE_CATCH_UP_SECONDS` (True), unless it has been
+        deferred :data:`CACHE_CATCH_UP_TRIES` times in a row already (False: sync fresh now)."""
+        key = (namespace, name)
+        with self._guard:
+            tries = self._behind.get(key, 0)
+            if tries >= CACHE_CATCH_UP_TRIES:
+                self._behind.pop(key, None)
+                return False
+            self._behind[key] = tries + 1
+        _debouncer().schedule(self, namespace, name, hints, CACHE_CATCH_UP_SECONDS)
+        return True
 
-        Nothing to do: the status computed equals the one the cached object shows *and* the one
-        this operator last left on it (so a cache still behind the last write never passes for
-        current), and there is no event to post; ``after`` then runs as after any unchanged sync
-        (a TTL that has passed still deletes the job). Anything the step cannot decide from the
-        cache raises :class:`.watched.NeedFresh`: False, and the caller syncs on fresh reads.
+    def _settled_from_cache(self, namespace: str, name: str, hints: dict[str, Any]) -> bool | None:
+        """The sync computed and written from the cache alone; True when that finished it, None
+        when the cached object is behind the server's (:meth:`_defer`), False for fresh reads.
+
+        The status is computed from the cached object, Job and pods. It finishes the sync when
+        the object the cache shows is the one this operator last left (its status equals the
+        last one written or found, so a cache still behind the last write never passes for
+        current) and either
+
+        * the computed status equals it and there is no event to post: nothing to do, no request;
+        * or the status changed in a way the cache can tell (the kind's ``cache_can_tell``: for
+          a FineTuneJob only good news, as an object the cache has not seen yet can only hide
+          workers): one merge patch guarded by the cached object's
+          ``resourceVersion`` (a newer object on the server, a spec or annotation change of
+          anyone's, answers 409: None), then its events.
+
+        A cached object that does not show the status last written is behind too (None).
+
+        A child behind the cache is at worst one watch event old, and that event schedules the
+        next sync. ``after`` then runs as after any sync (a TTL that has passed still deletes
+        the job). Anything the step cannot decide from the cache (a child missing from it, a
+        child to apply, a failure to count, an invalid spec) raises :class:`.watched.NeedFresh`
+        or is refused here: False, and the caller syncs on fresh reads.
         """
         assert self.cache is not None
         started = time.monotonic()
@@ -520,17 +569,33 @@ class Reconciler(Generic[S]):
         prev = obj.get("status") or {}
         with self._guard:
             shown = self._shown.get((namespace, name), prev)
+        if shown != prev:
+            return None
         try:
             spec = self.validate(obj)
             check_policy(obj)
             outcome = self.step(obj, spec, reads=self.cache, **hints)
         except (NeedFresh, ValidationError, InvalidSpec, ChildConflict):
             return False
-        if outcome.status != prev or shown != prev or outcome.events:
-            return False
+        changed = outcome.status != prev
+        if outcome.events and not changed:
+            return False  # events without a guarded write to tie them to: decide on fresh reads
+        if changed and not (self.cache_can_tell and self.cache_can_tell(prev, outcome.status)):
+            return False  # news the cache may be wrong about (a worker lost?): fresh reads
+        if changed:
+            try:
+                self.write(obj, prev, outcome)
+            except ApiException as exc:
+                if exc.status == 409:
+                    return None  # the cached object is behind the server's
+                raise
+            with self._guard:
+                self._shown[(namespace, name)] = outcome.status
+        with self._guard:
+            self._behind.pop((namespace, name), None)
         metrics.record_phase(self.kind, namespace, name, outcome.status.get("phase"))
         metrics.RECONCILE_DURATION.labels(self.kind).observe(time.monotonic() - started)
-        self._after(obj, spec, outcome, False, hints)
+        self._after(obj, spec, outcome, changed, hints)
         return True
 
     def _conflict(self, obj: dict[str, Any], exc: ChildConflict, hints: dict[str, Any]) -> Outcome:
@@ -541,7 +606,8 @@ class Reconciler(Generic[S]):
         return child_conflict(obj, str(exc))
 
     def write(self, obj: dict[str, Any], prev: dict[str, Any], outcome: Outcome) -> bool:
-        """Write ``outcome.status`` if it differs from ``prev``, then post its events; True if written."""
+        """Write ``outcome.status`` if it differs from ``prev``, then hand its events to the posting
+    pool (:func:`.events.post_later`); True if written."""
         meta = obj["metadata"]
         changed = outcome.status != prev
         if changed:
@@ -551,8 +617,7 @@ class Reconciler(Generic[S]):
             if outcome.status.get("phase") != prev.get("phase"):
                 log.info("%s %s/%s: phase %s -> %s", self.kind, meta["namespace"], meta["name"], prev.get("phase"),
                          outcome.status.get("phase"))
-        for ev in outcome.events:
-            post_event(obj, ev)
+        post_events_later(obj, outcome.events)  # after the write; this sync does not wait for them
         return changed
 
     def run_scheduled(self, namespace: str, name: str, hints: dict[str, Any]) -> None:

@@ -37,7 +37,12 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         prefix=GROUP, key="last-handled-configuration"
     )
     settings.persistence.finalizer = f"{GROUP}/finalizer"
-    settings.posting.level = logging.INFO
+    # kopf posts a Kubernetes Event for each of its log lines about an object at this level or
+    # above. At INFO that is "Handler 'on_spec' succeeded." and "Creation is processed: 1
+    # succeeded; 0 failed." on every new object: two API writes each, saying nothing the
+    # object's own events (Accepted, Created, the phases) and conditions do not. Handler
+    # failures (kopf logs them as warnings and errors) are still posted.
+    settings.posting.level = logging.WARNING
     settings.execution.max_workers = 16
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330

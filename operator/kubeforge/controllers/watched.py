@@ -1,19 +1,22 @@
-"""What kopf's watches last delivered, for the status syncs that find nothing to change.
+"""What kopf's watches last delivered, for the status syncs that apply nothing.
 
 kopf already watches a FineTuneJob's kind and the Jobs and pods carrying its owner label: the
 event handlers of :mod:`.finetune` schedule a sync on each event. They also put the event's
 object here (:meth:`WatchCache.observe`; a DELETED one is dropped) before they schedule, so a
 sync always finds at least the state that triggered it. :class:`.reconcile.Reconciler` then
-computes the status from this cache first: when it equals the status shown and the one this
-operator last wrote, the sync is over without a request to the API server; anything else (a
-status or annotation to write, an event to post, an object missing from the cache, a child to
-create) is done the usual way, on fresh reads (:class:`NeedFresh`). A stale cache can cost a
-fresh sync, never a status computed from it.
+computes the status from this cache first: when the cached FineTuneJob shows the status this
+operator last wrote (or found), the sync ends there, without a request when the status
+computed equals it, with one status patch guarded by the cached object's ``resourceVersion``
+when it does not (a newer object on the server answers 409, and the sync is redone on fresh
+reads). Anything else (an annotation to write, an object missing from the cache, a child to
+create) is done the usual way, on fresh reads (:class:`NeedFresh`). A child is at worst one
+watch event behind in the cache, and that event schedules the next sync.
 
 Most syncs of a job whose workers are coming up change nothing (a pod's Pending -> Running ->
 Ready is several events, the Job controller's status updates more): each of them cost a read of
-the job, its Job and its pods before. Called by :mod:`.reconcile` and :mod:`.finetune`; the
-objects are kopf's own (they are never modified here or by the pure status functions).
+the job, its Job and its pods before, and each one that changed the status (the phase, the
+worker counts) cost those three reads before its write. Called by :mod:`.reconcile` and
+:mod:`.finetune`; the objects are kopf's own (they are never modified here or by the pure status functions).
 """
 
 from __future__ import annotations

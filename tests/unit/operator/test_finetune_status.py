@@ -58,7 +58,7 @@ def test_no_job_yet_is_pending_and_not_created():
     out = run()
     assert out.status["phase"] == "Pending"
     assert cond(out.status, "Accepted")["status"] == "True"
-    assert [e.reason for e in out.events] == ["Accepted", "Pending"]
+    assert [e.reason for e in out.events] == ["Accepted"]  # no Pending event: a new job starts Pending
     assert cond(out.status, "Created")["status"] == "False"
     assert out.status["observedGeneration"] == 1
 
@@ -290,7 +290,7 @@ CREATED = {"type": "Created", "status": "True", "reason": "ChildrenCreated", "me
 TABLE = [
     # id, previous phase (None: new), Job, pods, spec overrides -> phase, Running (status, reason), events
     ("new, no Job yet", None, None, [], {},
-     "Pending", ("False", "Pending"), ["Accepted", "Pending"]),
+     "Pending", ("False", "Pending"), ["Accepted"]),
     ("Job created, workers pending", "Pending", job(), [pod(0, "Pending", ready=False)], {},
      "Pending", ("False", "WaitingForWorkers"), []),
     ("queued by Kueue", "Pending", job(suspend=True), [], {},

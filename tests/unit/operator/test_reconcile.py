@@ -19,7 +19,7 @@ from kubeforge import kube
 from kubeforge.api import QuantizeJob
 from kubeforge.controllers import quantize_status
 from kubeforge.controllers.conditions import Event, Outcome, accept, reject
-from kubeforge.controllers import reconcile
+from kubeforge.controllers import events, reconcile
 from kubeforge.controllers.reconcile import (
     ChildConflict, ChildRefused, Debouncer, Reconciler, apply_children, controlled_by, merge_hints, owned_by,
 )
@@ -133,6 +133,7 @@ def sample(name: str, **labels: str) -> float:
 
 
 def reasons(api: FakeAPI) -> list[str]:
+    events.drain()  # posted in the background
     return [e["reason"] for e in api.events]
 
 
@@ -480,17 +481,17 @@ def test_waves_put_each_workload_after_everything_listed_before_it():
 
 
 def test_a_waves_checks_and_applies_go_out_at_once_and_the_workload_after_them(api, monkeypatch):
-    """Each request of the first wave waits at a barrier for the other two: sent one after the
-    other, they would never meet (BrokenBarrierError). The Job comes only after all three."""
+    """The four checks (dry runs) wait at a barrier for each other, and each apply of the first
+    wave for the other two: sent one after the other, they would never meet
+    (BrokenBarrierError). The Job is applied only after all three."""
     owner = {**qj(), "kind": "QuantizeJob"}
     kids = [child("NetworkPolicy", "q"), child("Service", "q"), child("ConfigMap", "q-config"), child("Job", "q")]
-    together = {"dry": threading.Barrier(3, timeout=5), "apply": threading.Barrier(3, timeout=5)}
+    together = {"dry": threading.Barrier(4, timeout=5), "apply": threading.Barrier(3, timeout=5)}
     order: list[str] = []
     create, ssa = api.create, api.server_side_apply
 
     def dry_create(kind, namespace, obj, name=None, subresource=None, dry_run=False):
-        if kind != "Job":
-            together["dry"].wait()
+        together["dry"].wait()
         return create(kind, namespace, obj, name, subresource, dry_run)
 
     def apply(obj, dry_run=False):
@@ -514,7 +515,8 @@ def test_a_wave_raises_the_first_failure_in_list_order_and_applies_nothing(api):
     with pytest.raises(ChildConflict) as err:  # the ConfigMap is listed before the refused NetworkPolicy
         apply_children(owner, kids, fresh=True)
     assert str(err.value).startswith("ConfigMap q-config already exists")
-    assert api.applied == [] and ("Job", "q") not in api.dry_creates  # the Job's wave never started
+    # Every check went out at once (a dry run creates nothing), and nothing was applied.
+    assert api.applied == [] and ("Job", "q") in api.dry_creates
 
 
 def test_fan_out_with_the_kinds_kopf_index_schedules_the_referrers_without_listing(api, monkeypatch):

@@ -1,6 +1,8 @@
 """FineTuneJob status syncs from the watch cache (controllers/watched.py): a sync that finds
-nothing to change makes no API request; anything else (a change, a cache behind the last
-write, an object missing from the cache, an apply) is done on fresh reads, as before.
+nothing to change makes no API request, one that changes the status makes only its status
+patch, guarded by the cached object's resourceVersion; a cached object behind the server's
+(a 409, or not showing the last write) defers the sync a few times, then reads fresh; anything
+else (an object missing from the cache, an apply) is done on fresh reads, as before.
 
 The FineTuneJob reconciler runs for real; the API is an in-memory stand-in (``kube.get``,
 ``list_``, ``patch_merge``, ``create``) that counts every request, the one thing under test.
@@ -12,11 +14,13 @@ import copy
 from typing import Any
 
 import pytest
+from kubernetes.client.rest import ApiException
 
 from kubeforge import kube
 from kubeforge.api import FineTuneJobSpec
 from kubeforge.builders import finetune as fb
 from kubeforge.controllers import finetune as controller
+from kubeforge.controllers import events, reconcile
 from kubeforge.controllers.watched import NeedFresh, WatchCache
 
 NS, NAME = "ns-wc", "wc"
@@ -51,6 +55,9 @@ class CountingAPI:
                     subresource: str | None = None) -> dict[str, Any]:
         self.requests.append(f"PATCH {kind}" + (f"/{subresource}" if subresource else ""))
         obj = copy.deepcopy(self.objects[(kind, name)])
+        guard = (patch.get("metadata") or {}).get("resourceVersion")
+        if guard and guard != obj["metadata"]["resourceVersion"]:
+            raise ApiException(status=409, reason="Conflict")  # as the API server answers
         if subresource == "status":
             obj["status"] = patch["status"]
         return self.put(obj)
@@ -60,8 +67,26 @@ class CountingAPI:
         return obj
 
 
+class Deferred:
+    """The debouncer, as far as a deferred sync goes: what was scheduled, with which delay."""
+
+    def __init__(self) -> None:
+        self.scheduled: list[float | None] = []
+
+    def schedule(self, reconciler: Any, namespace: str, name: str, hints: dict[str, Any],
+                 delay: float | None = None) -> None:
+        self.scheduled.append(delay)
+
+
 @pytest.fixture
-def api(monkeypatch: pytest.MonkeyPatch) -> CountingAPI:
+def deferred(monkeypatch: pytest.MonkeyPatch) -> Deferred:
+    later = Deferred()
+    monkeypatch.setattr(reconcile, "_debouncer", lambda: later)
+    return later
+
+
+@pytest.fixture
+def api(monkeypatch: pytest.MonkeyPatch, deferred: Deferred) -> CountingAPI:
     fake = CountingAPI()
     for fn in ("get", "list_", "patch_merge", "create"):
         monkeypatch.setattr(kube, fn, getattr(fake, fn))
@@ -103,6 +128,7 @@ def setup_job(api: CountingAPI) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     job = api.put(job)
     pods = [api.put(pod(0, job, True)), api.put(pod(1, job, False))]
     controller.reconciler.request(NS, NAME)  # fresh: the cache is empty
+    events.drain()  # its events (posted in the background) are not the next sync's requests
     return job, pods
 
 
@@ -118,7 +144,8 @@ def test_a_sync_that_changes_nothing_is_decided_from_the_cache_without_a_request
     assert api.requests == []
 
 
-def test_a_change_is_computed_again_on_fresh_reads_and_written(api: CountingAPI) -> None:
+def test_a_change_is_computed_from_the_cache_and_written_with_one_guarded_patch(
+        api: CountingAPI, deferred: Deferred) -> None:
     job, pods = setup_job(api)
     for kind, obj in [("FineTuneJob", api.objects[("FineTuneJob", NAME)]), ("Job", job), ("Pod", pods[0])]:
         seen(kind, obj)
@@ -126,12 +153,18 @@ def test_a_change_is_computed_again_on_fresh_reads_and_written(api: CountingAPI)
     seen("Pod", ready)  # the event that schedules this sync
     api.requests.clear()
     controller.reconciler.request(NS, NAME)
-    assert api.requests[:4] == ["GET FineTuneJob", "GET Job", "LIST Pod", "PATCH FineTuneJob/status"]
+    events.drain()  # posted in the background, after the write
+    assert api.requests == ["PATCH FineTuneJob/status", "POST Event"]  # the Running event
     assert api.objects[("FineTuneJob", NAME)]["status"]["phase"] == "Running"
 
     # The cache has not seen that write yet: its FineTuneJob still shows Pending. A sync now must
-    # not take "Running computed, Pending shown" for news, nor "Pending" for current: fresh reads.
-    api.requests.clear()
+    # not take "Running computed, Pending shown" for news, nor "Pending" for current: it waits
+    # for the watch (deferred, no request), and after a few tries reads fresh.
+    for _ in range(reconcile.CACHE_CATCH_UP_TRIES):
+        api.requests.clear()
+        controller.reconciler.request(NS, NAME)
+        assert api.requests == []
+    assert deferred.scheduled == [reconcile.CACHE_CATCH_UP_SECONDS] * reconcile.CACHE_CATCH_UP_TRIES
     controller.reconciler.request(NS, NAME)
     assert api.requests == ["GET FineTuneJob", "GET Job", "LIST Pod"]  # and nothing to write
     # Once the watch has delivered the write, the same sync costs nothing.
@@ -139,6 +172,26 @@ def test_a_change_is_computed_again_on_fresh_reads_and_written(api: CountingAPI)
     api.requests.clear()
     controller.reconciler.request(NS, NAME)
     assert api.requests == []
+
+
+def test_a_cached_write_that_meets_a_newer_object_waits_for_the_watch(api: CountingAPI, deferred: Deferred) -> None:
+    """The cached FineTuneJob shows the last status written, but the server's has moved on (an
+    annotation, a label: anyone's write the watch has not delivered yet): the guarded patch
+    answers 409, nothing is posted, and the sync is done again once the watch has it."""
+    job, pods = setup_job(api)
+    for kind, obj in [("FineTuneJob", api.objects[("FineTuneJob", NAME)]), ("Job", job), ("Pod", pods[0])]:
+        seen(kind, obj)
+    api.put(api.objects[("FineTuneJob", NAME)])  # a newer resourceVersion, not seen by the cache
+    seen("Pod", api.put(pod(1, job, True)))
+    api.requests.clear()
+    controller.reconciler.request(NS, NAME)
+    assert api.requests == ["PATCH FineTuneJob/status"] and deferred.scheduled == [reconcile.CACHE_CATCH_UP_SECONDS]
+    seen("FineTuneJob", api.objects[("FineTuneJob", NAME)])  # the watch delivers it
+    api.requests.clear()
+    controller.reconciler.request(NS, NAME)  # the deferred sync
+    events.drain()
+    assert api.requests == ["PATCH FineTuneJob/status", "POST Event"]  # one Running event, after the write
+    assert api.objects[("FineTuneJob", NAME)]["status"]["phase"] == "Running"
 
 
 def test_a_cache_behind_the_last_write_never_passes_for_current(api: CountingAPI) -> None:
@@ -153,8 +206,10 @@ def test_a_cache_behind_the_last_write_never_passes_for_current(api: CountingAPI
     controller.reconciler.request(NS, NAME)
     assert api.objects[("FineTuneJob", NAME)]["status"]["phase"] == "Running"
     seen("Pod", api.put(pod(1, job, False)))  # not ready again; the FineTuneJob's event still pending
+    for _ in range(reconcile.CACHE_CATCH_UP_TRIES):  # waits for the watch, which never delivers
+        controller.reconciler.request(NS, NAME)
     api.requests.clear()
-    controller.reconciler.request(NS, NAME)
+    controller.reconciler.request(NS, NAME)  # then reads fresh
     assert "PATCH FineTuneJob/status" in api.requests
     assert api.objects[("FineTuneJob", NAME)]["status"]["phase"] == "Restarting"
 
@@ -175,7 +230,7 @@ def test_what_the_cache_does_not_hold_is_read_fresh(api: CountingAPI) -> None:
 
 
 def test_a_spec_handlers_sync_applies_from_the_cached_object_and_decides_nothing_from_the_cache(
-        api: CountingAPI, monkeypatch: pytest.MonkeyPatch) -> None:
+        api: CountingAPI, monkeypatch: pytest.MonkeyPatch, deferred: Deferred) -> None:
     """kopf fills the cache (watching handlers) before it calls the spec handler for the same
     event, so the spec handler applies from the cached object without reading it; it never
     ends early on the cache: the children are always applied and the status computed."""
@@ -190,7 +245,8 @@ def test_a_spec_handlers_sync_applies_from_the_cached_object_and_decides_nothing
     assert applied == [True] and "GET FineTuneJob" not in api.requests
 
     # A cached object behind the server's: the status write meets a newer resourceVersion (409)
-    # and is redone on a fresh read, without applying the children again.
+    # and is redone once the watch has delivered the newer object, without applying the
+    # children again.
     stale = copy.deepcopy(api.objects[("FineTuneJob", NAME)])
     stale["metadata"]["resourceVersion"] = "1"
     stale["status"] = {}
@@ -210,7 +266,10 @@ def test_a_spec_handlers_sync_applies_from_the_cached_object_and_decides_nothing
     api.requests.clear()
     controller.reconciler.request(NS, NAME, apply=True)
     assert conflicts == [NAME] and applied == [True]  # applied once, before the 409
-    assert "GET FineTuneJob" in api.requests  # the redo read it
+    assert "GET FineTuneJob" not in api.requests and deferred.scheduled  # the redo waits for the watch
+    seen("FineTuneJob", api.objects[("FineTuneJob", NAME)])
+    controller.reconciler.request(NS, NAME)  # the deferred redo
+    assert applied == [True] and "GET FineTuneJob" not in api.requests
 
 
 def test_the_cache_keeps_the_last_object_by_name_and_owner_and_drops_deleted_ones() -> None:
@@ -227,3 +286,35 @@ def test_the_cache_keeps_the_last_object_by_name_and_owner_and_drops_deleted_one
         cache.get("Pod", NS, "p")
     with pytest.raises(NeedFresh):
         cache.list_("Pod", NS, "app=x")  # only the owner label is answered
+
+
+def test_bad_news_from_the_cache_is_confirmed_on_fresh_reads(api: CountingAPI) -> None:
+    """After an operator start the pod watch's first listing may still be coming in: a cache
+    that holds one of two ready workers must not report the job Restarting from that alone."""
+    job, pods = setup_job(api)
+    seen("Pod", api.put(pod(1, job, True)))
+    controller.reconciler.request(NS, NAME)  # Running (fresh: the cache had no FineTuneJob yet)
+    assert api.objects[("FineTuneJob", NAME)]["status"]["phase"] == "Running"
+    events.drain()
+    controller.reconciler.forget(NS, NAME)  # as a restarted operator: nothing in memory
+    controller.reconciler.cache = WatchCache(LABEL)
+    for kind, obj in [("FineTuneJob", api.objects[("FineTuneJob", NAME)]), ("Job", job), ("Pod", pods[0])]:
+        seen(kind, obj)  # the second worker's pod not seen yet
+    api.requests.clear()
+    controller.reconciler.request(NS, NAME)
+    assert api.requests == ["GET FineTuneJob", "GET Job", "LIST Pod"]  # fresh, and nothing to write
+    assert api.objects[("FineTuneJob", NAME)]["status"]["phase"] == "Running"
+
+
+@pytest.mark.parametrize("prev, new, ok", [
+    ({"phase": "Pending", "workers": {"ready": 0, "total": 1}}, {"phase": "Pending", "workers": {"ready": 0, "total": 2}}, True),
+    ({"phase": "Pending", "workers": {"ready": 1, "total": 2}}, {"phase": "Running", "workers": {"ready": 2, "total": 2}}, True),
+    ({}, {"phase": "Pending", "workers": {"ready": 0, "total": 0}}, True),
+    ({"phase": "Running", "workers": {"ready": 2, "total": 2}}, {"phase": "Restarting", "workers": {"ready": 1, "total": 2}}, False),
+    ({"phase": "Pending", "workers": {"ready": 1, "total": 2}}, {"phase": "Pending", "workers": {"ready": 0, "total": 2}}, False),
+    ({"phase": "Pending", "workers": {"ready": 0, "total": 2}}, {"phase": "Pending", "workers": {"ready": 0, "total": 1}}, False),
+], ids=["a pod more", "workers ready", "first status", "worker lost", "fewer ready", "fewer pods"])
+def test_the_cache_tells_only_good_news(prev: dict[str, Any], new: dict[str, Any], ok: bool) -> None:
+    from kubeforge.controllers.finetune_status import cache_can_tell
+
+    assert cache_can_tell(prev, new) is ok
