@@ -320,7 +320,10 @@ def materialize_qlora(top: nn.Module, lm: nn.Module, path: Path, device: torch.d
     shared = _shared_names(top)
     names = {id(p): n for n, p in top.named_parameters(remove_duplicate=False)}
     tied = bool(getattr(lm.config, "tie_word_embeddings", False))
-    keys = {n: (TIED_KEY if tied and file_key(n) == HEAD_KEY else file_key(n)) for n in names.values() if not is_adapter(n)}
+    # Every name, a tied parameter's both (``names`` keeps one name per tensor; the loop below
+    # meets a tied embedding under its first name).
+    all_names = [n for n, _ in top.named_parameters(remove_duplicate=False)]
+    keys = {n: (TIED_KEY if tied and file_key(n) == HEAD_KEY else file_key(n)) for n in all_names if not is_adapter(n)}
     missing = sorted(set(keys.values()) - _stored_keys(path))
     if missing:
         raise models.ModelLoadError(f"{path}: the safetensors files lack {missing[:5]} ({len(missing)} tensors); "

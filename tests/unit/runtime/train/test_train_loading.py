@@ -86,6 +86,35 @@ def test_bf16_tied_base_loads_as_one_process(name: str, launcher: Callable[..., 
     assert rel(got["losses"], ref["losses"]) < 1e-2
 
 
+def test_qlora_reads_a_tied_multi_file_base(launcher: Callable[..., Run], bf16_tied_model: Path) -> None:
+    """QLoRA's tensor-by-tensor load (``loading.materialize_qlora``) on a base with tied
+    embeddings (as SmolLM2 has): the embedding is read once under its own key, the head is
+    the embedding, every decoder linear is NF4 of the stored weight, and it trains."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kubeforge_runtime.train import qlora
+    from kubeforge_runtime.train.loading import file_key, is_adapter
+
+    run = launcher("bf16-tied-qlora", {"model": {"uri": f"file://{bf16_tied_model}"}, "method": "qlora",
+                                       "lora": {"r": 4, "alpha": 8, "targetModules": LORA_ALL},
+                                       "output": {"format": "adapter"}})
+    assert "for QLoRA tensor by tensor" in run.log()
+    got = run.dump()
+    whole = AutoModelForCausalLM.from_pretrained(str(bf16_tied_model), dtype=torch.float32).state_dict()
+    frozen = {file_key(k): v for k, v in got["initial_params"].items() if not is_adapter(k)}
+    assert "model.embed_tokens.weight" in frozen and set(frozen) <= set(whole)
+    quantized = 0
+    for key, value in frozen.items():
+        expected = whole[key]
+        if ".layers." in key and expected.dim() == 2:
+            expected = qlora.to_nf4(expected).get_original_weight()
+            quantized += 1
+        assert torch.equal(value, expected.to(value.dtype)), key
+    assert quantized > 0
+    assert got["losses"][-1] < got["losses"][0]
+
+
 def test_output_written_shard_by_shard_loads_with_from_pretrained(launcher: Callable[..., Run],
                                                                   bf16_tied_model: Path) -> None:
     """PP2 x DP2, LoRA merged output: every rank wrote its part (shard_output.py); plain
