@@ -43,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -163,11 +164,7 @@ def materialize(top: nn.Module, lm: nn.Module, path: Path, device: torch.device,
     _rebuild_rotary(lm, device)
     tied = bool(getattr(lm.config, "tie_word_embeddings", False))
     targets = load_targets(top, tied)
-    stored = _stored_keys(path)
-    missing = sorted(set(targets) - stored)
-    if missing:
-        raise models.ModelLoadError(f"{path}: the safetensors files lack {missing[:5]} ({len(missing)} tensors); "
-                                    "point model.uri at the directory save_pretrained wrote for this model")
+    _require_stored(path, targets)
     dcp.load(targets, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=not dist.is_initialized())
     with torch.no_grad():
         for name, p in top.named_parameters():
@@ -218,6 +215,22 @@ def _stored_keys(path: Path) -> set[str]:
     return keys
 
 
+
+def _require_stored(path: Path, wanted: Iterable[str]) -> None:
+    """Refuse (``ModelLoadError``) a model directory whose files lack any of ``wanted``."""
+    missing = sorted(set(wanted) - _stored_keys(path))
+    if missing:
+        raise models.ModelLoadError(f"{path}: the safetensors files lack {missing[:5]} ({len(missing)} tensors); "
+                                    "point model.uri at the directory save_pretrained wrote for this model")
+
+
+def _open_shards(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """An open ``safe_open`` handle per safetensors file, and each stored key's file."""
+    from safetensors import safe_open
+
+    handles = {str(f): safe_open(str(f), framework="pt") for f in sorted(Path(path).glob("*.safetensors"))}
+    return handles, {k: name for name, h in handles.items() for k in h.keys()}
+
 # --- ZeRO-3: partition unit by unit ------------------------------------------------------
 
 def zero3_units(lm: nn.Module) -> list[nn.Module]:
@@ -262,26 +275,19 @@ def materialize_zero3(top: nn.Module, lm: nn.Module, path: Path, device: torch.d
     """
     import deepspeed
     import torch.distributed as dist
-    from safetensors import safe_open
 
     names = {id(p): n for n, p in top.named_parameters(remove_duplicate=False)}
     tied = bool(getattr(lm.config, "tie_word_embeddings", False))
-    stored = _stored_keys(path)
     wanted = {file_key(n) for n in names.values() if not is_adapter(n)}
     if tied:
         wanted = {TIED_KEY if k == HEAD_KEY else k for k in wanted}
-    missing = sorted(wanted - stored)
-    if missing:
-        raise models.ModelLoadError(f"{path}: the safetensors files lack {missing[:5]} ({len(missing)} tensors); "
-                                    "point model.uri at the directory save_pretrained wrote for this model")
+    _require_stored(path, wanted)
     # DeepSpeed's own communication layer over the run's process group (deepspeed.initialize
     # would do the same later; zero.Init needs it now to know the world size).
     deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, dist_init_required=False,
                                verbose=False)
     reader = dist.get_rank() == 0
-    files = sorted(Path(path).glob("*.safetensors"))
-    handles = {str(f): safe_open(str(f), framework="pt") for f in files} if reader else {}
-    index = {k: str(f) for f in files for k in (handles[str(f)].keys() if reader else ())}
+    handles, index = _open_shards(path) if reader else ({}, {})
     _rebuild_rotary(lm, device)
     dec = lm.model
     for unit in zero3_units(lm):
@@ -313,8 +319,6 @@ def materialize_qlora(top: nn.Module, lm: nn.Module, path: Path, device: torch.d
     ``lm_head``: fp32) is allocated and read, and the adapters initialised as in every
     layout. Numerically the same weights as ``from_pretrained(dtype=float32)`` followed by
     ``quantize_base``."""
-    from safetensors import safe_open
-
     from . import qlora
 
     shared = _shared_names(top)
@@ -324,13 +328,8 @@ def materialize_qlora(top: nn.Module, lm: nn.Module, path: Path, device: torch.d
     # meets a tied embedding under its first name).
     all_names = [n for n, _ in top.named_parameters(remove_duplicate=False)]
     keys = {n: (TIED_KEY if tied and file_key(n) == HEAD_KEY else file_key(n)) for n in all_names if not is_adapter(n)}
-    missing = sorted(set(keys.values()) - _stored_keys(path))
-    if missing:
-        raise models.ModelLoadError(f"{path}: the safetensors files lack {missing[:5]} ({len(missing)} tensors); "
-                                    "point model.uri at the directory save_pretrained wrote for this model")
-    files = sorted(Path(path).glob("*.safetensors"))
-    handles = {str(f): safe_open(str(f), framework="pt") for f in files}
-    index = {k: name for name, h in handles.items() for k in h.keys()}
+    _require_stored(path, keys.values())
+    handles, index = _open_shards(path)
 
     def read(name: str) -> torch.Tensor:
         key = keys[name]
