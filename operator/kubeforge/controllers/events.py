@@ -63,9 +63,14 @@ def post_later(obj: dict[str, Any], events: list[Event]) -> None:
     with _lock:
         if _pool is None:
             _pool = ThreadPoolExecutor(POSTING_THREADS, thread_name_prefix="kubeforge-events")
-        future = _pool.submit(lambda: [post(about, ev) for ev in events] and None)
+        future = _pool.submit(_post_all, about, list(events))
         _pending.add(future)
-    future.add_done_callback(lambda f: _discard(f))
+    future.add_done_callback(_discard)
+
+
+def _post_all(obj: dict[str, Any], events: list[Event]) -> None:
+    for ev in events:
+        post(obj, ev)
 
 
 def _discard(future: Future[None]) -> None:
