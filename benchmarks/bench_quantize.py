@@ -223,6 +223,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         failed: dict[str, str] = {}
         loaded: dict[str, tuple[Any, dict[str, Any]]] = {
             "original": (original, _static_measurements(original, windows, tokenizer, args))}
+        log.info("original: perplexity %s, task %s", loaded["original"][1].get("perplexity", "not measured"),
+                 loaded["original"][1].get("task", "not measured"))
         for method_name, embeddings in _variants(args):
             name = method_name if embeddings == args.embeddings else f"{method_name} {FP_EMBEDDINGS}"
             method = methods.get_method(method_name)
@@ -249,7 +251,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if capped:  # the original on the same capped records, as this row's own baseline
                 row["taskBase"] = _task(original, tokenizer, args, capped)
             loaded[name] = (model, row)
-            log.info("%s: loaded, perplexity %s", name, loaded[name][1].get("perplexity", "not measured"))
+            log.info("%s: loaded, perplexity %s, task %s", name, row.get("perplexity", "not measured"),
+                     row.get("task", "not measured"))
 
         latency_path = ""
         if not args.size_only and args.latency:
