@@ -32,6 +32,9 @@ Run::
     python benchmarks/bench_quantize.py --task examples/volumes/data/text-classification-test.jsonl
     python benchmarks/bench_quantize.py --quick      # fewer windows, tokens and repeats (CI)
     python benchmarks/bench_quantize.py --size-only  # sizes only, seconds
+    python benchmarks/bench_quantize.py --no-latency # sizes and quality, nothing timed
+    python benchmarks/bench_quantize.py --methods int8-weight-only --compare-embeddings --no-latency
+                                                     # the embedding's share of int8's quality loss
     python benchmarks/bench_quantize.py --device cuda   # on a CUDA GPU (not run here: no GPU)
 
 The README's "Measured" section holds the last full run with its command.
@@ -173,6 +176,22 @@ def _decode_latencies(loaded: dict[str, Any], prompts: list[Any], tokenizer: Any
     return "eager generate(), interleaved rounds"
 
 
+FP_EMBEDDINGS = "(emb. fp32)"
+"""Row-name suffix of a ``--compare-embeddings`` row: the same method, embedding and lm_head kept."""
+
+
+def _variants(args: argparse.Namespace) -> list[tuple[str, bool]]:
+    """(method, quantize embeddings) per row: each method as asked, and with
+    ``--compare-embeddings`` each int8/int4 method once more with its embeddings in full
+    precision, so the embedding's share of the size and quality change shows in one run."""
+    rows = []
+    for name in args.methods:
+        rows.append((name, args.embeddings))
+        if args.compare_embeddings and args.embeddings and name.startswith("int"):
+            rows.append((name, False))
+    return rows
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -204,8 +223,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         failed: dict[str, str] = {}
         loaded: dict[str, tuple[Any, dict[str, Any]]] = {
             "original": (original, _static_measurements(original, windows, tokenizer, args))}
-        for name in args.methods:
-            method = methods.get_method(name)
+        log.info("original: perplexity %s, task %s", loaded["original"][1].get("perplexity", "not measured"),
+                 loaded["original"][1].get("task", "not measured"))
+        for method_name, embeddings in _variants(args):
+            name = method_name if embeddings == args.embeddings else f"{method_name} {FP_EMBEDDINGS}"
+            method = methods.get_method(method_name)
             try:
                 method.check_supported(args.device, args.group_size)
             except methods.UnsupportedMethodError as exc:
@@ -215,9 +237,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 log.warning("%s skipped: no calibration data (--calibration, or fewer --eval-paragraphs)", name)
                 continue
             started = time.perf_counter()
-            capped = args.dynamic_task_samples if name == "int8-dynamic" and args.task else None
+            capped = args.dynamic_task_samples if method_name == "int8-dynamic" and args.task else None
             try:
-                model = method.load_quantized(model_dir, args.device, args.group_size, embeddings=args.embeddings,
+                model = method.load_quantized(model_dir, args.device, args.group_size, embeddings=embeddings,
                                               calibration=calibration if method.calibrates else None)
                 quantize_seconds = time.perf_counter() - started
                 row = _static_measurements(model, windows, tokenizer, args, capped)
@@ -229,12 +251,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if capped:  # the original on the same capped records, as this row's own baseline
                 row["taskBase"] = _task(original, tokenizer, args, capped)
             loaded[name] = (model, row)
-            log.info("%s: loaded, perplexity %s", name, loaded[name][1].get("perplexity", "not measured"))
+            log.info("%s: loaded, perplexity %s, task %s", name, row.get("perplexity", "not measured"),
+                     row.get("task", "not measured"))
 
         latency_path = ""
-        if not args.size_only:
+        if not args.size_only and args.latency:
             latency_path = _decode_latencies(loaded, prompts, tokenizer, args, pad)
-        if args.compile and not args.size_only:
+        if args.compile and not args.size_only and args.latency:
             for name, (model, row) in loaded.items():
                 started = time.perf_counter()
                 try:
@@ -252,9 +275,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device, "quantizeEmbeddings": args.embeddings, "sizeOnly": args.size_only,
         "groupSize": args.group_size, "prompts": args.prompts, "promptTokens": args.prompt_tokens,
         "newTokens": args.new_tokens, "warmup": args.warmup, "repeats": args.repeats,
-        "sequenceLength": args.sequence_length, "evalWindows": len(windows), "compile": args.compile,
+        "sequenceLength": args.sequence_length, "evalWindows": len(windows), "compile": args.compile and args.latency,
         "task": str(args.task) if args.task else None, "metric": args.metric, "taskSamples": args.task_samples,
-        "batches": args.batches, "latencyPath": latency_path, "evalParagraphs": len(texts),
+        "batches": args.batches if args.latency else [],
+        "latencyPath": latency_path or "not timed (--no-latency)", "evalParagraphs": len(texts),
         "evalTokens": sum(len(w) for w in windows), "calibration": str(args.calibration) if args.calibration else
         f"reference text paragraphs {args.eval_paragraphs + 1}-{args.eval_paragraphs + len(calibration_texts)}",
         "calibrationTokens": sum(len(w) for w in calibration),
@@ -264,17 +288,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def render(result: dict[str, Any]) -> str:
     rows = result["rows"]
     base = rows["original"]
+    width = max(22, *(len(name) for name in rows))
     if result["settings"]["sizeOnly"]:
-        lines = [f"{'method':<18} {'bytes':>11} {'of fp32':>8} {'smaller':>8} {'linear':>7}"]
+        lines = [f"{'method':<{width}} {'bytes':>11} {'of fp32':>8} {'smaller':>8} {'linear':>7}"]
         for name, row in rows.items():
-            lines.append(f"{name:<18} {row['bytes']:>11,} {row['bytes'] / base['bytes']:>7.3f}x "
+            lines.append(f"{name:<{width}} {row['bytes']:>11,} {row['bytes'] / base['bytes']:>7.3f}x "
                          f"{base['bytes'] / row['bytes']:>7.2f}x {base['linearWeightBytes'] / row['linearWeightBytes']:>6.2f}x")
         lines.append(f"\n{result['model']}; sizes only (--size-only); int4 group size {result['settings']['groupSize']}; "
                      f"embeddings {'int8' if result['settings']['quantizeEmbeddings'] else 'full precision'}.")
         return "\n".join(lines)
     s = result["settings"]
     batches = s["batches"]
-    head = f"{'method':<22} {'of fp32':>8} {'linear':>7}"
+    head = f"{'method':<{width}} {'of fp32':>8} {'linear':>7}"
     for batch in batches:
         head += f" {f'b{batch} ms/tok':>11} {'speedup':>8}"
     if s["compile"]:
@@ -285,7 +310,7 @@ def render(result: dict[str, Any]) -> str:
     lines = [head, "-" * len(head)]
     notes = []
     for name, row in rows.items():
-        line = (f"{name:<22} {row['bytes'] / base['bytes']:>7.3f}x "
+        line = (f"{name:<{width}} {row['bytes'] / base['bytes']:>7.3f}x "
                 f"{base['linearWeightBytes'] / row['linearWeightBytes']:>6.2f}x")
         for batch in batches:
             v, b = row.get(f"b{batch}MsPerToken"), base.get(f"b{batch}MsPerToken")
@@ -308,9 +333,10 @@ def render(result: dict[str, Any]) -> str:
         f"\n{result['model']}, {result['parameters'] / 1e6:.1f} M parameters, {result['threads']} threads; "
         f"device {s['device']}, embeddings {'int8' if s['quantizeEmbeddings'] else 'full precision'}; "
         f"'of fp32' = whole state dict against the original, 'linear' = decoder linear weights smaller; "
-        f"latency ({s['latencyPath']}) = greedy decode of {s['prompts']} prompt(s) of {s['promptTokens']} tokens x "
-        f"{s['newTokens']} new tokens at batch b, median of {s['repeats']} passes after {s['warmup']} warm-up; "
-        f"speedups against 'original'; int4 group size {s['groupSize']}; perplexity on {s['evalParagraphs']} "
+        + (f"latency ({s['latencyPath']}) = greedy decode of {s['prompts']} prompt(s) of {s['promptTokens']} tokens x "
+           f"{s['newTokens']} new tokens at batch b, median of {s['repeats']} passes after {s['warmup']} warm-up; "
+           f"speedups against 'original'; " if batches else "latency not timed (--no-latency); ")
+        + f"int4 group size {s['groupSize']}; perplexity on {s['evalParagraphs']} "
         f"reference paragraphs ({s['evalTokens']} tokens); int4-weight-only-awq calibrated on {s['calibration']} "
         f"({s['calibrationTokens']} tokens)" + (f"; {s['metric']} on {s['taskSamples']} records of {s['task']}." if s["task"] else ".")
     )
@@ -354,6 +380,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep the embedding and lm_head in full precision (the API's quantizeEmbeddings: false)")
     parser.add_argument("--size-only", action="store_true",
                         help="only the sizes (no perplexity, task or latency): seconds instead of minutes")
+    parser.add_argument("--compare-embeddings", action="store_true",
+                        help=f"also each int8/int4 method with the embedding and lm_head in full precision (rows "
+                        f"marked {FP_EMBEDDINGS!r}): what quantizing them costs in quality and saves in bytes")
+    parser.add_argument("--no-latency", dest="latency", action="store_false",
+                        help="sizes and quality only (perplexity, task): nothing timed, so it may run niced "
+                        "outside the benchmark lock")
     args = parser.parse_args(argv)
     if args.device == "cuda":
         import torch

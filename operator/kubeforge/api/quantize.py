@@ -112,8 +112,8 @@ class QuantizeJobSpec(KFModel):
     quantize_embeddings: bool = Field(
         default=True,
         description="int8/int4 methods: also quantize the input embedding and the (tied or untied) output embedding "
-        "(lm_head) to int8, one scale per row; on a small model they are a fifth of the weights. false keeps them "
-        "in full precision.",
+        "(lm_head) to int8, one scale per 32 values of a row; on a small model they are a fifth of the weights. "
+        "false keeps them in full precision.",
     )
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec, description="Calibration data.")
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Quality measurement and gate.")

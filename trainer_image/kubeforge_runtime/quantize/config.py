@@ -143,7 +143,7 @@ class QuantizeConfig(_Frozen):
     in full precision)."""
     quantize_embeddings: bool = True
     """int8/int4 methods: also quantize the input embedding and the (tied or untied) output
-    embedding ``lm_head`` to int8 (one scale per row); false keeps them in the model's dtype."""
+    embedding ``lm_head`` to int8 (one scale per 32 values of a row); false keeps them in the model's dtype."""
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     """Calibration data (read by the methods in ``CALIBRATED_METHODS`` only)."""
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)

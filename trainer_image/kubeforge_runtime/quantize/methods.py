@@ -10,8 +10,8 @@ Called by :mod:`kubeforge_runtime.quantize.runner`. Each method knows three thin
   transformers' own torchao integration, which applies torchao's ``quantize_`` to every
   ``nn.Linear`` except the output embedding; then, for the int8 and int4 methods with
   ``embeddings=True`` (the API's ``quantizeEmbeddings``, on by default), the input
-  embedding and the tied or untied ``lm_head`` are quantized to int8 too (``embeddings.py``):
-  on a small model they are a fifth of the weights;
+  embedding and the tied or untied ``lm_head`` are quantized to int8 too, one scale per 32
+  values of a row (``embeddings.py``): on a small model they are a fifth of the weights;
 * how to save it so that ``kubeforge_runtime.models.load_causal_lm`` loads it back
   (``save``).
 
@@ -133,7 +133,10 @@ def _with_embeddings(model: Any, quantize: bool) -> Any:
 
 
 def _embedding_facts(model: Any) -> dict[str, Any]:
-    return {"embeddings": "int8-weight-only" if embedding_quant.embeddings_quantized(model) else "full precision"}
+    if not embedding_quant.embeddings_quantized(model):
+        return {"embeddings": "full precision"}
+    weight = model.get_input_embeddings().weight
+    return {"embeddings": "int8-weight-only", "embeddingGroupSize": int(weight.block_size[-1])}
 
 
 def _config_name(quant_type: Any) -> str:

@@ -94,3 +94,47 @@ def test_a_tied_lm_head_stays_tied_is_stored_once_and_reloads_in_the_server_load
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
 
+
+
+def test_the_table_has_one_scale_per_group_of_32_values_of_a_row(tiny_model: Path) -> None:
+    model = get_method("int8-weight-only").load_quantized(tiny_model, "cpu", GROUP_SIZE)
+    table = model.get_input_embeddings().weight
+    rows, cols = table.qdata.shape
+    assert list(table.block_size) == [1, embeddings.GROUP_SIZE] and cols % embeddings.GROUP_SIZE == 0
+    assert table.scale.numel() == rows * cols // embeddings.GROUP_SIZE
+
+
+def _quantized_table(weight: torch.Tensor, config: Any) -> torch.nn.Embedding:
+    from torchao.quantization import quantize_
+
+    embeddings.register_ops()
+    table = torch.nn.Embedding(*weight.shape)
+    table.weight.data.copy_(weight)
+    quantize_(table, config, filter_fn=lambda module, _name: isinstance(module, torch.nn.Embedding))
+    return table
+
+
+def test_groups_keep_a_few_large_columns_from_coarsening_every_row() -> None:
+    # The shape of a real tied embedding: most values small, a few hidden dimensions large.
+    weight = torch.randn(256, 576, generator=torch.Generator().manual_seed(0)) * 0.05
+    weight[:, [31, 100, 247]] *= 20
+    small = [c for c in range(576) if c not in (31, 100, 247)]
+    grouped = _quantized_table(weight, embeddings.embedding_config(576))
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    per_row = _quantized_table(weight, Int8WeightOnlyConfig())
+    error = {name: (t.weight.dequantize() - weight)[:, small].norm() / weight[:, small].norm()
+             for name, t in (("grouped", grouped), ("row", per_row))}
+    assert error["grouped"] < error["row"] / 3, error
+
+
+def test_a_width_32_does_not_divide_gets_one_scale_per_row_and_both_look_up_only_their_rows() -> None:
+    from torchao.quantization import PerRow
+
+    assert isinstance(embeddings.embedding_config(100).granularity, PerRow)
+    ids = torch.tensor([[0, 5, 5, 99]])
+    for width in (100, 64):  # one scale per row (also how outputs saved before groups load), groups of 32
+        weight = torch.randn(100, width, generator=torch.Generator().manual_seed(width))
+        table = _quantized_table(weight, embeddings.embedding_config(width))
+        with torch.no_grad():
+            assert torch.allclose(table(ids), table.weight.dequantize()[ids], atol=1e-6)
