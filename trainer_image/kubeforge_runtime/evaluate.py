@@ -30,6 +30,13 @@ because a model that does not stop keeps talking after its answer):
   compiles (the HumanEval shape: the prompt is a signature or comment, the model writes
   the body; a prompt ending in an open fence contributes the code after the fence), else
   the answer alone (chat answers, prose prompts). ``failures`` counts the top reasons.
+
+Generation stops per row as soon as the row holds everything its metric reads
+(:func:`answer_end`): the first non-empty line for the line metrics; for ``passAtOne``, the
+code up to where a program ends in HumanEval's convention (after a body has started, a
+top-level comment, ``if __name__``, ``print(``, ``assert`` or a closing code fence), where
+the answer is cut. A base model that does not stop otherwise decodes to the token cap on every
+prompt, and that cost is paid in every training and quantization job that evaluates.
 """
 
 from __future__ import annotations
@@ -48,7 +55,8 @@ from typing import Any
 from .data import MAX_REPORTED, DataError, load_records
 from .sandbox import SandboxResult, run_python
 
-__all__ = ["METRICS", "EvalExample", "SandboxResult", "build_program", "evaluate", "generate", "load_examples",
+__all__ = ["METRICS", "EvalExample", "SandboxResult", "answer_end", "build_program", "evaluate", "generate",
+           "load_examples",
            "max_new_tokens_for", "run_python", "score", "validate_examples"]
 
 log = logging.getLogger(__name__)
@@ -124,11 +132,28 @@ def _raise_if(errors: list[str], where: str) -> None:
 
 # --- generation -------------------------------------------------------------------------------
 
+def answer_end(metric: str, text: str) -> int | None:
+    """Where the part of ``text`` that :func:`score` reads for ``metric`` ends, once it is
+    complete (None while more tokens could still change the score)."""
+    if metric != "passAtOne":
+        line = re.search(r"\S[^\n]*\n", text)  # the first non-empty line, ended
+        return line.end() if line else None
+    body = re.search(r"\n[ \t]+\S", text)  # a program ends only after a body has started
+    end = _PROGRAM_END.search(text, body.start()) if body else None
+    return end.start() if end else None
+
+
+_PROGRAM_END = re.compile(r"\n(?:#|if __name__|print\(|assert\b|```)")
+"""Top-level lines that end a generated program (HumanEval's stop sequences; ``def`` and
+``class`` are not among them here, because this answer may write its own helpers)."""
+
+
 def generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int = 16, *,
-             add_special_tokens: bool = True) -> list[str]:
+             add_special_tokens: bool = True, metric: str | None = None) -> list[str]:
     """Greedy continuations of ``prompts`` (new tokens only, special tokens skipped, cut at
     EOS), batched with left padding. Pass ``add_special_tokens=False`` for prompts rendered
-    by a chat template (they already hold their BOS)."""
+    by a chat template (they already hold their BOS). With ``metric``, each row stops once
+    :func:`answer_end` finds its answer complete, and is cut there."""
     import torch
     from torch.nn.utils.rnn import pad_sequence
 
@@ -156,16 +181,33 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int
                 input_ids = pad_sequence(rows, batch_first=True, padding_value=pad, padding_side="left")
                 mask = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True, padding_side="left")
                 width = input_ids.shape[1]
+                stop = {} if metric is None else {"stopping_criteria": _answers_complete(tokenizer, width, metric)}
                 generated = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                                            max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                           pad_token_id=pad, eos_token_id=eos)
+                                           pad_token_id=pad, eos_token_id=eos, **stop)
                 for row, i in enumerate(batch):
                     new = generated[row, width:].tolist()
                     cut = next((k for k, t in enumerate(new) if t in eos), len(new))
-                    out[i] = tokenizer.decode(new[:cut], skip_special_tokens=True)
+                    text = tokenizer.decode(new[:cut], skip_special_tokens=True)
+                    end = answer_end(metric, text) if metric == "passAtOne" else None
+                    out[i] = text if end is None else text[:end]
     finally:
         model.train(was_training)
     return out
+
+
+def _answers_complete(tokenizer: Any, width: int, metric: str) -> Any:
+    """A transformers stopping criterion: per row, True once :func:`answer_end` finds the
+    answer complete (transformers then pads that row, and stops when every row is done)."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class AnswersComplete(StoppingCriteria):
+        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+            texts = tokenizer.batch_decode(input_ids[:, width:], skip_special_tokens=True)
+            return torch.tensor([answer_end(metric, t) is not None for t in texts], device=input_ids.device)
+
+    return StoppingCriteriaList([AnswersComplete()])
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -304,7 +346,7 @@ def evaluate(model: Any, tokenizer: Any, path: str | Path, fmt: str, metric: str
     examples = load_examples(path, fmt, tokenizer, max_samples, metric=metric)
     new_tokens = max_new_tokens_for(tokenizer, examples, metric)
     predictions = generate(model, tokenizer, [e.prompt for e in examples], new_tokens, batch_size,
-                           add_special_tokens=fmt != "chat")
+                           add_special_tokens=fmt != "chat", metric=metric)
     result = score(metric, predictions, examples, sandbox_timeout_s=sandbox_timeout_s,
                    sandbox_memory_mb=sandbox_memory_mb)
     result["maxNewTokens"] = new_tokens

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from kubeforge_runtime.data import DataError
-from kubeforge_runtime.evaluate import (METRICS, EvalExample, build_program, evaluate, generate, load_examples,
+from kubeforge_runtime.evaluate import (METRICS, EvalExample, answer_end, build_program, evaluate, generate, load_examples,
                                         max_new_tokens_for, score)
 from kubeforge_runtime.sandbox import run_python
 
@@ -253,6 +253,72 @@ def test_generate_decodes_new_tokens_only_and_stops_at_eos(tokenizer):
     row = min(range(2), key=lambda r: int(seen["attention_mask"][r].sum()))  # the "Hi" row
     assert seen["attention_mask"][row].tolist() == [0] * (width - short) + [1] * short  # left padding
     assert (seen["input_ids"][row, :width - short] == tokenizer.pad_token_id).all()
+
+
+@pytest.mark.parametrize("metric, text, end", [
+    ("accuracy", "positive", None),  # the line may go on
+    ("accuracy", "\n\npositive\nReview: more", len("\n\npositive\n")),  # leading blank lines skipped
+    ("exactMatch", "  \n", None),
+    ("f1", "Paris.\n", len("Paris.\n")),
+    ("passAtOne", "def add(a, b):\n# not yet: no body", None),
+    ("passAtOne", "def add(a, b):\n    # inside\n    return a + b\n", None),
+    ("passAtOne", "def add(a, b):\n    return a + b\n\n# Write a function sub", len("def add(a, b):\n    return a + b\n")),
+    ("passAtOne", "def f():\n    return 1\nprint(f())", len("def f():\n    return 1")),
+    ("passAtOne", "def f():\n    return 1\nassert f() == 1", len("def f():\n    return 1")),
+    ("passAtOne", "def f():\n    return 1\nif __name__ == '__main__':", len("def f():\n    return 1")),
+    ("passAtOne", "```python\ndef f():\n    return 1\n```\nThis returns one.", len("```python\ndef f():\n    return 1")),
+    ("passAtOne", "def f():\n    return g()\ndef g():\n    return 1", None),  # helpers are part of it
+])
+def test_answer_end_marks_where_the_scored_part_is_complete(metric, text, end):
+    assert answer_end(metric, text) == end
+
+
+class ScriptedWriting:
+    """Test device (the random tiny model never writes a newline): a forward hook on
+    ``lm_head`` that makes batch row b write ``texts[b % len(texts)]`` and then "x" forever,
+    through transformers' real ``generate`` loop and our stopping criterion."""
+
+    def __init__(self, model, tokenizer, texts: list[str]) -> None:
+        import torch
+
+        self.scripts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        self.filler = tokenizer("x", add_special_tokens=False)["input_ids"][-1]
+        self.step, self.torch = 0, torch
+        self.handle = model.lm_head.register_forward_hook(self.write)
+
+    def write(self, module, inputs, logits):
+        for b in range(logits.shape[0]):
+            script = self.scripts[b % len(self.scripts)]
+            logits[b, -1, script[self.step] if self.step < len(script) else self.filler] += 1e4
+        self.step += 1
+        return logits
+
+    def __enter__(self) -> "ScriptedWriting":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.remove()
+
+
+def scripted(model, tokenizer, texts: list[str], metric: str | None) -> list[str]:
+    with ScriptedWriting(model, tokenizer, texts):
+        return generate(model, tokenizer, PROMPTS, max_new_tokens=32, batch_size=5, metric=metric)
+
+
+@pytest.mark.parametrize("metric, texts", [
+    ("accuracy", ["positive\nReview:", "\nnegative\n", "neutral", "a b c d e\n"]),
+    ("passAtOne", ["def f():\n    return 1\n# next task\n", "def g(a):\n    return a\n\nprint(g(2))"]),
+])
+def test_generate_stops_each_row_once_its_answer_is_complete(model, tokenizer, metric, texts):
+    whole = scripted(model, tokenizer, texts, None)
+    stopped = scripted(model, tokenizer, texts, metric)
+    ends = [answer_end(metric, w) for w in whole]
+    assert any(e is not None for e in ends), whole
+    for w, s, e in zip(whole, stopped, ends):
+        if e is None:  # nothing complete within the cap: the row ran to it, as before
+            assert s == w
+        else:  # stopped once complete and cut at the end of what is scored
+            assert s == w[:e] and len(s) < len(w)
 
 
 def test_evaluate_end_to_end_on_the_tiny_model(tmp_path, model, tokenizer):
