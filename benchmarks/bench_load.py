@@ -11,10 +11,12 @@ loading (``AutoModelForCausalLM.from_pretrained(dir, dtype=float32)``, ``train/m
 
 Measured: the runtime's own train command (``torchrun ... -m kubeforge_runtime.train``, as
 a pod runs it), LoRA r=16 on q/k/v/o with bf16 autocast (the frozen base stays bf16, the
-adapters fp32), sequence 64, one optimizer step, under FSDP DP=4, TP=2 x DP=2 and
-PP=2 x DP=2 (GPipe); every worker's ``VmHWM`` when the last step is reported (so the load
-and the training steps are in it; the final checkpoint and output are not), the largest
-worker reported, and the same when training starts (after loading: the load phase alone). The fixed overhead is the same layout's peak on a ~0.1 M-parameter model
+adapters fp32), sequence 64 (16 for the pipeline: see ``LAYOUTS``), one optimizer step, under
+FSDP DP=4, TP=2 x DP=2 and PP=2 x DP=2 (GPipe, two micro-batches per data-parallel rank);
+every worker's ``VmHWM`` when the last step is reported (so the load and the training steps
+are in it; the final checkpoint and output are not), the largest worker reported, and the
+same when training starts (after loading: the load phase alone). The fixed overhead is the
+same layout's peak on a ~0.1 M-parameter model
 (Python, torch, transformers, peft, gloo, the data): what a rank holds whatever the model.
 
 One torch thread per rank (the machine has 2 cores); the timing column is slowed by
@@ -46,11 +48,16 @@ BIG = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=20, num_a
 CACHE = Path(os.environ.get("KUBEFORGE_CACHE", Path.home() / ".cache" / "kubeforge")) / "bench-load-1b"
 DATA = REPO / "examples" / "data" / "text.jsonl"
 
-LAYOUTS: dict[str, tuple[int, dict[str, Any]]] = {
-    "fsdp-dp4": (4, {}),
-    "tp2-dp2": (4, {"tensor": 2}),
-    "pp2-dp2": (4, {"pipeline": 2, "pipelineSchedule": "GPipe"}),
+LAYOUTS: dict[str, tuple[int, dict[str, Any], int]] = {
+    "fsdp-dp4": (4, {}, 64),
+    "tp2-dp2": (4, {"tensor": 2}, 64),
+    # Sequence 16 for the pipeline: its one step (two micro-batches per data-parallel rank,
+    # GPipe) took over 37 minutes at 64 on this machine (bf16 matmuls without native bf16);
+    # the fit estimator's activation and logits terms put 64 at about 0.13 GiB more per rank
+    # on the last stage (0.17 against 0.04 GiB).
+    "pp2-dp2": (4, {"pipeline": 2, "pipelineSchedule": "GPipe"}, 16),
 }
+"""name -> (processes, parallelism, sequence length)."""
 
 
 def build_model(out: Path, shape: dict[str, int], shard: str = "500MB") -> Path:
@@ -95,10 +102,21 @@ def one_process_load(model: Path, threads: int) -> tuple[int, float]:
     return hwm, seconds
 
 
-def measure(spec: dict[str, Any], nproc: int, workdir: Path, threads: int) -> tuple[int, int, float]:
+def _rank_of(pid: int) -> int | None:
+    """The torch.distributed rank of a trainer process (its ``RANK`` environment variable)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+        return int(env[b"RANK"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def measure(spec: dict[str, Any], nproc: int, workdir: Path, threads: int) -> tuple[int, int, float, dict[int, int]]:
     """(peak RSS of the largest worker when training starts - the load phase -, the same at
-    the last training step - load and training -, seconds): the runtime's train command
-    under torchrun, killed after its last step (the output phase is not measured)."""
+    the last training step - load and training -, seconds, each rank's peak at the last
+    step): the runtime's train command under torchrun, killed after its last step (the
+    output phase is not measured)."""
     import signal
     import threading
 
@@ -109,6 +127,7 @@ def measure(spec: dict[str, Any], nproc: int, workdir: Path, threads: int) -> tu
     errors: list[str] = []
     threading.Thread(target=lambda: errors.extend(proc.stderr), daemon=True).start()  # type: ignore[arg-type]
     load = train = None
+    per_rank: dict[int, int] = {}
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -120,6 +139,8 @@ def measure(spec: dict[str, Any], nproc: int, workdir: Path, threads: int) -> tu
                 load = peak
             if event.get("event") == "step" and event.get("step") == spec["training"]["maxSteps"]:
                 train = peak
+                per_rank = {r: v for r, v in ((_rank_of(p), _vm_hwm(p)) for p in _workers(proc.pid))
+                            if r is not None and v}
                 break
     finally:
         try:
@@ -129,13 +150,13 @@ def measure(spec: dict[str, Any], nproc: int, workdir: Path, threads: int) -> tu
         proc.wait()
     if load is None or train is None:
         raise RuntimeError("trainer ended before its last step:\n" + "".join(errors[-40:]))
-    return load, train, time.time() - started
+    return load, train, time.time() - started, per_rank
 
 
-def spec_for(model: Path, out: Path, parallelism: dict[str, Any]) -> dict[str, Any]:
+def spec_for(model: Path, out: Path, parallelism: dict[str, Any], sequence: int = 64) -> dict[str, Any]:
     return {
         "kind": "FineTuneJob", "name": "bench-load", "namespace": "default", "model": {"uri": f"file://{model}"},
-        "dataset": {"uri": f"file://{DATA}", "format": "text", "sequenceLength": 64, "packing": True,
+        "dataset": {"uri": f"file://{DATA}", "format": "text", "sequenceLength": sequence, "packing": True,
                     "validationSplit": 0.0},
         "method": "lora", "lora": {"r": 16, "alpha": 32, "targetModules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
         "parallelism": {"strategy": "fsdp", "tensor": 1, "pipeline": 1, **parallelism},
@@ -167,17 +188,21 @@ def main(argv: list[str] | None = None) -> int:
           f"one-process fp32 load: peak {base_peak / 2**30:.2f} GiB in {base_s:.0f} s", flush=True)
     rows = []
     for name in names:
-        nproc, par = LAYOUTS[name]
+        nproc, par, seq = LAYOUTS[name]
         work = root / name
         work.mkdir()
-        load, peak, seconds = measure(spec_for(big, work / "out", par), nproc, work, args.threads)
+        load, peak, seconds, per_rank = measure(spec_for(big, work / "out", par, seq), nproc, work, args.threads)
         (work / "small").mkdir()
-        _, overhead, _ = measure(spec_for(small, work / "small" / "out", par), nproc, work / "small", args.threads)
-        rows.append({"name": name, "loadPeak": load, "peak": peak, "overhead": overhead, "seconds": seconds})
+        _, overhead, _, _ = measure(spec_for(small, work / "small" / "out", par, seq), nproc, work / "small",
+                                    args.threads)
+        rows.append({"name": name, "sequence": seq, "loadPeak": load, "peak": peak, "overhead": overhead,
+                     "seconds": seconds, "peakByRank": per_rank})
         print(f"{name:<9} per rank: load {load / 2**30:.2f} GiB = {load / base_peak:.2f}x, load + 1 step "
               f"{peak / 2**30:.2f} GiB = {peak / base_peak:.2f}x the one-process load; fixed overhead "
               f"{overhead / 2**30:.2f} GiB; above it: load {(load - overhead) / fp32_size:.3f}x, training "
-              f"{(peak - overhead) / fp32_size:.3f}x the fp32 model ({seconds:.0f} s)", flush=True)
+              f"{(peak - overhead) / fp32_size:.3f}x the fp32 model (sequence {seq}; {seconds:.0f} s)", flush=True)
+        print(f"{'':<9} each rank at its last step: " + ", ".join(
+            f"rank {r} {v / 2**30:.2f} GiB" for r, v in sorted(per_rank.items())), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"parameters": arch.total_params, "fp32Bytes": fp32_size,
                                                "oneProcessLoadPeak": base_peak, "layouts": rows}, indent=1))

@@ -26,7 +26,8 @@ What a training rank holds, as this runtime trains (``train/trainer.py``, ``stra
   (:func:`layer_activation_bytes`), times the micro-batches a pipeline stage holds in flight;
   with gradient checkpointing only each layer's input plus one layer recomputed;
 * **logits** - the last stage's vocabulary-sized tensors of one micro-batch (logits, their
-  log-softmax saved by the loss, and both gradients in backward).
+  log-softmax saved by the loss, and both gradients in backward), plus the logits and
+  log-softmax of every other micro-batch in flight (GPipe: all of them).
 
 ``method: qlora`` (``train/qlora.py``) holds the decoder layers' frozen linear weights in NF4,
 :data:`NF4_BYTES_PER_PARAM` bytes each instead of 4 (embeddings, norms, ``lm_head`` and the
@@ -249,6 +250,12 @@ def logits_bytes_per_token(arch: Architecture, precision: str) -> int:
     return (16 if precision == "fp32" else 14) * arch.vocab_size
 
 
+def saved_logits_bytes_per_token(arch: Architecture, precision: str) -> int:
+    """What a micro-batch waiting for its backward keeps of the loss: its logits (the pipeline
+    stage's output) and the fp32 log-softmax the loss saved; the gradients come one at a time."""
+    return (8 if precision == "fp32" else 6) * arch.vocab_size
+
+
 def stage_layers(arch: Architecture, pp: int, stage: int) -> int:
     """Decoder layers of ``stage`` (the trainer's split: earlier stages take the remainder)."""
     base, extra = divmod(arch.num_layers, pp)
@@ -369,6 +376,8 @@ def train_terms(arch: Architecture, plan: TrainPlan, stage: int) -> dict[str, in
     t["activations"] = act
     if stage == plan.pipeline - 1:
         t["logits"] = tokens * (logits_bytes_per_token(arch, plan.precision) + 12 * arch.hidden_size)
+        # GPipe's last stage runs every micro-batch's forward (and loss) before any backward.
+        t["logits"] += tokens * saved_logits_bytes_per_token(arch, plan.precision) * (in_flight(plan, stage) - 1)
     if plan.micro_batches == 1 and plan.pipeline == 1 and not (zero in (2, 3) and sharded):
         # The optimizer step frees the gradients (set_to_none); without accumulation they are
         # created again as backward frees the activations, so only their excess adds up.

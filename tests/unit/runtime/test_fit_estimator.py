@@ -135,6 +135,14 @@ def test_pipeline_schedules_hold_micro_batches_in_flight():
     assert fit.in_flight(plan.replace(pipeline_schedule="GPipe"), 1) == 8
 
 
+def test_gpipe_last_stage_holds_every_micro_batchs_logits():
+    plan = _plan(world=2, pipeline=2, micro_batch=1, global_batch=8)  # 8 micro-batches
+    one_f_one_b = fit.train_terms(SMALL, plan, 1)["logits"]
+    gpipe = fit.train_terms(SMALL, plan.replace(pipeline_schedule="GPipe"), 1)["logits"]
+    tokens = plan.micro_batch * plan.sequence_length
+    assert gpipe - one_f_one_b == 7 * tokens * fit.saved_logits_bytes_per_token(SMALL, plan.precision)
+
+
 def test_lora_trains_only_adapters_and_bf16_adds_weight_copies():
     lora = fit.train_terms(SMALL, _plan(world=1, method="lora", lora_r=4), 0)
     adapters = SMALL.num_layers * SMALL.lora_params_per_layer(4, ("q_proj", "k_proj", "v_proj", "o_proj"))

@@ -253,9 +253,11 @@ def fsdp_units(stage: CausalLMStage) -> list[nn.Module | list[nn.Module]]:
 class FSDPStrategy(_TorchStrategy):
     """FSDP2 ``fully_shard`` per unit (:func:`fsdp_units`) plus the stage root over the mesh's
     "dp" dimension: parameters, gradients and optimizer state sharded (the ZeRO-3
-    equivalent). Every unit is resharded after its forward, pipeline stages included: a
-    stage re-gathers a layer for each micro-batch's backward instead of holding its whole
-    stage gathered (memory first: this is what lets a model larger than one process train)."""
+    equivalent). Every unit is resharded after its forward and after its backward, pipeline
+    stages included (``pipeline.ReshardingStage``: torch's own stage would keep every unit
+    gathered from the first micro-batch's backward to the step's end): a stage re-gathers a
+    layer for each micro-batch's forward and backward instead of holding its whole stage
+    gathered (memory first: this is what lets a model larger than one process train)."""
 
     name = "fsdp"
     shards_on_meta = True

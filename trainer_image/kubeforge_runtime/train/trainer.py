@@ -243,12 +243,12 @@ class Trainer:
             self.loss_fn = self._build_distillation()
         self.schedule = None
         if dims.pp > 1:
-            from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+            from . import pipeline
 
-            pstage = PipelineStage(self.module, self.pp_rank, dims.pp, self.device, group=self.mesh["pp"].get_group())
-            cls = ScheduleGPipe if cfg.parallelism.pipelineSchedule == "GPipe" else Schedule1F1B
-            # scale_grads=False: TokenLoss already normalises by the global token count.
-            self.schedule = cls(pstage, n_microbatches=dims.grad_accum, loss_fn=self.loss_fn, scale_grads=False)
+            # FSDP units resharded after every micro-batch's backward (pipeline.py says why).
+            self.schedule = pipeline.build_schedule(self.module, self.pp_rank, dims.pp, self.device,
+                                                    self.mesh["pp"].get_group(), cfg.parallelism.pipelineSchedule,
+                                                    dims.grad_accum, self.loss_fn)
         self.module.train()
 
     def _materialize(self) -> None:
@@ -333,7 +333,7 @@ class Trainer:
             with self._autocast():
                 # Keyword arguments reach every stage (split into micro-batches like x).
                 self.schedule.step(*((x,) if self.is_first else ()), target=y if self.is_last else None,
-                                   losses=losses if self.is_last else None, position_ids=pos)
+                                   losses=losses if self.is_last else None, position_ids=pos, return_outputs=False)
             # The schedule may call loss_fn outside the micro-batches (shape inference on the
             # first step): report from its per-micro-batch losses instead.
             self.loss_fn.sums = [loss.detach() / self.loss_fn.scale for loss in losses]
@@ -386,7 +386,8 @@ class Trainer:
                 if self.schedule is not None:
                     losses: list[torch.Tensor] = []
                     self.schedule.eval(*((x,) if self.is_first else ()), target=y if self.is_last else None,
-                                       losses=losses if self.is_last else None, position_ids=pos)
+                                       losses=losses if self.is_last else None, position_ids=pos,
+                                       return_outputs=False)
                     self.loss_fn.sums = [loss.detach() for loss in losses]
                 else:
                     for m in range(0, local_bs, mbs):

@@ -6,7 +6,7 @@ logits on a probe batch) against the single-process reference on the whole globa
 Before training, the weights every rank read for itself (sharded loading, ``loading.py``) are
 compared with one process's ``from_pretrained``, exactly. The tolerance is 1e-5 relative (L2 norm per tensor); differences seen are ~1e-7 (data and
 pipeline parallel) and ~4e-6 (tensor parallel, where matmuls are split and summed). The
-layouts: DP=2 (FSDP2, DDP), TP=2, PP=2 (GPipe, 1F1B), the 2-D TP2xDP2 and PP2xDP2, and
+layouts: DP=2 (FSDP2, DDP), TP=2, PP=2 (GPipe, 1F1B), the 2-D TP2xDP2 and PP2xDP2 (1F1B, GPipe), and
 the 3-D PP2xDP2xTP2 (eight processes).
 """
 
@@ -29,6 +29,9 @@ LAYOUTS: dict[str, tuple[int, dict[str, Any], dict[str, int]]] = {
     "pp2-1f1b": (2, {"parallelism": {"pipeline": 2, "pipelineSchedule": "1F1B"}}, {"data": 1, "tensor": 1, "pipeline": 2}),
     "tp2xdp2": (4, {"parallelism": {"tensor": 2}}, {"data": 2, "tensor": 2, "pipeline": 1}),
     "pp2xdp2": (4, {"parallelism": {"pipeline": 2, "pipelineSchedule": "1F1B"}}, {"data": 2, "tensor": 1, "pipeline": 2}),
+    # GPipe under FSDP: every unit resharded after each micro-batch's backward (train/pipeline.py).
+    "pp2xdp2-gpipe": (4, {"parallelism": {"pipeline": 2, "pipelineSchedule": "GPipe"}},
+                      {"data": 2, "tensor": 1, "pipeline": 2}),
     # 3-D: eight processes on two cores (one thread each), about 20 s.
     "pp2xdp2xtp2": (8, {"parallelism": {"tensor": 2, "pipeline": 2, "pipelineSchedule": "1F1B"}},
                     {"data": 2, "tensor": 2, "pipeline": 2}),
