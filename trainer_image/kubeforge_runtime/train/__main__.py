@@ -30,9 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging()
     log = logging.getLogger("kubeforge_runtime.train")
-    from .allocator import limit_malloc_caching
+    from . import allocator
 
-    limit_malloc_caching()  # before any weight is allocated (allocator.py says why)
+    # before any weight is allocated (allocator.py says why); torchrun sets WORLD_SIZE
+    allocator.configure(int(os.environ.get("WORLD_SIZE", "1")))
 
     from .. import data, models, storage
     from .config import ConfigError, load_config

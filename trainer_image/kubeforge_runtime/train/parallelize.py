@@ -119,6 +119,14 @@ class CausalLMStage(nn.Module):
     attention document-causal: packed records do not attend to each other. How the record
     boundaries reach the kernel (varlen lengths, a flex block mask, or a dense mask) depends
     on the attention implementation (``attention.py``).
+
+    ``targets_at`` (last stage only): flat indices into the (batch x sequence) positions that
+    have a target (:func:`target_positions`). The final norm and ``lm_head`` then run on those
+    positions only and the result is ``(len(targets_at), vocab)`` logits, one row per target
+    in row-major order. No target's logit changes (the head works position by position), so
+    neither do the loss and the gradients; positions without a target (prompts, the first
+    token of every packed record, padding) cost no head and no cross-entropy. Without it the
+    stage returns ``(batch, sequence, vocab)`` logits at every position.
     """
 
     def __init__(self, lm: nn.Module, is_first: bool, is_last: bool) -> None:
@@ -127,7 +135,8 @@ class CausalLMStage(nn.Module):
         self.is_first = is_first
         self.is_last = is_last
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None,
+                targets_at: torch.Tensor | None = None) -> torch.Tensor:
         from .attention import stage_mask
 
         dec = decoder(self.lm)
@@ -141,5 +150,16 @@ class CausalLMStage(nn.Module):
             if isinstance(h, tuple):  # older transformers return (hidden,)
                 h = h[0]
         if self.is_last:
+            if targets_at is not None:
+                h = h.flatten(0, 1).index_select(0, targets_at)
             return self.lm.lm_head(dec.norm(h))
         return h
+
+
+def target_positions(labels: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """The flat indices of the positions of ``labels`` (shifted, shape (batch, sequence)) that
+    have a target, on ``device``: :class:`CausalLMStage`'s ``targets_at``. Computed where the
+    labels are (the CPU copy, before the step moves them) so that a GPU never waits for them."""
+    from ..data import IGNORE_INDEX
+
+    return (labels.flatten() != IGNORE_INDEX).nonzero().squeeze(1).to(device, non_blocking=True)

@@ -63,7 +63,7 @@ from . import strategy as strategy_mod
 from . import zero as zero_mod
 from .config import ADAPTER_METHODS, TrainConfig
 from .parallel_dims import ModelShape, ParallelDims
-from .parallelize import CausalLMStage, apply_tensor_parallel, prune_to_stage
+from .parallelize import CausalLMStage, apply_tensor_parallel, prune_to_stage, target_positions
 
 log = logging.getLogger(__name__)
 
@@ -132,15 +132,18 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 
 class TokenLoss:
     """Cross-entropy summed over target tokens, times ``scale`` (dp / target tokens of the
-    global batch). Records the unscaled sums for reporting. Used as the pipeline loss_fn."""
+    global batch). Records the unscaled sums for reporting. Used as the pipeline loss_fn.
+    Takes logits at every position with their labels, ``(batch, sequence, vocab)`` and
+    ``(batch, sequence)``, or at the target positions only (``CausalLMStage``'s
+    ``targets_at``), ``(targets, vocab)`` and ``(targets,)``."""
 
     def __init__(self) -> None:
         self.scale = 1.0
         self.sums: list[torch.Tensor] = []
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=data_mod.IGNORE_INDEX,
-                             reduction="sum")
+        ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                             ignore_index=data_mod.IGNORE_INDEX, reduction="sum")
         self.sums.append(ce.detach())
         return ce * self.scale
 
@@ -322,7 +325,8 @@ class Trainer:
         self.loss_fn.sums = []
         idx = self.sampler.rank_batch(step, self.dp_rank, self.dims.dp)
         x = self.data.train_inputs[idx].to(self.device)
-        y = self.data.train_labels[idx].to(self.device)
+        y_cpu = self.data.train_labels[idx]
+        y = y_cpu.to(self.device)
         pos = self.data.train_positions[idx].to(self.device)
         if isinstance(self.loss_fn, distill_mod.DistillLoss):
             # The loss computes the teacher's logits for the rows the target names (distill.py).
@@ -341,10 +345,13 @@ class Trainer:
             mbs = t.microBatchSize
             n = x.shape[0] // mbs
             for m in range(n):
+                rows = slice(m * mbs, (m + 1) * mbs)
+                at = self._targets_at(y_cpu[rows])
                 with self.strategy.sync_gradients(m == n - 1):
                     with self._autocast():
-                        logits = self.module(x[m * mbs:(m + 1) * mbs], pos[m * mbs:(m + 1) * mbs])
-                    self.strategy.backward(self.loss_fn(logits, y[m * mbs:(m + 1) * mbs]))
+                        logits = self.module(x[rows], pos[rows], at)
+                    self.strategy.backward(self.loss_fn(logits, self._labels_at(y[rows], at)))
+                del logits  # not held through the next micro-batch's forward
         local = float(sum(s.item() for s in self.loss_fn.sums))
         stop = 1.0 if self.stop_requested else 0.0
         total, stops = self._world_sum([local if self.is_last else 0.0, stop])
@@ -352,6 +359,20 @@ class Trainer:
         self.stop_agreed = stops > 0
         # The last stage's tp ranks all computed the same (replicated) loss.
         return total / (self.dims.tp * max(1, n_tokens))
+
+    def _targets_at(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """The positions of a micro-batch (its CPU ``labels``) that need logits
+        (``parallelize.target_positions``), or None for logits everywhere: distillation
+        compares whole rows of student and teacher logits. Pipeline schedules keep every
+        position too (their stages exchange fixed shapes); they do not call this."""
+        if isinstance(self.loss_fn, distill_mod.DistillLoss):
+            return None
+        return target_positions(labels, self.device)
+
+    @staticmethod
+    def _labels_at(labels: torch.Tensor, at: torch.Tensor | None) -> torch.Tensor:
+        """The labels that go with the stage's logits for ``targets_at`` = ``at``."""
+        return labels if at is None else labels.flatten().index_select(0, at)
 
     def _optimizer_step(self, lr: float) -> float:
         """Clip (``training.maxGradNorm``), step and zero the gradients; returns the whole
@@ -380,6 +401,7 @@ class Trainer:
             pos = torch.arange(vx.shape[1], dtype=torch.long).repeat(local_bs, 1)
             if mine:
                 x[: len(mine)], y[: len(mine)], pos[: len(mine)] = vx[mine], vy[mine], vpos[mine]
+            y_cpu = y
             x, y, pos = x.to(self.device), y.to(self.device), pos.to(self.device)
             self.loss_fn.scale, self.loss_fn.sums = 1.0, []
             with self._autocast():
@@ -391,7 +413,8 @@ class Trainer:
                     self.loss_fn.sums = [loss.detach() for loss in losses]
                 else:
                     for m in range(0, local_bs, mbs):
-                        self.loss_fn(self.module(x[m:m + mbs], pos[m:m + mbs]), y[m:m + mbs])
+                        at = self._targets_at(y_cpu[m:m + mbs])
+                        self.loss_fn(self.module(x[m:m + mbs], pos[m:m + mbs], at), self._labels_at(y[m:m + mbs], at))
             if self.is_last:
                 ce_sum += float(sum(s.item() for s in self.loss_fn.sums))
                 count += float((y != data_mod.IGNORE_INDEX).sum())

@@ -39,3 +39,41 @@ def test_freed_layer_weights_do_not_stay_resident() -> None:
     assert limited < 32 * 2**20, f"{limited / 2**20:.0f} MiB of freed weights stayed resident"
     # The cause this module addresses: glibc's default keeps tens of MB per layer.
     assert default > limited + 64 * 2**20, (default, limited)
+
+
+REUSE = r"""
+import resource, sys, torch
+from kubeforge_runtime.train import allocator
+print(allocator.configure(int(sys.argv[1])))
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def step():   # one micro-batch's activations (2-8 MB blocks), written, then freed
+    blocks = [torch.ones(n) for n in (524288, 1048576, 1572864, 2097152)]
+    del blocks
+for _ in range(6):   # the heap settles
+    step()
+before = faults()
+for _ in range(3):
+    step()
+print((faults() - before) // 3)
+"""
+
+
+def _faults_per_step(world_size: int) -> tuple[str, int]:
+    out = subprocess.run([sys.executable, "-c", REUSE, str(world_size)], capture_output=True, text=True, check=True)
+    mode, faults = out.stdout.split()
+    return mode, int(faults)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_one_process_reuses_freed_blocks_without_page_faults() -> None:
+    """configure(1) (one trainer process) keeps freed blocks in the heap: once it has
+    settled, a step with the same allocations faults in almost no fresh pages. configure(2)
+    (several processes) keeps the 1 MiB mapping of the FSDP case above, which faults every
+    block in again each step (the cost it pays there)."""
+    keep, kept_faults = _faults_per_step(1)
+    limit, limit_faults = _faults_per_step(2)
+    assert (keep, limit) == ("keep", "limit")
+    step_pages = (524288 + 1048576 + 1572864 + 2097152) * 4 // 4096   # 5120 pages of 4 KiB
+    assert kept_faults < step_pages // 20, (kept_faults, step_pages)
+    assert limit_faults > step_pages // 2, (limit_faults, step_pages)
