@@ -100,10 +100,9 @@ def _forget(namespace: str, name: str) -> None:
 
 def children(owner: dict[str, Any], spec: FineTuneJobSpec, workers: bool = True,
              teacher: str | None = None) -> list[dict[str, Any]]:
-    """The NetworkPolicy (unless turned off; listed first: applied over existing children, it is
-    in place before the Job, and a new job's are all sent at once, :func:`.reconcile.apply_children`),
-    then the Service, ConfigMap and Job; with ``workers`` False, the ConfigMap and the data gate
-    Job (``teacher``: a resolved distillation.teacher.fineTuneJobRef)."""
+    """The NetworkPolicy (unless turned off; first, so no worker ever runs unprotected), then
+    the Service, ConfigMap and Job; with ``workers`` False, the ConfigMap and the data gate Job
+    (``teacher``: a resolved distillation.teacher.fineTuneJobRef)."""
     meta = owner["metadata"]
     build = builder.build if workers else builder.gate_children
     out = build(meta["name"], meta["namespace"], meta["uid"], spec, teacher)
@@ -116,9 +115,8 @@ def children(owner: dict[str, Any], spec: FineTuneJobSpec, workers: bool = True,
 def apply_children(owner: dict[str, Any], spec: FineTuneJobSpec, workers: bool = True,
                    teacher: str | None = None, *, fresh: bool = False) -> dict[str, Any] | None:
     """Apply :func:`children` (:func:`.reconcile.apply_children`: never over a foreign object;
-    ``fresh``: none of them was created yet as far as the status says, so all of them are
-    created at once, the Job in the same round trip as the rest); the worker Job as applied, or
-    None when only the data gate's children were applied."""
+    ``fresh``: none of them was created yet as far as the status says); the worker Job as
+    applied, or None when only the data gate's children were applied."""
     try:
         applied = apply_owned(owner, children(owner, spec, workers, teacher), fresh=fresh)
         return applied[-1] if workers else None
@@ -306,19 +304,10 @@ REFERENCES = ((("distillation", "teacher"), "fineTuneJobRef"),)
 """Where a FineTuneJob names another: ``spec.distillation.teacher.fineTuneJobRef``."""
 
 
-def finetunejob_references(name: str, namespace: str, spec: Any, **_: Any) -> dict[Any, str]:
-    """What one FineTuneJob adds to kopf's index of them by the teacher they distil from
-    (:func:`.reconcile.reference_keys`)."""
-    return reference_keys(namespace, name, spec, REFERENCES)
-
-
 @kopf.index(*FineTuneJob.resource(), id="finetunejob_references")
-async def index_finetunejob_references(name: str, namespace: str, spec: Any, **_: Any) -> dict[Any, str]:
-    """:func:`finetunejob_references` for kopf. A coroutine: kopf indexes every event of the kind
-    before its other handlers run, and a plain function would wait for one of kopf's handler
-    threads first, behind the spec handlers of a burst of new jobs (a new job's own spec handler
-    included)."""
-    return finetunejob_references(name=name, namespace=namespace, spec=spec)
+def finetunejob_references(name: str, namespace: str, spec: Any, **_: Any) -> dict[Any, str]:
+    """kopf's index of the FineTuneJobs by the teacher they distil from (:func:`.reconcile.reference_keys`)."""
+    return reference_keys(namespace, name, spec, REFERENCES)
 
 
 @kopf.on.event(*FineTuneJob.resource(), id="finetunejob-teachers")

@@ -133,17 +133,10 @@ REFERENCES = ((("model",), "fineTuneJobRef"), (("model",), "quantizeJobRef"))
 """Where an InferenceService names a job: ``spec.model.fineTuneJobRef`` or ``spec.model.quantizeJobRef``."""
 
 
-def inferenceservice_references(name: str, namespace: str, spec: Any, **_: Any) -> dict[Any, str]:
-    """What one InferenceService adds to kopf's index of them by the job it names
-    (:func:`.reconcile.reference_keys`)."""
-    return reference_keys(namespace, name, spec, REFERENCES)
-
-
 @kopf.index(*InferenceService.resource(), id="inferenceservice_references")
-async def index_inferenceservice_references(name: str, namespace: str, spec: Any, **_: Any) -> dict[Any, str]:
-    """:func:`inferenceservice_references` for kopf, as a coroutine: run in kopf's event loop, never queued
-    for one of its handler threads (:func:`.finetune.index_finetunejob_references`)."""
-    return inferenceservice_references(name=name, namespace=namespace, spec=spec)
+def inferenceservice_references(name: str, namespace: str, spec: Any, **_: Any) -> dict[Any, str]:
+    """kopf's index of the InferenceServices by the job they name (:func:`.reconcile.reference_keys`)."""
+    return reference_keys(namespace, name, spec, REFERENCES)
 
 
 @kopf.on.event(*FineTuneJob.resource(), id="inferenceservice-finetune-inputs")

@@ -110,17 +110,10 @@ REFERENCES = ((("model",), "fineTuneJobRef"),)
 """Where a QuantizeJob names another job: ``spec.model.fineTuneJobRef``."""
 
 
-def quantizejob_references(name: str, namespace: str, spec: Any, **_: Any) -> dict[Any, str]:
-    """What one QuantizeJob adds to kopf's index of them by the FineTuneJob it names
-    (:func:`.reconcile.reference_keys`)."""
-    return reference_keys(namespace, name, spec, REFERENCES)
-
-
 @kopf.index(*QuantizeJob.resource(), id="quantizejob_references")
-async def index_quantizejob_references(name: str, namespace: str, spec: Any, **_: Any) -> dict[Any, str]:
-    """:func:`quantizejob_references` for kopf, as a coroutine: run in kopf's event loop, never queued
-    for one of its handler threads (:func:`.finetune.index_finetunejob_references`)."""
-    return quantizejob_references(name=name, namespace=namespace, spec=spec)
+def quantizejob_references(name: str, namespace: str, spec: Any, **_: Any) -> dict[Any, str]:
+    """kopf's index of the QuantizeJobs by the FineTuneJob they name (:func:`.reconcile.reference_keys`)."""
+    return reference_keys(namespace, name, spec, REFERENCES)
 
 
 @kopf.on.event(*FineTuneJob.resource(), id="quantizejob-inputs")

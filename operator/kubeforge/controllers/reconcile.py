@@ -23,12 +23,7 @@ name (rewrite a Service's selector, add an ownerReference through which the garb
 later deletes it). An object of the child's kind and name that this resource does not control
 is left alone and the sync ends in :class:`ChildConflict`: ``Accepted=False/ChildConflict``
 naming the object, one Warning event, and another look after ``CHILD_CONFLICT_RECHECK_SECONDS``
-(not a retry loop: the user has to delete or rename something first). A new object's children
-are created all at once, without a check first (one round trip: the path from a new
-FineTuneJob to its running workers): each apply only creates, and a name found taken is read
-then. When one child fails (taken, refused, or any error), the siblings this sync created are
-deleted again before the failure is reported; any that could not be deleted are owned by the
-object (ownerReferences) and garbage-collected with it.
+(not a retry loop: the user has to delete or rename something first).
 
 Syncs are serialised per object (a lock), so a slow read-compute-write never overwrites the
 outcome of a newer one. There are two ways in: :meth:`~Reconciler.request` syncs now, in the
@@ -126,7 +121,7 @@ class ChildRefused(InvalidSpec):
             detail = json.loads(exc.body or "{}").get("message") or exc.reason
         except (TypeError, ValueError):
             detail = exc.reason
-        super().__init__(f"the API server refuses the {kind} {name} built from this spec, so no child was created or changed: "
+        super().__init__(f"the API server refuses the {kind} {name} built from this spec, so nothing was created: "
                          f"{detail}. Fix the spec (most often spec.template)")
 
 
@@ -145,16 +140,29 @@ def ensure_free(owner: dict[str, Any], kind: str, name: str, existing: dict[str,
 
 
 def _refused_or_raise(child: dict[str, Any], exc: ApiException) -> None:
-    """A 422 (on a dry run or a real apply) is :class:`ChildRefused`; anything else is raised as it is."""
+    """A 422 on a dry run is :class:`ChildRefused`; anything else is raised as it is."""
     if exc.status == 422:
         raise ChildRefused(child["kind"], child["metadata"]["name"], exc) from None
     raise exc
 
 
-def _check(owner: dict[str, Any], child: dict[str, Any]) -> None:
-    """Raise unless ``child`` may be applied over what exists: its name is free or taken by
-    ``owner``'s own child (a read), and the API server would accept the change (a dry-run apply)."""
+def _check(owner: dict[str, Any], child: dict[str, Any], fresh: bool) -> None:
+    """Raise unless ``child`` may be applied: its name is free or taken by ``owner``'s own child,
+    and the API server would accept it (a dry run).
+
+    ``fresh``: the owner is new, so the child most likely does not exist yet: one dry-run
+    create answers both questions (it fails with 409 when the name is taken, and only then is
+    the object read to see whose it is). Otherwise the object is read first and the dry run is
+    an apply (the change an existing child would get).
+    """
     kind, name = child["kind"], child["metadata"]["name"]
+    if fresh:
+        try:
+            kube.create(kind, owner["metadata"]["namespace"], child, dry_run=True)
+            return
+        except ApiException as exc:
+            if exc.status != 409:
+                _refused_or_raise(child, exc)
     ensure_free(owner, kind, name)
     try:
         kube.server_side_apply(child, dry_run=True)
@@ -162,52 +170,19 @@ def _check(owner: dict[str, Any], child: dict[str, Any]) -> None:
         _refused_or_raise(child, exc)
 
 
-ABSENT_RESOURCE_VERSION = "1"
-"""The ``metadata.resourceVersion`` a fresh owner's child is applied with: a precondition that
-only an absent object meets. An apply that creates ignores it (a create-via-apply wipes it), one
-that would change an existing object fails with 409 on it, as no stored object carries it (an
-etcd store starts at revision 1, and its first write is revision 2)."""
-
-
-def _create_or_adopt(owner: dict[str, Any], child: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-    """Server-side apply ``child`` of a fresh owner if its name is free: (the object, True when
-    this call created it).
-
-    One request in the usual case: the apply carries :data:`ABSENT_RESOURCE_VERSION`, so it
-    creates the child or fails with 409 when the name is taken. Only then is the object read:
-    a foreign one is :class:`ChildConflict` (left untouched), the owner's own (a sync that
-    created it and died before the status write) is applied over as usual. 422:
-    :class:`ChildRefused`."""
-    guarded = {**child, "metadata": {**child["metadata"], "resourceVersion": ABSENT_RESOURCE_VERSION}}
-    try:
-        return kube.server_side_apply(guarded), True
-    except ApiException as exc:
-        if exc.status != 409:
-            _refused_or_raise(child, exc)
-    ensure_free(owner, child["kind"], child["metadata"]["name"])
-    try:
-        return kube.server_side_apply(child), False
-    except ApiException as exc:
-        _refused_or_raise(child, exc)
-        raise  # (not reached: _refused_or_raise always raises)
-
-
 WORKLOAD_KINDS = frozenset({"Job", "Deployment"})
-"""Children that run pods: when applied over existing children, each waits for every child
-listed before it (the NetworkPolicy that guards its pods, the ConfigMap they mount, the Service
-they resolve each other through)."""
+"""Children that run pods: each waits for every child listed before it (the NetworkPolicy that
+guards its pods, the ConfigMap they mount, the Service they resolve each other through)."""
 
-CHILD_REQUEST_THREADS = 64
-"""Threads that send the requests of a wave: enough for kopf's 16 handler threads each sending
-a fresh FineTuneJob's four children at once."""
+CHILD_REQUEST_THREADS = 16
 _child_pool: ThreadPoolExecutor | None = None
 _child_pool_lock = threading.Lock()
 
 
 def waves(children: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """``children`` in the order they must reach the API server when they may exist already: a
-    run of children that run no pods is one wave (sent at once), a workload
-    (:data:`WORKLOAD_KINDS`) a wave of its own between the children listed before and after it."""
+    """``children`` in the order they must reach the API server: a run of children that run no
+    pods is one wave (sent at once), a workload (:data:`WORKLOAD_KINDS`) a wave of its own
+    between the children listed before and after it."""
     out: list[list[dict[str, Any]]] = []
     run: list[dict[str, Any]] = []
     for child in children:
@@ -220,86 +195,38 @@ def waves(children: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     return out + ([run] if run else [])
 
 
-def _settled(fn: Callable[[Any], Any], wave: list[Any]) -> list[tuple[Any, BaseException | None]]:
-    """``fn`` on every item of ``wave`` at once (a wave of one in this thread); each call's
-    (result, None) or (None, the exception it raised), in order, once every call has finished."""
+def _all(fn: Callable[[Any], Any], wave: list[Any]) -> list[Any]:
+    """``fn`` on every item of ``wave`` at once (a wave of one in this thread); the results in
+    order. Every call finishes before the first failure, in list order, is raised: a check wave
+    raises what a serial check would have raised first."""
     global _child_pool
     if len(wave) == 1:
-        try:
-            return [(fn(wave[0]), None)]
-        except Exception as exc:  # noqa: BLE001 - handed back to the caller
-            return [(None, exc)]
+        return [fn(wave[0])]
     with _child_pool_lock:
         if _child_pool is None:
             _child_pool = ThreadPoolExecutor(CHILD_REQUEST_THREADS, thread_name_prefix="kubeforge-child")
     futures = [_child_pool.submit(fn, child) for child in wave]
     wait(futures)
-    return [(None, f.exception()) if f.exception() is not None else (f.result(), None) for f in futures]
-
-
-def _all(fn: Callable[[Any], Any], wave: list[Any]) -> list[Any]:
-    """:func:`_settled`, but the first failure, in list order, is raised: a check wave raises
-    what a serial check would have raised first."""
-    outcomes = _settled(fn, wave)
-    for _result, exc in outcomes:
-        if exc is not None:
-            raise exc
-    return [result for result, _exc in outcomes]
-
-
-def _create_fresh(owner: dict[str, Any], children: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The children of a fresh owner, all applied at once (:func:`_create_or_adopt`); when any
-    of them fails, the ones this call created are deleted again and the first failure, in list
-    order, is raised."""
-    outcomes = _settled(lambda child: _create_or_adopt(owner, child), children)
-    failure = next((exc for _result, exc in outcomes if exc is not None), None)
-    if failure is None:
-        return [result[0] for result, _exc in outcomes]
-    created = [(child, result[0]) for child, (result, exc) in zip(children, outcomes) if exc is None and result[1]]
-    if created:
-        _settled(lambda pair: _delete_created(*pair), created)
-    raise failure
-
-
-def _delete_created(child: dict[str, Any], created: dict[str, Any]) -> None:
-    """Delete a child this sync has just created (only that very object, by UID; a Job's pods
-    go with it); a failure is logged: the child is the owner's and goes with it at the latest."""
-    meta = child["metadata"]
-    try:
-        kube.delete(child["kind"], meta["namespace"], meta["name"], uid=(created.get("metadata") or {}).get("uid"))
-    except ApiException as exc:
-        log.warning("could not delete %s %s/%s again after its sibling failed: %s", child["kind"], meta["namespace"],
-                    meta["name"], exc)
+    return [f.result() for f in futures]
 
 
 def apply_children(owner: dict[str, Any], children: list[dict[str, Any]], *, fresh: bool = False) -> list[dict[str, Any]]:
     """Server-side apply ``children`` of ``owner``, each only if it is absent or already ``owner``'s.
 
-    ``fresh``: the owner has no children yet as far as it knows (its first sync). Every child is
-    then applied at once, each as an apply that only creates (:func:`_create_or_adopt`: a name
-    that turns out to be taken is read, and a foreign object left alone): a FineTuneJob's
-    NetworkPolicy, Service, ConfigMap and Job are one round trip to the API server. When one of
-    them fails (a foreign object of its name, :class:`ChildConflict`; the API server refuses it,
-    :class:`ChildRefused`; any other error), the children this call created are deleted again,
-    a Job with its pods, before the failure is raised, so a rejected owner is left with no
-    child. The price: such a Job exists for about one round trip (its pods may be created
-    meanwhile and go with it), and a worker may in principle start before its NetworkPolicy
-    is stored (sent at the same time, it is in place long before a pod of the Job is
-    scheduled; a NetworkPolicy is enforced asynchronously by the network plugin in any case).
-    Pods do not need the ConfigMap or Service to exist when they are created: the kubelet waits
-    for a ConfigMap volume, and the workers' rendezvous for each other's names.
+    Every name is checked, and every child applied as a dry run, before anything is applied, so
+    a conflict (:class:`ChildConflict`) or a child the API server refuses (:class:`ChildRefused`)
+    leaves all children as they were. (A foreign object created between the check and the apply
+    is still taken over: the window is one request long.) ``fresh``: the owner has no children
+    yet as far as it knows (its first sync): each check is then one dry-run create instead of a
+    read and a dry-run apply (:func:`_check`). Returns the applied objects, in order.
 
-    Otherwise (an owner whose children may exist: a spec change, an operator restart, a child
-    deleted by hand) every name is read and every child applied as a dry run, all at once,
-    before anything is applied, so a conflict or a refused change leaves all children as they
-    were (a foreign object created between the check and the apply is still taken over: the
-    window is one request long); then the children are applied in :func:`waves`, the requests
-    of one wave at once. Returns the applied objects, in order.
+    The checks all go out at once (dry runs create nothing, so their order does not matter), the
+    applies in :func:`waves`, the requests of one wave at once: a FineTuneJob's four checks,
+    then its NetworkPolicy, Service and ConfigMap, then its Job, is three round trips to the API
+    server instead of eight (on the path from a new FineTuneJob to its running workers).
     """
-    if fresh:
-        return _create_fresh(owner, children)
     groups = waves(children)
-    _all(lambda child: _check(owner, child), children)  # a check applies nothing: all at once
+    _all(lambda child: _check(owner, child, fresh), children)  # a check applies nothing: all at once
     return [applied for group in groups for applied in _all(kube.server_side_apply, group)]
 
 

@@ -36,12 +36,11 @@ class FakeAPI:
         self.applied: list[dict] = []
         self.refused: set[tuple[str, str]] = set()  # (kind, name) the API server answers 422
         self.dry_creates: list[tuple[str, str]] = []
-        self.deleted: list[tuple[str, str]] = []
         self.reads: list[tuple[str, str]] = []
         self.status_writes = 0
         self.conflicts = 0
         """Writes still to fail with 409 (another writer got there first)."""
-        self._rv = 100  # (an etcd revision: never the 1 of ABSENT_RESOURCE_VERSION on a stored object)
+        self._rv = 0
 
     def put(self, kind: str, obj: dict) -> None:
         self._rv += 1
@@ -84,34 +83,19 @@ class FakeAPI:
         return obj
 
     def server_side_apply(self, obj, dry_run=False):
-        meta = obj["metadata"]
-        if (obj["kind"], meta["name"]) in self.refused:
+        if (obj["kind"], obj["metadata"]["name"]) in self.refused:
             raise ApiException(status=422, reason="Unprocessable Entity")
-        existing = self.objects.get((obj["kind"], meta["namespace"], meta["name"]))
-        if existing is not None and meta.get("resourceVersion") not in (None, existing["metadata"]["resourceVersion"]):
-            raise ApiException(status=409, reason="Conflict")  # the precondition: only a create may ignore it
         if dry_run:
             return obj
         self.applied.append(obj)
-        obj = copy.deepcopy(obj)
-        obj["metadata"].pop("resourceVersion", None)
-        obj["metadata"].setdefault("uid", (existing or {}).get("metadata", {}).get("uid") or f"uid-{meta['name']}-{self._rv}")
         self.put(obj["kind"], obj)
-        return self.get(obj["kind"], meta["namespace"], meta["name"])
-
-    def delete(self, kind, namespace, name, propagation="Background", uid=None):
-        obj = self.objects.get((kind, namespace, name))
-        if obj is None or (uid is not None and obj["metadata"].get("uid") != uid):
-            return False
-        self.deleted.append((kind, name))
-        del self.objects[(kind, namespace, name)]
-        return True
+        return self.get(obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
 
 
 @pytest.fixture
 def api(monkeypatch) -> FakeAPI:
     fake = FakeAPI()
-    for fn in ("get", "list_", "patch_merge", "create", "server_side_apply", "delete"):
+    for fn in ("get", "list_", "patch_merge", "create", "server_side_apply"):
         monkeypatch.setattr(kube, fn, getattr(fake, fn))
     return fake
 
@@ -370,53 +354,27 @@ def test_apply_children_touches_nothing_when_one_name_is_taken(api):
     assert [a["metadata"]["name"] for a in applied] == ["q-config", "other"]
 
 
-def test_a_fresh_owner_creates_each_child_with_one_request_and_reads_nothing(api):
+def test_a_fresh_owner_checks_each_child_with_one_dry_run_create_and_reads_nothing(api):
     owner = {**qj(), "kind": "QuantizeJob"}
     kids = [child("ConfigMap", "q-config", data={"a": "1"}), child("Job", "q")]
     applied = apply_children(owner, kids, fresh=True)
     assert [a["metadata"]["name"] for a in applied] == ["q-config", "q"]
-    assert api.dry_creates == [] and [a["metadata"]["name"] for a in api.applied] == ["q-config", "q"]
-    # Each apply carried the precondition that only an absent object meets.
-    assert {a["metadata"]["resourceVersion"] for a in api.applied} == {reconcile.ABSENT_RESOURCE_VERSION}
-    assert sorted(api.reads) == [("ConfigMap", "q-config"), ("Job", "q")]  # only the fake apply reading back its answers
+    assert api.dry_creates == [("ConfigMap", "q-config"), ("Job", "q")]
+    assert api.reads == [("ConfigMap", "q-config"), ("Job", "q")]  # only the fake apply reading back its answers
 
 
-def test_a_fresh_owner_still_never_takes_over_a_foreign_object_and_leaves_no_child(api):
+def test_a_fresh_owner_still_never_takes_over_a_foreign_object_nor_creates_anything(api):
     owner = {**qj(), "kind": "QuantizeJob"}
     api.put("Service", child("Service", "q", owner_uid=None, spec={"selector": {"app": "theirs"}}))
     with pytest.raises(ChildConflict) as err:
         apply_children(owner, [child("ConfigMap", "q-config"), child("Service", "q", spec={"selector": {"app": "ours"}})],
                        fresh=True)
     assert str(err.value).startswith("Service q already exists and is not controlled by this QuantizeJob")
-    assert api.get("Service", "ns-rec", "q")["spec"] == {"selector": {"app": "theirs"}}
-    assert [a["kind"] for a in api.applied] == ["ConfigMap"]  # created with it, then deleted again
-    assert api.deleted == [("ConfigMap", "q-config")] and api.get("ConfigMap", "ns-rec", "q-config") is None
+    assert api.applied == [] and api.get("Service", "ns-rec", "q")["spec"] == {"selector": {"app": "theirs"}}
     api.refused.add(("Job", "q"))
     with pytest.raises(ChildRefused):
         apply_children(owner, [child("ConfigMap", "q-config"), child("Job", "q")], fresh=True)
-    assert api.get("ConfigMap", "ns-rec", "q-config") is None and api.get("Job", "ns-rec", "q") is None
-
-
-def test_a_fresh_owners_failed_child_of_any_kind_takes_the_created_siblings_with_it(api, monkeypatch):
-    """A transient error too (here a 500 on the NetworkPolicy): no Job is left running without
-    its NetworkPolicy until the retry; the retry creates all of them again."""
-    owner = {**qj(), "kind": "QuantizeJob"}
-    ssa = api.server_side_apply
-
-    def flaky(obj, dry_run=False):
-        if obj["kind"] == "NetworkPolicy":
-            raise ApiException(status=500, reason="Internal Server Error")
-        return ssa(obj, dry_run)
-
-    monkeypatch.setattr(kube, "server_side_apply", flaky)
-    kids = [child("NetworkPolicy", "q"), child("ConfigMap", "q-config"), child("Job", "q")]
-    with pytest.raises(ApiException) as err:
-        apply_children(owner, kids, fresh=True)
-    assert err.value.status == 500
-    assert sorted(api.deleted) == [("ConfigMap", "q-config"), ("Job", "q")]
-    assert api.get("Job", "ns-rec", "q") is None
-    monkeypatch.setattr(kube, "server_side_apply", ssa)
-    assert [a["kind"] for a in apply_children(owner, kids, fresh=True)] == ["NetworkPolicy", "ConfigMap", "Job"]
+    assert api.applied == []
 
 
 def test_a_fresh_owner_whose_child_exists_already_reads_it_and_applies_its_own(api):
@@ -425,7 +383,6 @@ def test_a_fresh_owner_whose_child_exists_already_reads_it_and_applies_its_own(a
     api.put("ConfigMap", child("ConfigMap", "q-config", data={"a": "0"}))
     applied = apply_children(owner, [child("ConfigMap", "q-config", data={"a": "1"})], fresh=True)
     assert applied[0]["data"] == {"a": "1"} and ("ConfigMap", "q-config") in api.reads
-    assert api.deleted == []  # adopted, not created by this call: nothing to take back
 
 
 def test_a_child_the_api_server_refuses_leaves_every_child_alone_and_is_an_invalid_spec(api):
@@ -523,49 +480,34 @@ def test_waves_put_each_workload_after_everything_listed_before_it():
     assert reconcile.waves([]) == []
 
 
-def test_a_fresh_owners_children_go_out_at_once_the_job_with_them(api, monkeypatch):
-    """The four applies of a new owner wait at a barrier for each other: sent one after the
-    other, they would never meet (BrokenBarrierError)."""
-    owner = {**qj(), "kind": "QuantizeJob"}
-    kids = [child("NetworkPolicy", "q"), child("Service", "q"), child("ConfigMap", "q-config"), child("Job", "q")]
-    together = threading.Barrier(4, timeout=5)
-    ssa = api.server_side_apply
-
-    def apply(obj, dry_run=False):
-        together.wait()
-        return ssa(obj, dry_run)
-
-    monkeypatch.setattr(kube, "server_side_apply", apply)
-    applied = apply_children(owner, kids, fresh=True)
-    assert [a["kind"] for a in applied] == ["NetworkPolicy", "Service", "ConfigMap", "Job"]  # in list order
-    assert api.dry_creates == [] and len(api.applied) == 4
-
-
-def test_over_existing_children_the_checks_go_out_at_once_and_the_workload_after_the_rest(api, monkeypatch):
-    """The four checks (dry-run applies) wait at a barrier for each other, and each apply of the
-    first wave for the other two. The Job is applied only after all three."""
+def test_a_waves_checks_and_applies_go_out_at_once_and_the_workload_after_them(api, monkeypatch):
+    """The four checks (dry runs) wait at a barrier for each other, and each apply of the first
+    wave for the other two: sent one after the other, they would never meet
+    (BrokenBarrierError). The Job is applied only after all three."""
     owner = {**qj(), "kind": "QuantizeJob"}
     kids = [child("NetworkPolicy", "q"), child("Service", "q"), child("ConfigMap", "q-config"), child("Job", "q")]
     together = {"dry": threading.Barrier(4, timeout=5), "apply": threading.Barrier(3, timeout=5)}
     order: list[str] = []
-    ssa = api.server_side_apply
+    create, ssa = api.create, api.server_side_apply
+
+    def dry_create(kind, namespace, obj, name=None, subresource=None, dry_run=False):
+        together["dry"].wait()
+        return create(kind, namespace, obj, name, subresource, dry_run)
 
     def apply(obj, dry_run=False):
-        if dry_run:
-            together["dry"].wait()
-        elif obj["kind"] != "Job":
+        if obj["kind"] != "Job":
             together["apply"].wait()
-        if not dry_run:
-            order.append(obj["kind"])
+        order.append(obj["kind"])
         return ssa(obj, dry_run)
 
+    monkeypatch.setattr(kube, "create", dry_create)
     monkeypatch.setattr(kube, "server_side_apply", apply)
-    applied = apply_children(owner, kids)
+    applied = apply_children(owner, kids, fresh=True)
     assert [a["kind"] for a in applied] == ["NetworkPolicy", "Service", "ConfigMap", "Job"]  # in list order
     assert order[-1] == "Job" and sorted(order[:3]) == ["ConfigMap", "NetworkPolicy", "Service"]
 
 
-def test_a_wave_raises_the_first_failure_in_list_order_and_leaves_nothing(api):
+def test_a_wave_raises_the_first_failure_in_list_order_and_applies_nothing(api):
     owner = {**qj(), "kind": "QuantizeJob"}
     api.put("ConfigMap", child("ConfigMap", "q-config", owner_uid=None))
     api.refused.add(("NetworkPolicy", "q"))
@@ -573,12 +515,8 @@ def test_a_wave_raises_the_first_failure_in_list_order_and_leaves_nothing(api):
     with pytest.raises(ChildConflict) as err:  # the ConfigMap is listed before the refused NetworkPolicy
         apply_children(owner, kids, fresh=True)
     assert str(err.value).startswith("ConfigMap q-config already exists")
-    # Every child went out at once; the two created were deleted again, the foreign one untouched.
-    assert sorted(api.deleted) == [("Job", "q"), ("Service", "q")]
-    assert [k for (k, _ns, _n) in api.objects] == ["ConfigMap"]
-    with pytest.raises(ChildConflict):  # over existing children: checked first, nothing applied
-        apply_children(owner, kids)
-    assert [k for (k, _ns, _n) in api.objects] == ["ConfigMap"] and len(api.applied) == 2
+    # Every check went out at once (a dry run creates nothing), and nothing was applied.
+    assert api.applied == [] and ("Job", "q") in api.dry_creates
 
 
 def test_fan_out_with_the_kinds_kopf_index_schedules_the_referrers_without_listing(api, monkeypatch):
