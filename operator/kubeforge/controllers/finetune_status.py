@@ -390,6 +390,12 @@ def compute(
         # A finished job accepts nothing new (it is never resurrected): no event.
         out.events += accepted
     status["observedGeneration"] = generation
+    if prev_phase in TERMINAL_PHASES:
+        # Never resurrected: a terminal status stays as it is (bar the generation seen), its
+        # progress too: the poller's last scrape is older than the final step it shows.
+        status["conditions"] = conds
+        return out
+
     if progress:
         # Non-finite values (never from progress_from_metrics, but a status the API server
         # refuses would stop the job from ever finishing) are left out.
@@ -398,11 +404,6 @@ def compute(
         status["progress"].pop("lastCheckpointStep", None)
         if ckpt:
             status["lastCheckpoint"] = f"{builder.checkpoint_uri(spec).rstrip('/')}/step-{int(ckpt):08d}"
-
-    if prev_phase in TERMINAL_PHASES:
-        # Never resurrected: a terminal status stays as it is (bar the generation seen).
-        status["conditions"] = conds
-        return out
 
     current = current_pods(pods)
     ready = sum(1 for p in current.values() if is_ready(p))

@@ -227,6 +227,9 @@ def test_success_sets_output_completion_time_and_full_progress():
     assert cond(st, "Succeeded")["reason"] == "Completed"
     assert "Succeeded" in [e.reason for e in out.events]
     assert run(prev=running, j=job(("SuccessCriteriaMet", "SuccessPolicy")), pods=[]).status["phase"] == "Succeeded"
+    # A later sync with the poller's last scrape (taken before the end) keeps the final step.
+    again = run(prev=st, j=job(("Complete", "CompletionsReached")), pods=[], progress={"step": 90, "totalSteps": 100})
+    assert again.status == st
 
 
 def test_success_copies_the_trainers_result_from_the_termination_message():
