@@ -75,8 +75,11 @@ def test_killing_the_active_replica_hands_over_within_the_peering_lifetime(clust
     assert took <= PEERING_LIFETIME + 8  # + reconcile and scheduling slack on a loaded 2-core machine
     assert "Resuming operations after the pause" in b.log()
 
+    # kopf logs "Handler ... succeeded" once the handler returns, a moment after the status
+    # write the wait above saw (under load, after this line ran once).
+    wait_for(lambda: "FineTuneJob after-kill" in {obj for _, obj in handled(b.log(), namespace)}, 15,
+             interval=0.2, what="B's handler line for after-kill")
     a_handled, b_handled = handled(a.log(), namespace), handled(b.log(), namespace)
-    assert "FineTuneJob after-kill" in {obj for _, obj in b_handled}
     assert all(t >= killed_at for t, _ in b_handled), "B handled an object before A was dead"
     assert all(t <= killed_at for t, _ in a_handled)
     assert "FineTuneJob after-kill" not in {obj for _, obj in a_handled}
