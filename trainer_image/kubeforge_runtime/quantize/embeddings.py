@@ -132,14 +132,22 @@ def quantize_embeddings(model: Any) -> dict[str, Any]:
     if qc is not None and hasattr(qc, "include_input_output_embeddings"):
         # Saved into config.json: on reload transformers then expects quantized embeddings.
         qc.include_input_output_embeddings = True
-    return {"embeddings": "int8-weight-only", "embeddingGroupSize": int(emb.weight.block_size[-1]),
-            "tiedOutputEmbedding": tied}
+    return {**facts(model), "tiedOutputEmbedding": tied}
 
 
 def embeddings_quantized(model: Any) -> bool:
     """Whether the input embedding (and the output embedding, if any) are quantized."""
     head = model.get_output_embeddings()
     return is_quantized(model.get_input_embeddings().weight) and (head is None or is_quantized(head.weight))
+
+
+def facts(model: Any) -> dict[str, Any]:
+    """What the output's lineage says of the embeddings: full precision, or int8 with the
+    number of values sharing a scale (the row width where there is one scale per row)."""
+    if not embeddings_quantized(model):
+        return {"embeddings": "full precision"}
+    return {"embeddings": "int8-weight-only",
+            "embeddingGroupSize": int(model.get_input_embeddings().weight.block_size[-1])}
 
 
 def drop_tied_duplicate(model: Any, out_dir: Any) -> bool:

@@ -121,7 +121,7 @@ def _save_pretrained(model: Any, out_dir: Path) -> dict[str, Any]:
     # in the safetensors header; from_pretrained reassembles them (pre-quantized path).
     model.save_pretrained(str(out_dir))
     embedding_quant.drop_tied_duplicate(model, out_dir)
-    return {"format": "safetensors", "loadRequires": [], **_embedding_facts(model)}
+    return {"format": "safetensors", "loadRequires": [], **embedding_quant.facts(model)}
 
 
 def _with_embeddings(model: Any, quantize: bool) -> Any:
@@ -130,13 +130,6 @@ def _with_embeddings(model: Any, quantize: bool) -> Any:
         facts = embedding_quant.quantize_embeddings(model)
         log.info("embeddings quantized: %s", facts)
     return model
-
-
-def _embedding_facts(model: Any) -> dict[str, Any]:
-    if not embedding_quant.embeddings_quantized(model):
-        return {"embeddings": "full precision"}
-    weight = model.get_input_embeddings().weight
-    return {"embeddings": "int8-weight-only", "embeddingGroupSize": int(weight.block_size[-1])}
 
 
 def _config_name(quant_type: Any) -> str:
@@ -277,7 +270,7 @@ class Int4WeightOnlyMethod:
                     state.pop(f"{name}.weight", None)
         torch.save(state, out_dir / "pytorch_model.bin")
         return {"format": "pytorch", "loadRequires": [INT4_CPU_MODULE], "torchaoConfig": config_name,
-                **_embedding_facts(model)}
+                **embedding_quant.facts(model)}
 
 
 @dataclass
