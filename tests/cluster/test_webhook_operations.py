@@ -144,7 +144,10 @@ def test_reviews_read_a_watch_cache_not_a_list_each(cluster, namespace, served):
         review(i)
     after = {r: lists_of(cluster, r) for r in ("finetunejobs", "quantizejobs")}
     print(f"\n[webhook] LISTs during 10 reviews: {({r: after[r] - before[r] for r in after})}")
-    assert after == before, "reviews still LIST the jobs of the namespace"
+    # The metric counts every client of this shared cluster: another test's operator whose
+    # watch expired re-lists at any moment (seen once in CI: one LIST of each kind during the
+    # ten reviews). A webhook that listed per review would add at least ten of each.
+    assert all(after[r] - before[r] <= 2 for r in after), "reviews still LIST the jobs of the namespace"
 
     # The cache still sees what happens: a job created now collides with the next review at once.
     first = resource("FineTuneJob", "owner", {**FINETUNE, "output": {"uri": "pvc://models/taken"}})

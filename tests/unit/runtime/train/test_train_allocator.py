@@ -52,10 +52,12 @@ def step():   # one micro-batch's activations (2-8 MB blocks), written, then fre
     del blocks
 for _ in range(6):   # the heap settles
     step()
-before = faults()
-for _ in range(3):
+per_step = []
+for _ in range(5):
+    before = faults()
     step()
-print((faults() - before) // 3)
+    per_step.append(faults() - before)
+print(sorted(per_step)[2])   # the median: a one-off 8 MB fault-in (seen under CI load) is not the steady state
 """
 
 
@@ -71,7 +73,7 @@ def test_one_process_reuses_freed_blocks_without_page_faults() -> None:
     settled, a step with the same allocations faults in almost no fresh pages. configure(2)
     (several processes) keeps the 1 MiB mapping of the FSDP case above, which faults every
     block in again each step (the cost it pays there)."""
-    keep, kept_faults = _faults_per_step(1)
+    keep, kept_faults = _faults_per_step(1)   # the median step of five
     limit, limit_faults = _faults_per_step(2)
     assert (keep, limit) == ("keep", "limit")
     step_pages = (524288 + 1048576 + 1572864 + 2097152) * 4 // 4096   # 5120 pages of 4 KiB
