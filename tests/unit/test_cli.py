@@ -116,3 +116,15 @@ def test_data_check_measures_overlong_with_a_tokenizer(tmp_path):
     assert out.returncode == 0 and "1 record(s) over 16 tokens" in out.stdout, out.stdout + out.stderr
     out = kubeforge(*args, "--max-overlong-share", "0.2")
     assert out.returncode == 1 and "overlongShare 0.25 is above the threshold 0.2" in " ".join(out.stdout.split())
+
+
+def test_every_example_validates_offline(capsys):
+    """Every shipped example passes ``kubeforge validate`` (the API models and the fit check),
+    the text-classification starter included, whose whole run CI does not repeat (its
+    fine-tune is the main job's: tests/e2e/test_local_flows.py)."""
+    from kubeforge.cli import main
+
+    examples = sorted((REPO / "examples").glob("*.yaml"))
+    assert len(examples) >= 7, examples
+    for path in examples:
+        assert main(["validate", "-f", str(path)]) == 0, (path.name, capsys.readouterr().err)
