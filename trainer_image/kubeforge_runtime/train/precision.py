@@ -21,11 +21,14 @@ for its matmul and again in backward (:class:`UpcastLinear`, which saves the bf1
 not an fp32 copy: one fp32 weight in flight at a time, as QLoRA's NF4 linears dequantize),
 and a frozen low-precision embedding returns fp32 rows. Trainable weights are fp32 master
 weights either way. Numerically this is fp32 training on bf16-rounded base weights: at least
-as precise as autocast. CPUs with native bf16 and GPUs keep autocast.
+as precise as autocast. CPUs with native bf16 and GPUs keep autocast. Setting
+``KUBEFORGE_CPU_BF16=autocast`` in the trainer's environment keeps autocast on any CPU (the
+tests that check bf16 autocast's equivalence across layouts use it).
 """
 
 from __future__ import annotations
 
+import os
 import types
 from typing import Any
 
@@ -34,6 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 LOW = (torch.bfloat16, torch.float16)
+ENV_CPU_BF16 = "KUBEFORGE_CPU_BF16"
+"""``autocast``: keep bf16 autocast on a CPU without native bf16 (module docstring)."""
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -48,7 +53,9 @@ def native_bf16(device: torch.device) -> bool:
 
 def computes_fp32(precision: str, device: torch.device) -> bool:
     """True when ``precision`` bf16 runs as fp32 compute from bf16 storage (module docstring)."""
-    return precision == "bf16" and not native_bf16(device)
+    if precision != "bf16" or native_bf16(device):
+        return False
+    return os.environ.get(ENV_CPU_BF16, "").strip().lower() != "autocast"
 
 
 class UpcastLinear(torch.autograd.Function):

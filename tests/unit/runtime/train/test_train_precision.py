@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
+import pytest
 import torch
+from train_support import LORA_ALL, STEPS, Run
 from torch import nn
 
 from kubeforge_runtime.train import precision
@@ -64,8 +68,24 @@ def test_upcast_frozen_model_trains_as_its_fp32_copy() -> None:
             torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-6)
 
 
-def test_policy_by_precision_and_device() -> None:
+def test_policy_by_precision_and_device(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.device("cpu")
+    monkeypatch.delenv(precision.ENV_CPU_BF16, raising=False)
     assert not precision.computes_fp32("fp32", cpu)
     assert precision.computes_fp32("bf16", cpu) == (not torch.ops.mkldnn._is_mkldnn_bf16_supported())
     assert not precision.computes_fp32("bf16", torch.device("cuda"))
+    monkeypatch.setenv(precision.ENV_CPU_BF16, "autocast")
+    assert not precision.computes_fp32("bf16", cpu)
+
+
+@pytest.mark.torchrun
+def test_trainer_runs_bf16_as_fp32_compute_on_this_cpu(launcher: Callable[..., Run]) -> None:
+    """The trainer applies the policy: on a CPU without native bf16 a bf16 LoRA run says so
+    and computes what the autocast-free fp32 math gives; with native bf16 it keeps autocast."""
+    lora = {"method": "lora", "lora": {"r": 4, "alpha": 8, "targetModules": LORA_ALL},
+            "training": {"precision": "bf16", "maxGradNorm": 0}, "output": {"format": "adapter"}}
+    run = launcher("bf16-lora-cpu-policy", lora)
+    switched = "computing in fp32 from the stored weights" in run.log()
+    assert switched == (not torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    losses = run.dump()["losses"]
+    assert len(losses) == STEPS and losses[-1] < losses[0]
