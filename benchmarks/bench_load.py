@@ -10,8 +10,9 @@ loading (``AutoModelForCausalLM.from_pretrained(dir, dtype=float32)``, ``train/m
 ``load_base``): its peak resident set (``VmHWM``).
 
 Measured: the runtime's own train command (``torchrun ... -m kubeforge_runtime.train``, as
-a pod runs it), LoRA r=16 on q/k/v/o with bf16 autocast (the frozen base stays bf16, the
-adapters fp32), sequence 64 (16 for the pipeline: see ``LAYOUTS``), one optimizer step, under
+a pod runs it), LoRA r=16 on q/k/v/o with precision bf16 (the frozen base stays bf16, the
+adapters fp32; autocast, or fp32 compute from the bf16 weights on a CPU without native bf16:
+``train/precision.py``), sequence 64, one optimizer step, under
 FSDP DP=4, TP=2 x DP=2 and PP=2 x DP=2 (GPipe, two micro-batches per data-parallel rank);
 every worker's ``VmHWM`` when the last step is reported (so the load and the training steps
 are in it; the final checkpoint and output are not), the largest worker reported, and the
@@ -51,11 +52,10 @@ DATA = REPO / "examples" / "data" / "text.jsonl"
 LAYOUTS: dict[str, tuple[int, dict[str, Any], int]] = {
     "fsdp-dp4": (4, {}, 64),
     "tp2-dp2": (4, {"tensor": 2}, 64),
-    # Sequence 16 for the pipeline: its one step (two micro-batches per data-parallel rank,
-    # GPipe) took over 37 minutes at 64 on this machine (bf16 matmuls without native bf16);
-    # the fit estimator's activation and logits terms put 64 at about 0.13 GiB more per rank
-    # on the last stage (0.17 against 0.04 GiB).
-    "pp2-dp2": (4, {"pipeline": 2, "pipelineSchedule": "GPipe"}, 16),
+    # Sequence 64 like the others again: one step under bf16 autocast took over 37 minutes
+    # here (torch's fallback bf16 GEMM in backward, train/precision.py); on a CPU without
+    # native bf16 the trainer now computes bf16 runs in fp32 from the bf16 weights.
+    "pp2-dp2": (4, {"pipeline": 2, "pipelineSchedule": "GPipe"}, 64),
 }
 """name -> (processes, parallelism, sequence length)."""
 

@@ -3,9 +3,9 @@
 Measures, on the embedded SmolLM2-135M-Instruct (``kubeforge_runtime.embedded``):
 
 1. **Memory of the frozen base**, summed tensor storage of the model the trainer builds for
-   ``method: qlora`` (``train/model.py`` -> ``train/qlora.py``): the NF4 decoder-layer
-   linears against the same weights in bf16, and the whole frozen base (embeddings and norms
-   kept as loaded) against the whole base in bf16. The baseline is bf16 (what a LoRA base on
+   ``method: qlora`` (``train/model.py`` -> ``train/qlora.py``): the NF4 weights (decoder-layer
+   linears, the tied embedding / ``lm_head``) against the same weights in bf16, and the whole
+   frozen base (norms kept as loaded) against the whole base in bf16. The baseline is bf16 (what a LoRA base on
    a GPU is held in), computed from the same tensors' element counts.
 2. **Training**: the trainer (``python -m kubeforge_runtime.train``, one process) for
    ``--steps`` steps on the sentiment starter data (prompt-completion), once with
@@ -103,10 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     model = embedded.ensure()
     mem = memory(model)
     print(f"model: {model.name}")
-    print(f"frozen decoder linears: {mem['quantizedLinears']} weights, {mem['quantizedParameters'] / 1e6:.1f} M "
-          f"parameters: NF4 {mem['linearsNf4MB']:.1f} MB vs bf16 {mem['linearsBf16MB']:.1f} MB "
-          f"= {mem['linearsRatio']:.3f}x")
-    print(f"whole frozen base ({mem['otherFrozenParameters'] / 1e6:.1f} M embedding/norm parameters not quantized): "
+    print(f"NF4 weights (decoder linears, embedding/lm_head): {mem['quantizedLinears']} tensors, "
+          f"{mem['quantizedParameters'] / 1e6:.1f} M parameters: NF4 {mem['linearsNf4MB']:.1f} MB vs bf16 "
+          f"{mem['linearsBf16MB']:.1f} MB = {mem['linearsRatio']:.3f}x")
+    print(f"whole frozen base ({mem['otherFrozenParameters'] / 1e6:.3f} M parameters not quantized: norms): "
           f"{mem['baseWithBf16RestMB']:.1f} MB with those in bf16 vs {mem['baseBf16MB']:.1f} MB all bf16 "
           f"= {mem['baseRatio']:.3f}x; as this fp32 CPU run holds it: {mem['baseAsTrainedMB']:.1f} MB")
     if args.skip_train:

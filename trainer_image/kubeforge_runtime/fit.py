@@ -29,10 +29,11 @@ What a training rank holds, as this runtime trains (``train/trainer.py``, ``stra
   log-softmax saved by the loss, and both gradients in backward), plus the logits and
   log-softmax of every other micro-batch in flight (GPipe: all of them).
 
-``method: qlora`` (``train/qlora.py``) holds the decoder layers' frozen linear weights in NF4,
-:data:`NF4_BYTES_PER_PARAM` bytes each instead of 4 (embeddings, norms, ``lm_head`` and the
-adapters stay fp32); those weights have no autocast copy (each linear dequantizes its weight
-on the fly, one at a time: the **dequantized weight** term), and FSDP gathers the 4-bit codes.
+``method: qlora`` (``train/qlora.py``) holds the decoder layers' frozen linear weights, the
+embedding and ``lm_head`` in NF4, :data:`NF4_BYTES_PER_PARAM` bytes each instead of 4 (norms
+and the adapters stay fp32; an embedding whose rows are not whole NF4 blocks too); those
+weights have no autocast copy (each linear dequantizes its weight on the fly, one at a time:
+the **dequantized weight** term, ``lm_head`` the widest of them), and FSDP gathers the 4-bit codes.
 
 Without gradient accumulation the gradients are freed by each optimizer step and grow back
 as backward frees the activations, so only their excess over the activations counts. On CPU
@@ -68,6 +69,8 @@ ZERO_PREFIX = "deepspeed-zero"
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 """Bytes per weight of torchao's NF4 (``train/qlora.py``): a 4-bit code, an int8 scale per
 block of 64, an fp32 factor per 256 block scales - 0.516, 0.258x of bf16's 2 bytes."""
+NF4_BLOCK = 64
+"""Weights per NF4 block (``train/qlora.py``'s ``BLOCK_SIZE``)."""
 ZERO_REDUCE_BUCKET = 500_000_000
 """DeepSpeed's default ``reduce_bucket_size`` (elements), which the runtime's ds_config keeps."""
 
@@ -294,25 +297,46 @@ def frozen_bytes(arch: Architecture, plan: TrainPlan) -> int:
     return arch.dtype_bytes
 
 
+def qlora_nf4_params(arch: Architecture, plan: TrainPlan, stage: int) -> int:
+    """Frozen parameters QLoRA holds in NF4 on one rank of ``stage`` (before FSDP sharding):
+    the decoder-layer linears, and the embedding (first stage) and an untied ``lm_head``
+    (last stage) when a row is a whole number of NF4 blocks (``qlora.nf4_rows``)."""
+    n = stage_layers(arch, plan.pipeline, stage) * arch.layer_linear_params // plan.tensor
+    if arch.hidden_size % NF4_BLOCK == 0:
+        n += (arch.embedding_params if stage == 0 else 0) + (arch.head_params if stage == plan.pipeline - 1 else 0)
+    return n
+
+
 def weight_bytes(arch: Architecture, plan: TrainPlan, stage: int) -> int:
     """Bytes of one rank's whole (unsharded) stage: trained weights as fp32 master weights,
-    frozen ones per :func:`frozen_bytes`; QLoRA's frozen decoder-layer linears in NF4 (the
-    rest of its base fp32, as loaded)."""
+    frozen ones per :func:`frozen_bytes`; QLoRA's frozen linears and embedding in NF4
+    (:func:`qlora_nf4_params`; the rest of its base fp32, as loaded)."""
     params, trainable, _ = stage_params(arch, plan, stage)
     if plan.method == "qlora":
-        frozen_linear = stage_layers(arch, plan.pipeline, stage) * arch.layer_linear_params // plan.tensor
-        return int(4 * (params - frozen_linear) + NF4_BYTES_PER_PARAM * frozen_linear)
+        nf4 = qlora_nf4_params(arch, plan, stage)
+        return int(4 * (params - nf4) + NF4_BYTES_PER_PARAM * nf4)
     return 4 * trainable + frozen_bytes(arch, plan) * (params - trainable)
 
 
 def _end_unit_bytes(arch: Architecture, plan: TrainPlan, stage: int) -> int:
     """Bytes of the largest non-layer unit ``stage`` gathers whole: its embedding or its
     ``lm_head`` (frozen under LoRA/QLoRA, trained in a full fine-tune)."""
-    per = 4 if plan.method == "full" else frozen_bytes(arch, plan)
+    per: float = 4 if plan.method == "full" else frozen_bytes(arch, plan)
+    if plan.method == "qlora" and arch.hidden_size % NF4_BLOCK == 0:
+        per = NF4_BYTES_PER_PARAM
     first, last = stage == 0, stage == plan.pipeline - 1
     sizes = [arch.vocab_size * arch.hidden_size if first else 0,
              (arch.head_params or (arch.embedding_params if not first else 0)) if last else 0]
-    return per * max(sizes)
+    return int(per * max(sizes))
+
+
+def _widest_nf4(arch: Architecture, plan: TrainPlan, stage: int) -> int:
+    """Elements of the widest weight a QLoRA rank dequantizes whole: a decoder linear, or
+    ``lm_head`` on the last stage when it is NF4 (the embedding dequantizes looked-up rows only)."""
+    widest = max(a * b for a, b in arch.linear_shapes().values()) // plan.tensor
+    if stage == plan.pipeline - 1 and arch.hidden_size % NF4_BLOCK == 0:
+        widest = max(widest, arch.vocab_size * arch.hidden_size)
+    return widest
 
 
 def train_terms(arch: Architecture, plan: TrainPlan, stage: int) -> dict[str, int]:
@@ -359,12 +383,12 @@ def train_terms(arch: Architecture, plan: TrainPlan, stage: int) -> dict[str, in
             copies = 0  # the frozen base is stored in 16 bits already: autocast makes no copies
         elif plan.method == "lora" and plan.gradient_checkpointing:
             copies = 2 * arch.layer_linear_params // plan.tensor  # frozen weights: not cached, one layer recomputed
-        if plan.method == "qlora":
-            copies = 2 * (linear - n_layers * arch.layer_linear_params // plan.tensor)  # lm_head only
+        if plan.method == "qlora":  # lm_head only, when it is not NF4
+            copies = 0 if arch.hidden_size % NF4_BLOCK == 0 else 2 * (linear - n_layers * arch.layer_linear_params // plan.tensor)
         t["autocast copies"] = copies
     if plan.method == "qlora":
         # The one linear being computed: its weight dequantized to fp32 (and cast under autocast).
-        widest = max(a * b for a, b in arch.linear_shapes().values()) // plan.tensor
+        widest = _widest_nf4(arch, plan, stage)
         t["dequantized weight"] = (4 + (2 if plan.precision in ("bf16", "fp16") else 0)) * widest
     tokens = plan.micro_batch * plan.sequence_length
     per_layer = layer_activation_bytes(arch, plan.precision, plan.tensor)
@@ -434,7 +458,7 @@ def load_terms(arch: Architecture, plan: TrainPlan, stage: int, device: Device) 
     if plan.zero_stage:
         return {"whole model (load)": 4 * arch.total_params}
     if plan.method == "qlora":  # read tensor by tensor, each decoder linear quantized as read, before FSDP shards it
-        widest = max(a * b for a, b in arch.linear_shapes().values())
+        widest = max(max(a * b for a, b in arch.linear_shapes().values()), arch.vocab_size * arch.hidden_size)
         return {"quantized stage (load)": weight_bytes(arch, plan, stage), "one fp32 tensor (load)": 4 * widest}
     shard = plan.dp if plan.dp > 1 and plan.strategy == "fsdp" else 1
     return {"this rank's part (load)": weight_bytes(arch, plan, stage) // shard}

@@ -307,7 +307,8 @@ class FineTuneJobSpec(KFModel):
     dataset: DatasetSpec = Field(description="Training (and validation) data.")
     method: Literal["full", "lora", "qlora", "distill"] = Field(
         default="lora", description="full: all weights; lora: adapters only; qlora: adapters only, on a base whose "
-        "decoder-layer linear weights are held in 4-bit NF4 (about a quarter of their bf16 memory; strategy fsdp, "
+        "decoder-layer linear weights, embedding and lm_head are held in 4-bit NF4 (about a quarter of their bf16 "
+        "memory; strategy fsdp, "
         "no tensor or pipeline parallelism); distill: all weights, learning from distillation.teacher as well as "
         "from the labels.")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings, used when method is lora or qlora.")

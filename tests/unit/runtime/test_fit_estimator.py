@@ -153,7 +153,7 @@ def test_lora_trains_only_adapters_and_bf16_adds_weight_copies():
 
 def test_qlora_weights_are_what_the_quantized_model_stores():
     """The qlora weights term against the summed storage of a model the trainer's own code
-    quantized (peft adapters, then NF4 for the frozen decoder linears)."""
+    quantized (peft adapters, then NF4 for the frozen decoder linears, embedding and lm_head)."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
@@ -169,8 +169,10 @@ def test_qlora_weights_are_what_the_quantized_model_stores():
     # here: a few more fp32 factors than the estimate's 256).
     assert abs(estimated - stored) / stored < 0.01, (estimated, stored)
     lora = fit.train_terms(SMALL, plan.replace(method="lora"), 0)
-    linear = SMALL.num_layers * SMALL.layer_linear_params
-    assert lora["weights"] - estimated == int(4 * linear - fit.NF4_BYTES_PER_PARAM * linear)
+    # the decoder linears, the embedding and the untied lm_head (SMALL's rows are whole blocks)
+    nf4 = SMALL.num_layers * SMALL.layer_linear_params + SMALL.embedding_params + SMALL.head_params
+    assert fit.qlora_nf4_params(SMALL, plan, 0) == nf4
+    assert lora["weights"] - estimated == int(4 * nf4 - fit.NF4_BYTES_PER_PARAM * nf4)
     assert lora["gradients"] == fit.train_terms(SMALL, plan, 0)["gradients"]  # the same adapters train
 
 
@@ -266,6 +268,6 @@ def test_qlora_load_phase_is_the_quantized_base_plus_one_tensor():
     (train/loading.py materialize_qlora): the load never holds the whole base in fp32."""
     plan = _plan(world=1, method="qlora", precision="bf16")
     load = fit.load_terms(SMALL, plan, 0, "cuda")
-    widest = max(a * b for a, b in SMALL.linear_shapes().values())
+    widest = SMALL.vocab_size * SMALL.hidden_size  # the embedding, read in fp32 before it is quantized
     assert load == {"quantized stage (load)": fit.weight_bytes(SMALL, plan, 0), "one fp32 tensor (load)": 4 * widest}
     assert sum(load.values()) < 0.6 * 4 * SMALL.total_params

@@ -38,7 +38,7 @@ from .config import ADAPTER_METHODS, TrainConfig
 
 log = logging.getLogger(__name__)
 
-QLORA_LINEAGE = {"format": "nf4", "library": "torchao", "blockSize": 64, "scope": "decoder-layer linear weights"}
+QLORA_LINEAGE = {"format": "nf4", "library": "torchao", "blockSize": 64, "scope": "decoder-layer linear weights, embedding and lm_head"}
 """How a QLoRA run held its frozen base (``qlora.py``), for the lineage record."""
 
 PACKAGES = ("torch", "torchao", "transformers", "peft", "tokenizers", "safetensors", "accelerate", "kubeforge")

@@ -58,6 +58,7 @@ from . import distill as distill_mod
 from . import metrics as metrics_mod
 from . import model as model_mod
 from . import output as output_mod
+from . import precision as precision_mod
 from . import shard_output
 from . import strategy as strategy_mod
 from . import zero as zero_mod
@@ -218,6 +219,13 @@ class Trainer:
         # Built on the meta device; no rank holds more than its own part (loading.py). QLoRA
         # reads tensor by tensor, quantizing as it reads, before FSDP shards the NF4 codes.
         self.top, self.lm = model_mod.build_meta(cfg, self.base_dir)
+        # bf16 on a CPU without native bf16 kernels computes in fp32 from the bf16 weights
+        # (precision.py says why: torch's fallback bf16 GEMM made backward ~100x slower).
+        self.fp32_compute = precision_mod.computes_fp32(cfg.training.precision, self.device)
+        if self.fp32_compute:
+            n = precision_mod.upcast_frozen(self.top)
+            log.info("bf16 without native bf16 kernels on this CPU: computing in fp32 from the stored "
+                     "weights (%d frozen low-precision modules upcast on the fly)", n)
         self.attention = attention_mod.resolve(cfg.training.attention, self.device.type)
         attention_mod.apply(self.lm, self.attention)
         self.num_params = model_mod.num_parameters(self.top)
@@ -307,7 +315,7 @@ class Trainer:
     # --- helpers -------------------------------------------------------------------------
     def _autocast(self):
         p = self.cfg.training.precision
-        if p == "fp32":
+        if p == "fp32" or self.fp32_compute:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16 if p == "bf16" else torch.float16)
 

@@ -114,8 +114,13 @@ def test_bf16_dp2_equals_single_process_bf16(strategy: str, tol: float, launcher
     another order) moves parameters by ~1e-7, and bf16 rounding of the next forward turns
     that into ~5e-5. Clipping itself is compared in fp32 by every layout test."""
     bf16 = {"training": {"precision": "bf16", "maxGradNorm": 0}}
-    ref = launcher("reference-bf16", bf16).dump()
-    got = launcher(f"bf16-dp2-{strategy}", {**bf16, "parallelism": {"strategy": strategy}}, 2).dump()
+    # Autocast itself, also on a CPU without native bf16 (where bf16 otherwise computes in fp32
+    # from bf16 storage: train/precision.py, tested in test_train_precision.py).
+    from kubeforge_runtime.train.precision import ENV_CPU_BF16
+
+    env = {ENV_CPU_BF16: "autocast"}
+    ref = launcher("reference-bf16", bf16, env=env).dump()
+    got = launcher(f"bf16-dp2-{strategy}", {**bf16, "parallelism": {"strategy": strategy}}, 2, env=env).dump()
     assert_same(got, ref, params_tol=tol, tol=tol)
     # bf16 really was used: its numbers are not fp32's.
     assert rel(ref["losses"], launcher("reference-full").dump()["losses"]) > 1e-7

@@ -47,8 +47,10 @@ def test_nf4_base_is_about_a_quarter_of_bf16(tiny_model: Path) -> None:
                         **QLORA, "output": {"uri": "file:///unset", "format": "adapter"}})
     top, lm = model_mod.build(cfg)
     linears = [(n, p) for n, p in top.named_parameters() if qlora.is_nf4(p)]
-    # Every decoder-layer linear (4 layers x 7) is NF4 and frozen; nothing trainable is.
-    assert len(linears) == 28 and all(not p.requires_grad for _, p in linears)
+    # Every decoder-layer linear (4 layers x 7), the embedding and the (untied) lm_head are
+    # NF4 and frozen; nothing trainable is.
+    assert len(linears) == 28 + 2 and all(not p.requires_grad for _, p in linears)
+    assert {n.rsplit(".", 2)[-2] for n, _ in linears} >= {"embed_tokens", "lm_head"}
     assert all(p.dtype == torch.float32 and not qlora.is_nf4(p) for n, p in top.named_parameters() if p.requires_grad)
     stored = sum(qlora.storage_bytes(p) for _, p in linears)
     as_bf16 = sum(2 * p.numel() for _, p in linears)
@@ -59,18 +61,20 @@ def test_nf4_base_is_about_a_quarter_of_bf16(tiny_model: Path) -> None:
     x = torch.randint(0, 500, (1, 12))
     with torch.no_grad():
         q_logits = top(input_ids=x).logits
-        assert qlora.dequantize_base(lm) == 28
+        assert qlora.dequantize_base(lm) == 30
         d_logits = top(input_ids=x).logits
     assert rel(q_logits, d_logits) < 1e-6
 
 
 @pytest.mark.skipif(not embedded.is_ready(), reason="the embedded model is converted by hack/setup-python.sh")
 def test_real_models_nf4_base_is_a_quarter_of_bf16() -> None:
-    """SmolLM2-135M-Instruct's decoder linears in NF4, as qlora.py quantizes them: 0.26x of
-    bf16. Storage depends on a weight's shape only and all 30 layers have the same shapes,
-    so layer 0's seven weights are quantized (quantizing all 210 takes minutes on 2 cores;
-    benchmarks/bench_qlora.py does, and prints the same ratio). With the 28 M embedding
-    weights (not quantized) in bf16, the whole frozen base is 0.42x of an all-bf16 base."""
+    """SmolLM2-135M-Instruct's frozen base as qlora.py quantizes it: 0.26x of bf16. Storage
+    depends on a weight's shape only and all 30 layers have the same shapes, so layer 0's
+    seven weights are quantized (quantizing all 210 takes minutes on 2 cores;
+    benchmarks/bench_qlora.py does, and prints the same ratio), and the tied embedding's
+    NF4 size (28 M weights, half a minute to quantize here) is computed from its shape by
+    ``nf4_storage``, which is checked against layer 0's real NF4 tensors. Only the norms stay
+    unquantized; with the embedding left in bf16 (as before) the base was 0.42x."""
     from safetensors import safe_open
 
     from kubeforge_runtime.train import qlora
@@ -79,14 +83,48 @@ def test_real_models_nf4_base_is_a_quarter_of_bf16() -> None:
     with safe_open(str(files[0]), "pt") as f:
         keys = list(f.keys())
         layer0 = [f.get_tensor(k) for k in keys if k.startswith("model.layers.0.") and k.endswith("proj.weight")]
-        other = sum(f.get_slice(k).get_shape()[0] * (f.get_slice(k).get_shape() + [1])[1]
-                    for k in keys if not (k.startswith("model.layers.") and k.endswith("proj.weight")))
-    assert len(files) == 1 and len(layer0) == 7
+        shapes = {k: f.get_slice(k).get_shape() for k in keys}
+    assert len(files) == 1 and len(layer0) == 7 and "lm_head.weight" not in shapes  # tied
     nf4 = sum(qlora.storage_bytes(qlora.to_nf4(w)) for w in layer0)
+    assert nf4 == sum(qlora.nf4_storage(w.numel()) for w in layer0)
     bf16 = sum(2 * w.numel() for w in layer0)
     assert 0.255 < nf4 / bf16 < 0.27, nf4 / bf16
-    whole = (30 * nf4 + 2 * other) / (30 * bf16 + 2 * other)
-    assert 0.40 < whole < 0.43, whole
+    vocab, hidden = shapes["model.embed_tokens.weight"]
+    assert hidden % qlora.BLOCK_SIZE == 0  # whole blocks per row: the lookup dequantizes rows
+    norms = sum(s[0] for k, s in shapes.items() if k.endswith("norm.weight"))
+    whole = (30 * nf4 + qlora.nf4_storage(vocab * hidden) + 2 * norms) / (30 * bf16 + 2 * (vocab * hidden + norms))
+    assert 0.25 < whole < 0.27, whole
+
+
+def test_embedding_is_nf4_and_its_lookup_equals_the_dequantized_tables_rows() -> None:
+    """The input embedding is quantized too (tied to ``lm_head``: one NF4 tensor, still
+    shared); a lookup dequantizes only the rows asked for, bit for bit the dequantized table's."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kubeforge_runtime.train import qlora
+
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=320, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(cfg).requires_grad_(False)
+    table = lm.get_input_embeddings().weight.detach().clone()
+    report = qlora.quantize_base(lm)
+    emb, head = lm.get_input_embeddings(), lm.get_output_embeddings()
+    assert qlora.is_nf4(emb.weight) and emb.weight is head.weight, "tied: one NF4 tensor for both"
+    assert report.quantized == [f"layers.0.{n}" for n, m in lm.model.layers[0].named_modules()
+                                if isinstance(m, torch.nn.Linear)] + ["embed_tokens"]
+    dequantized = emb.weight.get_original_weight()
+    assert not torch.equal(dequantized, table) and (dequantized - table).abs().max() < 0.15 * table.abs().max()
+    ids = torch.tensor([[0, 5, 319, 5], [17, 64, 200, 1]])
+    rows = emb(ids)
+    assert rows.shape == (2, 4, 128) and torch.equal(rows, dequantized[ids])
+    with torch.no_grad():
+        quantized_logits = lm(input_ids=ids).logits
+        assert qlora.dequantize_base(lm) == 8  # seven decoder linears and the tied embedding, once
+        assert emb.weight is head.weight and not qlora.is_nf4(emb.weight)
+        assert torch.equal(emb(ids), rows)  # nn.Embedding's own lookup again, on the dequantized table
+        assert rel(lm(input_ids=ids).logits, quantized_logits) < 1e-6
 
 
 def test_nf4_group_size_keeps_eight_groups() -> None:
@@ -115,9 +153,9 @@ def test_qlora_trains_only_adapters_and_loss_falls(qlora_reference: Run) -> None
 
 @pytest.mark.torchrun
 def test_qlora_reads_tensor_by_tensor_as_a_whole_load_would_quantize(qlora_reference: Run, tiny_model: Path) -> None:
-    """The base is read one tensor at a time and each decoder linear quantized as it is read
-    (``loading.materialize_qlora``), never whole in fp32: the base it starts from is exactly
-    ``from_pretrained(dtype=float32)`` with those linears through NF4."""
+    """The base is read one tensor at a time and each decoder linear, the embedding and
+    ``lm_head`` quantized as it is read (``loading.materialize_qlora``), never whole in fp32:
+    the base it starts from is exactly ``from_pretrained(dtype=float32)`` with those through NF4."""
     import torch
     from kubeforge_runtime.train import loading, qlora
     from transformers import AutoModelForCausalLM
@@ -130,11 +168,11 @@ def test_qlora_reads_tensor_by_tensor_as_a_whole_load_would_quantize(qlora_refer
     quantized = 0
     for name, value in base.items():
         expected = whole[loading.file_key(name)]
-        if ".layers." in name and expected.dim() == 2:
+        if (".layers." in name and expected.dim() == 2) or loading.file_key(name) in (loading.TIED_KEY, loading.HEAD_KEY):
             expected = qlora.to_nf4(expected).get_original_weight()
             quantized += 1
         assert torch.equal(value, expected.to(value.dtype)), name
-    assert quantized > 0
+    assert quantized == 4 * 7 + 2  # the decoder linears, the embedding and the untied lm_head
 
 
 @pytest.mark.torchrun
