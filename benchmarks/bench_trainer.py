@@ -188,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
             if name != "hf":
                 cfg.pop("hfCompile")
             configs[name].write_text(json.dumps(cfg))
-        log.info("preset %s, %d steps, sequence %d, global batch 8 (micro 4), fp32, %d threads; compiled: KubeForge %s, "
-                 "HF %s", preset, steps, seq_len, args.threads, args.compile, args.hf_compile)
+        log.info("preset %s, %d steps, sequence %d, global batch 8 (micro 4), fp32, %d threads; compiled: KubeForge %s%s, "
+                 "HF %s", preset, steps, seq_len, args.threads, args.compile,
+                 " (kf-compiled: yes)" if "kf-compiled" in configs else "", args.hf_compile)
         hf = kf = kfc = dp2 = 0.0
         zero = {name: 0.0 for name in configs if name.startswith("kf-zero")}
         # Interleaved repeats, best of each: on a shared machine the load changes between
