@@ -16,9 +16,10 @@ interfaces (``create_causal_mask`` dispatches on ``config._attn_implementation``
   a packed batch runs record by record (:class:`Documents`, varlen attention made of SDPA
   calls): the records are gathered into a few buckets of equal padded length (powers of two)
   and each bucket is one ``is_causal`` SDPA call, so no query meets a key of another record
-  and no mask is built. Compiled blocks (``compiled.py``) get the dense block-diagonal
-  boolean mask instead (data-dependent bucket shapes would recompile every step): the
-  fallback.
+  and no mask is built. In compiled blocks (``compiled.py``) the attention call stays
+  outside the graph (bucket shapes change every batch and would recompile), the rest of
+  the block is compiled. The dense block-diagonal boolean mask is the fallback
+  (``stage_mask(documents=False)``).
 * ``eager`` - the plain matmul-softmax reference (dense mask), for tests.
 
 ``auto`` picks the fastest one that can train on the device: flash-attention 2 on CUDA when
@@ -166,12 +167,21 @@ class Documents:
         return out.index_select(0, self.scatter).view(rows, seq, heads, dim)
 
 
+@torch.compiler.disable
+def _attend_documents(docs: Documents, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      scaling: float | None, dropout: float) -> torch.Tensor:
+    """``docs.attend``, never traced: in a compiled block (``compiled.py``) the graph breaks
+    here, the code before and after the attention stays compiled, and a new bucket plan
+    (every batch) recompiles nothing."""
+    return docs.attend(query, key, value, scaling, dropout)
+
+
 def sdpa_or_documents(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: Any, dropout: float = 0.0, scaling: float | None = None,
                       **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' ``sdpa`` attention function, record by record for a :class:`Documents` mask."""
     if isinstance(attention_mask, Documents):
-        return attention_mask.attend(query, key, value, scaling, dropout), None
+        return _attend_documents(attention_mask, query, key, value, scaling, dropout), None
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

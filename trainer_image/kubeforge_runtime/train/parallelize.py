@@ -135,8 +135,8 @@ class CausalLMStage(nn.Module):
         self.is_first = is_first
         self.is_last = is_last
         self.documents = True
-        """``sdpa`` on packed rows: record by record (``attention.Documents``) where the layers
-        are eager; False, or compiled layers: the dense block-diagonal mask."""
+        """``sdpa`` on packed rows: record by record (``attention.Documents``); False: the dense
+        block-diagonal mask (the fallback, for comparisons)."""
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None,
                 targets_at: torch.Tensor | None = None) -> torch.Tensor:
@@ -146,12 +146,9 @@ class CausalLMStage(nn.Module):
         h = dec.embed_tokens(x) if self.is_first else x
         if position_ids is None:
             position_ids = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
-        layers = layer_items(self.lm)
-        # Compiled blocks get the dense mask: record buckets change shape every batch.
-        eager = not any(getattr(layer, "_compiled_call_impl", None) is not None for _, layer in layers)
-        mask = stage_mask(dec.config, h, position_ids, documents=self.documents and eager)
+        mask = stage_mask(dec.config, h, position_ids, documents=self.documents)
         position_embeddings = dec.rotary_emb(h, position_ids=position_ids)
-        for _, layer in layers:
+        for _, layer in layer_items(self.lm):
             h = layer(h, attention_mask=mask, position_embeddings=position_embeddings, position_ids=position_ids)
             if isinstance(h, tuple):  # older transformers return (hidden,)
                 h = h[0]
