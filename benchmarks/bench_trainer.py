@@ -5,6 +5,7 @@ What it runs (each in its own process, one after the other, on the same CPU):
 1. ``hf``   - ``transformers.Trainer`` on the ``small`` preset (~26 M parameters), fp32, the
    same packed samples, the same batch (global 8, micro 4, accumulation 2), AdamW;
 2. ``kf``   - ``python -m kubeforge_runtime.train`` as one process (the same config);
+   ``kf-compiled`` - the same with ``training.compile: on`` (only when named in ``--runs``);
 3. ``kf-dp2`` - the same under ``torchrun --nproc-per-node=2`` (FSDP2 over gloo);
 4. ``kf-zero2``, ``kf-zero3`` - the same DP=2 with ``strategy: deepspeed-zero2`` / ``-zero3``
    (skipped when deepspeed is not installed), compared with the FSDP2 DP=2 run.
@@ -151,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="interleaved repeats; the best of each is reported")
     parser.add_argument("--compile", action="store_true", help="training.compile: on for the KubeForge runs")
     parser.add_argument("--hf-compile", action="store_true", help="torch_compile=True for the HF Trainer")
-    parser.add_argument("--runs", default="hf,kf,kf-dp2,kf-zero2,kf-zero3", help="comma-separated subset (hf and kf needed)")
+    parser.add_argument("--runs", default="hf,kf,kf-dp2,kf-zero2,kf-zero3",
+                        help="comma-separated subset (hf and kf needed); kf-compiled adds a compiled one-process run")
     parser.add_argument("--hf-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.hf_worker:
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         # One config (and output/checkpoint directory) per run: a shared one would make the
         # second run resume from the first run's final checkpoint and train nothing.
         wanted = set(args.runs.split(","))
-        runs = {"hf": "fsdp", "kf": "fsdp", "kf-dp2": "fsdp"}
+        runs = {"hf": "fsdp", "kf": "fsdp", "kf-compiled": "fsdp", "kf-dp2": "fsdp"}
         try:
             import deepspeed  # noqa: F401
 
@@ -181,13 +183,15 @@ def main(argv: list[str] | None = None) -> int:
         configs = {}
         for name, strategy in runs.items():
             configs[name] = root / f"{name}.json"
-            cfg = _config(model, root / name, steps, seq_len, strategy, args.compile, args.hf_compile)
+            cfg = _config(model, root / name, steps, seq_len, strategy, args.compile or name == "kf-compiled",
+                          args.hf_compile)
             if name != "hf":
                 cfg.pop("hfCompile")
             configs[name].write_text(json.dumps(cfg))
-        log.info("preset %s, %d steps, sequence %d, global batch 8 (micro 4), fp32, %d threads; compiled: KubeForge %s, "
-                 "HF %s", preset, steps, seq_len, args.threads, args.compile, args.hf_compile)
-        hf = kf = dp2 = 0.0
+        log.info("preset %s, %d steps, sequence %d, global batch 8 (micro 4), fp32, %d threads; compiled: KubeForge %s%s, "
+                 "HF %s", preset, steps, seq_len, args.threads, args.compile,
+                 " (kf-compiled: yes)" if "kf-compiled" in configs else "", args.hf_compile)
+        hf = kf = kfc = dp2 = 0.0
         zero = {name: 0.0 for name in configs if name.startswith("kf-zero")}
         # Interleaved repeats, best of each: on a shared machine the load changes between
         # runs, and the best run is the one least disturbed by it.
@@ -196,14 +200,18 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(root / name, ignore_errors=True)
             hf = max(hf, run_hf(configs["hf"], args.threads))
             kf = max(kf, run_kubeforge(configs["kf"], 1, args.threads))
+            if "kf-compiled" in configs:
+                kfc = max(kfc, run_kubeforge(configs["kf-compiled"], 1, args.threads))
             if "kf-dp2" in configs:
                 dp2 = max(dp2, run_kubeforge(configs["kf-dp2"], 2, args.threads))
             for name in zero:
                 zero[name] = max(zero[name], run_kubeforge(configs[name], 2, args.threads))
-            log.info("after repeat %d: HF %.1f, KubeForge %.1f, KubeForge DP=2 %.1f tokens/s%s", rep + 1, hf, kf, dp2,
-                     "".join(f", {name} {v:.1f}" for name, v in zero.items()))
+            log.info("after repeat %d: HF %.1f, KubeForge %.1f, compiled %.1f, KubeForge DP=2 %.1f tokens/s%s", rep + 1,
+                     hf, kf, kfc, dp2, "".join(f", {name} {v:.1f}" for name, v in zero.items()))
         log.info("HF Trainer, 1 process:          %10.1f tokens/s", hf)
         log.info("KubeForge trainer, 1 process:   %10.1f tokens/s", kf)
+        if "kf-compiled" in configs:
+            log.info("KubeForge trainer, compiled:    %10.1f tokens/s  (%.2fx the HF Trainer)", kfc, kfc / hf)
         if "kf-dp2" in configs:
             log.info("KubeForge trainer, DP=2 (FSDP): %10.1f tokens/s", dp2)
         for name, v in zero.items():
@@ -213,7 +221,10 @@ def main(argv: list[str] | None = None) -> int:
               "kubeforgeCompiled": args.compile, "hfCompiled": args.hf_compile,
               "hfTrainerTokensPerSecond": round(hf, 1), "kubeforgeTokensPerSecond": round(kf, 1),
               "kubeforgeDp2TokensPerSecond": round(dp2, 1),
-              "ratioKubeforgeVsHf": round(kf / hf, 3), "ratioDp2VsDp1": round(dp2 / kf, 3),
+              "ratioKubeforgeVsHf": round(kf / hf, 3),
+              **({"kubeforgeCompiledTokensPerSecond": round(kfc, 1), "ratioKubeforgeCompiledVsHf": round(kfc / hf, 3)}
+                 if kfc else {}),
+              "ratioDp2VsDp1": round(dp2 / kf, 3),
               **{f"zero{name[-1]}Dp2TokensPerSecond": round(v, 1) for name, v in zero.items()},
               **{f"ratioZero{name[-1]}VsFsdpDp2": round(v / dp2, 3) for name, v in zero.items()}}
     log.info("ratio KubeForge / HF Trainer: %.2fx   ratio DP=2 / DP=1: %.2fx", kf / hf, dp2 / kf)

@@ -16,7 +16,9 @@ Record formats (one JSON object per line; extra keys are ignored):
 Every sample is exactly ``sequence_length`` tokens (pipeline parallelism needs static
 shapes): with packing, tokenized records (each ending in EOS) are concatenated and cut into
 chunks; without it, each record is truncated or right-padded (padding is never a target, and
-attention is causal, so right padding cannot change any target's loss).
+attention is causal, so right padding cannot change any target's loss). That is also why a
+training or validation step may drop a micro-batch's columns after its last target
+(:func:`target_span`): short records then cost their own length, not ``sequence_length``.
 
 Packed records do not see each other: every sample comes with position ids that restart at
 0 where a record starts, the model's RoPE uses them, and transformers' mask builder turns
@@ -253,6 +255,16 @@ def _tokenize_chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list
         inside = any(s <= start < e or (start == end and s < end <= e) for s, e in spans)
         labels.append(tok_id if inside else IGNORE_INDEX)
     return ids, labels
+
+
+def target_span(labels: Any) -> int:
+    """How many leading columns of a batch of shifted ``labels`` (shape (rows, S)) reach its
+    last target: one past the last column where any row has a label other than
+    :data:`IGNORE_INDEX` (at least 1). The columns after it are right padding or prompt tails
+    without targets; attention is causal, so no target's logit depends on them and a step may
+    drop them (the trainer does, see ``Trainer._trim``) without changing a loss or gradient."""
+    has_target = (labels != IGNORE_INDEX).any(dim=0).nonzero()
+    return max(1, int(has_target[-1]) + 1) if len(has_target) else 1
 
 
 def build_samples(

@@ -134,6 +134,9 @@ class CausalLMStage(nn.Module):
         self.lm = lm
         self.is_first = is_first
         self.is_last = is_last
+        self.documents = True
+        """``sdpa`` on packed rows: record by record (``attention.Documents``); False: the dense
+        block-diagonal mask (the fallback, for comparisons)."""
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None,
                 targets_at: torch.Tensor | None = None) -> torch.Tensor:
@@ -143,7 +146,7 @@ class CausalLMStage(nn.Module):
         h = dec.embed_tokens(x) if self.is_first else x
         if position_ids is None:
             position_ids = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
-        mask = stage_mask(dec.config, h, position_ids)
+        mask = stage_mask(dec.config, h, position_ids, documents=self.documents)
         position_embeddings = dec.rotary_emb(h, position_ids=position_ids)
         for _, layer in layer_items(self.lm):
             h = layer(h, attention_mask=mask, position_embeddings=position_embeddings, position_ids=position_ids)

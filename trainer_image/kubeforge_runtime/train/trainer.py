@@ -354,11 +354,12 @@ class Trainer:
             n = x.shape[0] // mbs
             for m in range(n):
                 rows = slice(m * mbs, (m + 1) * mbs)
-                at = self._targets_at(y_cpu[rows])
+                xb, yb, pb, yb_cpu = self._trim(x[rows], y[rows], pos[rows], y_cpu[rows])
+                at = self._targets_at(yb_cpu)
                 with self.strategy.sync_gradients(m == n - 1):
                     with self._autocast():
-                        logits = self.module(x[rows], pos[rows], at)
-                    self.strategy.backward(self.loss_fn(logits, self._labels_at(y[rows], at)))
+                        logits = self.module(xb, pb, at)
+                    self.strategy.backward(self.loss_fn(logits, self._labels_at(yb, at)))
                 del logits  # not held through the next micro-batch's forward
         local = float(sum(s.item() for s in self.loss_fn.sums))
         stop = 1.0 if self.stop_requested else 0.0
@@ -367,6 +368,21 @@ class Trainer:
         self.stop_agreed = stops > 0
         # The last stage's tp ranks all computed the same (replicated) loss.
         return total / (self.dims.tp * max(1, n_tokens))
+
+    def _trim(self, x: torch.Tensor, y: torch.Tensor, pos: torch.Tensor,
+              y_cpu: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One micro-batch without its columns after the last target (:func:`data.target_span`
+        of its CPU labels ``y_cpu``): right padding of short records costs no compute, and no
+        loss or gradient changes (causal attention). Kept at full width where shapes must not
+        vary: pipeline schedules (fixed shapes between stages; they do not call this), tensor
+        parallelism (sharded sequence), compiled blocks (a new shape would recompile) and
+        distillation (its loss reads the whole rows)."""
+        if self.dims.tp > 1 or self.compiled or isinstance(self.loss_fn, distill_mod.DistillLoss):
+            return x, y, pos, y_cpu
+        width = data_mod.target_span(y_cpu)
+        if width == y_cpu.shape[1]:
+            return x, y, pos, y_cpu
+        return x[:, :width], y[:, :width], pos[:, :width], y_cpu[:, :width]
 
     def _targets_at(self, labels: torch.Tensor) -> torch.Tensor | None:
         """The positions of a micro-batch (its CPU ``labels``) that need logits
@@ -421,8 +437,10 @@ class Trainer:
                     self.loss_fn.sums = [loss.detach() for loss in losses]
                 else:
                     for m in range(0, local_bs, mbs):
-                        at = self._targets_at(y_cpu[m:m + mbs])
-                        self.loss_fn(self.module(x[m:m + mbs], pos[m:m + mbs], at), self._labels_at(y[m:m + mbs], at))
+                        rows = slice(m, m + mbs)
+                        xb, yb, pb, yb_cpu = self._trim(x[rows], y[rows], pos[rows], y_cpu[rows])
+                        at = self._targets_at(yb_cpu)
+                        self.loss_fn(self.module(xb, pb, at), self._labels_at(yb, at))
             if self.is_last:
                 ce_sum += float(sum(s.item() for s in self.loss_fn.sums))
                 count += float((y != data_mod.IGNORE_INDEX).sum())

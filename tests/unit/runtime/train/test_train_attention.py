@@ -65,8 +65,9 @@ def test_packed_records_get_their_logits_alone(impl: str, tok, tiny_model: Path)
 
 
 def test_masks_carry_boundaries_not_a_dense_mask_where_the_kernel_can(tiny_model: Path) -> None:
-    """sdpa: no mask at all for unpacked rows (the is_causal fast path), the dense boolean
-    fallback only for a packed batch; flex: a BlockMask (the document rule, block-sparse)."""
+    """sdpa: no mask at all for unpacked rows (the is_causal fast path), record buckets for a
+    packed batch, the dense boolean fallback only for compiled blocks; flex: a BlockMask (the
+    document rule, block-sparse)."""
     from torch.nn.attention.flex_attention import BlockMask
 
     lm = models.load_causal_lm(tiny_model)
@@ -75,7 +76,12 @@ def test_masks_carry_boundaries_not_a_dense_mask_where_the_kernel_can(tiny_model
     packed = torch.cat([torch.arange(6), torch.arange(10)]).repeat(2, 1)
     attention.apply(lm, "sdpa")
     assert attention.stage_mask(lm.config, h, plain) is None
-    dense = attention.stage_mask(lm.config, h, packed)
+    docs = attention.stage_mask(lm.config, h, packed)
+    assert isinstance(docs, attention.Documents) and docs.records == 4
+    assert docs.buckets == [(0, 4, 16)]  # 6 and 10 tokens, each padded to the shortest bucket
+    assert docs.gather[:16].tolist() == list(range(6)) + [5] * 10  # pads repeat the record's last token
+    assert docs.scatter.tolist()[:8] == [0, 1, 2, 3, 4, 5, 16, 17]
+    dense = attention.stage_mask(lm.config, h, packed, documents=False)
     assert dense.shape == (2, 1, 16, 16) and dense.dtype == torch.bool
     assert not dense[0, 0, 6:, :6].any()
     assert torch.equal(dense[0, 0, 6:, 6:], torch.ones(10, 10, dtype=torch.bool).tril())
@@ -95,3 +101,39 @@ def test_auto_picks_a_trainable_kernel_and_bad_choices_name_the_field() -> None:
     if not attention.flash_attn_installed():
         with pytest.raises(ConfigError, match="training.attention flash_attention_2 needs CUDA"):
             attention.resolve("flash_attention_2", "cuda")
+
+
+def test_record_buckets_give_the_dense_masks_loss_and_gradients(tok, tiny_model: Path) -> None:
+    """sdpa on a packed micro-batch, record by record (``Documents``: records of several
+    bucket lengths, two rows, grouped-query heads) against the dense block-diagonal mask:
+    the same loss and every gradient."""
+    import torch.nn.functional as F
+
+    records = [D.tokenize_record(tok, {"text": t}, "text") for t in (
+        "Short.", "A record of medium length about the weather in spring and autumn.",
+        "Another one.", "The longest record here goes on about apples, pears, plums, cherries and "
+        "the orchards they grow in, for long enough to need a larger bucket than the others.", "End.")]
+    x, y, pos = D.build_samples(records * 3, 64, packing=True, pad_id=0)
+    x, y, pos = x[:2], y[:2], pos[:2]
+    assert attention.packed(pos)
+    lm = models.load_causal_lm(tiny_model).train()
+    attention.apply(lm, "sdpa")
+    assert lm.config.num_key_value_heads < lm.config.num_attention_heads
+    stage = CausalLMStage(lm, True, True)
+    docs = attention.Documents(pos)
+    # a row that starts inside a record (positions not at 0) starts a record of its own
+    assert len(docs.buckets) > 1 and docs.records == int((pos == 0).sum() + (pos[:, 0] != 0).sum())
+
+    def loss_and_grads(documents: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        lm.zero_grad(set_to_none=True)
+        stage.documents = documents  # False: the dense mask compiled blocks get
+        logits = stage(x, pos)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=D.IGNORE_INDEX, reduction="sum")
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in lm.named_parameters()}
+
+    loss, grads = loss_and_grads(True)
+    ref_loss, ref_grads = loss_and_grads(False)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-4)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -256,3 +256,39 @@ def test_starter_sets_have_disjoint_duplicate_free_splits(name: str) -> None:
     if name == "code-generation":
         for r in train + test:  # our own code: each completion passes its own tests
             exec(compile(r.data["prompt"] + r.data["completion"] + r.data["tests"], r.file, "exec"), {})
+
+
+def test_a_step_drops_the_columns_after_the_last_target_and_no_loss_or_gradient_changes(tok, tiny_model: Path):
+    """Trainer._trim: right padding of short records costs no compute. The real model's loss
+    and every gradient are those of the full-width batch (causal attention)."""
+    import torch
+
+    from kubeforge_runtime.models import load_causal_lm
+
+    records = [{"prompt": "Review: great.\nSentiment:", "completion": " positive"},
+               {"prompt": "Review: the phone froze every hour and the refund never came.\nSentiment:",
+                "completion": " negative"}]
+    pairs = [D.tokenize_record(tok, r, "prompt-completion") for r in records]
+    x, y, pos = D.build_samples(pairs, 64, packing=False, pad_id=tok.pad_token_id)
+    width = D.target_span(y)
+    assert width == max(len(ids) for ids, _ in pairs) - 1 < 64  # the longer record's last target
+    assert (y[:, width:] == D.IGNORE_INDEX).all() and (y[:, width - 1] != D.IGNORE_INDEX).any()
+    assert D.target_span(torch.full((2, 8), D.IGNORE_INDEX)) == 1  # no target at all: one column
+
+    model = load_causal_lm(tiny_model, dtype=torch.float32)
+    model.train()
+
+    def loss_and_grads(cols: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        logits = model(input_ids=x[:, :cols], position_ids=pos[:, :cols]).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y[:, :cols].flatten(),
+                                                 ignore_index=D.IGNORE_INDEX, reduction="sum")
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    full_loss, full_grads = loss_and_grads(64)
+    cut_loss, cut_grads = loss_and_grads(width)
+    torch.testing.assert_close(cut_loss, full_loss, rtol=1e-5, atol=1e-5)
+    assert len(cut_grads) == len(full_grads) > 0
+    for a, b in zip(cut_grads, full_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
