@@ -110,6 +110,7 @@ def _load(model_dir: Path, device: str, *, dtype: Any = "auto", quant_type: Any 
     kwargs: dict[str, Any] = {"dtype": dtype}
     if quant_type is not None:
         kwargs["quantization_config"] = TorchAoConfig(quant_type=quant_type)
+        embedding_quant.register_ops()  # the blockwise int8 linear (and int8 embedding ops)
     if device != "cpu":
         kwargs["device_map"] = device
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
