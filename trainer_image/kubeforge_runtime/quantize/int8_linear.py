@@ -42,7 +42,10 @@ def _scratch(values: int, device: Any) -> Any:
     key = str(device)
     buf = buffers.get(key)
     if buf is None or buf.numel() < values:
-        buf = torch.empty(values, dtype=torch.float32, device=device)
+        # A normal tensor even when first needed under inference_mode: an inference tensor
+        # could not be written in place later, outside it (e.g. under no_grad).
+        with torch.inference_mode(False):
+            buf = torch.empty(values, dtype=torch.float32, device=device)
         buffers[key] = buf
     return buf[:values]
 

@@ -107,3 +107,16 @@ def test_a_quantized_models_lm_head_and_linears_run_the_blockwise_kernel(
     assert tuple(head.shape) in calls  # the grouped lm_head
     linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     assert len(calls) == linears, (len(calls), linears)
+
+
+def test_the_scratch_buffer_serves_inference_mode_and_no_grad_alike() -> None:
+    from torchao.quantization import PerGroup
+
+    int8_linear._local.buffers = {}  # first use under inference_mode, as the evaluation does
+    layer = _int8_linear(3000, 192, PerGroup(32))
+    x = torch.randn(2, 192)
+    with torch.inference_mode():
+        first = layer(x)
+    with torch.no_grad():  # then outside it, as generate() and the server do
+        second = layer(x)
+    torch.testing.assert_close(first, second)
