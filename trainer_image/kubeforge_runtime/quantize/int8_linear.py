@@ -4,7 +4,9 @@ Called through torchao's extension table: :func:`kubeforge_runtime.quantize.embe
 registers :func:`linear` for ``Int8Tensor`` (``F.linear`` and ``aten.linear``), so every
 int8 weight-only layer of a loaded or freshly quantized model runs it — the server's engine,
 the QuantizeJob's perplexity, accuracy and latency, and the benchmarks alike. Other cases
-(int8-dynamic, CUDA, 3-D weights, a backward pass) go to torchao's own implementation.
+(int8-dynamic, CUDA, 3-D weights, a backward pass, and a weight with one scale per row
+small enough to fit one block, like a decoder's linears, where torchao's own path allocates
+little and measured faster) go to torchao's own implementation.
 
 Why: torchao 0.18's weight-only linear builds a new full-precision weight on every call —
 ``dequantize()`` for a weight with one scale per group of a row (several passes plus a fresh
@@ -59,7 +61,12 @@ def handles(activation: Any, weight: Any) -> bool:
     if torch.is_grad_enabled() and activation.requires_grad:  # out= matmuls have no autograd
         return False
     block_rows, group = weight.block_size
-    return block_rows == 1 and weight.qdata.shape[1] % group == 0
+    rows, width = weight.qdata.shape
+    if block_rows != 1 or width % group:
+        return False
+    # One scale per row and a weight that fits one block (a decoder's linears): torchao's
+    # widen-then-multiply allocates little and scales only the output; measured faster there.
+    return group < width or rows * width > BLOCK_VALUES
 
 
 def linear(activation: Any, weight: Any, bias: Any = None) -> Any:
