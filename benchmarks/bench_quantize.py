@@ -399,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"also each int8/int4 method with the embedding and lm_head in full precision (rows "
                         f"marked {FP_EMBEDDINGS!r}): what quantizing them costs in quality and saves in bytes")
     parser.add_argument("--int8-linear-groups", type=int, nargs="*", default=[], metavar="G",
-                        help="also int8-weight-only with its linears in groups of G values (one scale per group)")
+                        help="also int8-weight-only with its linears in groups of G values (one scale per group; "
+                             "the method itself uses methods.INT8_LINEAR_GROUP)")
     parser.add_argument("--no-latency", dest="latency", action="store_false",
                         help="sizes and quality only (perplexity, task): nothing timed, so it may run niced "
                         "outside the benchmark lock")
