@@ -180,16 +180,30 @@ FP_EMBEDDINGS = "(emb. fp32)"
 """Row-name suffix of a ``--compare-embeddings`` row: the same method, embedding and lm_head kept."""
 
 
-def _variants(args: argparse.Namespace) -> list[tuple[str, bool]]:
-    """(method, quantize embeddings) per row: each method as asked, and with
+def _variants(args: argparse.Namespace) -> list[tuple[str, bool, int | None]]:
+    """(method, quantize embeddings, int8 linear group) per row: each method as asked, and with
     ``--compare-embeddings`` each int8/int4 method once more with its embeddings in full
-    precision, so the embedding's share of the size and quality change shows in one run."""
-    rows = []
+    precision, so the embedding's share of the size and quality change shows in one run; with
+    ``--int8-linear-groups``, int8-weight-only once more per group size of its linears."""
+    rows: list[tuple[str, bool, int | None]] = []
     for name in args.methods:
-        rows.append((name, args.embeddings))
+        rows.append((name, args.embeddings, None))
         if args.compare_embeddings and args.embeddings and name.startswith("int"):
-            rows.append((name, False))
+            rows.append((name, False, None))
+        if name == "int8-weight-only":
+            rows += [(name, args.embeddings, group) for group in args.int8_linear_groups]
     return rows
+
+
+def _int8_grouped(group: int) -> Any:
+    """int8-weight-only with one scale per ``group`` values of a linear's row (not per row)."""
+
+    def config(_group_size: int) -> Any:
+        from torchao.quantization import Int8WeightOnlyConfig, PerGroup
+
+        return Int8WeightOnlyConfig(granularity=PerGroup(group))
+
+    return methods.TorchAoMethod(f"int8-weight-only (linears in groups of {group})", "bf16", config)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -225,9 +239,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "original": (original, _static_measurements(original, windows, tokenizer, args))}
         log.info("original: perplexity %s, task %s", loaded["original"][1].get("perplexity", "not measured"),
                  loaded["original"][1].get("task", "not measured"))
-        for method_name, embeddings in _variants(args):
+        for method_name, embeddings, linear_group in _variants(args):
             name = method_name if embeddings == args.embeddings else f"{method_name} {FP_EMBEDDINGS}"
-            method = methods.get_method(method_name)
+            method = methods.get_method(method_name) if linear_group is None else _int8_grouped(linear_group)
+            name = name if linear_group is None else method.name
             try:
                 method.check_supported(args.device, args.group_size)
             except methods.UnsupportedMethodError as exc:
@@ -383,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare-embeddings", action="store_true",
                         help=f"also each int8/int4 method with the embedding and lm_head in full precision (rows "
                         f"marked {FP_EMBEDDINGS!r}): what quantizing them costs in quality and saves in bytes")
+    parser.add_argument("--int8-linear-groups", type=int, nargs="*", default=[], metavar="G",
+                        help="also int8-weight-only with its linears in groups of G values (one scale per group; "
+                             "the method itself uses methods.INT8_LINEAR_GROUP)")
     parser.add_argument("--no-latency", dest="latency", action="store_false",
                         help="sizes and quality only (perplexity, task): nothing timed, so it may run niced "
                         "outside the benchmark lock")

@@ -60,12 +60,13 @@ def load_requirements(model_dir: str | Path) -> None:
 
 
 def _prepare_quantized_embeddings(model_dir: Path) -> None:
-    """Register the int8 embedding operators when ``model_dir`` holds quantized embeddings.
+    """Register the int8 operators (embedding lookup, ``equal``, weight-only ``linear``) when
+    ``model_dir`` is a torchao-quantized output.
 
-    A QuantizeJob output with ``include_input_output_embeddings`` in its torchao
-    ``quantization_config`` has an int8 embedding table; torchao alone would dequantize the
-    whole table for every lookup and cannot compare tied quantized weights while loading
-    (``quantize/embeddings.py`` says more).
+    With ``include_input_output_embeddings`` its embedding table is int8; torchao alone would
+    dequantize the whole table for every lookup, cannot compare tied quantized weights while
+    loading, and builds a full-precision copy of every int8 weight-only linear for each call
+    (``quantize/embeddings.py`` and ``quantize/int8_linear.py`` say more).
     """
     config = Path(model_dir) / "config.json"
     if not config.exists():
@@ -74,7 +75,7 @@ def _prepare_quantized_embeddings(model_dir: Path) -> None:
         quant = json.loads(config.read_text()).get("quantization_config") or {}
     except (ValueError, AttributeError):
         return
-    if quant.get("quant_method") == "torchao" and quant.get("include_input_output_embeddings"):
+    if quant.get("quant_method") == "torchao":
         from .quantize import embeddings
 
         embeddings.register_ops()

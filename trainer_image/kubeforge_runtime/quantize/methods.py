@@ -110,6 +110,7 @@ def _load(model_dir: Path, device: str, *, dtype: Any = "auto", quant_type: Any 
     kwargs: dict[str, Any] = {"dtype": dtype}
     if quant_type is not None:
         kwargs["quantization_config"] = TorchAoConfig(quant_type=quant_type)
+        embedding_quant.register_ops()  # the blockwise int8 linear (and int8 embedding ops)
     if device != "cpu":
         kwargs["device_map"] = device
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
@@ -171,10 +172,18 @@ def _int8_dynamic(_group_size: int) -> Any:
     return Int8DynamicActivationInt8WeightConfig()
 
 
-def _int8_weight_only(_group_size: int) -> Any:
-    from torchao.quantization import Int8WeightOnlyConfig
+INT8_LINEAR_GROUP = 32
+"""Values of a linear layer's row sharing one int8 scale in int8-weight-only. One scale per row
+cost the fine-tuned SmolLM2-135M 2 of 100 sentiment records (92 % against 94 %, +0.61 %
+perplexity); in groups of 32 it kept all of them (94 %, -0.09 % perplexity) at 0.289x of the
+fp32 bytes instead of 0.260x (README "Quantization"). Grouped weights run the blockwise linear
+(``int8_linear.py``)."""
 
-    return Int8WeightOnlyConfig()
+
+def _int8_weight_only(_group_size: int) -> Any:
+    from torchao.quantization import Int8WeightOnlyConfig, PerGroup
+
+    return Int8WeightOnlyConfig(granularity=PerGroup(INT8_LINEAR_GROUP))
 
 
 INT4_CPU_MODULE = "torchao.prototype.quantization.int4"

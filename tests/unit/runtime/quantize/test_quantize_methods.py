@@ -58,12 +58,20 @@ def test_int8_linear_weights_take_a_quarter_of_fp32(name: str, tiny_model: Path,
     model = get_method(name).load_quantized(tiny_model, "cpu", GROUP_SIZE)
     weights = _linear_weights(model)
     assert all(w.qdata.dtype == torch.int8 for w in weights)
-    # The int8 data is exactly 1/4; one fp32 scale per output row adds 4 bytes per row,
-    # i.e. 1/K of the fp32 size (K = 64 or 128 here, so at most +1/64; less at real widths).
+    # The int8 data is exactly 1/4. int8-dynamic: one fp32 scale per output row adds 4 bytes
+    # per row, i.e. 1/K of the fp32 size (K = 64 or 128 here, so at most +1/64; less at real
+    # widths). int8-weight-only: an fp32 scale and an int8 zero point per 32 values of a row
+    # (methods.INT8_LINEAR_GROUP) add 5 bytes per 128 bytes of fp32, whatever the width.
     data = sum(w.qdata.numel() * w.qdata.element_size() for w in weights)
     assert data * 4 == reference["linear_bytes"]
     ratio = metrics.linear_weight_bytes(model) / reference["linear_bytes"]
-    assert 0.25 <= ratio <= 0.28, ratio
+    if name == "int8-weight-only":
+        from kubeforge_runtime.quantize.methods import INT8_LINEAR_GROUP
+
+        assert all(list(w.block_size) == [1, INT8_LINEAR_GROUP] for w in weights)
+        assert ratio == pytest.approx(0.25 + 5 / (4 * INT8_LINEAR_GROUP)), ratio
+    else:
+        assert 0.25 <= ratio <= 0.28, ratio
 
 
 def test_int4_linear_weights_take_an_eighth_of_fp32(tiny_model: Path, reference: dict[str, Any]) -> None:
