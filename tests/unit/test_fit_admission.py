@@ -123,15 +123,16 @@ def test_a_distillation_teacher_is_counted_and_can_make_a_job_not_fit():
 
 
 def test_qlora_counts_the_base_in_nf4_at_admission():
-    """The same job as lora and as qlora: the qlora weights are the base's linears at 0.516
-    bytes instead of 4 (kubeforge_runtime.fit.NF4_BYTES_PER_PARAM); adapters, gradients and
-    optimizer state are the same."""
+    """The same job as lora and as qlora: the qlora weights are the base's linears and its
+    (tied) embedding at 0.516 bytes instead of 4 (kubeforge_runtime.fit.NF4_BYTES_PER_PARAM;
+    SmolLM2's 576-wide rows are whole NF4 blocks); adapters, gradients and optimizer state are
+    the same."""
     raw = {**TOO_BIG, "method": "lora", "resources": {"gpus": 1, "gpuMemory": "80Gi"}}
     lora = fit.check_finetune(_spec(raw))
     qlora = fit.check_finetune(_spec({**raw, "method": "qlora"}))
     assert lora.checked and qlora.checked and lora.fits and qlora.fits
     arch = fit.known_architecture(SMOLLM)
-    linear = arch.num_layers * arch.layer_linear_params
+    nf4 = arch.num_layers * arch.layer_linear_params + arch.embedding_params + arch.head_params
     saved = lora.estimate.terms["weights"] - qlora.estimate.terms["weights"]
-    assert saved == int(4 * linear - fit.fit.NF4_BYTES_PER_PARAM * linear)
+    assert saved == int(4 * nf4 - fit.fit.NF4_BYTES_PER_PARAM * nf4)
     assert qlora.estimate.terms["optimizer"] == lora.estimate.terms["optimizer"]

@@ -79,7 +79,10 @@ def test_disconnected_non_streaming_client_frees_its_slot(narrow_server: ServerT
     url = narrow_server.base_url + "/v1/completions"
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(url, json={**LONG, "max_tokens": 480}, timeout=httpx.Timeout(0.3, connect=5))
-    assert _wait_until(lambda: metric_value(_metrics(narrow_server), "vllm:num_requests_running") == 0), "slot not freed"
+    # 60 s: under CI load (three lanes on two cores) 20 s once ran out (stop 28); the server
+    # polls for the disconnect every 0.25 s, and the 480 tokens alone would take longer here.
+    assert _wait_until(lambda: metric_value(_metrics(narrow_server), "vllm:num_requests_running") == 0,
+                       timeout=60.0), "slot not freed"
     assert httpx.post(url, json={**LONG, "max_tokens": 4}, timeout=60).status_code == 200
 
 
