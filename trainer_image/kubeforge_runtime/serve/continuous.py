@@ -11,7 +11,9 @@ Sampling: the manager samples batch-wide (argmax or multinomial for the whole ba
 temperature, top-k and top-p can be per request. We therefore run it in sampling mode with
 per-request processors and express a greedy request as ``top_k=1``: the multinomial then has
 exactly one candidate, which is the argmax, so greedy output equals ``generate(do_sample=False)``
-token for token (a test checks this). A per-request ``seed`` cannot be honoured here.
+token for token (a test checks this). A per-request ``seed`` cannot be honoured here. On the
+eager plan the warpers and the draw work only on the rows they change (:mod:`.sampling`):
+transformers' versions sort the whole vocabulary for every row of every step.
 
 Sizing on CPU matters: left to itself the manager would size the cache from 90 % of free
 *system* memory. We always pass ``num_blocks`` (enough for ``maxConcurrentRequests``
@@ -38,6 +40,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from . import sampling
 from .engine import EngineEvent, EngineRequest, EventSink
 
 if TYPE_CHECKING:
@@ -98,6 +101,11 @@ class ContinuousEngine:
         self._manager = model.init_continuous_batching(
             generation_config=generation_config, continuous_batching_config=cb_config
         )
+        # Eager plan: top-k/top-p and the draw only on the rows they change (serve/sampling.py);
+        # a compiled step or CUDA graph keeps transformers' fixed-shape versions.
+        self._rowwise_sampling = not (self.plan.compile or self.plan.cuda_graphs)
+        if self._rowwise_sampling:
+            sampling.install(self._manager)
         self._sinks: dict[str, EventSink] = {}
         self._lock = threading.Lock()
         self._prefix_queries = 0  # prompt tokens looked up in the prefix cache
@@ -109,6 +117,8 @@ class ContinuousEngine:
         # Builds the paged cache, and with a compiled or graphed plan compiles the batch step and
         # captures the CUDA graphs for every padded size: before /ready, never on a request.
         self._manager.warmup()
+        if self._rowwise_sampling:
+            sampling.install_sampler(self._manager.batch_processor.model_runner)
         cache = self._manager.batch_processor.cache
         self._count_prefix_lookups(cache)  # the manager keeps this cache object across start()
         self._manager.start()
