@@ -332,7 +332,8 @@ def kv_memory(model_dir: Path, prompts: list[list[int]], new_tokens: int, args: 
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     max_len = args.max_model_length or 1024
-    cfg = EngineConfig(max_concurrent_requests=len(prompts), max_batch_tokens=args.max_batch_tokens, kv_block_size=args.kv_block_size)
+    cfg = EngineConfig.model_validate({"maxConcurrentRequests": len(prompts), "maxBatchTokens": args.max_batch_tokens,
+                                       "kvBlockSize": args.kv_block_size})  # the config file's (camelCase) keys
 
     # Paged: run the workload through the continuous engine; sample once every request is
     # past half its generation, reading the blocks in use and the tokens actually held.
