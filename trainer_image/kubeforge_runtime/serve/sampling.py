@@ -3,8 +3,9 @@
 transformers' continuous-batching warpers (``cb_logits_processors``) apply top-k and top-p to
 every row of the batch with a full descending sort of the vocabulary each, whatever the
 row's values: with SmolLM2's 49,152-token vocabulary and 32 running requests that is two
-sorts of 1.6 M scores per decoding step, which measured 1.46 s per step on the loaded 2-core
-development machine, more than the model's own forward pass. The engine expresses greedy as
+sorts of 1.6 M scores per decoding step (with the draw below: 310 ms per step for 32 greedy
+rows, 24 ms for one, on the loaded 2-core development machine; ``benchmarks/bench_sampling.py``,
+README "Measured"). The engine expresses greedy as
 ``top_k=1`` and "no top-k" as a ``top_k`` larger than the vocabulary, and most requests
 have ``top_p=1``, so almost all of that work filters nothing.
 
@@ -19,7 +20,7 @@ filter, restricted to the rows it can change:
   whose probability is already 0, which sampling never picks).
 
 The manager then samples every row with ``softmax`` and ``torch.multinomial`` over the whole
-vocabulary (140 ms for 32 rows on that machine). :func:`install_sampler` replaces that step
+vocabulary, a cumulative pass per row. :func:`install_sampler` replaces that step
 with one that takes the argmax of rows left with a single candidate (greedy requests: their
 probability is exactly 1) and samples the other rows with the exponential-race form of the
 same distribution (``argmax(p / E)``, ``E ~ Exp(1)``, as vLLM and gpt-fast sample).
