@@ -15,8 +15,9 @@ from kubeforge_runtime import lineage as lineage_mod
 from kubeforge_runtime.quantize import inherited, runner
 
 RECORDED = 0.123
-"""A figure no measurement of the tiny model gives here (its f1 on the references below is
-well above it): a report holding it took it from the lineage record, not from a measurement."""
+"""A figure that measuring the tiny model on the records below does not give (f1 over four
+records whose references its random weights do not write): a report holding it took it from
+the lineage record."""
 
 
 @pytest.fixture
@@ -84,7 +85,7 @@ def test_the_runner_reports_where_the_input_figure_came_from(
     write_config: Callable[..., Path], report_file: Path, tiny_model: Path, tmp_path: Path, task_file: Path
 ) -> None:
     model = fine_tuned(tiny_model, tmp_path, task_file)
-    config = write_config("int8-weight-only", model={"uri": f"file://{model}"})
+    config = write_config("bf16", model={"uri": f"file://{model}"})  # the cheapest method: the figure is what is tested
     cfg = json.loads(config.read_text())
     cfg["evaluation"].update(task={"uri": f"file://{task_file}", "metric": "f1", "maxSamples": 4},
                              maxAccuracyDropPoints=100)
@@ -94,14 +95,5 @@ def test_the_runner_reports_where_the_input_figure_came_from(
     assert report["task"]["before"] == RECORDED and report["task"]["beforeSource"].startswith("lineage of FineTuneJob")
     assert "from its lineage" in report["message"]
     assert report["taskDropPoints"] == pytest.approx((RECORDED - report["task"]["after"]) * 100)
-
-    # The same job on other records measures the input itself and says so.
-    other = tmp_path / "other.jsonl"
-    other.write_text(task_file.read_text())
-    other.write_text(other.read_text().replace(" 6", " 7"))
-    cfg["evaluation"]["task"]["uri"] = f"file://{other}"
-    config.write_text(json.dumps(cfg))
-    assert runner.main(["--config", str(config)]) == contract.EXIT_OK
-    report = json.loads(report_file.read_text())
-    assert report["task"]["beforeSource"] == inherited.MEASURED and report["task"]["before"] != RECORDED
-    assert "from its lineage" not in report["message"]
+    # A job that measures its input says so too: test_quantize_runner.py's task-metric test
+    # (its tiny model has no lineage record); the cases that refuse the record are above.
