@@ -34,11 +34,8 @@ because a model that does not stop keeps talking after its answer):
 Generation stops per row as soon as the row holds everything its metric reads
 (:func:`answer_end`): the first non-empty line for the line metrics; for ``passAtOne``, the
 code up to where a program ends in HumanEval's convention (after a body has started, a
-top-level comment, ``if __name__``, ``print(``, ``assert`` or a closing code fence), or up
-to the fence after which :func:`build_program` reads nothing more (a second fence; the first
-when the code before it compiles alone), where the answer is cut; and a row that has
-written one line ``LOOP_LINES`` times in a row outside code fences (a greedy loop: it would
-write that line until the token cap) stops there. A base model that does not stop otherwise decodes to the token cap on every
+top-level comment, ``if __name__``, ``print(``, ``assert`` or a closing code fence), where
+the answer is cut. A base model that does not stop otherwise decodes to the token cap on every
 prompt, and that cost is paid in every training and quantization job that evaluates.
 """
 
@@ -143,46 +140,7 @@ def answer_end(metric: str, text: str) -> int | None:
         return line.end() if line else None
     body = re.search(r"\n[ \t]+\S", text)  # a program ends only after a body has started
     end = _PROGRAM_END.search(text, body.start()) if body else None
-    ends = [end.start() if end else None, _fenced_program_end(text), _loop_end(text)]
-    return min((e for e in ends if e is not None), default=None)
-
-
-def _fenced_program_end(text: str) -> int | None:
-    """Where :func:`build_program`'s choice is settled by code fences, whatever follows: at
-    the second fence (nothing after it is read), or at the first when the code before it
-    compiles on its own (that code is then the program, with or without the prompt)."""
-    lines = text.splitlines(keepends=True)
-    fences = _fences(lines)
-    if not fences:
-        return None
-    starts = [0]
-    for line in lines:
-        starts.append(starts[-1] + len(line))
-    if len(fences) >= 2:
-        return starts[fences[1]] - 1  # the newline that ends the block's last line
-    head = "".join(lines[:fences[0]])
-    if head.strip() and _compiles(head):
-        return starts[fences[0]] - 1
-    return None
-
-
-LOOP_LINES = 3
-"""A row whose last this many non-empty lines are one and the same line, outside any code
-fence, is in a greedy-decoding loop: it stops there (see :func:`_loop_end`)."""
-
-
-def _loop_end(text: str) -> int | None:
-    """The end of the ``LOOP_LINES``-th copy of one line repeated (blank lines between
-    allowed) with no code fence in the text: greedy decoding that has written the same line
-    that many times in a row keeps writing it, so what follows would be more of the same
-    (the base model's prose answer to a code prompt does this until the token cap)."""
-    lines = text.splitlines(keepends=True)
-    if _fences(lines):
-        return None
-    ended = [(k, line.strip()) for k, line in enumerate(lines) if line.endswith("\n") and line.strip()]
-    if len(ended) < LOOP_LINES or len({line for _, line in ended[-LOOP_LINES:]}) != 1:
-        return None
-    return sum(len(line) for line in lines[:ended[-1][0] + 1])
+    return end.start() if end else None
 
 
 _PROGRAM_END = re.compile(r"\n(?:#|if __name__|print\(|assert\b|```)")

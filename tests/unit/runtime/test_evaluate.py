@@ -268,34 +268,9 @@ def test_generate_decodes_new_tokens_only_and_stops_at_eos(tokenizer):
     ("passAtOne", "def f():\n    return 1\nif __name__ == '__main__':", len("def f():\n    return 1")),
     ("passAtOne", "```python\ndef f():\n    return 1\n```\nThis returns one.", len("```python\ndef f():\n    return 1")),
     ("passAtOne", "def f():\n    return g()\ndef g():\n    return 1", None),  # helpers are part of it
-    # Fences settle the program whatever follows (the base model's answers to the code starter):
-    # code before the first fence that compiles alone is the program; a second fence closes it.
-    ("passAtOne", "\n# Example usage:\nprint(f(30))\n```\n\nIn this example", len("\n# Example usage:\nprint(f(30))")),
-    ("passAtOne", "Your code should pass:\n```python\nassert f(2) == 4\n```\nMore", len("Your code should pass:\n```python\nassert f(2) == 4")),
-    ("passAtOne", "Here is one:\n```python\ndef f(x):\n    return 1", None),  # the block is still open
-    ("passAtOne", "Here is one:\n```python\n", None),  # prose before the fence does not compile
-    # One line written three times (blank lines between), no fence: a greedy loop.
-    ("passAtOne", "Prose.\n\nAgain.\n\nAgain.\n\nAgain.\n\nAgain", len("Prose.\n\nAgain.\n\nAgain.\n\nAgain.\n")),
-    ("passAtOne", "Again.\nAgain.\nAgai", None),  # twice is not yet a loop
-    ("passAtOne", "```\nx = 1\nx = 1\nx = 1\n", None),  # repeated code inside a block is not cut
 ])
 def test_answer_end_marks_where_the_scored_part_is_complete(metric, text, end):
     assert answer_end(metric, text) == end
-
-
-@pytest.mark.parametrize("prompt", ["# Write f(x) that returns 1.\n", "def f(x):\n", "Complete it:\n```python\ndef f(x):\n"])
-@pytest.mark.parametrize("text", [
-    "\n# Example usage:\nprint(f(30))\n```\n\nIn this example, more\n```python\nx = 2\n```\n",
-    "Your code should pass:\n```python\nassert f(2) == 4\n```\nMore code:\n```python\ndef g():\n    pass\n```\n",
-    "Here:\n```python\n    return 1\n```\nThat is it.\n```\n",
-    "def f(x):\n    return 1\n```\nThis returns one.\n# a comment\n",
-])
-def test_a_fence_cut_leaves_the_program_that_is_run_unchanged(prompt, text):
-    """The fence rules cut only where build_program reads nothing further: the program run
-    for the cut answer is the program run for the whole one (up to the final newline)."""
-    end = answer_end("passAtOne", text)
-    assert end is not None
-    assert build_program(prompt, text[:end]).rstrip("\n") == build_program(prompt, text).rstrip("\n")
 
 
 class ScriptedWriting:
