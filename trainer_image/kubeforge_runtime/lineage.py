@@ -11,6 +11,7 @@ use it. Pure: hashlib, json and the file system; no torch.
 * :func:`records_digest` - sha256 over canonical JSON of data records (the trainer's digest of
   the data *after* redaction, as it was trained on).
 * :func:`json_digest` - sha256 of canonical JSON (the config digest).
+* :func:`file_digest` - sha256 of one file (the held-out task evaluation set a figure came from).
 * :func:`code_version` - package version and, where known, the git commit.
 * :func:`seal` - embed the input's own lineage record (``input``), so the chain
   FineTuneJob -> QuantizeJob nests into one document, and add ``digest``: sha256 of the
@@ -49,6 +50,11 @@ def _sha256_file(path: Path) -> str:
         for chunk in iter(lambda: fh.read(_CHUNK), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def file_digest(path: str | Path) -> str:
+    """``"sha256:..."`` of one file's bytes (e.g. the held-out evaluation set a figure was measured on)."""
+    return "sha256:" + _sha256_file(Path(path))
 
 
 def _model_files(model_dir: Path) -> Iterator[Path]:

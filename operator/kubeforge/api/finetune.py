@@ -443,6 +443,9 @@ class TaskMetricResult(KFModel):
     before: float | None = Field(default=None, description="The input model's score.")
     after: float | None = Field(default=None, description="The output model's score.")
     samples: int | None = Field(default=None, description="Records evaluated.")
+    before_source: str | None = Field(
+        default=None, description="QuantizeJob only: where the input's figure came from: measured, or the lineage "
+        "record of the FineTuneJob that measured the same files on the same records.")
 
 
 class DataMeasurements(KFModel):

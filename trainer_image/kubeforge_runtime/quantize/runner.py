@@ -6,7 +6,9 @@ Run in the QuantizeJob pod as ``python -m kubeforge_runtime.quantize --config PA
 1. parse the config (``config.py``); check at once that this machine can run the method
    (``methods.py``) - before any model is loaded;
 2. load the original model (a LoRA adapter is merged into its base first) and measure its
-   size, per-token latency and perplexity on the evaluation set;
+   size, per-token latency and perplexity on the evaluation set, and its task metric - unless
+   its FineTuneJob's lineage record holds that figure for the same files and records
+   (``inherited.py``; the report's ``task.beforeSource`` says which);
 3. load it again quantized through transformers' torchao integration (a calibrating method
    first reads ``calibration.uri`` and runs it through the model), measure the same things on
    the same windows and prompts; for a calibrating method, also the same method without
@@ -38,7 +40,7 @@ from typing import Any
 from .. import contract, models, storage
 from .. import lineage as lineage_mod
 from ..data import DataError, parse_jsonl
-from . import data, methods, metrics, speed
+from . import data, inherited, methods, metrics, speed
 from . import report as reporting
 from .config import CALIBRATED_METHODS, ConfigError, QuantizeConfig, load_config
 
@@ -133,6 +135,17 @@ def _task_metric(model: Any, tokenizer: Any, cfg: QuantizeConfig, which: str) ->
     result = evaluate.evaluate(model, tokenizer, path, fmt, task.metric, task.max_samples)
     log.info("%s model: %s %.1f%% on %d records", which, task.metric, result["value"] * 100, result["samples"])
     return result
+
+
+def _task_before(model: Any, tokenizer: Any, cfg: QuantizeConfig, input_dir: Path,
+                 input_digest: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The input model's task metric and where it came from: its FineTuneJob's lineage record
+    when that measured the same files on the same records (``inherited.py``), else measured."""
+    task = cfg.evaluation.task
+    if task is None:
+        return None, None
+    return inherited.task_metric_before(input_dir, input_digest, storage.resolve(task.uri), task.metric,
+                                        task.max_samples, lambda: _task_metric(model, tokenizer, cfg, "original"))
 
 
 def _clear_stale(out_dir: Path) -> None:
@@ -258,7 +271,7 @@ def run(cfg: QuantizeConfig) -> tuple[dict[str, Any], dict[str, Any], int]:
             log.info("[2/5] measuring the original model")
             original = models.load_causal_lm(str(source), device=device).eval()
             before = _measure(original, windows, prompts, tokenizer)
-            task_before = _task_metric(original, tokenizer, cfg, "original")
+            task_before, task_source = _task_before(original, tokenizer, cfg, input_dir, input_files["digest"])
             original_dtype = str(next(original.parameters()).dtype).replace("torch.", "")
             del original
             gc.collect()
@@ -309,8 +322,9 @@ def run(cfg: QuantizeConfig) -> tuple[dict[str, Any], dict[str, Any], int]:
         if limit is not None:
             gate_passed = gate_passed and drop <= limit
         task_report = {"metric": task_before["metric"], "before": task_before["value"], "after": task_after["value"],
-                       "samples": task_after["samples"]}
-        task_numbers = (f"{task_before['metric']} {task_before['value']:.1%} -> {task_after['value']:.1%} "
+                       "samples": task_after["samples"], "beforeSource": task_source}
+        recorded = " (input's figure from its lineage)" if task_source != inherited.MEASURED else ""
+        task_numbers = (f"{task_before['metric']} {task_before['value']:.1%}{recorded} -> {task_after['value']:.1%} "
                         f"({-drop:+.1f} points" + (f", limit -{limit:g}" if limit is not None else "") + "), ")
     numbers = (
         f"perplexity {before['perplexity']:.4f} -> {after['perplexity']:.4f} "

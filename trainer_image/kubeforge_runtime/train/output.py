@@ -98,7 +98,9 @@ def lineage_record(cfg: TrainConfig, base_dir: Path, summary: dict[str, Any]) ->
         "finalLoss": summary.get("finalLoss"),
         "initialValidationLoss": summary.get("initialValidationLoss"),
         "finalValidationLoss": summary.get("finalValidationLoss"),
-        "evaluation": ({**cfg.to_dict()["evaluation"], **summary["evaluation"]} if summary.get("evaluation") else None),
+        "evaluation": ({**cfg.to_dict()["evaluation"], **summary["evaluation"],
+                        **({"dataDigest": summary["evaluationDataDigest"]} if summary.get("evaluationDataDigest") else {})}
+                       if summary.get("evaluation") else None),
         "heldOutRecordsRemoved": summary.get("heldOutRecordsRemoved"),
         "parallel": summary.get("parallel"),
         "training": cfg.to_dict()["training"],

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import contract, data as data_mod, models, storage
+from .. import lineage as lineage_mod
 from . import attention as attention_mod
 from . import compiled as compiled_mod
 from . import checkpoint as ckpt
@@ -667,6 +668,9 @@ class Trainer:
             before = self.task_before or {}
             summary["evaluation"] = {"metric": after["metric"], "before": before.get("value"), "after": after["value"],
                                      "samples": after["samples"]}
+            # For the lineage record only: with it a QuantizeJob of this output can reuse "after"
+            # as its input's figure instead of measuring the same model on the same records again.
+            summary["evaluationDataDigest"] = lineage_mod.file_digest(storage.resolve(self.cfg.evaluation.uri))
         output_mod.save_output(model, self.tokenizer, self.cfg, self.base_dir, summary)
 
     def _task_metric(self, stage: str, model: nn.Module) -> dict[str, Any]:

@@ -266,6 +266,7 @@ def test_the_task_metric_is_measured_on_input_and_output_and_gated(
     report = json.loads(report_file.read_text())
     assert report["task"]["metric"] == "f1" and report["task"]["samples"] == len(prompts)
     assert report["task"]["before"] == pytest.approx(expected_before, abs=1e-6)
+    assert report["task"]["beforeSource"] == "measured"  # the tiny model has no lineage record to take it from
     assert report["taskDropPoints"] == pytest.approx((report["task"]["before"] - report["task"]["after"]) * 100)
     assert "f1 " in report["message"] and "limit -100" in report["message"]
 
