@@ -37,6 +37,7 @@ import importlib.util
 import logging
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -112,32 +113,34 @@ class Documents:
     either. The work is the sum of the records' squared lengths, not rows x sequence²."""
 
     def __init__(self, position_ids: torch.Tensor) -> None:
+        # Array operations over the records (numpy: single-threaded, no per-op thread
+        # start-up for these few-thousand-element arrays), no Python loop over tokens.
         rows, seq = position_ids.shape
-        starts = (position_ids.detach().cpu() == 0)
-        starts[:, 0] = True
-        flat = starts.flatten().nonzero().squeeze(1).tolist() + [rows * seq]
-        # A record never runs over a row's end: row starts are record starts.
-        records = [(a, b - a) for a, b in zip(flat[:-1], flat[1:])]
-        by_length: dict[int, list[tuple[int, int]]] = {}
-        for first, n in records:
-            length = min(seq, max(BUCKET_MIN, 1 << (n - 1).bit_length()))
-            by_length.setdefault(length, []).append((first, n))
-        gather: list[int] = []
-        scatter = [0] * (rows * seq)
-        self.buckets: list[tuple[int, int, int]] = []
-        for length in sorted(by_length):
-            group = by_length[length]
-            self.buckets.append((len(gather), len(group), length))
-            for first, n in group:
-                for i in range(n):
-                    scatter[first + i] = len(gather) + i
-                gather.extend(range(first, first + n))
-                gather.extend([first + n - 1] * (length - n))
+        tokens = rows * seq
+        starts = (position_ids.detach().cpu() == 0).numpy()
+        starts[:, 0] = True  # a record never runs over a row's end: row starts are record starts
+        first = np.flatnonzero(starts)
+        n = np.diff(first, append=tokens)
+        # Padded length: the next power of two, at least BUCKET_MIN, at most the sequence.
+        length = np.clip(1 << np.ceil(np.log2(n)).astype(np.int64), BUCKET_MIN, seq)
+        order = np.argsort(length, kind="stable")  # buckets by length, records in order within one
+        slot0 = np.empty_like(length)  # each record's first slot in the gathered order
+        slot0[order] = np.cumsum(length[order]) - length[order]
+        # gather: slot -> token (pad slots repeat the record's last token)
+        slot_record = np.repeat(order, length[order])
+        within = np.arange(len(slot_record)) - slot0[slot_record]
+        gather = first[slot_record] + np.minimum(within, n[slot_record] - 1)
+        # scatter: token -> its slot
+        token_record = np.repeat(np.arange(len(first)), n)
+        scatter = slot0[token_record] + np.arange(tokens) - first[token_record]
+        sizes, begins, counts = np.unique(length[order], return_index=True, return_counts=True)
+        self.buckets: list[tuple[int, int, int]] = [
+            (int(slot0[order[i]]), int(c), int(size)) for size, i, c in zip(sizes, begins, counts)]
         device = position_ids.device
-        self.gather = torch.tensor(gather, dtype=torch.long).to(device)
-        self.scatter = torch.tensor(scatter, dtype=torch.long).to(device)
+        self.gather = torch.from_numpy(gather).to(device)
+        self.scatter = torch.from_numpy(scatter).to(device)
         self.shape = (rows, seq)
-        self.records = len(records)
+        self.records = len(first)
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None,
                dropout: float) -> torch.Tensor:
@@ -149,7 +152,8 @@ class Documents:
         rep = heads // key.shape[1]
 
         def gathered(t: torch.Tensor) -> torch.Tensor:  # (tokens, heads, dim) in bucket order
-            return t.transpose(1, 2).reshape(rows * seq, t.shape[1], t.shape[3]).index_select(0, self.gather)
+            return _ToSlots.apply(t.transpose(1, 2).reshape(rows * seq, t.shape[1], t.shape[3]), self.gather,
+                                  self.scatter)
 
         q, k, v = gathered(query), gathered(key), gathered(value)
         outs = []
@@ -164,7 +168,46 @@ class Documents:
                                                                  is_causal=True, scale=scaling)
             outs.append(o.transpose(1, 2).reshape(count * length, heads, dim))
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
-        return out.index_select(0, self.scatter).view(rows, seq, heads, dim)
+        return _ToTokens.apply(out, self.scatter).view(rows, seq, heads, dim)
+
+
+class _ToSlots(torch.autograd.Function):
+    """Tokens -> bucket slots (``index_select`` by ``gather``), for :meth:`Documents.attend`.
+
+    Backward reads each token's own slot (``index_select`` by ``scatter``) instead of
+    autograd's scatter-add over all slots into a zero-filled buffer (a few per cent of a step
+    on CPU): a pad slot's gradient is exactly zero here - its output is dropped
+    (:class:`_ToTokens`), and attention is causal, so no real query attends to it and its
+    query, key and value get no gradient - so leaving the pad slots out adds nothing less."""
+
+    @staticmethod
+    def forward(ctx: Any, tokens: torch.Tensor, gather: torch.Tensor, scatter: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(scatter)
+        return tokens.index_select(0, gather)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (scatter,) = ctx.saved_tensors
+        return grad.index_select(0, scatter), None, None
+
+
+class _ToTokens(torch.autograd.Function):
+    """Bucket slots -> tokens (``index_select`` by ``scatter``: each token's slot, pad slots
+    dropped), for :meth:`Documents.attend`. Every slot is read at most once, so backward
+    copies the gradients into their slots (``index_copy_``; pad slots zero) rather than
+    autograd's scatter-add."""
+
+    @staticmethod
+    def forward(ctx: Any, slots: torch.Tensor, scatter: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(scatter)
+        ctx.slots = slots.shape[0]
+        return slots.index_select(0, scatter)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (scatter,) = ctx.saved_tensors
+        out = grad.new_zeros((ctx.slots, *grad.shape[1:]))
+        return out.index_copy_(0, scatter, grad), None
 
 
 @torch.compiler.disable

@@ -355,13 +355,8 @@ class Trainer:
             n = x.shape[0] // mbs
             for m in range(n):
                 rows = slice(m * mbs, (m + 1) * mbs)
-                xb, yb, pb, yb_cpu = self._trim(x[rows], y[rows], pos[rows], y_cpu[rows])
-                at = self._targets_at(yb_cpu)
                 with self.strategy.sync_gradients(m == n - 1):
-                    with self._autocast():
-                        logits = self.module(xb, pb, at)
-                    self.strategy.backward(self.loss_fn(logits, self._labels_at(yb, at)))
-                del logits  # not held through the next micro-batch's forward
+                    self.strategy.backward(self._micro_batch_loss(x[rows], y[rows], pos[rows], y_cpu[rows]))
         local = float(sum(s.item() for s in self.loss_fn.sums))
         stop = 1.0 if self.stop_requested else 0.0
         total, stops = self._world_sum([local if self.is_last else 0.0, stop])
@@ -369,6 +364,19 @@ class Trainer:
         self.stop_agreed = stops > 0
         # The last stage's tp ranks all computed the same (replicated) loss.
         return total / (self.dims.tp * max(1, n_tokens))
+
+    def _micro_batch_loss(self, x: torch.Tensor, y: torch.Tensor, pos: torch.Tensor,
+                          y_cpu: torch.Tensor) -> torch.Tensor:
+        """The loss of one micro-batch (rows of the step's inputs ``x``, labels ``y`` and their
+        CPU copy ``y_cpu``, positions ``pos``), as the training and the validation loops both
+        compute it: trimmed (:meth:`_trim`), logits at the target positions only
+        (:meth:`_targets_at`), the loss function on the matching labels (:meth:`_labels_at`).
+        The logits are not kept past the loss: freed before the next micro-batch's forward."""
+        xb, yb, pb, yb_cpu = self._trim(x, y, pos, y_cpu)
+        at = self._targets_at(yb_cpu)
+        with self._autocast():
+            logits = self.module(xb, pb, at)
+        return self.loss_fn(logits, self._labels_at(yb, at))
 
     def _trim(self, x: torch.Tensor, y: torch.Tensor, pos: torch.Tensor,
               y_cpu: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -439,9 +447,7 @@ class Trainer:
                 else:
                     for m in range(0, local_bs, mbs):
                         rows = slice(m, m + mbs)
-                        xb, yb, pb, yb_cpu = self._trim(x[rows], y[rows], pos[rows], y_cpu[rows])
-                        at = self._targets_at(yb_cpu)
-                        self.loss_fn(self.module(xb, pb, at), self._labels_at(yb, at))
+                        self._micro_batch_loss(x[rows], y[rows], pos[rows], y_cpu[rows])
             if self.is_last:
                 ce_sum += float(sum(s.item() for s in self.loss_fn.sums))
                 count += float((y != data_mod.IGNORE_INDEX).sum())
