@@ -25,13 +25,18 @@ median over rounds with the spread (min-max) of the rounds; the p50 ratio per ro
 median; per round, the median job's stages (create -> its Job seen on a Job watch -> its first
 pod seen -> every worker Ready), which split the operator's share from Kubernetes'; the
 operator's peak memory (VmHWM of its process), idle memory and CPU seconds while timed (on a
-machine of few cores, the operator's CPU is taken from the control plane it waits for).
+machine of few cores, the operator's CPU is taken from the control plane it waits for); the
+CPU seconds of every control-plane process, the operator (and its main thread, kopf's event
+loop) and this client while timed, per case (``/proc/<pid>/stat`` before and after), so the
+operator case's extra CPU can be placed; with ``--api-calls`` the API requests per job by verb
+and resource, all clients (the API server's own counters), and the Events by poster.
 
 Run::
 
     python benchmarks/bench_operator.py              # 200 jobs, 3 rounds
     python benchmarks/bench_operator.py --quick      # 20 jobs, 2 rounds (CI-sized)
     python benchmarks/bench_operator.py --jobs 100 --repeats 1 --api-calls   # + API requests per job
+    python benchmarks/bench_operator.py --repeats 1 --only operator          # one case (to profile it)
 
 The numbers depend on the machine (the whole control plane shares its cores with the
 operator and the client).
@@ -220,10 +225,29 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds the process ``pid`` has used so far (``/proc/<pid>/stat``)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """User + system CPU seconds the process ``pid`` (or only its thread ``thread``) has used so
+    far (``/proc/<pid>/stat``, ``/proc/<pid>/task/<thread>/stat``)."""
+    stat = Path(f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat")
+    fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu(cluster: LocalCluster, operator_pid: int | None = None) -> dict[str, float]:
+    """CPU seconds used so far by each control-plane process, the operator (if given) and this
+    benchmark's own client (its create threads and watches), by name."""
+    out = {p.name: cpu_seconds(p.popen.pid) for p in cluster.procs if p.popen.poll() is None}
+    if operator_pid is not None:
+        out["operator"] = cpu_seconds(operator_pid)
+        # Its main thread runs kopf's asyncio loop: the watches, kopf's processing of every event
+        # and its own patches, and the coroutine handlers; the syncs run on other threads.
+        out["operator: kopf's event loop"] = cpu_seconds(operator_pid, operator_pid)
+    out["benchmark client"] = cpu_seconds(os.getpid())
+    return out
+
+
+def cpu_diff(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: round(after[k] - before[k], 2) for k in after if k in before}
 
 
 def fresh_namespace(cluster: LocalCluster, name: str) -> None:
@@ -346,6 +370,7 @@ def run_operator_case(cluster: LocalCluster, n: int, ns: str, workdir: Path) -> 
         out_warm = warm_up(co, ns)
         rss_idle = peak_rss_mib(op.pid)
         cpu_before = cpu_seconds(op.pid)
+        cpu_all = process_cpu(cluster, op.pid)
         names = job_names(n)
         watcher = ReadyPods(cluster, ns, set(names))
         started = create_all([(nm, ftj(nm)) for nm in names],
@@ -354,6 +379,7 @@ def run_operator_case(cluster: LocalCluster, n: int, ns: str, workdir: Path) -> 
         out["stages"] = stages(started, watcher)
         out["operatorWarmUpSeconds"] = out_warm
         out["operatorCpuSeconds"] = cpu_seconds(op.pid) - cpu_before
+        out["cpuSeconds"] = cpu_diff(cpu_all, process_cpu(cluster, op.pid))
         out["operatorPeakRssMiB"] = peak_rss_mib(op.pid)
         out["operatorIdleRssMiB"] = rss_idle
         return out
@@ -380,9 +406,11 @@ def run_baseline_case(cluster: LocalCluster, n: int, ns: str) -> dict[str, Any]:
         job = fb.job(nm, ns, f"uid-{nm}", FineTuneJobSpec.model_validate(ftj(nm)["spec"]))
         del job["metadata"]["ownerReferences"]  # no owner here: the garbage collector would delete it
         jobs.append((nm, job))
+    cpu_all = process_cpu(cluster)
     watcher = ReadyPods(cluster, ns, set(names))
     started = create_all(jobs, lambda j: batch.create_namespaced_job(ns, j))
     out = summarize(started, watcher.wait(timeout=900))
+    out["cpuSeconds"] = cpu_diff(cpu_all, process_cpu(cluster))
     out["stages"] = stages(started, watcher)
     return out
 
@@ -402,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-calls", action="store_true",
                         help="also print each case's API requests (the API server's apiserver_request_total, "
                              "all clients: the difference between the cases is the operator's share)")
+    parser.add_argument("--only", choices=("operator", "baseline"), default=None,
+                        help="run one case only (to profile it; no ratio is printed)")
     args = parser.parse_args(argv)
     n = 20 if args.quick else args.jobs
     repeats = args.repeats or (2 if args.quick else 3)
@@ -425,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
             for r in range(repeats):
                 order = ("operator", "baseline") if r % 2 == 0 else ("baseline", "operator")
                 for case in order:
+                    if args.only and case != args.only:
+                        continue
                     ns = f"bench-{case}-{r}"
                     fresh_namespace(cluster, ns)
                     log.info("round %d/%d, %s case: %d jobs", r + 1, repeats, case, n)
@@ -443,6 +475,9 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             cluster.stop()
 
+    if args.only:
+        print(json.dumps(rounds))
+        return 0
     ratios = [o["p50"] / b["p50"] for o, b in zip(rounds["operator"], rounds["baseline"])]
     result: dict[str, Any] = {
         "jobs": n, "workersPerJob": WORKERS, "nodes": extra + 3, "repeats": repeats, "rounds": rounds,
@@ -473,6 +508,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"operator peak memory: {result['operatorPeakRssMiB']:.0f} MiB (idle {result['operatorIdleRssMiB']:.0f} MiB)")
     print("operator CPU while timed (user + system): "
           + ", ".join(f"{o['operatorCpuSeconds']:.1f}" for o in rounds["operator"]) + " s")
+    print("CPU seconds while timed (create -> every worker Ready), per process, round by round "
+          "(operator / baseline):")
+    procs = sorted({k for case in rounds.values() for r in case for k in r["cpuSeconds"]},
+                   key=lambda k: -sum(r["cpuSeconds"].get(k, 0) for r in rounds["operator"]))
+    for name in procs + ["total"]:
+        cells = []
+        for o, b in zip(rounds["operator"], rounds["baseline"]):
+            get = (lambda r: sum(v for k, v in r["cpuSeconds"].items() if ": " not in k)) if name == "total" \
+                else (lambda r: r["cpuSeconds"].get(name, 0.0))
+            cells.append(f"{get(o):7.1f} / {get(b):6.1f}")
+        print(f"  {name:26}" + "   ".join(cells))
     print("operator start -> warm-up FineTuneJob reconciled (not timed): "
           + ", ".join(f"{o['operatorWarmUpSeconds']:.1f}" for o in rounds["operator"]) + " s")
     if args.api_calls:

@@ -25,6 +25,7 @@ from .. import kube
 from ..api import GROUP
 from ..api import policy
 from ..builders import network
+from .essence import LeanDiffBaseStorage
 
 
 CONSISTENCY_TIMEOUT_SECONDS = 60.0
@@ -33,9 +34,8 @@ CONSISTENCY_TIMEOUT_SECONDS = 60.0
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=GROUP, key="last-handled-configuration"
-    )
+    # kopf's annotation, built without copying what kopf discards (:mod:`.essence`).
+    settings.persistence.diffbase_storage = LeanDiffBaseStorage(prefix=GROUP, key="last-handled-configuration")
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     # kopf posts a Kubernetes Event for each of its log lines about an object at this level or
     # above. At INFO that is "Handler 'on_spec' succeeded." and "Creation is processed: 1
