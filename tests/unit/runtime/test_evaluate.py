@@ -199,7 +199,8 @@ PROMPTS = ["Question: What is the capital of France? Answer:", "def add(a, b):",
 
 def assert_batched_equals_single(model, tokenizer) -> None:
     tokenizer.padding_side = "right"
-    batched = generate(model, tokenizer, PROMPTS, max_new_tokens=8, batch_size=2)
+    # Stages of 3 tokens: each batch goes on from the cache its last stage returned.
+    batched = generate(model, tokenizer, PROMPTS, max_new_tokens=8, batch_size=2, stage_tokens=3)
     single = [generate(model, tokenizer, [p], max_new_tokens=8)[0] for p in PROMPTS]
     assert len(batched) == len(PROMPTS) and all(isinstance(s, str) for s in batched)
     assert batched == single
