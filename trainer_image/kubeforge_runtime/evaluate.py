@@ -148,17 +148,29 @@ _PROGRAM_END = re.compile(r"\n(?:#|if __name__|print\(|assert\b|```)")
 ``class`` are not among them here, because this answer may write its own helpers)."""
 
 
+STAGE_TOKENS = 8
+"""Rows are decoded in stages of this many tokens; between stages the finished rows leave
+the batch (with their rows of the KV cache). transformers' ``generate`` keeps a finished row
+in the batch, padding it, until every row is done: a batch where a few answers run to the
+token cap cost every row that cap. Each stage is one ``generate`` call continuing from the
+cache the last one returned, so only the decoding loop's length changes, not its rules."""
+
+
 def generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int = 16, *,
-             add_special_tokens: bool = True, metric: str | None = None) -> list[str]:
+             add_special_tokens: bool = True, metric: str | None = None,
+             stage_tokens: int = STAGE_TOKENS) -> list[str]:
     """Greedy continuations of ``prompts`` (new tokens only, special tokens skipped, cut at
     EOS), batched with left padding. Pass ``add_special_tokens=False`` for prompts rendered
     by a chat template (they already hold their BOS). With ``metric``, each row stops once
-    :func:`answer_end` finds its answer complete, and is cut there."""
+    :func:`answer_end` finds its answer complete, and is cut there. A finished row leaves
+    the batch at the end of its stage (``stage_tokens``, see :data:`STAGE_TOKENS`)."""
     import torch
     from torch.nn.utils.rnn import pad_sequence
 
     if not prompts:
         return []
+    if stage_tokens < 1:
+        raise ValueError(f"stage_tokens must be at least 1, not {stage_tokens}")
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     fallback = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos[0]
@@ -180,20 +192,56 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int
                 # it is, and the new tokens of every row start at column `width`.
                 input_ids = pad_sequence(rows, batch_first=True, padding_value=pad, padding_side="left")
                 mask = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True, padding_side="left")
-                width = input_ids.shape[1]
-                stop = {} if metric is None else {"stopping_criteria": _answers_complete(tokenizer, width, metric)}
-                generated = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                           max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                           pad_token_id=pad, eos_token_id=eos, **stop)
-                for row, i in enumerate(batch):
-                    new = generated[row, width:].tolist()
-                    cut = next((k for k, t in enumerate(new) if t in eos), len(new))
-                    text = tokenizer.decode(new[:cut], skip_special_tokens=True)
+                for i, new in _decode_in_stages(model, tokenizer, input_ids.to(device), mask.to(device), batch,
+                                                max_new_tokens, stage_tokens, pad, eos, metric):
+                    text = tokenizer.decode(new, skip_special_tokens=True)
                     end = answer_end(metric, text) if metric == "passAtOne" else None
                     out[i] = text if end is None else text[:end]
     finally:
         model.train(was_training)
     return out
+
+
+def _decode_in_stages(model: Any, tokenizer: Any, input_ids: Any, mask: Any, keys: list[int], max_new_tokens: int,
+                      stage_tokens: int, pad: int, eos: list[int], metric: str | None) -> Any:
+    """Yield (key, new token ids cut before EOS) for every row of a left-padded batch, each
+    as soon as the stage it finished in ends; the unfinished rows go on with their cache."""
+    import torch
+
+    width = input_ids.shape[1]
+    stop = {} if metric is None else {"stopping_criteria": _answers_complete(tokenizer, width, metric)}
+    cache = None
+    while True:
+        budget = min(stage_tokens, max_new_tokens - (input_ids.shape[1] - width))
+        result = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=budget, do_sample=False,
+                                num_beams=1, pad_token_id=pad, eos_token_id=eos, cache=cache,
+                                return_dict_in_generate=True, **stop)
+        sequences = result.sequences if hasattr(result, "sequences") else result
+        cache = getattr(result, "cache", None)  # None: the next stage reads the whole sequence again
+        at_cap = sequences.shape[1] - width >= max_new_tokens
+        # A stage shorter than its budget means every row stopped (transformers ends the loop then).
+        all_stopped = sequences.shape[1] - input_ids.shape[1] < budget
+        going = []
+        for row, key in enumerate(keys):
+            new = sequences[row, width:].tolist()
+            cut = next((k for k, t in enumerate(new) if t in eos), None)
+            done = at_cap or all_stopped or cut is not None or (
+                metric is not None and answer_end(metric, tokenizer.decode(new, skip_special_tokens=True)) is not None)
+            if done:
+                yield key, new[:cut]
+            else:
+                going.append(row)
+        if not going:
+            return
+        grown = sequences.shape[1] - input_ids.shape[1]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], grown)], dim=1)
+        if len(going) < len(keys):
+            index = torch.tensor(going, device=sequences.device)
+            sequences, mask = sequences[index], mask[index]
+            if cache is not None:
+                cache.batch_select_indices(index)
+            keys = [keys[r] for r in going]
+        input_ids = sequences
 
 
 def _answers_complete(tokenizer: Any, width: int, metric: str) -> Any:

@@ -199,7 +199,8 @@ PROMPTS = ["Question: What is the capital of France? Answer:", "def add(a, b):",
 
 def assert_batched_equals_single(model, tokenizer) -> None:
     tokenizer.padding_side = "right"
-    batched = generate(model, tokenizer, PROMPTS, max_new_tokens=8, batch_size=2)
+    # Stages of 3 tokens: each batch goes on from the cache its last stage returned.
+    batched = generate(model, tokenizer, PROMPTS, max_new_tokens=8, batch_size=2, stage_tokens=3)
     single = [generate(model, tokenizer, [p], max_new_tokens=8)[0] for p in PROMPTS]
     assert len(batched) == len(PROMPTS) and all(isinstance(s, str) for s in batched)
     assert batched == single
@@ -245,7 +246,7 @@ def test_generate_decodes_new_tokens_only_and_stops_at_eos(tokenizer):
             new = torch.tensor([answer + [tokenizer.eos_token_id] + after] * len(input_ids))
             return torch.cat([input_ids, new], dim=1)
 
-    out = generate(Scripted(), tokenizer, ["Capital of France?", "Hi"], max_new_tokens=9)
+    out = generate(Scripted(), tokenizer, ["Capital of France?", "Hi"], max_new_tokens=9, stage_tokens=16)
     assert out == ["Paris", "Paris"]
     assert seen["do_sample"] is False and seen["max_new_tokens"] == 9
     assert tokenizer.eos_token_id in seen["eos_token_id"]
@@ -275,34 +276,52 @@ def test_answer_end_marks_where_the_scored_part_is_complete(metric, text, end):
 
 class ScriptedWriting:
     """Test device (the random tiny model never writes a newline): a forward hook on
-    ``lm_head`` that makes batch row b write ``texts[b % len(texts)]`` and then "x" forever,
-    through transformers' real ``generate`` loop and our stopping criterion."""
+    ``lm_head`` that makes the row of ``PROMPTS[p]`` write ``texts[p % len(texts)]`` (text or
+    token ids) and then
+    the filler "x" forever (with ``filler=False``: the model's own tokens after the script),
+    through transformers' real ``generate`` loop and our stopping criterion. Rows are told
+    apart by their left padding (the prompts' token counts differ), the step by the attention
+    mask's length, so the script follows each row when finished rows leave the batch;
+    ``batch_sizes`` records the rows of every forward pass, ``widths`` its input tokens."""
 
-    def __init__(self, model, tokenizer, texts: list[str]) -> None:
+    def __init__(self, model, tokenizer, texts: list[str | list[int]], filler: bool = True) -> None:
         import torch
 
-        self.scripts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        self.filler = tokenizer("x", add_special_tokens=False)["input_ids"][-1]
-        self.step, self.torch = 0, torch
-        self.handle = model.lm_head.register_forward_hook(self.write)
+        lengths = [len(tokenizer(p)["input_ids"]) for p in PROMPTS]
+        assert len(set(lengths)) == len(lengths), "the device tells rows apart by their prompt lengths"
+        self.width = max(lengths)
+        tokens = [t if isinstance(t, list) else tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        self.scripts = {self.width - n: tokens[p % len(tokens)] for p, n in enumerate(lengths)}  # padding -> script
+        self.filler = tokenizer("x", add_special_tokens=False)["input_ids"][-1] if filler else None
+        self.mask, self.batch_sizes, self.widths, self.torch = None, [], [], torch
+        self.hooks = [model.register_forward_pre_hook(self.see, with_kwargs=True),
+                      model.lm_head.register_forward_hook(self.write)]
+
+    def see(self, module, args, kwargs):
+        self.mask = kwargs["attention_mask"]
+        self.batch_sizes.append(self.mask.shape[0])
+        self.widths.append(kwargs["input_ids"].shape[1])
 
     def write(self, module, inputs, logits):
+        step = self.mask.shape[1] - self.width
         for b in range(logits.shape[0]):
-            script = self.scripts[b % len(self.scripts)]
-            logits[b, -1, script[self.step] if self.step < len(script) else self.filler] += 1e4
-        self.step += 1
+            script = self.scripts[int((self.mask[b] == 0).sum())]
+            token = script[step] if step < len(script) else self.filler
+            if token is not None:
+                logits[b, -1, token] += 1e4
         return logits
 
     def __enter__(self) -> "ScriptedWriting":
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.handle.remove()
+        for hook in self.hooks:
+            hook.remove()
 
 
-def scripted(model, tokenizer, texts: list[str], metric: str | None) -> list[str]:
+def scripted(model, tokenizer, texts: list[str], metric: str | None, **kwargs: Any) -> list[str]:
     with ScriptedWriting(model, tokenizer, texts):
-        return generate(model, tokenizer, PROMPTS, max_new_tokens=32, batch_size=5, metric=metric)
+        return generate(model, tokenizer, PROMPTS, max_new_tokens=32, batch_size=5, metric=metric, **kwargs)
 
 
 @pytest.mark.parametrize("metric, texts", [
@@ -319,6 +338,43 @@ def test_generate_stops_each_row_once_its_answer_is_complete(model, tokenizer, m
             assert s == w
         else:  # stopped once complete and cut at the end of what is scored
             assert s == w[:e] and len(s) < len(w)
+
+
+def test_finished_rows_leave_the_batch_between_stages(model, tokenizer):
+    """Rows whose answers are complete leave the batch at the end of their stage (a batch
+    decodes only as long as its unfinished rows need); the answers are those of one stage."""
+    texts = ["positive\nReview:", "\nnegative\n", "neutral", "a b c d e\n"]  # one row never ends its line
+    with ScriptedWriting(model, tokenizer, texts) as device:
+        staged = generate(model, tokenizer, PROMPTS, max_new_tokens=32, batch_size=5, metric="accuracy",
+                          stage_tokens=4)
+    with ScriptedWriting(model, tokenizer, texts) as whole:
+        one_stage = generate(model, tokenizer, PROMPTS, max_new_tokens=32, batch_size=5, metric="accuracy",
+                             stage_tokens=32)
+    assert staged == one_stage
+    assert whole.batch_sizes == [5] * 32  # one stage: every row to the cap, as transformers does
+    # Stage 1 (4 steps): all five; rows leave as their lines end; "neutral" runs to the cap alone.
+    assert device.batch_sizes[:4] == [5] * 4 and device.batch_sizes[4] < 5 and device.batch_sizes[-1] == 1
+    assert sorted(device.batch_sizes, reverse=True) == device.batch_sizes and len(device.batch_sizes) == 32
+
+
+def test_rows_left_in_the_batch_decode_as_they_would_in_the_whole_batch(model, tokenizer):
+    """The real model's tokens (no filler): rows that hit EOS leave the batch with their rows
+    of the KV cache; the rows left decode exactly as in one stage, where nothing leaves."""
+    eos = tokenizer.eos_token_id
+    texts = [[eos], [], [5, eos], []]  # the rows of PROMPTS 0 and 4 stop at once, of 2 after 2 tokens
+    with ScriptedWriting(model, tokenizer, texts, filler=False) as device:
+        staged = generate(model, tokenizer, PROMPTS, max_new_tokens=12, batch_size=5, stage_tokens=1)
+    with ScriptedWriting(model, tokenizer, texts, filler=False):
+        one_stage = generate(model, tokenizer, PROMPTS, max_new_tokens=12, batch_size=5, stage_tokens=12)
+    assert staged == one_stage and staged[0] == staged[4] == ""
+    assert device.batch_sizes[:3] == [5, 3, 2] and set(device.batch_sizes[3:]) == {2}
+    assert len(device.batch_sizes) == 12  # the two rows left ran to the cap
+    assert device.widths[1:] == [1] * 11  # each stage goes on from the cache: one new token per pass
+
+
+def test_stage_tokens_must_be_positive(model, tokenizer):
+    with pytest.raises(ValueError, match="stage_tokens must be at least 1"):
+        generate(model, tokenizer, ["Hi"], 4, stage_tokens=0)
 
 
 def test_evaluate_end_to_end_on_the_tiny_model(tmp_path, model, tokenizer):
