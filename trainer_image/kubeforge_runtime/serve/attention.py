@@ -20,6 +20,12 @@ lengths (``cu_seq_lens_q`` / ``cu_seq_lens_k``) the batch carries anyway:
   slices, bottom-right aligned when part of the prompt is already cached (prefix cache,
   chunked prefill).
 
+On a decoding-only step (every request has one query: most steps) the keys are read from the
+paged cache straight into that padded batch: :func:`install_cache_reads` wraps the cache's
+``update`` so that it writes the new keys and values as before but, instead of first reading
+every request's keys back into one concatenated tensor (which the batch then gathers again),
+reads them once through the composed index, and tells the attention so (``kf_decode_batch``).
+
 The causal rule is flash attention's varlen one: query ``i`` of a request with ``q`` queries
 and ``k`` keys sees keys ``0 .. k - q + i``. With this implementation selected the manager
 builds no mask at all (it builds one only for ``sdpa`` and ``paged|eager``).
@@ -57,6 +63,9 @@ def paged_attention(
     """Attention of each request's queries to its own keys; returns ``[1, q_tokens, heads, dim]``."""
     if cu_seq_lens_q is None or cu_seq_lens_k is None:
         raise ValueError(f"{NAME} serves continuous-batching steps only (no cu_seq_lens_q/cu_seq_lens_k given)")
+    padded = kwargs.get("kf_decode_batch")
+    if padded is not None:  # keys already read from the cache as [rows x longest] (install_cache_reads)
+        return _decode_padded(query, key, value, padded, scaling), None
     q_lens = _lengths(cu_seq_lens_q)
     k_lens = _lengths(cu_seq_lens_k)
     _, heads, q_tokens, dim = query.shape
@@ -127,6 +136,81 @@ def _decode(
         out[rows[0] : rows[0] + n] = o
     else:
         out.index_copy_(0, index, o)
+
+
+def _decode_padded(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, padded: DecodeBatch, scaling: float | None
+) -> torch.Tensor:
+    """Attention of a decoding-only step whose keys arrive as ``[1, kv_heads, rows * longest, dim]``."""
+    _, heads, n, dim = query.shape
+    kv_heads = key.shape[1]
+    kb = key[0].transpose(0, 1).reshape(n, padded.longest, kv_heads, dim).transpose(1, 2)
+    vb = value[0].transpose(0, 1).reshape(n, padded.longest, kv_heads, dim).transpose(1, 2)
+    qb = query[0].transpose(0, 1).reshape(n, kv_heads, heads // kv_heads, dim)
+    o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=padded.valid, scale=scaling)
+    return o.reshape(1, n, heads, dim)
+
+
+class DecodeBatch:
+    """Where each decoding request's keys are in the paged cache, right-padded to the longest."""
+
+    def __init__(self, read_index: torch.Tensor, lens: list[int]) -> None:
+        n, self.longest = len(lens), max(lens)
+        starts = [0]
+        for length in lens[:-1]:
+            starts.append(starts[-1] + length)
+        length = torch.tensor(lens).unsqueeze(1)
+        offset = torch.arange(self.longest).unsqueeze(0)
+        self.valid = (offset < length).view(n, 1, 1, self.longest)
+        within = torch.tensor(starts).unsqueeze(1) + torch.minimum(offset, length - 1)  # pads repeat the last key
+        self.cache_index = read_index.index_select(0, within.flatten())  # [n * longest] rows of the paged cache
+
+
+def install_cache_reads(cache: Any) -> bool:
+    """Wrap ``cache.update`` (our instance) so decoding-only steps read their keys from the cache
+    once, padded per request, for :func:`paged_attention`; other steps are unchanged.
+
+    Only for caches whose every layer is full attention (a sliding-window layer reads and writes
+    in another order); returns whether it wrapped.
+    """
+    from transformers.generation.continuous_batching.cache_allocators.full_attention import (
+        FullAttentionCacheAllocator,
+    )
+
+    if not all(type(a) is FullAttentionCacheAllocator for a in cache.cache_allocators.values()):
+        return False
+    update = cache.update
+    step: list[Any] = [None, None]  # the step's read-index list (same object for every layer), its plan
+
+    def decode_update(key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, kwargs: dict[str, Any]):
+        reads = kwargs.get("read_index")
+        if kwargs.get("block_table") is not None or not reads:
+            return update(key_states, value_states, layer_idx, kwargs)
+        allocator = cache.layer_to_allocator[layer_idx]
+        read_index = reads[allocator.index]
+        cu_k = kwargs["cu_seq_lens_k"][allocator.layer_type]
+        if step[0] is not reads:  # first layer of a new step: is it decoding only?
+            q_lens = _lengths(kwargs["cu_seq_lens_q"])
+            plan = None
+            if read_index.numel() and q_lens and all(n == 1 for n in q_lens):
+                plan = DecodeBatch(read_index, _lengths(cu_k))
+            step[0], step[1] = reads, plan
+        plan = step[1]
+        if plan is None:
+            return update(key_states, value_states, layer_idx, kwargs)
+        kwargs["cu_seq_lens_k"] = cu_k.to(torch.int32)
+        kwargs["max_length_k"] = kwargs["max_length_k"][allocator.layer_type]
+        k_cache, v_cache = allocator._kv_token_views[layer_idx]
+        write_index = kwargs["write_index"][allocator.index]
+        k_cache.index_copy_(0, write_index, key_states[0].transpose(0, 1))  # as the allocator writes
+        v_cache.index_copy_(0, write_index, value_states[0].transpose(0, 1))
+        kwargs["kf_decode_batch"] = plan
+        keys = k_cache.index_select(0, plan.cache_index).transpose(0, 1).unsqueeze(0)
+        values = v_cache.index_select(0, plan.cache_index).transpose(0, 1).unsqueeze(0)
+        return keys, values
+
+    cache.update = decode_update
+    return True
 
 
 def register() -> None:

@@ -18,9 +18,9 @@ transformers' versions sort the whole vocabulary for every row of every step.
 Attention: with ``sdpa`` transformers' paged path scores every query of the batch against the
 keys of *every* request under a block-diagonal mask it builds in Python each step. On the
 eager plan the engine switches the model to :mod:`.attention`'s per-request attention (each
-request's queries against its own keys; no mask is built), which gives the same tokens (a
-test compares them) and took 32 streamed greedy requests from 6.8-9.9 to 23-27 tokens/s in
-process (README "Serving").
+request's queries against its own keys; no mask is built; decoding-only steps read their keys
+from the paged cache once, padded per request), which gives the same tokens (a test compares
+them); README "Serving" has what it changed end to end.
 
 Sizing on CPU matters: left to itself the manager would size the cache from 90 % of free
 *system* memory. We always pass ``num_blocks`` (enough for ``maxConcurrentRequests``
@@ -131,6 +131,8 @@ class ContinuousEngine:
             sampling.install_sampler(self._manager.batch_processor.model_runner)
         cache = self._manager.batch_processor.cache
         self._count_prefix_lookups(cache)  # the manager keeps this cache object across start()
+        if self.per_request_attention:
+            attention.install_cache_reads(cache)
         self._manager.start()
         log.info(
             "continuous engine: paged KV cache of %d blocks x %d tokens (%.1f MiB), max %d batch tokens, "

@@ -5,7 +5,8 @@
   on decode-only, prefill-only and mixed batches with cached prefixes and grouped key heads.
   The reference is checked to differ from attention that leaks across requests, so the
   comparison can fail.
-* End to end in the continuous engine on the tiny model: greedy tokens of concurrent prompts
+* End to end in the continuous engine (decoding-only steps reading their keys straight from
+  the paged cache, the other steps through the concatenated keys) on the tiny model: greedy tokens of concurrent prompts
   of different lengths - staggered so steps mix prefill and decode, with chunked prefills (a
   small batch-token budget) and a prefix-cache hit - are the same with the per-request
   attention as with transformers' masked ``sdpa`` path.
@@ -97,6 +98,10 @@ def _generate(model_dir: Path, per_request: bool, monkeypatch: pytest.MonkeyPatc
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation="sdpa").eval()
+    padded_steps = []  # layers that ran on keys read straight from the cache (decoding-only steps)
+    if per_request:
+        decode_padded = attention._decode_padded
+        monkeypatch.setattr(attention, "_decode_padded", lambda *a: padded_steps.append(1) or decode_padded(*a))
     with monkeypatch.context() as patch:
         if not per_request:
             patch.setattr(attention, "install", lambda manager: False)
@@ -141,6 +146,8 @@ def _generate(model_dir: Path, per_request: bool, monkeypatch: pytest.MonkeyPatc
         hits = engine.prefix_cache_stats()[1]
     finally:
         engine.stop()
+        monkeypatch.undo()
+    assert bool(padded_steps) is per_request
     assert model.config._attn_implementation == "sdpa"  # the manager's stop() switched it back
     assert hits > 0  # shared-b found shared-a's blocks: a prefill after cached keys
     return outputs, running_impl
