@@ -15,6 +15,13 @@ token for token (a test checks this). A per-request ``seed`` cannot be honoured 
 eager plan the warpers and the draw work only on the rows they change (:mod:`.sampling`):
 transformers' versions sort the whole vocabulary for every row of every step.
 
+Attention: with ``sdpa`` transformers' paged path scores every query of the batch against the
+keys of *every* request under a block-diagonal mask it builds in Python each step. On the
+eager plan the engine switches the model to :mod:`.attention`'s per-request attention (each
+request's queries against its own keys; no mask is built; decoding-only steps read their keys
+from the paged cache once, padded per request), which gives the same tokens (a test compares
+them); README "Serving" has what it changed end to end.
+
 Sizing on CPU matters: left to itself the manager would size the cache from 90 % of free
 *system* memory. We always pass ``num_blocks`` (enough for ``maxConcurrentRequests``
 sequences of ``maxModelLength`` tokens) and ``max_batch_tokens`` explicitly.
@@ -40,7 +47,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import sampling
+from . import attention, sampling
 from .engine import EngineEvent, EngineRequest, EventSink
 
 if TYPE_CHECKING:
@@ -106,6 +113,9 @@ class ContinuousEngine:
         self._rowwise_sampling = not (self.plan.compile or self.plan.cuda_graphs)
         if self._rowwise_sampling:
             sampling.install(self._manager)
+        # Eager plan with sdpa: each request attends to its own keys only (serve/attention.py);
+        # must happen before warmup() builds the batch processor (which then builds no masks).
+        self.per_request_attention = self._rowwise_sampling and attention.install(self._manager)
         self._sinks: dict[str, EventSink] = {}
         self._lock = threading.Lock()
         self._prefix_queries = 0  # prompt tokens looked up in the prefix cache
@@ -121,6 +131,8 @@ class ContinuousEngine:
             sampling.install_sampler(self._manager.batch_processor.model_runner)
         cache = self._manager.batch_processor.cache
         self._count_prefix_lookups(cache)  # the manager keeps this cache object across start()
+        if self.per_request_attention:
+            attention.install_cache_reads(cache)
         self._manager.start()
         log.info(
             "continuous engine: paged KV cache of %d blocks x %d tokens (%.1f MiB), max %d batch tokens, "
