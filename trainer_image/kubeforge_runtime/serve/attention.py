@@ -35,6 +35,7 @@ processor exists, and leaves the manager's ``stop`` to switch the model back.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -104,6 +105,17 @@ def paged_attention(
     return out.unsqueeze(0), None
 
 
+def _right_padded(starts: list[int], lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """For ``n`` requests whose keys are ``lens[i]`` tokens from ``starts[i]``: the
+    ``[n, 1, 1, longest]`` mask of real keys and the ``[n * longest]`` token index that lays
+    them out right-padded to the longest (pads repeat the request's last key, masked out)."""
+    length = torch.tensor(lens).unsqueeze(1)
+    offset = torch.arange(max(lens)).unsqueeze(0)
+    valid = (offset < length).view(len(lens), 1, 1, -1)
+    index = (torch.tensor(starts).unsqueeze(1) + torch.minimum(offset, length - 1)).flatten()
+    return valid, index
+
+
 def _decode(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -119,18 +131,14 @@ def _decode(
     n = len(rows)
     longest = max(lens)
     kv_heads, dim = k.shape[1], k.shape[2]
-    start = torch.tensor(starts).unsqueeze(1)
-    length = torch.tensor(lens).unsqueeze(1)
-    offset = torch.arange(longest).unsqueeze(0)
-    valid = offset < length  # [n, longest]
-    gather = (start + torch.minimum(offset, length - 1)).flatten()  # pads repeat the last key
+    valid, gather = _right_padded(starts, lens)
     kb = k.index_select(0, gather).view(n, longest, kv_heads, dim).transpose(1, 2)
     vb = v.index_select(0, gather).view(n, longest, kv_heads, dim).transpose(1, 2)
     contiguous_rows = rows[-1] - rows[0] == n - 1
     index = None if contiguous_rows else torch.tensor(rows)
     qb = q[rows[0] : rows[0] + n] if contiguous_rows else q.index_select(0, index)  # [n, heads, dim]
     qb = qb.reshape(n, kv_heads, group, dim)  # query heads grouped by the key head they read
-    o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=valid.view(n, 1, 1, longest), scale=scaling)
+    o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=valid, scale=scaling)
     o = o.reshape(n, kv_heads * group, dim)
     if contiguous_rows:
         out[rows[0] : rows[0] + n] = o
@@ -155,15 +163,10 @@ class DecodeBatch:
     """Where each decoding request's keys are in the paged cache, right-padded to the longest."""
 
     def __init__(self, read_index: torch.Tensor, lens: list[int]) -> None:
-        n, self.longest = len(lens), max(lens)
-        starts = [0]
-        for length in lens[:-1]:
-            starts.append(starts[-1] + length)
-        length = torch.tensor(lens).unsqueeze(1)
-        offset = torch.arange(self.longest).unsqueeze(0)
-        self.valid = (offset < length).view(n, 1, 1, self.longest)
-        within = torch.tensor(starts).unsqueeze(1) + torch.minimum(offset, length - 1)  # pads repeat the last key
-        self.cache_index = read_index.index_select(0, within.flatten())  # [n * longest] rows of the paged cache
+        self.longest = max(lens)
+        starts = [0, *itertools.accumulate(lens[:-1])]  # the requests' keys follow each other in read_index
+        self.valid, within = _right_padded(starts, lens)
+        self.cache_index = read_index.index_select(0, within)  # [n * longest] rows of the paged cache
 
 
 def install_cache_reads(cache: Any) -> bool:

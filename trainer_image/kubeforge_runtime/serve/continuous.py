@@ -110,12 +110,12 @@ class ContinuousEngine:
         )
         # Eager plan: top-k/top-p and the draw only on the rows they change (serve/sampling.py);
         # a compiled step or CUDA graph keeps transformers' fixed-shape versions.
-        self._rowwise_sampling = not (self.plan.compile or self.plan.cuda_graphs)
-        if self._rowwise_sampling:
+        self._eager_plan = not (self.plan.compile or self.plan.cuda_graphs)
+        if self._eager_plan:
             sampling.install(self._manager)
         # Eager plan with sdpa: each request attends to its own keys only (serve/attention.py);
         # must happen before warmup() builds the batch processor (which then builds no masks).
-        self.per_request_attention = self._rowwise_sampling and attention.install(self._manager)
+        self.per_request_attention = self._eager_plan and attention.install(self._manager)
         self._sinks: dict[str, EventSink] = {}
         self._lock = threading.Lock()
         self._prefix_queries = 0  # prompt tokens looked up in the prefix cache
@@ -127,7 +127,7 @@ class ContinuousEngine:
         # Builds the paged cache, and with a compiled or graphed plan compiles the batch step and
         # captures the CUDA graphs for every padded size: before /ready, never on a request.
         self._manager.warmup()
-        if self._rowwise_sampling:
+        if self._eager_plan:
             sampling.install_sampler(self._manager.batch_processor.model_runner)
         cache = self._manager.batch_processor.cache
         self._count_prefix_lookups(cache)  # the manager keeps this cache object across start()
