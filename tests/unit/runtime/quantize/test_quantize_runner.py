@@ -226,6 +226,7 @@ def test_a_lora_adapter_is_merged_into_its_base_before_quantizing(
     from peft import LoraConfig, get_peft_model
 
     base = models.load_causal_lm(tiny_model)
+    torch.manual_seed(0)  # the random LoRA weights: the same update on every run
     peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     adapter = tmp_path / "adapter"
     peft_model.save_pretrained(str(adapter))
@@ -237,12 +238,14 @@ def test_a_lora_adapter_is_merged_into_its_base_before_quantizing(
     loaded = models.load_causal_lm(out).eval()
     ids = torch.arange(3, 40)[None]
     with torch.no_grad():
-        # The output is the merged model in bf16: close to the merged fp32 model, and not
-        # the base (the random LoRA update moves the logits well beyond bf16 rounding).
+        # The output is the merged model in bf16: close to the merged fp32 model, and not the
+        # base. bf16 rounding moves this tiny model's logits by 0.7-2.1 % of their norm
+        # depending on the LoRA draw (2.1 % failed a 2 % bound once, unseeded); the LoRA
+        # update moves them by 110-140 %.
         got, want = loaded(ids).logits.float(), merged(ids).logits
         plain = models.load_causal_lm(tiny_model).eval()(ids).logits  # get_peft_model changed `base` in place
-    assert (got - want).norm() / want.norm() < 2e-2
-    assert (got - want).norm() < (got - plain).norm()
+    assert (got - want).norm() / want.norm() < 3e-2
+    assert (got - plain).norm() / want.norm() > 0.5
 
 
 def test_the_task_metric_is_measured_on_input_and_output_and_gated(
