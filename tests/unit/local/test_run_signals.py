@@ -75,10 +75,17 @@ def test_a_stopped_run_stops_its_model_server_which_bound_the_loopback_only(
         "spec": {"model": {"uri": "pvc://models/tiny"}, "engine": {"batching": "dynamic"}},
     }))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), str(REPO / "trainer_image")])}
-    cli = subprocess.Popen(
-        [sys.executable, "-m", "kubeforge", "run", "-f", str(manifest), "--workdir", str(tmp_path / "runs"),
-         "--model", str(tiny_model), "--serve"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    # The CLI starts with SIGINT handled, as under a terminal's Ctrl-C: pytest started as a
+    # background command of a non-interactive shell (`nohup pytest ... &`) has SIGINT ignored,
+    # which the CLI would inherit and then never stop (the [2] case failed so in such a run).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        cli = subprocess.Popen(
+            [sys.executable, "-m", "kubeforge", "run", "-f", str(manifest), "--workdir", str(tmp_path / "runs"),
+             "--model", str(tiny_model), "--serve"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     children: set[int] = set()
     try:
         assert cli.stderr is not None

@@ -9,14 +9,16 @@ batch, with the tolerance the ordinary layout tests use (test_train_distributed.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 import torch
-from train_support import STEPS, Run, assert_same, rel
+from train_support import STEPS, Run, assert_same, merge, rel
 
 from kubeforge_runtime import data as data_mod
 from kubeforge_runtime.train.distill import DistillLoss, distillation_loss_sums, with_rows
@@ -162,10 +164,12 @@ def test_distillation_layout_equals_single_process(name: str, launcher: Callable
     assert rel(got["grad_norms"], ref["grad_norms"]) < 1e-5
 
 
-@pytest.mark.torchrun
-@pytest.mark.timeout(LAUNCH_TIMEOUT * 2)
-def test_teacher_with_another_tokenizer_is_refused_by_the_preflight(launcher: Callable[..., Run], teacher_model: Path,
-                                                                    tmp_path: Path) -> None:
+def test_teacher_with_another_tokenizer_is_refused_by_the_preflight(base_config: dict[str, Any], teacher_model: Path,
+                                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """The pod's preflight (``launch.main``) run in this process: no interpreter start for a
+    refusal (the exit status 78 of a real preflight process is test_train_launch.py's)."""
+    from kubeforge_runtime import contract, launch
     from kubeforge_runtime.tiny import build_tokenizer
 
     other = tmp_path / "other-teacher"
@@ -173,9 +177,15 @@ def test_teacher_with_another_tokenizer_is_refused_by_the_preflight(launcher: Ca
     for f in other.glob("tokenizer*"):
         f.unlink()
     build_tokenizer(other, vocab_size=400)  # same model shape and vocab_size, another vocabulary
-    run = launcher("distill-tokenizer-mismatch", _distill(other), via_launch=True, expect=78, dump=False,
-                   timeout=LAUNCH_TIMEOUT)
-    log = run.log()
+    config = merge(base_config, {**_distill(other), "output": {"uri": f"file://{tmp_path / 'out'}"}})
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    monkeypatch.setenv(contract.ENV_REPORT_PATH, str(tmp_path / "termination-log"))
+    command = [sys.executable, "-m", "kubeforge_runtime.train", "--config", str(path)]
+    monkeypatch.setattr(launch.os, "execvp", lambda *_: pytest.fail("the preflight passed and tried to exec"))
+    assert launch.main(["--config", str(path), "--", *command]) == contract.EXIT_CONFIG_ERROR
+    log = capsys.readouterr().err
     assert "do not share a tokenizer" in log and "vocabularies differ" in log
-    assert f"model.uri 'file://{run.config['model']['uri'][len('file://'):]}'" in log
+    assert f"model.uri 'file://{config['model']['uri'][len('file://'):]}'" in log
     assert f"distillation.teacher.uri 'file://{other}'" in log
+    assert "do not share a tokenizer" in (tmp_path / "termination-log").read_text()

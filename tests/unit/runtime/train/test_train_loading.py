@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from train_support import LORA_ALL, Run, rel
+from train_support import LORA_ALL, Run, merge, rel
 
 pytestmark = pytest.mark.torchrun
 
@@ -23,7 +23,10 @@ LAYOUTS: dict[str, tuple[int, dict[str, Any]]] = {
     "one": (0, {}),
     "dp2-fsdp": (2, {"parallelism": {"strategy": "fsdp"}}),
     "tp2xdp2": (4, {"parallelism": {"tensor": 2}}),
-    "pp2xdp2": (4, {"parallelism": {"pipeline": 2, "pipelineSchedule": "1F1B"}}),
+    # Merged output: test_output_written_shard_by_shard_loads_with_from_pretrained reads this
+    # launch's output (one 4-process launch for both; the output format is written after the
+    # last step, so the loaded weights and the losses the loading test compares are the same).
+    "pp2xdp2": (4, {"parallelism": {"pipeline": 2, "pipelineSchedule": "1F1B"}, "output": {"format": "merged"}}),
 }
 
 
@@ -52,7 +55,7 @@ def _launch(name: str, launcher: Callable[..., Run], model: Path) -> Run:
     lora = {"model": {"uri": f"file://{model}"}, "method": "lora",
             "lora": {"r": 4, "alpha": 8, "targetModules": LORA_ALL}, "output": {"format": "adapter"},
             "training": {"precision": "bf16", "maxGradNorm": 0}}
-    return launcher(f"bf16-tied-lora-{name}", {**lora, **overrides}, nproc)
+    return launcher(f"bf16-tied-lora-{name}", merge(lora, overrides), nproc)
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
@@ -128,11 +131,8 @@ def test_output_written_shard_by_shard_loads_with_from_pretrained(launcher: Call
     from kubeforge_runtime.train import output
     from kubeforge_runtime.train.config import parse_config
 
-    nproc, overrides = LAYOUTS["pp2xdp2"]
-    run = launcher("bf16-tied-lora-pp2xdp2-merged", {
-        "model": {"uri": f"file://{bf16_tied_model}"}, "method": "lora",
-        "lora": {"r": 4, "alpha": 8, "targetModules": LORA_ALL}, "output": {"format": "merged"},
-        "training": {"precision": "bf16", "maxGradNorm": 0}, **overrides}, nproc, dump=False)
+    run = _launch("pp2xdp2", launcher, bf16_tied_model)
+    assert run.config["output"]["format"] == "merged"
     assert "output written from one process" not in run.log()
     index = run.out / "model.safetensors.index.json"
     assert index.exists() and not (run.out / "sharded").exists()
