@@ -22,6 +22,9 @@ request's queries against its own keys; no mask is built; decoding-only steps re
 from the paged cache once, padded per request), which gives the same tokens (a test compares
 them); README "Serving" has what it changed end to end.
 
+Also on the eager plan, ``lm_head`` projects only the rows that predict a token (the manager
+would project every prompt token of a prefill and keep the last): :func:`logits_for_new_tokens_only`.
+
 Sizing on CPU matters: left to itself the manager would size the cache from 90 % of free
 *system* memory. We always pass ``num_blocks`` (enough for ``maxConcurrentRequests``
 sequences of ``maxModelLength`` tokens) and ``max_batch_tokens`` explicitly.
