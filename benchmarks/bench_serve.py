@@ -1,7 +1,9 @@
 """Benchmark: the KubeForge server against fair baselines, on the same model and prompts, in one run.
 
 Four ways to serve the same requests (closed loop: each of ``c`` clients sends its next
-request when the previous one ends), at 1, 8 and 32 clients:
+request when the previous one ends), at 1, 8 and 32 clients, ``3 x c`` requests per level by
+default (at least 4), the same for every engine, so that each level is a steady state and not
+one wave of ``c`` requests that start together:
 
 * **generate-1** - one request at a time, in process, plain ``model.generate()`` (a floor:
   no one would deploy it, but it is what one client gets from plain transformers);
@@ -70,6 +72,10 @@ from kubeforge_runtime import embedded, tiny  # noqa: E402
 log = logging.getLogger("bench_serve")
 ENGINES = ("generate-1", "generate-static", "vllm", "kubeforge", "kubeforge-compiled")
 WORKLOADS = ("fixed", "mixed")
+REQUESTS_PER_CLIENT = 3
+"""Requests per client and level (closed loop): with one request each, a level would be a single
+wave - every client's request starting together and the figure one short batch - rather than
+the steady state, where requests end and new ones join a running batch."""
 
 
 @dataclass(frozen=True)
@@ -446,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", default="1,8,32", help="concurrency levels")
     parser.add_argument("--new-tokens", type=int, default=None, help="tokens per request (default 64; quick 16)")
     parser.add_argument("--requests", type=int, default=None,
-                        help="requests per level (default: max(4, concurrency); quick: the concurrency)")
+                        help=f"requests per level (default: max(4, {REQUESTS_PER_CLIENT} x concurrency); quick: the concurrency)")
     parser.add_argument("--max-batch-tokens", type=int, default=2048)
     parser.add_argument("--kv-block-size", type=int, default=16)
     parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
@@ -474,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     def count(c: int) -> int:
-        return args.requests or (c if args.quick else max(4, c))
+        return args.requests or (c if args.quick else max(4, REQUESTS_PER_CLIENT * c))
 
     results: dict[str, dict[str, dict[int, dict[str, float]]]] = {w: {} for w in workloads}
     about: dict[str, str] = {}

@@ -105,13 +105,15 @@ def paged_attention(
     return out.unsqueeze(0), None
 
 
-def _right_padded(starts: list[int], lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _right_padded(starts: list[int], lens: list[int]) -> tuple[torch.Tensor | None, torch.Tensor]:
     """For ``n`` requests whose keys are ``lens[i]`` tokens from ``starts[i]``: the
     ``[n, 1, 1, longest]`` mask of real keys and the ``[n * longest]`` token index that lays
-    them out right-padded to the longest (pads repeat the request's last key, masked out)."""
+    them out right-padded to the longest (pads repeat the request's last key, masked out).
+    The mask is None when no request is padded (one request, or all of one length): ``sdpa``
+    then takes its unmasked kernel."""
     length = torch.tensor(lens).unsqueeze(1)
     offset = torch.arange(max(lens)).unsqueeze(0)
-    valid = (offset < length).view(len(lens), 1, 1, -1)
+    valid = None if min(lens) == max(lens) else (offset < length).view(len(lens), 1, 1, -1)
     index = (torch.tensor(starts).unsqueeze(1) + torch.minimum(offset, length - 1)).flatten()
     return valid, index
 

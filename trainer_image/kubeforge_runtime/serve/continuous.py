@@ -22,6 +22,9 @@ request's queries against its own keys; no mask is built; decoding-only steps re
 from the paged cache once, padded per request), which gives the same tokens (a test compares
 them); README "Serving" has what it changed end to end.
 
+Also on the eager plan, ``lm_head`` projects only the rows that predict a token (the manager
+would project every prompt token of a prefill and keep the last): :func:`logits_for_new_tokens_only`.
+
 Sizing on CPU matters: left to itself the manager would size the cache from 90 % of free
 *system* memory. We always pass ``num_blocks`` (enough for ``maxConcurrentRequests``
 sequences of ``maxModelLength`` tokens) and ``max_batch_tokens`` explicitly.
@@ -129,6 +132,8 @@ class ContinuousEngine:
         self._manager.warmup()
         if self._eager_plan:
             sampling.install_sampler(self._manager.batch_processor.model_runner)
+        if self._eager_plan:
+            logits_for_new_tokens_only(self._manager.batch_processor, self._model)
         cache = self._manager.batch_processor.cache
         self._count_prefix_lookups(cache)  # the manager keeps this cache object across start()
         if self.per_request_attention:
@@ -293,6 +298,32 @@ class ContinuousEngine:
             "usage": self.kv_cache_usage(),
             "prefixCaching": bool(getattr(cache, "use_prefix_sharing", False)),
         }
+
+
+def logits_for_new_tokens_only(batch_processor: Any, model: Any) -> bool:
+    """Make the batch step project only the positions that predict a token through ``lm_head``.
+
+    The manager computes the logits of *every* query token of a step and keeps the rows of
+    ``logits_indices`` (the last prompt token of each prefill, each decoding token) only
+    afterwards; a prefill of ``n`` prompt tokens thus pays ``n - 1`` rows of the vocabulary
+    projection (SmolLM2: 49,152 x 576, a fifth of a token's linear work) for nothing. Passing
+    ``logits_indices`` as the model's ``logits_to_keep`` slices the hidden states before
+    ``lm_head`` instead (the manager then skips its own slicing); the logits kept are the same.
+    Eager plan only (a compiled or graphed step keeps its shapes); returns whether it applied.
+    """
+    supports = getattr(model, "_supports_logits_to_keep", None)
+    if not (callable(supports) and supports()):
+        return False
+    io = batch_processor.inputs_and_outputs
+    get_model_kwargs = io.get_model_kwargs
+
+    def with_logits_to_keep(*args: Any, **kwargs: Any) -> Any:
+        batch = get_model_kwargs(*args, **kwargs)
+        batch["logits_to_keep"] = batch["logits_indices"]
+        return batch
+
+    io.get_model_kwargs = with_logits_to_keep
+    return True
 
 
 def kv_used_fraction(cache: Any) -> float:

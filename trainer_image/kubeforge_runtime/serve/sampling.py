@@ -25,6 +25,13 @@ with one that takes the argmax of rows left with a single candidate (greedy requ
 probability is exactly 1) and samples the other rows with the exponential-race form of the
 same distribution (``argmax(p / E)``, ``E ~ Exp(1)``, as vLLM and gpt-fast sample).
 
+:func:`install_sampler` also lets a step whose every row is greedy (``top_k=1``: all of one
+client's greedy steps, and every step of a greedy workload) skip the processors, the softmax and
+the draw altogether: the token is the argmax of the raw logits, which is what the filtered
+one-candidate distribution gives and what ``generate(do_sample=False)`` takes (on an exact tie
+at the top, the first index, as ``generate`` does, where the filtered draw would pick among the
+tied tokens).
+
 :func:`install` swaps the warpers into a ``ContinuousBatchingManager`` before its batch
 processor is built; both are for the eager plan only (their row selection is data-dependent,
 which neither a compiled step nor a CUDA graph can hold).
@@ -36,6 +43,7 @@ from typing import Any
 
 import torch
 from transformers.generation.continuous_batching.cb_logits_processors import (
+    ContinuousBatchingTemperatureLogitsWarper,
     ContinuousBatchingTopKLogitsWarper,
     ContinuousBatchingTopPLogitsWarper,
 )
@@ -109,14 +117,60 @@ def sample_rows(probs: torch.Tensor) -> torch.Tensor:
     return best
 
 
+class GreedySteps:
+    """A ``ModelRunner``'s processor list that a step of greedy rows only skips.
+
+    Called as the list is (``(input_ids, scores, args)``, one ``args`` row per per-request
+    processor, in list order); when every row's ``top_k`` is 1 it returns the scores untouched
+    and sets :attr:`all_greedy` for the sampling step that follows in the same forward.
+    """
+
+    def __init__(self, processors: Any, top_k_arg: int) -> None:
+        self.processors = processors
+        self.top_k_arg = top_k_arg
+        self.all_greedy = False
+
+    def __getattr__(self, name: str) -> Any:  # do_processing, prepare_tensor_args, ...: the list's own
+        return getattr(self.processors, name)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, args: torch.Tensor) -> torch.Tensor:
+        top_k = args[self.top_k_arg, : scores.size(0)]
+        self.all_greedy = bool((top_k == 1).all())
+        if self.all_greedy:
+            return scores
+        return self.processors(input_ids, scores, args)
+
+
+def _top_k_arg(processors: Any) -> int | None:
+    """Row of the processors' argument tensor that holds ``top_k``; None without a per-request
+    top-k, or with any processor besides temperature, top-k and top-p (which leave a ``top_k=1``
+    row's argmax as it is: another processor, a repetition penalty say, could move it)."""
+    arg = None
+    for i, processor in enumerate(processors.logits_processor):
+        if isinstance(processor, ContinuousBatchingTopKLogitsWarper):
+            arg = i
+        elif not isinstance(processor, (ContinuousBatchingTemperatureLogitsWarper, ContinuousBatchingTopPLogitsWarper)):
+            return None
+    return arg
+
+
 def install_sampler(model_runner: Any) -> bool:
     """Replace a ``ModelRunner``'s sampling step by :func:`sample_rows` (sampling mode, no
-    log-probabilities: what the engine runs); returns whether it did."""
+    log-probabilities: what the engine runs), with :class:`GreedySteps` in front of its
+    processors when they have a per-request top-k; returns whether it replaced the step."""
     if not model_runner.do_sample or model_runner.return_logprobs:
         return False
+    processors = getattr(model_runner, "logit_processor", None)
+    arg = _top_k_arg(processors) if processors is not None and processors.do_processing else None
+    greedy = GreedySteps(processors, arg) if arg is not None else None
+    if greedy is not None:
+        model_runner.logit_processor = greedy
 
     def _sample(scores: torch.Tensor, output_ids: torch.Tensor) -> None:
-        next_tokens = sample_rows(torch.softmax(scores[0], dim=-1))
+        if greedy is not None and greedy.all_greedy:
+            next_tokens = scores[0].argmax(dim=-1)
+        else:
+            next_tokens = sample_rows(torch.softmax(scores[0], dim=-1))
         output_ids[0, : next_tokens.size(0)].copy_(next_tokens)
 
     model_runner._sample = _sample

@@ -68,6 +68,8 @@ CASES = {
     "prefill only": ([7, 3, 12], [7, 3, 12]),
     "mixed, cached prefixes": ([1, 6, 1, 4, 1], [20, 6, 3, 11, 8]),  # 4 of 11: a chunk after 7 cached keys
     "one request": ([9], [9]),
+    "one decoding request (no padding, no mask)": ([1], [13]),
+    "decode only, equal lengths (no mask)": ([1, 1, 1], [8, 8, 8]),
 }
 
 
@@ -84,6 +86,14 @@ def test_each_request_attends_to_its_own_keys(case: str) -> None:
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     if len(q_lens) > 1:  # the comparison would catch keys leaking between requests
         assert not torch.allclose(out, _reference(q, k, v, q_lens, k_lens, leak=True), atol=1e-3)
+
+
+def test_padding_mask_only_where_a_request_is_padded() -> None:
+    valid, index = attention._right_padded([0, 8], [8, 8])
+    assert valid is None and index.tolist() == list(range(16))
+    valid, index = attention._right_padded([0, 8], [8, 3])
+    assert valid is not None and valid.view(2, -1).sum(1).tolist() == [8, 3]
+    assert index.tolist() == list(range(8)) + [8, 9, 10, 10, 10, 10, 10, 10]
 
 
 def test_outside_a_continuous_batch_it_refuses() -> None:
@@ -159,3 +169,32 @@ def test_engine_greedy_tokens_equal_the_masked_sdpa_path(tiny_model: Path, monke
     assert impl == attention.NAME and masked_impl == "sdpa"
     assert set(per_request) == set(masked) and all(len(t) == 10 for t in per_request.values())
     assert per_request == masked
+
+
+def test_lm_head_projects_only_the_positions_that_predict(tiny_model: Path) -> None:
+    """``continuous.logits_for_new_tokens_only``: the step asks the model for the rows of
+    ``logits_indices`` only (a prefill's last token, each decoding token), and gets the logits
+    the full projection gives on those rows."""
+    from transformers import AutoModelForCausalLM
+
+    from kubeforge_runtime.serve import continuous
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+    ids = torch.randint(3, 200, (1, 12), generator=torch.Generator().manual_seed(0))
+    rows = torch.tensor([4, 9, 11])  # ends of a 5-token and a 5-token prefill, one decoding token
+
+    class _IO:
+        def get_model_kwargs(self, use_padding: bool = False) -> dict:
+            return {"input_ids": ids, "logits_indices": rows}
+
+    class _Processor:
+        inputs_and_outputs = _IO()
+
+    assert continuous.logits_for_new_tokens_only(_Processor, model)
+    batch = _Processor.inputs_and_outputs.get_model_kwargs(use_padding=False)
+    assert batch["logits_to_keep"] is rows
+    with torch.inference_mode():
+        full = model(input_ids=ids).logits[:, rows]
+        kept = model(input_ids=ids, logits_to_keep=batch["logits_to_keep"]).logits
+    assert kept.shape == (1, 3, model.config.vocab_size)
+    torch.testing.assert_close(kept, full, rtol=1e-5, atol=1e-5)

@@ -83,3 +83,54 @@ def test_sampler_replaces_only_a_sampling_runner_without_logprobs() -> None:
     scores[0, 0, 3] = scores[0, 1, 8] = 1.0
     runner._sample(scores, out)
     assert out[0, :2].tolist() == [3, 8]
+
+
+class _ProcessingRunner:
+    do_sample, return_logprobs = True, False
+
+    def __init__(self) -> None:
+        self.logit_processor = _processors()
+
+
+def _args(top_k: list[int], temperature: float = 1.0) -> torch.Tensor:
+    rows = len(top_k)
+    args = torch.zeros(3, 8, dtype=torch.int32)
+    args[0, :rows] = torch.full((rows,), temperature).view(torch.int32)
+    args[1, :rows] = torch.tensor(top_k, dtype=torch.int32)
+    args[2, :rows] = torch.ones(rows).view(torch.int32)
+    return args
+
+
+def test_greedy_steps_skip_the_processors_and_take_the_raw_argmax() -> None:
+    runner = _ProcessingRunner()
+    assert sampling.install_sampler(runner)
+    assert isinstance(runner.logit_processor, sampling.GreedySteps)
+    assert runner.logit_processor.do_processing  # the list's own attributes still answer
+    scores = torch.randn(3, 500, generator=torch.Generator().manual_seed(1))
+    ids = torch.zeros(3, dtype=torch.long)
+    out = runner.logit_processor(ids, scores, _args([1, 1, 1], temperature=0.5))
+    assert out is scores  # untouched: no temperature, no filter, no copy
+    tokens = torch.zeros(2, 8, dtype=torch.int32)
+    runner._sample(scores.unsqueeze(0), tokens)
+    assert tokens[0, :3].tolist() == scores.argmax(-1).tolist()
+
+
+def test_a_step_with_one_sampled_row_runs_the_processors() -> None:
+    runner = _ProcessingRunner()
+    sampling.install_sampler(runner)
+    scores = torch.randn(3, 500, generator=torch.Generator().manual_seed(2))
+    ids = torch.zeros(3, dtype=torch.long)
+    args = _args([1, 1, 1 << 30], temperature=0.5)
+    out = runner.logit_processor(ids, scores.clone(), args)
+    assert not runner.logit_processor.all_greedy
+    assert torch.equal(out, _processors()(ids, scores.clone(), args))  # the full chain, as before
+    assert int((~torch.isinf(out[0])).sum()) == 1 and int((~torch.isinf(out[2])).sum()) == 500
+
+
+def test_greedy_steps_stay_off_beside_another_processor() -> None:
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    runner = _ProcessingRunner()
+    runner.logit_processor.logits_processor.append(RepetitionPenaltyLogitsProcessor(1.3))
+    assert sampling.install_sampler(runner)
+    assert not isinstance(runner.logit_processor, sampling.GreedySteps)
