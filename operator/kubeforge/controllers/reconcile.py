@@ -279,6 +279,14 @@ def reference_keys(namespace: str, name: str, spec: Any,
     return out
 
 
+def _fresh_reason(exc: NeedFresh) -> str:
+    """A short, bounded label for what made a cached sync go to the API (the metric's reason)."""
+    text = str(exc)
+    if "not in the watch cache" in text:
+        return f"{text.split(' ', 1)[0]} not cached"
+    return text if len(text) <= 40 else "other"
+
+
 class Reconciler(Generic[S]):
     """The serialised, coalesced read -> validate -> step -> write -> after loop of one kind.
 
@@ -452,11 +460,12 @@ class Reconciler(Generic[S]):
         """
         started = time.monotonic()
         if self.cache is not None and not hints.get("apply"):
-            settled = self._settled_from_cache(namespace, name, hints)
+            settled, why = self._settled_from_cache(namespace, name, hints)
             if settled is None and self._defer(namespace, name, hints):
                 return
             if settled:
                 return
+            metrics.FRESH_SYNCS.labels(self.kind, why).inc()
         obj = self._spec_handlers_copy(namespace, name) if hints.get("apply") else None
         if obj is None:
             obj = kube.get(self.kind, namespace, name)
@@ -534,9 +543,10 @@ class Reconciler(Generic[S]):
         _debouncer().schedule(self, namespace, name, hints, CACHE_CATCH_UP_SECONDS)
         return True
 
-    def _settled_from_cache(self, namespace: str, name: str, hints: dict[str, Any]) -> bool | None:
+    def _settled_from_cache(self, namespace: str, name: str, hints: dict[str, Any]) -> tuple[bool | None, str]:
         """The sync computed and written from the cache alone; True when that finished it, None
-        when the cached object is behind the server's (:meth:`_defer`), False for fresh reads.
+        when the cached object is behind the server's (:meth:`_defer`), False for fresh reads;
+        with why it did not finish (``kubeforge_fresh_syncs_total``'s reason).
 
         The status is computed from the cached object, Job and pods. It finishes the sync when
         the object the cache shows is the one this operator last left (its status equals the
@@ -563,31 +573,35 @@ class Reconciler(Generic[S]):
         try:
             obj = copy.deepcopy(self.cache.get(self.kind, namespace, name))
         except NeedFresh:
-            return False
+            return False, "not cached"
         if obj["metadata"].get("deletionTimestamp"):
-            return False
+            return False, "being deleted"
         prev = obj.get("status") or {}
         with self._guard:
             shown = self._shown.get((namespace, name), prev)
         if shown != prev:
-            return None
+            return None, "cache behind"
         try:
             spec = self.validate(obj)
             check_policy(obj)
             outcome = self.step(obj, spec, reads=self.cache, **hints)
-        except (NeedFresh, ValidationError, InvalidSpec, ChildConflict):
-            return False
+        except NeedFresh as exc:
+            return False, _fresh_reason(exc)
+        except (ValidationError, InvalidSpec):
+            return False, "invalid spec"
+        except ChildConflict:
+            return False, "child conflict"
         changed = outcome.status != prev
         if outcome.events and not changed:
-            return False  # events without a guarded write to tie them to: decide on fresh reads
+            return False, "events"  # events without a guarded write to tie them to: decide on fresh reads
         if changed and not (self.cache_can_tell and self.cache_can_tell(prev, outcome.status)):
-            return False  # news the cache may be wrong about (a worker lost?): fresh reads
+            return False, "bad news"  # news the cache may be wrong about (a worker lost?): fresh reads
         if changed:
             try:
                 self.write(obj, prev, outcome)
             except ApiException as exc:
                 if exc.status == 409:
-                    return None  # the cached object is behind the server's
+                    return None, "conflict"  # the cached object is behind the server's
                 raise
             with self._guard:
                 self._shown[(namespace, name)] = outcome.status
@@ -596,7 +610,7 @@ class Reconciler(Generic[S]):
         metrics.record_phase(self.kind, namespace, name, outcome.status.get("phase"))
         metrics.RECONCILE_DURATION.labels(self.kind).observe(time.monotonic() - started)
         self._after(obj, spec, outcome, changed, hints)
-        return True
+        return True, ""
 
     def _conflict(self, obj: dict[str, Any], exc: ChildConflict, hints: dict[str, Any]) -> Outcome:
         """The outcome of a sync stopped by a foreign object; look again later, not at once."""

@@ -20,7 +20,7 @@ from kubeforge import kube
 from kubeforge.api import FineTuneJobSpec
 from kubeforge.builders import finetune as fb
 from kubeforge.controllers import finetune as controller
-from kubeforge.controllers import events, reconcile
+from kubeforge.controllers import events, metrics, reconcile
 from kubeforge.controllers.watched import NeedFresh, WatchCache
 
 NS, NAME = "ns-wc", "wc"
@@ -119,9 +119,10 @@ def pod(index: int, job: dict[str, Any], ready: bool) -> dict[str, Any]:
                        "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}}
 
 
-def setup_job(api: CountingAPI) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """A FineTuneJob whose children exist (its first sync's status written), one worker Ready."""
-    obj = api.put(ftj())
+def setup_job(api: CountingAPI, phase: str | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A FineTuneJob whose children exist (its first sync's status written), one worker Ready;
+    ``phase``: the status it showed before that sync."""
+    obj = api.put({**ftj(), "status": {"phase": phase}} if phase else ftj())
     job = fb.job(NAME, NS, "u-wc", FineTuneJobSpec.model_validate(obj["spec"]))
     job["metadata"]["uid"] = "j-uid"
     job["status"] = {"startTime": "2026-01-01T00:00:00Z", "active": 2}
@@ -154,7 +155,7 @@ def test_a_change_is_computed_from_the_cache_and_written_with_one_guarded_patch(
     api.requests.clear()
     controller.reconciler.request(NS, NAME)
     events.drain()  # posted in the background, after the write
-    assert api.requests == ["PATCH FineTuneJob/status", "POST Event"]  # the Running event
+    assert api.requests == ["PATCH FineTuneJob/status"]  # a first start posts no Event (the status says it)
     assert api.objects[("FineTuneJob", NAME)]["status"]["phase"] == "Running"
 
     # The cache has not seen that write yet: its FineTuneJob still shows Pending. A sync now must
@@ -165,8 +166,11 @@ def test_a_change_is_computed_from_the_cache_and_written_with_one_guarded_patch(
         controller.reconciler.request(NS, NAME)
         assert api.requests == []
     assert deferred.scheduled == [reconcile.CACHE_CATCH_UP_SECONDS] * reconcile.CACHE_CATCH_UP_TRIES
+    behind = metrics.FRESH_SYNCS.labels("FineTuneJob", "cache behind")
+    before = behind._value.get()
     controller.reconciler.request(NS, NAME)
     assert api.requests == ["GET FineTuneJob", "GET Job", "LIST Pod"]  # and nothing to write
+    assert behind._value.get() == before + 1  # counted, with why the cache could not decide
     # Once the watch has delivered the write, the same sync costs nothing.
     seen("FineTuneJob", api.objects[("FineTuneJob", NAME)])
     api.requests.clear()
@@ -177,8 +181,9 @@ def test_a_change_is_computed_from_the_cache_and_written_with_one_guarded_patch(
 def test_a_cached_write_that_meets_a_newer_object_waits_for_the_watch(api: CountingAPI, deferred: Deferred) -> None:
     """The cached FineTuneJob shows the last status written, but the server's has moved on (an
     annotation, a label: anyone's write the watch has not delivered yet): the guarded patch
-    answers 409, nothing is posted, and the sync is done again once the watch has it."""
-    job, pods = setup_job(api)
+    answers 409, nothing is posted, and the sync is done again once the watch has it. (A job
+    back from Restarting: its return to Running is an Event.)"""
+    job, pods = setup_job(api, phase="Restarting")
     for kind, obj in [("FineTuneJob", api.objects[("FineTuneJob", NAME)]), ("Job", job), ("Pod", pods[0])]:
         seen(kind, obj)
     api.put(api.objects[("FineTuneJob", NAME)])  # a newer resourceVersion, not seen by the cache
