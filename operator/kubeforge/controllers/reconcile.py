@@ -38,7 +38,9 @@ A kind built with ``cached=True`` (FineTuneJob) keeps what its event handlers sa
 :class:`.watched.WatchCache`: a sync with nothing to apply is first computed from it, and when
 the cached object shows the status this operator last left, that sync ends there: with no
 request when nothing changed, with one status patch guarded by the cached object's
-``resourceVersion`` when the status changed (a 409 sends it to fresh reads). A spec handler's
+``resourceVersion`` when the status changed (a 409 sends it to fresh reads). The cached
+object is the watch's, or the API server's answer to this operator's last status write while
+the watch has not delivered that write yet. A spec handler's
 sync takes the object from it instead of reading it. Children and annotations are written on
 fresh reads only.
 """
@@ -316,6 +318,9 @@ class Reconciler(Generic[S]):
         """Syncs deferred in a row because the cached object was behind the server's."""
         self._shown: dict[Key, dict[str, Any]] = {}
         """The status each object held after this operator's last fresh sync of it (written or found)."""
+        self._written: dict[Key, dict[str, Any]] = {}
+        """With a cache: the object as the API server answered this operator's last status write
+        of it (the server's object as of that write, which the watch delivers a moment later)."""
         self.child_labels = {"app.kubernetes.io/managed-by": MANAGED_BY, self.owner_label: kopf.PRESENT}
         """kopf label filter for the children of this kind's objects."""
         self._guard = threading.Lock()
@@ -368,6 +373,7 @@ class Reconciler(Generic[S]):
         with self._guard:
             self._locks.pop((namespace, name), None)
             self._shown.pop((namespace, name), None)
+            self._written.pop((namespace, name), None)
             self._behind.pop((namespace, name), None)
         if self.cache is not None:
             self.cache.forget(self.kind, namespace, name)
@@ -468,6 +474,8 @@ class Reconciler(Generic[S]):
             metrics.FRESH_SYNCS.labels(self.kind, why).inc()
         obj = self._spec_handlers_copy(namespace, name) if hints.get("apply") else None
         if obj is None:
+            if hints.get("apply") and self.cache is not None:
+                metrics.FRESH_SYNCS.labels(self.kind, "spec handler: not cached").inc()
             obj = kube.get(self.kind, namespace, name)
         if obj is None or obj["metadata"].get("deletionTimestamp"):
             self.forget(namespace, name)
@@ -560,7 +568,11 @@ class Reconciler(Generic[S]):
           ``resourceVersion`` (a newer object on the server, a spec or annotation change of
           anyone's, answers 409: None), then its events.
 
-        A cached object that does not show the status last written is behind too (None).
+        A cached object that does not show the status last written is behind too (None),
+        unless the API server's answer to that write does: the watch has not delivered this
+        operator's own write yet, and that answer, the server's object as of the write, stands
+        in for it (each such wait, and the fresh reads after it, cost the API server more
+        than a watch a moment behind ever saved).
 
         A child behind the cache is at worst one watch event old, and that event schedules the
         next sync. ``after`` then runs as after any sync (a TTL that has passed still deletes
@@ -579,8 +591,16 @@ class Reconciler(Generic[S]):
         prev = obj.get("status") or {}
         with self._guard:
             shown = self._shown.get((namespace, name), prev)
+            written = self._written.get((namespace, name))
         if shown != prev:
-            return None, "cache behind"
+            if written is None or (written.get("status") or {}) != shown \
+                    or written["metadata"].get("uid") != obj["metadata"].get("uid"):
+                return None, "cache behind"
+            # The watch has not delivered this operator's own last write yet: the object the
+            # server answered that write with is the newer one (a later change of anyone's
+            # makes the guarded write below answer 409, as a stale cache does).
+            obj = copy.deepcopy(written)
+            prev = obj.get("status") or {}
         try:
             spec = self.validate(obj)
             check_policy(obj)
@@ -625,9 +645,12 @@ class Reconciler(Generic[S]):
         meta = obj["metadata"]
         changed = outcome.status != prev
         if changed:
-            kube.patch_merge(self.kind, meta["namespace"], meta["name"],
-                             {"metadata": {"resourceVersion": meta.get("resourceVersion")}, "status": outcome.status},
-                             subresource="status")
+            answer = kube.patch_merge(self.kind, meta["namespace"], meta["name"],
+                                      {"metadata": {"resourceVersion": meta.get("resourceVersion")},
+                                       "status": outcome.status}, subresource="status")
+            if self.cache is not None and isinstance(answer, dict) and answer.get("metadata"):
+                with self._guard:
+                    self._written[(meta["namespace"], meta["name"])] = answer
             if outcome.status.get("phase") != prev.get("phase"):
                 log.info("%s %s/%s: phase %s -> %s", self.kind, meta["namespace"], meta["name"], prev.get("phase"),
                          outcome.status.get("phase"))

@@ -159,8 +159,14 @@ def test_a_change_is_computed_from_the_cache_and_written_with_one_guarded_patch(
     assert api.objects[("FineTuneJob", NAME)]["status"]["phase"] == "Running"
 
     # The cache has not seen that write yet: its FineTuneJob still shows Pending. A sync now must
-    # not take "Running computed, Pending shown" for news, nor "Pending" for current: it waits
-    # for the watch (deferred, no request), and after a few tries reads fresh.
+    # not take "Running computed, Pending shown" for news, nor "Pending" for current: the
+    # server's answer to the write is the newer object, and with it the sync costs nothing.
+    api.requests.clear()
+    controller.reconciler.request(NS, NAME)
+    assert api.requests == [] and deferred.scheduled == []
+    # Without that answer (nor the watch's delivery) it waits for the watch (deferred, no
+    # request), and after a few tries reads fresh.
+    controller.reconciler._written.pop((NS, NAME))
     for _ in range(reconcile.CACHE_CATCH_UP_TRIES):
         api.requests.clear()
         controller.reconciler.request(NS, NAME)
@@ -211,12 +217,21 @@ def test_a_cache_behind_the_last_write_never_passes_for_current(api: CountingAPI
     controller.reconciler.request(NS, NAME)
     assert api.objects[("FineTuneJob", NAME)]["status"]["phase"] == "Running"
     seen("Pod", api.put(pod(1, job, False)))  # not ready again; the FineTuneJob's event still pending
-    for _ in range(reconcile.CACHE_CATCH_UP_TRIES):  # waits for the watch, which never delivers
-        controller.reconciler.request(NS, NAME)
     api.requests.clear()
-    controller.reconciler.request(NS, NAME)  # then reads fresh
-    assert "PATCH FineTuneJob/status" in api.requests
+    # The server's answer to the write (Running) stands in for the watch: bad news, read fresh.
+    controller.reconciler.request(NS, NAME)
+    assert api.requests[:3] == ["GET FineTuneJob", "GET Job", "LIST Pod"] and "PATCH FineTuneJob/status" in api.requests
     assert api.objects[("FineTuneJob", NAME)]["status"]["phase"] == "Restarting"
+    # Without that answer it waits for the watch, which never delivers, then reads fresh.
+    seen("Pod", api.put(pod(1, job, True)))
+    controller.reconciler._written.pop((NS, NAME))
+    for _ in range(reconcile.CACHE_CATCH_UP_TRIES):
+        api.requests.clear()
+        controller.reconciler.request(NS, NAME)
+        assert api.requests == []
+    controller.reconciler.request(NS, NAME)
+    assert "PATCH FineTuneJob/status" in api.requests
+    assert api.objects[("FineTuneJob", NAME)]["status"]["phase"] == "Running"
 
 
 def test_what_the_cache_does_not_hold_is_read_fresh(api: CountingAPI) -> None:
@@ -250,8 +265,8 @@ def test_a_spec_handlers_sync_applies_from_the_cached_object_and_decides_nothing
     assert applied == [True] and "GET FineTuneJob" not in api.requests
 
     # A cached object behind the server's: the status write meets a newer resourceVersion (409)
-    # and is redone once the watch has delivered the newer object, without applying the
-    # children again.
+    # and is redone, without applying the children again, from the server's answer to this
+    # operator's last write (the newer object), or once the watch has delivered it.
     stale = copy.deepcopy(api.objects[("FineTuneJob", NAME)])
     stale["metadata"]["resourceVersion"] = "1"
     stale["status"] = {}
@@ -271,7 +286,7 @@ def test_a_spec_handlers_sync_applies_from_the_cached_object_and_decides_nothing
     api.requests.clear()
     controller.reconciler.request(NS, NAME, apply=True)
     assert conflicts == [NAME] and applied == [True]  # applied once, before the 409
-    assert "GET FineTuneJob" not in api.requests and deferred.scheduled  # the redo waits for the watch
+    assert "GET FineTuneJob" not in api.requests and not deferred.scheduled  # redone from the answer
     seen("FineTuneJob", api.objects[("FineTuneJob", NAME)])
     controller.reconciler.request(NS, NAME)  # the deferred redo
     assert applied == [True] and "GET FineTuneJob" not in api.requests
