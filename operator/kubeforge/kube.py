@@ -59,9 +59,9 @@ def api() -> client.ApiClient:
         cfg = client.Configuration.get_default_copy()
         # Handlers run in kopf's thread pool and share this client: one connection per worker
         # instead of urllib3's default of 4 (which would open and drop connections under load):
-        # kopf's 32 handler threads, the 8 sync threads, the 96 that send the waves of children
-        # and the 8 that post Events.
-        cfg.connection_pool_maxsize = 144
+        # kopf's 16 handler threads, the 8 sync threads, the 16 that send a wave of children and
+        # the 8 that post Events.
+        cfg.connection_pool_maxsize = 48
         _api = client.ApiClient(cfg)
     return _api
 

@@ -29,8 +29,6 @@ from .essence import LeanDiffBaseStorage
 
 
 CONSISTENCY_TIMEOUT_SECONDS = 60.0
-HANDLER_THREADS = 32
-"""kopf's handler threads (its default is 5): the spec handlers and every other sync handler."""
 
 
 @kopf.on.startup()
@@ -45,10 +43,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # object's own events (Accepted, Created, the phases) and conditions do not. Handler
     # failures (kopf logs them as warnings and errors) are still posted.
     settings.posting.level = logging.WARNING
-    # A spec handler holds its thread for a chain of round trips (a new FineTuneJob's children in
-    # two waves, then its status), mostly waiting for the API server: with 16 threads a burst of
-    # new jobs queued for them (the gap between a FineTuneJob's creation and its Job's).
-    settings.execution.max_workers = HANDLER_THREADS
+    settings.execution.max_workers = 16
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.batching.error_delays = [1, 2, 5, 10, 30, 60]
