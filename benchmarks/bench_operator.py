@@ -28,8 +28,10 @@ operator's peak memory (VmHWM of its process), idle memory and CPU seconds while
 machine of few cores, the operator's CPU is taken from the control plane it waits for); the
 CPU seconds of every control-plane process, the operator (and its main thread, kopf's event
 loop) and this client while timed, per case (``/proc/<pid>/stat`` before and after), so the
-operator case's extra CPU can be placed; with ``--api-calls`` the API requests per job by verb
-and resource, all clients (the API server's own counters), and the Events by poster.
+operator case's extra CPU can be placed; the operator's syncs done on fresh reads, by why its
+watch cache did not decide (``kubeforge_fresh_syncs_total`` from its ``/metrics``); with
+``--api-calls`` the API requests per job by verb and resource, all clients (the API server's
+own counters), and the Events by poster.
 
 Run::
 

@@ -147,8 +147,9 @@ rank 0 publishes for the workers' store, which is that same pod (torch's c10d re
 its nodes by host name, and ``<job>-0.`` sorts first; the pod that hosts the rendezvous store is
 always one of them). The other pods keep their host names and FQDNs in their own
 ``/etc/hosts``, but get no DNS record: nothing looks them up (NCCL and gloo exchange
-addresses through the store). Selecting one pod instead of all halves the Endpoints and
-EndpointSlice writes the endpoint controllers make while a job's pods come up."""
+addresses through the store). Selecting one pod instead of all leaves the endpoint
+controllers one pod's changes to publish, not every worker's (their writes per job: README
+"Operator at scale")."""
 
 
 def service(name: str, namespace: str, uid: str) -> dict[str, Any]:
