@@ -551,12 +551,13 @@ def compute(
 
 def _announce_created(out: FineTuneOutcome, message: str) -> None:
     """The ``Created`` event; when this same sync accepted the spec (a new job's first sync),
-    it stands in for the ``Accepted`` event as well: one Event per new job, saying both."""
-    accepted = next((e for e in out.events if e.reason == "Accepted"), None)
+    its ``Accepted`` event says it instead: one Event per new job, saying both."""
+    accepted = next((i for i, e in enumerate(out.events) if e.reason == "Accepted"), None)
     if accepted is not None:
-        out.events.remove(accepted)
-        message = f"{accepted.message}; {message}"
-    out.events.append(Event("Normal", "Created", message))
+        ev = out.events[accepted]
+        out.events[accepted] = Event(ev.type, ev.reason, f"{ev.message}; {message}")
+    else:
+        out.events.append(Event("Normal", "Created", message))
 
 
 _PHASE_EVENTS = {
@@ -577,7 +578,7 @@ def _finish(out: FineTuneOutcome, status: dict[str, Any], conds: list[dict[str, 
         # A new job starts Pending: its Accepted (and Created) events say so already; a Pending
         # event more would be one API write per job that tells nobody anything.
         announce = False
-    if phase == "Running" and prev_phase in (None, "Pending"):
+    if phase == "Running" and out.became_running_first_time:
         # Its first start: the phase, the Running condition and status.startTime say so; an
         # Event is kept for what a user must notice (a return to Running after Restarting or
         # Suspended, failures, the end).

@@ -121,8 +121,8 @@ def pod(index: int, job: dict[str, Any], ready: bool) -> dict[str, Any]:
 
 def setup_job(api: CountingAPI, phase: str | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """A FineTuneJob whose children exist (its first sync's status written), one worker Ready;
-    ``phase``: the status it showed before that sync."""
-    obj = api.put({**ftj(), "status": {"phase": phase}} if phase else ftj())
+    ``phase``: the phase it showed before that sync (of a job that has run before)."""
+    obj = api.put({**ftj(), "status": {"phase": phase, "startTime": "2026-01-01T00:00:00Z"}} if phase else ftj())
     job = fb.job(NAME, NS, "u-wc", FineTuneJobSpec.model_validate(obj["spec"]))
     job["metadata"]["uid"] = "j-uid"
     job["status"] = {"startTime": "2026-01-01T00:00:00Z", "active": 2}
