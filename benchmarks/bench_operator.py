@@ -28,8 +28,10 @@ operator's peak memory (VmHWM of its process), idle memory and CPU seconds while
 machine of few cores, the operator's CPU is taken from the control plane it waits for); the
 CPU seconds of every control-plane process, the operator (and its main thread, kopf's event
 loop) and this client while timed, per case (``/proc/<pid>/stat`` before and after), so the
-operator case's extra CPU can be placed; with ``--api-calls`` the API requests per job by verb
-and resource, all clients (the API server's own counters), and the Events by poster.
+operator case's extra CPU can be placed; the operator's syncs done on fresh reads, by why its
+watch cache did not decide (``kubeforge_fresh_syncs_total`` from its ``/metrics``); with
+``--api-calls`` the API requests per job by verb and resource, all clients (the API server's
+own counters), and the Events by poster.
 
 Run::
 
@@ -389,6 +391,7 @@ def run_operator_case(cluster: LocalCluster, n: int, ns: str, workdir: Path) -> 
         out["operatorCpuSeconds"] = out["cpuSeconds"]["operator"]
         out["operatorPeakRssMiB"] = peak_rss_mib(op.pid)
         out["operatorIdleRssMiB"] = rss_idle
+        out["freshSyncs"] = fresh_syncs(port)
         return out
     finally:
         op.terminate()
@@ -397,6 +400,21 @@ def run_operator_case(cluster: LocalCluster, n: int, ns: str, workdir: Path) -> 
         except subprocess.TimeoutExpired:
             op.kill()
         logf.close()
+
+
+def fresh_syncs(metrics_port: int) -> dict[str, float]:
+    """The operator's ``kubeforge_fresh_syncs_total`` by reason (syncs its watch cache did not
+    decide, so that read the FineTuneJob, its Job and pods from the API server), since its start."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("kubeforge_fresh_syncs_total{"):
+            labels = line[line.index("{") + 1:line.rindex("}")]
+            reason = next((kv.split("=", 1)[1].strip('"') for kv in labels.split('",') if kv.startswith("reason=")), "?")
+            out[reason] = out.get(reason, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
 
 
 def run_baseline_case(cluster: LocalCluster, n: int, ns: str) -> dict[str, Any]:
@@ -523,6 +541,10 @@ def main(argv: list[str] | None = None) -> int:
         cells = [f"{case_cpu(o, name):7.1f} / {case_cpu(b, name):6.1f}"
                  for o, b in zip(rounds["operator"], rounds["baseline"])]
         print(f"  {name:26}" + "   ".join(cells))
+    print("operator syncs on fresh reads per job, by why its watch cache did not decide (round by round, "
+          "since its start: the warm-up job's included): "
+          + "; ".join(", ".join(f"{k} {v / n:.2f}" for k, v in sorted(o["freshSyncs"].items())) or "none"
+                      for o in rounds["operator"]))
     print("operator start -> warm-up FineTuneJob reconciled (not timed): "
           + ", ".join(f"{o['operatorWarmUpSeconds']:.1f}" for o in rounds["operator"]) + " s")
     if args.api_calls:

@@ -9,9 +9,10 @@ What the workers look like (the pod side of ``trainer_image/CONTRACT.md``):
 * one pod per node, as an Indexed Job with ``completions = parallelism = nodes.max``; the
   Job controller recreates failed pods, counts back-off and garbage-collects, and Kueue can
   admit the Job like any other;
-* the headless Service (named like the Job) plus ``subdomain`` gives every pod the stable
-  DNS name ``<job>-<index>.<job>``; index 0 hosts the c10d rendezvous store, which is why
-  the Service publishes not-ready addresses (the rendezvous runs before readiness);
+* the headless Service (named like the Job) plus ``subdomain`` gives the index-0 pod the
+  stable DNS name ``<job>-0.<job>``, the one name the workers resolve (:func:`service`);
+  that pod hosts the c10d rendezvous store, which is why the Service publishes not-ready
+  addresses (the rendezvous runs before readiness);
 * the container runs the preflight ``kubeforge_runtime.launch`` (exit 78 on a bad config),
   which execs ``torchrun`` with elastic ``--nnodes=min:max`` rendezvous and ``--max-restarts``;
   the ``PET_*`` variables torchrun scripts already expect are set too;
@@ -50,6 +51,8 @@ TERMINATION_GRACE_SECONDS = 120
 preemption, drain), which for a large model takes a while."""
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
+"""The Job controller labels each pod of an Indexed Job with its index too (Kubernetes 1.28+)."""
 
 MAX_NAME_LENGTH = 52
 """The CRD's own limit (a CEL rule on metadata.name, shared by every kind); checked here too
@@ -137,6 +140,18 @@ def config_map(name: str, namespace: str, uid: str, spec: FineTuneJobSpec, teach
 
 # --- the headless Service ----------------------------------------------------------------------
 
+RANK0_SELECTOR = {COMPLETION_INDEX_LABEL: "0"}
+"""The Service selects only the index-0 worker. Its name ``<job>-0.<job>`` is the one the
+workers resolve: the rendezvous endpoint and ``MASTER_ADDR``, and the address the rendezvous'
+rank 0 publishes for the workers' store, which is that same pod (torch's c10d rendezvous ranks
+its nodes by host name, and ``<job>-0.`` sorts first; the pod that hosts the rendezvous store is
+always one of them). The other pods keep their host names and FQDNs in their own
+``/etc/hosts``, but get no DNS record: nothing looks them up (NCCL and gloo exchange
+addresses through the store). Selecting one pod instead of all leaves the endpoint
+controllers one pod's changes to publish, not every worker's (their writes per job: README
+"Operator at scale")."""
+
+
 def service(name: str, namespace: str, uid: str) -> dict[str, Any]:
     owner = common.owner_reference(KIND, name, uid)
     return {
@@ -147,7 +162,7 @@ def service(name: str, namespace: str, uid: str) -> dict[str, Any]:
             # The rendezvous happens before any worker is ready, so DNS must answer for
             # not-ready pods too.
             "publishNotReadyAddresses": True,
-            "selector": common.selector_labels(KIND, name),
+            "selector": {**common.selector_labels(KIND, name), **RANK0_SELECTOR},
             "ports": [{"name": "rendezvous", "port": contract.RENDEZVOUS_PORT,
                        "targetPort": contract.RENDEZVOUS_PORT, "protocol": "TCP"}],
         },

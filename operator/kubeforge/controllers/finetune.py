@@ -305,8 +305,12 @@ REFERENCES = ((("distillation", "teacher"), "fineTuneJobRef"),)
 
 
 @kopf.index(*FineTuneJob.resource(), id="finetunejob_references")
-def finetunejob_references(name: str, namespace: str, spec: Any, **_: Any) -> dict[Any, str]:
-    """kopf's index of the FineTuneJobs by the teacher they distil from (:func:`.reconcile.reference_keys`)."""
+async def finetunejob_references(name: str, namespace: str, spec: Any, **_: Any) -> dict[Any, str]:
+    """kopf's index of the FineTuneJobs by the teacher they distil from (:func:`.reconcile.reference_keys`).
+
+    A coroutine: kopf indexes each event of the kind before its other handlers, and a plain
+    function would first wait for one of kopf's handler threads, behind a burst's spec handlers
+    (a new object's own spec handler after it)."""
     return reference_keys(namespace, name, spec, REFERENCES)
 
 

@@ -439,8 +439,7 @@ def compute(
         return _finish(out, status, conds, prev_phase, phase, generation, now, None)
     names = builder.Names.of(job["metadata"]["name"])
     if not get_condition(conds, "Created") or get_condition(conds, "Created").get("status") != "True":
-        out.events.append(Event("Normal", "Created",
-                                f"created Service {names.service}, ConfigMap {names.config_map} and Job {names.job}"))
+        _announce_created(out, f"created Service {names.service}, ConfigMap {names.config_map} and Job {names.job}")
     conds = set_condition(conds, "Created", True, "ChildrenCreated",
                           f"Service {names.service}, ConfigMap {names.config_map}, Job {names.job}", generation, now)
 
@@ -550,6 +549,17 @@ def compute(
     return _finish(out, status, conds, prev_phase, phase, generation, now, restart_msg)
 
 
+def _announce_created(out: FineTuneOutcome, message: str) -> None:
+    """The ``Created`` event; when this same sync accepted the spec (a new job's first sync),
+    its ``Accepted`` event says it instead: one Event per new job, saying both."""
+    accepted = next((i for i, e in enumerate(out.events) if e.reason == "Accepted"), None)
+    if accepted is not None:
+        ev = out.events[accepted]
+        out.events[accepted] = Event(ev.type, ev.reason, f"{ev.message}; {message}")
+    else:
+        out.events.append(Event("Normal", "Created", message))
+
+
 _PHASE_EVENTS = {
     "Pending": ("Normal", "Pending", "waiting for workers"),
     "Running": ("Normal", "Running", "workers ready"),
@@ -567,6 +577,11 @@ def _finish(out: FineTuneOutcome, status: dict[str, Any], conds: list[dict[str, 
     if phase == "Pending" and prev_phase is None and not detail:
         # A new job starts Pending: its Accepted (and Created) events say so already; a Pending
         # event more would be one API write per job that tells nobody anything.
+        announce = False
+    if phase == "Running" and out.became_running_first_time:
+        # Its first start: the phase, the Running condition and status.startTime say so; an
+        # Event is kept for what a user must notice (a return to Running after Restarting or
+        # Suspended, failures, the end).
         announce = False
     if phase != prev_phase and announce and phase in _PHASE_EVENTS:
         type_, reason, message = _PHASE_EVENTS[phase]

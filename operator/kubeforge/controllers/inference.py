@@ -134,8 +134,12 @@ REFERENCES = ((("model",), "fineTuneJobRef"), (("model",), "quantizeJobRef"))
 
 
 @kopf.index(*InferenceService.resource(), id="inferenceservice_references")
-def inferenceservice_references(name: str, namespace: str, spec: Any, **_: Any) -> dict[Any, str]:
-    """kopf's index of the InferenceServices by the job they name (:func:`.reconcile.reference_keys`)."""
+async def inferenceservice_references(name: str, namespace: str, spec: Any, **_: Any) -> dict[Any, str]:
+    """kopf's index of the InferenceServices by the job they name (:func:`.reconcile.reference_keys`).
+
+    A coroutine: kopf indexes each event of the kind before its other handlers, and a plain
+    function would first wait for one of kopf's handler threads, behind a burst's spec handlers
+    (a new object's own spec handler after it)."""
     return reference_keys(namespace, name, spec, REFERENCES)
 
 

@@ -12,7 +12,10 @@ HTTP on ``kubeforge operator --metrics-port`` (next to the process metrics).
 * ``kubeforge_time_to_workers_running_seconds{kind}`` creation to all workers running, once
   per resource (histogram);
 * ``kubeforge_restarts_total{kind,reason}``          worker restarts by reason (Failure,
-  Disruption).
+  Disruption);
+* ``kubeforge_fresh_syncs_total{kind,reason}``       syncs of a cached kind that read the
+  object, its Job and pods from the API server, by why the watch cache could not decide
+  (:meth:`.reconcile.Reconciler.sync`): where a sync's reads come from.
 """
 
 from __future__ import annotations
@@ -40,6 +43,11 @@ TIME_TO_RUNNING = Histogram(
 )
 RESTARTS = Counter(
     "kubeforge_restarts", "Worker restarts observed, by reason (Failure, Disruption)",
+    ["kind", "reason"], registry=REGISTRY,
+)
+
+FRESH_SYNCS = Counter(
+    "kubeforge_fresh_syncs", "Syncs done on fresh reads from the API server, by why the watch cache did not decide",
     ["kind", "reason"], registry=REGISTRY,
 )
 

@@ -111,8 +111,12 @@ REFERENCES = ((("model",), "fineTuneJobRef"),)
 
 
 @kopf.index(*QuantizeJob.resource(), id="quantizejob_references")
-def quantizejob_references(name: str, namespace: str, spec: Any, **_: Any) -> dict[Any, str]:
-    """kopf's index of the QuantizeJobs by the FineTuneJob they name (:func:`.reconcile.reference_keys`)."""
+async def quantizejob_references(name: str, namespace: str, spec: Any, **_: Any) -> dict[Any, str]:
+    """kopf's index of the QuantizeJobs by the FineTuneJob they name (:func:`.reconcile.reference_keys`).
+
+    A coroutine: kopf indexes each event of the kind before its other handlers, and a plain
+    function would first wait for one of kopf's handler threads, behind a burst's spec handlers
+    (a new object's own spec handler after it)."""
     return reference_keys(namespace, name, spec, REFERENCES)
 
 

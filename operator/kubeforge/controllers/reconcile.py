@@ -23,7 +23,10 @@ name (rewrite a Service's selector, add an ownerReference through which the garb
 later deletes it). An object of the child's kind and name that this resource does not control
 is left alone and the sync ends in :class:`ChildConflict`: ``Accepted=False/ChildConflict``
 naming the object, one Warning event, and another look after ``CHILD_CONFLICT_RECHECK_SECONDS``
-(not a retry loop: the user has to delete or rename something first).
+(not a retry loop: the user has to delete or rename something first). A new object's children
+are created without a check first, by applies that only create (a name found taken is read
+then); when one fails, no workload is sent and the ones this sync created are deleted again
+before the failure is written, so a rejected object keeps no child.
 
 Syncs are serialised per object (a lock), so a slow read-compute-write never overwrites the
 outcome of a newer one. There are two ways in: :meth:`~Reconciler.request` syncs now, in the
@@ -38,7 +41,9 @@ A kind built with ``cached=True`` (FineTuneJob) keeps what its event handlers sa
 :class:`.watched.WatchCache`: a sync with nothing to apply is first computed from it, and when
 the cached object shows the status this operator last left, that sync ends there: with no
 request when nothing changed, with one status patch guarded by the cached object's
-``resourceVersion`` when the status changed (a 409 sends it to fresh reads). A spec handler's
+``resourceVersion`` when the status changed (a 409 sends it to fresh reads). The cached
+object is the watch's, or the API server's answer to this operator's last status write while
+the watch has not delivered that write yet. A spec handler's
 sync takes the object from it instead of reading it. Children and annotations are written on
 fresh reads only.
 """
@@ -121,7 +126,7 @@ class ChildRefused(InvalidSpec):
             detail = json.loads(exc.body or "{}").get("message") or exc.reason
         except (TypeError, ValueError):
             detail = exc.reason
-        super().__init__(f"the API server refuses the {kind} {name} built from this spec, so nothing was created: "
+        super().__init__(f"the API server refuses the {kind} {name} built from this spec, so no child of it was kept or changed: "
                          f"{detail}. Fix the spec (most often spec.template)")
 
 
@@ -146,23 +151,10 @@ def _refused_or_raise(child: dict[str, Any], exc: ApiException) -> None:
     raise exc
 
 
-def _check(owner: dict[str, Any], child: dict[str, Any], fresh: bool) -> None:
-    """Raise unless ``child`` may be applied: its name is free or taken by ``owner``'s own child,
-    and the API server would accept it (a dry run).
-
-    ``fresh``: the owner is new, so the child most likely does not exist yet: one dry-run
-    create answers both questions (it fails with 409 when the name is taken, and only then is
-    the object read to see whose it is). Otherwise the object is read first and the dry run is
-    an apply (the change an existing child would get).
-    """
+def _check(owner: dict[str, Any], child: dict[str, Any]) -> None:
+    """Raise unless ``child`` may be applied over what exists: its name is free or taken by
+    ``owner``'s own child (a read), and the API server would accept the change (a dry-run apply)."""
     kind, name = child["kind"], child["metadata"]["name"]
-    if fresh:
-        try:
-            kube.create(kind, owner["metadata"]["namespace"], child, dry_run=True)
-            return
-        except ApiException as exc:
-            if exc.status != 409:
-                _refused_or_raise(child, exc)
     ensure_free(owner, kind, name)
     try:
         kube.server_side_apply(child, dry_run=True)
@@ -170,11 +162,43 @@ def _check(owner: dict[str, Any], child: dict[str, Any], fresh: bool) -> None:
         _refused_or_raise(child, exc)
 
 
+ABSENT_RESOURCE_VERSION = "1"
+"""The ``metadata.resourceVersion`` a fresh owner's child is applied with: a precondition only
+an absent object meets. An apply that creates stores the object without it (the API server
+clears a new object's resourceVersion before storing it); one that would change an existing
+object fails with 409, as no stored object carries it (etcd's first write is revision 2)."""
+
+
+def _create_or_adopt(owner: dict[str, Any], child: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """Server-side apply ``child`` of a fresh owner only if its name is free: (the object, True
+    when this call created it).
+
+    One request in the usual case: the apply carries :data:`ABSENT_RESOURCE_VERSION`, so it
+    creates the child or fails with 409. Every 409 is followed by a read of the object: a
+    foreign one is :class:`ChildConflict` (left untouched), the owner's own (a sync that created
+    it and ended before its status write) is applied over as usual. 422: :class:`ChildRefused`."""
+    guarded = {**child, "metadata": {**child["metadata"], "resourceVersion": ABSENT_RESOURCE_VERSION}}
+    try:
+        return kube.server_side_apply(guarded), True
+    except ApiException as exc:
+        if exc.status != 409:
+            _refused_or_raise(child, exc)
+    ensure_free(owner, child["kind"], child["metadata"]["name"])
+    try:
+        return kube.server_side_apply(child), False
+    except ApiException as exc:
+        _refused_or_raise(child, exc)
+        raise  # (not reached: _refused_or_raise always raises)
+
+
 WORKLOAD_KINDS = frozenset({"Job", "Deployment"})
 """Children that run pods: each waits for every child listed before it (the NetworkPolicy that
 guards its pods, the ConfigMap they mount, the Service they resolve each other through)."""
 
 CHILD_REQUEST_THREADS = 16
+"""Threads that send the requests of a wave (shared by kopf's handler threads). More of them
+(96, with 32 handler threads) made bursts of new FineTuneJobs slower, not faster: measured in
+README "Operator at scale"."""
 _child_pool: ThreadPoolExecutor | None = None
 _child_pool_lock = threading.Lock()
 
@@ -195,39 +219,87 @@ def waves(children: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     return out + ([run] if run else [])
 
 
-def _all(fn: Callable[[Any], Any], wave: list[Any]) -> list[Any]:
-    """``fn`` on every item of ``wave`` at once (a wave of one in this thread); the results in
-    order. Every call finishes before the first failure, in list order, is raised: a check wave
-    raises what a serial check would have raised first."""
+def _settled(fn: Callable[[Any], Any], wave: list[Any]) -> list[tuple[Any, BaseException | None]]:
+    """``fn`` on every item of ``wave`` at once (a wave of one in this thread); each call's
+    (result, None) or (None, the exception it raised), in order, once every call has finished."""
     global _child_pool
     if len(wave) == 1:
-        return [fn(wave[0])]
+        try:
+            return [(fn(wave[0]), None)]
+        except Exception as exc:  # noqa: BLE001 - handed back to the caller
+            return [(None, exc)]
     with _child_pool_lock:
         if _child_pool is None:
             _child_pool = ThreadPoolExecutor(CHILD_REQUEST_THREADS, thread_name_prefix="kubeforge-child")
-    futures = [_child_pool.submit(fn, child) for child in wave]
+    futures = [_child_pool.submit(fn, item) for item in wave]
     wait(futures)
-    return [f.result() for f in futures]
+    return [(None, f.exception()) if f.exception() is not None else (f.result(), None) for f in futures]
+
+
+def _all(fn: Callable[[Any], Any], wave: list[Any]) -> list[Any]:
+    """:func:`_settled`, but the first failure, in list order, is raised: a check wave raises
+    what a serial check would have raised first."""
+    outcomes = _settled(fn, wave)
+    for _result, exc in outcomes:
+        if exc is not None:
+            raise exc
+    return [result for result, _exc in outcomes]
+
+
+def _create_fresh(owner: dict[str, Any], children: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The children of a fresh owner, created in :func:`waves` (:func:`_create_or_adopt`, the
+    requests of a wave at once). When one fails, no later wave is sent, the children this call
+    created are deleted again (by UID), and the first failure, in list order, is raised."""
+    applied: list[dict[str, Any]] = []
+    created: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    for wave in waves(children):
+        outcomes = _settled(lambda child: _create_or_adopt(owner, child), wave)
+        created += [(child, result[0]) for child, (result, exc) in zip(wave, outcomes) if exc is None and result[1]]
+        failure = next((exc for _result, exc in outcomes if exc is not None), None)
+        if failure is not None:
+            if created:
+                _settled(lambda pair: _delete_created(*pair), created)
+            raise failure
+        applied += [result[0] for result, _exc in outcomes]
+    return applied
+
+
+def _delete_created(child: dict[str, Any], created: dict[str, Any]) -> None:
+    """Delete a child this sync has just created (only that very object, by UID); a failure is
+    logged: the child is the owner's (ownerReferences) and goes with it at the latest."""
+    meta = child["metadata"]
+    try:
+        kube.delete(child["kind"], meta["namespace"], meta["name"], uid=(created.get("metadata") or {}).get("uid"))
+    except ApiException as exc:
+        log.warning("could not delete %s %s/%s again after its sibling failed: %s", child["kind"], meta["namespace"],
+                    meta["name"], exc)
 
 
 def apply_children(owner: dict[str, Any], children: list[dict[str, Any]], *, fresh: bool = False) -> list[dict[str, Any]]:
     """Server-side apply ``children`` of ``owner``, each only if it is absent or already ``owner``'s.
 
-    Every name is checked, and every child applied as a dry run, before anything is applied, so
-    a conflict (:class:`ChildConflict`) or a child the API server refuses (:class:`ChildRefused`)
-    leaves all children as they were. (A foreign object created between the check and the apply
-    is still taken over: the window is one request long.) ``fresh``: the owner has no children
-    yet as far as it knows (its first sync): each check is then one dry-run create instead of a
-    read and a dry-run apply (:func:`_check`). Returns the applied objects, in order.
+    Children go to the API server in :func:`waves`, the requests of one wave at once: a
+    FineTuneJob's NetworkPolicy, Service and ConfigMap, then its Job, so no worker exists
+    before the NetworkPolicy that guards it. Returns the applied objects, in order.
 
-    The checks all go out at once (dry runs create nothing, so their order does not matter), the
-    applies in :func:`waves`, the requests of one wave at once: a FineTuneJob's four checks,
-    then its NetworkPolicy, Service and ConfigMap, then its Job, is three round trips to the API
-    server instead of eight (on the path from a new FineTuneJob to its running workers).
+    ``fresh``: the owner has no children yet as far as it knows (its first sync). Each child is
+    then applied by an apply that only creates (:func:`_create_or_adopt`; a name found taken is
+    read: a foreign object is left untouched, :class:`ChildConflict`), without a check first:
+    two round trips from a new FineTuneJob to its Job. When a child fails (taken, refused
+    (:class:`ChildRefused`), or any error), the Job is not sent and the children this call
+    created are deleted again before the failure is raised, so a rejected owner is left with
+    no child.
+
+    Otherwise (children that may exist: a spec change, an operator restart, a child deleted by
+    hand) every name is read and every child applied as a dry run, all at once, before
+    anything is applied, so a conflict or a refused change leaves all children as they were (a
+    foreign object created between the check and the apply is still taken over: the window is
+    one request long).
     """
-    groups = waves(children)
-    _all(lambda child: _check(owner, child, fresh), children)  # a check applies nothing: all at once
-    return [applied for group in groups for applied in _all(kube.server_side_apply, group)]
+    if fresh:
+        return _create_fresh(owner, children)
+    _all(lambda child: _check(owner, child), children)  # a check applies nothing: all at once
+    return [applied for group in waves(children) for applied in _all(kube.server_side_apply, group)]
 
 
 def namespace_terminating(exc: ApiException) -> bool:
@@ -279,6 +351,14 @@ def reference_keys(namespace: str, name: str, spec: Any,
     return out
 
 
+def _fresh_reason(exc: NeedFresh) -> str:
+    """A short, bounded label for what made a cached sync go to the API (the metric's reason)."""
+    text = str(exc)
+    if "not in the watch cache" in text:
+        return f"{text.split(' ', 1)[0]} not cached"
+    return text if len(text) <= 40 else "other"
+
+
 class Reconciler(Generic[S]):
     """The serialised, coalesced read -> validate -> step -> write -> after loop of one kind.
 
@@ -308,6 +388,9 @@ class Reconciler(Generic[S]):
         """Syncs deferred in a row because the cached object was behind the server's."""
         self._shown: dict[Key, dict[str, Any]] = {}
         """The status each object held after this operator's last fresh sync of it (written or found)."""
+        self._written: dict[Key, dict[str, Any]] = {}
+        """With a cache: the object as the API server answered this operator's last status write
+        of it (the server's object as of that write, which the watch delivers a moment later)."""
         self.child_labels = {"app.kubernetes.io/managed-by": MANAGED_BY, self.owner_label: kopf.PRESENT}
         """kopf label filter for the children of this kind's objects."""
         self._guard = threading.Lock()
@@ -360,6 +443,7 @@ class Reconciler(Generic[S]):
         with self._guard:
             self._locks.pop((namespace, name), None)
             self._shown.pop((namespace, name), None)
+            self._written.pop((namespace, name), None)
             self._behind.pop((namespace, name), None)
         if self.cache is not None:
             self.cache.forget(self.kind, namespace, name)
@@ -452,13 +536,16 @@ class Reconciler(Generic[S]):
         """
         started = time.monotonic()
         if self.cache is not None and not hints.get("apply"):
-            settled = self._settled_from_cache(namespace, name, hints)
+            settled, why = self._settled_from_cache(namespace, name, hints)
             if settled is None and self._defer(namespace, name, hints):
                 return
             if settled:
                 return
+            metrics.FRESH_SYNCS.labels(self.kind, why).inc()
         obj = self._spec_handlers_copy(namespace, name) if hints.get("apply") else None
         if obj is None:
+            if hints.get("apply") and self.cache is not None:
+                metrics.FRESH_SYNCS.labels(self.kind, "spec handler: not cached").inc()
             obj = kube.get(self.kind, namespace, name)
         if obj is None or obj["metadata"].get("deletionTimestamp"):
             self.forget(namespace, name)
@@ -534,9 +621,10 @@ class Reconciler(Generic[S]):
         _debouncer().schedule(self, namespace, name, hints, CACHE_CATCH_UP_SECONDS)
         return True
 
-    def _settled_from_cache(self, namespace: str, name: str, hints: dict[str, Any]) -> bool | None:
+    def _settled_from_cache(self, namespace: str, name: str, hints: dict[str, Any]) -> tuple[bool | None, str]:
         """The sync computed and written from the cache alone; True when that finished it, None
-        when the cached object is behind the server's (:meth:`_defer`), False for fresh reads.
+        when the cached object is behind the server's (:meth:`_defer`), False for fresh reads;
+        with why it did not finish (``kubeforge_fresh_syncs_total``'s reason).
 
         The status is computed from the cached object, Job and pods. It finishes the sync when
         the object the cache shows is the one this operator last left (its status equals the
@@ -550,7 +638,11 @@ class Reconciler(Generic[S]):
           ``resourceVersion`` (a newer object on the server, a spec or annotation change of
           anyone's, answers 409: None), then its events.
 
-        A cached object that does not show the status last written is behind too (None).
+        A cached object that does not show the status last written is behind too (None),
+        unless the API server's answer to that write does: the watch has not delivered this
+        operator's own write yet, and that answer, the server's object as of the write, stands
+        in for it (each such wait, and the fresh reads after it, cost the API server more
+        than a watch a moment behind ever saved).
 
         A child behind the cache is at worst one watch event old, and that event schedules the
         next sync. ``after`` then runs as after any sync (a TTL that has passed still deletes
@@ -563,31 +655,43 @@ class Reconciler(Generic[S]):
         try:
             obj = copy.deepcopy(self.cache.get(self.kind, namespace, name))
         except NeedFresh:
-            return False
+            return False, "not cached"
         if obj["metadata"].get("deletionTimestamp"):
-            return False
+            return False, "being deleted"
         prev = obj.get("status") or {}
         with self._guard:
             shown = self._shown.get((namespace, name), prev)
+            written = self._written.get((namespace, name))
         if shown != prev:
-            return None
+            if written is None or (written.get("status") or {}) != shown \
+                    or written["metadata"].get("uid") != obj["metadata"].get("uid"):
+                return None, "cache behind"
+            # The watch has not delivered this operator's own last write yet: the object the
+            # server answered that write with is the newer one (a later change of anyone's
+            # makes the guarded write below answer 409, as a stale cache does).
+            obj = copy.deepcopy(written)
+            prev = obj.get("status") or {}
         try:
             spec = self.validate(obj)
             check_policy(obj)
             outcome = self.step(obj, spec, reads=self.cache, **hints)
-        except (NeedFresh, ValidationError, InvalidSpec, ChildConflict):
-            return False
+        except NeedFresh as exc:
+            return False, _fresh_reason(exc)
+        except (ValidationError, InvalidSpec):
+            return False, "invalid spec"
+        except ChildConflict:
+            return False, "child conflict"
         changed = outcome.status != prev
         if outcome.events and not changed:
-            return False  # events without a guarded write to tie them to: decide on fresh reads
+            return False, "events"  # events without a guarded write to tie them to: decide on fresh reads
         if changed and not (self.cache_can_tell and self.cache_can_tell(prev, outcome.status)):
-            return False  # news the cache may be wrong about (a worker lost?): fresh reads
+            return False, "bad news"  # news the cache may be wrong about (a worker lost?): fresh reads
         if changed:
             try:
                 self.write(obj, prev, outcome)
             except ApiException as exc:
                 if exc.status == 409:
-                    return None  # the cached object is behind the server's
+                    return None, "conflict"  # the cached object is behind the server's
                 raise
             with self._guard:
                 self._shown[(namespace, name)] = outcome.status
@@ -596,7 +700,7 @@ class Reconciler(Generic[S]):
         metrics.record_phase(self.kind, namespace, name, outcome.status.get("phase"))
         metrics.RECONCILE_DURATION.labels(self.kind).observe(time.monotonic() - started)
         self._after(obj, spec, outcome, changed, hints)
-        return True
+        return True, ""
 
     def _conflict(self, obj: dict[str, Any], exc: ChildConflict, hints: dict[str, Any]) -> Outcome:
         """The outcome of a sync stopped by a foreign object; look again later, not at once."""
@@ -611,9 +715,12 @@ class Reconciler(Generic[S]):
         meta = obj["metadata"]
         changed = outcome.status != prev
         if changed:
-            kube.patch_merge(self.kind, meta["namespace"], meta["name"],
-                             {"metadata": {"resourceVersion": meta.get("resourceVersion")}, "status": outcome.status},
-                             subresource="status")
+            answer = kube.patch_merge(self.kind, meta["namespace"], meta["name"],
+                                      {"metadata": {"resourceVersion": meta.get("resourceVersion")},
+                                       "status": outcome.status}, subresource="status")
+            if self.cache is not None and isinstance(answer, dict) and answer.get("metadata"):
+                with self._guard:
+                    self._written[(meta["namespace"], meta["name"])] = answer
             if outcome.status.get("phase") != prev.get("phase"):
                 log.info("%s %s/%s: phase %s -> %s", self.kind, meta["namespace"], meta["name"], prev.get("phase"),
                          outcome.status.get("phase"))

@@ -115,11 +115,16 @@ def test_config_map_holds_config_json():
 
 # --- the Service ----------------------------------------------------------------------------------
 
-def test_headless_service_publishes_not_ready_pods_for_the_rendezvous():
+def test_headless_service_publishes_the_not_ready_rank_0_pod_for_the_rendezvous():
     svc = fb.service("llama-ft", NS, UID)
     assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
-    assert svc["spec"]["selector"] == {"app.kubernetes.io/instance": "llama-ft", "kubeforge.io/finetunejob": "llama-ft"}
+    # Only the index-0 worker: its name is the one the workers resolve (rendezvous, MASTER_ADDR).
+    assert svc["spec"]["selector"] == {"app.kubernetes.io/instance": "llama-ft", "kubeforge.io/finetunejob": "llama-ft",
+                                       "batch.kubernetes.io/job-completion-index": "0"}
     assert svc["spec"]["ports"][0]["port"] == contract.RENDEZVOUS_PORT
+    env = {e["name"]: e.get("value") for e in _container(fb.job("llama-ft", NS, UID, spec()))["env"]}
+    rank0 = f"llama-ft-0.{svc['metadata']['name']}"
+    assert env["PET_RDZV_ENDPOINT"] == f"{rank0}:{contract.RENDEZVOUS_PORT}" and env["MASTER_ADDR"] == rank0
 
 
 # --- the Job ------------------------------------------------------------------------------------------

@@ -69,7 +69,10 @@ def test_workers_ready_is_running_once_with_start_time_and_events():
     assert st["phase"] == "Running" and st["startTime"] == T1 and out.became_running_first_time
     assert st["workers"] == {"ready": 2, "total": 2, "min": 2, "max": 2}
     assert cond(st, "Created")["status"] == cond(st, "Running")["status"] == "True"
-    assert [e.reason for e in out.events] == ["Accepted", "Created", "Running"]
+    # One Event for the new job (its acceptance and its children); the first start is in the
+    # status (phase, Running condition, startTime), not in an Event.
+    assert [(e.reason, e.message) for e in out.events] == [
+        ("Accepted", "generation 1 accepted; created Service ft, ConfigMap ft-config and Job ft")]
     # The same observation again changes nothing and posts nothing.
     again = run(prev=st, j=job(), pods=[pod(0), pod(1)], now=T2)
     assert again.status == st and again.events == [] and not again.became_running_first_time
@@ -299,6 +302,10 @@ TABLE = [
     ("queued by Kueue", "Pending", job(suspend=True), [], {},
      "Pending", ("False", "Queued"), []),
     ("all workers ready", "Pending", job(), [pod(0), pod(1)], {},
+     "Running", ("True", "WorkersReady"), []),
+    ("ready again after a restart", "Restarting", job(), [pod(0), pod(1)], {},
+     "Running", ("True", "WorkersReady"), ["Running"]),
+    ("resumed", "Suspended", job(), [pod(0), pod(1)], {},
      "Running", ("True", "WorkersReady"), ["Running"]),
     ("suspended", "Running", job(suspend=True), [], {"suspend": True},
      "Suspended", ("False", "Suspended"), ["Suspended"]),
@@ -315,6 +322,8 @@ TABLE = [
                          [row[1:] for row in TABLE], ids=[row[0] for row in TABLE])
 def test_status_table(prev_phase, j, pods, over, phase, running, events):
     prev = {"phase": prev_phase, "conditions": [ACCEPTED, CREATED], "observedGeneration": 1} if prev_phase else {}
+    if prev_phase in ("Running", "Restarting", "Suspended"):
+        prev["startTime"] = T0  # it has run before: a return to Running is an Event
     out = run(prev=prev, j=j, pods=pods, s=spec(**over))
     assert out.status["phase"] == phase
     assert (cond(out.status, "Running")["status"], cond(out.status, "Running")["reason"]) == running

@@ -5,6 +5,7 @@ apply path that never takes over a foreign object of a child's name."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import copy
@@ -36,11 +37,12 @@ class FakeAPI:
         self.applied: list[dict] = []
         self.refused: set[tuple[str, str]] = set()  # (kind, name) the API server answers 422
         self.dry_creates: list[tuple[str, str]] = []
+        self.deleted: list[tuple[str, str]] = []
         self.reads: list[tuple[str, str]] = []
         self.status_writes = 0
         self.conflicts = 0
         """Writes still to fail with 409 (another writer got there first)."""
-        self._rv = 0
+        self._rv = 100  # as on a real API server, no object has resourceVersion "1" (etcd's first write is revision 2)
 
     def put(self, kind: str, obj: dict) -> None:
         self._rv += 1
@@ -83,19 +85,37 @@ class FakeAPI:
         return obj
 
     def server_side_apply(self, obj, dry_run=False):
-        if (obj["kind"], obj["metadata"]["name"]) in self.refused:
+        meta = obj["metadata"]
+        if (obj["kind"], meta["name"]) in self.refused:
             raise ApiException(status=422, reason="Unprocessable Entity")
+        existing = self.objects.get((obj["kind"], meta["namespace"], meta["name"]))
+        if existing is not None and meta.get("resourceVersion") not in (None, existing["metadata"]["resourceVersion"]):
+            raise ApiException(status=409, reason="Conflict")  # a resourceVersion in an apply is a precondition
         if dry_run:
             return obj
         self.applied.append(obj)
+        obj = copy.deepcopy(obj)
+        obj["metadata"].pop("resourceVersion", None)  # a create stores none of the caller's
+        obj["metadata"].setdefault("uid", f"uid-{obj['kind']}-{meta['name']}")
         self.put(obj["kind"], obj)
-        return self.get(obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
+        return self.get(obj["kind"], meta["namespace"], meta["name"])
+
+    def delete(self, kind, namespace, name, propagation="Background", uid=None):
+        obj = self.objects.get((kind, namespace, name))
+        if obj is None or (uid is not None and obj["metadata"].get("uid") != uid):
+            return False
+        del self.objects[(kind, namespace, name)]
+        self.deleted.append((kind, name))
+        return True
+
+    def names(self, *kinds) -> list[tuple[str, str]]:
+        return sorted((k, n) for (k, _ns, n) in self.objects if k in kinds)
 
 
 @pytest.fixture
 def api(monkeypatch) -> FakeAPI:
     fake = FakeAPI()
-    for fn in ("get", "list_", "patch_merge", "create", "server_side_apply"):
+    for fn in ("get", "list_", "patch_merge", "create", "server_side_apply", "delete"):
         monkeypatch.setattr(kube, fn, getattr(fake, fn))
     return fake
 
@@ -354,35 +374,45 @@ def test_apply_children_touches_nothing_when_one_name_is_taken(api):
     assert [a["metadata"]["name"] for a in applied] == ["q-config", "other"]
 
 
-def test_a_fresh_owner_checks_each_child_with_one_dry_run_create_and_reads_nothing(api):
+def test_a_fresh_owner_creates_each_child_with_one_guarded_apply_and_reads_nothing(api):
     owner = {**qj(), "kind": "QuantizeJob"}
     kids = [child("ConfigMap", "q-config", data={"a": "1"}), child("Job", "q")]
     applied = apply_children(owner, kids, fresh=True)
     assert [a["metadata"]["name"] for a in applied] == ["q-config", "q"]
-    assert api.dry_creates == [("ConfigMap", "q-config"), ("Job", "q")]
+    assert api.dry_creates == [] and [a["metadata"]["resourceVersion"] for a in api.applied] == ["1", "1"]
     assert api.reads == [("ConfigMap", "q-config"), ("Job", "q")]  # only the fake apply reading back its answers
 
 
-def test_a_fresh_owner_still_never_takes_over_a_foreign_object_nor_creates_anything(api):
+def test_a_fresh_owner_never_takes_over_a_foreign_object_and_keeps_no_child(api):
     owner = {**qj(), "kind": "QuantizeJob"}
     api.put("Service", child("Service", "q", owner_uid=None, spec={"selector": {"app": "theirs"}}))
+    theirs = api.get("Service", "ns-rec", "q")
     with pytest.raises(ChildConflict) as err:
-        apply_children(owner, [child("ConfigMap", "q-config"), child("Service", "q", spec={"selector": {"app": "ours"}})],
-                       fresh=True)
+        apply_children(owner, [child("ConfigMap", "q-config"), child("Service", "q", spec={"selector": {"app": "ours"}}),
+                               child("Job", "q")], fresh=True)
     assert str(err.value).startswith("Service q already exists and is not controlled by this QuantizeJob")
-    assert api.applied == [] and api.get("Service", "ns-rec", "q")["spec"] == {"selector": {"app": "theirs"}}
+    assert api.get("Service", "ns-rec", "q") == theirs  # not even a no-op apply over it
+    # The ConfigMap created beside it is deleted again; the Job (the next wave) never sent.
+    assert api.deleted == [("ConfigMap", "q-config")] and api.names("ConfigMap", "Job") == []
+    assert [a["kind"] for a in api.applied] == ["ConfigMap"]  # the Service's guarded apply answered 409
     api.refused.add(("Job", "q"))
     with pytest.raises(ChildRefused):
         apply_children(owner, [child("ConfigMap", "q-config"), child("Job", "q")], fresh=True)
-    assert api.applied == []
+    assert api.names("ConfigMap", "Job") == []
 
 
 def test_a_fresh_owner_whose_child_exists_already_reads_it_and_applies_its_own(api):
     """An operator restarted between the apply and the status write: the child is there and ours."""
     owner = {**qj(), "kind": "QuantizeJob"}
     api.put("ConfigMap", child("ConfigMap", "q-config", data={"a": "0"}))
-    applied = apply_children(owner, [child("ConfigMap", "q-config", data={"a": "1"})], fresh=True)
+    applied = apply_children(owner, [child("ConfigMap", "q-config", data={"a": "1"}), child("Job", "q")], fresh=True)
     assert applied[0]["data"] == {"a": "1"} and ("ConfigMap", "q-config") in api.reads
+    # A later failure deletes only what this call created, never a child that was there before.
+    api.objects.pop(("Job", "ns-rec", "q"))
+    api.refused.add(("Job", "q"))
+    with pytest.raises(ChildRefused):
+        apply_children(owner, [child("ConfigMap", "q-config", data={"a": "2"}), child("Job", "q")], fresh=True)
+    assert api.get("ConfigMap", "ns-rec", "q-config")["data"] == {"a": "2"} and api.deleted == []
 
 
 def test_a_child_the_api_server_refuses_leaves_every_child_alone_and_is_an_invalid_spec(api):
@@ -480,34 +510,33 @@ def test_waves_put_each_workload_after_everything_listed_before_it():
     assert reconcile.waves([]) == []
 
 
-def test_a_waves_checks_and_applies_go_out_at_once_and_the_workload_after_them(api, monkeypatch):
-    """The four checks (dry runs) wait at a barrier for each other, and each apply of the first
-    wave for the other two: sent one after the other, they would never meet
-    (BrokenBarrierError). The Job is applied only after all three."""
+@pytest.mark.parametrize("fresh", [True, False])
+def test_a_waves_checks_and_applies_go_out_at_once_and_the_workload_after_them(api, monkeypatch, fresh):
+    """Each apply of the first wave waits at a barrier for the other two (and, for an owner whose
+    children may exist, each of the four checks for the others): sent one after the other, they
+    would never meet (BrokenBarrierError). The Job is applied only after all three."""
     owner = {**qj(), "kind": "QuantizeJob"}
     kids = [child("NetworkPolicy", "q"), child("Service", "q"), child("ConfigMap", "q-config"), child("Job", "q")]
     together = {"dry": threading.Barrier(4, timeout=5), "apply": threading.Barrier(3, timeout=5)}
     order: list[str] = []
-    create, ssa = api.create, api.server_side_apply
-
-    def dry_create(kind, namespace, obj, name=None, subresource=None, dry_run=False):
-        together["dry"].wait()
-        return create(kind, namespace, obj, name, subresource, dry_run)
+    ssa = api.server_side_apply
 
     def apply(obj, dry_run=False):
-        if obj["kind"] != "Job":
+        if dry_run:
+            together["dry"].wait()
+        elif obj["kind"] != "Job":
             together["apply"].wait()
-        order.append(obj["kind"])
+        if not dry_run:
+            order.append(obj["kind"])
         return ssa(obj, dry_run)
 
-    monkeypatch.setattr(kube, "create", dry_create)
     monkeypatch.setattr(kube, "server_side_apply", apply)
-    applied = apply_children(owner, kids, fresh=True)
+    applied = apply_children(owner, kids, fresh=fresh)
     assert [a["kind"] for a in applied] == ["NetworkPolicy", "Service", "ConfigMap", "Job"]  # in list order
     assert order[-1] == "Job" and sorted(order[:3]) == ["ConfigMap", "NetworkPolicy", "Service"]
 
 
-def test_a_wave_raises_the_first_failure_in_list_order_and_applies_nothing(api):
+def test_a_wave_raises_the_first_failure_in_list_order_and_keeps_nothing(api):
     owner = {**qj(), "kind": "QuantizeJob"}
     api.put("ConfigMap", child("ConfigMap", "q-config", owner_uid=None))
     api.refused.add(("NetworkPolicy", "q"))
@@ -515,8 +544,13 @@ def test_a_wave_raises_the_first_failure_in_list_order_and_applies_nothing(api):
     with pytest.raises(ChildConflict) as err:  # the ConfigMap is listed before the refused NetworkPolicy
         apply_children(owner, kids, fresh=True)
     assert str(err.value).startswith("ConfigMap q-config already exists")
-    # Every check went out at once (a dry run creates nothing), and nothing was applied.
-    assert api.applied == [] and ("Job", "q") in api.dry_creates
+    # The first wave went out at once; the Service it created is gone again, the Job never sent.
+    assert api.deleted == [("Service", "q")] and api.names("Service", "NetworkPolicy", "Job") == []
+    assert "Job" not in [a["kind"] for a in api.applied]
+    # An owner whose children may exist: every check at once, nothing applied.
+    with pytest.raises(ChildConflict):
+        apply_children(owner, kids)
+    assert "Job" not in [a["kind"] for a in api.applied] and api.names("Service", "NetworkPolicy", "Job") == []
 
 
 def test_fan_out_with_the_kinds_kopf_index_schedules_the_referrers_without_listing(api, monkeypatch):
@@ -531,9 +565,9 @@ def test_fan_out_with_the_kinds_kopf_index_schedules_the_referrers_without_listi
         (inference.inferenceservice_references, "svc", {"model": {"quantizeJobRef": {"name": "q1"}}}),
         (finetune.finetunejob_references, "student", {"distillation": {"teacher": {"fineTuneJobRef": {"name": "ft"}}}}),
     ]:
-        for key, value in fn(name=name, namespace="ns-rec", spec=spec).items():
+        for key, value in asyncio.run(fn(name=name, namespace="ns-rec", spec=spec)).items():
             index.setdefault(key, []).append(value)
-    assert quantize.quantizejob_references(name="q3", namespace="ns-rec", spec={"model": {"uri": "s3://b/m"}}) == {}
+    assert asyncio.run(quantize.quantizejob_references(name="q3", namespace="ns-rec", spec={"model": {"uri": "s3://b/m"}})) == {}
     monkeypatch.setattr(kube, "list_", lambda *a, **k: pytest.fail("listed although the index was given"))
     r = Reconciler(QuantizeJob, validate=quantize_status.validate, step=Steps())
     scheduled = []

@@ -20,7 +20,7 @@ from kubeforge import kube
 from kubeforge.api import FineTuneJobSpec
 from kubeforge.builders import finetune as fb
 from kubeforge.controllers import finetune as controller
-from kubeforge.controllers import events, reconcile
+from kubeforge.controllers import events, metrics, reconcile
 from kubeforge.controllers.watched import NeedFresh, WatchCache
 
 NS, NAME = "ns-wc", "wc"
@@ -119,9 +119,10 @@ def pod(index: int, job: dict[str, Any], ready: bool) -> dict[str, Any]:
                        "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}}
 
 
-def setup_job(api: CountingAPI) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """A FineTuneJob whose children exist (its first sync's status written), one worker Ready."""
-    obj = api.put(ftj())
+def setup_job(api: CountingAPI, phase: str | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A FineTuneJob whose children exist (its first sync's status written), one worker Ready;
+    ``phase``: the phase it showed before that sync (of a job that has run before)."""
+    obj = api.put({**ftj(), "status": {"phase": phase, "startTime": "2026-01-01T00:00:00Z"}} if phase else ftj())
     job = fb.job(NAME, NS, "u-wc", FineTuneJobSpec.model_validate(obj["spec"]))
     job["metadata"]["uid"] = "j-uid"
     job["status"] = {"startTime": "2026-01-01T00:00:00Z", "active": 2}
@@ -154,19 +155,28 @@ def test_a_change_is_computed_from_the_cache_and_written_with_one_guarded_patch(
     api.requests.clear()
     controller.reconciler.request(NS, NAME)
     events.drain()  # posted in the background, after the write
-    assert api.requests == ["PATCH FineTuneJob/status", "POST Event"]  # the Running event
+    assert api.requests == ["PATCH FineTuneJob/status"]  # a first start posts no Event (the status says it)
     assert api.objects[("FineTuneJob", NAME)]["status"]["phase"] == "Running"
 
     # The cache has not seen that write yet: its FineTuneJob still shows Pending. A sync now must
-    # not take "Running computed, Pending shown" for news, nor "Pending" for current: it waits
-    # for the watch (deferred, no request), and after a few tries reads fresh.
+    # not take "Running computed, Pending shown" for news, nor "Pending" for current: the
+    # server's answer to the write is the newer object, and with it the sync costs nothing.
+    api.requests.clear()
+    controller.reconciler.request(NS, NAME)
+    assert api.requests == [] and deferred.scheduled == []
+    # Without that answer (nor the watch's delivery) it waits for the watch (deferred, no
+    # request), and after a few tries reads fresh.
+    controller.reconciler._written.pop((NS, NAME))
     for _ in range(reconcile.CACHE_CATCH_UP_TRIES):
         api.requests.clear()
         controller.reconciler.request(NS, NAME)
         assert api.requests == []
     assert deferred.scheduled == [reconcile.CACHE_CATCH_UP_SECONDS] * reconcile.CACHE_CATCH_UP_TRIES
+    behind = metrics.FRESH_SYNCS.labels("FineTuneJob", "cache behind")
+    before = behind._value.get()
     controller.reconciler.request(NS, NAME)
     assert api.requests == ["GET FineTuneJob", "GET Job", "LIST Pod"]  # and nothing to write
+    assert behind._value.get() == before + 1  # counted, with why the cache could not decide
     # Once the watch has delivered the write, the same sync costs nothing.
     seen("FineTuneJob", api.objects[("FineTuneJob", NAME)])
     api.requests.clear()
@@ -177,8 +187,9 @@ def test_a_change_is_computed_from_the_cache_and_written_with_one_guarded_patch(
 def test_a_cached_write_that_meets_a_newer_object_waits_for_the_watch(api: CountingAPI, deferred: Deferred) -> None:
     """The cached FineTuneJob shows the last status written, but the server's has moved on (an
     annotation, a label: anyone's write the watch has not delivered yet): the guarded patch
-    answers 409, nothing is posted, and the sync is done again once the watch has it."""
-    job, pods = setup_job(api)
+    answers 409, nothing is posted, and the sync is done again once the watch has it. (A job
+    back from Restarting: its return to Running is an Event.)"""
+    job, pods = setup_job(api, phase="Restarting")
     for kind, obj in [("FineTuneJob", api.objects[("FineTuneJob", NAME)]), ("Job", job), ("Pod", pods[0])]:
         seen(kind, obj)
     api.put(api.objects[("FineTuneJob", NAME)])  # a newer resourceVersion, not seen by the cache
@@ -206,12 +217,21 @@ def test_a_cache_behind_the_last_write_never_passes_for_current(api: CountingAPI
     controller.reconciler.request(NS, NAME)
     assert api.objects[("FineTuneJob", NAME)]["status"]["phase"] == "Running"
     seen("Pod", api.put(pod(1, job, False)))  # not ready again; the FineTuneJob's event still pending
-    for _ in range(reconcile.CACHE_CATCH_UP_TRIES):  # waits for the watch, which never delivers
-        controller.reconciler.request(NS, NAME)
     api.requests.clear()
-    controller.reconciler.request(NS, NAME)  # then reads fresh
-    assert "PATCH FineTuneJob/status" in api.requests
+    # The server's answer to the write (Running) stands in for the watch: bad news, read fresh.
+    controller.reconciler.request(NS, NAME)
+    assert api.requests[:3] == ["GET FineTuneJob", "GET Job", "LIST Pod"] and "PATCH FineTuneJob/status" in api.requests
     assert api.objects[("FineTuneJob", NAME)]["status"]["phase"] == "Restarting"
+    # Without that answer it waits for the watch, which never delivers, then reads fresh.
+    seen("Pod", api.put(pod(1, job, True)))
+    controller.reconciler._written.pop((NS, NAME))
+    for _ in range(reconcile.CACHE_CATCH_UP_TRIES):
+        api.requests.clear()
+        controller.reconciler.request(NS, NAME)
+        assert api.requests == []
+    controller.reconciler.request(NS, NAME)
+    assert "PATCH FineTuneJob/status" in api.requests
+    assert api.objects[("FineTuneJob", NAME)]["status"]["phase"] == "Running"
 
 
 def test_what_the_cache_does_not_hold_is_read_fresh(api: CountingAPI) -> None:
@@ -245,8 +265,8 @@ def test_a_spec_handlers_sync_applies_from_the_cached_object_and_decides_nothing
     assert applied == [True] and "GET FineTuneJob" not in api.requests
 
     # A cached object behind the server's: the status write meets a newer resourceVersion (409)
-    # and is redone once the watch has delivered the newer object, without applying the
-    # children again.
+    # and is redone, without applying the children again, from the server's answer to this
+    # operator's last write (the newer object), or once the watch has delivered it.
     stale = copy.deepcopy(api.objects[("FineTuneJob", NAME)])
     stale["metadata"]["resourceVersion"] = "1"
     stale["status"] = {}
@@ -266,7 +286,7 @@ def test_a_spec_handlers_sync_applies_from_the_cached_object_and_decides_nothing
     api.requests.clear()
     controller.reconciler.request(NS, NAME, apply=True)
     assert conflicts == [NAME] and applied == [True]  # applied once, before the 409
-    assert "GET FineTuneJob" not in api.requests and deferred.scheduled  # the redo waits for the watch
+    assert "GET FineTuneJob" not in api.requests and not deferred.scheduled  # redone from the answer
     seen("FineTuneJob", api.objects[("FineTuneJob", NAME)])
     controller.reconciler.request(NS, NAME)  # the deferred redo
     assert applied == [True] and "GET FineTuneJob" not in api.requests
