@@ -132,7 +132,6 @@ class ContinuousEngine:
         self._manager.warmup()
         if self._eager_plan:
             sampling.install_sampler(self._manager.batch_processor.model_runner)
-        if self._eager_plan:
             logits_for_new_tokens_only(self._manager.batch_processor, self._model)
         cache = self._manager.batch_processor.cache
         self._count_prefix_lookups(cache)  # the manager keeps this cache object across start()
