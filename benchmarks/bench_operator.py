@@ -407,13 +407,15 @@ def fresh_syncs(metrics_port: int) -> dict[str, float]:
     decide, so that read the FineTuneJob, its Job and pods from the API server), since its start."""
     import urllib.request
 
+    from prometheus_client.parser import text_string_to_metric_families
+
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("kubeforge_fresh_syncs_total{"):
-            labels = line[line.index("{") + 1:line.rindex("}")]
-            reason = next((kv.split("=", 1)[1].strip('"') for kv in labels.split('",') if kv.startswith("reason=")), "?")
-            out[reason] = out.get(reason, 0.0) + float(line.rsplit(" ", 1)[1])
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "kubeforge_fresh_syncs_total":
+                reason = sample.labels.get("reason", "?")
+                out[reason] = out.get(reason, 0.0) + sample.value
     return out
 
 
