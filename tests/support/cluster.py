@@ -54,9 +54,10 @@ def free_port() -> int:
 
 def pod_range_is_local(cidr: str = POD_RANGE) -> bool:
     """True if the kernel delivers every address of ``cidr`` on this machine (a ``local`` route)."""
-    network = cidr.split("/")[0]
+    if shutil.which("ip") is None:
+        return False
     out = subprocess.run(["ip", "route", "show", "table", "local", cidr], capture_output=True, text=True)
-    return out.returncode == 0 and out.stdout.split()[:2] == ["local", network]
+    return out.returncode == 0 and out.stdout.split()[:2] == ["local", cidr]
 
 
 def route_pod_range_locally(cidr: str = POD_RANGE) -> bool:
@@ -66,10 +67,8 @@ def route_pod_range_locally(cidr: str = POD_RANGE) -> bool:
     The route is left in place on stop: another cluster on this machine may be using it, and it
     only keeps a reserved, never-routed range on this machine.
     """
-    if pod_range_is_local(cidr):
-        return True
-    if shutil.which("ip") is None:
-        return False
+    if pod_range_is_local(cidr) or shutil.which("ip") is None:
+        return pod_range_is_local(cidr)
     out = subprocess.run(["ip", "route", "replace", "local", cidr, "dev", "lo"], capture_output=True, text=True)
     if out.returncode != 0:
         log.warning("cannot route %s locally (%s); pods get loopback IPs from %s",
