@@ -507,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     ratios = [o["p50"] / b["p50"] for o, b in zip(rounds["operator"], rounds["baseline"])]
     result: dict[str, Any] = {
-        "jobs": n, "workersPerJob": WORKERS, "nodes": extra + 3, "repeats": repeats, "rounds": rounds,
+        "jobs": n, "workersPerJob": WORKERS, "nodes": extra + 3, "repeats": repeats, "podCidr": cluster.pod_cidr,
+        "rounds": rounds,
         "ratioP50": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "rounds": ratios},
         "operatorPeakRssMiB": max(o["operatorPeakRssMiB"] for o in rounds["operator"]),
         "operatorIdleRssMiB": max(o["operatorIdleRssMiB"] for o in rounds["operator"]),
@@ -518,7 +519,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
         return 0
     print(f"\n{n} FineTuneJobs x {WORKERS} workers, {result['nodes']} kwok GPU nodes, {repeats} alternating rounds; "
-          "create -> every worker pod Ready (one pod watch), median of rounds [min-max]")
+          f"pod IPs from {result['podCidr']}; create -> every worker pod Ready (one pod watch), "
+          "median of rounds [min-max]")
     print(f"{'':24}{'p50':>20}{'p99':>20}{'total':>20}")
     for case, label in (("operator", "operator (FineTuneJob)"), ("baseline", "baseline (bare Job)")):
         row = result[case]

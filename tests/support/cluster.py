@@ -6,8 +6,16 @@ service-account tokens), kube-scheduler and kwok (fake GPU nodes, playing the ku
 built from their Go modules by ``hack/build-control-plane.sh`` and cached by version.
 
 Every process gets free loopback ports, its own log file and is stopped by its own PID.
-Pod IPs come from a loopback range (127.16.0.0/16) so that nothing the operator does can
-send traffic off this machine.
+
+Pod IPs are addresses a real cluster could hand out: kwok takes them from 198.18.0.0/15
+(RFC 2544, reserved for benchmarking, never routed), not from loopback, which the API server
+refuses in Endpoints (its endpoint controllers then retry every write). Nothing the operator
+does can send traffic off this machine all the same: before kwok starts, the range is routed
+to the loopback device as a *local* route (``ip route replace local 198.18.0.0/15 dev lo``,
+the way 127.0.0.0/8 is), so every packet to a pod IP is delivered on this machine and a test
+can serve on a pod's IP (playing rank 0). Where that route cannot be made (no CAP_NET_ADMIN),
+the pods fall back to the loopback range 127.16.0.0/16 and the cluster says so
+(:attr:`LocalCluster.pod_cidr`); either way no pod IP leads off the machine.
 """
 
 from __future__ import annotations
@@ -32,12 +40,41 @@ BUILD_SCRIPT = REPO / "hack" / "build-control-plane.sh"
 KWOK_STAGES = Path(__file__).with_name("kwok-stages.yaml")
 GPU_NODES = ("gpu-node-1", "gpu-node-2", "gpu-node-3")
 GPUS_PER_NODE = 8
+POD_RANGE = "198.18.0.0/15"
+"""Where pod IPs come from (RFC 2544's benchmarking range), routed locally (:func:`route_pod_range_locally`)."""
+LOOPBACK_POD_RANGE = "127.16.0.0/16"
+"""The fallback where that route cannot be made (the API server refuses these in Endpoints)."""
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def pod_range_is_local(cidr: str = POD_RANGE) -> bool:
+    """True if the kernel delivers every address of ``cidr`` on this machine (a ``local`` route)."""
+    if shutil.which("ip") is None:
+        return False
+    out = subprocess.run(["ip", "route", "show", "table", "local", cidr], capture_output=True, text=True)
+    return out.returncode == 0 and out.stdout.split()[:2] == ["local", cidr]
+
+
+def route_pod_range_locally(cidr: str = POD_RANGE) -> bool:
+    """Route ``cidr`` to the loopback device as local addresses; False where that is not allowed.
+
+    ``replace`` makes it idempotent, so clusters started at once (or by other engineers) agree.
+    The route is left in place on stop: another cluster on this machine may be using it, and it
+    only keeps a reserved, never-routed range on this machine.
+    """
+    if pod_range_is_local(cidr) or shutil.which("ip") is None:
+        return pod_range_is_local(cidr)
+    out = subprocess.run(["ip", "route", "replace", "local", cidr, "dev", "lo"], capture_output=True, text=True)
+    if out.returncode != 0:
+        log.warning("cannot route %s locally (%s); pods get loopback IPs from %s",
+                    cidr, out.stderr.strip(), LOOPBACK_POD_RANGE)
+        return False
+    return pod_range_is_local(cidr)
 
 
 def build_binaries() -> Path:
@@ -103,6 +140,7 @@ class LocalCluster:
     procs: list[Proc] = field(default_factory=list)
     server: str = ""
     startup_seconds: float = 0.0
+    pod_cidr: str = ""  # POD_RANGE, or LOOPBACK_POD_RANGE where it could not be routed locally
 
     @property
     def kubeconfig(self) -> Path:
@@ -201,10 +239,12 @@ class LocalCluster:
             f"--authentication-kubeconfig={self.kubeconfig}", f"--authorization-kubeconfig={self.kubeconfig}",
             "--leader-elect=false", "--bind-address=127.0.0.1", f"--secure-port={free_port()}", "--v=1",
         ])
+        self.pod_cidr = POD_RANGE if route_pod_range_locally() else LOOPBACK_POD_RANGE
+        first_ip = self.pod_cidr.split("/")[0][:-1] + "1"  # kwok takes the range from its first host
         self._spawn("kwok", [
             self.binary("kwok"), f"--kubeconfig={self.kubeconfig}", f"--config={KWOK_STAGES}",
             "--manage-all-nodes=false", "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
-            "--cidr=127.16.0.1/16", "--node-ip=127.0.0.1", "--server-address=127.0.0.1:0",
+            f"--cidr={first_ip}/{self.pod_cidr.split('/')[1]}", "--node-ip=127.0.0.1", "--server-address=127.0.0.1:0",
             f"--node-port={free_port()}",
         ])
         self.apply_objects([self._node(n) for n in GPU_NODES])
