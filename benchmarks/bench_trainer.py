@@ -150,9 +150,14 @@ def hf_worker(config_path: str) -> None:
     prepared = data.prepare(tok, DATA, "text", d["sequenceLength"], True, validation_split=0.0, seed=0)
     # HF shifts labels inside the model: give it the unshifted ones (input ids for text). The
     # position ids make transformers build the same per-record (block-diagonal) mask as ours.
-    samples = [{"input_ids": x, "labels": x.clone(), "position_ids": p}
-               for x, p in zip(prepared.train_inputs, prepared.train_positions)]
     t = cfg["training"]
+    # The same samples in the same global batches and order as our trainer's sampler (every
+    # step 8 whole samples): with HF's own shuffling, 35 samples and micro-batch 4, every fifth
+    # optimizer step held one micro-batch of 3 samples and still counted as a full step.
+    sampler = data.GlobalBatchSampler(len(prepared.train_inputs), t["globalBatchSize"], t["seed"])
+    order = [i for step in range(t["maxSteps"]) for i in sampler.global_batch(step)]
+    samples = [{"input_ids": prepared.train_inputs[i], "labels": prepared.train_inputs[i].clone(),
+                "position_ids": prepared.train_positions[i]} for i in order]
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     model.config.use_cache = False  # with a KV cache transformers ignores the packing in position ids
@@ -172,9 +177,11 @@ def hf_worker(config_path: str) -> None:
         gradient_accumulation_steps=t["globalBatchSize"] // t["microBatchSize"], max_steps=t["maxSteps"],
         learning_rate=t["learningRate"], lr_scheduler_type="cosine", warmup_steps=0, logging_strategy="no",
         save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, seed=0, disable_tqdm=True,
-        torch_compile=bool(cfg.get("hfCompile")),
+        torch_compile=bool(cfg.get("hfCompile")), train_sampling_strategy="sequential",
     )
     Trainer(model=model, args=args, train_dataset=samples, callbacks=[Timer()]).train()
+    if len(step_ends) != t["maxSteps"]:
+        raise RuntimeError(f"the HF Trainer ran {len(step_ends)} optimizer steps, not {t['maxSteps']}")
     tokens = t["globalBatchSize"] * d["sequenceLength"]
     sys.stdout.write(json.dumps({"tokensPerSecond": [tokens / s for s in step_times], "stepEnds": step_ends,
                                  "tokensPerStep": tokens}) + "\n")  # read by run_hf
