@@ -265,6 +265,12 @@ class TrainingSpec(KFModel):
         description="torch.compile each decoder block: on, off, or auto (on for CUDA GPUs, off on CPU where "
                     "compilation takes minutes that a short job does not earn back).",
     )
+    fused: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Fused, memory-light RMSNorm, RoPE and lm_head + cross-entropy (custom backward, fewer passes "
+                    "over memory; same math): on, off, or auto (on for CPU fp32 training without compiled blocks, "
+                    "where it was measured faster).",
+    )
     attention: Literal["auto", "sdpa", "flex_attention", "flash_attention_2", "eager"] = Field(
         default="auto",
         description="Attention kernel. Packed records reach it as boundaries, not a dense mask, where it can: "
