@@ -165,11 +165,9 @@ class Documents:
             def bucket(t: torch.Tensor) -> torch.Tensor:
                 return t.view(count, length, t.shape[1], dim).transpose(1, 2)
 
-            kb, vb = bucket(kt), bucket(vt)
-            if rep > 1:
-                kb, vb = kb.repeat_interleave(rep, dim=1), vb.repeat_interleave(rep, dim=1)
-            o = torch.nn.functional.scaled_dot_product_attention(bucket(qt), kb, vb, dropout_p=dropout,
-                                                                 is_causal=True, scale=scaling)
+            # Grouped-query heads share their key/value head inside the kernel (no copies).
+            o = torch.nn.functional.scaled_dot_product_attention(bucket(qt), bucket(kt), bucket(vt), dropout_p=dropout,
+                                                                 is_causal=True, scale=scaling, enable_gqa=rep > 1)
             outs.append(o.transpose(1, 2).reshape(count * length, heads, dim))
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return _ToTokens.apply(out, self.scatter).view(rows, seq, heads, dim)
