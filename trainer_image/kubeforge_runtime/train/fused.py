@@ -95,7 +95,8 @@ class RMSNormFunction(torch.autograd.Function):
 
 
 def _rms_norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    if hidden_states.dtype != torch.float32 or _is_dtensor(hidden_states, self.weight):
+    if torch.float32 != hidden_states.dtype or torch.float32 != self.weight.dtype \
+            or _is_dtensor(hidden_states, self.weight):
         return type(self).forward(self, hidden_states)
     return RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
 
@@ -168,8 +169,8 @@ def _attention_forward(self: nn.Module, hidden_states: torch.Tensor,
     cos, sin = position_embeddings
     q, k = apply_rotary(q, k, cos, sin)
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-    out, weights = interface(self, q, k, v, attention_mask, dropout=0.0 if not self.training else self.attention_dropout,
-                             scaling=self.scaling, **kwargs)
+    dropout = self.attention_dropout if self.training else 0.0
+    out, weights = interface(self, q, k, v, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs)
     return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
 
