@@ -54,11 +54,13 @@ HEAD_CHUNK_ROWS = 256
 8 MiB, which stays in this CPU's cache between the matmul and the softmax)."""
 
 
-def resolve(requested: str, device_type: str, *, compiled: bool, fp32: bool) -> bool:
+def resolve(requested: str, device_type: str, *, compiled: bool, fp32: bool, qlora: bool = False,
+            distillation: bool = False) -> bool:
     """Whether to use the fused pieces for ``training.fused``: ``auto`` is on for CPU
-    fp32 runs without compiled blocks (measured faster there, README), ``on`` wherever they
-    apply, ``off`` never."""
-    if requested == "off" or compiled or not fp32:
+    fp32 runs without compiled blocks, ``on`` wherever they apply, ``off`` never. Never with
+    compiled blocks, non-fp32 compute, QLoRA (NF4 weights) or distillation (see above),
+    whatever was asked."""
+    if requested == "off" or compiled or not fp32 or qlora or distillation:
         return False
     return requested == "on" or device_type == "cpu"
 

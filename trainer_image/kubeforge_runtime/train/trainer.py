@@ -244,10 +244,8 @@ class Trainer:
         if self.compiled:
             compiled_mod.compile_blocks(self.lm)  # lazy: traced at the first step, after loading
         fp32 = cfg.training.precision == "fp32" or self.fp32_compute
-        # Not for QLoRA (NF4 weights) nor distillation (fused.py says why).
-        plain = cfg.method != "qlora" and cfg.distillation is None
-        self.fused = plain and fused_mod.resolve(cfg.training.fused, self.device.type, compiled=self.compiled,
-                                                 fp32=fp32)
+        self.fused = fused_mod.resolve(cfg.training.fused, self.device.type, compiled=self.compiled, fp32=fp32,
+                                       qlora=cfg.method == "qlora", distillation=cfg.distillation is not None)
         if self.fused:
             fused_mod.apply(self.lm)
         stage = CausalLMStage(self.lm, self.is_first, self.is_last)

@@ -110,3 +110,7 @@ def test_resolve() -> None:
     assert not fused.resolve("on", "cpu", compiled=False, fp32=False)  # autocast keeps the stock modules
     assert fused.resolve("on", "cuda", compiled=False, fp32=True)
     assert not fused.resolve("off", "cpu", compiled=False, fp32=True)
+    # Never where they are invalid, even when asked for (fused.py says why).
+    assert not fused.resolve("on", "cpu", compiled=False, fp32=True, qlora=True)
+    assert not fused.resolve("on", "cpu", compiled=False, fp32=True, distillation=True)
+    assert not fused.resolve("auto", "cpu", compiled=False, fp32=True, distillation=True)
