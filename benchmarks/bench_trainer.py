@@ -5,7 +5,8 @@ What it runs (each in its own process, one after the other, on the same CPU):
 1. ``hf``   - ``transformers.Trainer`` on the ``small`` preset (~26 M parameters), fp32, the
    same packed samples, the same batch (global 8, micro 4, accumulation 2), AdamW;
 2. ``kf``   - ``python -m kubeforge_runtime.train`` as one process (the same config);
-   ``kf-compiled`` - the same with ``training.compile: on`` (only when named in ``--runs``);
+   ``kf-compiled`` - the same with ``training.compile: on``, ``kf-unfused`` - the same with
+   ``training.fused: off`` (each only when named in ``--runs``);
 3. ``kf-dp2`` - the same under ``torchrun --nproc-per-node=2`` (FSDP2 over gloo);
 4. ``kf-zero2``, ``kf-zero3`` - the same DP=2 with ``strategy: deepspeed-zero2`` / ``-zero3``
    (skipped when deepspeed is not installed), compared with the FSDP2 DP=2 run.
@@ -71,7 +72,7 @@ def _env(threads: int) -> dict[str, str]:
 
 
 def _config(model: Path, out: Path, steps: int, seq_len: int, strategy: str = "fsdp", compile_: bool = False,
-            hf_compile: bool = False) -> dict:
+            hf_compile: bool = False, fused: str = "auto") -> dict:
     return {
         "kind": "FineTuneJob", "name": "bench", "namespace": "default",
         "model": {"uri": f"file://{model}"},
@@ -80,7 +81,7 @@ def _config(model: Path, out: Path, steps: int, seq_len: int, strategy: str = "f
         "method": "full",
         "parallelism": {"strategy": strategy},
         "training": {"maxSteps": steps, "globalBatchSize": 8, "microBatchSize": 4, "learningRate": 1e-4, "seed": 0,
-                     "compile": "on" if compile_ else "off"},
+                     "compile": "on" if compile_ else "off", "fused": fused},
         "hfCompile": hf_compile,  # read by hf_worker only (the HF run's config is never given to our trainer)
         "checkpoint": {"intervalSteps": 0, "keepLast": 1},
         "output": {"uri": f"file://{out}", "format": "merged"},
@@ -215,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hf-allocator", choices=("default", "keep"), default="default",
                         help="keep: the HF worker gets our one-process glibc setting (train/allocator.py)")
     parser.add_argument("--runs", default="hf,kf,kf-dp2,kf-zero2,kf-zero3",
-                        help="comma-separated subset (hf and kf needed); kf-compiled adds a compiled one-process run")
+                        help="comma-separated subset (hf and kf needed); kf-compiled adds a compiled one-process run, "
+                             "kf-unfused one with training.fused: off")
     parser.add_argument("--hf-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.hf_worker:
@@ -234,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         # One config (and output/checkpoint directory) per run: a shared one would make the
         # second run resume from the first run's final checkpoint and train nothing.
         wanted = set(args.runs.split(","))
-        runs = {"hf": "fsdp", "kf": "fsdp", "kf-compiled": "fsdp", "kf-dp2": "fsdp"}
+        runs = {"hf": "fsdp", "kf": "fsdp", "kf-unfused": "fsdp", "kf-compiled": "fsdp", "kf-dp2": "fsdp"}
         try:
             import deepspeed  # noqa: F401
 
@@ -246,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, strategy in runs.items():
             configs[name] = root / f"{name}.json"
             cfg = _config(model, root / name, steps, seq_len, strategy, args.compile or name == "kf-compiled",
-                          args.hf_compile)
+                          args.hf_compile, fused="off" if name == "kf-unfused" else "auto")
             if name == "hf":
                 cfg["hfAllocator"] = args.hf_allocator  # read by hf_worker only
             else:
@@ -272,8 +274,9 @@ def main(argv: list[str] | None = None) -> int:
                          t.window, t.own, t.intervals)
     summary = {name: _summary(ts) for name, ts in timings.items()}
     for name, sm in summary.items():
-        log.info("%-11s median %8.1f  min-max %8.1f-%8.1f tokens/s  (own window: median %8.1f)  over %d runs",
-                 name, sm["median"], sm["min"], sm["max"], sm["ownMedian"], args.repeat)
+        log.info("%-11s median %8.1f  min-max %8.1f-%8.1f tokens/s  (own window: median %8.1f)  over %d runs; "
+                 "/ HF: %.3fx of the medians, %.3fx of the bests", name, sm["median"], sm["min"], sm["max"],
+                 sm["ownMedian"], args.repeat, sm["median"] / summary["hf"]["median"], sm["max"] / summary["hf"]["max"])
     hf, kf = summary["hf"], summary["kf"]
     log.info("KubeForge / HF Trainer: %.3fx of the medians, %.3fx of the bests (HF compiled: %s, KubeForge compiled: %s)",
              kf["median"] / hf["median"], kf["max"] / hf["max"], args.hf_compile, args.compile)
