@@ -5,8 +5,8 @@ What it runs (each in its own process, one after the other, on the same CPU):
 1. ``hf``   - ``transformers.Trainer`` on the ``small`` preset (~26 M parameters), fp32, the
    same packed samples, the same batch (global 8, micro 4, accumulation 2), AdamW;
 2. ``kf``   - ``python -m kubeforge_runtime.train`` as one process (the same config);
-   ``kf-compiled`` - the same with ``training.compile: on``, ``kf-unfused`` - the same with
-   ``training.fused: off`` (each only when named in ``--runs``);
+   ``kf-compiled`` - the same with ``training.compile: on``, ``kf-fused`` - the same with
+   ``training.fused: on`` (each only when named in ``--runs``);
 3. ``kf-dp2`` - the same under ``torchrun --nproc-per-node=2`` (FSDP2 over gloo);
 4. ``kf-zero2``, ``kf-zero3`` - the same DP=2 with ``strategy: deepspeed-zero2`` / ``-zero3``
    (skipped when deepspeed is not installed), compared with the FSDP2 DP=2 run.
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep: the HF worker gets our one-process glibc setting (train/allocator.py)")
     parser.add_argument("--runs", default="hf,kf,kf-dp2,kf-zero2,kf-zero3",
                         help="comma-separated subset (hf and kf needed); kf-compiled adds a compiled one-process run, "
-                             "kf-unfused one with training.fused: off")
+                             "kf-fused one with training.fused: on")
     parser.add_argument("--hf-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.hf_worker:
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         # One config (and output/checkpoint directory) per run: a shared one would make the
         # second run resume from the first run's final checkpoint and train nothing.
         wanted = set(args.runs.split(","))
-        runs = {"hf": "fsdp", "kf": "fsdp", "kf-unfused": "fsdp", "kf-compiled": "fsdp", "kf-dp2": "fsdp"}
+        runs = {"hf": "fsdp", "kf": "fsdp", "kf-fused": "fsdp", "kf-compiled": "fsdp", "kf-dp2": "fsdp"}
         try:
             import deepspeed  # noqa: F401
 
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, strategy in runs.items():
             configs[name] = root / f"{name}.json"
             cfg = _config(model, root / name, steps, seq_len, strategy, args.compile or name == "kf-compiled",
-                          args.hf_compile, fused="off" if name == "kf-unfused" else "auto")
+                          args.hf_compile, fused="on" if name == "kf-fused" else "auto")
             if name == "hf":
                 cfg["hfAllocator"] = args.hf_allocator  # read by hf_worker only
             else:

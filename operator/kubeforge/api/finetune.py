@@ -268,8 +268,8 @@ class TrainingSpec(KFModel):
     fused: Literal["auto", "on", "off"] = Field(
         default="auto",
         description="Fused, memory-light RMSNorm, RoPE and lm_head + cross-entropy (custom backward, fewer passes "
-                    "over memory; same math): on, off, or auto (on for CPU fp32 training without compiled blocks, "
-                    "where it was measured faster).",
+                    "over memory; same math; fp32, not with compiled blocks, QLoRA or distillation): on, off, or "
+                    "auto (off for now: a whole training step was not measured faster with it).",
     )
     attention: Literal["auto", "sdpa", "flex_attention", "flash_attention_2", "eager"] = Field(
         default="auto",

@@ -212,7 +212,7 @@ class TrainingConfig(StrictConfig):
     """torch.compile each decoder block (``train/compiled.py``); ``auto``: on CUDA only."""
     fused: Literal["auto", "on", "off"] = "auto"
     """Fused RMSNorm, RoPE and lm_head + cross-entropy (``train/fused.py``, where they apply);
-    ``auto``: on for CPU fp32 training without compiled blocks."""
+    ``auto``: off for now (not measured faster on a whole step); ``on`` holds fewer tensors."""
     attention: Literal["auto", "sdpa", "flex_attention", "flash_attention_2", "eager"] = "auto"
     """Attention kernel (``train/attention.py``): ``auto`` is flash_attention_2 (varlen) on CUDA
     with flash_attn installed, else flex_attention (block mask) on CUDA, else sdpa."""

@@ -56,13 +56,16 @@ HEAD_CHUNK_ROWS = 256
 
 def resolve(requested: str, device_type: str, *, compiled: bool, fp32: bool, qlora: bool = False,
             distillation: bool = False) -> bool:
-    """Whether to use the fused pieces for ``training.fused``: ``auto`` is on for CPU
-    fp32 runs without compiled blocks, ``on`` wherever they apply, ``off`` never. Never with
-    compiled blocks, non-fp32 compute, QLoRA (NF4 weights) or distillation (see above),
-    whatever was asked."""
+    """Whether to use the fused pieces for ``training.fused``: ``on`` wherever they apply,
+    ``off`` never, ``auto`` off for now on every device: on the trainer benchmark's CPU run
+    the whole step was not faster with them (README, "Training throughput"); they hold fewer
+    tensors (no whole logits), which is what ``on`` buys. Never with compiled blocks,
+    non-fp32 compute, QLoRA (NF4 weights) or distillation (see above), whatever was asked.
+    ``device_type`` is kept for a device where they are measured faster."""
+    del device_type
     if requested == "off" or compiled or not fp32 or qlora or distillation:
         return False
-    return requested == "on" or device_type == "cpu"
+    return requested == "on"
 
 
 def _is_dtensor(*ts: torch.Tensor) -> bool:
