@@ -5,7 +5,8 @@ What it runs (each in its own process, one after the other, on the same CPU):
 1. ``hf``   - ``transformers.Trainer`` on the ``small`` preset (~26 M parameters), fp32, the
    same packed samples, the same batch (global 8, micro 4, accumulation 2), AdamW;
 2. ``kf``   - ``python -m kubeforge_runtime.train`` as one process (the same config);
-   ``kf-compiled`` - the same with ``training.compile: on`` (only when named in ``--runs``);
+   ``kf-compiled`` - the same with ``training.compile: on``, ``kf-fused`` - the same with
+   ``training.fused: on`` (each only when named in ``--runs``);
 3. ``kf-dp2`` - the same under ``torchrun --nproc-per-node=2`` (FSDP2 over gloo);
 4. ``kf-zero2``, ``kf-zero3`` - the same DP=2 with ``strategy: deepspeed-zero2`` / ``-zero3``
    (skipped when deepspeed is not installed), compared with the FSDP2 DP=2 run.
@@ -15,14 +16,29 @@ compiled); ``--hf-compile`` sets the HF Trainer's ``torch_compile=True`` (the wh
 result says which side compiled. ``--runs hf,kf`` limits the runs (default: all).
 
 Each process gets the same total number of CPU threads (``--threads``, default: all cores,
-split between the DP=2 workers). Tokens/s is the median over steps after the first two
-(warm-up), the best of ``--repeat`` interleaved repeats; it prints every number and the
-ratios kf/hf, dp2/dp1 and ZeRO/FSDP2. A benchmark, not a
-test: it reports, it does not assert. ``--quick`` uses the ``tiny`` preset and 6 steps
-(seconds, for CI).
+split between the DP=2 workers).
+
+How a run is timed (the same window on both sides): the wall-clock interval from the end of
+one optimizer step to the end of the next (the HF Trainer's ``on_step_end`` callback, our
+trainer's ``step`` event), so data fetch, collation, logging and callbacks count on both
+sides. The first ``WARMUP_STEPS`` steps are left out (first-call allocations, lazy
+initialisation); a run's figure is the tokens of the remaining steps over their summed
+intervals. Each side's own narrower window (HF: ``on_step_begin`` to ``on_step_end``, which
+leaves out its prefetch of the step's micro-batches; ours: the step's compute and optimizer
+step) is printed beside it for diagnosis.
+
+``--repeat N`` interleaves N runs of each side (hf, kf, hf, kf, ...); per side it prints the
+median and the min-max of the N runs, and the ratios of the medians and of the bests. The
+JSON keeps the best of each side under the old names (``hfTrainerTokensPerSecond``,
+``kubeforgeTokensPerSecond``, ``ratioKubeforgeVsHf``) and adds the medians and ranges.
+``--hf-allocator keep`` gives the HF worker our one-process glibc setting
+(``train/allocator.py``: freed blocks stay in the heap) to tell allocator effects from the
+rest. A benchmark, not a test: it reports, it does not assert. ``--quick`` uses the ``tiny``
+preset and 6 steps (seconds, for CI).
 
     python benchmarks/bench_trainer.py [--quick] [--steps N] [--seq-len N] [--threads N] [--repeat N]
-                                       [--compile] [--hf-compile] [--runs hf,kf,kf-dp2]
+                                       [--compile] [--hf-compile] [--hf-allocator keep]
+                                       [--runs hf,kf,kf-dp2]
 """
 
 from __future__ import annotations
@@ -37,6 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +72,7 @@ def _env(threads: int) -> dict[str, str]:
 
 
 def _config(model: Path, out: Path, steps: int, seq_len: int, strategy: str = "fsdp", compile_: bool = False,
-            hf_compile: bool = False) -> dict:
+            hf_compile: bool = False, fused: str = "auto") -> dict:
     return {
         "kind": "FineTuneJob", "name": "bench", "namespace": "default",
         "model": {"uri": f"file://{model}"},
@@ -64,20 +81,41 @@ def _config(model: Path, out: Path, steps: int, seq_len: int, strategy: str = "f
         "method": "full",
         "parallelism": {"strategy": strategy},
         "training": {"maxSteps": steps, "globalBatchSize": 8, "microBatchSize": 4, "learningRate": 1e-4, "seed": 0,
-                     "compile": "on" if compile_ else "off"},
+                     "compile": "on" if compile_ else "off", "fused": fused},
         "hfCompile": hf_compile,  # read by hf_worker only (the HF run's config is never given to our trainer)
         "checkpoint": {"intervalSteps": 0, "keepLast": 1},
         "output": {"uri": f"file://{out}", "format": "merged"},
     }
 
 
-def _median_after_warmup(values: list[float]) -> float:
-    tail = values[2:] if len(values) > 3 else values[1:] or values
-    return statistics.median(tail)
+WARMUP_STEPS = 2
+"""Steps left out of every run's figure (first-call allocations, lazy initialisation)."""
 
 
-def run_kubeforge(config: Path, nproc: int, threads: int) -> float:
-    """Tokens/s of our trainer, from its own step events (all ranks' tokens per step time)."""
+@dataclass
+class RunTiming:
+    """One run's figures: ``window`` = tokens/s from step end to step end after the warm-up
+    (the same window on both sides), ``own`` = the median of the side's own per-step
+    tokens/s after the warm-up, ``intervals`` = every step-end-to-step-end interval (s)."""
+
+    window: float
+    own: float
+    intervals: list[float]
+
+
+def _timing(ends: list[float], own_rates: list[float], tokens_per_step: int) -> RunTiming:
+    """A run's :class:`RunTiming` from its step-end times (s, one per optimizer step) and its own per-step rates."""
+    if len(ends) <= WARMUP_STEPS:
+        raise ValueError(f"{len(ends)} steps timed: need more than the {WARMUP_STEPS} warm-up steps (raise --steps)")
+    timed = len(ends) - WARMUP_STEPS
+    span = ends[-1] - ends[WARMUP_STEPS - 1]
+    intervals = [b - a for a, b in zip(ends, ends[1:])]
+    return RunTiming(window=tokens_per_step * timed / span, own=statistics.median(own_rates[WARMUP_STEPS:]),
+                     intervals=[round(v, 3) for v in intervals])
+
+
+def run_kubeforge(config: Path, nproc: int, threads: int) -> RunTiming:
+    """Our trainer's timing, from its own step events (rank 0 writes them; all ranks' tokens per step)."""
     if nproc == 1:
         cmd = [sys.executable, "-m", "kubeforge_runtime.train", "--config", str(config)]
     else:
@@ -86,9 +124,11 @@ def run_kubeforge(config: Path, nproc: int, threads: int) -> float:
     proc = subprocess.run(cmd, env=_env(max(1, threads // nproc)), capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(f"trainer failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    rates = [json.loads(line.split(" ", 1)[1])["tokensPerSecond"] for line in proc.stdout.splitlines()
+    steps = [json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines()
              if line.startswith("KUBEFORGE_EVENT ") and '"event": "step"' in line]
-    return _median_after_warmup(rates)
+    cfg = json.loads(config.read_text())
+    tokens = cfg["training"]["globalBatchSize"] * cfg["dataset"]["sequenceLength"]
+    return _timing([e["time"] for e in steps], [e["tokensPerSecond"] for e in steps], tokens)
 
 
 def hf_worker(config_path: str) -> None:
@@ -101,19 +141,29 @@ def hf_worker(config_path: str) -> None:
 
     hf_logging.set_verbosity_error()
     cfg = json.loads(Path(config_path).read_text())
+    if cfg.get("hfAllocator") == "keep":
+        from kubeforge_runtime.train import allocator
+
+        allocator.keep_freed_memory()
     model_dir = cfg["model"]["uri"].removeprefix("file://")
     tok = models.load_tokenizer(model_dir)
     d = cfg["dataset"]
     prepared = data.prepare(tok, DATA, "text", d["sequenceLength"], True, validation_split=0.0, seed=0)
     # HF shifts labels inside the model: give it the unshifted ones (input ids for text). The
     # position ids make transformers build the same per-record (block-diagonal) mask as ours.
-    samples = [{"input_ids": x, "labels": x.clone(), "position_ids": p}
-               for x, p in zip(prepared.train_inputs, prepared.train_positions)]
     t = cfg["training"]
+    # The same samples in the same global batches and order as our trainer's sampler (every
+    # step 8 whole samples): with HF's own shuffling, 35 samples and micro-batch 4, every fifth
+    # optimizer step held one micro-batch of 3 samples and still counted as a full step.
+    sampler = data.GlobalBatchSampler(len(prepared.train_inputs), t["globalBatchSize"], t["seed"])
+    order = [i for step in range(t["maxSteps"]) for i in sampler.global_batch(step)]
+    samples = [{"input_ids": prepared.train_inputs[i], "labels": prepared.train_inputs[i].clone(),
+                "position_ids": prepared.train_positions[i]} for i in order]
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     model.config.use_cache = False  # with a KV cache transformers ignores the packing in position ids
     step_times: list[float] = []
+    step_ends: list[float] = []
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):  # noqa: ANN001
@@ -121,26 +171,37 @@ def hf_worker(config_path: str) -> None:
 
         def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
             step_times.append(time.perf_counter() - self.t0)
+            step_ends.append(time.time())  # the clock of our trainer's step events
 
     args = TrainingArguments(
         output_dir=str(Path(config_path).parent / "hf-out"), per_device_train_batch_size=t["microBatchSize"],
         gradient_accumulation_steps=t["globalBatchSize"] // t["microBatchSize"], max_steps=t["maxSteps"],
         learning_rate=t["learningRate"], lr_scheduler_type="cosine", warmup_steps=0, logging_strategy="no",
         save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, seed=0, disable_tqdm=True,
-        torch_compile=bool(cfg.get("hfCompile")),
+        torch_compile=bool(cfg.get("hfCompile")), train_sampling_strategy="sequential",
     )
     Trainer(model=model, args=args, train_dataset=samples, callbacks=[Timer()]).train()
+    if len(step_ends) != t["maxSteps"]:
+        raise RuntimeError(f"the HF Trainer ran {len(step_ends)} optimizer steps, not {t['maxSteps']}")
     tokens = t["globalBatchSize"] * d["sequenceLength"]
-    sys.stdout.write(json.dumps({"tokensPerSecond": [tokens / s for s in step_times]}) + "\n")  # read by run_hf
+    sys.stdout.write(json.dumps({"tokensPerSecond": [tokens / s for s in step_times], "stepEnds": step_ends,
+                                 "tokensPerStep": tokens}) + "\n")  # read by run_hf
 
 
-def run_hf(config: Path, threads: int) -> float:
+def run_hf(config: Path, threads: int) -> RunTiming:
     proc = subprocess.run([sys.executable, __file__, "--hf-worker", str(config)], env=_env(threads),
                           capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(f"HF Trainer failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    last = [line for line in proc.stdout.splitlines() if line.startswith("{")][-1]
-    return _median_after_warmup(json.loads(last)["tokensPerSecond"])
+    last = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    return _timing(last["stepEnds"], last["tokensPerSecond"], last["tokensPerStep"])
+
+
+def _summary(timings: list[RunTiming]) -> dict[str, float]:
+    """Median, min and max of a side's runs (common window), and the median of its own window."""
+    rates = [t.window for t in timings]
+    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates),
+            "ownMedian": statistics.median(t.own for t in timings)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,11 +210,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--repeat", type=int, default=1, help="interleaved repeats; the best of each is reported")
+    parser.add_argument("--repeat", type=int, default=1, help="interleaved repeats; median, min-max and best reported")
     parser.add_argument("--compile", action="store_true", help="training.compile: on for the KubeForge runs")
     parser.add_argument("--hf-compile", action="store_true", help="torch_compile=True for the HF Trainer")
+    parser.add_argument("--hf-allocator", choices=("default", "keep"), default="default",
+                        help="keep: the HF worker gets our one-process glibc setting (train/allocator.py)")
     parser.add_argument("--runs", default="hf,kf,kf-dp2,kf-zero2,kf-zero3",
-                        help="comma-separated subset (hf and kf needed); kf-compiled adds a compiled one-process run")
+                        help="comma-separated subset (hf and kf needed); kf-compiled adds a compiled one-process run, "
+                             "kf-fused one with training.fused: on")
     parser.add_argument("--hf-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.hf_worker:
@@ -172,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         # One config (and output/checkpoint directory) per run: a shared one would make the
         # second run resume from the first run's final checkpoint and train nothing.
         wanted = set(args.runs.split(","))
-        runs = {"hf": "fsdp", "kf": "fsdp", "kf-compiled": "fsdp", "kf-dp2": "fsdp"}
+        runs = {"hf": "fsdp", "kf": "fsdp", "kf-fused": "fsdp", "kf-compiled": "fsdp", "kf-dp2": "fsdp"}
         try:
             import deepspeed  # noqa: F401
 
@@ -184,50 +248,55 @@ def main(argv: list[str] | None = None) -> int:
         for name, strategy in runs.items():
             configs[name] = root / f"{name}.json"
             cfg = _config(model, root / name, steps, seq_len, strategy, args.compile or name == "kf-compiled",
-                          args.hf_compile)
-            if name != "hf":
+                          args.hf_compile, fused="on" if name == "kf-fused" else "auto")
+            if name == "hf":
+                cfg["hfAllocator"] = args.hf_allocator  # read by hf_worker only
+            else:
                 cfg.pop("hfCompile")
             configs[name].write_text(json.dumps(cfg))
         log.info("preset %s, %d steps, sequence %d, global batch 8 (micro 4), fp32, %d threads; compiled: KubeForge %s%s, "
                  "HF %s", preset, steps, seq_len, args.threads, args.compile,
                  " (kf-compiled: yes)" if "kf-compiled" in configs else "", args.hf_compile)
-        hf = kf = kfc = dp2 = 0.0
-        zero = {name: 0.0 for name in configs if name.startswith("kf-zero")}
-        # Interleaved repeats, best of each: on a shared machine the load changes between
-        # runs, and the best run is the one least disturbed by it.
+        timings: dict[str, list[RunTiming]] = {name: [] for name in configs}
+        # Interleaved repeats: on a shared machine the load changes between runs; interleaving
+        # gives every side the same share of quiet and loaded minutes.
         for rep in range(args.repeat):
             for name in configs:  # fresh output/checkpoint directories: no resume between repeats
                 shutil.rmtree(root / name, ignore_errors=True)
-            hf = max(hf, run_hf(configs["hf"], args.threads))
-            kf = max(kf, run_kubeforge(configs["kf"], 1, args.threads))
-            if "kf-compiled" in configs:
-                kfc = max(kfc, run_kubeforge(configs["kf-compiled"], 1, args.threads))
-            if "kf-dp2" in configs:
-                dp2 = max(dp2, run_kubeforge(configs["kf-dp2"], 2, args.threads))
-            for name in zero:
-                zero[name] = max(zero[name], run_kubeforge(configs[name], 2, args.threads))
-            log.info("after repeat %d: HF %.1f, KubeForge %.1f, compiled %.1f, KubeForge DP=2 %.1f tokens/s%s", rep + 1,
-                     hf, kf, kfc, dp2, "".join(f", {name} {v:.1f}" for name, v in zero.items()))
-        log.info("HF Trainer, 1 process:          %10.1f tokens/s", hf)
-        log.info("KubeForge trainer, 1 process:   %10.1f tokens/s", kf)
-        if "kf-compiled" in configs:
-            log.info("KubeForge trainer, compiled:    %10.1f tokens/s  (%.2fx the HF Trainer)", kfc, kfc / hf)
-        if "kf-dp2" in configs:
-            log.info("KubeForge trainer, DP=2 (FSDP): %10.1f tokens/s", dp2)
-        for name, v in zero.items():
-            log.info("KubeForge trainer, DP=2 (ZeRO-%s): %8.1f tokens/s  (%.2fx FSDP2 DP=2)", name[-1], v, v / dp2)
-    dp2 = dp2 or float("nan")
+            for name in configs:
+                if name == "hf":
+                    t = run_hf(configs[name], args.threads)
+                else:
+                    t = run_kubeforge(configs[name], 2 if name in ("kf-dp2", "kf-zero2", "kf-zero3") else 1,
+                                      args.threads)
+                timings[name].append(t)
+                log.info("repeat %d %-11s %8.1f tokens/s (own window %8.1f); step intervals %s", rep + 1, name,
+                         t.window, t.own, t.intervals)
+    summary = {name: _summary(ts) for name, ts in timings.items()}
+    for name, sm in summary.items():
+        log.info("%-11s median %8.1f  min-max %8.1f-%8.1f tokens/s  (own window: median %8.1f)  over %d runs; "
+                 "/ HF: %.3fx of the medians, %.3fx of the bests", name, sm["median"], sm["min"], sm["max"],
+                 sm["ownMedian"], args.repeat, sm["median"] / summary["hf"]["median"], sm["max"] / summary["hf"]["max"])
+    hf, kf = summary["hf"], summary["kf"]
+    log.info("KubeForge / HF Trainer: %.3fx of the medians, %.3fx of the bests (HF compiled: %s, KubeForge compiled: %s)",
+             kf["median"] / hf["median"], kf["max"] / hf["max"], args.hf_compile, args.compile)
+    kfc, dp2 = summary.get("kf-compiled"), summary.get("kf-dp2")
+    zero = {name: sm for name, sm in summary.items() if name.startswith("kf-zero")}
+    dp2_best = dp2["max"] if dp2 else float("nan")
     result = {"preset": preset, "steps": steps, "sequenceLength": seq_len, "threads": args.threads,
+              "repeat": args.repeat, "warmupSteps": WARMUP_STEPS, "hfAllocator": args.hf_allocator,
               "kubeforgeCompiled": args.compile, "hfCompiled": args.hf_compile,
-              "hfTrainerTokensPerSecond": round(hf, 1), "kubeforgeTokensPerSecond": round(kf, 1),
-              "kubeforgeDp2TokensPerSecond": round(dp2, 1),
-              "ratioKubeforgeVsHf": round(kf / hf, 3),
-              **({"kubeforgeCompiledTokensPerSecond": round(kfc, 1), "ratioKubeforgeCompiledVsHf": round(kfc / hf, 3)}
-                 if kfc else {}),
-              "ratioDp2VsDp1": round(dp2 / kf, 3),
-              **{f"zero{name[-1]}Dp2TokensPerSecond": round(v, 1) for name, v in zero.items()},
-              **{f"ratioZero{name[-1]}VsFsdpDp2": round(v / dp2, 3) for name, v in zero.items()}}
-    log.info("ratio KubeForge / HF Trainer: %.2fx   ratio DP=2 / DP=1: %.2fx", kf / hf, dp2 / kf)
+              "hfTrainerTokensPerSecond": round(hf["max"], 1), "kubeforgeTokensPerSecond": round(kf["max"], 1),
+              "kubeforgeDp2TokensPerSecond": round(dp2_best, 1),
+              "ratioKubeforgeVsHf": round(kf["max"] / hf["max"], 3),
+              "ratioKubeforgeVsHfMedian": round(kf["median"] / hf["median"], 3),
+              "runs": {name: {key: round(v, 1) for key, v in sm.items()} for name, sm in summary.items()},
+              **({"kubeforgeCompiledTokensPerSecond": round(kfc["max"], 1),
+                  "ratioKubeforgeCompiledVsHf": round(kfc["max"] / hf["max"], 3),
+                  "ratioKubeforgeCompiledVsHfMedian": round(kfc["median"] / hf["median"], 3)} if kfc else {}),
+              "ratioDp2VsDp1": round(dp2_best / kf["max"], 3),
+              **{f"zero{name[-1]}Dp2TokensPerSecond": round(sm["max"], 1) for name, sm in zero.items()},
+              **{f"ratioZero{name[-1]}VsFsdpDp2": round(sm["max"] / dp2_best, 3) for name, sm in zero.items()}}
     sys.stdout.write(json.dumps(result) + "\n")
     return 0
 

@@ -265,6 +265,12 @@ class TrainingSpec(KFModel):
         description="torch.compile each decoder block: on, off, or auto (on for CUDA GPUs, off on CPU where "
                     "compilation takes minutes that a short job does not earn back).",
     )
+    fused: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Fused, memory-light RMSNorm, RoPE and lm_head + cross-entropy (custom backward, fewer passes "
+                    "over memory; same math; fp32, not with compiled blocks, QLoRA or distillation): on, off, or "
+                    "auto (off for now: a whole training step was not measured faster with it).",
+    )
     attention: Literal["auto", "sdpa", "flex_attention", "flash_attention_2", "eager"] = Field(
         default="auto",
         description="Attention kernel. Packed records reach it as boundaries, not a dense mask, where it can: "

@@ -155,17 +155,19 @@ class Documents:
             return _ToSlots.apply(t.transpose(1, 2).reshape(rows * seq, t.shape[1], t.shape[3]), self.gather,
                                   self.scatter)
 
-        q, k, v = gathered(query), gathered(key), gathered(value)
+        # The buckets tile the slots in order: split, whose backward concatenates the
+        # buckets' gradients (a slice's backward fills a zero tensor of the whole size for
+        # each bucket, then copies its part in).
+        sizes = [count * length for _, count, length in self.buckets]
+        qs, ks, vs = (gathered(t).split(sizes) for t in (query, key, value))
         outs = []
-        for start, count, length in self.buckets:
+        for (_, count, length), qt, kt, vt in zip(self.buckets, qs, ks, vs):
             def bucket(t: torch.Tensor) -> torch.Tensor:
-                return t[start:start + count * length].view(count, length, t.shape[1], dim).transpose(1, 2)
+                return t.view(count, length, t.shape[1], dim).transpose(1, 2)
 
-            kb, vb = bucket(k), bucket(v)
-            if rep > 1:
-                kb, vb = kb.repeat_interleave(rep, dim=1), vb.repeat_interleave(rep, dim=1)
-            o = torch.nn.functional.scaled_dot_product_attention(bucket(q), kb, vb, dropout_p=dropout,
-                                                                 is_causal=True, scale=scaling)
+            # Grouped-query heads share their key/value head inside the kernel (no copies).
+            o = torch.nn.functional.scaled_dot_product_attention(bucket(qt), bucket(kt), bucket(vt), dropout_p=dropout,
+                                                                 is_causal=True, scale=scaling, enable_gqa=rep > 1)
             outs.append(o.transpose(1, 2).reshape(count * length, heads, dim))
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return _ToTokens.apply(out, self.scatter).view(rows, seq, heads, dim)

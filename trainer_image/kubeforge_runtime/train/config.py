@@ -210,6 +210,9 @@ class TrainingConfig(StrictConfig):
     """Recompute decoder-layer activations in backward to save memory."""
     compile: Literal["auto", "on", "off"] = "auto"
     """torch.compile each decoder block (``train/compiled.py``); ``auto``: on CUDA only."""
+    fused: Literal["auto", "on", "off"] = "auto"
+    """Fused RMSNorm, RoPE and lm_head + cross-entropy (``train/fused.py``, where they apply);
+    ``auto``: off for now (not measured faster on a whole step); ``on`` holds fewer tensors."""
     attention: Literal["auto", "sdpa", "flex_attention", "flash_attention_2", "eager"] = "auto"
     """Attention kernel (``train/attention.py``): ``auto`` is flash_attention_2 (varlen) on CUDA
     with flash_attn installed, else flex_attention (block mask) on CUDA, else sdpa."""

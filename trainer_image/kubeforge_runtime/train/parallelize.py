@@ -127,6 +127,11 @@ class CausalLMStage(nn.Module):
     neither do the loss and the gradients; positions without a target (prompts, the first
     token of every packed record, padding) cost no head and no cross-entropy. Without it the
     stage returns ``(batch, sequence, vocab)`` logits at every position.
+
+    ``labels`` (last stage only; the labels of those positions, or of every position): the
+    stage returns the summed token cross-entropy instead of logits, the head and the loss
+    fused (``fused.head_loss``: no whole logits tensor is held). Only where the head's weight
+    is whole and plain in the forward (the trainer decides: ``Trainer._fused_head``).
     """
 
     def __init__(self, lm: nn.Module, is_first: bool, is_last: bool) -> None:
@@ -139,7 +144,7 @@ class CausalLMStage(nn.Module):
         block-diagonal mask (the fallback, for comparisons)."""
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None,
-                targets_at: torch.Tensor | None = None) -> torch.Tensor:
+                targets_at: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
         from .attention import stage_mask
 
         dec = decoder(self.lm)
@@ -155,6 +160,11 @@ class CausalLMStage(nn.Module):
         if self.is_last:
             if targets_at is not None:
                 h = h.flatten(0, 1).index_select(0, targets_at)
+            if labels is not None:  # the summed token loss, head and loss fused (fused.head_loss)
+                from .fused import head_loss
+
+                h = dec.norm(h)
+                return head_loss(self.lm.lm_head, h.reshape(-1, h.shape[-1]), labels.reshape(-1))
             return self.lm.lm_head(dec.norm(h))
         return h
 

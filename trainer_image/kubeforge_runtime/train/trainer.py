@@ -56,6 +56,7 @@ from . import attention as attention_mod
 from . import compiled as compiled_mod
 from . import checkpoint as ckpt
 from . import distill as distill_mod
+from . import fused as fused_mod
 from . import metrics as metrics_mod
 from . import model as model_mod
 from . import output as output_mod
@@ -146,6 +147,11 @@ class TokenLoss:
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                              ignore_index=data_mod.IGNORE_INDEX, reduction="sum")
+        return self.add_sum(ce)
+
+    def add_sum(self, ce: torch.Tensor) -> torch.Tensor:
+        """Record a micro-batch's summed token cross-entropy ``ce`` (computed elsewhere: the
+        fused head, ``fused.head_loss``) and return it scaled, as :meth:`__call__` does."""
         self.sums.append(ce.detach())
         return ce * self.scale
 
@@ -237,6 +243,11 @@ class Trainer:
         self.compiled = compiled_mod.resolve(cfg.training.compile, self.device.type)
         if self.compiled:
             compiled_mod.compile_blocks(self.lm)  # lazy: traced at the first step, after loading
+        fp32 = cfg.training.precision == "fp32" or self.fp32_compute
+        self.fused = fused_mod.resolve(cfg.training.fused, self.device.type, compiled=self.compiled, fp32=fp32,
+                                       qlora=cfg.method == "qlora", distillation=cfg.distillation is not None)
+        if self.fused:
+            fused_mod.apply(self.lm)
         stage = CausalLMStage(self.lm, self.is_first, self.is_last)
         # FSDP2 shards the meta model first, then each rank reads its shard (QLoRA: reads, then shards)
         late = self.strategy.shards_on_meta and cfg.method != "qlora"
@@ -253,6 +264,7 @@ class Trainer:
         self.loss_fn: TokenLoss | distill_mod.DistillLoss = TokenLoss()
         if cfg.distillation is not None:
             self.loss_fn = self._build_distillation()
+        self.fused_head = self._fused_head()
         self.schedule = None
         if dims.pp > 1:
             from . import pipeline
@@ -262,6 +274,16 @@ class Trainer:
                                                     self.mesh["pp"].get_group(), cfg.parallelism.pipelineSchedule,
                                                     dims.grad_accum, self.loss_fn)
         self.module.train()
+
+    def _fused_head(self) -> bool:
+        """Whether the last stage computes the loss with the head fused into it
+        (``fused.head_loss``): with the fused pieces on, where the head's weight is a plain
+        whole tensor in the forward - one data-parallel rank (the stage unwrapped) or DDP - and
+        the loss is the plain token loss (not distillation) outside pipeline schedules."""
+        if not self.fused or not self.is_last or self.dims.pp > 1 or not isinstance(self.loss_fn, TokenLoss):
+            return False
+        plain = not getattr(self.strategy, "wrapped", True) or self.strategy.name == "ddp"
+        return plain and getattr(self.lm, "lm_head", None) is not None
 
     def _materialize(self) -> None:
         """Allocate and read this rank's part of the base model (``loading.materialize``)."""
@@ -374,6 +396,10 @@ class Trainer:
         The logits are not kept past the loss: freed before the next micro-batch's forward."""
         xb, yb, pb, yb_cpu = self._trim(x, y, pos, y_cpu)
         at = self._targets_at(yb_cpu)
+        if self.fused_head:
+            assert isinstance(self.loss_fn, TokenLoss)
+            with self._autocast():
+                return self.loss_fn.add_sum(self.module(xb, pb, at, self._labels_at(yb, at)))
         with self._autocast():
             logits = self.module(xb, pb, at)
         return self.loss_fn(logits, self._labels_at(yb, at))

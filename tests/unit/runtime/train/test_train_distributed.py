@@ -6,8 +6,8 @@ logits on a probe batch) against the single-process reference on the whole globa
 Before training, the weights every rank read for itself (sharded loading, ``loading.py``) are
 compared with one process's ``from_pretrained``, exactly. The tolerance is 1e-5 relative (L2 norm per tensor); differences seen are ~1e-7 (data and
 pipeline parallel) and ~4e-6 (tensor parallel, where matmuls are split and summed). The
-layouts: DP=2 (FSDP2, DDP), TP=2, PP=2 (GPipe, 1F1B), the 2-D TP2xDP2 and PP2xDP2 (1F1B, GPipe), and
-the 3-D PP2xDP2xTP2 (eight processes).
+layouts: DP=2 (FSDP2, DDP), TP=2, PP=2 (GPipe, 1F1B), the 2-D TP2xDP2 and PP2xDP2 (1F1B, GPipe),
+the 3-D PP2xDP2xTP2 (eight processes), and ``training.fused: on`` in one process, DDP and FSDP2.
 """
 
 from __future__ import annotations
@@ -32,6 +32,13 @@ LAYOUTS: dict[str, tuple[int, dict[str, Any], dict[str, int]]] = {
     # GPipe under FSDP: every unit resharded after each micro-batch's backward (train/pipeline.py).
     "pp2xdp2-gpipe": (4, {"parallelism": {"pipeline": 2, "pipelineSchedule": "GPipe"}},
                       {"data": 2, "tensor": 1, "pipeline": 2}),
+    # training.fused: on (train/fused.py; auto leaves it off): one process and DDP run the
+    # fused head + loss, FSDP2 the fused norms and RoPE with the stock head.
+    "fused-1p": (1, {"training": {"fused": "on"}}, {"data": 1, "tensor": 1, "pipeline": 1}),
+    "dp2-ddp-fused": (2, {"parallelism": {"strategy": "ddp"}, "training": {"fused": "on"}},
+                      {"data": 2, "tensor": 1, "pipeline": 1}),
+    "dp2-fsdp-fused": (2, {"parallelism": {"strategy": "fsdp"}, "training": {"fused": "on"}},
+                       {"data": 2, "tensor": 1, "pipeline": 1}),
     # 3-D: eight processes on two cores (one thread each), about 20 s.
     "pp2xdp2xtp2": (8, {"parallelism": {"tensor": 2, "pipeline": 2, "pipelineSchedule": "1F1B"}},
                     {"data": 2, "tensor": 2, "pipeline": 2}),
