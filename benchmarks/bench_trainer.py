@@ -282,21 +282,22 @@ def main(argv: list[str] | None = None) -> int:
              kf["median"] / hf["median"], kf["max"] / hf["max"], args.hf_compile, args.compile)
     kfc, dp2 = summary.get("kf-compiled"), summary.get("kf-dp2")
     zero = {name: sm for name, sm in summary.items() if name.startswith("kf-zero")}
-    dp2_best = dp2["max"] if dp2 else float("nan")
+    dp2_best = dp2["max"] if dp2 else None  # JSON null when the DP=2 run was not asked for
     result = {"preset": preset, "steps": steps, "sequenceLength": seq_len, "threads": args.threads,
               "repeat": args.repeat, "warmupSteps": WARMUP_STEPS, "hfAllocator": args.hf_allocator,
               "kubeforgeCompiled": args.compile, "hfCompiled": args.hf_compile,
               "hfTrainerTokensPerSecond": round(hf["max"], 1), "kubeforgeTokensPerSecond": round(kf["max"], 1),
-              "kubeforgeDp2TokensPerSecond": round(dp2_best, 1),
+              "kubeforgeDp2TokensPerSecond": round(dp2_best, 1) if dp2_best else None,
               "ratioKubeforgeVsHf": round(kf["max"] / hf["max"], 3),
               "ratioKubeforgeVsHfMedian": round(kf["median"] / hf["median"], 3),
               "runs": {name: {key: round(v, 1) for key, v in sm.items()} for name, sm in summary.items()},
               **({"kubeforgeCompiledTokensPerSecond": round(kfc["max"], 1),
                   "ratioKubeforgeCompiledVsHf": round(kfc["max"] / hf["max"], 3),
                   "ratioKubeforgeCompiledVsHfMedian": round(kfc["median"] / hf["median"], 3)} if kfc else {}),
-              "ratioDp2VsDp1": round(dp2_best / kf["max"], 3),
+              "ratioDp2VsDp1": round(dp2_best / kf["max"], 3) if dp2_best else None,
               **{f"zero{name[-1]}Dp2TokensPerSecond": round(sm["max"], 1) for name, sm in zero.items()},
-              **{f"ratioZero{name[-1]}VsFsdpDp2": round(sm["max"] / dp2_best, 3) for name, sm in zero.items()}}
+              **{f"ratioZero{name[-1]}VsFsdpDp2": round(sm["max"] / dp2_best, 3) if dp2_best else None
+                 for name, sm in zero.items()}}
     sys.stdout.write(json.dumps(result) + "\n")
     return 0
 
