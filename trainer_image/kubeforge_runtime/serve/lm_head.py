@@ -3,18 +3,17 @@
 A decode step of one request projects one hidden vector onto the whole vocabulary
 (SmolLM2: 576 x 49,152 weights, 113 MB in fp32, a fifth of the model's weights and the largest
 single matmul of the step). ``nn.Linear`` keeps the weight ``[vocab, hidden]`` and computes
-``x @ W.T``; on this CPU (2 threads, AVX2, MKL) that took 10.6-14.0 ms for one row, against
-5.8-7.4 ms for ``x @ Wt`` with ``Wt`` a contiguous ``[hidden, vocab]`` copy (medians and minima
-of interleaved rounds, README "Serving"). For 8 and 32 rows the copy was slower (median
-98 vs 80 ms and 131 vs 95 ms), so only one-row calls take it.
+``x @ W.T``. On this CPU (2 threads, AVX2, MKL; ``benchmarks/bench_lm_head.py``, README
+"Serving"):
 
-A call of a few rows (a decode step of several requests: 2 to :data:`CHUNKED_MAX_ROWS`) runs
-as one matmul per :data:`CHUNK` vocabulary rows of the original weight, writing the logits
-transposed. ``x @ W.T`` in one call took 80-87 ms for 32 rows here (median and minimum of 5
-interleaved rounds; ~20 GFLOP/s, where the decoder's own ``32 x 576 x 1536`` linears ran at
-~60) and 54-58 ms for 8 rows; in 512-row slices 52-55 ms and 24-39 ms. MKL appears to stream
-the 113 MB weight once per block of rows; a slice that stays in cache is read once for all
-rows. Larger calls keep ``nn.Linear``'s one matmul.
+* one row: ``x @ Wt`` with ``Wt`` a contiguous ``[hidden, vocab]`` copy took about 0.6x the
+  time of ``nn.Linear``; for 8 and 32 rows the copy was slower than ``nn.Linear`` (an
+  unlocked run, load 3), so only one-row calls take it;
+* a few rows (a decode step of several requests: 2 to :data:`CHUNKED_MAX_ROWS`): one matmul
+  per :data:`CHUNK` vocabulary rows of the original weight, writing the logits transposed,
+  took about 0.5-0.6x the time of one ``x @ W.T``. The single call appears to stream the
+  113 MB weight once per block of rows; a slice that stays in cache is read once for all
+  rows. Larger calls keep ``nn.Linear``'s one matmul.
 
 Cost: one extra copy of the projection's weight (113 MB for SmolLM2), held by the engine, not
 in the model's state dict. The copy is taken once, when the engine starts: the serving model's
@@ -31,7 +30,8 @@ import torch
 
 CHUNK = 512
 """Vocabulary rows per matmul of a several-row call: a 512 x 576 fp32 slice (1.2 MB) stays in
-cache while every row of the batch is multiplied by it (512 beat 128 and 256 here)."""
+cache while every row of the batch is multiplied by it (512 beat 128 and 256 here:
+``bench_lm_head.py --chunks 128,256,512``)."""
 
 CHUNKED_MAX_ROWS = 64
 """Calls with more rows (prefills without ``logits_to_keep``) keep ``nn.Linear``'s one matmul."""
