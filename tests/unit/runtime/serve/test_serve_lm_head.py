@@ -86,3 +86,21 @@ def test_other_heads_are_left_alone(tiny_model: Path) -> None:
     assert not lm_head.install(model)
     model.lm_head = torch.nn.Sequential(torch.nn.Linear(4, 4))
     assert not lm_head.install(model)
+
+
+def test_the_benchmark_runs_and_checks_its_outputs(capsys: pytest.CaptureFixture[str]) -> None:
+    """``benchmarks/bench_lm_head.py`` on a small shape: every variant timed and compared."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[4] / "benchmarks" / "bench_lm_head.py"
+    spec = importlib.util.spec_from_file_location("bench_lm_head", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--threads", "1", "--rows", "1,3", "--rounds", "1", "--calls", "1", "--hidden", "16",
+                           "--vocab", "1000", "--chunks", "64"]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the benchmark sets the process's threads
+    out = capsys.readouterr().out
+    assert "slices of 64" in out and out.count("nn.Linear") == 2
