@@ -11,7 +11,7 @@ single matmul of the step). ``nn.Linear`` keeps the weight ``[vocab, hidden]`` a
   unlocked run, load 3), so only one-row calls take it;
 * a few rows (a decode step of several requests: 2 to :data:`CHUNKED_MAX_ROWS`): one matmul
   per :data:`CHUNK` vocabulary rows of the original weight, writing the logits transposed,
-  took about 0.5-0.6x the time of one ``x @ W.T``. The single call appears to stream the
+  took 0.5-0.8x the time of one ``x @ W.T``. The single call appears to stream the
   113 MB weight once per block of rows; a slice that stays in cache is read once for all
   rows. Larger calls keep ``nn.Linear``'s one matmul.
 
