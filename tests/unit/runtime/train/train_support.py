@@ -5,9 +5,9 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +15,6 @@ REPO = Path(__file__).resolve().parents[4]
 DATA = REPO / "examples" / "data"
 STEPS = 4
 LORA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -35,10 +29,19 @@ def child_env(**extra: str) -> dict[str, str]:
 
 
 def torchrun_cmd(nproc: int, config: Path, *extra: str) -> list[str]:
-    """The pod's torchrun command (rendezvous on loopback instead of the headless Service)."""
+    """The pod's torchrun command (rendezvous on loopback instead of the headless Service).
+
+    The rendezvous store binds port 0 (the kernel's free port, taken atomically by the agent),
+    not a port picked here and released: torch's c10d backend, when the port it should host is
+    already taken, silently becomes a *client* of whatever store listens there. With a picked
+    port, a concurrent launch (CI runs three lanes) could take the same one first; this agent
+    then rendezvoused on the other run's store and failed ("connection to the C10d store has
+    failed") when that run ended - stop 31's CI failure of a ZeRO-3 layout test. One node only,
+    so no other agent needs to know the port.
+    """
     return [
         sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={nproc}",
-        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", f"--rdzv-id=test-{os.getpid()}",
+        "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", f"--rdzv-id=test-{os.getpid()}-{uuid.uuid4().hex[:8]}",
         *extra, "-m", "kubeforge_runtime.train", "--config", str(config),
     ]
 
