@@ -7,7 +7,7 @@ transformers' paged path with ``sdpa`` hands every layer the queries of the whol
 every request's keys and masks all but its own: at 32 decoding requests of ~100 tokens, 32
 queries x 3,200 keys per head where 32 x 100 are needed, with the keys repeated per head (a
 mask rules out ``sdpa``'s grouped-query path on CPU) - ~17 % of a decoding step at 32 clients
-(py-spy, README "Where a decode step went").
+(py-spy, README "Serving").
 
 :func:`paged_attention` is registered through transformers' attention interface under
 :data:`NAME` and attends each request's queries to its own keys only, from the cumulative
