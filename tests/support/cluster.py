@@ -20,6 +20,7 @@ the pods fall back to the loopback range 127.16.0.0/16 and the cluster says so
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import shutil
@@ -67,8 +68,10 @@ def route_pod_range_locally(cidr: str = POD_RANGE) -> bool:
     The route is left in place on stop: another cluster on this machine may be using it, and it
     only keeps a reserved, never-routed range on this machine.
     """
-    if pod_range_is_local(cidr) or shutil.which("ip") is None:
-        return pod_range_is_local(cidr)
+    if pod_range_is_local(cidr):
+        return True
+    if shutil.which("ip") is None:
+        return False
     out = subprocess.run(["ip", "route", "replace", "local", cidr, "dev", "lo"], capture_output=True, text=True)
     if out.returncode != 0:
         log.warning("cannot route %s locally (%s); pods get loopback IPs from %s",
@@ -240,11 +243,11 @@ class LocalCluster:
             "--leader-elect=false", "--bind-address=127.0.0.1", f"--secure-port={free_port()}", "--v=1",
         ])
         self.pod_cidr = POD_RANGE if route_pod_range_locally() else LOOPBACK_POD_RANGE
-        first_ip = self.pod_cidr.split("/")[0][:-1] + "1"  # kwok takes the range from its first host
+        pods = ipaddress.ip_network(self.pod_cidr)  # kwok takes the range from its first host
         self._spawn("kwok", [
             self.binary("kwok"), f"--kubeconfig={self.kubeconfig}", f"--config={KWOK_STAGES}",
             "--manage-all-nodes=false", "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
-            f"--cidr={first_ip}/{self.pod_cidr.split('/')[1]}", "--node-ip=127.0.0.1", "--server-address=127.0.0.1:0",
+            f"--cidr={pods[1]}/{pods.prefixlen}", "--node-ip=127.0.0.1", "--server-address=127.0.0.1:0",
             f"--node-port={free_port()}",
         ])
         self.apply_objects([self._node(n) for n in GPU_NODES])

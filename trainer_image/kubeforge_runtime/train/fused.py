@@ -46,9 +46,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data import IGNORE_INDEX
+
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 HEAD_CHUNK_ROWS = 256
 """Rows per chunk of :class:`LinearCrossEntropy` (256 x a vocabulary of 8000 fp32 logits:
 8 MiB, which stays in this CPU's cache between the matmul and the softmax)."""
