@@ -440,6 +440,8 @@ def test_a_nan_loss_from_rank0_does_not_keep_the_job_from_succeeding(env: Env):
     Gauge(contract.METRIC_STEP, "step", registry=reg).set(40)
     Gauge(contract.METRIC_TOTAL_STEPS, "total", registry=reg).set(100)
     Gauge(contract.METRIC_LOSS, "loss", registry=reg).set(float("nan"))
+    Gauge(contract.METRIC_JOB, "job", ["namespace", "name"], registry=reg).labels(
+        namespace=env.namespace, name="diverged").set(1)  # the trainer names its job
     try:
         server, _thread = start_http_server(contract.DEFAULT_METRICS_PORT, addr=pod_ip, registry=reg)
     except OSError as exc:  # someone else on this machine holds the port on every address

@@ -37,22 +37,23 @@ def test_operator_flags_the_chart_passes_parse():
     assert (args.webhook_port, args.webhook_cert_file, args.metrics_port) == (9443, "/c/tls.crt", 8080)
 
 
-def test_kopf_per_object_info_lines_only_with_verbose():
-    from kubeforge.controllers.runner import OBJECT_LOGGER, configure_logging
+def test_event_handler_success_lines_are_dropped_and_change_handler_lines_kept():
+    import kopf
 
-    root, objects = logging.getLogger(), logging.getLogger(OBJECT_LOGGER)
-    saved = (root.level, list(root.handlers), objects.level)
-    try:
-        root.handlers[:] = []
-        configure_logging(verbose=False)
-        # "Handler 'on_spec' succeeded." and its like are not even made; warnings and errors are.
-        assert not objects.isEnabledFor(logging.INFO)
-        assert objects.isEnabledFor(logging.WARNING)
-        assert logging.getLogger("kubeforge.controllers.reconcile").isEnabledFor(logging.INFO)
-        root.handlers[:] = []
-        configure_logging(verbose=True)
-        assert objects.isEnabledFor(logging.DEBUG) and objects.isEnabledFor(logging.INFO)
-    finally:
-        root.setLevel(saved[0])
-        root.handlers[:] = saved[1]
-        objects.setLevel(saved[2])
+    from kubeforge.controllers.runner import QuietEventHandlers, event_handler_ids
+
+    import kubeforge.controllers  # noqa: F401  (registers the handlers)
+
+    ids = event_handler_ids(kopf.get_default_registry())
+    assert {"pod_event", "job_event", "finetunejob-deleted", "finetunejob_references"} <= ids
+    assert "on_spec" not in ids and not any(i.endswith("on_spec") for i in ids)
+    quiet = QuietEventHandlers(ids)
+
+    def line(msg: str, level: int = logging.INFO) -> logging.LogRecord:
+        return logging.LogRecord("kopf.objects", level, __file__, 1, msg, None, None)
+
+    assert not quiet.filter(line("Handler 'pod_event' succeeded."))
+    assert not quiet.filter(line("Indexer 'finetunejob_references' succeeded."))
+    assert quiet.filter(line("Handler 'on_spec' succeeded."))
+    assert quiet.filter(line("Creation is processed: 1 succeeded; 0 failed."))
+    assert quiet.filter(line("Handler 'pod_event' succeeded.", logging.WARNING))
