@@ -402,6 +402,9 @@ def test_progress_is_read_from_the_rank0_metrics_endpoint_and_survives_its_loss(
                         (contract.METRIC_LOSS, 2.5), (contract.METRIC_TOKENS_PER_SECOND, 4096),
                         (contract.METRIC_LAST_CHECKPOINT_STEP, 30)):
         g[name].set(value)
+    # The trainer names its job (from the env the operator sets); the operator reads no other endpoint.
+    Gauge(contract.METRIC_JOB, "job", ["namespace", "name"], registry=reg).labels(
+        namespace=env.namespace, name="progress").set(1)
     try:
         server, _thread = start_http_server(contract.DEFAULT_METRICS_PORT, addr=pod_ip, registry=reg)
     except OSError as exc:  # someone else on this machine holds the port on every address
@@ -437,6 +440,8 @@ def test_a_nan_loss_from_rank0_does_not_keep_the_job_from_succeeding(env: Env):
     Gauge(contract.METRIC_STEP, "step", registry=reg).set(40)
     Gauge(contract.METRIC_TOTAL_STEPS, "total", registry=reg).set(100)
     Gauge(contract.METRIC_LOSS, "loss", registry=reg).set(float("nan"))
+    Gauge(contract.METRIC_JOB, "job", ["namespace", "name"], registry=reg).labels(
+        namespace=env.namespace, name="diverged").set(1)  # the trainer names its job
     try:
         server, _thread = start_http_server(contract.DEFAULT_METRICS_PORT, addr=pod_ip, registry=reg)
     except OSError as exc:  # someone else on this machine holds the port on every address

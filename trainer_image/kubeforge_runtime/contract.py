@@ -168,6 +168,11 @@ METRIC_GRAD_NORM = "kubeforge_train_grad_norm"
 METRIC_LAST_CHECKPOINT_STEP = "kubeforge_train_last_checkpoint_step"
 METRIC_TASK_METRIC = "kubeforge_train_task_metric"
 """The held-out task metric (FineTuneJob spec.evaluation), label ``stage`` = before | after."""
+METRIC_JOB = "kubeforge_train_job"
+"""Always 1, labels ``namespace`` and ``name``: the job this trainer works for (from
+:data:`ENV_NAMESPACE` and :data:`ENV_JOB_NAME`, which the operator sets). The operator takes
+progress only from an endpoint that names the very job it scrapes for: another process that
+answers on the pod's IP and port (a local trainer serving every address) is ignored."""
 
 # --- progress: structured log lines -----------------------------------------------------
 LOG_EVENT_PREFIX = "KUBEFORGE_EVENT "

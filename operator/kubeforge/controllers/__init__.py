@@ -11,4 +11,4 @@ Importing this package registers the handlers with kopf's default registry; noth
 in ``kubeforge`` imports it (the SDK, the CLI's offline commands and ``manifests`` do not).
 """
 
-from . import finetune, inference, quantize, settings  # noqa: F401  (registers handlers)
+from . import finetune, inference, quantize, session, settings  # noqa: F401  (registers handlers)

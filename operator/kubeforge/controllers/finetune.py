@@ -341,7 +341,8 @@ def _scrape_one(key: tuple[str, str], tracked: _Tracked) -> dict[str, Any] | Non
         ips.insert(0, last)
     for ip in ips[:SCRAPE_CANDIDATES]:
         # SCRAPE_TIMEOUT bounds each whole request (not each read): a slow pod cannot stall the round.
-        samples = scrape.fetch(f"http://{ip}:{contract.DEFAULT_METRICS_PORT}/metrics", timeout=SCRAPE_TIMEOUT)
+        # Only an endpoint that names this very job: whatever else answers on that IP and port is not it.
+        samples = scrape.fetch(f"http://{ip}:{contract.DEFAULT_METRICS_PORT}/metrics", timeout=SCRAPE_TIMEOUT, job=key)
         if samples is None:
             continue
         progress = finetune_status.progress_from_metrics(samples, tracked.spec)

@@ -69,7 +69,7 @@ from ..api import policy
 from ..api.size import size_problem
 from ..builders.common import MANAGED_BY, owner_label
 from . import metrics, peering
-from .conditions import Outcome, child_conflict, reject
+from .conditions import TERMINAL_PHASES, Outcome, child_conflict, reject
 from .events import post_later as post_events_later
 from .settings import workload_policy
 from .watched import NeedFresh, WatchCache
@@ -721,9 +721,11 @@ class Reconciler(Generic[S]):
             if self.cache is not None and isinstance(answer, dict) and answer.get("metadata"):
                 with self._guard:
                     self._written[(meta["namespace"], meta["name"])] = answer
-            if outcome.status.get("phase") != prev.get("phase"):
-                log.info("%s %s/%s: phase %s -> %s", self.kind, meta["namespace"], meta["name"], prev.get("phase"),
-                         outcome.status.get("phase"))
+            phase = outcome.status.get("phase")
+            if phase != prev.get("phase"):
+                # Two or three per job on its way up: DEBUG (``-v``); how it ended: INFO.
+                log.log(logging.INFO if phase in TERMINAL_PHASES else logging.DEBUG, "%s %s/%s: phase %s -> %s",
+                        self.kind, meta["namespace"], meta["name"], prev.get("phase"), phase)
         post_events_later(obj, outcome.events)  # after the write; this sync does not wait for them
         return changed
 

@@ -123,6 +123,7 @@ def run_operator(namespaces: list[str] | None, *, liveness_port: int | None = No
 
     import kubeforge.controllers  # noqa: F401  (registers the handlers)
     from . import peering as peering_gate
+    from . import session
 
     if webhook is not None:
         from . import webhooks  # noqa: F401  (registers the admission handlers)
@@ -132,6 +133,7 @@ def run_operator(namespaces: list[str] | None, *, liveness_port: int | None = No
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     if not verbose:
         logging.getLogger("kopf.objects").addFilter(QuietEventHandlers(event_handler_ids(kopf.get_default_registry())))
+    session.configure(namespaces)  # kopf's connection pool, sized for the watch streams
 
     if metrics_port:
         # Prometheus exposition of the default registry: process metrics plus whatever the

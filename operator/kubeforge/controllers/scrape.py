@@ -14,7 +14,11 @@ What a pod serves is not trusted, since anyone who can run a pod can serve anyth
   the operator at another address inside the cluster (a blind SSRF from the operator's
   network position);
 * at most ``MAX_BYTES`` read; only **finite** values kept (NaN and ±Inf are dropped: the API
-  server refuses them in a status, and a job whose status cannot be written never finishes).
+  server refuses them in a status, and a job whose status cannot be written never finishes);
+* with ``job``, only an endpoint that **names that job** is read (``contract.METRIC_JOB``,
+  labels ``namespace`` and ``name``, from the environment the operator sets on the workers):
+  whatever else answers on a pod's IP and port (another job's trainer after an IP is reused, a
+  process on the node serving every address) is not taken for that job's progress.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import urllib.parse
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from kubeforge_runtime import contract
+
 DEFAULT_TIMEOUT = 1.0
 MAX_BYTES = 1 << 20
 _CHUNK = 16 << 10
@@ -36,16 +42,20 @@ class _Deadline(Exception):
     """The scrape's total time is up."""
 
 
-def parse(text: str, prefix: str = "kubeforge_") -> dict[str, float]:
-    """Unlabelled, finite samples whose name starts with ``prefix``: ``{name: value}``."""
+def parse(text: str, prefix: str = "kubeforge_", job: tuple[str, str] | None = None) -> dict[str, float] | None:
+    """Unlabelled, finite samples whose name starts with ``prefix``: ``{name: value}``; with
+    ``job`` (namespace, name), None unless ``text`` names that job (``contract.METRIC_JOB`` 1)."""
     out: dict[str, float] = {}
+    named = False
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name.startswith(prefix) and not sample.labels:
+            if job is not None and sample.name == contract.METRIC_JOB and sample.value == 1:
+                named = named or (sample.labels.get("namespace"), sample.labels.get("name")) == job
+            elif sample.name.startswith(prefix) and not sample.labels:
                 value = float(sample.value)
                 if math.isfinite(value):
                     out[sample.name] = value
-    return out
+    return out if job is None or named else None
 
 
 def _read_body(url: str, deadline: float) -> bytes | None:
@@ -84,12 +94,13 @@ def _read_body(url: str, deadline: float) -> bytes | None:
         conn.close()
 
 
-def fetch(url: str, timeout: float = DEFAULT_TIMEOUT) -> dict[str, float] | None:
+def fetch(url: str, timeout: float = DEFAULT_TIMEOUT, job: tuple[str, str] | None = None) -> dict[str, float] | None:
     """The samples at ``url`` (``http://ip:port/metrics``) read within ``timeout`` seconds in
-    all, or None when unreachable, redirected, too slow or unreadable."""
+    all, or None when unreachable, redirected, too slow, unreadable or (``job``: its namespace
+    and name) not that job's."""
     try:
         body = _read_body(url, time.monotonic() + timeout)
-        return None if body is None else parse(body.decode("utf-8", "replace"))
+        return None if body is None else parse(body.decode("utf-8", "replace"), job=job)
     except (_Deadline, OSError, socket.timeout, http.client.HTTPException, ValueError):
         # No log line here: it would repeat every poll for every job; the caller logs changes.
         return None

@@ -126,10 +126,10 @@ def test_a_bad_pod_does_not_stop_the_round_for_the_other_jobs(monkeypatch):
     scheduled: list[tuple[str, str]] = []
     monkeypatch.setattr(finetune.reconciler, "schedule", lambda ns, name, **hints: scheduled.append((ns, name)))
     bad, good = ("ns-scrape", "bad"), ("ns-scrape", "good")
-    with serve(text(f"{STEP} 7\n{LOSS} 1.25\n"), host="127.0.0.3") as (good_url, _):
+    with serve(text(f"{named(good)}{STEP} 7\n{LOSS} 1.25\n"), host="127.0.0.3") as (good_url, _):
         port = int(good_url.rsplit(":", 1)[1])
         monkeypatch.setattr(contract, "DEFAULT_METRICS_PORT", port)
-        with serve(text(f"{STEP} NaN\n{LOSS} NaN\n"), host="127.0.0.2", port=port):
+        with serve(text(f"{named(bad)}{STEP} NaN\n{LOSS} NaN\n"), host="127.0.0.2", port=port):
             try:
                 with finetune._tracked_lock:  # the bad one first: its failure would end the round
                     finetune._tracked[bad] = finetune._Tracked("Running", ["127.0.0.2"], SPEC, None)
@@ -157,3 +157,49 @@ def test_a_bad_pod_does_not_stop_the_round_for_the_other_jobs(monkeypatch):
     assert bad not in progress
     assert progress[good] == {"step": 8, "loss": 1.25}
     assert scheduled == [good, good]
+
+
+def named(job: tuple[str, str]) -> str:
+    """The line by which a trainer names its job (``contract.METRIC_JOB``)."""
+    return f'{contract.METRIC_JOB}{{namespace="{job[0]}",name="{job[1]}"}} 1\n'
+
+
+def test_progress_is_read_only_from_an_endpoint_that_names_the_job(monkeypatch):
+    """Whatever answers on rank 0's IP and port is not the job's trainer unless it says so: a
+    process serving every address on this machine (a local trainer's metrics server) answered
+    for every benchmark pod's IP and its progress was taken for theirs (README, Operator at scale)."""
+    scheduled: list[tuple[str, str]] = []
+    monkeypatch.setattr(finetune.reconciler, "schedule", lambda ns, name, **hints: scheduled.append((ns, name)))
+    job = ("ns-named", "mine")
+    answers = {"body": f"{STEP} 7\n"}
+    with serve(lambda h: text(answers["body"])(h), host="127.0.0.4") as (url, served):
+        monkeypatch.setattr(contract, "DEFAULT_METRICS_PORT", int(url.rsplit(":", 1)[1]))
+        try:
+            with finetune._tracked_lock:
+                finetune._tracked[job] = finetune._Tracked("Running", ["127.0.0.4"], SPEC, None)
+            poller = finetune.Poller(60)
+            try:
+                seen = []
+                for body in (f"{STEP} 7\n",  # names no job
+                             f"{named(('ns-named', 'other'))}{STEP} 8\n",  # another job of the namespace
+                             f"{named(('other-ns', 'mine'))}{STEP} 9\n",  # the name in another namespace
+                             f'{contract.METRIC_JOB}{{namespace="ns-named",name="mine"}} 0\n{STEP} 10\n',
+                             f"{named(('ns-named', 'other'))}{named(job)}{STEP} 11\n"):  # this job (among others)
+                    answers["body"] = body
+                    poller.tick()
+                    with finetune._tracked_lock:
+                        seen.append((finetune._progress.get(job) or {}).get("step"))
+            finally:
+                poller.stop()
+        finally:
+            finetune._forget(*job)
+    assert served.hits == 5
+    assert seen == [None, None, None, None, 11]
+    assert scheduled == [job]
+
+
+def test_parse_without_a_job_reads_any_endpoint_as_before():
+    body = f"{named(('a', 'b'))}{STEP} 3\n"
+    assert scrape.parse(body) == {STEP: 3.0}
+    assert scrape.parse(body, job=("a", "b")) == {STEP: 3.0}
+    assert scrape.parse(body, job=("a", "c")) is None

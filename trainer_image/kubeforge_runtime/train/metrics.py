@@ -92,6 +92,10 @@ class Reporter:
         self.last_checkpoint = g(contract.METRIC_LAST_CHECKPOINT_STEP, "Step of the last completed checkpoint")
         self.task_metric = Gauge(contract.METRIC_TASK_METRIC, "Held-out task metric (0-1) of the base model "
                                  "(stage=before) and of the output (stage=after)", ["stage"], registry=self.registry)
+        namespace, job = os.environ.get(contract.ENV_NAMESPACE), os.environ.get(contract.ENV_JOB_NAME)
+        if namespace and job:  # who this endpoint speaks for: the operator checks it before reading progress
+            Gauge(contract.METRIC_JOB, "The job this trainer works for (always 1)", ["namespace", "name"],
+                  registry=self.registry).labels(namespace=namespace, name=job).set(1)
         if port is None:
             port = int(os.environ.get(contract.ENV_METRICS_PORT, contract.DEFAULT_METRICS_PORT))
         try:

@@ -165,6 +165,28 @@ def test_prometheus_endpoint_exports_the_contract_metrics() -> None:
     Reporter(enabled=False).update(step=1)  # other ranks: a no-op
 
 
+def test_prometheus_endpoint_names_the_job_from_the_operators_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from kubeforge_runtime.train.metrics import Reporter
+
+    def served() -> list[tuple[str, dict[str, str], float]]:
+        rep = Reporter(enabled=True, port=0)
+        try:
+            body = urllib.request.urlopen(f"http://127.0.0.1:{rep.port}/metrics", timeout=10).read().decode()
+        finally:
+            rep.close()
+        return [(s.name, s.labels, s.value) for f in text_string_to_metric_families(body) for s in f.samples
+                if s.name == contract.METRIC_JOB]
+
+    monkeypatch.delenv(contract.ENV_NAMESPACE, raising=False)
+    monkeypatch.delenv(contract.ENV_JOB_NAME, raising=False)
+    assert served() == []  # outside a FineTuneJob's pod: no identity to claim
+    monkeypatch.setenv(contract.ENV_NAMESPACE, "ml")
+    monkeypatch.setenv(contract.ENV_JOB_NAME, "ft")
+    assert served() == [(contract.METRIC_JOB, {"namespace": "ml", "name": "ft"}, 1.0)]
+
+
 def test_events_are_prefixed_json_lines(capsys: pytest.CaptureFixture[str]) -> None:
     from kubeforge_runtime.train.metrics import emit_event
 
