@@ -26,6 +26,8 @@ Also on the eager plan, ``lm_head`` projects only the rows that predict a token 
 would project every prompt token of a prefill and keep the last): :func:`logits_for_new_tokens_only`;
 on CPU a one-row step (one request decoding) projects with a ``[hidden, vocab]`` copy of the
 weight, which measured about twice as fast for one row (:mod:`.lm_head`).
+And q/k/v and gate/up run as one matmul each per layer, RMSNorm as one call (:mod:`.fused`),
+as vLLM merges them; LoRA-wrapped and quantized projections keep their own.
 
 Sizing on CPU matters: left to itself the manager would size the cache from 90 % of free
 *system* memory. We always pass ``num_blocks`` (enough for ``maxConcurrentRequests``
@@ -52,7 +54,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import attention, lm_head, sampling
+from . import attention, fused, lm_head, sampling
 from .engine import EngineEvent, EngineRequest, EventSink
 
 if TYPE_CHECKING:
@@ -121,6 +123,7 @@ class ContinuousEngine:
         # Eager plan with sdpa: each request attends to its own keys only (serve/attention.py);
         # must happen before warmup() builds the batch processor (which then builds no masks).
         self.per_request_attention = self._eager_plan and attention.install(self._manager)
+        self.merged: dict[str, int] = {}  # what serve/fused.py merged (eager plan), by kind
         self._sinks: dict[str, EventSink] = {}
         self._lock = threading.Lock()
         self._prefix_queries = 0  # prompt tokens looked up in the prefix cache
@@ -137,6 +140,8 @@ class ContinuousEngine:
             logits_for_new_tokens_only(self._manager.batch_processor, self._model)
             if self._model.device.type == "cpu":
                 lm_head.install(self._model)  # one-row steps: the projection's [hidden, vocab] copy
+            # One matmul for q/k/v and one for gate/up per layer, RMSNorm in one call (serve/fused.py).
+            self.merged = {**fused.install(self._model), "rms_norm": fused.install_rms_norm(self._model)}
         cache = self._manager.batch_processor.cache
         self._count_prefix_lookups(cache)  # the manager keeps this cache object across start()
         if self.per_request_attention:
@@ -144,13 +149,14 @@ class ContinuousEngine:
         self._manager.start()
         log.info(
             "continuous engine: paged KV cache of %d blocks x %d tokens (%.1f MiB), max %d batch tokens, "
-            "%d requests per batch, attention %s, %s",
+            "%d requests per batch, attention %s, merged %s, %s",
             cache.num_blocks,
             self._config.kv_block_size,
             cache.cache_tensor.nbytes / 2**20,
             cache.max_batch_tokens,
             self._config.max_concurrent_requests,
             self._model.config._attn_implementation,
+            self.merged or "none",
             self.plan.describe(),
         )
 
