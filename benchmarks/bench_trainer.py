@@ -6,7 +6,8 @@ What it runs (each in its own process, one after the other, on the same CPU):
    same packed samples, the same batch (global 8, micro 4, accumulation 2), AdamW;
 2. ``kf``   - ``python -m kubeforge_runtime.train`` as one process (the same config);
    ``kf-compiled`` - the same with ``training.compile: on``, ``kf-fused`` - the same with
-   ``training.fused: on``, ``kf-unmerged`` - the same with ``training.mergedProjections: off``
+   ``training.fused: on``, ``kf-merged`` / ``kf-unmerged`` - the same with
+   ``training.mergedProjections: on`` / ``off``
    (each only when named in ``--runs``);
 3. ``kf-dp2`` - the same under ``torchrun --nproc-per-node=2`` (FSDP2 over gloo);
 4. ``kf-zero2``, ``kf-zero3`` - the same DP=2 with ``strategy: deepspeed-zero2`` / ``-zero3``
@@ -249,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep: the HF worker gets our one-process glibc setting (train/allocator.py)")
     parser.add_argument("--runs", default="hf,kf,kf-dp2,kf-zero2,kf-zero3",
                         help="comma-separated subset (hf and kf needed); kf-compiled adds a compiled one-process run, "
-                             "kf-fused one with training.fused: on, kf-unmerged one with "
-                             "training.mergedProjections: off")
+                             "kf-fused one with training.fused: on, kf-merged / kf-unmerged one with "
+                             "training.mergedProjections: on / off")
     parser.add_argument("--hf-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.hf_worker:
@@ -269,8 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         # One config (and output/checkpoint directory) per run: a shared one would make the
         # second run resume from the first run's final checkpoint and train nothing.
         wanted = set(args.runs.split(","))
-        runs = {"hf": "fsdp", "kf": "fsdp", "kf-fused": "fsdp", "kf-unmerged": "fsdp", "kf-compiled": "fsdp",
-                "kf-dp2": "fsdp"}
+        runs = {"hf": "fsdp", "kf": "fsdp", "kf-fused": "fsdp", "kf-merged": "fsdp", "kf-unmerged": "fsdp",
+                "kf-compiled": "fsdp", "kf-dp2": "fsdp"}
         try:
             import deepspeed  # noqa: F401
 
@@ -283,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             configs[name] = root / f"{name}.json"
             cfg = _config(model, root / name, steps, seq_len, strategy, args.compile or name == "kf-compiled",
                           args.hf_compile, fused="on" if name == "kf-fused" else "auto",
-                          merged="off" if name == "kf-unmerged" else "auto")
+                          merged={"kf-merged": "on", "kf-unmerged": "off"}.get(name, "auto"))
             if name == "hf":
                 cfg["hfAllocator"] = args.hf_allocator  # read by hf_worker only
             else:

@@ -275,7 +275,8 @@ class TrainingSpec(KFModel):
         default="auto",
         description="One matrix multiply for q/k/v and one for gate/up per decoder layer (same parameters, "
                     "names and checkpoints; where weights are whole plain tensors: not under tensor parallelism, "
-                    "ZeRO-3, LoRA or compiled blocks): on, off, or auto (on unless compiled).",
+                    "ZeRO-3, LoRA or compiled blocks): on, off, or auto (off for now: a whole training step "
+                    "was not measured faster with it).",
     )
     attention: Literal["auto", "sdpa", "flex_attention", "flash_attention_2", "eager"] = Field(
         default="auto",

@@ -39,10 +39,11 @@ log = logging.getLogger(__name__)
 
 
 def resolve(requested: str, *, compiled: bool) -> bool:
-    """Whether to merge for ``training.mergedProjections`` (``on``/``off``/``auto``; ``auto``
-    is on: see the README's "Training throughput"). Never with compiled blocks (not measured
-    there; Inductor plans its own GEMMs)."""
-    return not compiled and requested in ("on", "auto")
+    """Whether to merge for ``training.mergedProjections``: ``on`` merges, ``off`` does not,
+    ``auto`` is off for now (the trainer benchmark's whole CPU step was level with it, README
+    "Training throughput"). Never with compiled blocks (not measured there; Inductor plans
+    its own GEMMs)."""
+    return not compiled and requested == "on"
 
 
 def mergeable(linears: tuple[nn.Module, ...]) -> bool:

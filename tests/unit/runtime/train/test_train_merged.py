@@ -137,6 +137,7 @@ def test_mergeable_refuses_what_must_take_the_stock_path(tiny_model: Path) -> No
 
 
 def test_resolve() -> None:
-    assert merged.resolve("auto", compiled=False) and merged.resolve("on", compiled=False)
-    assert not merged.resolve("off", compiled=False)
+    # auto: off until a whole step is measured faster (the benchmark's CPU step was level).
+    assert merged.resolve("on", compiled=False)
+    assert not merged.resolve("auto", compiled=False) and not merged.resolve("off", compiled=False)
     assert not merged.resolve("auto", compiled=True) and not merged.resolve("on", compiled=True)
