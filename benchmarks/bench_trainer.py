@@ -6,7 +6,9 @@ What it runs (each in its own process, one after the other, on the same CPU):
    same packed samples, the same batch (global 8, micro 4, accumulation 2), AdamW;
 2. ``kf``   - ``python -m kubeforge_runtime.train`` as one process (the same config);
    ``kf-compiled`` - the same with ``training.compile: on``, ``kf-fused`` - the same with
-   ``training.fused: on`` (each only when named in ``--runs``);
+   ``training.fused: on``, ``kf-merged`` / ``kf-unmerged`` - the same with
+   ``training.mergedProjections: on`` / ``off``
+   (each only when named in ``--runs``);
 3. ``kf-dp2`` - the same under ``torchrun --nproc-per-node=2`` (FSDP2 over gloo);
 4. ``kf-zero2``, ``kf-zero3`` - the same DP=2 with ``strategy: deepspeed-zero2`` / ``-zero3``
    (skipped when deepspeed is not installed), compared with the FSDP2 DP=2 run.
@@ -22,8 +24,14 @@ How a run is timed (the same window on both sides): the wall-clock interval from
 one optimizer step to the end of the next (the HF Trainer's ``on_step_end`` callback, our
 trainer's ``step`` event), so data fetch, collation, logging and callbacks count on both
 sides. The first ``WARMUP_STEPS`` steps are left out (first-call allocations, lazy
-initialisation); a run's figure is the tokens of the remaining steps over their summed
-intervals. Each side's own narrower window (HF: ``on_step_begin`` to ``on_step_end``, which
+initialisation); a run's figure is the tokens of one step over the median of the remaining
+steps' intervals (since 2026-12-02 13:30 UTC; before: over their mean, still printed as
+``mean``): one step slowed by another process's burst no longer moves it. Per run the
+log also shows the interval spread (slowest / median timed step), the load average at its
+start and end and the involuntary context switches per step of the run's processes
+(``getrusage``: how often the scheduler took a core away from them - the measure of
+contention from other processes, which 2 OpenMP threads that wait on each other feel
+twice). Each side's own narrower window (HF: ``on_step_begin`` to ``on_step_end``, which
 leaves out its prefetch of the step's micro-batches; ours: the step's compute and optimizer
 step) is printed beside it for diagnosis.
 
@@ -47,6 +55,7 @@ import argparse
 import json
 import logging
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -72,7 +81,7 @@ def _env(threads: int) -> dict[str, str]:
 
 
 def _config(model: Path, out: Path, steps: int, seq_len: int, strategy: str = "fsdp", compile_: bool = False,
-            hf_compile: bool = False, fused: str = "auto") -> dict:
+            hf_compile: bool = False, fused: str = "auto", merged: str = "auto") -> dict:
     return {
         "kind": "FineTuneJob", "name": "bench", "namespace": "default",
         "model": {"uri": f"file://{model}"},
@@ -81,7 +90,7 @@ def _config(model: Path, out: Path, steps: int, seq_len: int, strategy: str = "f
         "method": "full",
         "parallelism": {"strategy": strategy},
         "training": {"maxSteps": steps, "globalBatchSize": 8, "microBatchSize": 4, "learningRate": 1e-4, "seed": 0,
-                     "compile": "on" if compile_ else "off", "fused": fused},
+                     "compile": "on" if compile_ else "off", "fused": fused, "mergedProjections": merged},
         "hfCompile": hf_compile,  # read by hf_worker only (the HF run's config is never given to our trainer)
         "checkpoint": {"intervalSteps": 0, "keepLast": 1},
         "output": {"uri": f"file://{out}", "format": "merged"},
@@ -94,24 +103,47 @@ WARMUP_STEPS = 2
 
 @dataclass
 class RunTiming:
-    """One run's figures: ``window`` = tokens/s from step end to step end after the warm-up
-    (the same window on both sides), ``own`` = the median of the side's own per-step
-    tokens/s after the warm-up, ``intervals`` = every step-end-to-step-end interval (s)."""
+    """One run's figures: ``window`` = tokens of a step over the median step-end-to-step-end
+    interval after the warm-up (the same window on both sides), ``mean`` = the same over
+    the mean interval, ``own`` = the median of the side's own per-step tokens/s after the
+    warm-up, ``intervals`` = every step-end-to-step-end interval (s), ``spread`` = the
+    slowest timed interval over the median one; ``load`` (1-minute load average at the
+    run's start and end) and ``switches`` (involuntary context switches per step) are
+    filled in by :func:`_measured`."""
 
     window: float
+    mean: float
     own: float
     intervals: list[float]
+    spread: float
+    load: tuple[float, float] = (0.0, 0.0)
+    switches: float = 0.0
 
 
 def _timing(ends: list[float], own_rates: list[float], tokens_per_step: int) -> RunTiming:
     """A run's :class:`RunTiming` from its step-end times (s, one per optimizer step) and its own per-step rates."""
-    if len(ends) <= WARMUP_STEPS:
-        raise ValueError(f"{len(ends)} steps timed: need more than the {WARMUP_STEPS} warm-up steps (raise --steps)")
+    if len(ends) <= WARMUP_STEPS + 1:
+        raise ValueError(f"{len(ends)} steps timed: need more than the {WARMUP_STEPS} warm-up steps and one "
+                         "(raise --steps)")
     timed = len(ends) - WARMUP_STEPS
     span = ends[-1] - ends[WARMUP_STEPS - 1]
     intervals = [b - a for a, b in zip(ends, ends[1:])]
-    return RunTiming(window=tokens_per_step * timed / span, own=statistics.median(own_rates[WARMUP_STEPS:]),
-                     intervals=[round(v, 3) for v in intervals])
+    measured = intervals[WARMUP_STEPS - 1:]  # the intervals that end at a timed step
+    median = statistics.median(measured)
+    return RunTiming(window=tokens_per_step / median, mean=tokens_per_step * timed / span,
+                     own=statistics.median(own_rates[WARMUP_STEPS:]), intervals=[round(v, 3) for v in intervals],
+                     spread=max(measured) / median)
+
+
+def _measured(run, *args) -> RunTiming:  # noqa: ANN001
+    """``run(*args)`` with the load average at its start and end and its processes'
+    involuntary context switches per optimizer step (children's ``getrusage``)."""
+    load0 = os.getloadavg()[0]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_nivcsw
+    t = run(*args)
+    t.switches = (resource.getrusage(resource.RUSAGE_CHILDREN).ru_nivcsw - before) / (len(t.intervals) + 1)
+    t.load = (load0, os.getloadavg()[0])
+    return t
 
 
 def run_kubeforge(config: Path, nproc: int, threads: int) -> RunTiming:
@@ -201,6 +233,7 @@ def _summary(timings: list[RunTiming]) -> dict[str, float]:
     """Median, min and max of a side's runs (common window), and the median of its own window."""
     rates = [t.window for t in timings]
     return {"median": statistics.median(rates), "min": min(rates), "max": max(rates),
+            "meanWindowMedian": statistics.median(t.mean for t in timings),
             "ownMedian": statistics.median(t.own for t in timings)}
 
 
@@ -217,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep: the HF worker gets our one-process glibc setting (train/allocator.py)")
     parser.add_argument("--runs", default="hf,kf,kf-dp2,kf-zero2,kf-zero3",
                         help="comma-separated subset (hf and kf needed); kf-compiled adds a compiled one-process run, "
-                             "kf-fused one with training.fused: on")
+                             "kf-fused one with training.fused: on, kf-merged / kf-unmerged one with "
+                             "training.mergedProjections: on / off")
     parser.add_argument("--hf-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.hf_worker:
@@ -236,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         # One config (and output/checkpoint directory) per run: a shared one would make the
         # second run resume from the first run's final checkpoint and train nothing.
         wanted = set(args.runs.split(","))
-        runs = {"hf": "fsdp", "kf": "fsdp", "kf-fused": "fsdp", "kf-compiled": "fsdp", "kf-dp2": "fsdp"}
+        runs = {"hf": "fsdp", "kf": "fsdp", "kf-fused": "fsdp", "kf-merged": "fsdp", "kf-unmerged": "fsdp",
+                "kf-compiled": "fsdp", "kf-dp2": "fsdp"}
         try:
             import deepspeed  # noqa: F401
 
@@ -248,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, strategy in runs.items():
             configs[name] = root / f"{name}.json"
             cfg = _config(model, root / name, steps, seq_len, strategy, args.compile or name == "kf-compiled",
-                          args.hf_compile, fused="on" if name == "kf-fused" else "auto")
+                          args.hf_compile, fused="on" if name == "kf-fused" else "auto",
+                          merged={"kf-merged": "on", "kf-unmerged": "off"}.get(name, "auto"))
             if name == "hf":
                 cfg["hfAllocator"] = args.hf_allocator  # read by hf_worker only
             else:
@@ -265,17 +301,18 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(root / name, ignore_errors=True)
             for name in configs:
                 if name == "hf":
-                    t = run_hf(configs[name], args.threads)
+                    t = _measured(run_hf, configs[name], args.threads)
                 else:
-                    t = run_kubeforge(configs[name], 2 if name in ("kf-dp2", "kf-zero2", "kf-zero3") else 1,
-                                      args.threads)
+                    t = _measured(run_kubeforge, configs[name],
+                                  2 if name in ("kf-dp2", "kf-zero2", "kf-zero3") else 1, args.threads)
                 timings[name].append(t)
-                log.info("repeat %d %-11s %8.1f tokens/s (own window %8.1f); step intervals %s", rep + 1, name,
-                         t.window, t.own, t.intervals)
+                log.info("repeat %d %-11s %8.1f tokens/s (mean %8.1f, own window %8.1f); slowest/median step %.2f; "
+                         "load %.2f -> %.2f; %.0f involuntary context switches per step (whole run, start-up included); step intervals %s",
+                         rep + 1, name, t.window, t.mean, t.own, t.spread, *t.load, t.switches, t.intervals)
     summary = {name: _summary(ts) for name, ts in timings.items()}
     for name, sm in summary.items():
-        log.info("%-11s median %8.1f  min-max %8.1f-%8.1f tokens/s  (own window: median %8.1f)  over %d runs; "
-                 "/ HF: %.3fx of the medians, %.3fx of the bests", name, sm["median"], sm["min"], sm["max"],
+        log.info("%-11s median %8.1f  min-max %8.1f-%8.1f tokens/s  (mean-interval figure: median %8.1f; own window: median %8.1f)  over %d runs; "
+                 "/ HF: %.3fx of the medians, %.3fx of the bests", name, sm["median"], sm["min"], sm["max"], sm["meanWindowMedian"],
                  sm["ownMedian"], args.repeat, sm["median"] / summary["hf"]["median"], sm["max"] / summary["hf"]["max"])
     hf, kf = summary["hf"], summary["kf"]
     log.info("KubeForge / HF Trainer: %.3fx of the medians, %.3fx of the bests (HF compiled: %s, KubeForge compiled: %s)",

@@ -131,7 +131,7 @@ FINETUNE = Kind(
         "training": {"epochs": 2, "maxSteps": 50, "globalBatchSize": 16, "microBatchSize": 2, "learningRate": 2e-4,
                      "warmupSteps": 5, "weightDecay": 0.01, "maxGradNorm": 0.5, "seed": 7, "precision": "bf16",
                      "gradientCheckpointing": True, "evalIntervalSteps": 10, "attention": "sdpa", "compile": "on",
-                     "fused": "off"},
+                     "fused": "off", "mergedProjections": "off"},
         "checkpoint": {"intervalSteps": 0, "keepLast": 3, "uri": "pvc://scratch/ckpt"},
         "output": {"uri": "pvc://models/out", "format": "adapter"},
         "evaluation": {"uri": "pvc://data/test.jsonl", "metric": "f1", "maxSamples": 50},

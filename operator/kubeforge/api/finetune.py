@@ -271,6 +271,13 @@ class TrainingSpec(KFModel):
                     "over memory; same math; fp32, not with compiled blocks, QLoRA or distillation): on, off, or "
                     "auto (off for now: a whole training step was not measured faster with it).",
     )
+    merged_projections: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="One matrix multiply for q/k/v and one for gate/up per decoder layer (same parameters, "
+                    "names and checkpoints; where weights are whole plain tensors: not under tensor parallelism, "
+                    "ZeRO-3, LoRA or compiled blocks): on, off, or auto (off for now: a whole training step "
+                    "was not measured faster with it).",
+    )
     attention: Literal["auto", "sdpa", "flex_attention", "flash_attention_2", "eager"] = Field(
         default="auto",
         description="Attention kernel. Packed records reach it as boundaries, not a dense mask, where it can: "

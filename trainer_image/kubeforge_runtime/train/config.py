@@ -213,6 +213,10 @@ class TrainingConfig(StrictConfig):
     fused: Literal["auto", "on", "off"] = "auto"
     """Fused RMSNorm, RoPE and lm_head + cross-entropy (``train/fused.py``, where they apply);
     ``auto``: off for now (not measured faster on a whole step); ``on`` holds fewer tensors."""
+    mergedProjections: Literal["auto", "on", "off"] = "auto"
+    """One GEMM for q/k/v and one for gate/up per decoder layer (``train/merged.py``, where the
+    weights are plain whole tensors; parameter names unchanged); ``auto``: off for now (not
+    measured faster on a whole step); never with compiled blocks."""
     attention: Literal["auto", "sdpa", "flex_attention", "flash_attention_2", "eager"] = "auto"
     """Attention kernel (``train/attention.py``): ``auto`` is flash_attention_2 (varlen) on CUDA
     with flash_attn installed, else flex_attention (block mask) on CUDA, else sdpa."""

@@ -57,6 +57,7 @@ from . import compiled as compiled_mod
 from . import checkpoint as ckpt
 from . import distill as distill_mod
 from . import fused as fused_mod
+from . import merged as merged_mod
 from . import metrics as metrics_mod
 from . import model as model_mod
 from . import output as output_mod
@@ -248,6 +249,10 @@ class Trainer:
                                        qlora=cfg.method == "qlora", distillation=cfg.distillation is not None)
         if self.fused:
             fused_mod.apply(self.lm)
+        # After the fused pieces (both swap the attention forward: the merged one keeps their RoPE).
+        self.merged = merged_mod.resolve(cfg.training.mergedProjections, compiled=self.compiled)
+        if self.merged:
+            merged_mod.apply(self.lm, rotary=fused_mod.apply_rotary if self.fused else None)
         stage = CausalLMStage(self.lm, self.is_first, self.is_last)
         # FSDP2 shards the meta model first, then each rank reads its shard (QLoRA: reads, then shards)
         late = self.strategy.shards_on_meta and cfg.method != "qlora"

@@ -32,7 +32,7 @@ FULL: dict[str, Any] = {
     "training": {"epochs": 1, "maxSteps": None, "globalBatchSize": 8, "microBatchSize": 1, "learningRate": 0.0001,
                  "warmupSteps": 0, "weightDecay": 0.0, "maxGradNorm": 1.0, "seed": 42, "precision": "fp32",
                  "gradientCheckpointing": False, "evalIntervalSteps": 0, "attention": "sdpa", "compile": "off",
-                 "fused": "on"},
+                 "fused": "on", "mergedProjections": "off"},
     "checkpoint": {"intervalSteps": 100, "keepLast": 2, "uri": None},
     "output": {"uri": "file:///out/model", "format": "adapter"},
     "evaluation": {"uri": "file:///data/test.jsonl", "metric": "exactMatch", "maxSamples": 200},
