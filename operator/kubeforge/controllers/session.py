@@ -46,20 +46,26 @@ def connection_limit(resources: int, namespaces: Iterable[str] | None) -> int:
     return (resources + EXTRA_STREAMS) * scopes + REQUEST_CONNECTIONS
 
 
-def watched_resources(registry: Any) -> int:
-    """How many resource selectors kopf's ``registry`` has handlers for (each is watched)."""
+def watched_resources(registry: Any) -> int | None:
+    """How many resource selectors kopf's ``registry`` has handlers for (each is watched), or
+    None when this kopf's registry is not laid out as expected (its private parts): then the
+    streams cannot be counted, and a pool too small for them would stall requests for ever."""
     selectors: set[Any] = set()
     for part in ("_watching", "_changing", "_indexing", "_spawning"):
-        selectors |= set(getattr(registry, part).get_all_selectors())
+        handlers = getattr(registry, part, None)
+        if handlers is None or not hasattr(handlers, "get_all_selectors"):
+            return None
+        selectors |= set(handlers.get_all_selectors())
     return len(selectors)
 
 
 @kopf.on.login()
 async def login(logger: Any, settings: kopf.OperatorSettings, **kwargs: Any) -> kopf.ConnectionInfo | kopf.AiohttpSession | None:
     info = kopf.login_via_client(logger=logger, settings=settings, **kwargs)
-    if info is None or _namespaces is None:
-        return info  # unconfigured: kopf's own session
-    limit = connection_limit(watched_resources(kopf.get_default_registry()), _namespaces)
+    resources = None if _namespaces is None else watched_resources(kopf.get_default_registry())
+    if info is None or resources is None:
+        return info  # unconfigured, or the streams cannot be counted: kopf's own (unbounded) session
+    limit = connection_limit(resources, _namespaces)
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=limit, ssl=info.as_ssl_context()),
         headers=info.as_http_headers(),

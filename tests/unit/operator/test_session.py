@@ -51,3 +51,16 @@ def test_login_bounds_the_pool_only_when_configured(monkeypatch):
     assert (out.server, out.default_namespace, out.priority) == (info.server, "ml", 3)
     expected = session.connection_limit(session.watched_resources(kopf.get_default_registry()), ["ml"])
     assert limits == [expected] and expected > session.REQUEST_CONNECTIONS
+
+
+def test_an_unknown_registry_layout_keeps_kopfs_unbounded_session(monkeypatch):
+    info = kopf.ConnectionInfo(server="https://127.0.0.1:1", insecure=True, token="t", scheme="Bearer")
+    monkeypatch.setattr(kopf, "login_via_client", lambda **_: info)
+    monkeypatch.setattr(kopf, "get_default_registry", lambda: object())  # no _watching etc.
+    assert session.watched_resources(object()) is None
+    session.configure(["ml"])
+    try:
+        out = asyncio.run(session.login(logger=logging.getLogger("test"), settings=kopf.OperatorSettings()))
+    finally:
+        monkeypatch.setattr(session, "_namespaces", None)
+    assert out is info
