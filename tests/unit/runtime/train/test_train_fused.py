@@ -15,12 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kubeforge_runtime import data as D
 from kubeforge_runtime import models
 from kubeforge_runtime.train import fused
 from kubeforge_runtime.train.parallelize import CausalLMStage, target_positions
 from kubeforge_runtime.train.trainer import TokenLoss
-from train_support import DATA
+from train_support import record_batch, training_copies
 
 
 def test_rms_norm_backward_is_the_derivative() -> None:
@@ -60,20 +59,8 @@ def test_linear_cross_entropy_is_the_summed_loss_and_its_derivative() -> None:
                                    F.cross_entropy(head(hf), y, ignore_index=-100, reduction="sum"))
 
 
-def _batch(tok, fmt: str, packing: bool, seq_len: int = 48, rows: int = 3) -> tuple[torch.Tensor, ...]:
-    recs = [r.data for r in D.load_records(DATA / ("text.jsonl" if fmt == "text" else "prompt_completion.jsonl"), fmt)]
-    pairs = [D.tokenize_record(tok, r, fmt) for r in recs[:12]]
-    x, y, pos = D.build_samples(pairs, seq_len, packing=packing, pad_id=tok.pad_token_id or 0)
-    return x[:rows], y[:rows], pos[:rows]
-
-
 def _stock_and_fused(tiny_model: Path) -> tuple[torch.nn.Module, torch.nn.Module]:
-    lms = []
-    for _ in range(2):
-        lm = models.load_causal_lm(tiny_model, dtype=torch.float32).train()
-        lm.config.use_cache = False
-        lm.set_attn_implementation("sdpa")
-        lms.append(lm)
+    lms = training_copies(tiny_model)
     keys = list(lms[1].state_dict())
     counts = fused.apply(lms[1])
     layers = lms[1].config.num_hidden_layers
@@ -85,7 +72,7 @@ def _stock_and_fused(tiny_model: Path) -> tuple[torch.nn.Module, torch.nn.Module
 @pytest.mark.parametrize("fmt, packing", [("text", True), ("prompt-completion", True), ("prompt-completion", False)])
 def test_fused_stage_gives_the_stock_loss_logits_and_gradients(fmt: str, packing: bool, tiny_model: Path) -> None:
     tok = models.load_tokenizer(str(tiny_model))
-    x, y, pos = _batch(tok, fmt, packing)
+    x, y, pos = record_batch(tok, fmt, packing)
     stock, fast = _stock_and_fused(tiny_model)
     at = target_positions(y, "cpu")
     ya = y.flatten().index_select(0, at)

@@ -16,28 +16,15 @@ import pytest
 import torch
 from torch import nn
 
-from kubeforge_runtime import data as D
 from kubeforge_runtime import models
 from kubeforge_runtime.train import fused, merged
 from kubeforge_runtime.train.parallelize import CausalLMStage, target_positions
 from kubeforge_runtime.train.trainer import TokenLoss
-from train_support import DATA
-
-
-def _batch(tok, fmt: str, packing: bool, seq_len: int = 48, rows: int = 3) -> tuple[torch.Tensor, ...]:
-    recs = [r.data for r in D.load_records(DATA / ("text.jsonl" if fmt == "text" else "prompt_completion.jsonl"), fmt)]
-    pairs = [D.tokenize_record(tok, r, fmt) for r in recs[:12]]
-    x, y, pos = D.build_samples(pairs, seq_len, packing=packing, pad_id=tok.pad_token_id or 0)
-    return x[:rows], y[:rows], pos[:rows]
+from train_support import record_batch, training_copies
 
 
 def _pair(tiny_model: Path, bias: bool = False) -> tuple[nn.Module, nn.Module]:
-    lms = []
-    for _ in range(2):
-        lm = models.load_causal_lm(tiny_model, dtype=torch.float32).train()
-        lm.config.use_cache = False
-        lm.set_attn_implementation("sdpa")
-        lms.append(lm)
+    lms = training_copies(tiny_model)
     if bias:  # the same random biases on both copies' q/k/v and gate/up
         gen = torch.Generator().manual_seed(1)
         for a, b in zip(lms[0].modules(), lms[1].modules()):
@@ -62,7 +49,7 @@ def _loss(lm: nn.Module, x: torch.Tensor, y: torch.Tensor, pos: torch.Tensor) ->
 def test_merged_model_gives_the_unmerged_loss_and_gradients(fmt: str, packing: bool, with_fused: bool, bias: bool,
                                                              tiny_model: Path) -> None:
     tok = models.load_tokenizer(str(tiny_model))
-    x, y, pos = _batch(tok, fmt, packing)
+    x, y, pos = record_batch(tok, fmt, packing)
     stock, fast = _pair(tiny_model, bias)
     keys = list(fast.state_dict())
     if with_fused:

@@ -21,14 +21,7 @@ from kubeforge_runtime import data as D
 from kubeforge_runtime import models
 from kubeforge_runtime.train.parallelize import CausalLMStage, target_positions
 from kubeforge_runtime.train.trainer import TokenLoss
-from train_support import DATA
-
-
-def _batch(tok, fmt: str, packing: bool, seq_len: int = 48, rows: int = 3) -> tuple[torch.Tensor, ...]:
-    recs = [r.data for r in D.load_records(DATA / ("text.jsonl" if fmt == "text" else "prompt_completion.jsonl"), fmt)]
-    pairs = [D.tokenize_record(tok, r, fmt) for r in recs[:12]]
-    x, y, pos = D.build_samples(pairs, seq_len, packing=packing, pad_id=tok.pad_token_id or 0)
-    return x[:rows], y[:rows], pos[:rows]
+from train_support import record_batch
 
 
 def _full_logit_loss_and_grads(lm: torch.nn.Module, x, y, pos) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -53,7 +46,7 @@ def _target_logit_loss_and_grads(lm: torch.nn.Module, x, y, pos) -> tuple[torch.
 @pytest.mark.parametrize("fmt, packing", [("text", True), ("prompt-completion", True), ("prompt-completion", False)])
 def test_target_logits_give_the_full_logit_loss_and_gradients(fmt: str, packing: bool, tiny_model: Path) -> None:
     tok = models.load_tokenizer(str(tiny_model))
-    x, y, pos = _batch(tok, fmt, packing)
+    x, y, pos = record_batch(tok, fmt, packing)
     targets = int((y != D.IGNORE_INDEX).sum())
     assert 0 < targets < y.numel()  # some positions have no target: the lever has work to skip
     lm = models.load_causal_lm(tiny_model, dtype=torch.float32).train()
@@ -70,7 +63,7 @@ def test_target_logits_give_the_full_logit_loss_and_gradients(fmt: str, packing:
 
 def test_a_micro_batch_without_targets_has_zero_loss_and_gradients(tiny_model: Path) -> None:
     tok = models.load_tokenizer(str(tiny_model))
-    x, y, pos = _batch(tok, "text", True)
+    x, y, pos = record_batch(tok, "text", True)
     y = torch.full_like(y, D.IGNORE_INDEX)
     lm = models.load_causal_lm(tiny_model, dtype=torch.float32).train()
     loss, grads, rows = _target_logit_loss_and_grads(lm, x, y, pos)

@@ -110,3 +110,30 @@ def assert_same(got: dict[str, Any], ref: dict[str, Any], *, params_tol: float =
     assert set(got["params"]) == set(ref["params"])
     worst = max((rel(got["params"][k], ref["params"][k]), k) for k in ref["params"])
     assert worst[0] < params_tol, f"parameter {worst[1]} differs by {worst[0]:.2e} after {STEPS} steps"
+
+
+def record_batch(tok: Any, fmt: str, packing: bool, seq_len: int = 48, rows: int = 3) -> tuple[Any, ...]:
+    """``rows`` samples (input ids, labels, position ids) of the first 12 records of the shipped
+    ``text`` or prompt-completion set, packed or padded to ``seq_len``."""
+    from kubeforge_runtime import data as D
+
+    recs = [r.data for r in D.load_records(DATA / ("text.jsonl" if fmt == "text" else "prompt_completion.jsonl"), fmt)]
+    pairs = [D.tokenize_record(tok, r, fmt) for r in recs[:12]]
+    x, y, pos = D.build_samples(pairs, seq_len, packing=packing, pad_id=tok.pad_token_id or 0)
+    return x[:rows], y[:rows], pos[:rows]
+
+
+def training_copies(model_dir: Path, n: int = 2) -> list[Any]:
+    """``n`` fresh fp32 copies of the model in ``model_dir`` as the trainer runs it: train mode,
+    no KV cache, sdpa attention."""
+    import torch
+
+    from kubeforge_runtime import models
+
+    lms = []
+    for _ in range(n):
+        lm = models.load_causal_lm(model_dir, dtype=torch.float32).train()
+        lm.config.use_cache = False
+        lm.set_attn_implementation("sdpa")
+        lms.append(lm)
+    return lms
