@@ -159,11 +159,14 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     return RotaryFunction.apply(q, k, cos, sin)
 
 
-def _attention_forward(self: nn.Module, hidden_states: torch.Tensor,
-                       position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-                       attention_mask: Any = None, cache: Any = None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
-    """``LlamaAttention.forward`` (transformers 5.x) with :func:`apply_rotary`; training has
-    no KV cache (the trainer sets ``use_cache`` off), so a cache takes the stock forward."""
+def attention_forward(self: nn.Module, hidden_states: torch.Tensor,
+                      position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      attention_mask: Any = None, cache: Any = None, *, project: Any = None, rotary: Any = None,
+                      **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """``LlamaAttention.forward`` (transformers 5.x) with q/k/v from ``project(x, (q_proj,
+    k_proj, v_proj))`` (default: each projection on its own; ``merged`` passes its one-GEMM
+    projection) and RoPE by ``rotary`` (default :func:`apply_rotary`). Training has no KV cache
+    (the trainer sets ``use_cache`` off), so a cache takes the stock forward."""
     if cache is not None or kwargs.get("past_key_values") is not None or position_embeddings is None:
         return type(self).forward(self, hidden_states, position_embeddings, attention_mask, cache, **kwargs)
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -171,11 +174,11 @@ def _attention_forward(self: nn.Module, hidden_states: torch.Tensor,
 
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
-    q = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    k = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    linears = (self.q_proj, self.k_proj, self.v_proj)
+    qkv = project(hidden_states, linears) if project is not None else tuple(lin(hidden_states) for lin in linears)
+    q, k, v = (t.view(hidden_shape).transpose(1, 2) for t in qkv)
     cos, sin = position_embeddings
-    q, k = apply_rotary(q, k, cos, sin)
+    q, k = (rotary or apply_rotary)(q, k, cos, sin)
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
     dropout = self.attention_dropout if self.training else 0.0
     out, weights = interface(self, q, k, v, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs)
@@ -251,7 +254,7 @@ def apply(lm: nn.Module) -> dict[str, int]:
                 module.forward = types.MethodType(_rms_norm_forward, module)
                 counts["rmsnorm"] += 1
         elif name in ("LlamaAttention",) and hasattr(module, "head_dim"):
-            module.forward = types.MethodType(_attention_forward, module)
+            module.forward = types.MethodType(attention_forward, module)
             counts["rotary"] += 1
     log.info("fused training pieces: %d RMSNorm, %d attention RoPE", counts["rmsnorm"], counts["rotary"])
     return counts

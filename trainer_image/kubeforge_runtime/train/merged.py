@@ -27,6 +27,7 @@ the unmerged model.
 
 from __future__ import annotations
 
+import functools
 import logging
 import types
 from typing import Any
@@ -34,6 +35,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import fused
 
 log = logging.getLogger(__name__)
 
@@ -82,29 +85,6 @@ def _project(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> tuple[torch.Ten
     if mergeable(linears):
         return merged_linear(x, linears)  # type: ignore[arg-type]
     return tuple(lin(x) for lin in linears)
-
-
-def _attention_forward(self: nn.Module, hidden_states: torch.Tensor,
-                       position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-                       attention_mask: Any = None, cache: Any = None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
-    """``LlamaAttention.forward`` (transformers 5.x) with q/k/v from one GEMM; a KV cache
-    (never in training: the trainer sets ``use_cache`` off) takes the stock forward."""
-    if cache is not None or kwargs.get("past_key_values") is not None or position_embeddings is None:
-        return type(self).forward(self, hidden_states, position_embeddings, attention_mask, cache, **kwargs)
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
-
-    input_shape = hidden_states.shape[:-1]
-    hidden_shape = (*input_shape, -1, self.head_dim)
-    q, k, v = _project(hidden_states, (self.q_proj, self.k_proj, self.v_proj))
-    q, k, v = (t.view(hidden_shape).transpose(1, 2) for t in (q, k, v))
-    cos, sin = position_embeddings
-    rotary = getattr(self, "_kubeforge_rotary", None) or apply_rotary_pos_emb
-    q, k = rotary(q, k, cos, sin)
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-    dropout = self.attention_dropout if self.training else 0.0
-    out, weights = interface(self, q, k, v, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs)
-    return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
 
 class SwiGLUFunction(torch.autograd.Function):
@@ -156,13 +136,15 @@ def apply(lm: nn.Module, rotary: Any = None) -> dict[str, int]:
     place (per instance; other families are left alone); ``rotary`` replaces transformers'
     ``apply_rotary_pos_emb`` (the fused pieces' one, ``fused.apply_rotary``). Returns how
     many modules of each kind were swapped."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
     counts = {"attention": 0, "mlp": 0}
     for module in lm.modules():
         name = type(module).__name__
         if name == "LlamaAttention" and all(hasattr(module, a) for a in ("q_proj", "k_proj", "v_proj", "head_dim")):
-            module.forward = types.MethodType(_attention_forward, module)
-            if rotary is not None:
-                module._kubeforge_rotary = rotary
+            # The fused pieces' attention forward with q/k/v from one GEMM; RoPE stock unless given.
+            module.forward = functools.partial(fused.attention_forward, module, project=_project,
+                                               rotary=rotary or apply_rotary_pos_emb)
             counts["attention"] += 1
         elif name == "LlamaMLP" and all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj")):
             module.forward = types.MethodType(_mlp_forward, module)
